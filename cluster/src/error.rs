@@ -1,0 +1,53 @@
+use std::time::Duration;
+
+use crate::repo::RepoId;
+
+/// What can go wrong talking to etcd about refvote's state.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("etcd request failed: {0}")]
+    Etcd(#[from] etcd_client::Error),
+    #[error("etcd did not answer within {0:?} (no quorum, or unreachable)")]
+    Timeout(Duration),
+    #[error("malformed record at {key}")]
+    Corrupt {
+        key: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("repository {0} is not registered")]
+    UnknownRepo(RepoId),
+    #[error("repository {0} already exists")]
+    RepoExists(RepoId),
+    #[error("unknown transaction {0} (never created, or already finished)")]
+    UnknownTx(String),
+    #[error("{voter:?} is not a voter of transaction {tx}")]
+    NotAVoter { tx: String, voter: String },
+    #[error("not enough replicas are up to date: {up} of {assigned} up, {needed} needed")]
+    NoQuorum {
+        up: usize,
+        assigned: usize,
+        needed: usize,
+    },
+    #[error("repository {0} is locked by an administrative operation; retry shortly")]
+    Locked(RepoId),
+    #[error("transaction {0} was abandoned: its creator's lease expired")]
+    Abandoned(String),
+    #[error("no decision on the vote within {0:?}")]
+    NoDecision(Duration),
+    #[error("transaction {tx} is not finished: {waiting}")]
+    NotFinished { tx: String, waiting: String },
+    #[error("gave up after {0} attempts against concurrent changes")]
+    Contention(u32),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl Error {
+    /// etcd could not be reached or did not answer: the caller should fail closed.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, Error::Etcd(_) | Error::Timeout(_))
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

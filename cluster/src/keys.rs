@@ -1,0 +1,183 @@
+//! The etcd key schema. Every key refvote reads or writes is built here, so the router,
+//! votingd and votingctl can never disagree on one.
+//!
+//! Layout under the prefix (default `/refvote/`):
+//!
+//! | key | value |
+//! | --- | --- |
+//! | `nodes/<node>` | [`NodeRecord`](crate::records::NodeRecord), on the node's lease |
+//! | `repos/<repo>` | [`RepoRecord`](crate::records::RepoRecord) |
+//! | `replicas/<repo>/<node>` | [`ReplicaRecord`](crate::records::ReplicaRecord) |
+//! | `tx/<id>/record` | [`TxRecord`](crate::records::TxRecord); its presence means "open" |
+//! | `tx/<id>/alive` | empty, on the creator's lease |
+//! | `tx/<id>/votes/<key>/<voter>` | [`VoteRecord`](crate::records::VoteRecord) |
+//! | `tx/<id>/decided/<key>` | [`Decision`](crate::records::Decision), created once |
+//! | `tx/<id>/confirmed/<key>/<voter>` | empty |
+//! | `tx/<id>/done/<voter>` | [`DoneRecord`](crate::records::DoneRecord) |
+//! | `txrepo/<repo>/<id>` | empty: index of a repository's open transactions |
+//! | `outcomes/<id>` | [`TxOutcome`](crate::records::TxOutcome), on the finalizer's lease |
+//! | `jobs/repair/<repo>/<node>` | [`JobRecord`](crate::records::JobRecord) |
+//! | `locks/<repo>` | lock holder, on its lease |
+//! | `reaper` | the reaper's id, on its lease |
+//!
+//! `<repo>` is `<virtual storage>/<relative path>` with `%` and `/` of the relative path
+//! percent-encoded, so a repository's key never contains another one's as a prefix.
+
+use crate::repo::RepoId;
+
+/// Builds keys under one prefix.
+#[derive(Debug, Clone)]
+pub struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    /// `prefix` is used as given, plus a trailing `/` if it lacks one.
+    pub fn new(prefix: &str) -> Keys {
+        let mut prefix = prefix.to_owned();
+        if !prefix.ends_with('/') {
+            prefix.push('/');
+        }
+        Keys { prefix }
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    pub fn nodes(&self) -> String {
+        format!("{}nodes/", self.prefix)
+    }
+
+    pub fn node(&self, node: &str) -> String {
+        format!("{}nodes/{node}", self.prefix)
+    }
+
+    pub fn repos(&self) -> String {
+        format!("{}repos/", self.prefix)
+    }
+
+    pub fn repo(&self, repo: &RepoId) -> String {
+        format!("{}repos/{}", self.prefix, repo.key_segment())
+    }
+
+    pub fn replicas(&self, repo: &RepoId) -> String {
+        format!("{}replicas/{}/", self.prefix, repo.key_segment())
+    }
+
+    pub fn replica(&self, repo: &RepoId, node: &str) -> String {
+        format!("{}{node}", self.replicas(repo))
+    }
+
+    pub fn tx(&self, tx: &str) -> String {
+        format!("{}tx/{tx}/", self.prefix)
+    }
+
+    pub fn tx_record(&self, tx: &str) -> String {
+        format!("{}record", self.tx(tx))
+    }
+
+    pub fn tx_alive(&self, tx: &str) -> String {
+        format!("{}alive", self.tx(tx))
+    }
+
+    pub fn votes(&self, tx: &str, key: &str) -> String {
+        format!("{}votes/{key}/", self.tx(tx))
+    }
+
+    pub fn vote(&self, tx: &str, key: &str, voter: &str) -> String {
+        format!("{}{voter}", self.votes(tx, key))
+    }
+
+    pub fn all_votes(&self, tx: &str) -> String {
+        format!("{}votes/", self.tx(tx))
+    }
+
+    pub fn decided(&self, tx: &str, key: &str) -> String {
+        format!("{}decided/{key}", self.tx(tx))
+    }
+
+    pub fn all_decided(&self, tx: &str) -> String {
+        format!("{}decided/", self.tx(tx))
+    }
+
+    pub fn confirmed(&self, tx: &str, key: &str, voter: &str) -> String {
+        format!("{}confirmed/{key}/{voter}", self.tx(tx))
+    }
+
+    pub fn all_confirmed(&self, tx: &str) -> String {
+        format!("{}confirmed/", self.tx(tx))
+    }
+
+    pub fn done(&self, tx: &str, voter: &str) -> String {
+        format!("{}{voter}", self.all_done(tx))
+    }
+
+    pub fn all_done(&self, tx: &str) -> String {
+        format!("{}done/", self.tx(tx))
+    }
+
+    pub fn txrepo_all(&self) -> String {
+        format!("{}txrepo/", self.prefix)
+    }
+
+    pub fn txrepo(&self, repo: &RepoId) -> String {
+        format!("{}txrepo/{}/", self.prefix, repo.key_segment())
+    }
+
+    pub fn txrepo_entry(&self, repo: &RepoId, tx: &str) -> String {
+        format!("{}{tx}", self.txrepo(repo))
+    }
+
+    pub fn outcome(&self, tx: &str) -> String {
+        format!("{}outcomes/{tx}", self.prefix)
+    }
+
+    pub fn jobs(&self) -> String {
+        format!("{}jobs/", self.prefix)
+    }
+
+    pub fn repair_job(&self, repo: &RepoId, node: &str) -> String {
+        format!("{}jobs/repair/{}/{node}", self.prefix, repo.key_segment())
+    }
+
+    pub fn lock(&self, repo: &RepoId) -> String {
+        format!("{}locks/{}", self.prefix, repo.key_segment())
+    }
+
+    pub fn reaper(&self) -> String {
+        format!("{}reaper", self.prefix)
+    }
+
+    /// The last segment of `key` after `parent` (e.g. the voter of a vote key).
+    pub fn tail<'a>(&self, key: &'a str, parent: &str) -> Option<&'a str> {
+        key.strip_prefix(parent)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repository_keys_do_not_nest() {
+        let keys = Keys::new("/refvote");
+        let a = RepoId::new("default", "a.git").unwrap();
+        let nested = RepoId::new("default", "a.git/b.git").unwrap();
+        assert_eq!(keys.replicas(&a), "/refvote/replicas/default/a.git/");
+        assert!(!keys.replica(&nested, "n1").starts_with(&keys.replicas(&a)));
+        assert_eq!(
+            keys.replica(&nested, "n1"),
+            "/refvote/replicas/default/a.git%2Fb.git/n1"
+        );
+    }
+
+    #[test]
+    fn transaction_keys() {
+        let keys = Keys::new("/p/");
+        assert_eq!(keys.vote("t", "k.0", "n2"), "/p/tx/t/votes/k.0/n2");
+        assert_eq!(keys.decided("t", "k.0"), "/p/tx/t/decided/k.0");
+        assert!(keys.done("t", "n1").starts_with(&keys.tx("t")));
+        assert!(!keys.outcome("t").starts_with(&keys.tx("t")));
+    }
+}

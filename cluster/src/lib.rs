@@ -1,0 +1,23 @@
+//! refvote's shared model: the etcd key schema ([`keys`]), the stored records
+//! ([`records`]), the quorum rules ([`quorum`]) and the transaction protocol built on
+//! them ([`tx`], [`repository`], [`reaper`], [`session`]). The router, votingd and
+//! votingctl all go through this crate, so they can never disagree on a key or a rule.
+//!
+//! It does not run git, serve RPCs or pick replicas for reads; it only reads and writes
+//! etcd, always with the compares a step relies on.
+#![forbid(unsafe_code)]
+
+pub mod error;
+pub mod keys;
+pub mod quorum;
+pub mod reaper;
+pub mod records;
+pub mod repo;
+pub mod repository;
+pub mod session;
+pub mod store;
+pub mod tx;
+
+pub use error::{Error, Result};
+pub use repo::RepoId;
+pub use store::{Store, StoreConfig};

@@ -1,0 +1,123 @@
+//! The reaper: finishes transactions whose creator's lease expired (DESIGN.md §2 step
+//! 8). Any process may run it; one at a time holds the `reaper` key under its lease, and
+//! its abort writes compare that key, so a reaper that lost it writes nothing.
+
+use std::time::Duration;
+
+use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp};
+use tokio::sync::watch;
+
+use crate::error::{Error, Result};
+use crate::quorum;
+use crate::records::TxRecord;
+use crate::store::{Store, by_tail, encode, get_op, ranges};
+
+#[derive(Debug, Clone)]
+pub struct ReaperConfig {
+    /// Who reaps, for records and logs.
+    pub id: String,
+    /// How often to scan for abandoned transactions.
+    pub interval: Duration,
+}
+
+/// Runs until the task is dropped. `lease` is the owner's session lease.
+pub async fn run(store: Store, mut lease: watch::Receiver<Option<i64>>, config: ReaperConfig) {
+    let by = format!("reaper:{}", config.id);
+    loop {
+        let current = *lease.borrow_and_update();
+        if let Some(id) = current {
+            match scan(&store, id, &by).await {
+                Ok(n) if n > 0 => tracing::info!(reaped = n, "reaped abandoned transactions"),
+                Ok(_) => {}
+                Err(e) => tracing::debug!(error = %e, "reaper scan failed"),
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(config.interval) => {}
+            _ = lease.changed() => {}
+        }
+    }
+}
+
+/// One pass: takes (or confirms) the reaper role, then reaps every open transaction
+/// whose alive marker is gone. Returns how many were finalized.
+pub async fn scan(store: &Store, lease: i64, by: &str) -> Result<usize> {
+    let keys = store.keys();
+    let role = keys.reaper();
+    let txn = Txn::new()
+        .when([Compare::create_revision(role.as_str(), CompareOp::Equal, 0)])
+        .and_then([TxnOp::put(
+            role.as_str(),
+            by.as_bytes(),
+            Some(PutOptions::new().with_lease(lease)),
+        )])
+        .or_else([get_op(&role)]);
+    let resp = store.txn(txn).await?;
+    if !resp.succeeded() {
+        let holder = ranges(&resp)[0].first().map(|e| e.lease);
+        if holder != Some(lease) {
+            return Ok(0);
+        }
+    }
+    let (index, _) = store.get_prefix(&keys.txrepo_all()).await?;
+    let mut reaped = 0;
+    for entry in index {
+        let Some(id) = entry.key.rsplit('/').next() else {
+            continue;
+        };
+        let resp = store
+            .txn(Txn::new().and_then([get_op(&keys.tx_record(id)), get_op(&keys.tx_alive(id))]))
+            .await?;
+        let r = ranges(&resp);
+        let (Some(rec), true) = (r[0].first(), r[1].is_empty()) else {
+            continue;
+        };
+        let record: TxRecord = rec.decode()?;
+        match reap(store, &record, lease, by).await {
+            Ok(()) => reaped += 1,
+            Err(Error::NotFinished { waiting, .. }) => {
+                tracing::debug!(
+                    tx = id,
+                    waiting,
+                    "abandoned transaction waits for its voters"
+                )
+            }
+            Err(e) => tracing::warn!(tx = id, error = %e, "reaping failed"),
+        }
+    }
+    Ok(reaped)
+}
+
+/// Aborts every undecided key of an abandoned transaction, then finalizes it.
+async fn reap(store: &Store, record: &TxRecord, lease: i64, by: &str) -> Result<()> {
+    let keys = store.keys();
+    let (entries, _) = store.get_prefix(&keys.all_votes(&record.id)).await?;
+    let mut best: std::collections::BTreeMap<String, std::collections::BTreeMap<String, usize>> =
+        Default::default();
+    for (tail, e) in by_tail(&entries, &keys.all_votes(&record.id)) {
+        if let Some((key, _voter)) = tail.rsplit_once('/') {
+            let v: crate::records::VoteRecord = e.decode()?;
+            *best
+                .entry(key.to_owned())
+                .or_default()
+                .entry(v.hash)
+                .or_default() += 1;
+        }
+    }
+    for (key, counts) in best {
+        let most = counts.values().copied().max().unwrap_or(0);
+        let mut decision = quorum::abort(most, record.threshold, record.assigned, by);
+        decision.reason = format!("{}; transaction abandoned by its router", decision.reason);
+        let decided = keys.decided(&record.id, &key);
+        let txn = Txn::new()
+            .when([
+                Compare::create_revision(decided.as_str(), CompareOp::Equal, 0),
+                Compare::lease(keys.reaper(), CompareOp::Equal, lease),
+            ])
+            .and_then([TxnOp::put(decided.as_str(), encode(&decision), None)]);
+        store.txn(txn).await?;
+    }
+    store.try_finalize(&record.id, by, lease).await?;
+    tracing::info!(tx = %record.id, repo = %record.repo, "abandoned transaction finalized");
+    Ok(())
+}

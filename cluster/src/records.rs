@@ -1,0 +1,162 @@
+//! The values stored in etcd, as JSON. Field names are part of the on-disk format:
+//! add fields with `#[serde(default)]`, never rename one.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::repo::RepoId;
+
+/// `nodes/<node>`: a storage node that holds its lease.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub name: String,
+    /// Address of the node's gRPC service (empty until it serves one).
+    #[serde(default)]
+    pub address: String,
+    #[serde(default)]
+    pub storages: Vec<String>,
+    #[serde(default)]
+    pub version: String,
+}
+
+/// `repos/<repo>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RepoRecord {
+    pub repo: RepoId,
+    /// The nodes that hold a replica, in placement order.
+    pub assigned: Vec<String>,
+    pub replication_factor: u32,
+    /// Advances with every transaction that committed a ref update.
+    pub generation: u64,
+    /// Checksum of the repository when it was created.
+    #[serde(default)]
+    pub creation_checksum: String,
+}
+
+impl RepoRecord {
+    /// Votes needed to commit: a majority of the assigned replicas, whatever is alive.
+    pub fn threshold(&self) -> usize {
+        crate::quorum::threshold(self.assigned.len())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReplicaState {
+    UpToDate,
+    Outdated,
+    Repairing,
+}
+
+/// `replicas/<repo>/<node>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaRecord {
+    pub node: String,
+    pub generation: u64,
+    pub state: ReplicaState,
+    #[serde(default)]
+    pub repair_epoch: u64,
+    /// Checksum recorded at `generation`, if known.
+    #[serde(default)]
+    pub checksum: String,
+    /// Why the replica is not up to date, for operators.
+    #[serde(default)]
+    pub reason: String,
+}
+
+impl ReplicaRecord {
+    /// Up to date exactly when the record says so and it is at the repository's generation.
+    pub fn is_up_to_date(&self, repo: &RepoRecord) -> bool {
+        self.state == ReplicaState::UpToDate && self.generation == repo.generation
+    }
+}
+
+/// `tx/<id>/record`: written once at creation, never changed; deleted at finalize.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TxRecord {
+    pub id: String,
+    pub repo: RepoId,
+    pub voters: Vec<String>,
+    /// Majority of the assigned replicas (not of the voters).
+    pub threshold: usize,
+    pub assigned: usize,
+    pub base_generation: u64,
+    /// Who created it (a router id, or a test).
+    pub creator: String,
+    /// Each voter's node lease when the transaction was created: a voter whose node
+    /// no longer holds that lease has failed.
+    pub voter_leases: BTreeMap<String, i64>,
+}
+
+/// `tx/<id>/votes/<key>/<voter>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VoteRecord {
+    /// Hex SHA-256 of the hook's stdin.
+    pub hash: String,
+    #[serde(default)]
+    pub ref_count: u32,
+    #[serde(default)]
+    pub first_ref: String,
+}
+
+/// `tx/<id>/decided/<key>`: the one decision every voter adopts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Decision {
+    /// The winning hash; `None` means abort.
+    pub hash: Option<String>,
+    /// How many voters voted the winning hash (or the best one, on abort).
+    pub agreed: usize,
+    pub threshold: usize,
+    pub assigned: usize,
+    /// Who wrote it: a voter, or `reaper:<id>`.
+    pub by: String,
+    /// Why it was decided that way, for the pusher and the logs.
+    pub reason: String,
+}
+
+impl Decision {
+    pub fn is_commit(&self) -> bool {
+        self.hash.is_some()
+    }
+}
+
+/// `tx/<id>/done/<voter>`: git finished on that voter (or the caller saw it fail).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DoneRecord {
+    /// The RPC on the node succeeded.
+    pub ok: bool,
+    #[serde(default)]
+    pub detail: String,
+}
+
+/// `outcomes/<id>`: what finalize decided.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TxOutcome {
+    pub id: String,
+    pub repo: RepoId,
+    /// Some key was decided commit, so the repository's generation advanced.
+    pub committed: bool,
+    /// The repository's generation after the transaction.
+    pub generation: u64,
+    pub promoted: Vec<String>,
+    pub outdated: Vec<String>,
+    pub threshold: usize,
+    /// The client may be told "success": at least threshold replicas were promoted (or
+    /// nothing was committed and at least threshold voters finished successfully).
+    pub acknowledged: bool,
+    /// Finalized by the reaper after the creator's lease expired.
+    pub reaped: bool,
+}
+
+/// `jobs/repair/<repo>/<node>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobRecord {
+    pub repo: RepoId,
+    pub node: String,
+    /// The repository generation the job was created at.
+    pub generation: u64,
+    pub reason: String,
+    #[serde(default)]
+    pub attempts: u32,
+}

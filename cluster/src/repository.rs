@@ -1,0 +1,172 @@
+//! Repository and replica records: registration, the consistent view a transaction is
+//! planned from, and marking a replica outdated.
+
+use std::collections::BTreeMap;
+
+use etcd_client::{Compare, CompareOp, Txn, TxnOp};
+
+use crate::error::{Error, Result};
+use crate::records::{NodeRecord, ReplicaRecord, ReplicaState, RepoRecord};
+use crate::repo::RepoId;
+use crate::store::{Entry, Store, by_tail, encode, get_op, get_prefix_op, ranges, revision};
+
+/// A repository's records, all read at one etcd revision.
+#[derive(Debug, Clone)]
+pub struct RepoView {
+    pub revision: i64,
+    pub record: RepoRecord,
+    pub record_entry: Entry,
+    /// node → (record, entry) of every replica that has a record.
+    pub replicas: BTreeMap<String, (ReplicaRecord, Entry)>,
+    /// Nodes that hold their lease, with the entry (its lease id and revision).
+    pub live_nodes: BTreeMap<String, (NodeRecord, Entry)>,
+    /// The admin lock, if one is held.
+    pub lock: Option<Entry>,
+}
+
+impl RepoView {
+    /// Assigned replicas that are up to date and whose node holds its lease, in
+    /// placement order: the voters of a new transaction, and the replicas reads may use.
+    pub fn up_to_date_live(&self) -> Vec<String> {
+        self.record
+            .assigned
+            .iter()
+            .filter(|n| {
+                self.live_nodes.contains_key(*n)
+                    && self
+                        .replicas
+                        .get(*n)
+                        .is_some_and(|(r, _)| r.is_up_to_date(&self.record))
+            })
+            .cloned()
+            .collect()
+    }
+}
+
+impl Store {
+    /// Registers a new repository whose replicas on `assigned` all start up to date at
+    /// generation 0. Fails if it exists (create-only compare).
+    pub async fn create_repository(
+        &self,
+        repo: &RepoId,
+        assigned: &[String],
+        checksum: &str,
+    ) -> Result<RepoRecord> {
+        if assigned.is_empty() {
+            return Err(Error::Invalid(
+                "a repository needs at least one replica".into(),
+            ));
+        }
+        let mut unique = assigned.to_vec();
+        unique.sort();
+        unique.dedup();
+        if unique.len() != assigned.len() {
+            return Err(Error::Invalid("two replicas may not share a node".into()));
+        }
+        let keys = self.keys();
+        let record = RepoRecord {
+            repo: repo.clone(),
+            assigned: assigned.to_vec(),
+            replication_factor: assigned.len() as u32,
+            generation: 0,
+            creation_checksum: checksum.to_owned(),
+        };
+        let mut ops = vec![TxnOp::put(keys.repo(repo), encode(&record), None)];
+        for node in assigned {
+            let replica = ReplicaRecord {
+                node: node.clone(),
+                generation: 0,
+                state: ReplicaState::UpToDate,
+                repair_epoch: 0,
+                checksum: checksum.to_owned(),
+                reason: String::new(),
+            };
+            ops.push(TxnOp::put(keys.replica(repo, node), encode(&replica), None));
+        }
+        let txn = Txn::new()
+            .when([Compare::create_revision(
+                keys.repo(repo),
+                CompareOp::Equal,
+                0,
+            )])
+            .and_then(ops);
+        if self.txn(txn).await?.succeeded() {
+            Ok(record)
+        } else {
+            Err(Error::RepoExists(repo.clone()))
+        }
+    }
+
+    /// Reads the repository record, its replicas, the live nodes and the lock in one
+    /// linearizable round trip.
+    pub async fn repo_view(&self, repo: &RepoId) -> Result<RepoView> {
+        let keys = self.keys();
+        let txn = Txn::new().and_then([
+            get_op(&keys.repo(repo)),
+            get_prefix_op(&keys.replicas(repo)),
+            get_prefix_op(&keys.nodes()),
+            get_op(&keys.lock(repo)),
+        ]);
+        let resp = self.txn(txn).await?;
+        let rev = revision(&resp);
+        let r = ranges(&resp);
+        let record_entry = r[0]
+            .first()
+            .cloned()
+            .ok_or_else(|| Error::UnknownRepo(repo.clone()))?;
+        let record: RepoRecord = record_entry.decode()?;
+        let mut replicas = BTreeMap::new();
+        for (node, e) in by_tail(&r[1], &keys.replicas(repo)) {
+            replicas.insert(node, (e.decode()?, e));
+        }
+        let mut live_nodes = BTreeMap::new();
+        for (node, e) in by_tail(&r[2], &keys.nodes()) {
+            live_nodes.insert(node, (e.decode()?, e));
+        }
+        Ok(RepoView {
+            revision: rev,
+            record,
+            record_entry,
+            replicas,
+            live_nodes,
+            lock: r[3].first().cloned(),
+        })
+    }
+
+    /// Marks `node`'s replica of `repo` outdated (it knows it is behind). Keeps its
+    /// generation; a no-op if it is already not up to date.
+    pub async fn mark_outdated(&self, repo: &RepoId, node: &str, reason: &str) -> Result<()> {
+        let key = self.keys().replica(repo, node);
+        for _ in 0..16 {
+            let Some(entry) = self.get(&key).await? else {
+                return Ok(());
+            };
+            let mut replica: ReplicaRecord = entry.decode()?;
+            if replica.state != ReplicaState::UpToDate {
+                return Ok(());
+            }
+            replica.state = ReplicaState::Outdated;
+            replica.reason = reason.to_owned();
+            let txn = Txn::new()
+                .when([Compare::mod_revision(
+                    key.as_str(),
+                    CompareOp::Equal,
+                    entry.mod_revision,
+                )])
+                .and_then([TxnOp::put(key.as_str(), encode(&replica), None)]);
+            if self.txn(txn).await?.succeeded() {
+                return Ok(());
+            }
+        }
+        Err(Error::Contention(16))
+    }
+
+    /// Registers (or refreshes) a node under `lease`.
+    pub async fn register_node(&self, node: &NodeRecord, lease: i64) -> Result<()> {
+        let mut client = self.client();
+        let opts = etcd_client::PutOptions::new().with_lease(lease);
+        self.bounded(client.put(self.keys().node(&node.name), encode(node), Some(opts)))
+            .await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,131 @@
+//! An etcd lease kept alive in the background. Its current id (or `None` while it is
+//! lost) is published on a `watch` channel; after a loss a new lease is granted and the
+//! owner's registration runs again, so the process recovers when etcd comes back.
+
+use std::future::Future;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::error::Result;
+use crate::store::Store;
+
+/// A lease and the task that keeps it.
+pub struct Session {
+    lease: watch::Receiver<Option<i64>>,
+    task: JoinHandle<()>,
+    store: Store,
+}
+
+impl Session {
+    /// Grants a lease of `ttl` and keeps it alive; `on_grant` runs after every grant
+    /// (e.g. to put the node's record under the lease) before the lease is published.
+    pub fn start<F, Fut>(store: Store, ttl: Duration, on_grant: F) -> Session
+    where
+        F: Fn(i64) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<()>> + Send + 'static,
+    {
+        let (tx, rx) = watch::channel(None);
+        let task = tokio::spawn(keep(store.clone(), ttl, on_grant, tx));
+        Session {
+            lease: rx,
+            task,
+            store,
+        }
+    }
+
+    /// The lease currently held, if any.
+    pub fn lease(&self) -> Option<i64> {
+        *self.lease.borrow()
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<Option<i64>> {
+        self.lease.clone()
+    }
+
+    /// Waits until a lease is held, up to `wait`.
+    pub async fn wait_for_lease(&self, wait: Duration) -> Option<i64> {
+        let mut rx = self.lease.clone();
+        let r = tokio::time::timeout(wait, rx.wait_for(|l| l.is_some())).await;
+        r.ok().and_then(|r| r.ok().and_then(|l| *l))
+    }
+
+    /// Stops keeping the lease and revokes it, so everything bound to it goes at once.
+    pub async fn close(self) {
+        self.task.abort();
+        if let Some(id) = *self.lease.borrow() {
+            let mut client = self.store.client();
+            let _ = self.store.bounded(client.lease_revoke(id)).await;
+        }
+    }
+}
+
+async fn keep<F, Fut>(store: Store, ttl: Duration, on_grant: F, tx: watch::Sender<Option<i64>>)
+where
+    F: Fn(i64) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<()>> + Send + 'static,
+{
+    let ttl_secs = ttl.as_secs().max(1) as i64;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let mut client = store.client();
+        let granted = match store.bounded(client.lease_grant(ttl_secs, None)).await {
+            Ok(g) => g.id(),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot grant an etcd lease; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+                continue;
+            }
+        };
+        if let Err(e) = on_grant(granted).await {
+            tracing::warn!(error = %e, lease = granted, "registration under a new lease failed; retrying");
+            tokio::time::sleep(backoff).await;
+            continue;
+        }
+        backoff = Duration::from_millis(100);
+        tracing::info!(lease = granted, "etcd lease granted");
+        tx.send_replace(Some(granted));
+        hold(&store, granted, ttl).await;
+        tx.send_replace(None);
+        tracing::warn!(lease = granted, "etcd lease lost; granting a new one");
+    }
+}
+
+/// Keeps `lease` alive until it is gone (etcd says so, or no renewal for a whole TTL).
+async fn hold(store: &Store, lease: i64, ttl: Duration) {
+    let period = ttl / 3;
+    let mut renewed = Instant::now();
+    let mut stream = None;
+    loop {
+        tokio::time::sleep(period).await;
+        if renewed.elapsed() >= ttl {
+            return;
+        }
+        if stream.is_none() {
+            let mut client = store.client();
+            match store.bounded(client.lease_keep_alive(lease)).await {
+                Ok(s) => stream = Some(s),
+                Err(e) => {
+                    tracing::debug!(error = %e, "keep-alive stream failed");
+                    continue;
+                }
+            }
+        }
+        let (keeper, responses) = stream.as_mut().expect("just set");
+        let renewal = async {
+            keeper.keep_alive().await?;
+            responses.message().await
+        };
+        match tokio::time::timeout(period.max(Duration::from_millis(200)), renewal).await {
+            Ok(Ok(Some(resp))) if resp.ttl() > 0 => renewed = Instant::now(),
+            Ok(Ok(Some(_))) => return, // etcd says the lease expired
+            other => {
+                tracing::debug!(?other, "keep-alive failed");
+                stream = None;
+            }
+        }
+    }
+}

@@ -1,0 +1,81 @@
+//! refvote's wire definitions, generated from the `.proto` files in this folder.
+//!
+//! Today this holds the message between the `reference-transaction` hook and votingd
+//! ([`hook`]) and its framing. It does not hold any service code: the hook must stay free
+//! of an async runtime and a gRPC stack, so nothing here pulls either in.
+#![forbid(unsafe_code)]
+
+/// The hook <-> votingd message (`refvote/hook.proto`).
+pub mod hook {
+    include!(concat!(env!("OUT_DIR"), "/refvote.hook.rs"));
+
+    /// Largest frame either side accepts. A hook request is a few hundred bytes; a
+    /// status document a few KiB. Anything larger is a bug or an attack.
+    pub const MAX_FRAME: usize = 64 * 1024;
+
+    /// Encodes `msg` as one frame: a 4-byte big-endian length, then the message.
+    pub fn encode_frame<M: prost::Message>(msg: &M) -> Vec<u8> {
+        let len = msg.encoded_len();
+        let mut buf = Vec::with_capacity(4 + len);
+        buf.extend_from_slice(&(len as u32).to_be_bytes());
+        msg.encode(&mut buf).expect("a Vec grows as needed");
+        buf
+    }
+
+    /// Reads the length from a frame header, refusing frames over [`MAX_FRAME`].
+    pub fn frame_len(header: [u8; 4]) -> Result<usize, FrameTooLarge> {
+        let len = u32::from_be_bytes(header) as usize;
+        if len > MAX_FRAME {
+            Err(FrameTooLarge(len))
+        } else {
+            Ok(len)
+        }
+    }
+
+    /// A frame header announced more bytes than [`MAX_FRAME`].
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct FrameTooLarge(pub usize);
+
+    impl std::fmt::Display for FrameTooLarge {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(
+                f,
+                "frame of {} bytes exceeds the limit of {MAX_FRAME} bytes",
+                self.0
+            )
+        }
+    }
+
+    impl std::error::Error for FrameTooLarge {}
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+        use prost::Message;
+
+        #[test]
+        fn frame_round_trip() {
+            let req = Request {
+                kind: Some(request::Kind::Vote(Vote {
+                    phase: Phase::Prepared as i32,
+                    transaction: "t1".into(),
+                    voter: "node1".into(),
+                    key_base: "ab".into(),
+                    hash: vec![1; 32],
+                    ref_count: 1,
+                    first_ref: "refs/heads/main".into(),
+                })),
+            };
+            let frame = encode_frame(&req);
+            let len = frame_len(frame[..4].try_into().unwrap()).unwrap();
+            assert_eq!(len, frame.len() - 4);
+            assert_eq!(Request::decode(&frame[4..]).unwrap(), req);
+        }
+
+        #[test]
+        fn oversized_frames_are_refused() {
+            let header = ((MAX_FRAME + 1) as u32).to_be_bytes();
+            assert_eq!(frame_len(header), Err(FrameTooLarge(MAX_FRAME + 1)));
+        }
+    }
+}
