@@ -10,6 +10,7 @@
 //! | `replicas/<repo>/<node>` | [`ReplicaRecord`](crate::records::ReplicaRecord) |
 //! | `tx/<id>/record` | [`TxRecord`](crate::records::TxRecord); its presence means "open" |
 //! | `tx/<id>/alive` | empty, on the creator's lease |
+//! | `tx/<id>/started/<voter>` | empty: the voter's node began the RPC |
 //! | `tx/<id>/votes/<key>/<voter>` | [`VoteRecord`](crate::records::VoteRecord) |
 //! | `tx/<id>/decided/<key>` | [`Decision`](crate::records::Decision), created once |
 //! | `tx/<id>/confirmed/<key>/<voter>` | empty |
@@ -107,6 +108,14 @@ impl Keys {
 
     pub fn all_confirmed(&self, tx: &str) -> String {
         format!("{}confirmed/", self.tx(tx))
+    }
+
+    pub fn started(&self, tx: &str, voter: &str) -> String {
+        format!("{}{voter}", self.all_started(tx))
+    }
+
+    pub fn all_started(&self, tx: &str) -> String {
+        format!("{}started/", self.tx(tx))
     }
 
     pub fn done(&self, tx: &str, voter: &str) -> String {

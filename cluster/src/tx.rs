@@ -128,6 +128,7 @@ impl Store {
             get_prefix_op(&keys.votes(&tx.id, key)),
             get_op(&keys.decided(&tx.id, key)),
             get_prefix_op(&keys.all_done(&tx.id)),
+            get_prefix_op(&keys.all_started(&tx.id)),
         ];
         ops.extend(tx.voters.iter().map(|v| get_op(&keys.node(v))));
         ops
@@ -150,17 +151,23 @@ impl Store {
             Some(e) => Some(e.decode()?),
             None => None,
         };
+        let alive = !r[1].is_empty();
+        let started: BTreeSet<String> = by_tail(&r[5], &keys.all_started(&tx.id))
+            .into_keys()
+            .collect();
         let mut finished: BTreeSet<String> =
             by_tail(&r[4], &keys.all_done(&tx.id)).into_keys().collect();
         for (i, voter) in tx.voters.iter().enumerate() {
-            if !node_holds(&r[5 + i], tx, voter) {
+            // A voter whose node lost its lease failed; once the creator is gone, a
+            // voter that never started can no longer start.
+            if !node_holds(&r[6 + i], tx, voter) || (!alive && !started.contains(voter)) {
                 finished.insert(voter.clone());
             }
         }
         Ok(KeySnapshot {
             revision: rev,
             record_present: !r[0].is_empty(),
-            alive: !r[1].is_empty(),
+            alive,
             key: state,
             decided,
             finished,
@@ -267,6 +274,7 @@ impl Store {
                     || k == keys.decided(&tx.id, key)
                     || k.starts_with(&keys.all_done(&tx.id))
                     || k == keys.tx_record(&tx.id)
+                    || k == keys.tx_alive(&tx.id)
                     || tx.voters.iter().any(|v| k == keys.node(v))
             };
             loop {
@@ -320,6 +328,28 @@ impl Store {
             .first()
             .ok_or_else(|| Error::Invalid(format!("decision {k} vanished")))?
             .decode()
+    }
+
+    /// Records that `voter`'s node began running the transaction's RPC. Refused once
+    /// the creator's lease is gone, so a voter that had not started by then never will,
+    /// and the others need not wait for it.
+    pub async fn start_voter(&self, tx: &str, voter: &str) -> Result<()> {
+        let keys = self.keys();
+        let txn = Txn::new()
+            .when([
+                Compare::create_revision(keys.tx_record(tx), CompareOp::Greater, 0),
+                Compare::create_revision(keys.tx_alive(tx), CompareOp::Greater, 0),
+            ])
+            .and_then([TxnOp::put(keys.started(tx, voter), Vec::new(), None)])
+            .or_else([get_op(&keys.tx_record(tx))]);
+        let resp = self.txn(txn).await?;
+        if resp.succeeded() {
+            Ok(())
+        } else if ranges(&resp)[0].is_empty() {
+            Err(Error::UnknownTx(tx.to_owned()))
+        } else {
+            Err(Error::Abandoned(tx.to_owned()))
+        }
     }
 
     /// Records that `voter` applied the committed update of `key`.
@@ -437,6 +467,7 @@ impl Store {
                 .voters
                 .iter()
                 .filter(|v| !data.done.contains_key(*v) && !failed.contains(*v))
+                .filter(|v| data.alive || data.started.contains(*v))
                 .collect();
             if !waiting.is_empty() {
                 return Err(Error::NotFinished {
@@ -759,6 +790,8 @@ struct TxData {
     /// voter → keys it confirmed.
     confirmed: BTreeMap<String, BTreeSet<String>>,
     done: BTreeMap<String, DoneRecord>,
+    started: BTreeSet<String>,
+    alive: bool,
 }
 
 impl TxData {
@@ -789,6 +822,10 @@ impl TxData {
         for (voter, e) in by_tail(entries, &keys.all_done(&record.id)) {
             data.done.insert(voter, e.decode()?);
         }
+        data.started = by_tail(entries, &keys.all_started(&record.id))
+            .into_keys()
+            .collect();
+        data.alive = entries.iter().any(|e| e.key == keys.tx_alive(&record.id));
         Ok(data)
     }
 }

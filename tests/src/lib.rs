@@ -1,1 +1,12 @@
+//! refvote's cluster harness: real etcd ([`etcd`]), real votingd processes ([`node`]),
+//! real git ([`git`]), every process started on loopback in its own temp dir and killed
+//! by pid when the test ends ([`proc`]). [`cluster`] puts them together for the voting
+//! core's integration tests and benchmarks.
+//!
+//! Nothing here mocks etcd or git; there is no in-process shortcut to a node.
 
+pub mod cluster;
+pub mod etcd;
+pub mod git;
+pub mod node;
+pub mod proc;

@@ -1,0 +1,170 @@
+//! A real votingd process with its own directory: config, storage, hooks, socket, log.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::Context;
+
+use crate::proc::{Proc, wait_until};
+
+/// Where the workspace's binaries are: next to the test binary's `deps/` folder.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let dir = exe.parent().expect("deps dir");
+    let dir = if dir.ends_with("deps") {
+        dir.parent().expect("target dir")
+    } else {
+        dir
+    };
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: run `cargo build --workspace --bins` first",
+        path.display()
+    );
+    path
+}
+
+/// Settings a test may change; the rest of the config is derived.
+#[derive(Debug, Clone)]
+pub struct NodeOptions {
+    pub lease_ttl_secs: u64,
+    pub vote_timeout_ms: u64,
+    pub request_timeout_ms: u64,
+    pub require_transaction: bool,
+    pub reaper_interval_ms: u64,
+}
+
+impl Default for NodeOptions {
+    fn default() -> Self {
+        NodeOptions {
+            lease_ttl_secs: 3,
+            vote_timeout_ms: 15_000,
+            request_timeout_ms: 1_000,
+            require_transaction: false,
+            reaper_interval_ms: 200,
+        }
+    }
+}
+
+pub struct Node {
+    pub name: String,
+    pub dir: PathBuf,
+    pub storage: PathBuf,
+    pub hooks: PathBuf,
+    pub socket: PathBuf,
+    pub config: PathBuf,
+    proc: Option<Proc>,
+}
+
+impl Node {
+    /// Writes the node's config under `root/<name>` and starts votingd; waits until it
+    /// holds its lease.
+    pub async fn start(
+        name: &str,
+        root: &Path,
+        endpoints: &[String],
+        opts: &NodeOptions,
+    ) -> anyhow::Result<Node> {
+        let dir = root.join(name);
+        let storage = dir.join("storage");
+        let hooks = dir.join("hooks");
+        std::fs::create_dir_all(&storage)?;
+        let socket = dir.join("vote.sock");
+        let config = dir.join("votingd.toml");
+        let endpoints = endpoints
+            .iter()
+            .map(|e| format!("{e:?}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        std::fs::write(
+            &config,
+            format!(
+                "node_name = {name:?}\n\
+                 [etcd]\nendpoints = [{endpoints}]\nprefix = \"/refvote/\"\nlease_ttl_secs = {}\nrequest_timeout_ms = {}\n\
+                 [vote]\nsocket_path = {:?}\nhooks_dir = {:?}\nvote_timeout_ms = {}\nrequire_transaction = {}\n\
+                 reaper_interval_ms = {}\nhook_binary = {:?}\n\
+                 [[storage]]\nname = \"default\"\npath = {:?}\n",
+                opts.lease_ttl_secs,
+                opts.request_timeout_ms,
+                socket,
+                hooks,
+                opts.vote_timeout_ms,
+                opts.require_transaction,
+                opts.reaper_interval_ms,
+                bin("reference-transaction"),
+                storage,
+            ),
+        )?;
+        let mut node = Node {
+            name: name.to_owned(),
+            dir,
+            storage,
+            hooks,
+            socket,
+            config,
+            proc: None,
+        };
+        node.launch().await?;
+        Ok(node)
+    }
+
+    /// (Re)starts the process with the same config and data.
+    pub async fn launch(&mut self) -> anyhow::Result<()> {
+        let mut cmd = Command::new(bin("votingd"));
+        cmd.arg("--config")
+            .arg(&self.config)
+            .env("RUST_LOG", "info,refvote_cluster=debug");
+        self.proc = Some(Proc::spawn(&self.name, cmd, &self.dir)?);
+        let socket = self.socket.clone();
+        let result = wait_until(
+            &format!("{} holds its lease", self.name),
+            Duration::from_secs(20),
+            || {
+                let socket = socket.clone();
+                async move {
+                    votingd::client::status(&socket)
+                        .map(|s| s.lease.held)
+                        .unwrap_or(false)
+                }
+            },
+        )
+        .await;
+        result.with_context(|| format!("votingd {} log:\n{}", self.name, self.log_tail(30)))
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.as_ref().map(|p| p.pid())
+    }
+
+    /// SIGTERM and wait: a clean stop (the lease is revoked).
+    pub fn stop(&mut self) -> anyhow::Result<()> {
+        if let Some(mut p) = self.proc.take() {
+            p.terminate(Duration::from_secs(15))?;
+        }
+        Ok(())
+    }
+
+    /// SIGKILL: the lease lapses only after its TTL.
+    pub fn kill(&mut self) -> anyhow::Result<()> {
+        if let Some(mut p) = self.proc.take() {
+            p.kill()?;
+        }
+        Ok(())
+    }
+
+    pub fn log_tail(&self, n: usize) -> String {
+        crate::proc::log_tail(&self.dir.join(format!("{}.log", self.name)), n)
+    }
+
+    /// Path of a repository in this node's storage.
+    pub fn repo(&self, relative: &str) -> PathBuf {
+        self.storage.join(relative)
+    }
+
+    /// The environment git needs to vote as this node in `tx`.
+    pub fn tx_env(&self, tx: &str) -> Vec<(String, String)> {
+        votingd::transaction_env(tx, &self.name, &self.socket)
+    }
+}

@@ -1,0 +1,324 @@
+//! votingd's configuration file (TOML). Every setting has a named default; the file is
+//! validated before anything is bound, and an error names the key.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// This node's name: its voter name and the key of its etcd registration.
+    pub node_name: String,
+    #[serde(default)]
+    pub etcd: EtcdConfig,
+    #[serde(default)]
+    pub vote: VoteConfig,
+    /// Local storages: name → directory. Repositories live below them.
+    #[serde(default, rename = "storage")]
+    pub storages: Vec<Storage>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdConfig {
+    #[serde(default = "defaults::endpoints")]
+    pub endpoints: Vec<String>,
+    #[serde(default = "defaults::prefix")]
+    pub prefix: String,
+    /// Lease of this node's registration: how long a dead node keeps counting as live.
+    #[serde(default = "defaults::lease_ttl_secs")]
+    pub lease_ttl_secs: u64,
+    /// Bound on every etcd request; a vote that cannot finish a request in time aborts.
+    #[serde(default = "defaults::request_timeout_ms")]
+    pub request_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VoteConfig {
+    /// The Unix socket the hook talks to.
+    #[serde(default = "defaults::socket_path")]
+    pub socket_path: PathBuf,
+    /// Permissions of the socket, octal.
+    #[serde(default = "defaults::socket_mode")]
+    pub socket_mode: String,
+    /// Group that owns the socket (the git user's group); empty keeps the default.
+    #[serde(default)]
+    pub socket_group: String,
+    /// Longest a vote waits for the other replicas. Only bounds what nobody can detect:
+    /// a failed voter, a lost lease or a finished voter settles a key at once.
+    #[serde(default = "defaults::vote_timeout_ms")]
+    pub vote_timeout_ms: u64,
+    /// The directory `core.hooksPath` of every repository points to.
+    #[serde(default = "defaults::hooks_dir")]
+    pub hooks_dir: PathBuf,
+    /// The hook binary to link into `hooks_dir`; empty: `reference-transaction` next to
+    /// the votingd binary.
+    #[serde(default)]
+    pub hook_binary: PathBuf,
+    /// Refuse ref updates that do not come through a refvote transaction.
+    #[serde(default)]
+    pub require_transaction: bool,
+    /// Run the reaper for abandoned transactions (one process at a time reaps).
+    #[serde(default = "defaults::yes")]
+    pub reaper: bool,
+    #[serde(default = "defaults::reaper_interval_ms")]
+    pub reaper_interval_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Storage {
+    pub name: String,
+    pub path: PathBuf,
+}
+
+mod defaults {
+    use std::path::PathBuf;
+
+    pub fn endpoints() -> Vec<String> {
+        vec!["http://127.0.0.1:2379".into()]
+    }
+    pub fn prefix() -> String {
+        "/refvote/".into()
+    }
+    pub fn lease_ttl_secs() -> u64 {
+        10
+    }
+    pub fn request_timeout_ms() -> u64 {
+        2000
+    }
+    pub fn socket_path() -> PathBuf {
+        "/run/refvote/vote.sock".into()
+    }
+    pub fn socket_mode() -> String {
+        "0660".into()
+    }
+    pub fn vote_timeout_ms() -> u64 {
+        60_000
+    }
+    pub fn hooks_dir() -> PathBuf {
+        "/var/lib/refvote/hooks".into()
+    }
+    pub fn yes() -> bool {
+        true
+    }
+    pub fn reaper_interval_ms() -> u64 {
+        1000
+    }
+}
+
+impl Default for EtcdConfig {
+    fn default() -> Self {
+        EtcdConfig {
+            endpoints: defaults::endpoints(),
+            prefix: defaults::prefix(),
+            lease_ttl_secs: defaults::lease_ttl_secs(),
+            request_timeout_ms: defaults::request_timeout_ms(),
+        }
+    }
+}
+
+impl Default for VoteConfig {
+    fn default() -> Self {
+        VoteConfig {
+            socket_path: defaults::socket_path(),
+            socket_mode: defaults::socket_mode(),
+            socket_group: String::new(),
+            vote_timeout_ms: defaults::vote_timeout_ms(),
+            hooks_dir: defaults::hooks_dir(),
+            hook_binary: PathBuf::new(),
+            require_transaction: false,
+            reaper: true,
+            reaper_interval_ms: defaults::reaper_interval_ms(),
+        }
+    }
+}
+
+/// A configuration problem, naming the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}: {key}: {reason}")]
+    Invalid {
+        path: PathBuf,
+        key: &'static str,
+        reason: String,
+    },
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse(&text, path)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string().trim_end().replace('\n', " "),
+        })?;
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |key, reason: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            key,
+            reason,
+        };
+        if self.node_name.is_empty()
+            || !self
+                .node_name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            return Err(invalid(
+                "node_name",
+                "must be non-empty and use only letters, digits, '-', '_' and '.'".into(),
+            ));
+        }
+        if self.etcd.endpoints.is_empty() {
+            return Err(invalid(
+                "etcd.endpoints",
+                "needs at least one endpoint".into(),
+            ));
+        }
+        for e in &self.etcd.endpoints {
+            if !(e.starts_with("http://") || e.starts_with("https://")) {
+                return Err(invalid(
+                    "etcd.endpoints",
+                    format!("{e:?} must start with http:// or https://"),
+                ));
+            }
+        }
+        if !self.etcd.prefix.starts_with('/') {
+            return Err(invalid("etcd.prefix", "must start with '/'".into()));
+        }
+        if self.etcd.lease_ttl_secs < 2 {
+            return Err(invalid("etcd.lease_ttl_secs", "must be at least 2".into()));
+        }
+        if self.etcd.request_timeout_ms < 50 {
+            return Err(invalid(
+                "etcd.request_timeout_ms",
+                "must be at least 50".into(),
+            ));
+        }
+        if self.vote.vote_timeout_ms < self.etcd.request_timeout_ms {
+            return Err(invalid(
+                "vote.vote_timeout_ms",
+                "must be at least etcd.request_timeout_ms".into(),
+            ));
+        }
+        if self.socket_mode().is_none() {
+            return Err(invalid(
+                "vote.socket_mode",
+                format!(
+                    "{:?} is not an octal mode like \"0660\"",
+                    self.vote.socket_mode
+                ),
+            ));
+        }
+        if !self.vote.socket_path.is_absolute() {
+            return Err(invalid(
+                "vote.socket_path",
+                "must be an absolute path".into(),
+            ));
+        }
+        if !self.vote.hooks_dir.is_absolute() {
+            return Err(invalid("vote.hooks_dir", "must be an absolute path".into()));
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for s in &self.storages {
+            refvote_cluster::repo::validate_storage_name(&s.name)
+                .map_err(|e| invalid("storage.name", e.to_string()))?;
+            if !names.insert(&s.name) {
+                return Err(invalid(
+                    "storage.name",
+                    format!("{:?} is configured twice", s.name),
+                ));
+            }
+            if !s.path.is_absolute() {
+                return Err(invalid(
+                    "storage.path",
+                    format!("{} must be an absolute path", s.path.display()),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn socket_mode(&self) -> Option<u32> {
+        u32::from_str_radix(self.vote.socket_mode.trim_start_matches("0o"), 8)
+            .ok()
+            .filter(|m| *m <= 0o777)
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.etcd.request_timeout_ms)
+    }
+
+    pub fn vote_timeout(&self) -> Duration {
+        Duration::from_millis(self.vote.vote_timeout_ms)
+    }
+
+    pub fn lease_ttl(&self) -> Duration {
+        Duration::from_secs(self.etcd.lease_ttl_secs)
+    }
+
+    /// The hook binary to install: configured, or beside this executable.
+    pub fn hook_binary(&self) -> PathBuf {
+        if !self.vote.hook_binary.as_os_str().is_empty() {
+            return self.vote.hook_binary.clone();
+        }
+        std::env::current_exe()
+            .ok()
+            .and_then(|p| p.parent().map(|d| d.join("reference-transaction")))
+            .unwrap_or_else(|| "/usr/lib/refvote/reference-transaction".into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, String> {
+        Config::parse(text, Path::new("votingd.toml")).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = parse("node_name = \"n1\"\n").unwrap();
+        assert_eq!(c.etcd.prefix, "/refvote/");
+        assert_eq!(c.socket_mode(), Some(0o660));
+        assert!(!c.vote.require_transaction);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = parse("node_name = \"n1\"\n[etcd]\nlease_ttl_secs = 1\n").unwrap_err();
+        assert!(e.contains("etcd.lease_ttl_secs"), "{e}");
+        let e = parse("node_name = \"n1\"\n[vote]\nsocket_mode = \"rw\"\n").unwrap_err();
+        assert!(e.contains("vote.socket_mode"), "{e}");
+        let e = parse("node_name = \"n1\"\nbogus = 1\n").unwrap_err();
+        assert!(e.contains("bogus"), "{e}");
+        let e = parse("node_name = \"a b\"\n").unwrap_err();
+        assert!(e.contains("node_name"), "{e}");
+        let e = parse("node_name = \"n\"\n[[storage]]\nname = \"default\"\npath = \"rel\"\n")
+            .unwrap_err();
+        assert!(e.contains("storage.path"), "{e}");
+    }
+}

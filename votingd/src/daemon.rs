@@ -1,0 +1,283 @@
+//! Assembles a running votingd from its config: the hooks directory, the etcd session
+//! and node registration, the vote socket, the reaper.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use refvote_cluster::reaper::{self, ReaperConfig};
+use refvote_cluster::records::NodeRecord;
+use refvote_cluster::session::Session;
+use refvote_cluster::{Store, StoreConfig};
+use tokio::net::UnixListener;
+use tokio::task::JoinHandle;
+
+use crate::config::Config;
+use crate::hooks;
+use crate::status::{self, Status};
+use crate::vote::{self, VoteService};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot set up the hooks directory {path}")]
+    Hooks {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot create the vote socket {path}")]
+    Socket {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("another votingd is serving {0}")]
+    SocketInUse(String),
+    #[error("socket_group {0:?} is not a group on this host")]
+    UnknownGroup(String),
+    #[error("cannot set up the etcd client")]
+    Etcd(#[source] refvote_cluster::Error),
+}
+
+/// A running votingd.
+pub struct Daemon {
+    config: Arc<Config>,
+    session: Session,
+    service: Arc<VoteService>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Daemon {
+    pub async fn start(config: Config) -> Result<Daemon, StartError> {
+        let config = Arc::new(config);
+        let hooks_dir = &config.vote.hooks_dir;
+        hooks::install(
+            hooks_dir,
+            &config.hook_binary(),
+            config.vote.require_transaction,
+        )
+        .map_err(|source| StartError::Hooks {
+            path: hooks_dir.display().to_string(),
+            source,
+        })?;
+        let listener = bind_socket(&config)?;
+
+        let store = connect(&config).await?;
+        let node = NodeRecord {
+            name: config.node_name.clone(),
+            address: String::new(),
+            storages: config.storages.iter().map(|s| s.name.clone()).collect(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        };
+        let register_store = store.clone();
+        let session = Session::start(store.clone(), config.lease_ttl(), move |lease| {
+            let store = register_store.clone();
+            let node = node.clone();
+            async move { store.register_node(&node, lease).await }
+        });
+
+        let service = Arc::new(VoteService::new(
+            config.node_name.clone(),
+            store.clone(),
+            config.vote_timeout(),
+        ));
+        let started = Instant::now();
+        let status_fn: vote::StatusFn = {
+            let config = config.clone();
+            let service = service.clone();
+            let store = store.clone();
+            let lease = session.subscribe();
+            Arc::new(move || {
+                let config = config.clone();
+                let service = service.clone();
+                let store = store.clone();
+                let lease = *lease.borrow();
+                Box::pin(async move {
+                    let status = build_status(&config, &service, &store, lease, started).await;
+                    serde_json::to_string(&status).expect("status serializes")
+                })
+            })
+        };
+        let mut tasks = vec![tokio::spawn(vote::serve(
+            listener,
+            service.clone(),
+            status_fn,
+        ))];
+        if config.vote.reaper {
+            let cfg = ReaperConfig {
+                id: config.node_name.clone(),
+                interval: Duration::from_millis(config.vote.reaper_interval_ms),
+            };
+            tasks.push(tokio::spawn(reaper::run(
+                store.clone(),
+                session.subscribe(),
+                cfg,
+            )));
+        }
+        let sweeper = service.clone();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                sweeper.sweep();
+            }
+        }));
+        tracing::info!(node = %config.node_name, socket = %config.vote.socket_path.display(), "votingd started");
+        Ok(Daemon {
+            config,
+            session,
+            service,
+            tasks,
+        })
+    }
+
+    pub fn service(&self) -> &Arc<VoteService> {
+        &self.service
+    }
+
+    /// Waits until the node holds its lease (registered in etcd), up to `wait`.
+    pub async fn wait_registered(&self, wait: Duration) -> bool {
+        self.session.wait_for_lease(wait).await.is_some()
+    }
+
+    /// Stops serving: new hook calls are refused at once; votes already waiting get up
+    /// to `drain` to be decided, then the lease is revoked so the cluster sees this node
+    /// gone without waiting for its TTL.
+    pub async fn shutdown(self, drain: Duration) {
+        let Daemon {
+            config,
+            session,
+            service,
+            mut tasks,
+        } = self;
+        tasks.remove(0).abort();
+        let _ = std::fs::remove_file(&config.vote.socket_path);
+        let deadline = Instant::now() + drain;
+        while service.counters.votes_waiting.load(Ordering::Relaxed) > 0
+            && Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        for t in tasks {
+            t.abort();
+        }
+        session.close().await;
+        tracing::info!("votingd stopped");
+    }
+}
+
+async fn connect(config: &Config) -> Result<Store, StartError> {
+    let store_config = StoreConfig {
+        endpoints: config.etcd.endpoints.clone(),
+        prefix: config.etcd.prefix.clone(),
+        request_timeout: config.request_timeout(),
+    };
+    Store::connect(&store_config)
+        .await
+        .map_err(StartError::Etcd)
+}
+
+fn bind_socket(config: &Config) -> Result<UnixListener, StartError> {
+    let path = &config.vote.socket_path;
+    let shown = path.display().to_string();
+    let io = |source| StartError::Socket {
+        path: shown.clone(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io)?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(StartError::SocketInUse(shown));
+        }
+        std::fs::remove_file(path).map_err(io)?;
+    }
+    let listener = UnixListener::bind(path).map_err(io)?;
+    let mode = config.socket_mode().expect("validated");
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io)?;
+    if !config.vote.socket_group.is_empty() {
+        let gid = group_id(&config.vote.socket_group)
+            .ok_or_else(|| StartError::UnknownGroup(config.vote.socket_group.clone()))?;
+        std::os::unix::fs::chown(path, None, Some(gid)).map_err(io)?;
+    }
+    Ok(listener)
+}
+
+/// Looks a group up in /etc/group.
+fn group_id(name: &str) -> Option<u32> {
+    let text = std::fs::read_to_string("/etc/group").ok()?;
+    text.lines().find_map(|l| {
+        let mut f = l.split(':');
+        (f.next()? == name).then_some(())?;
+        f.nth(1)?.parse().ok()
+    })
+}
+
+async fn build_status(
+    config: &Config,
+    service: &VoteService,
+    store: &Store,
+    lease: Option<i64>,
+    started: Instant,
+) -> Status {
+    let t = Instant::now();
+    let etcd = match store.get(&store.keys().node(&config.node_name)).await {
+        Ok(_) => status::EtcdHealth {
+            endpoints: config.etcd.endpoints.clone(),
+            reachable: true,
+            error: String::new(),
+            latency_ms: t.elapsed().as_secs_f64() * 1000.0,
+        },
+        Err(e) => status::EtcdHealth {
+            endpoints: config.etcd.endpoints.clone(),
+            reachable: false,
+            error: e.to_string(),
+            latency_ms: 0.0,
+        },
+    };
+    let storages = config
+        .storages
+        .iter()
+        .map(|s| status::StorageHealth {
+            name: s.name.clone(),
+            path: s.path.display().to_string(),
+            hooks: hooks::check_storage(&s.path, &config.vote.hooks_dir),
+        })
+        .collect();
+    let c = &service.counters;
+    let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    Status {
+        node: config.node_name.clone(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        uptime_secs: started.elapsed().as_secs(),
+        etcd,
+        lease: status::LeaseHealth {
+            held: lease.is_some(),
+            id: lease,
+            ttl_secs: config.etcd.lease_ttl_secs,
+        },
+        socket: status::SocketHealth {
+            path: config.vote.socket_path.display().to_string(),
+            up: true,
+        },
+        hooks: status::HooksHealth {
+            dir: config.vote.hooks_dir.display().to_string(),
+            installed: hooks::installed(Path::new(&config.vote.hooks_dir)),
+            require_transaction: config.vote.require_transaction,
+        },
+        storages,
+        open_transactions: service.open_transactions(),
+        votes_waiting: get(&c.votes_waiting),
+        counters: status::CounterValues {
+            commits: get(&c.commits),
+            aborts: get(&c.aborts),
+            lost_votes: get(&c.lost),
+            timeouts: get(&c.timeouts),
+            errors: get(&c.errors),
+            confirmations: get(&c.confirms),
+            rejected_requests: get(&c.rejected_requests),
+        },
+    }
+}

@@ -1,0 +1,59 @@
+//! `votingd --config FILE`: runs the storage-node daemon until SIGTERM or SIGINT.
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use votingd::{Config, Daemon, logging};
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "refvote's storage-node daemon: votes ref updates through etcd"
+)]
+struct Args {
+    /// Configuration file (TOML).
+    #[arg(long, short, default_value = "/etc/refvote/votingd.toml")]
+    config: PathBuf,
+    /// Validate the configuration and exit.
+    #[arg(long)]
+    check_config: bool,
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    let config = match Config::load(&args.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("votingd: {e}");
+            std::process::exit(64);
+        }
+    };
+    if args.check_config {
+        println!("{}: ok", args.config.display());
+        return;
+    }
+    logging::init();
+    let daemon = match Daemon::start(config).await {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("votingd: {:#}", anyhow::Error::from(e));
+            std::process::exit(1);
+        }
+    };
+    wait_for_signal().await;
+    tracing::info!("shutting down");
+    daemon.shutdown(Duration::from_secs(10)).await;
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
