@@ -163,10 +163,14 @@ impl Store {
 
     /// Registers (or refreshes) a node under `lease`.
     pub async fn register_node(&self, node: &NodeRecord, lease: i64) -> Result<()> {
-        let mut client = self.client();
-        let opts = etcd_client::PutOptions::new().with_lease(lease);
-        self.bounded(client.put(self.keys().node(&node.name), encode(node), Some(opts)))
-            .await?;
+        let key = self.keys().node(&node.name);
+        let value = encode(node);
+        self.request(|mut c| {
+            let opts = etcd_client::PutOptions::new().with_lease(lease);
+            let (key, value) = (key.clone(), value.clone());
+            async move { c.put(key, value, Some(opts)).await }
+        })
+        .await?;
         Ok(())
     }
 }

@@ -56,8 +56,10 @@ impl Session {
     pub async fn close(self) {
         self.task.abort();
         if let Some(id) = *self.lease.borrow() {
-            let mut client = self.store.client();
-            let _ = self.store.bounded(client.lease_revoke(id)).await;
+            let _ = self
+                .store
+                .request(|mut c| async move { c.lease_revoke(id).await })
+                .await;
         }
     }
 }
@@ -70,8 +72,10 @@ where
     let ttl_secs = ttl.as_secs().max(1) as i64;
     let mut backoff = Duration::from_millis(100);
     loop {
-        let mut client = store.client();
-        let granted = match store.bounded(client.lease_grant(ttl_secs, None)).await {
+        let granted = match store
+            .request(|mut c| async move { c.lease_grant(ttl_secs, None).await })
+            .await
+        {
             Ok(g) => g.id(),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot grant an etcd lease; retrying");
@@ -105,8 +109,10 @@ async fn hold(store: &Store, lease: i64, ttl: Duration) {
             return;
         }
         if stream.is_none() {
-            let mut client = store.client();
-            match store.bounded(client.lease_keep_alive(lease)).await {
+            match store
+                .request(|mut c| async move { c.lease_keep_alive(lease).await })
+                .await
+            {
                 Ok(s) => stream = Some(s),
                 Err(e) => {
                     tracing::debug!(error = %e, "keep-alive stream failed");
@@ -123,7 +129,8 @@ async fn hold(store: &Store, lease: i64, ttl: Duration) {
             Ok(Ok(Some(resp))) if resp.ttl() > 0 => renewed = Instant::now(),
             Ok(Ok(Some(_))) => return, // etcd says the lease expired
             other => {
-                tracing::debug!(?other, "keep-alive failed");
+                tracing::debug!(?other, "keep-alive failed; trying another endpoint");
+                store.fail_over();
                 stream = None;
             }
         }

@@ -2,6 +2,8 @@
 //! to read records out of range and transaction responses.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use etcd_client::{
@@ -22,10 +24,21 @@ pub struct StoreConfig {
     pub request_timeout: Duration,
 }
 
-/// A connected etcd client with refvote's key schema.
+/// Connected etcd clients, one per endpoint, with refvote's key schema.
+///
+/// Requests go to one endpoint at a time; when it fails to answer (down, no leader,
+/// cut off) the request moves to the next one within the same timeout. A single
+/// balanced client would keep routing some requests to a dead member. Every request
+/// refvote makes is safe to repeat: puts are idempotent and every conditional write
+/// is re-read when its compare fails.
 #[derive(Clone)]
 pub struct Store {
-    client: Client,
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    clients: Vec<Client>,
+    current: AtomicUsize,
     keys: Keys,
     timeout: Duration,
 }
@@ -59,66 +72,161 @@ impl Entry {
     }
 }
 
+/// Whether an error says "this endpoint cannot serve now" rather than "this request
+/// is wrong": only the former moves a request to another endpoint.
+fn is_endpoint_failure(e: &etcd_client::Error) -> bool {
+    use tonic::Code;
+    match e {
+        etcd_client::Error::GRpcStatus(s) => matches!(
+            s.code(),
+            Code::Unavailable
+                | Code::Unknown
+                | Code::Internal
+                | Code::DeadlineExceeded
+                | Code::Aborted
+                | Code::Cancelled
+        ),
+        etcd_client::Error::TransportError(_)
+        | etcd_client::Error::IoError(_)
+        | etcd_client::Error::WatchError(_)
+        | etcd_client::Error::LeaseKeepAliveError(_) => true,
+        _ => false,
+    }
+}
+
 impl Store {
-    /// Connects lazily: the client reconnects by itself when etcd comes back, so a store
-    /// made while etcd is down works once it is up.
+    /// Sets up a client per endpoint. Connections are made lazily and remade by the
+    /// clients, so a store made while etcd is down works once it is up.
     pub async fn connect(config: &StoreConfig) -> Result<Store> {
+        if config.endpoints.is_empty() {
+            return Err(Error::Invalid("no etcd endpoints configured".into()));
+        }
         let options = ConnectOptions::new()
             .with_connect_timeout(config.request_timeout)
-            .with_timeout(config.request_timeout)
             .with_keep_alive(Duration::from_secs(2), config.request_timeout)
             .with_keep_alive_while_idle(true)
             .with_require_leader(true);
-        let connect = Client::connect(&config.endpoints, Some(options));
-        let client = tokio::time::timeout(config.request_timeout, connect)
-            .await
-            .map_err(|_| Error::Timeout(config.request_timeout))??;
+        let mut clients = Vec::new();
+        for endpoint in &config.endpoints {
+            let connect = Client::connect([endpoint], Some(options.clone()));
+            let client = tokio::time::timeout(config.request_timeout, connect)
+                .await
+                .map_err(|_| Error::Timeout(config.request_timeout))??;
+            clients.push(client);
+        }
         Ok(Store {
-            client,
-            keys: Keys::new(&config.prefix),
-            timeout: config.request_timeout,
+            inner: Arc::new(Inner {
+                clients,
+                current: AtomicUsize::new(0),
+                keys: Keys::new(&config.prefix),
+                timeout: config.request_timeout,
+            }),
         })
     }
 
     pub fn keys(&self) -> &Keys {
-        &self.keys
+        &self.inner.keys
     }
 
-    /// The underlying client, for watches and leases.
+    /// The client of the endpoint in use, for watches and leases.
     pub fn client(&self) -> Client {
-        self.client.clone()
+        let i = self.inner.current.load(Ordering::Relaxed);
+        self.inner.clients[i].clone()
+    }
+
+    /// Moves future requests off the endpoint in use (after it failed a stream).
+    pub fn fail_over(&self) {
+        let i = self.inner.current.load(Ordering::Relaxed);
+        self.rotate(i);
+    }
+
+    fn rotate(&self, failed: usize) {
+        let next = (failed + 1) % self.inner.clients.len();
+        let _ =
+            self.inner
+                .current
+                .compare_exchange(failed, next, Ordering::Relaxed, Ordering::Relaxed);
     }
 
     pub fn timeout(&self) -> Duration {
-        self.timeout
+        self.inner.timeout
     }
 
-    /// Runs `fut` under the request timeout.
+    /// Runs `op` against the endpoint in use, moving to the next endpoint when one
+    /// cannot serve, all under the request timeout.
+    pub async fn request<T, F, Fut>(&self, mut op: F) -> Result<T>
+    where
+        F: FnMut(Client) -> Fut,
+        Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let deadline = tokio::time::Instant::now() + self.inner.timeout;
+        let n = self.inner.clients.len();
+        let mut last = None;
+        for attempt in 0..(2 * n) {
+            let i = self.inner.current.load(Ordering::Relaxed);
+            let client = self.inner.clients[i].clone();
+            match tokio::time::timeout_at(deadline, op(client)).await {
+                Ok(Ok(v)) => return Ok(v),
+                Ok(Err(e)) if is_endpoint_failure(&e) => {
+                    tracing::debug!(endpoint = i, attempt, error = %e, "etcd endpoint failed; trying the next");
+                    self.rotate(i);
+                    last = Some(e);
+                    // A member without a leader answers at once; do not spin.
+                    if attempt + 1 >= n {
+                        tokio::time::sleep(
+                            Duration::from_millis(50).min(
+                                deadline.saturating_duration_since(tokio::time::Instant::now()),
+                            ),
+                        )
+                        .await;
+                    }
+                }
+                Ok(Err(e)) => return Err(e.into()),
+                Err(_) => {
+                    self.rotate(i);
+                    return Err(Error::Timeout(self.inner.timeout));
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                break;
+            }
+        }
+        Err(last
+            .map(Error::from)
+            .unwrap_or(Error::Timeout(self.inner.timeout)))
+    }
+
+    /// Runs `fut` under the request timeout (for calls that manage their own client).
     pub async fn bounded<T, F>(&self, fut: F) -> Result<T>
     where
         F: std::future::Future<Output = Result<T, etcd_client::Error>>,
     {
-        match tokio::time::timeout(self.timeout, fut).await {
+        match tokio::time::timeout(self.inner.timeout, fut).await {
             Ok(r) => Ok(r?),
-            Err(_) => Err(Error::Timeout(self.timeout)),
+            Err(_) => Err(Error::Timeout(self.inner.timeout)),
         }
     }
 
     pub async fn txn(&self, txn: Txn) -> Result<TxnResponse> {
-        let mut client = self.client.clone();
-        self.bounded(client.txn(txn)).await
+        self.request(|mut c| {
+            let txn = txn.clone();
+            async move { c.txn(txn).await }
+        })
+        .await
     }
 
     pub async fn get(&self, key: &str) -> Result<Option<Entry>> {
-        let mut client = self.client.clone();
-        let resp = self.bounded(client.get(key, None)).await?;
+        let resp = self
+            .request(|mut c| async move { c.get(key, None).await })
+            .await?;
         Ok(resp.kvs().first().map(Entry::from_kv))
     }
 
     pub async fn get_prefix(&self, prefix: &str) -> Result<(Vec<Entry>, i64)> {
-        let mut client = self.client.clone();
         let resp = self
-            .bounded(client.get(prefix, Some(GetOptions::new().with_prefix())))
+            .request(
+                |mut c| async move { c.get(prefix, Some(GetOptions::new().with_prefix())).await },
+            )
             .await?;
         let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
         Ok((entries(&resp), rev))

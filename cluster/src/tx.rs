@@ -254,17 +254,19 @@ impl Store {
             // Wait for anything that can change the evaluation: a vote, a decision, a
             // voter finishing, a node losing its lease, the transaction ending.
             if watch.is_none() {
-                let mut client = self.client();
-                let opts = WatchOptions::new()
-                    .with_prefix()
-                    .with_start_revision(snap.revision + 1);
-                let mut stream = self
-                    .bounded(client.watch(keys.tx(&tx.id), Some(opts)))
-                    .await?;
-                let nodes = WatchOptions::new()
-                    .with_prefix()
-                    .with_start_revision(snap.revision + 1);
-                self.bounded(stream.watch(keys.nodes(), Some(nodes)))
+                let from = snap.revision + 1;
+                let (tx_prefix, nodes_prefix) = (keys.tx(&tx.id), keys.nodes());
+                let stream = self
+                    .request(|mut c| {
+                        let (tx_prefix, nodes_prefix) = (tx_prefix.clone(), nodes_prefix.clone());
+                        async move {
+                            let opts = WatchOptions::new().with_prefix().with_start_revision(from);
+                            let mut stream = c.watch(tx_prefix, Some(opts)).await?;
+                            let opts = WatchOptions::new().with_prefix().with_start_revision(from);
+                            stream.watch(nodes_prefix, Some(opts)).await?;
+                            Ok(stream)
+                        }
+                    })
                     .await?;
                 watch = Some(stream);
             }
@@ -280,16 +282,18 @@ impl Store {
             loop {
                 let msg = tokio::time::timeout_at(deadline, stream.message())
                     .await
-                    .map_err(|_| Error::NoDecision(wait))??;
-                let Some(msg) = msg else {
-                    return Err(Error::Invalid("etcd closed the watch".into()));
+                    .map_err(|_| Error::NoDecision(wait))?;
+                let msg = match msg {
+                    Ok(Some(msg)) if !msg.canceled() => msg,
+                    // The endpoint failed or cancelled the watch (compaction cannot
+                    // apply: we start right after our own read): re-read and re-watch.
+                    other => {
+                        tracing::debug!(?other, "vote watch ended; re-watching");
+                        self.fail_over();
+                        watch = None;
+                        break;
+                    }
                 };
-                if msg.canceled() {
-                    return Err(Error::Invalid(format!(
-                        "etcd cancelled the watch: {}",
-                        msg.cancel_reason()
-                    )));
-                }
                 let mut changed = false;
                 for ev in msg.events() {
                     let Some(kv) = ev.kv() else { continue };

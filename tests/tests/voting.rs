@@ -246,3 +246,201 @@ async fn two_absent_the_reaper_aborts_when_the_creator_lease_expires() -> anyhow
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn votes_fail_closed_while_etcd_has_no_majority_and_recover_after() -> anyhow::Result<()> {
+    let mut c = VoteCluster::start(3, 3).await?;
+    let repo = c.create_repo("outage.git").await?;
+    let work = c.work("w")?;
+    let head = work.commit("main", "first")?;
+    let tx = c.begin(&repo).await?;
+    for s in c.nodes.iter().map(|n| n.name.clone()).collect::<Vec<_>>() {
+        c.store.start_voter(&tx.id, &s).await?;
+    }
+
+    // Two of three etcd members stop: no leader, no quorum.
+    c.etcd.stop(1)?;
+    c.etcd.stop(2)?;
+    let started = Instant::now();
+    let pushes = c.nodes.iter().map(|n| {
+        let env = n.tx_env(&tx.id);
+        let target = n.repo("outage.git");
+        let work = work.path.clone();
+        async move { git::push(&work, &target, &["main"], &env).await }
+    });
+    for out in futures::future::join_all(pushes).await {
+        let out = out?;
+        assert!(!out.status.success(), "a vote must not commit without etcd");
+        let e = stderr(&out);
+        assert!(e.contains("refvote: update rejected:"), "{e}");
+    }
+    // Fail closed within the request timeout (1 s here), well before the vote deadline.
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(8), "took {took:?}");
+    for n in &c.nodes {
+        assert!(rev(&n.repo("outage.git"), "main").is_none());
+    }
+
+    // etcd comes back: the same votingd processes vote again, no restart.
+    let pids: Vec<_> = c.nodes.iter().map(|n| n.pid()).collect();
+    c.etcd.restart(1)?;
+    c.etcd.restart(2)?;
+    c.etcd.wait_healthy(Duration::from_secs(20)).await?;
+    for n in &c.nodes {
+        let socket = n.socket.clone();
+        wait_until(
+            &format!("{} holds a lease again", n.name),
+            Duration::from_secs(20),
+            || {
+                let socket = socket.clone();
+                async move {
+                    votingd::client::status(&socket).is_ok_and(|s| s.lease.held && s.etcd.reachable)
+                }
+            },
+        )
+        .await?;
+    }
+    c.session.wait_for_lease(Duration::from_secs(20)).await;
+    let store = c.store.clone();
+    let repo2 = repo.clone();
+    let lease = c.session.subscribe();
+    let tx = refvote_tests::proc::wait_for(
+        "a transaction can be created",
+        Duration::from_secs(20),
+        || {
+            let store = store.clone();
+            let repo = repo2.clone();
+            let lease = *lease.borrow();
+            async move {
+                let lease = lease.ok_or_else(|| anyhow::anyhow!("no lease yet"))?;
+                Ok(store
+                    .begin(
+                        &repo,
+                        &Begin {
+                            creator: "test".into(),
+                            lease,
+                        },
+                    )
+                    .await?)
+            }
+        },
+    )
+    .await?;
+    for (node, out) in c.push_all(&tx, &work, &["main"]).await? {
+        assert!(out.status.success(), "push to {node}: {}", stderr(&out));
+    }
+    assert!(c.finalize(&tx).await?.acknowledged);
+    assert_eq!(pids, c.nodes.iter().map(|n| n.pid()).collect::<Vec<_>>());
+    for n in &c.nodes {
+        assert_eq!(rev(&n.repo("outage.git"), "main").unwrap(), head);
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_atomic_pushes_in_different_orders_and_concurrent_transactions_all_commit()
+-> anyhow::Result<()> {
+    let c = VoteCluster::start(3, 3).await?;
+    let repo = c.create_repo("orders.git").await?;
+    let work = c.work("w")?;
+    let base = work.commit("main", "base")?;
+    let tx = c.begin(&repo).await?;
+    c.push_all(&tx, &work, &["main"]).await?;
+    assert!(c.finalize(&tx).await?.acknowledged);
+
+    // One non-atomic push of four branches (one git ref transaction per branch). node1
+    // and node2 apply it in push order; node3 gets the refs one at a time in the reverse
+    // order. Votes meet by key, so node3's first vote (on d) simply waits until the
+    // majority reaches d, and nothing is aborted. (When every replica applies a
+    // different order, each can wait on a key the others reach last: votingd's node
+    // service feeds git the commands in one canonical order, so that cannot happen.)
+    let branches = ["a", "b", "c", "d"];
+    let mut heads = Vec::new();
+    for b in branches {
+        git::git(&work.path, &["checkout", "--quiet", "-B", b, &base])?;
+        heads.push(work.commit(b, &format!("on {b}"))?);
+    }
+    let tx = c.begin(&repo).await?;
+    let runs = c.nodes.iter().map(|n| {
+        let (c, tx, work) = (&c, &tx, &work);
+        async move {
+            c.store.start_voter(&tx.id, &n.name).await?;
+            let target = n.repo("orders.git");
+            if n.name == "node3" {
+                for b in ["d", "c", "b", "a"] {
+                    let out = git::push(&work.path, &target, &[b], &n.tx_env(&tx.id)).await?;
+                    assert!(out.status.success(), "{} {b}: {}", n.name, stderr(&out));
+                }
+            } else {
+                let out = git::push(&work.path, &target, &branches, &n.tx_env(&tx.id)).await?;
+                assert!(out.status.success(), "{}: {}", n.name, stderr(&out));
+            }
+            c.store.done(&tx.id, &n.name, true, "").await?;
+            anyhow::Ok(())
+        }
+    });
+    for r in futures::future::join_all(runs).await {
+        r?;
+    }
+    let outcome = c.finalize(&tx).await?;
+    assert!(
+        outcome.acknowledged && outcome.outdated.is_empty(),
+        "{outcome:?}"
+    );
+    assert_eq!(outcome.promoted.len(), 3);
+
+    // 16 concurrent transactions, each updating its own branch of the same repository.
+    let txs = (0..16).map(|i| {
+        let (c, repo, base) = (&c, &repo, &base);
+        async move {
+            let w = c.work(&format!("w{i}"))?;
+            git::git(
+                &w.path,
+                &[
+                    "fetch",
+                    "--quiet",
+                    c.node("node1").repo("orders.git").to_str().unwrap(),
+                    "main",
+                ],
+            )?;
+            git::git(&w.path, &["reset", "--quiet", "--hard", base])?;
+            let branch = format!("topic-{i}");
+            let head = w.commit(&branch, &format!("topic {i}"))?;
+            let tx = c.begin(repo).await?;
+            for (node, out) in c.push_all(&tx, &w, &[&branch]).await? {
+                assert!(out.status.success(), "{branch} to {node}: {}", stderr(&out));
+            }
+            let outcome = c.finalize(&tx).await?;
+            anyhow::Ok((branch, head, outcome))
+        }
+    });
+    let results = futures::future::join_all(txs).await;
+    for r in results {
+        let (branch, head, outcome) = r?;
+        assert!(outcome.acknowledged, "{branch}: {outcome:?}");
+        assert!(outcome.outdated.is_empty(), "{branch}: {outcome:?}");
+        for n in &c.nodes {
+            assert_eq!(
+                rev(&n.repo("orders.git"), &branch).as_deref(),
+                Some(head.as_str())
+            );
+        }
+    }
+    for n in c.node_names() {
+        let r = replica(&c, &repo, &n).await;
+        assert_eq!((r.state, r.generation), (ReplicaState::UpToDate, 18), "{n}");
+    }
+    let refs: Vec<String> = c
+        .nodes
+        .iter()
+        .map(|n| git::refs(&n.repo("orders.git")))
+        .collect();
+    assert!(refs.windows(2).all(|w| w[0] == w[1]));
+    for (b, h) in branches.iter().zip(&heads) {
+        assert_eq!(
+            rev(&c.node("node2").repo("orders.git"), b).as_deref(),
+            Some(h.as_str())
+        );
+    }
+    Ok(())
+}
