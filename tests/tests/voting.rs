@@ -7,6 +7,7 @@ use refvote_cluster::records::{ReplicaRecord, ReplicaState};
 use refvote_cluster::tx::Begin;
 use refvote_tests::cluster::VoteCluster;
 use refvote_tests::git::{self, rev};
+use refvote_tests::node::NodeOptions;
 use refvote_tests::proc::wait_until;
 
 fn stderr(out: &std::process::Output) -> String {
@@ -442,5 +443,234 @@ async fn non_atomic_pushes_in_different_orders_and_concurrent_transactions_all_c
             Some(h.as_str())
         );
     }
+    Ok(())
+}
+
+/// Runs the hook binary as git would, with `stdin` and `env`.
+fn run_hook(phase: &str, stdin: &[u8], env: &[(String, String)]) -> std::process::Output {
+    use std::io::Write;
+    let mut cmd = std::process::Command::new(refvote_tests::node::bin("reference-transaction"));
+    cmd.arg(phase)
+        .env_remove("REFVOTE_TX")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("hook starts");
+    child.stdin.take().unwrap().write_all(stdin).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_a_clear_error_commits_nothing_and_votingd_keeps_serving()
+-> anyhow::Result<()> {
+    use prost::Message;
+    use refvote_proto::hook::{self, Response, response};
+    use std::io::{Read, Write};
+
+    let c = VoteCluster::start(3, 1).await?;
+    let repo = c.create_repo("bad.git").await?;
+    let work = c.work("w")?;
+    work.commit("main", "first")?;
+    let node1 = c.node("node1");
+    let tx = c.begin(&repo).await?;
+    c.store.start_voter(&tx.id, "node1").await?;
+    let line = format!("{} {} refs/heads/main\n", "0".repeat(40), "1".repeat(40));
+
+    // Malformed stdin: refused by the hook itself, nothing voted.
+    for garbage in [
+        &b"garbage\n"[..],
+        b"",
+        b"\xff\xfe\n",
+        format!("{} zz refs/heads/x\n", "1".repeat(40)).as_bytes(),
+    ] {
+        let out = run_hook("prepared", garbage, &node1.tx_env(&tx.id));
+        assert_eq!(out.status.code(), Some(1));
+        let e = stderr(&out);
+        assert!(
+            e.starts_with("refvote: update rejected:") && e.lines().count() == 1,
+            "{e:?}"
+        );
+    }
+    let (votes, _) = c
+        .store
+        .get_prefix(&c.store.keys().all_votes(&tx.id))
+        .await?;
+    assert!(votes.is_empty(), "a malformed update must not be voted");
+
+    // An unknown transaction: a real push is refused, nothing written.
+    let out = git::push(
+        &work.path,
+        &node1.repo("bad.git"),
+        &["main"],
+        &node1.tx_env("0123456789abcdef"),
+    )
+    .await?;
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("refvote: update rejected: unknown transaction 0123456789abcdef"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(rev(&node1.repo("bad.git"), "main").is_none());
+
+    // A voter not in the voter set: node3 is outdated, so a new transaction excludes it.
+    c.store.mark_outdated(&repo, "node3", "test").await?;
+    let tx2 = c.begin(&repo).await?;
+    assert_eq!(tx2.voters, vec!["node1".to_string(), "node2".to_string()]);
+    let node3 = c.node("node3");
+    let out = git::push(
+        &work.path,
+        &node3.repo("bad.git"),
+        &["main"],
+        &node3.tx_env(&tx2.id),
+    )
+    .await?;
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("\"node3\" is not a voter of transaction"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(rev(&node3.repo("bad.git"), "main").is_none());
+
+    // A hook asking node1's votingd to vote as node2.
+    let mut wrong = node1.tx_env(&tx.id);
+    wrong[1].1 = "node2".into();
+    let out = run_hook("prepared", line.as_bytes(), &wrong);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("votes as \"node1\", not as \"node2\""),
+        "{}",
+        stderr(&out)
+    );
+
+    // Oversized and garbage frames straight on the socket.
+    let mut s = std::os::unix::net::UnixStream::connect(&node1.socket)?;
+    s.write_all(&(10u32 << 20).to_be_bytes())?;
+    let mut answer = Vec::new();
+    s.read_to_end(&mut answer)?;
+    let resp = Response::decode(&answer[4..])?;
+    let Some(response::Kind::Error(e)) = resp.kind else {
+        panic!("expected an error, got {resp:?}")
+    };
+    assert_eq!(e.code, hook::error::Code::InvalidArgument as i32);
+    assert!(e.message.contains("exceeds the limit"), "{}", e.message);
+    let mut s = std::os::unix::net::UnixStream::connect(&node1.socket)?;
+    s.write_all(&[0, 0, 0, 3, 0xff, 0xff, 0xff])?;
+    let mut answer = Vec::new();
+    s.read_to_end(&mut answer)?;
+    let resp = Response::decode(&answer[4..])?;
+    assert!(
+        matches!(resp.kind, Some(response::Kind::Error(ref e)) if e.message.contains("malformed request")),
+        "{resp:?}"
+    );
+
+    // Still serving: the first transaction commits on node1 and node2.
+    let (a, b) = tokio::join!(
+        c.push_as(&tx, "node1", &work, &["main"]),
+        c.push_as(&tx, "node2", &work, &["main"])
+    );
+    for out in [a?, b?] {
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    c.store.done(&tx.id, "node3", false, "not run").await?;
+    let outcome = c.finalize(&tx).await?;
+    assert!(outcome.acknowledged, "{outcome:?}");
+    let status = votingd::client::status(&node1.socket)?;
+    assert!(
+        status.counters.rejected_requests >= 4,
+        "{:?}",
+        status.counters
+    );
+    assert_eq!(status.counters.commits, 1);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn require_transaction_refuses_updates_outside_refvote_but_not_maintenance()
+-> anyhow::Result<()> {
+    let opts = NodeOptions {
+        require_transaction: true,
+        ..NodeOptions::default()
+    };
+    let c = VoteCluster::start_with(1, 1, opts).await?;
+    c.create_repo("strict.git").await?;
+    let node = c.node("node1");
+    let work = c.work("w")?;
+    let head = work.commit("main", "first")?;
+    let out = git::push(&work.path, &node.repo("strict.git"), &["main"], &[]).await?;
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("only accepts ref updates that come through a refvote router"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(rev(&node.repo("strict.git"), "main").is_none());
+    // A run votingd marks as its own (repair, maintenance) passes.
+    let marked = [("REFVOTE_MAINTENANCE".to_string(), "1".to_string())];
+    let out = git::push(&work.path, &node.repo("strict.git"), &["main"], &marked).await?;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(rev(&node.repo("strict.git"), "main").unwrap(), head);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn votingctl_status_reports_health_as_a_table_and_as_json() -> anyhow::Result<()> {
+    let mut c = VoteCluster::start(3, 1).await?;
+    let repo = c.create_repo("status.git").await?;
+    let work = c.work("w")?;
+    work.commit("main", "first")?;
+    let tx = c.begin(&repo).await?;
+    c.push_all(&tx, &work, &["main"]).await?;
+    c.finalize(&tx).await?;
+    // A repository on node1 without the hook shows up.
+    git::git(
+        &c.node("node1").storage,
+        &["init", "--bare", "--quiet", "stray.git"],
+    )?;
+
+    let ctl = |args: &[&str]| {
+        std::process::Command::new(refvote_tests::node::bin("votingctl"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let socket = c.node("node2").socket.to_str().unwrap().to_owned();
+    let out = ctl(&["status", "--socket", &socket]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(
+        text.contains("node node2") && text.contains("healthy"),
+        "{text}"
+    );
+    assert!(text.contains("1 commits, 0 aborts"), "{text}");
+    assert!(text.contains("1 repositories, 1 with the hook"), "{text}");
+
+    let config = c.node("node1").config.to_str().unwrap().to_owned();
+    let out = ctl(&["status", "--config", &config, "--json"]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "stray.git has no hook: unhealthy"
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(doc["node"], "node1");
+    assert_eq!(doc["lease"]["held"], true);
+    assert_eq!(doc["etcd"]["reachable"], true);
+    assert_eq!(doc["counters"]["commits"], 1);
+    assert_eq!(doc["storages"][0]["repositories"], 2);
+    assert_eq!(doc["storages"][0]["hooked"], 1);
+    assert_eq!(doc["storages"][0]["missing"][0], "stray.git");
+
+    c.nodes[1].stop()?;
+    let out = ctl(&["status", "--socket", &socket]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("votingd is not answering"),
+        "{out:?}"
+    );
     Ok(())
 }
