@@ -42,6 +42,8 @@ struct TxLocal {
     occurrences: HashMap<String, u32>,
     /// Keys decided commit with our hash, waiting for `committed` or `aborted`.
     pending: Vec<Pending>,
+    /// Votes of this transaction waiting for a decision right now.
+    voting: u32,
     touched: Instant,
 }
 
@@ -73,11 +75,11 @@ impl VoteService {
         }
     }
 
-    /// Transactions this node has local state for (voting or awaiting confirmation).
+    /// Transactions this node is voting in or still has to confirm.
     pub fn open_transactions(&self) -> Vec<String> {
         let txs = self.txs.lock().expect("poisoned");
         txs.iter()
-            .filter(|(_, t)| !t.pending.is_empty() || t.touched.elapsed() < self.vote_timeout)
+            .filter(|(_, t)| !t.pending.is_empty() || t.voting > 0)
             .map(|(id, _)| id.clone())
             .collect()
     }
@@ -162,6 +164,7 @@ impl VoteService {
             record,
             occurrences: HashMap::new(),
             pending: Vec::new(),
+            voting: 0,
             touched: Instant::now(),
         });
         Ok(entry.record.clone())
@@ -178,6 +181,7 @@ impl VoteService {
         let key = {
             let mut txs = self.txs.lock().expect("poisoned");
             let t = txs.get_mut(&v.transaction).expect("inserted by record()");
+            t.voting += 1;
             let n = t.occurrences.entry(v.key_base.clone()).or_default();
             let key = format!("{}.{n}", v.key_base);
             *n += 1;
@@ -196,6 +200,9 @@ impl VoteService {
             .cast_vote(&record, &self.node, &key, &vote, self.vote_timeout)
             .await;
         self.counters.votes_waiting.fetch_sub(1, Ordering::Relaxed);
+        if let Some(t) = self.txs.lock().expect("poisoned").get_mut(&v.transaction) {
+            t.voting -= 1;
+        }
         let span = tracing::info_span!("vote", tx = %v.transaction, repo = %record.repo, key, first_ref = %v.first_ref);
         let _enter = span.enter();
         match result {
