@@ -23,6 +23,10 @@ pub enum Error {
     UnknownTx(String),
     #[error("{voter:?} is not a voter of transaction {tx}")]
     NotAVoter { tx: String, voter: String },
+    #[error(
+        "{voter:?} was not started in transaction {tx} (its node service never began the call)"
+    )]
+    NotStarted { tx: String, voter: String },
     #[error("not enough replicas are up to date: {up} of {assigned} up, {needed} needed")]
     NoQuorum {
         up: usize,

@@ -10,6 +10,7 @@
 //! | `replicas/<repo>/<node>` | [`ReplicaRecord`](crate::records::ReplicaRecord) |
 //! | `tx/<id>/record` | [`TxRecord`](crate::records::TxRecord); its presence means "open" |
 //! | `tx/<id>/alive` | empty, on the creator's lease |
+//! | `tx/<id>/voters/<voter>` | empty: marks the voter set, for compares |
 //! | `tx/<id>/started/<voter>` | empty: the voter's node began the RPC |
 //! | `tx/<id>/votes/<key>/<voter>` | [`VoteRecord`](crate::records::VoteRecord) |
 //! | `tx/<id>/decided/<key>` | [`Decision`](crate::records::Decision), created once |
@@ -108,6 +109,10 @@ impl Keys {
 
     pub fn all_confirmed(&self, tx: &str) -> String {
         format!("{}confirmed/", self.tx(tx))
+    }
+
+    pub fn voter(&self, tx: &str, voter: &str) -> String {
+        format!("{}voters/{voter}", self.tx(tx))
     }
 
     pub fn started(&self, tx: &str, voter: &str) -> String {

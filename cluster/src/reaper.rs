@@ -8,9 +8,11 @@ use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp};
 use tokio::sync::watch;
 
 use crate::error::{Error, Result};
-use crate::quorum;
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::quorum::{self, KeyState};
 use crate::records::TxRecord;
-use crate::store::{Store, by_tail, encode, get_op, ranges};
+use crate::store::{Store, by_tail, get_op, ranges};
 
 #[derive(Debug, Clone)]
 pub struct ReaperConfig {
@@ -91,31 +93,47 @@ pub async fn scan(store: &Store, lease: i64, by: &str) -> Result<usize> {
 /// Aborts every undecided key of an abandoned transaction, then finalizes it.
 async fn reap(store: &Store, record: &TxRecord, lease: i64, by: &str) -> Result<()> {
     let keys = store.keys();
-    let (entries, _) = store.get_prefix(&keys.all_votes(&record.id)).await?;
-    let mut best: std::collections::BTreeMap<String, std::collections::BTreeMap<String, usize>> =
-        Default::default();
+    let (entries, _) = store.get_prefix(&keys.tx(&record.id)).await?;
+    let mut votes: BTreeMap<String, KeyState> = BTreeMap::new();
     for (tail, e) in by_tail(&entries, &keys.all_votes(&record.id)) {
-        if let Some((key, _voter)) = tail.rsplit_once('/') {
+        if let Some((key, voter)) = tail.rsplit_once('/') {
             let v: crate::records::VoteRecord = e.decode()?;
-            *best
+            votes
                 .entry(key.to_owned())
                 .or_default()
-                .entry(v.hash)
-                .or_default() += 1;
+                .votes
+                .insert(voter.to_owned(), v.hash);
         }
     }
-    for (key, counts) in best {
+    let aborted: BTreeSet<String> = by_tail(&entries, &keys.all_decided(&record.id))
+        .into_keys()
+        .collect();
+    let none = BTreeSet::new();
+    for (key, state) in &votes {
+        let committed = quorum::evaluate(
+            &record.voters,
+            record.threshold,
+            record.assigned,
+            state,
+            &none,
+            by,
+        )
+        .is_some_and(|d| d.is_commit());
+        if committed || aborted.contains(key) {
+            continue;
+        }
+        let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+        for h in state.votes.values() {
+            *counts.entry(h.as_str()).or_default() += 1;
+        }
         let most = counts.values().copied().max().unwrap_or(0);
         let mut decision = quorum::abort(most, record.threshold, record.assigned, by);
         decision.reason = format!("{}; transaction abandoned by its router", decision.reason);
-        let decided = keys.decided(&record.id, &key);
-        let txn = Txn::new()
-            .when([
-                Compare::create_revision(decided.as_str(), CompareOp::Equal, 0),
-                Compare::lease(keys.reaper(), CompareOp::Equal, lease),
-            ])
-            .and_then([TxnOp::put(decided.as_str(), encode(&decision), None)]);
-        store.txn(txn).await?;
+        // Fenced by the reaper role; a vote that lands first wins (the next scan sees it).
+        let fence = Compare::lease(keys.reaper(), CompareOp::Equal, lease);
+        store
+            .abort_key(record, key, state, decision, Some(fence))
+            .await?;
     }
     store.try_finalize(&record.id, by, lease).await?;
     tracing::info!(tx = %record.id, repo = %record.repo, "abandoned transaction finalized");

@@ -27,15 +27,93 @@ pub struct Begin {
     pub lease: i64,
 }
 
-/// Everything one vote key needs to be evaluated, read at one revision.
+/// Everything one vote key needs to be evaluated. Built from one read, then kept
+/// current from the watch's events, so a waiting vote never re-reads.
 #[derive(Debug)]
 struct KeySnapshot {
     revision: i64,
-    record_present: bool,
+    record: Option<TxRecord>,
     alive: bool,
+    started: BTreeSet<String>,
+    done: BTreeSet<String>,
+    /// node → lease its registration has now (absent: no registration).
+    node_leases: BTreeMap<String, i64>,
     key: KeyState,
-    decided: Option<Decision>,
-    finished: BTreeSet<String>,
+    /// A stored abort decision.
+    aborted: Option<Decision>,
+}
+
+impl KeySnapshot {
+    /// Voters that can no longer vote: done, failed (their node lost the lease it had
+    /// when the transaction began), or never started by the time the creator died.
+    fn finished(&self) -> BTreeSet<String> {
+        let Some(record) = &self.record else {
+            return BTreeSet::new();
+        };
+        record
+            .voters
+            .iter()
+            .filter(|v| {
+                self.done.contains(*v)
+                    || self.node_leases.get(*v) != record.voter_leases.get(*v)
+                    || (!self.alive && !self.started.contains(*v))
+            })
+            .cloned()
+            .collect()
+    }
+
+    /// Applies one watch event; returns whether it can change the evaluation.
+    fn apply(
+        &mut self,
+        keys: &crate::keys::Keys,
+        tx: &str,
+        vote_key: &str,
+        ev: &etcd_client::Event,
+    ) -> Result<bool> {
+        let Some(kv) = ev.kv() else { return Ok(false) };
+        let k = String::from_utf8_lossy(kv.key()).into_owned();
+        let put = ev.event_type() == EventType::Put;
+        if let Some(voter) = k.strip_prefix(&keys.votes(tx, vote_key)) {
+            if put {
+                let v: VoteRecord =
+                    serde_json::from_slice(kv.value()).map_err(|source| Error::Corrupt {
+                        key: k.clone(),
+                        source,
+                    })?;
+                self.key.votes.insert(voter.to_owned(), v.hash);
+            }
+        } else if k == keys.decided(tx, vote_key) {
+            if put {
+                self.aborted =
+                    Some(
+                        serde_json::from_slice(kv.value()).map_err(|source| Error::Corrupt {
+                            key: k.clone(),
+                            source,
+                        })?,
+                    );
+            }
+        } else if let Some(voter) = k.strip_prefix(&keys.all_done(tx)) {
+            self.done.insert(voter.to_owned());
+        } else if let Some(voter) = k.strip_prefix(&keys.all_started(tx)) {
+            self.started.insert(voter.to_owned());
+        } else if k == keys.tx_alive(tx) {
+            self.alive = put;
+        } else if k == keys.tx_record(tx) {
+            if !put {
+                self.record = None;
+            }
+        } else if let Some(node) = k.strip_prefix(&keys.nodes()) {
+            if put {
+                self.node_leases.insert(node.to_owned(), kv.lease());
+            } else {
+                self.node_leases.remove(node);
+            }
+        } else {
+            return Ok(false);
+        }
+        self.revision = self.revision.max(kv.mod_revision());
+        Ok(true)
+    }
 }
 
 impl Store {
@@ -97,11 +175,17 @@ impl Store {
                 ));
             }
             let lease = PutOptions::new().with_lease(opts.lease);
-            let txn = Txn::new().when(cmp).and_then([
+            let mut ops = vec![
                 TxnOp::put(keys.tx_record(&id), encode(&record), None),
                 TxnOp::put(keys.tx_alive(&id), opts.creator.as_bytes(), Some(lease)),
                 TxnOp::put(keys.txrepo_entry(repo, &id), Vec::new(), None),
-            ]);
+            ];
+            ops.extend(
+                voters
+                    .iter()
+                    .map(|v| TxnOp::put(keys.voter(&id, v), Vec::new(), None)),
+            );
+            let txn = Txn::new().when(cmp).and_then(ops);
             if self.txn(txn).await?.succeeded() {
                 tracing::debug!(tx = %id, %repo, ?voters, threshold, "transaction created");
                 return Ok(record);
@@ -118,166 +202,219 @@ impl Store {
             .decode()
     }
 
-    /// The reads that evaluate one key: votes on it, its decision, done voters, the
-    /// record and alive marker, and each voter's node.
-    fn key_reads(&self, tx: &TxRecord, key: &str) -> Vec<TxnOp> {
+    /// The reads that evaluate one key, in one transaction: the record, the alive
+    /// marker, the votes on the key, its decision, done and started voters, the nodes.
+    fn key_reads(&self, tx: &str, key: &str) -> Vec<TxnOp> {
         let keys = self.keys();
-        let mut ops = vec![
-            get_op(&keys.tx_record(&tx.id)),
-            get_op(&keys.tx_alive(&tx.id)),
-            get_prefix_op(&keys.votes(&tx.id, key)),
-            get_op(&keys.decided(&tx.id, key)),
-            get_prefix_op(&keys.all_done(&tx.id)),
-            get_prefix_op(&keys.all_started(&tx.id)),
-        ];
-        ops.extend(tx.voters.iter().map(|v| get_op(&keys.node(v))));
-        ops
+        vec![
+            get_op(&keys.tx_record(tx)),
+            get_op(&keys.tx_alive(tx)),
+            get_prefix_op(&keys.votes(tx, key)),
+            get_op(&keys.decided(tx, key)),
+            get_prefix_op(&keys.all_done(tx)),
+            get_prefix_op(&keys.all_started(tx)),
+            get_prefix_op(&keys.nodes()),
+        ]
     }
 
-    fn key_snapshot(
-        &self,
-        tx: &TxRecord,
-        key: &str,
-        r: &[Vec<Entry>],
-        rev: i64,
-    ) -> Result<KeySnapshot> {
+    fn key_snapshot(&self, tx: &str, key: &str, r: &[Vec<Entry>], rev: i64) -> Result<KeySnapshot> {
         let keys = self.keys();
-        let mut state = KeyState::default();
-        for (voter, e) in by_tail(&r[2], &keys.votes(&tx.id, key)) {
-            let vote: VoteRecord = e.decode()?;
-            state.votes.insert(voter, vote.hash);
-        }
-        let decided = match r[3].first() {
+        let record: Option<TxRecord> = match r[0].first() {
             Some(e) => Some(e.decode()?),
             None => None,
         };
-        let alive = !r[1].is_empty();
-        let started: BTreeSet<String> = by_tail(&r[5], &keys.all_started(&tx.id))
-            .into_keys()
-            .collect();
-        let mut finished: BTreeSet<String> =
-            by_tail(&r[4], &keys.all_done(&tx.id)).into_keys().collect();
-        for (i, voter) in tx.voters.iter().enumerate() {
-            // A voter whose node lost its lease failed; once the creator is gone, a
-            // voter that never started can no longer start.
-            if !node_holds(&r[6 + i], tx, voter) || (!alive && !started.contains(voter)) {
-                finished.insert(voter.clone());
-            }
+        let mut state = KeyState::default();
+        for (voter, e) in by_tail(&r[2], &keys.votes(tx, key)) {
+            let vote: VoteRecord = e.decode()?;
+            state.votes.insert(voter, vote.hash);
         }
+        let aborted = match r[3].first() {
+            Some(e) => Some(e.decode()?),
+            None => None,
+        };
         Ok(KeySnapshot {
             revision: rev,
-            record_present: !r[0].is_empty(),
-            alive,
+            record,
+            alive: !r[1].is_empty(),
+            started: by_tail(&r[5], &keys.all_started(tx)).into_keys().collect(),
+            done: by_tail(&r[4], &keys.all_done(tx)).into_keys().collect(),
+            node_leases: by_tail(&r[6], &keys.nodes())
+                .into_iter()
+                .map(|(n, e)| (n, e.lease))
+                .collect(),
             key: state,
-            decided,
-            finished,
+            aborted,
         })
     }
 
-    async fn read_key(&self, tx: &TxRecord, key: &str) -> Result<KeySnapshot> {
+    async fn read_key(&self, tx: &str, key: &str) -> Result<KeySnapshot> {
         let resp = self
             .txn(Txn::new().and_then(self.key_reads(tx, key)))
             .await?;
         self.key_snapshot(tx, key, &ranges(&resp), revision(&resp))
     }
 
-    /// Records `voter`'s vote on `key` and waits for the key's decision, deciding it
-    /// itself when the votes allow (one create-only write everyone adopts). Returns the
-    /// decision; `Err` means this voter must abort without a decision (etcd unreachable,
-    /// the transaction gone or abandoned, or no decision within `wait`).
+    /// Opens the watch a waiting vote needs: the transaction's keys and the nodes. It
+    /// starts at the current revision, which keeps it in etcd's "synced" group (a watch
+    /// that starts in the past is caught up by a loop that runs only every 100 ms).
+    /// Returns the stream and the revision it starts after.
+    async fn vote_watch(
+        &self,
+        tx: &str,
+    ) -> Result<(etcd_client::WatchStream, i64, Vec<etcd_client::Event>)> {
+        let (tx_prefix, nodes_prefix) = (self.keys().tx(tx), self.keys().nodes());
+        self.request(|mut c| {
+            let (tx_prefix, nodes_prefix) = (tx_prefix.clone(), nodes_prefix.clone());
+            async move {
+                let mut stream = c
+                    .watch(tx_prefix, Some(WatchOptions::new().with_prefix()))
+                    .await?;
+                stream
+                    .watch(nodes_prefix, Some(WatchOptions::new().with_prefix()))
+                    .await?;
+                let mut created = 0;
+                let mut rev = i64::MAX;
+                let mut early = Vec::new();
+                while created < 2 {
+                    match stream.message().await? {
+                        Some(m) if m.created() => {
+                            created += 1;
+                            rev = rev.min(m.header().map(|h| h.revision()).unwrap_or(0));
+                        }
+                        // Events of the first watch before the second is created.
+                        Some(m) => early.extend(m.events().iter().cloned()),
+                        None => return Err(etcd_client::Error::WatchError("watch closed".into())),
+                    }
+                }
+                Ok((stream, rev, early))
+            }
+        })
+        .await
+    }
+
+    /// Records `voter`'s vote on `key` of transaction `tx` and waits for the key's
+    /// decision. A key commits the moment threshold voters have voted the same hash:
+    /// the vote that completes the majority is the decision, and everyone sees it in
+    /// the votes. A key aborts through one create-only write of `decided/<key>`, made
+    /// by whoever first sees that no hash can reach threshold, and only while no new
+    /// vote arrived (see [`Store::abort_key`]). Returns the decision and the record.
+    /// `Err` means this voter must abort without a decision: etcd unreachable, the
+    /// transaction unknown, finished or abandoned, the voter not started in it, or no
+    /// decision within `wait`.
     pub async fn cast_vote(
         &self,
-        tx: &TxRecord,
+        tx: &str,
         voter: &str,
         key: &str,
         vote: &VoteRecord,
         wait: Duration,
-    ) -> Result<Decision> {
-        if !tx.voters.iter().any(|v| v == voter) {
+    ) -> Result<(Decision, TxRecord)> {
+        let deadline = Instant::now() + wait;
+        let keys = self.keys();
+        let t0 = Instant::now();
+        let txn = Txn::new()
+            .when([
+                Compare::create_revision(keys.started(tx, voter), CompareOp::Greater, 0),
+                Compare::create_revision(keys.tx_alive(tx), CompareOp::Greater, 0),
+                Compare::create_revision(keys.decided(tx, key), CompareOp::Equal, 0),
+                Compare::create_revision(keys.vote(tx, key, voter), CompareOp::Equal, 0),
+            ])
+            .and_then(
+                std::iter::once(TxnOp::put(keys.vote(tx, key, voter), encode(vote), None))
+                    .chain(self.key_reads(tx, key))
+                    .collect::<Vec<_>>(),
+            )
+            .or_else(self.key_reads(tx, key));
+        // The watch opens alongside the vote, so a vote that has to wait starts waiting
+        // at once; whatever happened before it opened is in the vote's reads.
+        let (resp, watch) = tokio::join!(self.txn(txn), self.vote_watch(tx));
+        let resp = resp?;
+        let mut snap = self.key_snapshot(tx, key, &ranges(&resp), revision(&resp))?;
+        tracing::debug!(
+            key,
+            vote_txn_us = t0.elapsed().as_micros() as u64,
+            "vote stored"
+        );
+        let record = snap
+            .record
+            .clone()
+            .ok_or_else(|| Error::UnknownTx(tx.to_owned()))?;
+        if !record.voters.iter().any(|v| v == voter) {
             return Err(Error::NotAVoter {
-                tx: tx.id.clone(),
+                tx: tx.to_owned(),
                 voter: voter.to_owned(),
             });
         }
-        let deadline = Instant::now() + wait;
-        let keys = self.keys();
-        let txn = Txn::new()
-            .when([
-                Compare::create_revision(keys.tx_record(&tx.id), CompareOp::Greater, 0),
-                Compare::create_revision(keys.tx_alive(&tx.id), CompareOp::Greater, 0),
-                Compare::create_revision(keys.decided(&tx.id, key), CompareOp::Equal, 0),
-                Compare::create_revision(keys.vote(&tx.id, key, voter), CompareOp::Equal, 0),
-            ])
-            .and_then(
-                std::iter::once(TxnOp::put(
-                    keys.vote(&tx.id, key, voter),
-                    encode(vote),
-                    None,
-                ))
-                .chain(self.key_reads(tx, key))
-                .collect::<Vec<_>>(),
-            )
-            .or_else(self.key_reads(tx, key));
-        let resp = self.txn(txn).await?;
-        let mut snap = self.key_snapshot(tx, key, &ranges(&resp), revision(&resp))?;
-        if !resp.succeeded() {
-            if let Some(d) = snap.decided.take() {
-                return Ok(d);
-            }
-            if !snap.record_present {
-                return Err(Error::UnknownTx(tx.id.clone()));
-            }
+        if !resp.succeeded() && snap.aborted.is_none() && !snap.key.votes.contains_key(voter) {
             if !snap.alive {
-                return Err(Error::Abandoned(tx.id.clone()));
+                return Err(Error::Abandoned(tx.to_owned()));
             }
-            // Otherwise our vote was already stored (a retried request): go on.
+            if !snap.started.contains(voter) {
+                return Err(Error::NotStarted {
+                    tx: tx.to_owned(),
+                    voter: voter.to_owned(),
+                });
+            }
         }
+        let mut watch = match watch {
+            Ok((stream, from, early)) => {
+                if from > snap.revision {
+                    // Opened after the vote's reads: read again so nothing is missed.
+                    snap = self.read_key(tx, key).await?;
+                }
+                for ev in &early {
+                    snap.apply(keys, tx, key, ev)?;
+                }
+                Some(stream)
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "could not open the vote watch; will retry if needed");
+                None
+            }
+        };
         let me = voter.to_owned();
-        let mut watch: Option<etcd_client::WatchStream> = None;
         loop {
-            if let Some(d) = snap.decided.take() {
-                return Ok(d);
+            if let Some(d) = snap.aborted.clone() {
+                return Ok((d, record));
             }
-            if !snap.record_present {
-                return Err(Error::UnknownTx(tx.id.clone()));
+            if snap.record.is_none() {
+                return Err(Error::UnknownTx(tx.to_owned()));
             }
-            if let Some(d) = quorum::evaluate(
-                &tx.voters,
-                tx.threshold,
-                tx.assigned,
+            let finished = snap.finished();
+            match quorum::evaluate(
+                &record.voters,
+                record.threshold,
+                record.assigned,
                 &snap.key,
-                &snap.finished,
+                &finished,
                 &me,
             ) {
-                return self.decide(tx, key, d).await;
+                Some(d) if d.is_commit() => {
+                    tracing::debug!(
+                        key,
+                        total_us = t0.elapsed().as_micros() as u64,
+                        "majority seen"
+                    );
+                    return Ok((d, record));
+                }
+                Some(d) => {
+                    if let Some(d) = self.abort_key(&record, key, &snap.key, d, None).await? {
+                        return Ok((d, record));
+                    }
+                    // A vote arrived meanwhile: evaluate again with it.
+                    snap = self.read_key(tx, key).await?;
+                    continue;
+                }
+                None => {}
             }
-            // Wait for anything that can change the evaluation: a vote, a decision, a
+            // Wait for anything that can change the evaluation: a vote, an abort, a
             // voter finishing, a node losing its lease, the transaction ending.
-            if watch.is_none() {
-                let from = snap.revision + 1;
-                let (tx_prefix, nodes_prefix) = (keys.tx(&tx.id), keys.nodes());
-                let stream = self
-                    .request(|mut c| {
-                        let (tx_prefix, nodes_prefix) = (tx_prefix.clone(), nodes_prefix.clone());
-                        async move {
-                            let opts = WatchOptions::new().with_prefix().with_start_revision(from);
-                            let mut stream = c.watch(tx_prefix, Some(opts)).await?;
-                            let opts = WatchOptions::new().with_prefix().with_start_revision(from);
-                            stream.watch(nodes_prefix, Some(opts)).await?;
-                            Ok(stream)
-                        }
-                    })
-                    .await?;
+            let Some(stream) = watch.as_mut() else {
+                let (stream, _, _) = self.vote_watch(tx).await?;
                 watch = Some(stream);
-            }
-            let stream = watch.as_mut().expect("watch was just created");
-            let relevant = |k: &str| {
-                k.starts_with(&keys.votes(&tx.id, key))
-                    || k == keys.decided(&tx.id, key)
-                    || k.starts_with(&keys.all_done(&tx.id))
-                    || k == keys.tx_record(&tx.id)
-                    || k == keys.tx_alive(&tx.id)
-                    || tx.voters.iter().any(|v| k == keys.node(v))
+                // Anything between the last read and the new watch: read again.
+                snap = self.read_key(tx, key).await?;
+                continue;
             };
             loop {
                 let msg = tokio::time::timeout_at(deadline, stream.message())
@@ -285,8 +422,7 @@ impl Store {
                     .map_err(|_| Error::NoDecision(wait))?;
                 let msg = match msg {
                     Ok(Some(msg)) if !msg.canceled() => msg,
-                    // The endpoint failed or cancelled the watch (compaction cannot
-                    // apply: we start right after our own read): re-read and re-watch.
+                    // The endpoint failed or cancelled the watch: re-watch, re-read.
                     other => {
                         tracing::debug!(?other, "vote watch ended; re-watching");
                         self.fail_over();
@@ -296,42 +432,56 @@ impl Store {
                 };
                 let mut changed = false;
                 for ev in msg.events() {
-                    let Some(kv) = ev.kv() else { continue };
-                    let k = String::from_utf8_lossy(kv.key());
-                    if ev.event_type() == EventType::Put && k == keys.decided(&tx.id, key) {
-                        return serde_json::from_slice(kv.value()).map_err(|source| {
-                            Error::Corrupt {
-                                key: k.into_owned(),
-                                source,
-                            }
-                        });
-                    }
-                    changed |= relevant(&k);
+                    changed |= snap.apply(keys, tx, key, ev)?;
                 }
                 if changed {
                     break;
                 }
             }
-            snap = self.read_key(tx, key).await?;
         }
     }
 
-    /// Writes `decision` for `key` unless one exists; returns the stored one.
-    async fn decide(&self, tx: &TxRecord, key: &str, decision: Decision) -> Result<Decision> {
-        let k = self.keys().decided(&tx.id, key);
+    /// Writes an abort decision for `key`, but only while every voter that had not
+    /// voted in `seen` still has not: a vote that lands first may complete a majority,
+    /// and then the key commits instead. Returns the stored abort, or `None` when a
+    /// vote arrived and the caller must evaluate again. `fence` adds a compare (the
+    /// reaper's role).
+    pub async fn abort_key(
+        &self,
+        record: &TxRecord,
+        key: &str,
+        seen: &KeyState,
+        decision: Decision,
+        fence: Option<Compare>,
+    ) -> Result<Option<Decision>> {
+        let keys = self.keys();
+        let k = keys.decided(&record.id, key);
+        let mut cmp = vec![Compare::create_revision(k.as_str(), CompareOp::Equal, 0)];
+        for v in record
+            .voters
+            .iter()
+            .filter(|v| !seen.votes.contains_key(*v))
+        {
+            cmp.push(Compare::create_revision(
+                keys.vote(&record.id, key, v),
+                CompareOp::Equal,
+                0,
+            ));
+        }
+        cmp.extend(fence);
         let txn = Txn::new()
-            .when([Compare::create_revision(k.as_str(), CompareOp::Equal, 0)])
+            .when(cmp)
             .and_then([TxnOp::put(k.as_str(), encode(&decision), None)])
             .or_else([get_op(&k)]);
         let resp = self.txn(txn).await?;
         if resp.succeeded() {
-            tracing::debug!(tx = %tx.id, key, commit = decision.is_commit(), by = %decision.by, "decided");
-            return Ok(decision);
+            tracing::debug!(tx = %record.id, key, by = %decision.by, reason = %decision.reason, "aborted");
+            return Ok(Some(decision));
         }
-        ranges(&resp)[0]
-            .first()
-            .ok_or_else(|| Error::Invalid(format!("decision {k} vanished")))?
-            .decode()
+        match ranges(&resp)[0].first() {
+            Some(e) => Ok(Some(e.decode()?)),
+            None => Ok(None),
+        }
     }
 
     /// Records that `voter`'s node began running the transaction's RPC. Refused once
@@ -341,18 +491,25 @@ impl Store {
         let keys = self.keys();
         let txn = Txn::new()
             .when([
-                Compare::create_revision(keys.tx_record(tx), CompareOp::Greater, 0),
+                Compare::create_revision(keys.voter(tx, voter), CompareOp::Greater, 0),
                 Compare::create_revision(keys.tx_alive(tx), CompareOp::Greater, 0),
             ])
             .and_then([TxnOp::put(keys.started(tx, voter), Vec::new(), None)])
-            .or_else([get_op(&keys.tx_record(tx))]);
+            .or_else([get_op(&keys.tx_record(tx)), get_op(&keys.tx_alive(tx))]);
         let resp = self.txn(txn).await?;
         if resp.succeeded() {
-            Ok(())
-        } else if ranges(&resp)[0].is_empty() {
+            return Ok(());
+        }
+        let r = ranges(&resp);
+        if r[0].is_empty() {
             Err(Error::UnknownTx(tx.to_owned()))
-        } else {
+        } else if r[1].is_empty() {
             Err(Error::Abandoned(tx.to_owned()))
+        } else {
+            Err(Error::NotAVoter {
+                tx: tx.to_owned(),
+                voter: voter.to_owned(),
+            })
         }
     }
 
@@ -479,23 +636,33 @@ impl Store {
                     waiting: format!("voters still running: {waiting:?}"),
                 });
             }
-            // Every voter finished or failed, so every key with votes can be decided.
-            let finished: BTreeSet<String> = record.voters.iter().cloned().collect();
-            let mut decided = data.decided.clone();
+            // Every voter finished or failed, so every key with votes can be decided:
+            // a key without a majority aborts.
+            let mut decided = data.decisions(&record);
+            let mut raced = false;
             for (key, state) in &data.votes {
                 if decided.contains_key(key) {
                     continue;
                 }
-                let d = quorum::evaluate(
-                    &record.voters,
-                    record.threshold,
-                    record.assigned,
-                    state,
-                    &finished,
-                    by,
-                )
-                .unwrap_or_else(|| quorum::abort(0, record.threshold, record.assigned, by));
-                decided.insert(key.clone(), self.decide(&record, key, d).await?);
+                let mut best =
+                    state
+                        .votes
+                        .values()
+                        .fold(BTreeMap::<&str, usize>::new(), |mut m, h| {
+                            *m.entry(h.as_str()).or_default() += 1;
+                            m
+                        });
+                let most = best.values_mut().map(|n| *n).max().unwrap_or(0);
+                let d = quorum::abort(most, record.threshold, record.assigned, by);
+                match self.abort_key(&record, key, state, d, None).await? {
+                    Some(d) => {
+                        decided.insert(key.clone(), d);
+                    }
+                    None => raced = true,
+                }
+            }
+            if raced {
+                continue; // a late vote landed: read everything again
             }
             let committed_keys: BTreeSet<String> = decided
                 .iter()
@@ -726,7 +893,7 @@ impl Store {
                 };
                 let record: TxRecord = rec_entry.decode()?;
                 let data = TxData::parse(self, &record, &r[2 * i + 1])?;
-                for (key, d) in &data.decided {
+                for (key, d) in &data.decisions(&record) {
                     let Some(hash) = &d.hash else { continue };
                     for voter in voters {
                         let voted_winner = data
@@ -790,7 +957,8 @@ fn node_holds(entries: &[Entry], tx: &TxRecord, voter: &str) -> bool {
 #[derive(Debug, Default)]
 struct TxData {
     votes: BTreeMap<String, KeyState>,
-    decided: BTreeMap<String, Decision>,
+    /// Stored abort decisions.
+    aborted: BTreeMap<String, Decision>,
     /// voter → keys it confirmed.
     confirmed: BTreeMap<String, BTreeSet<String>>,
     done: BTreeMap<String, DoneRecord>,
@@ -799,6 +967,31 @@ struct TxData {
 }
 
 impl TxData {
+    /// Every decided key: the stored aborts, and the keys where threshold voters voted
+    /// one hash (commits need no write of their own).
+    fn decisions(&self, record: &TxRecord) -> BTreeMap<String, Decision> {
+        let mut out = self.aborted.clone();
+        for (key, state) in &self.votes {
+            if out.contains_key(key) {
+                continue;
+            }
+            let none = BTreeSet::new();
+            if let Some(d) = quorum::evaluate(
+                &record.voters,
+                record.threshold,
+                record.assigned,
+                state,
+                &none,
+                "votes",
+            ) {
+                if d.is_commit() {
+                    out.insert(key.clone(), d);
+                }
+            }
+        }
+        out
+    }
+
     fn parse(store: &Store, record: &TxRecord, entries: &[Entry]) -> Result<TxData> {
         let keys = store.keys();
         let mut data = TxData::default();
@@ -813,7 +1006,7 @@ impl TxData {
             }
         }
         for (key, e) in by_tail(entries, &keys.all_decided(&record.id)) {
-            data.decided.insert(key, e.decode()?);
+            data.aborted.insert(key, e.decode()?);
         }
         for (tail, _) in by_tail(entries, &keys.all_confirmed(&record.id)) {
             if let Some((key, voter)) = tail.rsplit_once('/') {

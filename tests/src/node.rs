@@ -113,9 +113,11 @@ impl Node {
     /// (Re)starts the process with the same config and data.
     pub async fn launch(&mut self) -> anyhow::Result<()> {
         let mut cmd = Command::new(bin("votingd"));
-        cmd.arg("--config")
-            .arg(&self.config)
-            .env("RUST_LOG", "info,refvote_cluster=debug");
+        cmd.arg("--config").arg(&self.config).env(
+            "RUST_LOG",
+            std::env::var("REFVOTE_NODE_LOG")
+                .unwrap_or_else(|_| "info,refvote_cluster=debug".into()),
+        );
         self.proc = Some(Proc::spawn(&self.name, cmd, &self.dir)?);
         let socket = self.socket.clone();
         let result = wait_until(

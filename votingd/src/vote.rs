@@ -37,7 +37,8 @@ pub struct Counters {
 
 /// What this votingd remembers about a transaction between hook calls.
 struct TxLocal {
-    record: Arc<TxRecord>,
+    /// Learnt from the first vote's read.
+    record: Option<Arc<TxRecord>>,
     /// key base → votes cast with it so far (the occurrence counter of the vote key).
     occurrences: HashMap<String, u32>,
     /// Keys decided commit with our hash, waiting for `committed` or `aborted`.
@@ -153,34 +154,17 @@ impl VoteService {
         Ok(phase)
     }
 
-    async fn record(&self, tx: &str) -> Result<Arc<TxRecord>, Refusal> {
-        if let Some(t) = self.txs.lock().expect("poisoned").get_mut(tx) {
-            t.touched = Instant::now();
-            return Ok(t.record.clone());
-        }
-        let record = Arc::new(self.store.tx_record(tx).await.map_err(refusal)?);
-        let mut txs = self.txs.lock().expect("poisoned");
-        let entry = txs.entry(tx.to_owned()).or_insert_with(|| TxLocal {
-            record,
-            occurrences: HashMap::new(),
-            pending: Vec::new(),
-            voting: 0,
-            touched: Instant::now(),
-        });
-        Ok(entry.record.clone())
-    }
-
     async fn prepared(&self, v: &Vote) -> Result<Decision, Refusal> {
-        let record = self.record(&v.transaction).await?;
-        if !record.voters.contains(&self.node) {
-            return Err(refusal(ClusterError::NotAVoter {
-                tx: v.transaction.clone(),
-                voter: self.node.clone(),
-            }));
-        }
         let key = {
             let mut txs = self.txs.lock().expect("poisoned");
-            let t = txs.get_mut(&v.transaction).expect("inserted by record()");
+            let t = txs.entry(v.transaction.clone()).or_insert_with(|| TxLocal {
+                record: None,
+                occurrences: HashMap::new(),
+                pending: Vec::new(),
+                voting: 0,
+                touched: Instant::now(),
+            });
+            t.touched = Instant::now();
             t.voting += 1;
             let n = t.occurrences.entry(v.key_base.clone()).or_default();
             let key = format!("{}.{n}", v.key_base);
@@ -197,16 +181,19 @@ impl VoteService {
         let started = Instant::now();
         let result = self
             .store
-            .cast_vote(&record, &self.node, &key, &vote, self.vote_timeout)
+            .cast_vote(&v.transaction, &self.node, &key, &vote, self.vote_timeout)
             .await;
         self.counters.votes_waiting.fetch_sub(1, Ordering::Relaxed);
         if let Some(t) = self.txs.lock().expect("poisoned").get_mut(&v.transaction) {
             t.voting -= 1;
+            if let (None, Ok((_, record))) = (&t.record, &result) {
+                t.record = Some(Arc::new(record.clone()));
+            }
         }
-        let span = tracing::info_span!("vote", tx = %v.transaction, repo = %record.repo, key, first_ref = %v.first_ref);
+        let span = tracing::info_span!("vote", tx = %v.transaction, key, first_ref = %v.first_ref);
         let _enter = span.enter();
         match result {
-            Ok(d) if d.hash.as_deref() == Some(hash.as_str()) => {
+            Ok((d, _)) if d.hash.as_deref() == Some(hash.as_str()) => {
                 self.counters.commits.fetch_add(1, Ordering::Relaxed);
                 let mut txs = self.txs.lock().expect("poisoned");
                 if let Some(t) = txs.get_mut(&v.transaction) {
@@ -222,7 +209,7 @@ impl VoteService {
                     message: String::new(),
                 })
             }
-            Ok(d) if d.is_commit() => {
+            Ok((d, record)) if d.is_commit() => {
                 // The majority agreed on another value: this replica's refs differ.
                 // Mark it outdated before the hook exits, so no read goes to it.
                 self.counters.lost.fetch_add(1, Ordering::Relaxed);
@@ -237,7 +224,7 @@ impl VoteService {
                 {
                     tracing::warn!(error = %e, "could not mark the replica outdated; finalize will");
                 }
-                tracing::warn!("this replica disagreed with the majority; marked outdated");
+                tracing::warn!(repo = %record.repo, "this replica disagreed with the majority; marked outdated");
                 Ok(Decision {
                     commit: false,
                     message: format!(
@@ -247,7 +234,7 @@ impl VoteService {
                     ),
                 })
             }
-            Ok(d) => {
+            Ok((d, _)) => {
                 self.counters.aborts.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(reason = %d.reason, "abort");
                 Ok(Decision {
@@ -255,6 +242,11 @@ impl VoteService {
                     message: format!("refvote: update rejected: {}", d.reason),
                 })
             }
+            Err(
+                e @ (ClusterError::UnknownTx(_)
+                | ClusterError::NotAVoter { .. }
+                | ClusterError::NotStarted { .. }),
+            ) => Err(refusal(e)),
             Err(e) => {
                 match &e {
                     ClusterError::NoDecision(_) => {
@@ -280,7 +272,7 @@ impl VoteService {
             .pending
             .iter()
             .position(|p| p.key_base == v.key_base && p.hash == hash)?;
-        Some((t.record.clone(), t.pending.remove(i).key))
+        Some((t.record.clone()?, t.pending.remove(i).key))
     }
 
     async fn committed(&self, v: &Vote) -> Result<Decision, Refusal> {
@@ -337,7 +329,9 @@ fn error(code: Code, message: String) -> Response {
 fn refusal(e: ClusterError) -> Refusal {
     let code = match &e {
         ClusterError::UnknownTx(_) => Code::NotFound,
-        ClusterError::NotAVoter { .. } | ClusterError::Abandoned(_) => Code::FailedPrecondition,
+        ClusterError::NotAVoter { .. }
+        | ClusterError::NotStarted { .. }
+        | ClusterError::Abandoned(_) => Code::FailedPrecondition,
         ClusterError::Etcd(_) | ClusterError::Timeout(_) => Code::Unavailable,
         _ => Code::Internal,
     };

@@ -16,35 +16,82 @@ fn step(n: u32, text: &str) {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let t0 = Instant::now();
-    step(1, "starting a 3-member etcd and three storage nodes (votingd) on loopback");
+    step(
+        1,
+        "starting a 3-member etcd and three storage nodes (votingd) on loopback",
+    );
     let mut c = VoteCluster::start(3, 3).await?;
     println!("    etcd: {}", c.etcd.endpoints().join(" "));
     for n in &c.nodes {
-        println!("    {}: pid {}, storage {}", n.name, n.pid().unwrap_or(0), n.storage.display());
+        println!(
+            "    {}: pid {}, storage {}",
+            n.name,
+            n.pid().unwrap_or(0),
+            n.storage.display()
+        );
     }
 
-    step(2, "creating demo/project.git on all three nodes (core.hooksPath -> votingd's hook)");
+    step(
+        2,
+        "creating demo/project.git on all three nodes (core.hooksPath -> votingd's hook)",
+    );
     let repo = c.create_repo("demo/project.git").await?;
     let work = c.work("alice")?;
     let first = work.commit("main", "first commit")?;
 
-    step(3, "pushing main to the three replicas inside one refvote transaction");
+    step(
+        3,
+        "pushing main to the three replicas inside one refvote transaction",
+    );
     let tx = c.begin(&repo).await?;
-    println!("    transaction {} voters {:?} threshold {}", tx.id, tx.voters, tx.threshold);
+    println!(
+        "    transaction {} voters {:?} threshold {}",
+        tx.id, tx.voters, tx.threshold
+    );
     for (node, out) in c.push_all(&tx, &work, &["main"]).await? {
-        ensure!(out.status.success(), "push to {node} failed: {}", String::from_utf8_lossy(&out.stderr));
+        ensure!(
+            out.status.success(),
+            "push to {node} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         println!("    {node}: committed main = {}", &first[..12]);
     }
     let outcome = c.finalize(&tx).await?;
-    ensure!(outcome.acknowledged && outcome.promoted.len() == 3, "unexpected outcome {outcome:?}");
-    println!("    finalized: generation {}, promoted {:?}, acknowledged", outcome.generation, outcome.promoted);
+    ensure!(
+        outcome.acknowledged && outcome.promoted.len() == 3,
+        "unexpected outcome {outcome:?}"
+    );
+    println!(
+        "    finalized: generation {}, promoted {:?}, acknowledged",
+        outcome.generation, outcome.promoted
+    );
 
-    step(4, "node3's main drifts behind refvote's back; the next push is voted again");
+    step(
+        4,
+        "node3's main drifts behind refvote's back; the next push is voted again",
+    );
     let mallory = c.work("mallory")?;
-    git::git(&mallory.path, &["fetch", "--quiet", c.node("node1").repo("demo/project.git").to_str().context("path")?, "main"])?;
+    git::git(
+        &mallory.path,
+        &[
+            "fetch",
+            "--quiet",
+            c.node("node1")
+                .repo("demo/project.git")
+                .to_str()
+                .context("path")?,
+            "main",
+        ],
+    )?;
     git::git(&mallory.path, &["reset", "--quiet", "--hard", "FETCH_HEAD"])?;
     mallory.commit("main", "an update only node3 has")?;
-    let out = git::push(&mallory.path, &c.node("node3").repo("demo/project.git"), &["main"], &[]).await?;
+    let out = git::push(
+        &mallory.path,
+        &c.node("node3").repo("demo/project.git"),
+        &["main"],
+        &[],
+    )
+    .await?;
     ensure!(out.status.success(), "drift push failed");
     let second = work.commit("main", "second commit")?;
     let tx = c.begin(&repo).await?;
@@ -53,20 +100,40 @@ async fn main() -> anyhow::Result<()> {
         if out.status.success() {
             println!("    {node}: committed main = {}", &second[..12]);
         } else {
-            let line = said.lines().find(|l| l.starts_with("refvote:")).unwrap_or("(no reason)");
+            let line = said
+                .lines()
+                .find(|l| l.starts_with("refvote:"))
+                .unwrap_or("(no reason)");
             println!("    {node}: aborted; the pusher sees: {line}");
             ensure!(node == "node3", "{node} should have committed: {said}");
         }
     }
     let outcome = c.finalize(&tx).await?;
-    ensure!(outcome.acknowledged && outcome.outdated == ["node3"], "unexpected outcome {outcome:?}");
+    ensure!(
+        outcome.acknowledged && outcome.outdated == ["node3"],
+        "unexpected outcome {outcome:?}"
+    );
     for n in &c.nodes {
-        let r: ReplicaRecord = c.store.get(&c.store.keys().replica(&repo, &n.name)).await?.context("replica")?.decode()?;
+        let r: ReplicaRecord = c
+            .store
+            .get(&c.store.keys().replica(&repo, &n.name))
+            .await?
+            .context("replica")?
+            .decode()?;
         let main = rev(&n.repo("demo/project.git"), "main").unwrap_or_default();
-        println!("    {}: main = {}  state {:?} at generation {}", n.name, &main[..12], r.state, r.generation);
+        println!(
+            "    {}: main = {}  state {:?} at generation {}",
+            n.name,
+            &main[..12],
+            r.state,
+            r.generation
+        );
     }
 
-    step(5, "node2 goes down: one up-to-date replica is left, so writes fail fast");
+    step(
+        5,
+        "node2 goes down: one up-to-date replica is left, so writes fail fast",
+    );
     c.nodes[1].kill()?;
     let store = c.store.clone();
     let started = Instant::now();
@@ -79,13 +146,19 @@ async fn main() -> anyhow::Result<()> {
                     store.done(&tx.id, v, false, "demo: not run").await?;
                 }
                 c.finalize(&tx).await?;
-                ensure!(started.elapsed().as_secs() < 15, "node2's lease never lapsed");
+                ensure!(
+                    started.elapsed().as_secs() < 15,
+                    "node2's lease never lapsed"
+                );
                 tokio::time::sleep(std::time::Duration::from_millis(200)).await;
             }
         }
     };
     println!("    refused: {err:#}");
-    ensure!(err.to_string().contains("1 of 3 up, 2 needed"), "unexpected error {err:#}");
+    ensure!(
+        err.to_string().contains("1 of 3 up, 2 needed"),
+        "unexpected error {err:#}"
+    );
 
     step(6, "votingctl status on node1");
     let out = std::process::Command::new(refvote_tests::node::bin("votingctl"))
@@ -93,8 +166,15 @@ async fn main() -> anyhow::Result<()> {
         .arg(&c.node("node1").socket)
         .output()?;
     print!("{}", String::from_utf8_lossy(&out.stdout));
-    ensure!(out.status.success(), "votingctl status failed: {}", String::from_utf8_lossy(&out.stderr));
+    ensure!(
+        out.status.success(),
+        "votingctl status failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
-    println!("\ndemo complete in {:.1}s: every step behaved as expected", t0.elapsed().as_secs_f64());
+    println!(
+        "\ndemo complete in {:.1}s: every step behaved as expected",
+        t0.elapsed().as_secs_f64()
+    );
     Ok(())
 }
