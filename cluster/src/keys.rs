@@ -162,11 +162,6 @@ impl Keys {
     pub fn reaper(&self) -> String {
         format!("{}reaper", self.prefix)
     }
-
-    /// The last segment of `key` after `parent` (e.g. the voter of a vote key).
-    pub fn tail<'a>(&self, key: &'a str, parent: &str) -> Option<&'a str> {
-        key.strip_prefix(parent)
-    }
 }
 
 #[cfg(test)]

@@ -34,17 +34,17 @@ pub fn evaluate(
             *counts.entry(hash.as_str()).or_default() += 1;
         }
     }
-    if let Some((hash, &n)) = counts.iter().max_by_key(|(_, n)| **n) {
-        if n >= threshold {
-            return Some(Decision {
-                hash: Some((*hash).to_owned()),
-                agreed: n,
-                threshold,
-                assigned,
-                by: by.to_owned(),
-                reason: format!("{n} of {assigned} replicas agreed, {threshold} needed"),
-            });
-        }
+    if let Some((hash, &n)) = counts.iter().max_by_key(|(_, n)| **n)
+        && n >= threshold
+    {
+        return Some(Decision {
+            hash: Some((*hash).to_owned()),
+            agreed: n,
+            threshold,
+            assigned,
+            by: by.to_owned(),
+            reason: format!("{n} of {assigned} replicas agreed, {threshold} needed"),
+        });
     }
     let best = counts.values().copied().max().unwrap_or(0);
     let pending = voters
@@ -55,6 +55,15 @@ pub fn evaluate(
         return Some(abort(best, threshold, assigned, by));
     }
     None
+}
+
+/// How many votes the most popular hash of a key has.
+pub fn most_votes(key: &KeyState) -> usize {
+    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+    for h in key.votes.values() {
+        *counts.entry(h.as_str()).or_default() += 1;
+    }
+    counts.values().copied().max().unwrap_or(0)
 }
 
 /// An abort decision with `best` votes for the most popular hash.

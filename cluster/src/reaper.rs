@@ -122,11 +122,7 @@ async fn reap(store: &Store, record: &TxRecord, lease: i64, by: &str) -> Result<
         if committed || aborted.contains(key) {
             continue;
         }
-        let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
-        for h in state.votes.values() {
-            *counts.entry(h.as_str()).or_default() += 1;
-        }
-        let most = counts.values().copied().max().unwrap_or(0);
+        let most = quorum::most_votes(state);
         let mut decision = quorum::abort(most, record.threshold, record.assigned, by);
         decision.reason = format!("{}; transaction abandoned by its router", decision.reason);
         // Fenced by the reaper role; a vote that lands first wins (the next scan sees it).

@@ -1,4 +1,5 @@
-//! A thin layer over the etcd client: every request bounded by a timeout, and helpers
+//! A thin layer over the etcd client: every request bounded by a timeout and moved to
+//! another endpoint when one cannot serve, and helpers
 //! to read records out of range and transaction responses.
 
 use std::collections::BTreeMap;
@@ -194,17 +195,6 @@ impl Store {
         Err(last
             .map(Error::from)
             .unwrap_or(Error::Timeout(self.inner.timeout)))
-    }
-
-    /// Runs `fut` under the request timeout (for calls that manage their own client).
-    pub async fn bounded<T, F>(&self, fut: F) -> Result<T>
-    where
-        F: std::future::Future<Output = Result<T, etcd_client::Error>>,
-    {
-        match tokio::time::timeout(self.inner.timeout, fut).await {
-            Ok(r) => Ok(r?),
-            Err(_) => Err(Error::Timeout(self.inner.timeout)),
-        }
     }
 
     pub async fn txn(&self, txn: Txn) -> Result<TxnResponse> {

@@ -27,6 +27,15 @@ pub struct Begin {
     pub lease: i64,
 }
 
+/// Aborts a spawned task when dropped (a vote that needs no watch cancels its opening).
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Everything one vote key needs to be evaluated. Built from one read, then kept
 /// current from the watch's events, so a waiting vote never re-reads.
 #[derive(Debug)]
@@ -327,8 +336,11 @@ impl Store {
             .or_else(self.key_reads(tx, key));
         // The watch opens alongside the vote, so a vote that has to wait starts waiting
         // at once; whatever happened before it opened is in the vote's reads.
-        let (resp, watch) = tokio::join!(self.txn(txn), self.vote_watch(tx));
-        let resp = resp?;
+        let mut watcher = {
+            let (store, tx) = (self.clone(), tx.to_owned());
+            AbortOnDrop(tokio::spawn(async move { store.vote_watch(&tx).await }))
+        };
+        let resp = self.txn(txn).await?;
         let mut snap = self.key_snapshot(tx, key, &ranges(&resp), revision(&resp))?;
         tracing::debug!(
             key,
@@ -356,6 +368,31 @@ impl Store {
                 });
             }
         }
+        if let Some(d) = snap.aborted.clone() {
+            return Ok((d, record));
+        }
+        let finished = snap.finished();
+        if let Some(d) = quorum::evaluate(
+            &record.voters,
+            record.threshold,
+            record.assigned,
+            &snap.key,
+            &finished,
+            voter,
+        ) && d.is_commit()
+        {
+            // The common case for all but the first voters: no need to wait.
+            tracing::debug!(
+                key,
+                total_us = t0.elapsed().as_micros() as u64,
+                "majority seen"
+            );
+            return Ok((d, record));
+        }
+        let watch = match (&mut watcher.0).await {
+            Ok(r) => r,
+            Err(e) => Err(Error::Invalid(format!("vote watch task failed: {e}"))),
+        };
         let mut watch = match watch {
             Ok((stream, from, early)) => {
                 if from > snap.revision {
@@ -644,15 +681,7 @@ impl Store {
                 if decided.contains_key(key) {
                     continue;
                 }
-                let mut best =
-                    state
-                        .votes
-                        .values()
-                        .fold(BTreeMap::<&str, usize>::new(), |mut m, h| {
-                            *m.entry(h.as_str()).or_default() += 1;
-                            m
-                        });
-                let most = best.values_mut().map(|n| *n).max().unwrap_or(0);
+                let most = quorum::most_votes(state);
                 let d = quorum::abort(most, record.threshold, record.assigned, by);
                 match self.abort_key(&record, key, state, d, None).await? {
                     Some(d) => {
@@ -710,13 +739,14 @@ impl Store {
                 .into_keys()
                 .filter(|id| id != tx)
                 .collect();
-            if !promoted.is_empty() && !others.is_empty() {
-                if let Some(w) = self.pending_elsewhere(&others, &promoted).await? {
-                    return Err(Error::NotFinished {
-                        tx: tx.to_owned(),
-                        waiting: w,
-                    });
-                }
+            if !promoted.is_empty()
+                && !others.is_empty()
+                && let Some(w) = self.pending_elsewhere(&others, &promoted).await?
+            {
+                return Err(Error::NotFinished {
+                    tx: tx.to_owned(),
+                    waiting: w,
+                });
             }
 
             let committed = !committed_keys.is_empty();
@@ -983,10 +1013,9 @@ impl TxData {
                 state,
                 &none,
                 "votes",
-            ) {
-                if d.is_commit() {
-                    out.insert(key.clone(), d);
-                }
+            ) && d.is_commit()
+            {
+                out.insert(key.clone(), d);
             }
         }
         out

@@ -92,16 +92,16 @@ impl Update {
 pub fn conf_flag(text: &str, name: &str) -> Result<bool, String> {
     for line in text.lines() {
         let line = line.split('#').next().unwrap_or("").trim();
-        if let Some((k, v)) = line.split_once('=') {
-            if k.trim() == name {
-                return match v.trim() {
-                    "true" => Ok(true),
-                    "false" => Ok(false),
-                    other => Err(format!(
-                        "hook config: {name} must be true or false, not {other}"
-                    )),
-                };
-            }
+        if let Some((k, v)) = line.split_once('=')
+            && k.trim() == name
+        {
+            return match v.trim() {
+                "true" => Ok(true),
+                "false" => Ok(false),
+                other => Err(format!(
+                    "hook config: {name} must be true or false, not {other}"
+                )),
+            };
         }
     }
     Ok(false)

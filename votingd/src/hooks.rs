@@ -95,12 +95,11 @@ fn repo_hooks_path(repo: &Path) -> Option<PathBuf> {
             in_core = line.eq_ignore_ascii_case("[core]");
             continue;
         }
-        if in_core {
-            if let Some((k, v)) = line.split_once('=') {
-                if k.trim().eq_ignore_ascii_case("hookspath") {
-                    return Some(PathBuf::from(v.trim().trim_matches('"')));
-                }
-            }
+        if in_core
+            && let Some((k, v)) = line.split_once('=')
+            && k.trim().eq_ignore_ascii_case("hookspath")
+        {
+            return Some(PathBuf::from(v.trim().trim_matches('"')));
         }
     }
     None
