@@ -150,7 +150,7 @@ impl Status {
             if !s.hooks.missing.is_empty() {
                 let _ = writeln!(
                     out,
-                    "  {:<22}      without the hook: {} (run install/refvote-hooks.sh)",
+                    "  {:<22}      without the hook: {} (run install/refvote-hooks.sh on the storage)",
                     "",
                     s.hooks.missing.join(", ")
                 );
