@@ -12,7 +12,9 @@ fn script(args: &[&str]) -> std::process::Output {
 }
 
 fn hooks_path(repo: &Path) -> Option<String> {
-    git(repo, &["config", "--get", "core.hooksPath"]).ok().filter(|s| !s.is_empty())
+    git(repo, &["config", "--get", "core.hooksPath"])
+        .ok()
+        .filter(|s| !s.is_empty())
 }
 
 #[test]
@@ -23,14 +25,21 @@ fn sets_and_undoes_hooks_path_idempotently() -> anyhow::Result<()> {
         std::fs::create_dir_all(storage.join(repo))?;
         git(&storage.join(repo), &["init", "--bare", "--quiet"])?;
     }
-    git(&storage.join("a.git"), &["config", "core.logAllRefUpdates", "true"])?;
+    git(
+        &storage.join("a.git"),
+        &["config", "core.logAllRefUpdates", "true"],
+    )?;
     let hooks = dir.path().join("hooks");
     let hooks_arg = hooks.to_str().unwrap();
     let storage_arg = storage.to_str().unwrap();
 
     let out = script(&["--hooks-dir", hooks_arg, storage_arg]);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text} {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(text.contains("3 repositories: 3 set, 0 already"), "{text}");
     for repo in ["a.git", "group/b.git", "@hashed/12/34/c.git"] {
         assert_eq!(hooks_path(&storage.join(repo)).as_deref(), Some(hooks_arg));
@@ -39,12 +48,18 @@ fn sets_and_undoes_hooks_path_idempotently() -> anyhow::Result<()> {
     assert!(String::from_utf8_lossy(&out.stdout).contains("3 repositories: 0 set, 3 already"));
 
     // A repository pointing elsewhere is not touched by undo.
-    git(&storage.join("group/b.git"), &["config", "core.hooksPath", "/elsewhere"])?;
+    git(
+        &storage.join("group/b.git"),
+        &["config", "core.hooksPath", "/elsewhere"],
+    )?;
     let out = script(&["--undo", "--hooks-dir", hooks_arg, storage_arg]);
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("3 repositories: 2 unset, 1 already"));
     assert_eq!(hooks_path(&storage.join("a.git")), None);
-    assert_eq!(hooks_path(&storage.join("group/b.git")).as_deref(), Some("/elsewhere"));
+    assert_eq!(
+        hooks_path(&storage.join("group/b.git")).as_deref(),
+        Some("/elsewhere")
+    );
 
     // Bad usage says what to do.
     let out = script(&[]);
