@@ -69,3 +69,31 @@ fn sets_and_undoes_hooks_path_idempotently() -> anyhow::Result<()> {
     assert_eq!(out.status.code(), Some(64));
     Ok(())
 }
+
+#[test]
+fn the_example_config_is_valid_and_a_bad_one_names_the_key() {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../install/votingd.toml");
+    let votingd = refvote_tests::node::bin("votingd");
+    let out = Command::new(&votingd)
+        .arg("--check-config")
+        .arg("--config")
+        .arg(&example)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "node_name = \"n1\"\n[etcd]\nrequest_timeout_ms = 5\n").unwrap();
+    let out = Command::new(&votingd)
+        .arg("--check-config")
+        .arg("--config")
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("etcd.request_timeout_ms"));
+}
