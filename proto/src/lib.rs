@@ -1,9 +1,25 @@
 //! refvote's wire definitions, generated from the `.proto` files in this folder.
 //!
-//! Today this holds the message between the `reference-transaction` hook and votingd
-//! ([`hook`]) and its framing. It does not hold any service code: the hook must stay free
-//! of an async runtime and a gRPC stack, so nothing here pulls either in.
+//! Always: the message between the `reference-transaction` hook and votingd ([`hook`])
+//! and its framing. With the `grpc` feature: the Gitaly subset the storage node serves
+//! and the router forwards ([`gitaly`], package `gitaly`, tonic servers and clients), and
+//! its descriptor set. The hook builds without that feature, so it stays free of an
+//! async runtime and a gRPC stack.
 #![forbid(unsafe_code)]
+
+/// Gitaly's protocol as we serve it (`gitaly/*.proto`, `refvote/annotations.proto`):
+/// messages, `*_server` and `*_client` modules for every service.
+#[cfg(feature = "grpc")]
+pub mod gitaly {
+    // Generated code: clippy's style lints do not apply to it.
+    #![allow(clippy::all, clippy::pedantic)]
+    include!(concat!(env!("OUT_DIR"), "/gitaly.rs"));
+
+    /// The encoded `FileDescriptorSet` of every gitaly file, method options (`op_type`)
+    /// included: what the router builds its registry from.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/gitaly_descriptor.bin"));
+}
 
 /// The hook <-> votingd message (`refvote/hook.proto`).
 pub mod hook {
