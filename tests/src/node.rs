@@ -1,12 +1,13 @@
 //! A real votingd process with its own directory: config, storage, hooks, socket, log.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 use anyhow::Context;
 
-use crate::proc::{Proc, wait_until};
+use crate::proc::{Proc, free_port, loopback_ip, wait_until};
 
 /// Where the workspace's binaries are: next to the test binary's `deps/` folder.
 pub fn bin(name: &str) -> PathBuf {
@@ -55,6 +56,8 @@ pub struct Node {
     pub hooks: PathBuf,
     pub socket: PathBuf,
     pub config: PathBuf,
+    /// The node's gRPC service (a free port on a random loopback address).
+    grpc: SocketAddr,
     proc: Option<Proc>,
 }
 
@@ -73,6 +76,8 @@ impl Node {
         std::fs::create_dir_all(&storage)?;
         let socket = dir.join("vote.sock");
         let config = dir.join("votingd.toml");
+        let ip = loopback_ip();
+        let grpc = SocketAddr::from((ip, free_port(ip)?));
         let endpoints = endpoints
             .iter()
             .map(|e| format!("{e:?}"))
@@ -81,7 +86,7 @@ impl Node {
         std::fs::write(
             &config,
             format!(
-                "node_name = {name:?}\n\
+                "node_name = {name:?}\nlisten_addr = \"{grpc}\"\n\
                  [etcd]\nendpoints = [{endpoints}]\nprefix = \"/refvote/\"\nlease_ttl_secs = {}\nrequest_timeout_ms = {}\n\
                  [vote]\nsocket_path = {:?}\nhooks_dir = {:?}\nvote_timeout_ms = {}\nrequire_transaction = {}\n\
                  reaper_interval_ms = {}\nhook_binary = {:?}\n\
@@ -104,6 +109,7 @@ impl Node {
             hooks,
             socket,
             config,
+            grpc,
             proc: None,
         };
         node.launch().await?;
@@ -134,6 +140,16 @@ impl Node {
         )
         .await;
         result.with_context(|| format!("votingd {} log:\n{}", self.name, self.log_tail(30)))
+    }
+
+    /// Where the node's Gitaly-compatible gRPC service listens.
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc
+    }
+
+    /// `http://<grpc_addr>`, for tonic clients.
+    pub fn grpc_url(&self) -> String {
+        format!("http://{}", self.grpc)
     }
 
     pub fn pid(&self) -> Option<u32> {

@@ -11,6 +11,17 @@ use serde::Deserialize;
 pub struct Config {
     /// This node's name: its voter name and the key of its etcd registration.
     pub node_name: String,
+    /// TCP `ip:port` of the node's Gitaly-compatible gRPC service (Gitaly's key name).
+    /// Empty disables the service (a vote-only node).
+    #[serde(default = "defaults::listen_addr")]
+    pub listen_addr: String,
+    /// `host:port` routers dial to reach `listen_addr`; registered in etcd as
+    /// `tcp://<advertise_addr>`. Empty: `listen_addr` itself, which then must not be
+    /// a wildcard address such as 0.0.0.0.
+    #[serde(default)]
+    pub advertise_addr: String,
+    #[serde(default)]
+    pub git: GitConfig,
     #[serde(default)]
     pub etcd: EtcdConfig,
     #[serde(default)]
@@ -68,6 +79,19 @@ pub struct VoteConfig {
     pub reaper_interval_ms: u64,
 }
 
+/// How the node service runs git.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GitConfig {
+    /// The git executable (Gitaly's `[git] bin_path`); a bare name is looked up in PATH.
+    #[serde(default = "defaults::git_bin")]
+    pub bin_path: PathBuf,
+    /// Longest one git process may run before it is stopped (a 1 GiB clone over a slow
+    /// link must fit). A stopped mutator gets SIGTERM, never SIGKILL.
+    #[serde(default = "defaults::git_timeout_secs")]
+    pub timeout_secs: u64,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Storage {
@@ -78,6 +102,15 @@ pub struct Storage {
 mod defaults {
     use std::path::PathBuf;
 
+    pub fn listen_addr() -> String {
+        "127.0.0.1:8075".into()
+    }
+    pub fn git_bin() -> PathBuf {
+        "git".into()
+    }
+    pub fn git_timeout_secs() -> u64 {
+        3600
+    }
     pub fn endpoints() -> Vec<String> {
         vec!["http://127.0.0.1:2379".into()]
     }
@@ -117,6 +150,15 @@ impl Default for EtcdConfig {
             prefix: defaults::prefix(),
             lease_ttl_secs: defaults::lease_ttl_secs(),
             request_timeout_ms: defaults::request_timeout_ms(),
+        }
+    }
+}
+
+impl Default for GitConfig {
+    fn default() -> Self {
+        GitConfig {
+            bin_path: defaults::git_bin(),
+            timeout_secs: defaults::git_timeout_secs(),
         }
     }
 }
@@ -190,6 +232,42 @@ impl Config {
                 "node_name",
                 "must be non-empty and use only letters, digits, '-', '_' and '.'".into(),
             ));
+        }
+        if !self.listen_addr.is_empty() {
+            let addr = self.listen_addr.parse::<std::net::SocketAddr>().map_err(|_| {
+                invalid(
+                    "listen_addr",
+                    format!(
+                        "{:?} is not an ip:port address like \"127.0.0.1:8075\" (empty disables the service)",
+                        self.listen_addr
+                    ),
+                )
+            })?;
+            if self.advertise_addr.is_empty() && addr.ip().is_unspecified() {
+                return Err(invalid(
+                    "advertise_addr",
+                    format!(
+                        "must be set when listen_addr is the wildcard {addr}: routers need an address they can dial"
+                    ),
+                ));
+            }
+        }
+        if !self.advertise_addr.is_empty()
+            && (self.advertise_addr.contains("://") || !self.advertise_addr.contains(':'))
+        {
+            return Err(invalid(
+                "advertise_addr",
+                format!(
+                    "{:?} must be host:port, without a scheme",
+                    self.advertise_addr
+                ),
+            ));
+        }
+        if self.git.bin_path.as_os_str().is_empty() {
+            return Err(invalid("git.bin_path", "must not be empty".into()));
+        }
+        if self.git.timeout_secs == 0 {
+            return Err(invalid("git.timeout_secs", "must be at least 1".into()));
         }
         if self.etcd.endpoints.is_empty() {
             return Err(invalid(
@@ -275,6 +353,20 @@ impl Config {
         Duration::from_millis(self.vote.vote_timeout_ms)
     }
 
+    pub fn git_timeout(&self) -> Duration {
+        Duration::from_secs(self.git.timeout_secs)
+    }
+
+    /// The node service's address as registered in etcd (`tcp://host:port`), or empty
+    /// when the service is disabled.
+    pub fn registered_address(&self) -> String {
+        match (self.listen_addr.as_str(), self.advertise_addr.as_str()) {
+            ("", _) => String::new(),
+            (listen, "") => format!("tcp://{listen}"),
+            (_, advertised) => format!("tcp://{advertised}"),
+        }
+    }
+
     pub fn lease_ttl(&self) -> Duration {
         Duration::from_secs(self.etcd.lease_ttl_secs)
     }
@@ -305,6 +397,25 @@ mod tests {
         assert_eq!(c.etcd.prefix, "/refvote/");
         assert_eq!(c.socket_mode(), Some(0o660));
         assert!(!c.vote.require_transaction);
+        assert_eq!(c.listen_addr, "127.0.0.1:8075");
+        assert_eq!(c.registered_address(), "tcp://127.0.0.1:8075");
+    }
+
+    #[test]
+    fn listen_addr_is_validated() {
+        let e = parse("node_name = \"n1\"\nlisten_addr = \"localhost\"\n").unwrap_err();
+        assert!(e.contains("listen_addr"), "{e}");
+        let e = parse("node_name = \"n1\"\nlisten_addr = \"0.0.0.0:8075\"\n").unwrap_err();
+        assert!(e.contains("advertise_addr"), "{e}");
+        let c = parse(
+            "node_name = \"n1\"\nlisten_addr = \"0.0.0.0:8075\"\nadvertise_addr = \"node1.example:8075\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.registered_address(), "tcp://node1.example:8075");
+        let c = parse("node_name = \"n1\"\nlisten_addr = \"\"\n").unwrap();
+        assert_eq!(c.registered_address(), "");
+        let e = parse("node_name = \"n1\"\n[git]\ntimeout_secs = 0\n").unwrap_err();
+        assert!(e.contains("git.timeout_secs"), "{e}");
     }
 
     #[test]

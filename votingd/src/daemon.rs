@@ -16,6 +16,10 @@ use tokio::task::JoinHandle;
 
 use crate::config::Config;
 use crate::hooks;
+use crate::node::git::Git;
+use crate::node::storage::Storages;
+use crate::node::tx::TxSettings;
+use crate::node::{self, NodeServer, NodeState};
 use crate::status::{self, Status};
 use crate::vote::{self, VoteService};
 
@@ -39,6 +43,14 @@ pub enum StartError {
     UnknownGroup(String),
     #[error("cannot set up the etcd client")]
     Etcd(#[source] refvote_cluster::Error),
+    #[error("cannot listen on listen_addr {addr}")]
+    Listen {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot prepare the storages")]
+    Storages(#[source] std::io::Error),
 }
 
 /// A running votingd.
@@ -46,6 +58,7 @@ pub struct Daemon {
     config: Arc<Config>,
     session: Session,
     service: Arc<VoteService>,
+    node_server: Option<NodeServer>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -63,11 +76,55 @@ impl Daemon {
             source,
         })?;
         let listener = bind_socket(&config)?;
+        let incoming = if config.listen_addr.is_empty() {
+            None
+        } else {
+            let listen = |source| StartError::Listen {
+                addr: config.listen_addr.clone(),
+                source,
+            };
+            let addr = config.listen_addr.parse().expect("validated");
+            Some(node::bind(addr).map_err(listen)?)
+        };
+        let storages = Storages::open(&config.storages).map_err(StartError::Storages)?;
 
         let store = connect(&config).await?;
+        let address = match (&incoming, config.advertise_addr.is_empty()) {
+            // The bound address, so `listen_addr = "127.0.0.1:0"` registers its real port.
+            (Some(i), true) => i
+                .local_addr()
+                .map(|a| format!("tcp://{a}"))
+                .unwrap_or_else(|_| config.registered_address()),
+            _ => config.registered_address(),
+        };
+        let node_server = match incoming {
+            Some(incoming) => {
+                let state = Arc::new(NodeState {
+                    name: config.node_name.clone(),
+                    storages,
+                    git: Git::new(
+                        config.git.bin_path.clone(),
+                        config.git_timeout(),
+                        config.vote.hooks_dir.clone(),
+                    ),
+                    tx: TxSettings {
+                        store: store.clone(),
+                        node: config.node_name.clone(),
+                        vote_socket: config.vote.socket_path.clone(),
+                        require_transaction: config.vote.require_transaction,
+                    },
+                });
+                let listen = |source| StartError::Listen {
+                    addr: config.listen_addr.clone(),
+                    source,
+                };
+                Some(node::serve(incoming, state).map_err(listen)?)
+            }
+            None => None,
+        };
         let node = NodeRecord {
             name: config.node_name.clone(),
-            address: String::new(),
+            address,
             storages: config.storages.iter().map(|s| s.name.clone()).collect(),
             version: env!("CARGO_PKG_VERSION").to_string(),
         };
@@ -128,8 +185,14 @@ impl Daemon {
             config,
             session,
             service,
+            node_server,
             tasks,
         })
+    }
+
+    /// Where the node's gRPC service listens, if it runs.
+    pub fn grpc_addr(&self) -> Option<std::net::SocketAddr> {
+        self.node_server.as_ref().map(NodeServer::local_addr)
     }
 
     pub fn service(&self) -> &Arc<VoteService> {
@@ -141,16 +204,23 @@ impl Daemon {
         self.session.wait_for_lease(wait).await.is_some()
     }
 
-    /// Stops serving: new hook calls are refused at once; votes already waiting get up
-    /// to `drain` to be decided, then the lease is revoked so the cluster sees this node
-    /// gone without waiting for its TTL.
+    /// Stops serving: the gRPC service stops accepting calls and gives running ones up
+    /// to `drain` (their git runs still need the vote socket); then new hook calls are
+    /// refused; votes already waiting get what is left of `drain` to be decided; then the
+    /// lease is revoked so the cluster sees this node gone without waiting for its TTL.
     pub async fn shutdown(self, drain: Duration) {
         let Daemon {
             config,
             session,
             service,
+            node_server,
             mut tasks,
         } = self;
+        let started = Instant::now();
+        if let Some(server) = node_server {
+            server.shutdown(drain).await;
+        }
+        let drain = drain.saturating_sub(started.elapsed());
         tasks.remove(0).abort();
         let _ = std::fs::remove_file(&config.vote.socket_path);
         let deadline = Instant::now() + drain;

@@ -1,11 +1,12 @@
-//! votingd: the daemon on every storage host. It serves the `reference-transaction`
-//! hook over a Unix socket ([`vote`]), records and decides votes in etcd through the
-//! shared model crate, holds the node's etcd lease, reaps abandoned transactions, and
-//! reports its health ([`status`]). `votingctl` ships from this crate too.
+//! votingd: the daemon on every storage host. It serves Gitaly's gRPC protocol and runs
+//! real git on the node's storages ([`node`]), serves the `reference-transaction` hook
+//! over a Unix socket ([`vote`]), records and decides votes in etcd through the shared
+//! model crate, holds the node's etcd lease, reaps abandoned transactions, and reports
+//! its health ([`status`]). `votingctl` ships from this crate too.
 //!
-//! It does not (yet) serve Gitaly's gRPC protocol or run git itself; the node service
-//! comes in its own issue. It never decides a vote from its own clock: a vote it cannot
-//! settle in time aborts locally and counts as this replica failing.
+//! It never decides a vote from its own clock: a vote it cannot settle in time aborts
+//! locally and counts as this replica failing. It does not pick replicas or finalize
+//! transactions; the router does.
 #![forbid(unsafe_code)]
 
 pub mod client;
@@ -13,6 +14,7 @@ pub mod config;
 pub mod daemon;
 pub mod hooks;
 pub mod logging;
+pub mod node;
 pub mod status;
 pub mod vote;
 

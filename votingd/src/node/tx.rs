@@ -1,0 +1,162 @@
+//! Which refvote transaction, if any, a mutator runs in.
+//!
+//! The router names the transaction in request metadata: key [`TX_METADATA`]
+//! (`refvote-transaction`), value the transaction id. The node votes as itself (its
+//! `node_name`); the router has already rewritten the storage name for this node.
+//!
+//! With the key present the node records itself started ([`Store::start_voter`]) before
+//! git runs, gives git's hook the transaction, and records itself done
+//! ([`Store::done`]) once the work is over, also when the call was cancelled. Without
+//! it the write is untracked, or refused when `vote.require_transaction` is set. Runs
+//! votingd starts on its own (repair, maintenance) are [`WriteContext::Maintenance`].
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use refvote_cluster::Store;
+use tonic::metadata::MetadataMap;
+
+use super::error::NodeError;
+
+/// The request metadata key carrying the transaction id.
+pub const TX_METADATA: &str = "refvote-transaction";
+
+/// What the node needs to join transactions.
+#[derive(Clone)]
+pub struct TxSettings {
+    pub store: Store,
+    pub node: String,
+    pub vote_socket: PathBuf,
+    pub require_transaction: bool,
+}
+
+/// How a write is accounted for.
+#[derive(Clone)]
+pub enum WriteContext {
+    /// Voted on inside a refvote transaction.
+    Transaction(Arc<Voter>),
+    /// No transaction; allowed because the node does not require one.
+    Untracked,
+    /// A run votingd started itself; the hook lets it pass.
+    Maintenance,
+}
+
+/// This node's part in one transaction. Dropping it without [`Voter::finish`] (a
+/// cancelled call) still records the voter done, as failed, so nobody waits for it.
+pub struct Voter {
+    settings: TxSettings,
+    tx: String,
+    finished: AtomicBool,
+}
+
+impl WriteContext {
+    /// Reads the transaction from `metadata` and joins it, or applies the node's policy
+    /// for writes without one.
+    pub async fn from_metadata(
+        settings: &TxSettings,
+        metadata: &MetadataMap,
+    ) -> Result<WriteContext, NodeError> {
+        let Some(value) = metadata.get(TX_METADATA) else {
+            if settings.require_transaction {
+                return Err(NodeError::TransactionRequired);
+            }
+            return Ok(WriteContext::Untracked);
+        };
+        let tx = value
+            .to_str()
+            .ok()
+            .filter(|t| {
+                !t.is_empty()
+                    && t.len() <= 128
+                    && t.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            })
+            .ok_or_else(|| {
+                NodeError::invalid(format!(
+                    "metadata {TX_METADATA} must be a transaction id (letters, digits, '-', '_')"
+                ))
+            })?
+            .to_owned();
+        settings
+            .store
+            .start_voter(&tx, &settings.node)
+            .await
+            .map_err(|source| NodeError::Transaction {
+                tx: tx.clone(),
+                source,
+            })?;
+        tracing::debug!(%tx, node = %settings.node, "joined transaction");
+        Ok(WriteContext::Transaction(Arc::new(Voter {
+            settings: settings.clone(),
+            tx,
+            finished: AtomicBool::new(false),
+        })))
+    }
+
+    /// The environment git's hook reads.
+    pub fn env(&self) -> Vec<(String, String)> {
+        match self {
+            WriteContext::Transaction(v) => {
+                crate::transaction_env(&v.tx, &v.settings.node, &v.settings.vote_socket)
+            }
+            WriteContext::Untracked => Vec::new(),
+            WriteContext::Maintenance => vec![("REFVOTE_MAINTENANCE".into(), "1".into())],
+        }
+    }
+
+    /// Whether git must be left to finish on cancel (its hook may have voted).
+    pub fn in_transaction(&self) -> bool {
+        matches!(self, WriteContext::Transaction(_))
+    }
+
+    /// Records the outcome of this node's work (only inside a transaction; once).
+    pub async fn finish(&self, ok: bool, detail: &str) {
+        if let WriteContext::Transaction(v) = self {
+            v.finish(ok, detail).await;
+        }
+    }
+}
+
+impl Voter {
+    pub fn tx(&self) -> &str {
+        &self.tx
+    }
+
+    pub async fn finish(&self, ok: bool, detail: &str) {
+        if self.finished.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        record_done(&self.settings, &self.tx, ok, detail).await;
+    }
+}
+
+impl Drop for Voter {
+    fn drop(&mut self) {
+        if self.finished.load(Ordering::SeqCst) {
+            return;
+        }
+        let settings = self.settings.clone();
+        let tx = std::mem::take(&mut self.tx);
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                record_done(
+                    &settings,
+                    &tx,
+                    false,
+                    "the call ended before the node finished",
+                )
+                .await;
+            });
+        }
+    }
+}
+
+async fn record_done(settings: &TxSettings, tx: &str, ok: bool, detail: &str) {
+    // Bounded by the store's request timeout. If it fails the transaction still settles:
+    // the reaper finalizes it once the creator's lease is gone.
+    match settings.store.done(tx, &settings.node, ok, detail).await {
+        Ok(()) => tracing::debug!(%tx, ok, "voter done"),
+        Err(e) => tracing::warn!(%tx, error = %e, "cannot record this voter done"),
+    }
+}
