@@ -1,7 +1,8 @@
 //! refvote's cluster harness: real etcd ([`etcd`]), real votingd processes ([`node`]),
 //! real git ([`git`]), every process started on loopback in its own temp dir and killed
 //! by pid when the test ends ([`proc`]). [`cluster`] puts them together for the voting
-//! core's integration tests and benchmarks.
+//! core's integration tests and benchmarks. [`smarthttp`] lets a real git client push
+//! and clone through a node's gRPC service.
 //!
 //! Nothing here mocks etcd or git; there is no in-process shortcut to a node.
 
@@ -10,3 +11,4 @@ pub mod etcd;
 pub mod git;
 pub mod node;
 pub mod proc;
+pub mod smarthttp;
