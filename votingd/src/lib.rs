@@ -2,7 +2,9 @@
 //! real git on the node's storages ([`node`]), serves the `reference-transaction` hook
 //! over a Unix socket ([`vote`]), records and decides votes in etcd through the shared
 //! model crate, holds the node's etcd lease, reaps abandoned transactions, and reports
-//! its health ([`status`]). `votingctl` ships from this crate too.
+//! its health ([`status`]). `votingctl` ships from this crate too. [`pktline`] puts a
+//! push's commands in one canonical order, so every replica's receive-pack applies them
+//! alike.
 //!
 //! It never decides a vote from its own clock: a vote it cannot settle in time aborts
 //! locally and counts as this replica failing. It does not pick replicas or finalize
@@ -15,6 +17,7 @@ pub mod daemon;
 pub mod hooks;
 pub mod logging;
 pub mod node;
+pub mod pktline;
 pub mod status;
 pub mod vote;
 
