@@ -4,17 +4,19 @@
 //! refvote transaction in request metadata ([`tx`]).
 //!
 //! Layout: one file per Gitaly service ([`server`], [`repository`], [`refs`],
-//! [`smarthttp`]), sharing the storage resolver ([`storage`]), the git runner ([`git`]),
+//! [`smarthttp`], [`ssh`]), sharing the storage resolver ([`storage`]), the git runner ([`git`]),
 //! the transaction handling ([`tx`]) and the error mapping ([`error`]). A new service
 //! is a new file plus one `add_service` line in [`serve`]; methods not implemented yet
 //! answer UNIMPLEMENTED.
 
 pub mod error;
 pub mod git;
+mod push;
 mod refs;
 mod repository;
 mod server;
 mod smarthttp;
+mod ssh;
 pub mod storage;
 pub mod tx;
 
@@ -91,7 +93,10 @@ pub fn serve(incoming: TcpIncoming, state: Arc<NodeState>) -> std::io::Result<No
             gitaly::smart_http_service_server::SmartHttpServiceServer::new(
                 smarthttp::SmartHttpSvc::new(state.clone()),
             ),
-        );
+        )
+        .add_service(gitaly::ssh_service_server::SshServiceServer::new(
+            ssh::SshSvc::new(state.clone()),
+        ));
     let task = tokio::spawn(async move {
         // The empty service name (the whole server) is SERVING from the start; name
         // the Gitaly services too, for probes that ask for one.
