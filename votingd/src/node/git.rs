@@ -154,6 +154,7 @@ impl Git {
             finish_on_exit: false,
             input: None,
             stream_stderr: false,
+            hold: None,
         }
     }
 
@@ -180,6 +181,7 @@ pub struct Command {
     finish_on_exit: bool,
     input: Option<Input>,
     stream_stderr: bool,
+    hold: Option<Box<dyn Send + Sync>>,
 }
 
 impl Command {
@@ -256,6 +258,13 @@ impl Command {
         self
     }
 
+    /// Keeps `guard` (e.g. the repository's lock) alive until git has exited, also when
+    /// the caller went away and a write is left to finish.
+    pub fn hold(mut self, guard: impl Send + Sync + 'static) -> Command {
+        self.hold = Some(Box::new(guard));
+        self
+    }
+
     /// Starts git under a supervisor task.
     pub fn spawn(self) -> Result<Run, GitError> {
         let Command {
@@ -268,6 +277,7 @@ impl Command {
             finish_on_exit,
             input,
             stream_stderr,
+            hold,
         } = self;
         let name = args
             .first()
@@ -340,6 +350,7 @@ impl Command {
                 graceful,
                 timeout: git.timeout,
                 finish,
+                hold,
             },
         ));
         Ok(Run {
@@ -530,6 +541,7 @@ struct Supervision {
     graceful: bool,
     timeout: Duration,
     finish: Option<WriteContext>,
+    hold: Option<Box<dyn Send + Sync>>,
 }
 
 /// Why the supervisor stopped git before it exited on its own.
@@ -550,6 +562,7 @@ async fn supervise(mut child: Child, s: Supervision) {
         graceful,
         timeout,
         finish,
+        hold,
     } = s;
     let pid = child.id();
     let stderr = child
@@ -599,6 +612,8 @@ async fn supervise(mut child: Child, s: Supervision) {
         Some(t) => t.await.unwrap_or_default(),
         None => String::new(),
     };
+    // git is gone: whatever it held may be taken now.
+    drop(hold);
     let result = match (status, stopped) {
         (Err(source), _) => Err(GitError::Io {
             command: command.clone(),

@@ -13,6 +13,7 @@ pub mod error;
 pub mod git;
 mod push;
 mod refs;
+pub mod repolock;
 mod repository;
 mod server;
 mod smarthttp;
@@ -40,6 +41,8 @@ pub struct NodeState {
     pub storages: Storages,
     pub git: Git,
     pub tx: TxSettings,
+    /// Orders ref-writing git runs against maintenance and repair.
+    pub locks: repolock::RepoLocks,
 }
 
 /// Binds the service's TCP listener (before anything else starts, so a busy port fails

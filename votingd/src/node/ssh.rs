@@ -171,8 +171,10 @@ impl SshService for SshSvc {
             .protocol(&first.git_protocol)?
             .arg(&repo.path);
         let ctx = WriteContext::from_metadata(&self.node.tx, &metadata).await?;
+        let lock = self.node.locks.shared(&repo.path).await;
         let run = cmd
             .write(&ctx)
+            .hold(lock)
             .finish_transaction_on_exit()
             .stdin(canonical_input_lazy(stream_input(
                 first.stdin,
