@@ -419,3 +419,56 @@ async fn ssh_rpcs_refuse_bad_input_with_clear_codes() -> anyhow::Result<()> {
     assert!(exists);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_messages_are_refused_and_the_service_keeps_serving() -> anyhow::Result<()> {
+    let c = VoteCluster::start(1, 1).await?;
+    let relative = "big-message.git";
+    create(&c, relative).await?;
+    let ch = channel(&c.nodes[0]).await;
+    // Over tonic's default 4 MiB limit on decoded messages: a unary request...
+    let huge = "a".repeat(5 << 20);
+    let err = RepositoryServiceClient::new(ch.clone())
+        .repository_exists(RepositoryExistsRequest {
+            repository: repo(&huge),
+        })
+        .await
+        .unwrap_err();
+    // tonic answers OUT_OF_RANGE where grpc-go (Gitaly) answers RESOURCE_EXHAUSTED.
+    assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
+    assert!(err.message().contains("too large"), "{}", err.message());
+    // ...and one frame of a push stream: nothing is written.
+    let mut responses = SshServiceClient::new(ch.clone())
+        .ssh_receive_pack(tokio_stream::iter(vec![
+            SshReceivePackRequest {
+                repository: repo(relative),
+                gl_id: "user-1".into(),
+                ..Default::default()
+            },
+            SshReceivePackRequest {
+                stdin: vec![b'0'; 5 << 20],
+                ..Default::default()
+            },
+        ]))
+        .await?
+        .into_inner();
+    let err = loop {
+        match responses.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("an oversized push frame was accepted"),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
+    assert_eq!(git::refs(&c.nodes[0].repo(relative)), "");
+    // The service keeps serving.
+    let exists = RepositoryServiceClient::new(ch)
+        .repository_exists(RepositoryExistsRequest {
+            repository: repo(relative),
+        })
+        .await?
+        .into_inner()
+        .exists;
+    assert!(exists);
+    Ok(())
+}
