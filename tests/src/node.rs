@@ -9,8 +9,15 @@ use anyhow::Context;
 
 use crate::proc::{Proc, free_port, loopback_ip, wait_until};
 
-/// Where the workspace's binaries are: next to the test binary's `deps/` folder.
+/// Where the workspace's binaries are: `$REFVOTE_BIN_DIR` if set, else next to the
+/// test binary's `deps/` folder. The override is for a target directory shared by
+/// several worktrees, where `target/debug/<bin>` is whichever worktree built last.
 pub fn bin(name: &str) -> PathBuf {
+    if let Some(dir) = std::env::var_os("REFVOTE_BIN_DIR") {
+        let path = PathBuf::from(dir).join(name);
+        assert!(path.is_file(), "{} is missing", path.display());
+        return path;
+    }
     let exe = std::env::current_exe().expect("test binary path");
     let dir = exe.parent().expect("deps dir");
     let dir = if dir.ends_with("deps") {

@@ -611,12 +611,17 @@ async fn a_client_that_disconnects_mid_stream_leaves_no_git_behind() -> anyhow::
     .await?;
 
     // A write inside a transaction: git is not killed, its input ends, it exits, and
-    // the voter is recorded done (failed: the push never completed).
+    // the voter is recorded done (failed: the push never completed). The client sends
+    // a whole command section (git starts only once it has one) and the start of a
+    // pack, then goes away.
     let tx = c.begin(&id).await?;
     let (send, requests) = tokio::sync::mpsc::channel(1);
+    let command = format!("{} {head} refs/heads/cut\0report-status\n", "0".repeat(40));
+    let mut data = format!("{:04x}{command}0000", command.len() + 4).into_bytes();
+    data.extend_from_slice(b"PACK\0\0\0\x02\0\0\0\x05");
     send.send(PostReceivePackRequest {
         repository: repo(relative),
-        data: b"00".to_vec(),
+        data,
         ..Default::default()
     })
     .await?;

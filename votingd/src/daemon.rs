@@ -53,6 +53,9 @@ pub enum StartError {
     Storages(#[source] std::io::Error),
 }
 
+/// Nothing else holds a repository lock at start-up; this only bounds a surprise.
+const STARTUP_LOCK_WAIT: Duration = Duration::from_secs(5);
+
 /// A running votingd.
 pub struct Daemon {
     config: Arc<Config>,
@@ -87,6 +90,22 @@ impl Daemon {
             Some(node::bind(addr).map_err(listen)?)
         };
         let storages = Storages::open(&config.storages).map_err(StartError::Storages)?;
+        let locks = node::repolock::RepoLocks::default();
+        // A crash (SIGKILL, power loss) leaves git's ref locks behind, and each one
+        // fails every later update of its refs on this replica. Nothing runs git yet.
+        for (name, root) in storages.names() {
+            let removed = locks
+                .clear_stale_ref_locks_in_storage(root, STARTUP_LOCK_WAIT)
+                .await
+                .map_err(|e| StartError::Storages(std::io::Error::other(e)))?;
+            if !removed.is_empty() {
+                tracing::warn!(
+                    storage = name,
+                    count = removed.len(),
+                    "removed stale ref locks left by a crash"
+                );
+            }
+        }
 
         let store = connect(&config).await?;
         let address = match (&incoming, config.advertise_addr.is_empty()) {
@@ -113,6 +132,7 @@ impl Daemon {
                         vote_socket: config.vote.socket_path.clone(),
                         require_transaction: config.vote.require_transaction,
                     },
+                    locks,
                 });
                 let listen = |source| StartError::Listen {
                     addr: config.listen_addr.clone(),

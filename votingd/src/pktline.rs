@@ -152,19 +152,33 @@ where
 {
     // One maximal pkt-line per read while parsing, and large chunks for the pack.
     let mut input = BufReader::with_capacity(MAX_PKT_LEN, input);
-    let section = read_section(&mut input, limits).await?;
-    if section.is_empty() {
-        return Ok(Summary::default());
+    let (bytes, mut summary) = read_canonical_section(&mut input, limits).await?;
+    if bytes.is_empty() {
+        return Ok(summary);
     }
-    let (bytes, mut summary) = canonical_section(&section)?;
-    // The pack may take minutes; do not hold up to two sections' worth meanwhile.
-    drop(section);
     output.write_all(&bytes).await.map_err(PktError::Write)?;
     // git can check the commands while the pack is still on its way to us.
     output.flush().await.map_err(PktError::Write)?;
     drop(bytes);
     summary.passed_through = pass_through(&mut input, &mut output).await?;
     Ok(summary)
+}
+
+/// The first half of [`canonicalize`], for callers that move the rest of the request
+/// themselves: reads the command section from `input` (leaving it at the first byte
+/// after the section's flush-pkt) and returns it in canonical form. An input that ends
+/// before its first byte yields an empty section.
+pub async fn read_canonical_section<R: AsyncRead + Unpin>(
+    input: &mut R,
+    limits: Limits,
+) -> Result<(Vec<u8>, Summary), PktError> {
+    let section = read_section(input, limits).await?;
+    if section.is_empty() {
+        return Ok((section, Summary::default()));
+    }
+    // The pack may take minutes; the caller must not hold two sections' worth
+    // meanwhile, so the raw one is dropped here.
+    canonical_section(&section)
 }
 
 /// Copies what the reader has buffered and then the rest of the input, one chunk at a

@@ -31,6 +31,10 @@ pub enum NodeError {
         #[source]
         source: refvote_cluster::Error,
     },
+    /// The repository is held by maintenance or repair for longer than the caller
+    /// waits.
+    #[error("repository busy: {what}")]
+    Busy { what: String },
     #[error(transparent)]
     Git(#[from] GitError),
     /// A local file-system step failed; `what` names the step.
@@ -67,6 +71,7 @@ impl NodeError {
                 E::Abandoned(_) => Code::Aborted,
                 _ => Code::FailedPrecondition,
             },
+            NodeError::Busy { .. } => Code::Unavailable,
             NodeError::Git(e) => e.code(),
             NodeError::Io { .. } => Code::Internal,
         }

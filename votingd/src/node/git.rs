@@ -153,6 +153,8 @@ impl Git {
             write: None,
             finish_on_exit: false,
             input: None,
+            stream_stderr: false,
+            hold: None,
         }
     }
 
@@ -178,6 +180,8 @@ pub struct Command {
     write: Option<WriteContext>,
     finish_on_exit: bool,
     input: Option<Input>,
+    stream_stderr: bool,
+    hold: Option<Box<dyn Send + Sync>>,
 }
 
 impl Command {
@@ -246,6 +250,21 @@ impl Command {
         self
     }
 
+    /// Streams stderr to the caller too ([`Run::next_output`]), for protocols that
+    /// carry it to the client (SSH). The last [`STDERR_KEEP`] bytes still go into
+    /// [`Exit::stderr`].
+    pub fn stream_stderr(mut self) -> Command {
+        self.stream_stderr = true;
+        self
+    }
+
+    /// Keeps `guard` (e.g. the repository's lock) alive until git has exited, also when
+    /// the caller went away and a write is left to finish.
+    pub fn hold(mut self, guard: impl Send + Sync + 'static) -> Command {
+        self.hold = Some(Box::new(guard));
+        self
+    }
+
     /// Starts git under a supervisor task.
     pub fn spawn(self) -> Result<Run, GitError> {
         let Command {
@@ -257,6 +276,8 @@ impl Command {
             write,
             finish_on_exit,
             input,
+            stream_stderr,
+            hold,
         } = self;
         let name = args
             .first()
@@ -307,6 +328,12 @@ impl Command {
             source,
         })?;
         let (out_tx, out_rx) = mpsc::channel(CHUNKS_IN_FLIGHT);
+        let (err_tx, err_rx) = if stream_stderr {
+            let (t, r) = mpsc::channel(CHUNKS_IN_FLIGHT);
+            (Some(t), Some(r))
+        } else {
+            (None, None)
+        };
         let (exit_tx, exit_rx) = oneshot::channel();
         let (cancel_tx, cancel_rx) = oneshot::channel();
         let graceful = write.as_ref().is_some_and(WriteContext::in_transaction);
@@ -317,16 +344,20 @@ impl Command {
                 command: name.clone(),
                 input,
                 out_tx,
+                err_tx,
                 exit_tx,
                 cancel_rx,
                 graceful,
                 timeout: git.timeout,
                 finish,
+                hold,
             },
         ));
         Ok(Run {
             command: name,
             stdout: out_rx,
+            stdout_done: false,
+            stderr: err_rx,
             exit: exit_rx,
             _cancel: cancel_tx,
         })
@@ -369,10 +400,20 @@ impl Exit {
     }
 }
 
+/// A chunk of git's output, by pipe.
+#[derive(Debug)]
+pub enum Output {
+    Stdout(Vec<u8>),
+    Stderr(Vec<u8>),
+}
+
 /// A running git. Dropping it cancels the run (see the module comment).
 pub struct Run {
     command: String,
     stdout: mpsc::Receiver<io::Result<Vec<u8>>>,
+    stdout_done: bool,
+    /// Only with [`Command::stream_stderr`].
+    stderr: Option<mpsc::Receiver<Vec<u8>>>,
     exit: oneshot::Receiver<Result<Exit, GitError>>,
     _cancel: oneshot::Sender<()>,
 }
@@ -387,9 +428,39 @@ impl Run {
         }))
     }
 
+    /// The next chunk of stdout or (with [`Command::stream_stderr`]) stderr, whichever
+    /// git writes first; `None` once both have ended. Both are read concurrently, so git
+    /// never blocks on one pipe while the caller waits for the other.
+    pub async fn next_output(&mut self) -> Option<Result<Output, GitError>> {
+        loop {
+            let stderr_open = self.stderr.is_some();
+            tokio::select! {
+                chunk = self.stdout.recv(), if !self.stdout_done => match chunk {
+                    Some(Ok(data)) => return Some(Ok(Output::Stdout(data))),
+                    Some(Err(source)) => {
+                        return Some(Err(GitError::Io {
+                            command: self.command.clone(),
+                            source,
+                        }));
+                    }
+                    None => self.stdout_done = true,
+                },
+                chunk = async { self.stderr.as_mut().expect("guarded").recv().await }, if stderr_open => {
+                    match chunk {
+                        Some(data) => return Some(Ok(Output::Stderr(data))),
+                        None => self.stderr = None,
+                    }
+                }
+                else => return None,
+            }
+        }
+    }
+
     /// Waits for git to exit, discarding stdout not read yet. The exit status is not
     /// judged here: see [`Exit::check`].
     pub async fn wait(mut self) -> Result<Exit, GitError> {
+        // Unread stderr is only kept as the tail from here on.
+        self.stderr = None;
         while self.stdout.recv().await.is_some() {}
         match (&mut self.exit).await {
             Ok(result) => result,
@@ -464,11 +535,13 @@ struct Supervision {
     command: String,
     input: Option<Input>,
     out_tx: mpsc::Sender<io::Result<Vec<u8>>>,
+    err_tx: Option<mpsc::Sender<Vec<u8>>>,
     exit_tx: oneshot::Sender<Result<Exit, GitError>>,
     cancel_rx: oneshot::Receiver<()>,
     graceful: bool,
     timeout: Duration,
     finish: Option<WriteContext>,
+    hold: Option<Box<dyn Send + Sync>>,
 }
 
 /// Why the supervisor stopped git before it exited on its own.
@@ -483,14 +556,19 @@ async fn supervise(mut child: Child, s: Supervision) {
         command,
         input,
         out_tx,
+        err_tx,
         exit_tx,
         mut cancel_rx,
         graceful,
         timeout,
         finish,
+        hold,
     } = s;
     let pid = child.id();
-    let stderr = child.stderr.take().map(|e| tokio::spawn(keep_tail(e)));
+    let stderr = child
+        .stderr
+        .take()
+        .map(|e| tokio::spawn(keep_tail(e, err_tx)));
     let stdout = child.stdout.take().map(|o| tokio::spawn(pump(o, out_tx)));
     let mut feeding = match (child.stdin.take(), input) {
         (Some(w), Some(i)) => Some(tokio::spawn(feed(w, i))),
@@ -534,6 +612,8 @@ async fn supervise(mut child: Child, s: Supervision) {
         Some(t) => t.await.unwrap_or_default(),
         None => String::new(),
     };
+    // git is gone: whatever it held may be taken now.
+    drop(hold);
     let result = match (status, stopped) {
         (Err(source), _) => Err(GitError::Io {
             command: command.clone(),
@@ -642,13 +722,22 @@ async fn pump(mut out: impl AsyncRead + Unpin, tx: mpsc::Sender<io::Result<Vec<u
     }
 }
 
-/// Reads stderr to its end, keeping the last [`STDERR_KEEP`] bytes.
-async fn keep_tail(mut err: impl AsyncRead + Unpin) -> String {
+/// Reads stderr to its end, keeping the last [`STDERR_KEEP`] bytes, and passing every
+/// chunk on to `forward` while its reader is there (then it just keeps draining).
+async fn keep_tail(
+    mut err: impl AsyncRead + Unpin,
+    mut forward: Option<mpsc::Sender<Vec<u8>>>,
+) -> String {
     let mut kept: Vec<u8> = Vec::new();
     let mut buf = [0u8; 4096];
     while let Ok(n) = err.read(&mut buf).await {
         if n == 0 {
             break;
+        }
+        if let Some(tx) = &forward
+            && tx.send(buf[..n].to_vec()).await.is_err()
+        {
+            forward = None;
         }
         kept.extend_from_slice(&buf[..n]);
         if kept.len() > 2 * STDERR_KEEP {

@@ -4,17 +4,20 @@
 //! refvote transaction in request metadata ([`tx`]).
 //!
 //! Layout: one file per Gitaly service ([`server`], [`repository`], [`refs`],
-//! [`smarthttp`]), sharing the storage resolver ([`storage`]), the git runner ([`git`]),
+//! [`smarthttp`], [`ssh`]), sharing the storage resolver ([`storage`]), the git runner ([`git`]),
 //! the transaction handling ([`tx`]) and the error mapping ([`error`]). A new service
 //! is a new file plus one `add_service` line in [`serve`]; methods not implemented yet
 //! answer UNIMPLEMENTED.
 
 pub mod error;
 pub mod git;
+mod push;
 mod refs;
+pub mod repolock;
 mod repository;
 mod server;
 mod smarthttp;
+mod ssh;
 pub mod storage;
 pub mod tx;
 
@@ -38,6 +41,8 @@ pub struct NodeState {
     pub storages: Storages,
     pub git: Git,
     pub tx: TxSettings,
+    /// Orders ref-writing git runs against maintenance and repair.
+    pub locks: repolock::RepoLocks,
 }
 
 /// Binds the service's TCP listener (before anything else starts, so a busy port fails
@@ -91,7 +96,10 @@ pub fn serve(incoming: TcpIncoming, state: Arc<NodeState>) -> std::io::Result<No
             gitaly::smart_http_service_server::SmartHttpServiceServer::new(
                 smarthttp::SmartHttpSvc::new(state.clone()),
             ),
-        );
+        )
+        .add_service(gitaly::ssh_service_server::SshServiceServer::new(
+            ssh::SshSvc::new(state.clone()),
+        ));
     let task = tokio::spawn(async move {
         // The empty service name (the whole server) is SERVING from the start; name
         // the Gitaly services too, for probes that ask for one.

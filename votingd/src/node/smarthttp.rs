@@ -2,7 +2,8 @@
 //! `git receive-pack --stateless-rpc` carried in gRPC streams with backpressure.
 //!
 //! PostReceivePack is a push: inside a refvote transaction its one git run is the
-//! node's whole part, so the voter is recorded done when that git exits.
+//! node's whole part, so the voter is recorded done when that git exits. Its commands
+//! reach git in canonical order ([`super::push`]).
 
 use std::sync::Arc;
 
@@ -15,6 +16,7 @@ use tonic::codegen::BoxStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::error::NodeError;
+use super::push::canonical_input;
 use super::tx::WriteContext;
 use super::{NodeState, first_message, stream_input};
 
@@ -112,11 +114,16 @@ impl SmartHttpService for SmartHttpSvc {
             .request_config(&first.git_config_options)?
             .protocol(&first.git_protocol)?
             .arg(&repo.path);
+        // The whole command section is read and checked before anything runs, so a
+        // malformed push is refused without git or the transaction seeing it.
+        let input = canonical_input(stream_input(first.data, stream, |m| m.data)).await?;
         let ctx = WriteContext::from_metadata(&self.node.tx, &metadata).await?;
+        let lock = self.node.locks.shared(&repo.path).await;
         let run = cmd
             .write(&ctx)
+            .hold(lock)
             .finish_transaction_on_exit()
-            .stdin(stream_input(first.data, stream, |m| m.data))
+            .stdin(input)
             .spawn()
             .map_err(NodeError::from)?;
         Ok(Response::new(run.into_stream(None, |data| {
