@@ -2,19 +2,30 @@
 //! processes, real etcd and real git: success and error paths of every RPC, and the
 //! mutators inside refvote transactions.
 
+use refvote_cluster::RepoId;
 use refvote_proto::gitaly::blob_service_client::BlobServiceClient;
 use refvote_proto::gitaly::commit_service_client::CommitServiceClient;
 use refvote_proto::gitaly::get_blobs_request::RevisionPath;
+use refvote_proto::gitaly::operation_service_client::OperationServiceClient;
+use refvote_proto::gitaly::repository_service_client::RepositoryServiceClient;
+use refvote_proto::gitaly::user_commit_files_action_header::ActionType;
 use refvote_proto::gitaly::{
-    CommitIsAncestorRequest, CountCommitsRequest, FindCommitRequest, GetBlobRequest,
-    GetBlobResponse, GetBlobsRequest, GetBlobsResponse, GetTreeEntriesError, GetTreeEntriesRequest,
-    GetTreeEntriesResponse, ListCommitsRequest, ObjectType, PaginationParameter, Repository,
-    TreeEntryRequest, TreeEntryResponse, get_tree_entries_error, tree_entry, tree_entry_response,
+    CommitIsAncestorRequest, CountCommitsRequest, CreateRepositoryRequest, FindCommitRequest,
+    GetBlobRequest, GetBlobResponse, GetBlobsRequest, GetBlobsResponse, GetTreeEntriesError,
+    GetTreeEntriesRequest, GetTreeEntriesResponse, ListCommitsRequest, ObjectType,
+    PaginationParameter, Repository, TreeEntryRequest, TreeEntryResponse, User,
+    UserCommitFilesAction, UserCommitFilesActionHeader, UserCommitFilesError,
+    UserCommitFilesRequest, UserCommitFilesRequestHeader, UserCreateBranchRequest,
+    UserCreateTagError, UserCreateTagRequest, UserDeleteBranchError, UserDeleteBranchRequest,
+    UserDeleteTagRequest, get_tree_entries_error, index_error, tree_entry, tree_entry_response,
+    user_commit_files_action, user_commit_files_error, user_commit_files_request,
+    user_create_tag_error, user_delete_branch_error,
 };
 use refvote_tests::cluster::VoteCluster;
-use refvote_tests::git::{self, WorkRepo};
+use refvote_tests::git::{self, WorkRepo, rev};
 use refvote_tests::node::Node;
 use tonic::Code;
+use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 use votingd::node::detail::detail_of;
 
@@ -567,5 +578,487 @@ async fn blobs_stream_in_chunks_with_limits() -> anyhow::Result<()> {
     .await
     .unwrap_err();
     assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    Ok(())
+}
+
+fn user() -> Option<User> {
+    Some(User {
+        gl_id: "user-1".into(),
+        name: b"Jane Doe".to_vec(),
+        email: b"jane@example.com".to_vec(),
+        gl_username: "jane".into(),
+        timezone: "UTC".into(),
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn branches_and_tags_are_created_and_deleted() -> anyhow::Result<()> {
+    let c = VoteCluster::start(1, 1).await?;
+    let work = c.work("w")?;
+    let f = fixture(&c, &work, "o.git")?;
+    let path = c.nodes[0].repo("o.git");
+    let mut ops = OperationServiceClient::new(channel(&c.nodes[0]).await);
+    let create = |name: &str, start: &str| UserCreateBranchRequest {
+        repository: repo("o.git"),
+        branch_name: name.as_bytes().to_vec(),
+        user: user(),
+        start_point: start.as_bytes().to_vec(),
+    };
+
+    let branch = ops
+        .user_create_branch(create("feature", "main"))
+        .await?
+        .into_inner()
+        .branch
+        .unwrap();
+    assert_eq!(branch.name, b"feature");
+    assert_eq!(branch.target_commit.unwrap().id, f.head);
+    assert_eq!(
+        rev(&path, "refs/heads/feature").as_deref(),
+        Some(f.head.as_str())
+    );
+    let e = ops
+        .user_create_branch(create("feature", "main"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    let e = ops
+        .user_create_branch(create("other", "nope"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("nope"), "{e:?}");
+    let e = ops
+        .user_create_branch(create("bad..name", "main"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    let e = ops
+        .user_create_branch(UserCreateBranchRequest {
+            user: None,
+            ..create("x", "main")
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    let e = ops
+        .user_create_branch(UserCreateBranchRequest {
+            repository: repo("missing.git"),
+            ..create("x", "main")
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+
+    let delete = |name: &str, expected: &str| UserDeleteBranchRequest {
+        repository: repo("o.git"),
+        branch_name: name.as_bytes().to_vec(),
+        user: user(),
+        expected_old_oid: expected.into(),
+    };
+    let e = ops
+        .user_delete_branch(delete("feature", &f.first))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    let detail: UserDeleteBranchError = detail_of(&e, "gitaly.UserDeleteBranchError").unwrap();
+    assert!(matches!(
+        detail.error,
+        Some(user_delete_branch_error::Error::ReferenceUpdate(_))
+    ));
+    assert!(
+        rev(&path, "refs/heads/feature").is_some(),
+        "a refused delete changes nothing"
+    );
+    ops.user_delete_branch(delete("feature", &f.head)).await?;
+    assert!(rev(&path, "refs/heads/feature").is_none());
+    let e = ops
+        .user_delete_branch(delete("feature", ""))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("not found"), "{e:?}");
+
+    let tag = |name: &str, target: &str, message: &str| UserCreateTagRequest {
+        repository: repo("o.git"),
+        tag_name: name.as_bytes().to_vec(),
+        user: user(),
+        target_revision: target.as_bytes().to_vec(),
+        message: message.as_bytes().to_vec(),
+        timestamp: Some(prost_types::Timestamp {
+            seconds: 1_700_000_000,
+            nanos: 0,
+        }),
+    };
+    let light = ops
+        .user_create_tag(tag("v1", "main", ""))
+        .await?
+        .into_inner()
+        .tag
+        .unwrap();
+    assert_eq!(light.id, f.head);
+    let annotated = ops
+        .user_create_tag(tag("v2", &f.first, "Release 2\n"))
+        .await?
+        .into_inner()
+        .tag
+        .unwrap();
+    assert_ne!(annotated.id, f.first);
+    assert_eq!(annotated.target_commit.unwrap().id, f.first);
+    let raw = git::git(&path, &["cat-file", "tag", "refs/tags/v2"])?;
+    assert!(
+        raw.contains("tagger Jane Doe <jane@example.com> 1700000000 +0000"),
+        "{raw}"
+    );
+    assert!(raw.contains(&format!("object {}", f.first)), "{raw}");
+    git::git(&path, &["fsck", "--strict"])?;
+    let e = ops
+        .user_create_tag(tag("v2", "main", "again"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
+    let detail: UserCreateTagError = detail_of(&e, "gitaly.UserCreateTagError").unwrap();
+    assert!(matches!(
+        detail.error,
+        Some(user_create_tag_error::Error::ReferenceExists(_))
+    ));
+    let e = ops
+        .user_create_tag(tag("v3", "nope", ""))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    let e = ops
+        .user_create_tag(tag("v 3", "main", ""))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+
+    let delete_tag = |name: &str| UserDeleteTagRequest {
+        repository: repo("o.git"),
+        tag_name: name.as_bytes().to_vec(),
+        user: user(),
+        expected_old_oid: String::new(),
+    };
+    ops.user_delete_tag(delete_tag("v1")).await?;
+    assert!(rev(&path, "refs/tags/v1").is_none());
+    let e = ops.user_delete_tag(delete_tag("v1")).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    Ok(())
+}
+
+fn header(h: UserCommitFilesRequestHeader) -> UserCommitFilesRequest {
+    UserCommitFilesRequest {
+        user_commit_files_request_payload: Some(
+            user_commit_files_request::UserCommitFilesRequestPayload::Header(h),
+        ),
+    }
+}
+
+fn action(h: UserCommitFilesActionHeader) -> UserCommitFilesRequest {
+    UserCommitFilesRequest {
+        user_commit_files_request_payload: Some(
+            user_commit_files_request::UserCommitFilesRequestPayload::Action(
+                UserCommitFilesAction {
+                    user_commit_files_action_payload: Some(
+                        user_commit_files_action::UserCommitFilesActionPayload::Header(h),
+                    ),
+                },
+            ),
+        ),
+    }
+}
+
+fn content(data: &[u8]) -> UserCommitFilesRequest {
+    UserCommitFilesRequest {
+        user_commit_files_request_payload: Some(
+            user_commit_files_request::UserCommitFilesRequestPayload::Action(
+                UserCommitFilesAction {
+                    user_commit_files_action_payload: Some(
+                        user_commit_files_action::UserCommitFilesActionPayload::Content(
+                            data.to_vec(),
+                        ),
+                    ),
+                },
+            ),
+        ),
+    }
+}
+
+fn act(kind: ActionType, path: &str) -> UserCommitFilesActionHeader {
+    UserCommitFilesActionHeader {
+        action: kind as i32,
+        file_path: path.as_bytes().to_vec(),
+        ..Default::default()
+    }
+}
+
+fn commit_header(relative: &str, branch: &str, message: &str) -> UserCommitFilesRequestHeader {
+    UserCommitFilesRequestHeader {
+        repository: repo(relative),
+        user: user(),
+        branch_name: branch.as_bytes().to_vec(),
+        commit_message: message.as_bytes().to_vec(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_commit_files_builds_commits_from_actions() -> anyhow::Result<()> {
+    let c = VoteCluster::start(1, 1).await?;
+    let work = c.work("w")?;
+    let f = fixture(&c, &work, "u.git")?;
+    let path = c.nodes[0].repo("u.git");
+    let ops = OperationServiceClient::new(channel(&c.nodes[0]).await);
+    let send = |msgs: Vec<UserCommitFilesRequest>| {
+        let mut ops = ops.clone();
+        async move {
+            ops.user_commit_files(tokio_stream::iter(msgs))
+                .await
+                .map(|r| r.into_inner())
+        }
+    };
+
+    let moved = UserCommitFilesActionHeader {
+        previous_path: b"dir/a.txt".to_vec(),
+        infer_content: true,
+        ..act(ActionType::Move, "moved/a.txt")
+    };
+    let chmod = UserCommitFilesActionHeader {
+        execute_filemode: true,
+        ..act(ActionType::Chmod, "big.bin")
+    };
+    let created = UserCommitFilesActionHeader {
+        base64_content: true,
+        ..act(ActionType::Create, "docs/new.txt")
+    };
+    let out = send(vec![
+        header(UserCommitFilesRequestHeader {
+            commit_author_name: b"Ann Author".to_vec(),
+            commit_author_email: b"ann@example.com".to_vec(),
+            timestamp: Some(prost_types::Timestamp {
+                seconds: 1_700_000_100,
+                nanos: 0,
+            }),
+            ..commit_header("u.git", "main", "Edit files\n")
+        }),
+        // "new file\n" in base64, split inside a 4-character group.
+        action(created),
+        content(b"bmV3IG"),
+        content(b"ZpbGUK"),
+        action(act(ActionType::Update, "README.md")),
+        content(b"updated "),
+        content(b"readme\n"),
+        action(act(ActionType::Delete, "run.sh")),
+        action(moved),
+        action(chmod),
+        action(act(ActionType::CreateDir, "empty")),
+    ])
+    .await?;
+    let update = out.branch_update.unwrap();
+    assert!(!update.branch_created && !update.repo_created);
+    let id = update.commit_id;
+    assert_eq!(rev(&path, "refs/heads/main").as_deref(), Some(id.as_str()));
+    assert_eq!(git::git(&path, &["rev-parse", &format!("{id}^")])?, f.head);
+    assert_eq!(git::git(&path, &["show", "main:docs/new.txt"])?, "new file");
+    assert_eq!(
+        git::git(&path, &["show", "main:README.md"])?,
+        "updated readme"
+    );
+    assert_eq!(git::git(&path, &["show", "main:moved/a.txt"])?, "a");
+    let listing = git::git(&path, &["ls-tree", "-r", "main"])?;
+    assert!(
+        !listing.contains("run.sh") && !listing.contains("dir/a.txt"),
+        "{listing}"
+    );
+    assert!(
+        listing.contains("100755 blob") && listing.contains("big.bin"),
+        "{listing}"
+    );
+    assert!(listing.contains("empty/.gitkeep"), "{listing}");
+    assert!(
+        listing.contains("160000 commit"),
+        "the submodule stays: {listing}"
+    );
+    let raw = git::git(&path, &["cat-file", "commit", "main"])?;
+    assert!(
+        raw.contains("author Ann Author <ann@example.com> 1700000100 +0000"),
+        "{raw}"
+    );
+    assert!(
+        raw.contains("committer Jane Doe <jane@example.com> 1700000100 +0000"),
+        "{raw}"
+    );
+    git::git(&path, &["fsck", "--strict"])?;
+
+    // A new branch from another one.
+    let out = send(vec![
+        header(UserCommitFilesRequestHeader {
+            start_branch_name: b"main".to_vec(),
+            ..commit_header("u.git", "fresh", "On a new branch")
+        }),
+        action(act(ActionType::Create, "fresh.txt")),
+        content(b"fresh\n"),
+    ])
+    .await?;
+    let update = out.branch_update.unwrap();
+    assert!(update.branch_created);
+    assert_eq!(git::git(&path, &["rev-parse", "fresh^"])?, id);
+    // Without a timestamp the fixed rule applies: the parent's committer date.
+    let raw = git::git(&path, &["cat-file", "commit", "fresh"])?;
+    assert!(raw.contains("> 1700000100 +0000"), "{raw}");
+
+    // Conflicts carry Gitaly's IndexError detail; nothing moves.
+    let e = send(vec![
+        header(commit_header("u.git", "main", "again")),
+        action(act(ActionType::Create, "README.md")),
+        content(b"x"),
+    ])
+    .await
+    .unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
+    let detail: UserCommitFilesError = detail_of(&e, "gitaly.UserCommitFilesError").unwrap();
+    match detail.error {
+        Some(user_commit_files_error::Error::IndexUpdate(ie)) => {
+            assert_eq!(ie.error_type, index_error::ErrorType::FileExists as i32);
+            assert_eq!(ie.path, b"README.md");
+        }
+        other => panic!("{other:?}"),
+    }
+    let e = send(vec![
+        header(commit_header("u.git", "main", "x")),
+        action(act(ActionType::Delete, "nope.txt")),
+    ])
+    .await
+    .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    let e = send(vec![
+        header(commit_header("u.git", "main", "x")),
+        action(act(ActionType::Create, "../escape")),
+    ])
+    .await
+    .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    let e = send(vec![
+        header(UserCommitFilesRequestHeader {
+            expected_old_oid: f.first.clone(),
+            ..commit_header("u.git", "main", "x")
+        }),
+        action(act(ActionType::Create, "y")),
+    ])
+    .await
+    .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    let e = send(vec![header(commit_header("u.git", "main", ""))])
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    let e = send(vec![action(act(ActionType::Create, "y"))])
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert_eq!(rev(&path, "refs/heads/main").as_deref(), Some(id.as_str()));
+    let tmp = std::fs::read_dir(c.nodes[0].storage.join("+refvote/tmp"))?.count();
+    assert_eq!(tmp, 0, "no private index left behind");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_commit_files_in_a_three_voter_transaction_is_identical_everywhere()
+-> anyhow::Result<()> {
+    let c = VoteCluster::start(3, 1).await?;
+    let relative = "group/ops.git";
+    for n in &c.nodes {
+        RepositoryServiceClient::new(channel(n).await)
+            .create_repository(CreateRepositoryRequest {
+                repository: repo(relative),
+                ..Default::default()
+            })
+            .await?;
+    }
+    let id = RepoId::new("default", relative)?;
+    c.store.create_repository(&id, &c.node_names(), "").await?;
+
+    let mut last = None;
+    for (round, timestamp) in [(1, Some(1_700_000_000)), (2, None)] {
+        let tx = c.begin(&id).await?;
+        assert_eq!(tx.voters.len(), 3);
+        let calls = c.nodes.iter().map(|n| {
+            let tx = tx.id.clone();
+            async move {
+                let msgs = vec![
+                    header(UserCommitFilesRequestHeader {
+                        timestamp: timestamp
+                            .map(|seconds| prost_types::Timestamp { seconds, nanos: 0 }),
+                        ..commit_header(relative, "main", &format!("round {round}"))
+                    }),
+                    action(act(ActionType::Create, &format!("file-{round}.txt"))),
+                    content(format!("round {round}\n").as_bytes()),
+                ];
+                let mut request = tonic::Request::new(tokio_stream::iter(msgs));
+                request.metadata_mut().insert(
+                    "refvote-transaction",
+                    MetadataValue::try_from(tx.as_str()).unwrap(),
+                );
+                OperationServiceClient::new(channel(n).await)
+                    .user_commit_files(request)
+                    .await
+                    .map(|r| r.into_inner().branch_update.unwrap())
+            }
+        });
+        let updates = futures::future::join_all(calls).await;
+        let outcome = c.finalize(&tx).await?;
+        assert!(outcome.acknowledged && outcome.committed, "{outcome:?}");
+        assert_eq!(outcome.promoted.len(), 3, "{outcome:?}");
+        let ids: Vec<String> = updates
+            .into_iter()
+            .map(|u| u.map(|u| u.commit_id))
+            .collect::<Result<_, _>>()?;
+        assert!(
+            ids.iter().all(|i| *i == ids[0]),
+            "same commit everywhere: {ids:?}"
+        );
+        for n in &c.nodes {
+            assert_eq!(
+                rev(&n.repo(relative), "refs/heads/main").as_deref(),
+                Some(ids[0].as_str())
+            );
+        }
+        last = Some(ids[0].clone());
+    }
+    // The annotated tag without a timestamp is byte-identical on all three too.
+    let tx = c.begin(&id).await?;
+    let tags = c.nodes.iter().map(|n| {
+        let tx = tx.id.clone();
+        async move {
+            let mut request = tonic::Request::new(UserCreateTagRequest {
+                repository: repo(relative),
+                tag_name: b"v1.0".to_vec(),
+                user: user(),
+                target_revision: b"main".to_vec(),
+                message: b"First release\n".to_vec(),
+                timestamp: None,
+            });
+            request.metadata_mut().insert(
+                "refvote-transaction",
+                MetadataValue::try_from(tx.as_str()).unwrap(),
+            );
+            OperationServiceClient::new(channel(n).await)
+                .user_create_tag(request)
+                .await
+                .map(|r| r.into_inner().tag.unwrap().id)
+        }
+    });
+    let ids: Vec<String> = futures::future::join_all(tags)
+        .await
+        .into_iter()
+        .collect::<Result<_, _>>()?;
+    let outcome = c.finalize(&tx).await?;
+    assert!(
+        outcome.committed && outcome.promoted.len() == 3,
+        "{outcome:?}"
+    );
+    assert!(ids.iter().all(|i| *i == ids[0]), "{ids:?}");
+    let raw = git::git(&c.nodes[0].repo(relative), &["cat-file", "-p", "v1.0"])?;
+    assert!(raw.contains(&format!("object {}", last.unwrap())), "{raw}");
     Ok(())
 }

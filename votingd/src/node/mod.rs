@@ -15,6 +15,7 @@ mod commit;
 pub mod detail;
 pub mod error;
 pub mod git;
+mod operations;
 mod refs;
 mod repository;
 mod server;
@@ -97,6 +98,11 @@ pub fn serve(incoming: TcpIncoming, state: Arc<NodeState>) -> std::io::Result<No
         .add_service(gitaly::blob_service_server::BlobServiceServer::new(
             blob::BlobSvc::new(state.clone()),
         ))
+        .add_service(
+            gitaly::operation_service_server::OperationServiceServer::new(
+                operations::OperationSvc::new(state.clone()),
+            ),
+        )
         .add_service(
             gitaly::smart_http_service_server::SmartHttpServiceServer::new(
                 smarthttp::SmartHttpSvc::new(state.clone()),
