@@ -230,6 +230,12 @@ impl Command {
         Ok(self)
     }
 
+    /// Sets one environment variable for git (e.g. `GIT_INDEX_FILE` for a private index).
+    pub fn env(mut self, key: &str, value: impl Into<String>) -> Command {
+        self.env.push((key.to_owned(), value.into()));
+        self
+    }
+
     /// Makes this a write: durability and no-maintenance config, the node's hooks, and
     /// the hook environment of `ctx`. Inside a transaction git is never killed.
     pub fn write(mut self, ctx: &WriteContext) -> Command {

@@ -9,8 +9,13 @@
 //! is a new file plus one `add_service` line in [`serve`]; methods not implemented yet
 //! answer UNIMPLEMENTED.
 
+mod blob;
+mod catfile;
+mod commit;
+pub mod detail;
 pub mod error;
 pub mod git;
+mod operations;
 mod push;
 mod refs;
 pub mod repolock;
@@ -92,6 +97,17 @@ pub fn serve(incoming: TcpIncoming, state: Arc<NodeState>) -> std::io::Result<No
         .add_service(gitaly::ref_service_server::RefServiceServer::new(
             refs::RefSvc::new(state.clone()),
         ))
+        .add_service(gitaly::commit_service_server::CommitServiceServer::new(
+            commit::CommitSvc::new(state.clone()),
+        ))
+        .add_service(gitaly::blob_service_server::BlobServiceServer::new(
+            blob::BlobSvc::new(state.clone()),
+        ))
+        .add_service(
+            gitaly::operation_service_server::OperationServiceServer::new(
+                operations::OperationSvc::new(state.clone()),
+            ),
+        )
         .add_service(
             gitaly::smart_http_service_server::SmartHttpServiceServer::new(
                 smarthttp::SmartHttpSvc::new(state.clone()),
