@@ -128,6 +128,10 @@ pub struct DoneRecord {
     pub ok: bool,
     #[serde(default)]
     pub detail: String,
+    /// The replica's checksum (Gitaly's `CalculateChecksum`) right after its work
+    /// succeeded; empty if unknown.
+    #[serde(default)]
+    pub checksum: String,
 }
 
 /// `outcomes/<id>`: what finalize decided.

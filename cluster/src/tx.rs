@@ -570,10 +570,24 @@ impl Store {
     /// Records that git finished on `voter` (or that the caller saw its RPC fail): from
     /// now on it counts as "no" on every key it did not vote on.
     pub async fn done(&self, tx: &str, voter: &str, ok: bool, detail: &str) -> Result<()> {
+        self.done_with_checksum(tx, voter, ok, detail, "").await
+    }
+
+    /// [`Store::done`], with the replica's checksum after its work (empty: unknown).
+    /// Finalize keeps it as the promoted replica's checksum at the new generation.
+    pub async fn done_with_checksum(
+        &self,
+        tx: &str,
+        voter: &str,
+        ok: bool,
+        detail: &str,
+        checksum: &str,
+    ) -> Result<()> {
         let keys = self.keys();
         let rec = DoneRecord {
             ok,
             detail: detail.to_owned(),
+            checksum: checksum.to_owned(),
         };
         let txn = Txn::new()
             .when([Compare::create_revision(
@@ -749,6 +763,12 @@ impl Store {
                 });
             }
 
+            // A voter's checksum describes the repository at the new generation only if
+            // no other write can have landed between its own and this finalize: no other
+            // transaction of the repository is open, and none finalized since this one
+            // began (the repository record is older than this transaction).
+            let checksums_hold =
+                others.is_empty() && repo_entry.mod_revision < record_entry.create_revision;
             let committed = !committed_keys.is_empty();
             let mut outcome = TxOutcome {
                 id: tx.to_owned(),
@@ -787,7 +807,10 @@ impl Store {
                         rep.generation = generation;
                         rep.state = ReplicaState::UpToDate;
                         rep.reason.clear();
-                        rep.checksum.clear();
+                        rep.checksum = match data.done.get(node) {
+                            Some(d) if checksums_hold => d.checksum.clone(),
+                            _ => String::new(),
+                        };
                     } else {
                         let reason = if record.voters.contains(node) {
                             format!("did not confirm every update of transaction {tx}")

@@ -19,6 +19,18 @@ pub enum NodeError {
     RepositoryNotFound(String),
     #[error("repository already exists: {0}")]
     RepositoryExists(String),
+    /// Something the request names (a revision, a ref) does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// The repository is not in the state the request needs (e.g. nothing to bundle).
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// The request lost a race (a ref moved or is locked) or its vote: retry.
+    #[error("{0}")]
+    Aborted(String),
+    /// The repository on disk is damaged.
+    #[error("{0}")]
+    DataLoss(String),
     /// A write arrived without a refvote transaction on a node that requires one.
     #[error(
         "this node only accepts writes inside a refvote transaction (vote.require_transaction = true): send the call through a refvote router"
@@ -62,7 +74,12 @@ impl NodeError {
         use refvote_cluster::Error as E;
         match self {
             NodeError::InvalidArgument(_) => Code::InvalidArgument,
-            NodeError::StorageNotFound(_) | NodeError::RepositoryNotFound(_) => Code::NotFound,
+            NodeError::StorageNotFound(_)
+            | NodeError::RepositoryNotFound(_)
+            | NodeError::NotFound(_) => Code::NotFound,
+            NodeError::FailedPrecondition(_) => Code::FailedPrecondition,
+            NodeError::Aborted(_) => Code::Aborted,
+            NodeError::DataLoss(_) => Code::DataLoss,
             NodeError::RepositoryExists(_) => Code::AlreadyExists,
             NodeError::TransactionRequired => Code::FailedPrecondition,
             NodeError::Transaction { source, .. } => match source {

@@ -342,6 +342,10 @@ impl Command {
         };
         let (exit_tx, exit_rx) = oneshot::channel();
         let (cancel_tx, cancel_rx) = oneshot::channel();
+        if let (Some(ctx), Some(dir)) = (&write, &git_dir) {
+            // A write names its repository: its checksum goes beside `done`.
+            ctx.checksum_repository(&git, dir);
+        }
         let graceful = write.as_ref().is_some_and(WriteContext::in_transaction);
         let finish = if finish_on_exit { write } else { None };
         tokio::spawn(supervise(

@@ -1,23 +1,40 @@
-//! RepositoryService: existence, creation and removal of whole repositories.
+//! RepositoryService: existence, creation and removal of whole repositories, their
+//! checksum, size, bundles, replication from a peer (repair), WriteRef and
+//! FindMergeBase.
 //!
-//! Creation and removal never leave a half-done repository where clients look: a new
-//! repository is built in the storage's private area and renamed into place; a removed
-//! one is renamed away first and deleted afterwards.
+//! Creation never leaves a half-done repository where clients look: a new repository
+//! (also one made from a bundle or by replication) is built in the storage's private
+//! area and renamed into place; a removed one is renamed away first and deleted
+//! afterwards. The logic of the larger RPCs lives in submodules: [`checksum`],
+//! [`info`], [`bundle`], [`replicate`].
 
-use std::path::PathBuf;
+mod bundle;
+pub(super) mod checksum;
+mod info;
+mod replicate;
+
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use refvote_proto::gitaly::repository_service_server::RepositoryService;
 use refvote_proto::gitaly::{
-    CreateRepositoryRequest, CreateRepositoryResponse, ObjectFormat, RemoveRepositoryRequest,
-    RemoveRepositoryResponse, RepositoryExistsRequest, RepositoryExistsResponse,
+    CalculateChecksumRequest, CalculateChecksumResponse, CreateBundleRequest, CreateBundleResponse,
+    CreateRepositoryFromBundleRequest, CreateRepositoryFromBundleResponse, CreateRepositoryRequest,
+    CreateRepositoryResponse, FindMergeBaseRequest, FindMergeBaseResponse, ObjectFormat,
+    RemoveRepositoryRequest, RemoveRepositoryResponse, ReplicateRepositoryRequest,
+    ReplicateRepositoryResponse, RepositoryExistsRequest, RepositoryExistsResponse,
+    RepositoryInfoRequest, RepositoryInfoResponse, RepositorySizeRequest, RepositorySizeResponse,
+    WriteRefRequest, WriteRefResponse,
 };
-use tonic::{Request, Response, Status};
+use tonic::codegen::BoxStream;
+use tonic::{Request, Response, Status, Streaming};
 
-use super::NodeState;
 use super::error::NodeError;
+use super::refs::names;
+use super::refs::update::{self, RefUpdate, UpdateFailure};
 use super::storage::{RepoPath, Storages, is_repository};
 use super::tx::WriteContext;
+use super::{NodeState, first_message};
 
 pub struct RepositorySvc {
     node: Arc<NodeState>,
@@ -96,15 +113,242 @@ impl RepositoryService for RepositorySvc {
         tracing::info!("repository removed");
         Ok(Response::new(RemoveRepositoryResponse {}))
     }
+
+    #[tracing::instrument(skip_all, fields(node = %self.node.name))]
+    async fn calculate_checksum(
+        &self,
+        request: Request<CalculateChecksumRequest>,
+    ) -> Result<Response<CalculateChecksumResponse>, Status> {
+        let repo = self
+            .node
+            .storages
+            .existing(request.get_ref().repository.as_ref())?;
+        let checksum = checksum::calculate(&self.node.git, &repo.path).await?;
+        Ok(Response::new(CalculateChecksumResponse { checksum }))
+    }
+
+    #[tracing::instrument(skip_all, fields(node = %self.node.name))]
+    async fn repository_size(
+        &self,
+        request: Request<RepositorySizeRequest>,
+    ) -> Result<Response<RepositorySizeResponse>, Status> {
+        let repo = self
+            .node
+            .storages
+            .existing(request.get_ref().repository.as_ref())?;
+        let path = repo.path.clone();
+        let size = tokio::task::spawn_blocking(move || info::size_kib(&path))
+            .await
+            .map_err(|e| NodeError::io("measuring the repository", std::io::Error::other(e)))?
+            .map_err(|e| NodeError::io(format!("measuring {}", repo.path.display()), e))?;
+        Ok(Response::new(RepositorySizeResponse { size }))
+    }
+
+    #[tracing::instrument(skip_all, fields(node = %self.node.name))]
+    async fn repository_info(
+        &self,
+        request: Request<RepositoryInfoRequest>,
+    ) -> Result<Response<RepositoryInfoResponse>, Status> {
+        let repo = self
+            .node
+            .storages
+            .existing(request.get_ref().repository.as_ref())?;
+        let path = repo.path.clone();
+        let answer = tokio::task::spawn_blocking(move || info::info(&path))
+            .await
+            .map_err(|e| NodeError::io("measuring the repository", std::io::Error::other(e)))?
+            .map_err(|e| NodeError::io(format!("measuring {}", repo.path.display()), e))?;
+        Ok(Response::new(answer))
+    }
+
+    /// Gitaly answers an empty base when git finds none or cannot resolve a revision.
+    #[tracing::instrument(skip_all, fields(node = %self.node.name))]
+    async fn find_merge_base(
+        &self,
+        request: Request<FindMergeBaseRequest>,
+    ) -> Result<Response<FindMergeBaseResponse>, Status> {
+        let req = request.into_inner();
+        let repo = self.node.storages.existing(req.repository.as_ref())?;
+        if req.revisions.len() < 2 {
+            return Err(NodeError::invalid("at least 2 revisions are required").into());
+        }
+        let mut cmd = self.node.git.command(["merge-base"]).git_dir(&repo.path);
+        for r in &req.revisions {
+            cmd = cmd.arg(names::revision("revision", r)?);
+        }
+        let (out, exit) = cmd
+            .spawn()
+            .map_err(NodeError::from)?
+            .output(4096)
+            .await
+            .map_err(NodeError::from)?;
+        let base = if exit.success() {
+            String::from_utf8_lossy(&out).trim().to_owned()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(FindMergeBaseResponse { base }))
+    }
+
+    /// Mutator. `ref` "HEAD" points the HEAD symref at `revision` (a ref name);
+    /// anything else is one update-ref with an explicit old value.
+    #[tracing::instrument(skip_all, fields(node = %self.node.name, repo))]
+    async fn write_ref(
+        &self,
+        request: Request<WriteRefRequest>,
+    ) -> Result<Response<WriteRefResponse>, Status> {
+        let (metadata, _, req) = request.into_parts();
+        let repo = self.node.storages.existing(req.repository.as_ref())?;
+        tracing::Span::current().record("repo", tracing::field::display(&repo));
+        if req.r#ref.is_empty() {
+            return Err(NodeError::invalid(
+                "empty ref: name the ref to write, e.g. refs/heads/main",
+            )
+            .into());
+        }
+        let revision = names::revision("revision", &req.revision)?;
+        let head = req.r#ref == b"HEAD";
+        let name = if head {
+            names::ref_name(
+                "revision (the ref HEAD should point at)",
+                revision.as_bytes(),
+            )?;
+            "HEAD"
+        } else {
+            names::ref_name("ref", &req.r#ref)?
+        };
+        let ctx = WriteContext::from_metadata(&self.node.tx, &metadata).await?;
+        ctx.checksum_repository(&self.node.git, &repo.path);
+        let result = if head {
+            replicate::set_head_with(&self.node.git, &repo.path, revision, &ctx)
+                .await
+                .map_err(Status::from)
+        } else {
+            self.write_ref_in(&repo, &ctx, name, revision, &req.old_revision)
+                .await
+        };
+        ctx.finish(
+            result.is_ok(),
+            result.as_ref().err().map_or("", |s| s.message()),
+        )
+        .await;
+        result?;
+        Ok(Response::new(WriteRefResponse {}))
+    }
+
+    #[tracing::instrument(skip_all, fields(node = %self.node.name))]
+    async fn create_bundle(
+        &self,
+        request: Request<CreateBundleRequest>,
+    ) -> Result<Response<BoxStream<CreateBundleResponse>>, Status> {
+        let repo = self
+            .node
+            .storages
+            .existing(request.get_ref().repository.as_ref())?;
+        bundle::ensure_not_empty(&self.node.git, &repo.path).await?;
+        let run = bundle::create(&self.node.git, &repo.path)?;
+        Ok(Response::new(
+            run.into_stream(None, |data| CreateBundleResponse { data }),
+        ))
+    }
+
+    /// Mutator. The repository must not exist; it appears whole or not at all.
+    #[tracing::instrument(skip_all, fields(node = %self.node.name, repo))]
+    async fn create_repository_from_bundle(
+        &self,
+        request: Request<Streaming<CreateRepositoryFromBundleRequest>>,
+    ) -> Result<Response<CreateRepositoryFromBundleResponse>, Status> {
+        let (metadata, _, mut stream) = request.into_parts();
+        let first = first_message(&mut stream).await?;
+        let repo = self.node.storages.resolve(first.repository.as_ref())?;
+        tracing::Span::current().record("repo", tracing::field::display(&repo));
+        if repo.path.exists() {
+            return Err(NodeError::RepositoryExists(repo.to_string()).into());
+        }
+        use tokio_stream::StreamExt;
+        let chunks = tokio_stream::once(Ok(first.data)).chain(stream.map(|m| m.map(|m| m.data)));
+        let bundle = bundle::receive(&repo.root, Box::pin(chunks)).await?;
+        // A bad bundle is refused before joining: every replica refuses it alike.
+        bundle::heads(&self.node.git, &bundle.path).await?;
+        let ctx = WriteContext::from_metadata(&self.node.tx, &metadata).await?;
+        // Before any git run names the private copy: the checksum is of the final place.
+        ctx.checksum_repository(&self.node.git, &repo.path);
+        let result = self.create_from_bundle(&repo, &bundle.path, &ctx).await;
+        ctx.finish(result.is_ok(), &error_detail(&result)).await;
+        result?;
+        tracing::info!("repository created from a bundle");
+        Ok(Response::new(CreateRepositoryFromBundleResponse {}))
+    }
+
+    /// Mutator used for repair: see [`replicate`].
+    #[tracing::instrument(skip_all, fields(node = %self.node.name, repo))]
+    async fn replicate_repository(
+        &self,
+        request: Request<ReplicateRepositoryRequest>,
+    ) -> Result<Response<ReplicateRepositoryResponse>, Status> {
+        let (metadata, _, req) = request.into_parts();
+        let target = self.node.storages.resolve(req.repository.as_ref())?;
+        tracing::Span::current().record("repo", tracing::field::display(&target));
+        let source = req
+            .source
+            .clone()
+            .ok_or_else(|| NodeError::invalid("source repository not set"))?;
+        refvote_cluster::repo::validate_relative_path(&source.relative_path)
+            .map_err(|e| NodeError::invalid(format!("source relative path is malformed: {e}")))?;
+        let url = replicate::source_url(&metadata, &source.storage_name)?;
+        let ctx = WriteContext::from_metadata(&self.node.tx, &metadata).await?;
+        ctx.checksum_repository(&self.node.git, &target.path);
+        let result = async {
+            let src = replicate::fetch_source(&url, source, &target.root).await?;
+            if is_repository(&target.path) {
+                replicate::sync_existing(&self.node.git, &target, &src).await?;
+            } else {
+                let branch = src.head.strip_prefix("refs/heads/").unwrap_or("main");
+                let branch = default_branch(branch.as_bytes()).unwrap_or_else(|_| "main".into());
+                let tmp = self.init_private(&target.root, &branch, "sha1").await?;
+                if let Some(b) = &src.bundle {
+                    bundle::fetch(
+                        &self.node.git,
+                        &tmp.0,
+                        &b.path,
+                        &WriteContext::Maintenance,
+                        false,
+                    )
+                    .await?;
+                }
+                place(tmp, &target)?;
+            }
+            Ok::<(), Status>(())
+        }
+        .await;
+        ctx.finish(
+            result.is_ok(),
+            result.as_ref().err().map_or("", |s| s.message()),
+        )
+        .await;
+        result?;
+        tracing::info!("repository replicated");
+        Ok(Response::new(ReplicateRepositoryResponse {}))
+    }
 }
 
 impl RepositorySvc {
-    /// `git init --bare` in a private directory, the hook wired in through
-    /// `core.hooksPath`, then one rename into place.
+    /// `git init --bare` then one rename into place.
     async fn create(&self, repo: &RepoPath, branch: &str, format: &str) -> Result<(), NodeError> {
+        let tmp = self.init_private(&repo.root, branch, format).await?;
+        place(tmp, repo)
+    }
+
+    /// A new bare repository in the storage's private area, the hook wired in through
+    /// `core.hooksPath`; clients cannot see it yet.
+    async fn init_private(
+        &self,
+        root: &Path,
+        branch: &str,
+        format: &str,
+    ) -> Result<TempDir, NodeError> {
         let git = &self.node.git;
-        let tmp =
-            TempDir(Storages::tmp_dir(&repo.root).join(format!("create-{}", uuid::Uuid::new_v4())));
+        let tmp = TempDir(Storages::tmp_dir(root).join(format!("create-{}", uuid::Uuid::new_v4())));
         // Plain runs: the repository is not visible yet and has no hook to vote with.
         git.command(["init", "--bare", "--quiet"])
             .arg(format!("--initial-branch={branch}"))
@@ -129,32 +373,113 @@ impl RepositorySvc {
                 .await?
                 .check()?;
         }
-        let parent = repo.path.parent().unwrap_or(&repo.root);
-        std::fs::create_dir_all(parent)
-            .map_err(|e| NodeError::io(format!("creating {}", parent.display()), e))?;
-        // rename(2) replaces an empty directory but never a non-empty one, so of two
-        // concurrent creations exactly one wins.
+        Ok(tmp)
+    }
+
+    /// Creates `repo` from `bundle`: built privately, the refs fetched in one voted
+    /// transaction (inside a refvote transaction every replica fetches the same refs),
+    /// then renamed into place.
+    async fn create_from_bundle(
+        &self,
+        repo: &RepoPath,
+        bundle: &Path,
+        ctx: &WriteContext,
+    ) -> Result<(), NodeError> {
+        let heads = bundle::heads(&self.node.git, bundle).await?;
+        let branch = bundle::head_branch(&heads).unwrap_or_else(|| "main".into());
+        let format = if heads.first().is_some_and(|(o, _)| o.len() == 64) {
+            "sha256"
+        } else {
+            "sha1"
+        };
+        let tmp = self.init_private(&repo.root, &branch, format).await?;
         if is_repository(&repo.path) {
             return Err(NodeError::RepositoryExists(repo.to_string()));
         }
-        match std::fs::rename(&tmp.0, &repo.path) {
-            Ok(()) => {
-                std::mem::forget(tmp);
-                Ok(())
+        bundle::fetch(&self.node.git, &tmp.0, bundle, ctx, false).await?;
+        place(tmp, repo)
+    }
+
+    /// WriteRef's work once validated (inside the write context).
+    async fn write_ref_in(
+        &self,
+        repo: &RepoPath,
+        ctx: &WriteContext,
+        name: &str,
+        revision: &str,
+        old_revision: &[u8],
+    ) -> Result<(), Status> {
+        let git = &self.node.git;
+        let new = names::resolve(git, &repo.path, revision)
+            .await?
+            .ok_or_else(|| NodeError::NotFound(format!("revision not found: {revision:?}")))?;
+        let oid_len = new.len();
+        let found =
+            names::current_values(git, &repo.path, &std::iter::once(name.to_owned()).collect())
+                .await?;
+        let current = found
+            .get(name)
+            .cloned()
+            .unwrap_or_else(|| "0".repeat(oid_len));
+        let old = if old_revision.is_empty() {
+            current.clone()
+        } else {
+            let old = names::revision("old_revision", old_revision)?;
+            if names::is_zero(old) {
+                "0".repeat(oid_len)
+            } else {
+                names::resolve(git, &repo.path, old).await?.ok_or_else(|| {
+                    NodeError::invalid(format!("old_revision {old:?} names no object"))
+                })?
             }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::DirectoryNotEmpty | std::io::ErrorKind::AlreadyExists
-                ) =>
-            {
-                Err(NodeError::RepositoryExists(repo.to_string()))
-            }
-            Err(e) => Err(NodeError::io(
-                format!("moving the new repository to {}", repo.path.display()),
-                e,
-            )),
+        };
+        if old != current {
+            return Err(NodeError::Aborted(format!(
+                "reference does not point to the expected object: {name} is at {current}, expected {old}; read it again and retry"
+            ))
+            .into());
         }
+        let u = RefUpdate {
+            name: name.to_owned(),
+            old,
+            new,
+        };
+        update::apply(git, &repo.path, ctx, &[u])
+            .await
+            .map_err(|f| match f {
+                UpdateFailure::Git(e) => NodeError::from(e).into(),
+                f => Status::aborted(format!("{f}; retry")),
+            })
+    }
+}
+
+/// Moves a repository built in the private area to where clients see it.
+fn place(tmp: TempDir, repo: &RepoPath) -> Result<(), NodeError> {
+    let parent = repo.path.parent().unwrap_or(&repo.root);
+    std::fs::create_dir_all(parent)
+        .map_err(|e| NodeError::io(format!("creating {}", parent.display()), e))?;
+    // rename(2) replaces an empty directory but never a non-empty one, so of two
+    // concurrent creations exactly one wins.
+    if is_repository(&repo.path) {
+        return Err(NodeError::RepositoryExists(repo.to_string()));
+    }
+    match std::fs::rename(&tmp.0, &repo.path) {
+        Ok(()) => {
+            std::mem::forget(tmp);
+            Ok(())
+        }
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::DirectoryNotEmpty | std::io::ErrorKind::AlreadyExists
+            ) =>
+        {
+            Err(NodeError::RepositoryExists(repo.to_string()))
+        }
+        Err(e) => Err(NodeError::io(
+            format!("moving the new repository to {}", repo.path.display()),
+            e,
+        )),
     }
 }
 
@@ -172,7 +497,7 @@ async fn remove(repo: &RepoPath) -> Result<(), NodeError> {
 }
 
 /// A directory removed when dropped, unless forgotten.
-struct TempDir(PathBuf);
+pub(super) struct TempDir(PathBuf);
 
 impl Drop for TempDir {
     fn drop(&mut self) {

@@ -10,14 +10,15 @@
 //! it the write is untracked, or refused when `vote.require_transaction` is set. Runs
 //! votingd starts on its own (repair, maintenance) are [`WriteContext::Maintenance`].
 
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use refvote_cluster::Store;
 use tonic::metadata::MetadataMap;
 
 use super::error::NodeError;
+use super::git::Git;
 
 /// The request metadata key carrying the transaction id.
 pub const TX_METADATA: &str = "refvote-transaction";
@@ -48,6 +49,8 @@ pub struct Voter {
     settings: TxSettings,
     tx: String,
     finished: AtomicBool,
+    /// The repository whose checksum goes beside a successful `done`.
+    checksum_of: OnceLock<(Git, PathBuf)>,
 }
 
 impl WriteContext {
@@ -91,6 +94,7 @@ impl WriteContext {
             settings: settings.clone(),
             tx,
             finished: AtomicBool::new(false),
+            checksum_of: OnceLock::new(),
         })))
     }
 
@@ -102,6 +106,15 @@ impl WriteContext {
             }
             WriteContext::Untracked => Vec::new(),
             WriteContext::Maintenance => vec![("REFVOTE_MAINTENANCE".into(), "1".into())],
+        }
+    }
+
+    /// Names the repository this write changes: when the node's work succeeds, the
+    /// replica's checksum after it is recorded with `done`, so finalize can keep it
+    /// for the new generation (DESIGN.md §4, `votingctl verify`). The first call wins.
+    pub fn checksum_repository(&self, git: &Git, repo: &Path) {
+        if let WriteContext::Transaction(v) = self {
+            let _ = v.checksum_of.set((git.clone(), repo.to_owned()));
         }
     }
 
@@ -127,7 +140,17 @@ impl Voter {
         if self.finished.swap(true, Ordering::SeqCst) {
             return;
         }
-        record_done(&self.settings, &self.tx, ok, detail).await;
+        let mut checksum = String::new();
+        if ok && let Some((git, repo)) = self.checksum_of.get() {
+            // Best effort: a missing checksum only means finalize records none.
+            match super::repository::checksum::calculate(git, repo).await {
+                Ok(c) => checksum = c,
+                Err(e) => {
+                    tracing::warn!(tx = %self.tx, error = %e, "cannot compute the checksum after a write")
+                }
+            }
+        }
+        record_done(&self.settings, &self.tx, ok, detail, &checksum).await;
     }
 }
 
@@ -145,6 +168,7 @@ impl Drop for Voter {
                     &tx,
                     false,
                     "the call ended before the node finished",
+                    "",
                 )
                 .await;
             });
@@ -152,10 +176,14 @@ impl Drop for Voter {
     }
 }
 
-async fn record_done(settings: &TxSettings, tx: &str, ok: bool, detail: &str) {
+async fn record_done(settings: &TxSettings, tx: &str, ok: bool, detail: &str, checksum: &str) {
     // Bounded by the store's request timeout. If it fails the transaction still settles:
     // the reaper finalizes it once the creator's lease is gone.
-    match settings.store.done(tx, &settings.node, ok, detail).await {
+    let result = settings
+        .store
+        .done_with_checksum(tx, &settings.node, ok, detail, checksum)
+        .await;
+    match result {
         Ok(()) => tracing::debug!(%tx, ok, "voter done"),
         Err(e) => tracing::warn!(%tx, error = %e, "cannot record this voter done"),
     }

@@ -1,0 +1,212 @@
+//! ReplicateRepository, the repair of an outdated replica (DESIGN.md §4): the source is
+//! another node's Gitaly gRPC service, named in the `gitaly-servers` request metadata as
+//! Gitaly does it (base64 of JSON `{"<storage>": {"address": "tcp://…", "token": …}}`).
+//!
+//! The objects and refs come through the source's CreateBundle, streamed into a file
+//! in this storage's private area and fetched from with `--prune` (refs the source no
+//! longer has go); HEAD comes from the source's FindDefaultBranchName. Every git run
+//! here is maintenance: the hook lets it pass, since a repair copies what the majority
+//! already decided. Running it again against an unchanged source changes nothing.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use base64::Engine;
+use refvote_proto::gitaly::ref_service_client::RefServiceClient;
+use refvote_proto::gitaly::repository_service_client::RepositoryServiceClient;
+use refvote_proto::gitaly::{CreateBundleRequest, FindDefaultBranchNameRequest, Repository};
+use tokio_stream::StreamExt;
+use tonic::metadata::MetadataMap;
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+
+use super::bundle;
+use crate::node::error::NodeError;
+use crate::node::git::Git;
+use crate::node::refs::names;
+use crate::node::refs::update::{self, RefUpdate};
+use crate::node::storage::RepoPath;
+use crate::node::tx::WriteContext;
+
+/// The request metadata key naming the nodes a call may reach, as in Gitaly.
+pub const SERVERS_METADATA: &str = "gitaly-servers";
+
+#[derive(serde::Deserialize)]
+struct Server {
+    address: String,
+}
+
+/// The gRPC URL of the node serving `storage`, from the `gitaly-servers` metadata.
+pub fn source_url(metadata: &MetadataMap, storage: &str) -> Result<String, NodeError> {
+    let raw = metadata
+        .get(SERVERS_METADATA)
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| {
+            NodeError::invalid(format!(
+                "metadata {SERVERS_METADATA} is missing: it must say where the source storage {storage:?} is served"
+            ))
+        })?;
+    let json = base64::engine::general_purpose::STANDARD
+        .decode(raw)
+        .map_err(|e| {
+            NodeError::invalid(format!("metadata {SERVERS_METADATA} is not base64: {e}"))
+        })?;
+    let servers: HashMap<String, Server> = serde_json::from_slice(&json).map_err(|e| {
+        NodeError::invalid(format!(
+            "metadata {SERVERS_METADATA} is not a JSON map of storage to {{\"address\": …}}: {e}"
+        ))
+    })?;
+    let server = servers.get(storage).ok_or_else(|| {
+        NodeError::invalid(format!(
+            "metadata {SERVERS_METADATA} does not name the source storage {storage:?}"
+        ))
+    })?;
+    match server.address.split_once("://") {
+        Some(("tcp", hostport)) | Some(("http", hostport)) if !hostport.is_empty() => {
+            Ok(format!("http://{hostport}"))
+        }
+        _ => Err(NodeError::invalid(format!(
+            "source address {:?} is not supported: use tcp://host:port",
+            server.address
+        ))),
+    }
+}
+
+async fn connect(url: &str) -> Result<Channel, Status> {
+    Channel::from_shared(url.to_owned())
+        .map_err(|e| Status::invalid_argument(format!("source address {url:?}: {e}")))?
+        .tcp_nodelay(true)
+        .connect_timeout(std::time::Duration::from_secs(10))
+        .connect()
+        .await
+        .map_err(|e| Status::unavailable(format!("cannot reach the source node at {url}: {e}")))
+}
+
+/// What the source holds: its bundle (`None` when it has no refs) and HEAD's branch.
+pub struct Source {
+    pub bundle: Option<bundle::BundleFile>,
+    pub head: String,
+}
+
+/// Fetches the source's bundle into `target_root`'s private area and reads its HEAD.
+pub async fn fetch_source(
+    url: &str,
+    source: Repository,
+    target_root: &Path,
+) -> Result<Source, Status> {
+    let channel = connect(url).await?;
+    // HEAD first: a ref written between the two calls is then in the bundle, and a
+    // HEAD change will be caught by the next repair.
+    let head = RefServiceClient::new(channel.clone())
+        .find_default_branch_name(FindDefaultBranchNameRequest {
+            repository: Some(source.clone()),
+            head_only: true,
+        })
+        .await
+        .map_err(|s| from_source("reading HEAD", s))?
+        .into_inner()
+        .name;
+    let head = String::from_utf8_lossy(&head).into_owned();
+    let stream = RepositoryServiceClient::new(channel)
+        .create_bundle(CreateBundleRequest {
+            repository: Some(source),
+        })
+        .await;
+    let bundle = match stream {
+        Ok(s) => {
+            let chunks = s.into_inner().map(|m| m.map(|m| m.data));
+            Some(
+                bundle::receive(target_root, chunks)
+                    .await
+                    .map_err(|s| from_source("copying the bundle", s))?,
+            )
+        }
+        // The source has no refs: the replica must have none either.
+        Err(s) if s.code() == Code::FailedPrecondition => None,
+        Err(s) => return Err(from_source("creating a bundle", s)),
+    };
+    Ok(Source { bundle, head })
+}
+
+/// A failure on the source node, said as such (the target is fine).
+fn from_source(step: &str, s: Status) -> Status {
+    let code = match s.code() {
+        // The source's own client errors are this request's fault (wrong source).
+        Code::NotFound | Code::InvalidArgument => s.code(),
+        Code::FailedPrecondition => Code::FailedPrecondition,
+        _ => Code::Unavailable,
+    };
+    Status::new(code, format!("source repository: {step}: {}", s.message()))
+}
+
+/// Brings the existing repository at `target` level with `source`: refs (pruned) and
+/// objects from the bundle, then HEAD.
+pub async fn sync_existing(git: &Git, target: &RepoPath, source: &Source) -> Result<(), NodeError> {
+    let ctx = WriteContext::Maintenance;
+    match &source.bundle {
+        Some(b) => bundle::fetch(git, &target.path, &b.path, &ctx, true).await?,
+        None => delete_all_refs(git, &target.path).await?,
+    }
+    set_head(git, &target.path, &source.head).await
+}
+
+/// Deletes every ref, each with its current value as the expected old one.
+async fn delete_all_refs(git: &Git, repo: &Path) -> Result<(), NodeError> {
+    let oid_len = names::oid_len(git, repo).await?;
+    let zero = "0".repeat(oid_len);
+    let (out, exit) = git
+        .command(["for-each-ref", "--format=%(objectname) %(refname)"])
+        .git_dir(repo)
+        .spawn()?
+        .output(256 << 20)
+        .await?;
+    exit.check()?;
+    let updates: Vec<RefUpdate> = String::from_utf8_lossy(&out)
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .map(|(o, n)| RefUpdate {
+            name: n.to_owned(),
+            old: o.to_owned(),
+            new: zero.clone(),
+        })
+        .collect();
+    update::apply(git, repo, &WriteContext::Maintenance, &updates)
+        .await
+        .map_err(|f| NodeError::Aborted(format!("pruning refs: {f}")))
+}
+
+/// Points HEAD where the source's points, if it is not there already.
+pub async fn set_head(git: &Git, repo: &Path, head: &str) -> Result<(), NodeError> {
+    if head.is_empty() || !names::valid_ref_name(head) {
+        // A detached or odd HEAD on the source: leave ours alone.
+        return Ok(());
+    }
+    set_head_with(git, repo, head, &WriteContext::Maintenance).await
+}
+
+/// Points the HEAD symref at `head` as the write `ctx` (unchanged HEAD: no git write).
+pub async fn set_head_with(
+    git: &Git,
+    repo: &Path,
+    head: &str,
+    ctx: &WriteContext,
+) -> Result<(), NodeError> {
+    let (out, _) = git
+        .command(["symbolic-ref", "--quiet", "HEAD"])
+        .git_dir(repo)
+        .spawn()?
+        .output(4096)
+        .await?;
+    if String::from_utf8_lossy(&out).trim() == head {
+        return Ok(());
+    }
+    git.command(["symbolic-ref", "HEAD"])
+        .arg(head)
+        .git_dir(repo)
+        .write(ctx)
+        .spawn()?
+        .wait()
+        .await?
+        .check()?;
+    Ok(())
+}
