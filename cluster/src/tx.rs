@@ -707,11 +707,33 @@ impl Store {
             if raced {
                 continue; // a late vote landed: read everything again
             }
-            let committed_keys: BTreeSet<String> = decided
-                .iter()
-                .filter(|(_, d)| d.is_commit())
-                .map(|(k, _)| k.clone())
-                .collect();
+            // A key a majority voted for counts as committed only if some voter confirmed
+            // applying it. Votes can land after their voter gave up (a request that
+            // timed out while etcd had no quorum is applied when it regains one), so a
+            // majority of votes alone may stand for an update no replica applied.
+            // Voters confirm before they report done, so a done voter without a
+            // confirmation did not apply the key. Voters that voted for such a key and
+            // never reported (failed) are in an unknown state: they are marked outdated.
+            let mut committed_keys = BTreeSet::new();
+            let mut suspects = BTreeSet::new();
+            for (key, d) in decided.iter().filter(|(_, d)| d.is_commit()) {
+                let confirmed_by_any = data.confirmed.values().any(|keys| keys.contains(key));
+                if confirmed_by_any {
+                    committed_keys.insert(key.clone());
+                    continue;
+                }
+                tracing::warn!(
+                    tx,
+                    key,
+                    "a majority voted for this update but no replica applied it"
+                );
+                let winners = data.votes.get(key).map(|k| &k.votes);
+                for (voter, hash) in winners.into_iter().flatten() {
+                    if d.hash.as_ref() == Some(hash) && !data.done.contains_key(voter) {
+                        suspects.insert(voter.clone());
+                    }
+                }
+            }
 
             let Some(repo_entry) = r[1].first().cloned() else {
                 // The repository was removed: nothing to promote; just clean up.
@@ -837,9 +859,37 @@ impl Store {
                 outcome.acknowledged = record
                     .voters
                     .iter()
+                    .filter(|v| !suspects.contains(*v))
                     .filter(|v| reports[*v].current && reports[*v].done == Some(true))
                     .count()
                     >= record.threshold;
+                for node in &suspects {
+                    let Some((rep, entry)) = replicas.get(node) else {
+                        continue;
+                    };
+                    cmp.push(Compare::mod_revision(
+                        keys.replica(repo, node),
+                        CompareOp::Equal,
+                        entry.mod_revision,
+                    ));
+                    let reason =
+                        format!("may hold an update of transaction {tx} that no replica confirmed");
+                    let mut rep = rep.clone();
+                    if rep.state == ReplicaState::UpToDate {
+                        rep.state = ReplicaState::Outdated;
+                        rep.reason = reason.clone();
+                    }
+                    outcome.outdated.push(node.clone());
+                    let job = JobRecord {
+                        repo: repo.clone(),
+                        node: node.clone(),
+                        generation: repo_record.generation,
+                        reason,
+                        attempts: 0,
+                    };
+                    ops.push(TxnOp::put(keys.repair_job(repo, node), encode(&job), None));
+                    ops.push(TxnOp::put(keys.replica(repo, node), encode(&rep), None));
+                }
             }
             match self
                 .close(

@@ -301,6 +301,26 @@ async fn votes_fail_closed_while_etcd_has_no_majority_and_recover_after() -> any
         )
         .await?;
     }
+    // As votingd's node service does once etcd takes writes again: the voters of the
+    // first transaction report done (their git runs failed), so it can be finalized
+    // and holds up nothing. Votes of it may have landed late: finalize must not count
+    // an update nobody applied as committed.
+    for n in c.node_names() {
+        let (store, id) = (c.store.clone(), tx.id.clone());
+        refvote_tests::proc::wait_for("voters report done", Duration::from_secs(20), || {
+            let (store, id, n) = (store.clone(), id.clone(), n.clone());
+            async move {
+                match store
+                    .done(&id, &n, false, "push failed during the outage")
+                    .await
+                {
+                    Ok(()) | Err(refvote_cluster::Error::UnknownTx(_)) => Ok(()),
+                    Err(e) => Err(e.into()),
+                }
+            }
+        })
+        .await?;
+    }
     c.session.wait_for_lease(Duration::from_secs(20)).await;
     let store = c.store.clone();
     let repo2 = repo.clone();
@@ -672,5 +692,47 @@ async fn votingctl_status_reports_health_as_a_table_and_as_json() -> anyhow::Res
         String::from_utf8_lossy(&out.stderr).contains("votingd is not answering"),
         "{out:?}"
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_majority_of_votes_that_no_replica_applied_does_not_advance_the_repository()
+-> anyhow::Result<()> {
+    use refvote_cluster::records::VoteRecord;
+    let c = VoteCluster::start(3, 1).await?;
+    let repo = c.create_repo("late.git").await?;
+    let tx = c.begin(&repo).await?;
+    // Two votes for the same update land (as a vote whose request timed out can land
+    // after its voter aborted), but no replica applies it: nobody confirms.
+    let vote = VoteRecord {
+        hash: "ab".repeat(32),
+        ref_count: 1,
+        first_ref: "refs/heads/main".into(),
+    };
+    let key = "0123456789abcdef0123456789abcdef.0";
+    for n in ["node1", "node2"] {
+        c.store.start_voter(&tx.id, n).await?;
+    }
+    let (a, b) = tokio::join!(
+        c.store
+            .cast_vote(&tx.id, "node1", key, &vote, Duration::from_secs(5)),
+        c.store
+            .cast_vote(&tx.id, "node2", key, &vote, Duration::from_secs(5)),
+    );
+    assert!(
+        a?.0.is_commit() && b?.0.is_commit(),
+        "two equal votes of three are a majority"
+    );
+    for n in c.node_names() {
+        c.store.done(&tx.id, &n, false, "git aborted").await?;
+    }
+    let outcome = c.finalize(&tx).await?;
+    assert!(!outcome.committed && !outcome.acknowledged, "{outcome:?}");
+    assert_eq!(outcome.generation, 0);
+    assert!(outcome.outdated.is_empty(), "{outcome:?}");
+    for n in c.node_names() {
+        let r = replica(&c, &repo, &n).await;
+        assert_eq!((r.state, r.generation), (ReplicaState::UpToDate, 0), "{n}");
+    }
     Ok(())
 }

@@ -116,6 +116,11 @@ impl Daemon {
                 .unwrap_or_else(|_| config.registered_address()),
             _ => config.registered_address(),
         };
+        let service = Arc::new(VoteService::new(
+            config.node_name.clone(),
+            store.clone(),
+            config.vote_timeout(),
+        ));
         let node_server = match incoming {
             Some(incoming) => {
                 let state = Arc::new(NodeState {
@@ -131,6 +136,7 @@ impl Daemon {
                         node: config.node_name.clone(),
                         vote_socket: config.vote.socket_path.clone(),
                         require_transaction: config.vote.require_transaction,
+                        votes: service.clone(),
                     },
                     locks,
                 });
@@ -155,11 +161,6 @@ impl Daemon {
             async move { store.register_node(&node, lease).await }
         });
 
-        let service = Arc::new(VoteService::new(
-            config.node_name.clone(),
-            store.clone(),
-            config.vote_timeout(),
-        ));
         let started = Instant::now();
         let status_fn: vote::StatusFn = {
             let config = config.clone();

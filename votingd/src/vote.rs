@@ -45,6 +45,8 @@ struct TxLocal {
     pending: Vec<Pending>,
     /// Votes of this transaction waiting for a decision right now.
     voting: u32,
+    /// Keys git applied whose confirmation could not be written yet.
+    unconfirmed: Vec<String>,
     touched: Instant,
 }
 
@@ -80,7 +82,7 @@ impl VoteService {
     pub fn open_transactions(&self) -> Vec<String> {
         let txs = self.txs.lock().expect("poisoned");
         txs.iter()
-            .filter(|(_, t)| !t.pending.is_empty() || t.voting > 0)
+            .filter(|(_, t)| !t.pending.is_empty() || !t.unconfirmed.is_empty() || t.voting > 0)
             .map(|(id, _)| id.clone())
             .collect()
     }
@@ -162,6 +164,7 @@ impl VoteService {
                 occurrences: HashMap::new(),
                 pending: Vec::new(),
                 voting: 0,
+                unconfirmed: Vec::new(),
                 touched: Instant::now(),
             });
             t.touched = Instant::now();
@@ -285,15 +288,67 @@ impl VoteService {
                 ),
             ));
         };
-        self.store
-            .confirm(&v.transaction, &key, &self.node)
-            .await
-            .map_err(refusal)?;
+        if let Err(e) = self.store.confirm(&v.transaction, &key, &self.node).await {
+            // git applied it: keep it, so this node confirms it before it reports done.
+            if let Some(t) = self.txs.lock().expect("poisoned").get_mut(&v.transaction) {
+                t.unconfirmed.push(key);
+            }
+            return Err(refusal(e));
+        }
         self.counters.confirms.fetch_add(1, Ordering::Relaxed);
         Ok(Decision {
             commit: true,
             message: String::new(),
         })
+    }
+
+    /// Before this node reports itself done in `tx`: writes the confirmations that
+    /// failed earlier, and marks the replica outdated if git was told to commit an
+    /// update and never said whether it did (it died in between). Finalize reads "done
+    /// without a confirmation" as "did not apply", so this must succeed first.
+    pub async fn settle(&self, tx: &str) -> Result<(), ClusterError> {
+        let (record, unconfirmed, unsure) = {
+            let mut txs = self.txs.lock().expect("poisoned");
+            let Some(t) = txs.get_mut(tx) else {
+                return Ok(());
+            };
+            let unsure: Vec<String> = t.pending.drain(..).map(|p| p.key).collect();
+            (t.record.clone(), std::mem::take(&mut t.unconfirmed), unsure)
+        };
+        let mut left = unconfirmed.into_iter();
+        while let Some(key) = left.next() {
+            if let Err(e) = self.store.confirm(tx, &key, &self.node).await {
+                let mut txs = self.txs.lock().expect("poisoned");
+                if let Some(t) = txs.get_mut(tx) {
+                    t.unconfirmed.push(key);
+                    t.unconfirmed.extend(left);
+                }
+                return Err(e);
+            }
+            self.counters.confirms.fetch_add(1, Ordering::Relaxed);
+        }
+        if let (Some(record), false) = (record, unsure.is_empty()) {
+            let reason = format!(
+                "git stopped between committing and confirming an update of transaction {tx}"
+            );
+            tracing::warn!(tx, keys = ?unsure, "{reason}");
+            if let Err(e) = self
+                .store
+                .mark_outdated(&record.repo, &self.node, &reason)
+                .await
+            {
+                let mut txs = self.txs.lock().expect("poisoned");
+                if let Some(t) = txs.get_mut(tx) {
+                    t.pending.extend(unsure.into_iter().map(|key| Pending {
+                        key_base: String::new(),
+                        key,
+                        hash: String::new(),
+                    }));
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
     }
 
     async fn aborted(&self, v: &Vote) -> Result<Decision, Refusal> {

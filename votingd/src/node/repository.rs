@@ -34,6 +34,9 @@ use super::refs::names;
 use super::refs::update::{self, RefUpdate, UpdateFailure};
 use super::storage::{RepoPath, Storages, is_repository};
 use super::tx::WriteContext;
+
+/// Longest a repair waits for running pushes to finish before it gives up (UNAVAILABLE).
+const REPAIR_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 use super::{NodeState, first_message};
 
 pub struct RepositorySvc {
@@ -298,6 +301,19 @@ impl RepositoryService for RepositorySvc {
         let url = replicate::source_url(&metadata, &source.storage_name)?;
         let ctx = WriteContext::from_metadata(&self.node.tx, &metadata).await?;
         ctx.checksum_repository(&self.node.git, &target.path);
+        // A repair runs alone on the repository (no push holds a ref lock it needs),
+        // after clearing ref locks a crash left behind.
+        if is_repository(&target.path) {
+            self.node
+                .locks
+                .clear_stale_ref_locks(&target.path, REPAIR_LOCK_WAIT)
+                .await?;
+        }
+        let _exclusive = self
+            .node
+            .locks
+            .exclusive(&target.path, REPAIR_LOCK_WAIT)
+            .await?;
         let result = async {
             let src = replicate::fetch_source(&url, source, &target.root).await?;
             if is_repository(&target.path) {

@@ -118,6 +118,7 @@ impl SmartHttpService for SmartHttpSvc {
         // malformed push is refused without git or the transaction seeing it.
         let input = canonical_input(stream_input(first.data, stream, |m| m.data)).await?;
         let ctx = WriteContext::from_metadata(&self.node.tx, &metadata).await?;
+        ctx.checksum_repository(&self.node.git, &repo.path);
         let lock = self.node.locks.shared(&repo.path).await;
         let run = cmd
             .write(&ctx)

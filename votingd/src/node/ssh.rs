@@ -171,6 +171,7 @@ impl SshService for SshSvc {
             .protocol(&first.git_protocol)?
             .arg(&repo.path);
         let ctx = WriteContext::from_metadata(&self.node.tx, &metadata).await?;
+        ctx.checksum_repository(&self.node.git, &repo.path);
         let lock = self.node.locks.shared(&repo.path).await;
         let run = cmd
             .write(&ctx)

@@ -13,12 +13,14 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use refvote_cluster::Store;
 use tonic::metadata::MetadataMap;
 
 use super::error::NodeError;
 use super::git::Git;
+use crate::vote::VoteService;
 
 /// The request metadata key carrying the transaction id.
 pub const TX_METADATA: &str = "refvote-transaction";
@@ -30,6 +32,9 @@ pub struct TxSettings {
     pub node: String,
     pub vote_socket: PathBuf,
     pub require_transaction: bool,
+    /// The vote service, which must settle this node's confirmations before it
+    /// reports done.
+    pub votes: Arc<VoteService>,
 }
 
 /// How a write is accounted for.
@@ -176,15 +181,66 @@ impl Drop for Voter {
     }
 }
 
+/// How long a node keeps trying to report itself done while etcd cannot take it.
+const DONE_RETRY: Duration = Duration::from_secs(15 * 60);
+
+/// Reports this voter done, after settling what it applied (see
+/// [`VoteService::settle`]). One attempt inline; if etcd cannot take it, retries in the
+/// background: a voter that never reports done holds up every later finalize of the
+/// repository until its node loses its lease.
 async fn record_done(settings: &TxSettings, tx: &str, ok: bool, detail: &str, checksum: &str) {
-    // Bounded by the store's request timeout. If it fails the transaction still settles:
-    // the reaper finalizes it once the creator's lease is gone.
-    let result = settings
-        .store
-        .done_with_checksum(tx, &settings.node, ok, detail, checksum)
-        .await;
+    if report(settings, tx, ok, detail, checksum).await.is_ok() {
+        return;
+    }
+    let (settings, tx, detail, checksum) = (
+        settings.clone(),
+        tx.to_owned(),
+        detail.to_owned(),
+        checksum.to_owned(),
+    );
+    tokio::spawn(async move {
+        let deadline = tokio::time::Instant::now() + DONE_RETRY;
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            tokio::time::sleep(backoff).await;
+            match report(&settings, &tx, ok, &detail, &checksum).await {
+                Ok(()) => return,
+                Err(()) if tokio::time::Instant::now() >= deadline => {
+                    tracing::error!(%tx, "gave up reporting this voter done");
+                    return;
+                }
+                Err(_) => backoff = (backoff * 2).min(Duration::from_secs(5)),
+            }
+        }
+    });
+}
+
+async fn report(
+    settings: &TxSettings,
+    tx: &str,
+    ok: bool,
+    detail: &str,
+    checksum: &str,
+) -> Result<(), ()> {
+    let result = match settings.votes.settle(tx).await {
+        Ok(()) => {
+            settings
+                .store
+                .done_with_checksum(tx, &settings.node, ok, detail, checksum)
+                .await
+        }
+        Err(e) => Err(e),
+    };
     match result {
-        Ok(()) => tracing::debug!(%tx, ok, "voter done"),
-        Err(e) => tracing::warn!(%tx, error = %e, "cannot record this voter done"),
+        Ok(()) => {
+            tracing::debug!(%tx, ok, "voter done");
+            Ok(())
+        }
+        // Finalized meanwhile: it already counted this voter as failed.
+        Err(refvote_cluster::Error::UnknownTx(_)) => Ok(()),
+        Err(e) => {
+            tracing::warn!(%tx, error = %e, "cannot record this voter done yet");
+            Err(())
+        }
     }
 }
