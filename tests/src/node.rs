@@ -93,11 +93,12 @@ impl Node {
         std::fs::write(
             &config,
             format!(
-                "node_name = {name:?}\nlisten_addr = \"{grpc}\"\n\
+                "node_name = {name:?}\nlisten_addr = \"{grpc}\"\nsocket_path = {:?}\n\
                  [etcd]\nendpoints = [{endpoints}]\nprefix = \"/refvote/\"\nlease_ttl_secs = {}\nrequest_timeout_ms = {}\n\
                  [vote]\nsocket_path = {:?}\nhooks_dir = {:?}\nvote_timeout_ms = {}\nrequire_transaction = {}\n\
                  reaper_interval_ms = {}\nhook_binary = {:?}\n\
                  [[storage]]\nname = \"default\"\npath = {:?}\n",
+                dir.join("gitaly.sock"),
                 opts.lease_ttl_secs,
                 opts.request_timeout_ms,
                 socket,
@@ -152,6 +153,11 @@ impl Node {
     /// Where the node's Gitaly-compatible gRPC service listens.
     pub fn grpc_addr(&self) -> SocketAddr {
         self.grpc
+    }
+
+    /// The Unix socket serving the same gRPC service (`socket_path`).
+    pub fn grpc_socket(&self) -> PathBuf {
+        self.dir.join("gitaly.sock")
     }
 
     /// `http://<grpc_addr>`, for tonic clients.

@@ -739,3 +739,32 @@ async fn writes_without_a_transaction_follow_require_transaction() -> anyhow::Re
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_service_is_also_served_on_a_unix_socket() -> anyhow::Result<()> {
+    let c = VoteCluster::start(1, 1).await?;
+    let node = &c.nodes[0];
+    let socket = node.grpc_socket();
+    let ch = tonic::transport::Endpoint::try_from("http://local.socket")?
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let socket = socket.clone();
+            async move {
+                let stream = tokio::net::UnixStream::connect(socket).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+            }
+        }))
+        .await?;
+    let info = ServerServiceClient::new(ch.clone())
+        .server_info(ServerInfoRequest {})
+        .await?
+        .into_inner();
+    assert_eq!(info.storage_statuses.len(), 1);
+    let exists = RepositoryServiceClient::new(ch)
+        .repository_exists(RepositoryExistsRequest {
+            repository: repo("missing.git"),
+        })
+        .await?
+        .into_inner();
+    assert!(!exists.exists);
+    Ok(())
+}

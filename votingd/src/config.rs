@@ -20,6 +20,11 @@ pub struct Config {
     /// a wildcard address such as 0.0.0.0.
     #[serde(default)]
     pub advertise_addr: String,
+    /// A Unix socket serving the same gRPC service to local clients (Gitaly's key
+    /// name); empty: none. Needs `listen_addr`. Its permissions and group are those of
+    /// the vote socket.
+    #[serde(default)]
+    pub socket_path: PathBuf,
     #[serde(default)]
     pub git: GitConfig,
     #[serde(default)]
@@ -249,6 +254,24 @@ impl Config {
                     format!(
                         "must be set when listen_addr is the wildcard {addr}: routers need an address they can dial"
                     ),
+                ));
+            }
+        }
+        if !self.socket_path.as_os_str().is_empty() {
+            if !self.socket_path.is_absolute() {
+                return Err(invalid("socket_path", "must be an absolute path".into()));
+            }
+            if self.listen_addr.is_empty() {
+                return Err(invalid(
+                    "socket_path",
+                    "needs listen_addr: the Unix socket serves the same service as the TCP one"
+                        .into(),
+                ));
+            }
+            if self.socket_path == self.vote.socket_path {
+                return Err(invalid(
+                    "socket_path",
+                    "must differ from vote.socket_path".into(),
                 ));
             }
         }

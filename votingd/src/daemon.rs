@@ -144,7 +144,12 @@ impl Daemon {
                     addr: config.listen_addr.clone(),
                     source,
                 };
-                Some(node::serve(incoming, state).map_err(listen)?)
+                let unix = if config.socket_path.as_os_str().is_empty() {
+                    None
+                } else {
+                    Some(bind_unix(&config, &config.socket_path)?)
+                };
+                Some(node::serve(incoming, unix, state).map_err(listen)?)
             }
             None => None,
         };
@@ -240,6 +245,9 @@ impl Daemon {
         let started = Instant::now();
         if let Some(server) = node_server {
             server.shutdown(drain).await;
+            if !config.socket_path.as_os_str().is_empty() {
+                let _ = std::fs::remove_file(&config.socket_path);
+            }
         }
         let drain = drain.saturating_sub(started.elapsed());
         tasks.remove(0).abort();
@@ -270,7 +278,12 @@ async fn connect(config: &Config) -> Result<Store, StartError> {
 }
 
 fn bind_socket(config: &Config) -> Result<UnixListener, StartError> {
-    let path = &config.vote.socket_path;
+    bind_unix(config, &config.vote.socket_path)
+}
+
+/// Binds a Unix socket at `path` (removing one a dead process left), with the vote
+/// socket's mode and group.
+fn bind_unix(config: &Config, path: &Path) -> Result<UnixListener, StartError> {
     let shown = path.display().to_string();
     let io = |source| StartError::Socket {
         path: shown.clone(),

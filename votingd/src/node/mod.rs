@@ -31,7 +31,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use refvote_proto::gitaly;
-use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic::transport::server::TcpIncoming;
 
@@ -59,8 +58,8 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpIncoming> {
 /// The running service.
 pub struct NodeServer {
     local_addr: SocketAddr,
-    stop: oneshot::Sender<()>,
-    task: JoinHandle<()>,
+    stop: tokio::sync::watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
 }
 
 impl NodeServer {
@@ -70,21 +69,25 @@ impl NodeServer {
 
     /// Stops accepting calls and gives running ones up to `drain` to finish.
     pub async fn shutdown(self, drain: Duration) {
-        let _ = self.stop.send(());
-        let mut task = self.task;
-        if tokio::time::timeout(drain, &mut task).await.is_err() {
-            tracing::warn!("gRPC calls still running after {drain:?}; stopping them");
-            task.abort();
+        let _ = self.stop.send(true);
+        let deadline = tokio::time::Instant::now() + drain;
+        for mut task in self.tasks {
+            if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
+                tracing::warn!("gRPC calls still running after {drain:?}; stopping them");
+                task.abort();
+            }
         }
     }
 }
 
-/// Serves every implemented Gitaly service and the health service on `incoming`.
-pub fn serve(incoming: TcpIncoming, state: Arc<NodeState>) -> std::io::Result<NodeServer> {
-    let local_addr = incoming.local_addr()?;
-    let (reporter, health) = tonic_health::server::health_reporter();
-    let (stop, stopped) = oneshot::channel::<()>();
-    let router = tonic::transport::Server::builder()
+/// Every implemented Gitaly service and the health service, routed.
+fn routes(
+    state: &Arc<NodeState>,
+    health: tonic_health::pb::health_server::HealthServer<
+        impl tonic_health::pb::health_server::Health,
+    >,
+) -> tonic::transport::server::Router {
+    tonic::transport::Server::builder()
         .add_service(health)
         .add_service(gitaly::server_service_server::ServerServiceServer::new(
             server::ServerSvc::new(state.clone()),
@@ -115,27 +118,50 @@ pub fn serve(incoming: TcpIncoming, state: Arc<NodeState>) -> std::io::Result<No
         )
         .add_service(gitaly::ssh_service_server::SshServiceServer::new(
             ssh::SshSvc::new(state.clone()),
-        ));
-    let task = tokio::spawn(async move {
+        ))
+}
+
+/// Serves every implemented Gitaly service and the health service on `incoming`, and
+/// on the Unix socket `unix` if given (local clients, as Gitaly's `socket_path`).
+pub fn serve(
+    incoming: TcpIncoming,
+    unix: Option<tokio::net::UnixListener>,
+    state: Arc<NodeState>,
+) -> std::io::Result<NodeServer> {
+    let local_addr = incoming.local_addr()?;
+    let (reporter, health) = tonic_health::server::health_reporter();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let signal = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let mut tasks = Vec::new();
+    let tcp = routes(&state, health.clone());
+    let until = signal(stopped.clone());
+    tasks.push(tokio::spawn(async move {
         // The empty service name (the whole server) is SERVING from the start; name
         // the Gitaly services too, for probes that ask for one.
         reporter
             .set_serving::<gitaly::server_service_server::ServerServiceServer<server::ServerSvc>>()
             .await;
-        let result = router
-            .serve_with_incoming_shutdown(incoming, async {
-                let _ = stopped.await;
-            })
-            .await;
-        if let Err(e) = result {
+        if let Err(e) = tcp.serve_with_incoming_shutdown(incoming, until).await {
             tracing::error!(error = %e, "gRPC service failed");
         }
-    });
+    }));
+    if let Some(listener) = unix {
+        let local = routes(&state, health);
+        let until = signal(stopped);
+        let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = local.serve_with_incoming_shutdown(incoming, until).await {
+                tracing::error!(error = %e, "gRPC service on the Unix socket failed");
+            }
+        }));
+    }
     tracing::info!(%local_addr, node = %state.name, "gRPC service listening");
     Ok(NodeServer {
         local_addr,
         stop,
-        task,
+        tasks,
     })
 }
 
