@@ -1,13 +1,25 @@
 //! refvote-router: the thin gRPC front GitLab clients talk to instead of one Gitaly
-//! server. So far this crate holds the two pieces every forwarded call starts with:
-//! the method [`registry`] built from the `op_type` annotations in `proto/`, and the
-//! first-[`frame`] parsing that finds and rewrites a request's target repository
-//! without decoding anything else.
+//! server. Every call goes through one catch-all handler ([`forward`]) with a byte
+//! [`codec`]: the method [`registry`] (built from the `op_type` annotations in
+//! `proto/`) classifies it, the first [`frame`] names the target repository, etcd says
+//! which replicas may serve it, and the frames pass through unchanged apart from the
+//! storage name.
 //!
-//! It does not yet forward calls, run transactions or serve HTTP; those come with the
-//! router issue. It keeps no state of its own: everything it will need lives in etcd.
+//! Accessors are routed today. Mutators (voted transactions), maintenance fan-out,
+//! repository creation, repair, the admin service and auth are not yet: those calls
+//! get UNIMPLEMENTED rather than an unvoted write. The router keeps no state of its
+//! own: everything lives in etcd.
 #![forbid(unsafe_code)]
 
+pub mod codec;
+pub mod config;
+pub mod forward;
 pub mod frame;
+mod pool;
 pub mod registry;
+pub mod respond;
+pub mod server;
 mod wire;
+
+pub use config::Config;
+pub use server::RouterServer;

@@ -11,4 +11,5 @@ pub mod etcd;
 pub mod git;
 pub mod node;
 pub mod proc;
+pub mod router;
 pub mod smarthttp;

@@ -1,0 +1,71 @@
+//! `refvote-router --config FILE`: serves the Gitaly-compatible gRPC front until
+//! SIGTERM or SIGINT.
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use refvote_router::{Config, RouterServer};
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "refvote's gRPC front: routes Gitaly calls to the replicas of each repository"
+)]
+struct Args {
+    /// Configuration file (TOML).
+    #[arg(long, short, default_value = "/etc/refvote/router.toml")]
+    config: PathBuf,
+    /// Validate the configuration and exit.
+    #[arg(long)]
+    check_config: bool,
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    let config = match Config::load(&args.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("refvote-router: {e}");
+            // EX_USAGE: the configuration, not the environment, is wrong.
+            std::process::exit(64);
+        }
+    };
+    if args.check_config {
+        println!("{}: ok", args.config.display());
+        return;
+    }
+    init_logging();
+    let server = match RouterServer::start(&config).await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("refvote-router: {:#}", anyhow::Error::from(e));
+            std::process::exit(1);
+        }
+    };
+    wait_for_signal().await;
+    tracing::info!("shutting down");
+    server.shutdown(Duration::from_secs(10)).await;
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`).
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

@@ -1,0 +1,94 @@
+//! The one place where the router's own failures become gRPC statuses. A node's status
+//! never passes through here: it reaches the client as the node sent it.
+
+use refvote_cluster::RepoId;
+use refvote_cluster::repo::InvalidRepo;
+use tonic::{Code, Status};
+
+use crate::frame::FrameError;
+
+/// Why the router could not forward a call.
+#[derive(Debug, thiserror::Error)]
+pub enum RouteError {
+    #[error("unknown method {0}: refvote does not serve it (see proto/ for the methods it does)")]
+    UnknownMethod(String),
+    #[error("{method} is not served by refvote-router yet: {why}")]
+    NotYet { method: String, why: &'static str },
+    #[error("{0}: the request stream ended before its first message")]
+    EmptyRequest(String),
+    #[error("{method}: cannot read the target repository")]
+    Frame {
+        method: String,
+        #[source]
+        source: FrameError,
+    },
+    #[error("invalid repository")]
+    Repo(#[from] InvalidRepo),
+    #[error(
+        "repository {0} is not registered in refvote; create it through the router (CreateRepository) first"
+    )]
+    NotRegistered(RepoId),
+    #[error(
+        "cannot read the replicas of {repo} from etcd; retry, and check the router's etcd connectivity"
+    )]
+    Etcd {
+        repo: RepoId,
+        #[source]
+        source: refvote_cluster::Error,
+    },
+    #[error("no replica of {repo} can serve reads: {detail}")]
+    NoReplica { repo: RepoId, detail: String },
+    /// Reading the client's own request stream failed.
+    #[error("reading the request failed")]
+    Client(#[source] Status),
+}
+
+/// `e` and every error below it, joined with ": ".
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut next = e.source();
+    while let Some(inner) = next {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        next = inner.source();
+    }
+    s
+}
+
+impl From<RouteError> for Status {
+    fn from(e: RouteError) -> Status {
+        let code = match &e {
+            RouteError::UnknownMethod(_) | RouteError::NotYet { .. } => Code::Unimplemented,
+            RouteError::EmptyRequest(_) | RouteError::Frame { .. } | RouteError::Repo(_) => {
+                Code::InvalidArgument
+            }
+            RouteError::NotRegistered(_) => Code::NotFound,
+            RouteError::Etcd { source, .. } if source.is_unavailable() => Code::Unavailable,
+            RouteError::Etcd { .. } => Code::Internal,
+            RouteError::NoReplica { .. } => Code::Unavailable,
+            RouteError::Client(s) => return s.clone(),
+        };
+        Status::new(code, chain(&e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_carry_the_cause() {
+        let repo = RepoId::new("default", "a.git").unwrap();
+        let s = Status::from(RouteError::NotRegistered(repo));
+        assert_eq!(s.code(), Code::NotFound);
+        assert!(s.message().contains("default/a.git"), "{s:?}");
+        let s = Status::from(RouteError::from(
+            RepoId::new("default", "../x").unwrap_err(),
+        ));
+        assert_eq!(s.code(), Code::InvalidArgument);
+        assert!(s.message().contains("leaves the storage"), "{s:?}");
+        let s = Status::from(RouteError::UnknownMethod("/gitaly.X/Y".into()));
+        assert_eq!(s.code(), Code::Unimplemented);
+        assert!(s.message().contains("/gitaly.X/Y"));
+    }
+}

@@ -1,0 +1,100 @@
+//! Starting and stopping the router: registry, etcd, listener, and the catch-all
+//! service on top. Everything a test needs to run a router in-process.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use refvote_cluster::{Store, StoreConfig};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::codegen::http;
+use tonic::transport::server::TcpIncoming;
+
+use crate::config::Config;
+use crate::forward::Forwarder;
+use crate::registry::{Registry, RegistryError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("the method registry is invalid")]
+    Registry(#[from] RegistryError),
+    #[error("cannot set up the etcd client")]
+    Etcd(#[from] refvote_cluster::Error),
+    #[error("cannot listen on {addr}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A running router.
+pub struct RouterServer {
+    addr: SocketAddr,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+}
+
+impl RouterServer {
+    pub async fn start(config: &Config) -> Result<RouterServer, StartError> {
+        // A method without its annotations fails here, not on its first call.
+        let registry = Registry::gitaly()?;
+        let store = Store::connect(&StoreConfig {
+            endpoints: config.etcd.endpoints.clone(),
+            prefix: config.etcd.prefix.clone(),
+            request_timeout: config.request_timeout(),
+        })
+        .await?;
+        let addr = config.listen();
+        let incoming = TcpIncoming::bind(addr)
+            .map_err(|source| StartError::Bind { addr, source })?
+            .with_nodelay(Some(true));
+        let addr = incoming
+            .local_addr()
+            .map_err(|source| StartError::Bind { addr, source })?;
+        let forwarder = Arc::new(Forwarder::new(registry, store));
+        let svc = tower::service_fn(move |req: http::Request<tonic::body::Body>| {
+            let f = forwarder.clone();
+            async move { Ok::<_, Infallible>(f.handle(req).await) }
+        });
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let until = async {
+                let _ = rx.await;
+            };
+            if let Err(e) = tonic::transport::Server::builder()
+                .serve_with_incoming_shutdown(svc, incoming, until)
+                .await
+            {
+                tracing::error!(error = %e, "the gRPC server stopped");
+            }
+        });
+        tracing::info!(%addr, router = %config.router_id, "serving");
+        Ok(RouterServer {
+            addr,
+            shutdown: Some(tx),
+            task,
+        })
+    }
+
+    /// Where the router listens (the bound port when `listen_addr` asked for port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops accepting calls and waits up to `grace` for calls in flight.
+    pub async fn shutdown(mut self, grace: Duration) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if tokio::time::timeout(grace, &mut self.task).await.is_err() {
+            tracing::warn!(
+                ?grace,
+                "calls still in flight after the grace period; stopping them"
+            );
+            self.task.abort();
+        }
+    }
+}

@@ -1,0 +1,230 @@
+//! The router's forwarding core against a real etcd, three real votingd nodes, real
+//! git and a real `refvote-router` process: accessors answered through it from
+//! up-to-date replicas only, spread over them, failed over from a dead node, and bad
+//! calls refused with clear codes.
+
+use std::collections::BTreeSet;
+
+use refvote_cluster::RepoId;
+use refvote_proto::gitaly::ref_service_client::RefServiceClient;
+use refvote_proto::gitaly::repository_service_client::RepositoryServiceClient;
+use refvote_proto::gitaly::smart_http_service_client::SmartHttpServiceClient;
+use refvote_proto::gitaly::{
+    FindDefaultBranchNameRequest, PostReceivePackRequest, RefExistsRequest, Repository,
+    RepositoryExistsRequest,
+};
+use refvote_tests::cluster::VoteCluster;
+use refvote_tests::git;
+use refvote_tests::router::Router;
+use tonic::Code;
+use tonic::transport::Channel;
+
+fn repo(relative: &str) -> Option<Repository> {
+    Some(Repository {
+        storage_name: "default".into(),
+        relative_path: relative.into(),
+        ..Default::default()
+    })
+}
+
+/// A cluster of three nodes and one router, with `relative` created on every node,
+/// `main` pushed to each replica, and the repository registered in etcd.
+async fn cluster_with_repo(relative: &str) -> anyhow::Result<(VoteCluster, Router, RepoId)> {
+    let c = VoteCluster::start(3, 1).await?;
+    let id = c.create_repo(relative).await?;
+    let work = c.work("w")?;
+    work.commit("main", "first")?;
+    for n in &c.nodes {
+        let out = git::push(&work.path, &n.repo(relative), &["main"], &[]).await?;
+        anyhow::ensure!(out.status.success(), "{out:?}");
+    }
+    let router = Router::start("router1", c.dir.path(), &c.etcd.endpoints()).await?;
+    Ok((c, router, id))
+}
+
+async fn ref_exists(ch: &Channel, relative: &str, name: &str) -> Result<bool, tonic::Status> {
+    Ok(RefServiceClient::new(ch.clone())
+        .ref_exists(RefExistsRequest {
+            repository: repo(relative),
+            r#ref: name.as_bytes().to_vec(),
+        })
+        .await?
+        .into_inner()
+        .value)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accessors_are_answered_through_the_router() -> anyhow::Result<()> {
+    let (_c, router, _) = cluster_with_repo("group/p.git").await?;
+    let ch = router.channel().await?;
+
+    let exists = RepositoryServiceClient::new(ch.clone())
+        .repository_exists(RepositoryExistsRequest {
+            repository: repo("group/p.git"),
+        })
+        .await?
+        .into_inner();
+    assert!(exists.exists);
+    let name = RefServiceClient::new(ch.clone())
+        .find_default_branch_name(FindDefaultBranchNameRequest {
+            repository: repo("group/p.git"),
+            head_only: false,
+        })
+        .await?
+        .into_inner()
+        .name;
+    assert_eq!(name, b"refs/heads/main");
+    assert!(ref_exists(&ch, "group/p.git", "refs/heads/main").await?);
+    assert!(!ref_exists(&ch, "group/p.git", "refs/heads/nope").await?);
+    // A node's own error comes back with its code and message.
+    let err = ref_exists(&ch, "group/p.git", "not-a-ref")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_calls_get_clear_codes_and_the_router_keeps_serving() -> anyhow::Result<()> {
+    let (_c, router, _) = cluster_with_repo("p.git").await?;
+    let ch = router.channel().await?;
+
+    // A method refvote does not serve.
+    let mut raw = tonic::client::Grpc::new(ch.clone());
+    raw.ready().await?;
+    let err = raw
+        .unary::<_, RepositoryExistsRequest, _>(
+            tonic::Request::new(RepositoryExistsRequest {
+                repository: repo("p.git"),
+            }),
+            "/gitaly.NoSuchService/NoSuchMethod".parse()?,
+            tonic_prost::ProstCodec::<_, RepositoryExistsRequest>::default(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unimplemented, "{err:?}");
+    assert!(
+        err.message().contains("/gitaly.NoSuchService/NoSuchMethod"),
+        "{err:?}"
+    );
+
+    // A path leaving the storage never reaches etcd or a node.
+    let err = RepositoryServiceClient::new(ch.clone())
+        .repository_exists(RepositoryExistsRequest {
+            repository: repo("../../etc/p.git"),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("leaves the storage"), "{err:?}");
+
+    // No repository in the request at all.
+    let err = RepositoryServiceClient::new(ch.clone())
+        .repository_exists(RepositoryExistsRequest { repository: None })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("names no repository"), "{err:?}");
+
+    // A repository etcd does not know.
+    let err = RefServiceClient::new(ch.clone())
+        .find_default_branch_name(FindDefaultBranchNameRequest {
+            repository: repo("elsewhere.git"),
+            head_only: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    assert!(err.message().contains("default/elsewhere.git"), "{err:?}");
+
+    // Writes are not sent anywhere until they can be voted.
+    let err = SmartHttpServiceClient::new(ch.clone())
+        .post_receive_pack(futures::stream::iter([PostReceivePackRequest {
+            repository: repo("p.git"),
+            ..Default::default()
+        }]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unimplemented, "{err:?}");
+
+    assert!(ref_exists(&ch, "p.git", "refs/heads/main").await?);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_spread_over_replicas_and_never_go_to_an_outdated_one() -> anyhow::Result<()> {
+    let (c, router, id) = cluster_with_repo("p.git").await?;
+    let ch = router.channel().await?;
+    // A ref only node1's replica has: a read that sees it went to node1.
+    let main = git::rev(&c.node("node1").repo("p.git"), "refs/heads/main").unwrap();
+    git::git(
+        &c.node("node1").repo("p.git"),
+        &["update-ref", "refs/heads/only-on-node1", &main],
+    )?;
+    let mut seen = BTreeSet::new();
+    for _ in 0..6 {
+        seen.insert(ref_exists(&ch, "p.git", "refs/heads/only-on-node1").await?);
+    }
+    // Round robin over three replicas: node1 answered some reads, the others the rest.
+    assert_eq!(seen, BTreeSet::from([false, true]));
+
+    c.store
+        .mark_outdated(&id, "node1", "test: diverged")
+        .await?;
+    for i in 0..9 {
+        assert!(
+            !ref_exists(&ch, "p.git", "refs/heads/only-on-node1").await?,
+            "read {i} went to the outdated replica"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_fails_over_from_a_dead_node_to_another_replica() -> anyhow::Result<()> {
+    let (mut c, router, _) = cluster_with_repo("p.git").await?;
+    let ch = router.channel().await?;
+    // Killed, its lease still counts it live for a few seconds: the router tries it,
+    // gets UNAVAILABLE, and must answer from another replica.
+    c.nodes[1].kill()?;
+    for i in 0..6 {
+        assert!(
+            ref_exists(&ch, "p.git", "refs/heads/main").await?,
+            "read {i}"
+        );
+    }
+    let log = router.log_tail(200);
+    assert!(
+        log.contains("trying another"),
+        "no read was retried:\n{log}"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_bad_config_exits_64_naming_the_key() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("router.toml");
+    std::fs::write(&config, "listen_addr = \"nowhere\"\n")?;
+    let out = std::process::Command::new(refvote_tests::node::bin("refvote-router"))
+        .arg("--config")
+        .arg(&config)
+        .arg("--check-config")
+        .output()?;
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("listen_addr"),
+        "{out:?}"
+    );
+    std::fs::write(
+        &config,
+        "router_id = \"r1\"\nlisten_addr = \"127.0.0.1:0\"\n",
+    )?;
+    let out = std::process::Command::new(refvote_tests::node::bin("refvote-router"))
+        .arg("--config")
+        .arg(&config)
+        .arg("--check-config")
+        .output()?;
+    assert!(out.status.success(), "{out:?}");
+    Ok(())
+}
