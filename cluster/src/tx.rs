@@ -569,6 +569,8 @@ impl Store {
 
     /// Records that git finished on `voter` (or that the caller saw its RPC fail): from
     /// now on it counts as "no" on every key it did not vote on.
+    ///
+    /// The first report stands; later ones for the same voter change nothing.
     pub async fn done(&self, tx: &str, voter: &str, ok: bool, detail: &str) -> Result<()> {
         self.done_with_checksum(tx, voter, ok, detail, "").await
     }
@@ -589,14 +591,18 @@ impl Store {
             detail: detail.to_owned(),
             checksum: checksum.to_owned(),
         };
+        // Create-only: the first report stands. A node's own report (with its
+        // checksum) must not be overwritten by a caller that gave up on it, and a
+        // retried write finds its first attempt there.
         let txn = Txn::new()
-            .when([Compare::create_revision(
-                keys.tx_record(tx),
-                CompareOp::Greater,
-                0,
-            )])
-            .and_then([TxnOp::put(keys.done(tx, voter), encode(&rec), None)]);
-        if self.txn(txn).await?.succeeded() {
+            .when([
+                Compare::create_revision(keys.tx_record(tx), CompareOp::Greater, 0),
+                Compare::create_revision(keys.done(tx, voter), CompareOp::Equal, 0),
+            ])
+            .and_then([TxnOp::put(keys.done(tx, voter), encode(&rec), None)])
+            .or_else([get_op(&keys.tx_record(tx))]);
+        let resp = self.txn(txn).await?;
+        if resp.succeeded() || !ranges(&resp)[0].is_empty() {
             Ok(())
         } else {
             Err(Error::UnknownTx(tx.to_owned()))
