@@ -9,6 +9,7 @@
 pub mod cluster;
 pub mod etcd;
 pub mod git;
+pub mod grpc;
 pub mod node;
 pub mod proc;
 pub mod router;

@@ -18,36 +18,11 @@ use refvote_proto::gitaly::{
 };
 use refvote_tests::cluster::VoteCluster;
 use refvote_tests::git::{self, rev};
+use refvote_tests::grpc::{channel, repo, with_tx};
 use refvote_tests::node::{Node, NodeOptions};
 use refvote_tests::proc::{wait_for, wait_until};
 use refvote_tests::smarthttp::{GitHttpProxy, Target};
 use tonic::Code;
-use tonic::metadata::MetadataValue;
-use tonic::transport::Channel;
-
-fn repo(relative: &str) -> Option<Repository> {
-    Some(Repository {
-        storage_name: "default".into(),
-        relative_path: relative.into(),
-        ..Default::default()
-    })
-}
-
-async fn channel(node: &Node) -> Channel {
-    Channel::from_shared(node.grpc_url())
-        .unwrap()
-        .tcp_nodelay(true)
-        .connect()
-        .await
-        .unwrap()
-}
-
-fn with_tx<T>(message: T, tx: &str) -> tonic::Request<T> {
-    let mut r = tonic::Request::new(message);
-    r.metadata_mut()
-        .insert("refvote-transaction", MetadataValue::try_from(tx).unwrap());
-    r
-}
 
 /// Pids of processes whose command line mentions `needle` (e.g. a repository path).
 fn processes_mentioning(needle: &str) -> Vec<u32> {

@@ -13,38 +13,20 @@ use refvote_proto::gitaly::{
     CommitIsAncestorRequest, CountCommitsRequest, CreateRepositoryRequest, FindCommitRequest,
     GetBlobRequest, GetBlobResponse, GetBlobsRequest, GetBlobsResponse, GetTreeEntriesError,
     GetTreeEntriesRequest, GetTreeEntriesResponse, ListCommitsRequest, ObjectType,
-    PaginationParameter, Repository, TreeEntryRequest, TreeEntryResponse, User,
-    UserCommitFilesAction, UserCommitFilesActionHeader, UserCommitFilesError,
-    UserCommitFilesRequest, UserCommitFilesRequestHeader, UserCreateBranchRequest,
-    UserCreateTagError, UserCreateTagRequest, UserDeleteBranchError, UserDeleteBranchRequest,
-    UserDeleteTagRequest, get_tree_entries_error, index_error, tree_entry, tree_entry_response,
-    user_commit_files_action, user_commit_files_error, user_commit_files_request,
-    user_create_tag_error, user_delete_branch_error,
+    PaginationParameter, TreeEntryRequest, TreeEntryResponse, User, UserCommitFilesAction,
+    UserCommitFilesActionHeader, UserCommitFilesError, UserCommitFilesRequest,
+    UserCommitFilesRequestHeader, UserCreateBranchRequest, UserCreateTagError,
+    UserCreateTagRequest, UserDeleteBranchError, UserDeleteBranchRequest, UserDeleteTagRequest,
+    get_tree_entries_error, index_error, tree_entry, tree_entry_response, user_commit_files_action,
+    user_commit_files_error, user_commit_files_request, user_create_tag_error,
+    user_delete_branch_error,
 };
 use refvote_tests::cluster::VoteCluster;
 use refvote_tests::git::{self, WorkRepo, rev};
-use refvote_tests::node::Node;
+use refvote_tests::grpc::{channel, repo};
 use tonic::Code;
 use tonic::metadata::MetadataValue;
-use tonic::transport::Channel;
 use votingd::node::detail::detail_of;
-
-fn repo(relative: &str) -> Option<Repository> {
-    Some(Repository {
-        storage_name: "default".into(),
-        relative_path: relative.into(),
-        ..Default::default()
-    })
-}
-
-async fn channel(node: &Node) -> Channel {
-    Channel::from_shared(node.grpc_url())
-        .unwrap()
-        .tcp_nodelay(true)
-        .connect()
-        .await
-        .unwrap()
-}
 
 /// Every message of a server stream, or the status that ended it.
 async fn collect<T>(

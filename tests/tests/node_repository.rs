@@ -15,41 +15,17 @@ use refvote_proto::gitaly::{
     CalculateChecksumRequest, CreateBundleRequest, CreateRepositoryFromBundleRequest,
     CreateRepositoryRequest, DeleteRefsRequest, FindBranchRequest, FindLocalBranchesRequest,
     FindMergeBaseRequest, FindTagRequest, ListRefsRequest, PaginationParameter,
-    ReplicateRepositoryRequest, Repository, RepositoryInfoRequest, RepositorySizeRequest,
+    ReplicateRepositoryRequest, RepositoryInfoRequest, RepositorySizeRequest,
     UpdateReferencesRequest, WriteRefRequest,
 };
 use refvote_tests::cluster::VoteCluster;
 use refvote_tests::git::{self, rev};
+use refvote_tests::grpc::{channel, repo, with_tx};
 use refvote_tests::node::Node;
 use sha1::{Digest, Sha1};
 use tokio_stream::StreamExt;
 use tonic::Code;
 use tonic::metadata::MetadataValue;
-use tonic::transport::Channel;
-
-fn repo(relative: &str) -> Option<Repository> {
-    Some(Repository {
-        storage_name: "default".into(),
-        relative_path: relative.into(),
-        ..Default::default()
-    })
-}
-
-async fn channel(node: &Node) -> Channel {
-    Channel::from_shared(node.grpc_url())
-        .unwrap()
-        .tcp_nodelay(true)
-        .connect()
-        .await
-        .unwrap()
-}
-
-fn with_tx<T>(message: T, tx: &str) -> tonic::Request<T> {
-    let mut r = tonic::Request::new(message);
-    r.metadata_mut()
-        .insert("refvote-transaction", MetadataValue::try_from(tx).unwrap());
-    r
-}
 
 async fn create(node: &Node, relative: &str) -> anyhow::Result<()> {
     RepositoryServiceClient::new(channel(node).await)

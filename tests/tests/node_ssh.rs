@@ -13,32 +13,15 @@ use refvote_proto::gitaly::repository_service_client::RepositoryServiceClient;
 use refvote_proto::gitaly::smart_http_service_client::SmartHttpServiceClient;
 use refvote_proto::gitaly::ssh_service_client::SshServiceClient;
 use refvote_proto::gitaly::{
-    CreateRepositoryRequest, PostReceivePackRequest, Repository, RepositoryExistsRequest,
+    CreateRepositoryRequest, PostReceivePackRequest, RepositoryExistsRequest,
     SshReceivePackRequest, SshUploadArchiveRequest, SshUploadPackRequest,
 };
 use refvote_tests::cluster::VoteCluster;
 use refvote_tests::git::{self, WorkRepo, rev};
+use refvote_tests::grpc::{channel, repo};
 use refvote_tests::node::{Node, bin};
 use refvote_tests::smarthttp::{GitHttpProxy, Target};
 use tonic::Code;
-use tonic::transport::Channel;
-
-fn repo(relative: &str) -> Option<Repository> {
-    Some(Repository {
-        storage_name: "default".into(),
-        relative_path: relative.into(),
-        ..Default::default()
-    })
-}
-
-async fn channel(node: &Node) -> Channel {
-    Channel::from_shared(node.grpc_url())
-        .unwrap()
-        .tcp_nodelay(true)
-        .connect()
-        .await
-        .unwrap()
-}
 
 /// Creates `relative` on every node through CreateRepository and registers it in etcd
 /// with a replica on each.
