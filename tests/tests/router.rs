@@ -354,3 +354,38 @@ async fn a_push_git_rejects_comes_back_with_gits_reason_and_changes_nothing() ->
     assert_eq!(view.up_to_date_live(), c.node_names());
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_one_node_killed_a_push_succeeds_and_its_replica_is_outdated() -> anyhow::Result<()> {
+    let (mut c, router, id) = cluster_with_repo("p.git").await?;
+    let http = http_via(&router).await?;
+    let work = c.work("w")?;
+    let new = work.commit("main", "second")?;
+    // Killed while its lease still counts it live: it is a voter whose call fails, and
+    // the others must not wait on it beyond its lease.
+    c.nodes[2].kill()?;
+    let url = http.url("p.git");
+    let started = std::time::Instant::now();
+    let out = git::push(&work.path, std::path::Path::new(&url), &["main"], &[]).await?;
+    assert!(
+        out.status.success(),
+        "{out:?}\nrouter log:\n{}",
+        router.log_tail(40)
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
+    let m = mains(&c, "p.git");
+    assert_eq!(m[..2], [Some(new.clone()), Some(new)]);
+    let view = c.store.repo_view(&id).await?;
+    assert_eq!(view.record.generation, 1, "{view:?}");
+    assert_eq!(view.replicas["node1"].0.generation, 1);
+    assert_eq!(view.replicas["node2"].0.generation, 1);
+    assert!(
+        !view.replicas["node3"].0.is_up_to_date(&view.record),
+        "{view:?}"
+    );
+    Ok(())
+}
