@@ -8,12 +8,13 @@
 use std::collections::BTreeSet;
 
 use refvote_cluster::RepoId;
+use refvote_proto::gitaly::operation_service_client::OperationServiceClient;
 use refvote_proto::gitaly::ref_service_client::RefServiceClient;
 use refvote_proto::gitaly::repository_service_client::RepositoryServiceClient;
 use refvote_proto::gitaly::smart_http_service_client::SmartHttpServiceClient;
 use refvote_proto::gitaly::{
     FindDefaultBranchNameRequest, PostReceivePackRequest, RefExistsRequest, Repository,
-    RepositoryExistsRequest,
+    RepositoryExistsRequest, User, UserCreateBranchRequest,
 };
 use refvote_tests::cluster::VoteCluster;
 use refvote_tests::git;
@@ -387,5 +388,41 @@ async fn with_one_node_killed_a_push_succeeds_and_its_replica_is_outdated() -> a
         !view.replicas["node3"].0.is_up_to_date(&view.record),
         "{view:?}"
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unary_mutator_is_voted_and_a_refusal_alike_everywhere_comes_back_as_is()
+-> anyhow::Result<()> {
+    let (c, router, id) = cluster_with_repo("p.git").await?;
+    let ch = router.channel().await?;
+    let mut ops = OperationServiceClient::new(ch.clone());
+    let create = || UserCreateBranchRequest {
+        repository: repo("p.git"),
+        branch_name: b"feature".to_vec(),
+        user: Some(User {
+            gl_id: "user-1".into(),
+            name: b"Jane Doe".to_vec(),
+            email: b"jane@example.com".to_vec(),
+            gl_username: "jane".into(),
+            timezone: "UTC".into(),
+        }),
+        start_point: b"main".to_vec(),
+    };
+    let branch = ops.user_create_branch(create()).await?.into_inner().branch;
+    assert_eq!(branch.map(|b| b.name), Some(b"feature".to_vec()));
+    let main = mains(&c, "p.git")[0].clone();
+    for n in &c.nodes {
+        assert_eq!(git::rev(&n.repo("p.git"), "refs/heads/feature"), main);
+    }
+    assert_eq!(c.store.repo_view(&id).await?.record.generation, 1);
+
+    // Every replica refuses the second create the same way: the client gets the
+    // node's own code and message, and nothing changes.
+    let err = ops.user_create_branch(create()).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    let view = c.store.repo_view(&id).await?;
+    assert_eq!(view.record.generation, 1);
+    assert_eq!(view.up_to_date_live(), c.node_names());
     Ok(())
 }
