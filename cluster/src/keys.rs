@@ -55,6 +55,12 @@ impl Keys {
         format!("{}nodes/{node}", self.prefix)
     }
 
+    /// `routers/<id>`: a router's registration, bound to its lease, so the routers
+    /// alive (and the leases their transactions hang on) can be seen in etcd.
+    pub fn router(&self, id: &str) -> String {
+        format!("{}routers/{id}", self.prefix)
+    }
+
     pub fn repos(&self) -> String {
         format!("{}repos/", self.prefix)
     }

@@ -173,4 +173,17 @@ impl Store {
         .await?;
         Ok(())
     }
+
+    /// Registers (or refreshes) a router under `lease`; the value says where it listens.
+    pub async fn register_router(&self, id: &str, address: &str, lease: i64) -> Result<()> {
+        let key = self.keys().router(id);
+        let value = address.as_bytes().to_vec();
+        self.request(|mut c| {
+            let opts = etcd_client::PutOptions::new().with_lease(lease);
+            let (key, value) = (key.clone(), value.clone());
+            async move { c.put(key, value, Some(opts)).await }
+        })
+        .await?;
+        Ok(())
+    }
 }

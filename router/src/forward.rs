@@ -2,23 +2,30 @@
 //! the target repository from the first request frame, pick replicas from etcd, and
 //! forward raw frames both ways. Nothing here knows a Gitaly message type.
 //!
-//! So far accessors are forwarded (to one up-to-date replica on a live node, retried
-//! on another when a replica says it cannot serve); mutators and maintenance calls are
-//! refused with UNIMPLEMENTED rather than sent to one replica without a vote.
+//! Accessors go to one up-to-date replica on a live node, retried on another when a
+//! replica says it cannot serve. Mutators run as a voted transaction on every voter
+//! (DESIGN.md §2), answered only after finalize. Maintenance calls go to every
+//! up-to-date replica without a transaction.
 
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt, stream};
+use refvote_cluster::records::TxRecord;
 use refvote_cluster::repository::RepoView;
+use refvote_cluster::tx::Begin;
 use refvote_cluster::{RepoId, Store};
+use tokio::sync::watch;
 use tonic::codegen::http;
 use tonic::metadata::MetadataMap;
+use tonic::transport::Channel;
 use tonic::{Code, Extensions, Request, Response, Status, Streaming};
 
 use crate::codec::BytesCodec;
+use crate::fanout::{LegResult, LegSpec, fan_out};
 use crate::frame;
 use crate::pool::Pool;
 use crate::registry::{Method, OpKind, Registry};
@@ -30,21 +37,44 @@ pub type Frames = Pin<Box<dyn Stream<Item = Result<Bytes, Status>> + Send>>;
 /// Frames to a node.
 type Outgoing = Pin<Box<dyn Stream<Item = Bytes> + Send>>;
 
+/// The request metadata key naming the transaction a node votes in (votingd's
+/// `TX_METADATA`).
+pub const TX_METADATA: &str = "refvote-transaction";
+
+/// How long finalize waits for every voter to report done before the router writes
+/// `done` (failed) itself for the calls it saw fail: a node whose call was reset before
+/// it started never reports, while one still finishing git must not be cut short.
+const FINALIZE_WAIT: Duration = Duration::from_secs(10);
+/// How long finalize may then wait for pending confirmations elsewhere.
+const FINALIZE_AFTER_GIVING_UP: Duration = Duration::from_secs(20);
+
 pub struct Forwarder {
     registry: Registry,
     store: Store,
     pool: Pool,
     /// Round-robin position for spreading reads over a repository's replicas.
     turn: AtomicUsize,
+    /// Creator of this router's transactions (its `router_id`).
+    router_id: String,
+    /// The router's etcd lease: its transactions are abandoned (and reaped) when it
+    /// expires.
+    lease: watch::Receiver<Option<i64>>,
 }
 
 impl Forwarder {
-    pub fn new(registry: Registry, store: Store) -> Forwarder {
+    pub fn new(
+        registry: Registry,
+        store: Store,
+        router_id: String,
+        lease: watch::Receiver<Option<i64>>,
+    ) -> Forwarder {
         Forwarder {
             registry,
             store,
             pool: Pool::default(),
             turn: AtomicUsize::new(0),
+            router_id,
+            lease,
         }
     }
 
@@ -70,7 +100,7 @@ impl Forwarder {
 
     #[tracing::instrument(skip_all, fields(method = %method.path))]
     async fn call(
-        &self,
+        self: &Arc<Self>,
         method: &Method,
         req: Request<Streaming<Bytes>>,
     ) -> Result<Response<Frames>, RouteError> {
@@ -99,22 +129,183 @@ impl Forwarder {
         // of etcd keys and away from every node.
         let repo = RepoId::new(&wanted.storage_name, &wanted.relative_path)?;
         tracing::debug!(%repo, ?kind, "routing");
+        let call = Call {
+            method,
+            target: &target,
+            metadata,
+            first,
+            incoming: Some(incoming),
+        };
         match kind {
-            OpKind::Accessor => {
-                let call = Call {
-                    method,
-                    target: &target,
-                    metadata,
-                    first,
-                    incoming: Some(incoming),
-                };
-                self.accessor(&repo, call).await
-            }
-            OpKind::Mutator => Err(not_yet(
-                "writes must be voted by every replica, and voting through the router is to come",
-            )),
-            OpKind::Maintenance => Err(not_yet("maintenance fan-out is to come")),
+            OpKind::Accessor => self.accessor(&repo, call).await,
+            OpKind::Mutator => self.mutator(&repo, call).await,
+            OpKind::Maintenance => self.maintenance(&repo, call).await,
         }
+    }
+
+    /// A write: one transaction, the call on every voter, the answer held back until
+    /// finalize says whether the client may hear success (DESIGN.md §2 steps 1-7).
+    async fn mutator(
+        self: &Arc<Self>,
+        repo: &RepoId,
+        call: Call<'_>,
+    ) -> Result<Response<Frames>, RouteError> {
+        let lease = (*self.lease.borrow()).ok_or(RouteError::NoLease)?;
+        let begin = Begin {
+            creator: self.router_id.clone(),
+            lease,
+        };
+        let tx = self.store.begin(repo, &begin).await.map_err(|e| match e {
+            e @ (refvote_cluster::Error::NoQuorum { .. } | refvote_cluster::Error::Locked(_)) => {
+                RouteError::NoVote {
+                    repo: repo.clone(),
+                    source: e,
+                }
+            }
+            refvote_cluster::Error::UnknownRepo(r) => RouteError::NotRegistered(r),
+            source => RouteError::Etcd {
+                repo: repo.clone(),
+                source,
+            },
+        })?;
+        tracing::debug!(tx = %tx.id, voters = ?tx.voters, threshold = tx.threshold, "transaction created");
+        // Addresses come from a fresh view; a voter whose node vanished meanwhile is
+        // simply a failed voter.
+        let view = self.view(repo).await.ok();
+        let mut metadata = call.metadata.clone();
+        let value = tonic::metadata::MetadataValue::try_from(tx.id.as_str())
+            .map_err(|e| RouteError::Internal(format!("transaction id as metadata: {e}")))?;
+        metadata.insert(TX_METADATA, value);
+        let mut legs = Vec::new();
+        let mut unusable = Vec::new();
+        for node in &tx.voters {
+            let leg = match &view {
+                Some(view) => self.prepare(view, node, &call),
+                None => Err("the repository's records could not be read".into()),
+            };
+            match leg {
+                Ok((channel, first)) => legs.push(LegSpec {
+                    node: node.clone(),
+                    channel,
+                    first,
+                    metadata: metadata.clone(),
+                }),
+                Err(why) => unusable.push((node.clone(), why)),
+            }
+        }
+        let path = path_of(call.method)?;
+        let rest = call.incoming.filter(|_| call.method.client_streaming);
+        // The rest runs on its own task: a client that goes away must not leave the
+        // transaction unfinalized (its voters would wait, and it would hold the
+        // repository's pending-confirmation index until this router's lease lapsed).
+        let me = self.clone();
+        let task = tokio::spawn(async move {
+            let store = me.store.clone();
+            for (node, why) in &unusable {
+                tracing::warn!(tx = %tx.id, node, why, "voter cannot be called");
+                if let Err(e) = store.done(&tx.id, node, false, why).await {
+                    tracing::warn!(tx = %tx.id, node, error = %e, "cannot record the voter failed");
+                }
+            }
+            let results = fan_out(path, legs, rest).await;
+            let outcome = me.finalize(&tx, lease, &results).await;
+            answer(&tx, outcome, results)
+        });
+        task.await
+            .map_err(|e| RouteError::Internal(format!("the write's task failed: {e}")))?
+    }
+
+    /// Finalizes `tx` once its voters are done; see [`FINALIZE_WAIT`].
+    async fn finalize(
+        &self,
+        tx: &TxRecord,
+        lease: i64,
+        results: &[(String, LegResult)],
+    ) -> Result<refvote_cluster::records::TxOutcome, refvote_cluster::Error> {
+        let first = self
+            .store
+            .finalize(&tx.id, &self.router_id, lease, FINALIZE_WAIT)
+            .await;
+        let Err(refvote_cluster::Error::NotFinished { waiting, .. }) = first else {
+            return first;
+        };
+        tracing::warn!(tx = %tx.id, waiting, "voters did not report done; recording the failed calls as failed voters");
+        for (node, result) in results {
+            if !result.succeeded() {
+                // Create-only: a node that reported meanwhile keeps its own report.
+                let _ = self
+                    .store
+                    .done(&tx.id, node, false, &result.status_text())
+                    .await;
+            }
+        }
+        self.store
+            .finalize(&tx.id, &self.router_id, lease, FINALIZE_AFTER_GIVING_UP)
+            .await
+    }
+
+    /// Maintenance: every up-to-date replica on a live node, no transaction (it changes
+    /// no refs); the first success answers.
+    async fn maintenance(
+        &self,
+        repo: &RepoId,
+        call: Call<'_>,
+    ) -> Result<Response<Frames>, RouteError> {
+        let view = self.view(repo).await?;
+        let mut legs = Vec::new();
+        let mut failures = Vec::new();
+        for node in view.up_to_date_live() {
+            match self.prepare(&view, &node, &call) {
+                Ok((channel, first)) => legs.push(LegSpec {
+                    node,
+                    channel,
+                    first,
+                    metadata: call.metadata.clone(),
+                }),
+                Err(why) => failures.push(format!("{node}: {why}")),
+            }
+        }
+        if legs.is_empty() {
+            return Err(RouteError::NoReplica {
+                repo: repo.clone(),
+                detail: if failures.is_empty() {
+                    "none of its replicas is up to date on a live node".into()
+                } else {
+                    failures.join("; ")
+                },
+            });
+        }
+        let path = path_of(call.method)?;
+        let rest = call.incoming.filter(|_| call.method.client_streaming);
+        let results = fan_out(path, legs, rest).await;
+        let pick = results
+            .iter()
+            .position(|(_, r)| r.succeeded())
+            .or_else(|| {
+                results
+                    .iter()
+                    .position(|(_, r)| matches!(r, LegResult::Answered { .. }))
+            })
+            .unwrap_or(0);
+        let (_, result) = results.into_iter().nth(pick).expect("at least one leg");
+        respond_with(result)
+    }
+
+    /// The channel to `node` and the first frame rewritten for its storage.
+    fn prepare(
+        &self,
+        view: &RepoView,
+        node: &str,
+        call: &Call<'_>,
+    ) -> Result<(Channel, Bytes), String> {
+        let (record, _) = view.live_nodes.get(node).ok_or("not live")?;
+        let storage = record.storages.first().ok_or("registers no storage")?;
+        let channel = self.pool.channel(&record.address)?;
+        let first = frame::rewrite_repository(&call.first, call.target, |r| {
+            r.storage_name = storage.clone();
+        })
+        .map_err(|e| e.to_string())?;
+        Ok((channel, Bytes::from(first)))
     }
 
     /// Reads the repository's records linearizably, so a read that starts after a write
@@ -228,6 +419,95 @@ impl Forwarder {
             Err(status) => return Attempt::Refused(status),
         };
         Attempt::Answer(Response::from_parts(metadata, head, extensions))
+    }
+}
+
+fn path_of(method: &Method) -> Result<http::uri::PathAndQuery, RouteError> {
+    http::uri::PathAndQuery::try_from(method.path.as_str())
+        .map_err(|e| RouteError::Internal(format!("method path {}: {e}", method.path)))
+}
+
+/// What the client hears once the transaction is finalized (DESIGN.md §2 step 7).
+fn answer(
+    tx: &TxRecord,
+    outcome: Result<refvote_cluster::records::TxOutcome, refvote_cluster::Error>,
+    results: Vec<(String, LegResult)>,
+) -> Result<Response<Frames>, RouteError> {
+    let summary = || {
+        results
+            .iter()
+            .map(|(n, r)| format!("{n}: {}", r.status_text()))
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
+    let outcome = match outcome {
+        Ok(o) => o,
+        Err(e) => {
+            tracing::warn!(tx = %tx.id, error = %e, "finalize failed");
+            return Err(RouteError::OutcomeUnknown {
+                detail: format!("finalize failed: {e}; {}", summary()),
+            });
+        }
+    };
+    tracing::debug!(tx = %tx.id, ?outcome, "finalized");
+    if outcome.acknowledged {
+        // The answer comes from the winning side: a promoted replica when something
+        // committed, else any voter (nothing changed, e.g. git refused every ref).
+        let winner = |n: &String| !outcome.committed || outcome.promoted.contains(n);
+        let pick = results
+            .iter()
+            .position(|(n, r)| winner(n) && r.succeeded())
+            .or_else(|| {
+                results
+                    .iter()
+                    .position(|(n, r)| winner(n) && matches!(r, LegResult::Answered { .. }))
+            });
+        if let Some(i) = pick {
+            let (_, result) = results.into_iter().nth(i).expect("picked");
+            return respond_with(result);
+        }
+        return Err(RouteError::OutcomeUnknown {
+            detail: format!("no promoted replica's answer was kept; {}", summary()),
+        });
+    }
+    if !outcome.committed {
+        // Nothing changed anywhere. When every voter failed the same way (git refused
+        // the push alike everywhere), that failure is the truthful answer.
+        let mut texts = results.iter().map(|(_, r)| r.status_text());
+        let first = texts.next();
+        if first.is_some() && texts.all(|t| Some(&t) == first.as_ref()) {
+            let (_, result) = results.into_iter().next().expect("one result");
+            return respond_with(result);
+        }
+        return Err(RouteError::NotWritten {
+            repo: tx.repo.clone(),
+            detail: summary(),
+        });
+    }
+    Err(RouteError::OutcomeUnknown {
+        detail: format!(
+            "{} of {} needed replicas promoted; {}",
+            outcome.promoted.len(),
+            outcome.threshold,
+            summary()
+        ),
+    })
+}
+
+/// One replica's held-back answer, replayed to the client as the node sent it.
+fn respond_with(result: LegResult) -> Result<Response<Frames>, RouteError> {
+    match result {
+        LegResult::Answered {
+            metadata,
+            frames,
+            status,
+        } => {
+            let frames: Frames = Box::pin(stream::iter(
+                frames.into_iter().map(Ok).chain(status.map(Err)),
+            ));
+            Ok(Response::from_parts(metadata, frames, Extensions::new()))
+        }
+        LegResult::Failed(status) => Err(RouteError::Client(status)),
     }
 }
 

@@ -5,14 +5,15 @@
 //! which replicas may serve it, and the frames pass through unchanged apart from the
 //! storage name.
 //!
-//! Accessors are routed today. Mutators (voted transactions), maintenance fan-out,
-//! repository creation, repair, the admin service and auth are not yet: those calls
-//! get UNIMPLEMENTED rather than an unvoted write. The router keeps no state of its
+//! Accessors, mutators (voted transactions) and maintenance fan-out are routed.
+//! Repository creation, repair, the admin service and auth are not yet: the router's
+//! own services get UNIMPLEMENTED. The router keeps no state of its
 //! own: everything lives in etcd.
 #![forbid(unsafe_code)]
 
 pub mod codec;
 pub mod config;
+mod fanout;
 pub mod forward;
 pub mod frame;
 mod pool;

@@ -38,6 +38,27 @@ pub enum RouteError {
     },
     #[error("no replica of {repo} can serve reads: {detail}")]
     NoReplica { repo: RepoId, detail: String },
+    #[error(
+        "this router holds no etcd lease (is etcd reachable?); writes are bound to one, retry shortly"
+    )]
+    NoLease,
+    /// The transaction could not be created: too few replicas, or an admin lock.
+    #[error("cannot write to {repo}")]
+    NoVote {
+        repo: RepoId,
+        #[source]
+        source: refvote_cluster::Error,
+    },
+    #[error(
+        "outcome unknown: the write reached fewer than a majority of replicas; repair will converge them ({detail})"
+    )]
+    OutcomeUnknown { detail: String },
+    #[error(
+        "the write to {repo} changed nothing: its replicas failed differently ({detail}); retry"
+    )]
+    NotWritten { repo: RepoId, detail: String },
+    #[error("the router failed: {0}")]
+    Internal(String),
     /// Reading the client's own request stream failed.
     #[error("reading the request failed")]
     Client(#[source] Status),
@@ -65,7 +86,12 @@ impl From<RouteError> for Status {
             RouteError::NotRegistered(_) => Code::NotFound,
             RouteError::Etcd { source, .. } if source.is_unavailable() => Code::Unavailable,
             RouteError::Etcd { .. } => Code::Internal,
-            RouteError::NoReplica { .. } => Code::Unavailable,
+            RouteError::NoReplica { .. }
+            | RouteError::NoLease
+            | RouteError::NoVote { .. }
+            | RouteError::OutcomeUnknown { .. }
+            | RouteError::NotWritten { .. } => Code::Unavailable,
+            RouteError::Internal(_) => Code::Internal,
             RouteError::Client(s) => return s.clone(),
         };
         Status::new(code, chain(&e))

@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use refvote_cluster::session::Session;
 use refvote_cluster::{Store, StoreConfig};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -35,6 +36,8 @@ pub struct RouterServer {
     addr: SocketAddr,
     shutdown: Option<oneshot::Sender<()>>,
     task: JoinHandle<()>,
+    /// The lease this router's transactions are bound to.
+    session: Option<Session>,
 }
 
 impl RouterServer {
@@ -54,7 +57,26 @@ impl RouterServer {
         let addr = incoming
             .local_addr()
             .map_err(|source| StartError::Bind { addr, source })?;
-        let forwarder = Arc::new(Forwarder::new(registry, store));
+        // Every transaction this router creates hangs on this lease: if the router dies
+        // the lease lapses and the reaper finalizes what it left (DESIGN.md §2 step 8).
+        let router_id = config.router_id.clone();
+        let register = store.clone();
+        let listen = addr.to_string();
+        let session = Session::start(store.clone(), config.lease_ttl(), move |lease| {
+            let (store, id, listen) = (register.clone(), router_id.clone(), listen.clone());
+            async move { store.register_router(&id, &listen, lease).await }
+        });
+        // Writes need the lease; waiting a little here spares the first pushes an
+        // UNAVAILABLE. Reads do not need it, so a slow etcd does not stop the start.
+        if session.wait_for_lease(config.lease_ttl()).await.is_none() {
+            tracing::warn!("no etcd lease yet; writes are refused until one is granted");
+        }
+        let forwarder = Arc::new(Forwarder::new(
+            registry,
+            store,
+            config.router_id.clone(),
+            session.subscribe(),
+        ));
         let svc = tower::service_fn(move |req: http::Request<tonic::body::Body>| {
             let f = forwarder.clone();
             async move { Ok::<_, Infallible>(f.handle(req).await) }
@@ -76,6 +98,7 @@ impl RouterServer {
             addr,
             shutdown: Some(tx),
             task,
+            session: Some(session),
         })
     }
 
@@ -95,6 +118,11 @@ impl RouterServer {
                 "calls still in flight after the grace period; stopping them"
             );
             self.task.abort();
+        }
+        // Revoked only after the calls in flight finished: their transactions are
+        // finalized by then, and revoking frees their outcome records at once.
+        if let Some(session) = self.session.take() {
+            session.close().await;
         }
     }
 }

@@ -1,21 +1,25 @@
 //! The router's forwarding core against a real etcd, three real votingd nodes, real
 //! git and a real `refvote-router` process: accessors answered through it from
 //! up-to-date replicas only, spread over them, failed over from a dead node, and bad
-//! calls refused with clear codes.
+//! calls refused with clear codes; writes voted on every replica through the router
+//! by a real git client, refused at once without a quorum, and git's own refusal
+//! passed back unchanged.
 
 use std::collections::BTreeSet;
 
 use refvote_cluster::RepoId;
+use refvote_proto::gitaly::operation_service_client::OperationServiceClient;
 use refvote_proto::gitaly::ref_service_client::RefServiceClient;
 use refvote_proto::gitaly::repository_service_client::RepositoryServiceClient;
 use refvote_proto::gitaly::smart_http_service_client::SmartHttpServiceClient;
 use refvote_proto::gitaly::{
     FindDefaultBranchNameRequest, PostReceivePackRequest, RefExistsRequest, Repository,
-    RepositoryExistsRequest,
+    RepositoryExistsRequest, User, UserCreateBranchRequest,
 };
 use refvote_tests::cluster::VoteCluster;
 use refvote_tests::git;
 use refvote_tests::router::Router;
+use refvote_tests::smarthttp::{GitHttpProxy, Target};
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -137,16 +141,6 @@ async fn bad_calls_get_clear_codes_and_the_router_keeps_serving() -> anyhow::Res
     assert_eq!(err.code(), Code::NotFound, "{err:?}");
     assert!(err.message().contains("default/elsewhere.git"), "{err:?}");
 
-    // Writes are not sent anywhere until they can be voted.
-    let err = SmartHttpServiceClient::new(ch.clone())
-        .post_receive_pack(futures::stream::iter([PostReceivePackRequest {
-            repository: repo("p.git"),
-            ..Default::default()
-        }]))
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::Unimplemented, "{err:?}");
-
     assert!(ref_exists(&ch, "p.git", "refs/heads/main").await?);
     Ok(())
 }
@@ -226,5 +220,209 @@ fn a_bad_config_exits_64_naming_the_key() -> anyhow::Result<()> {
         .arg("--check-config")
         .output()?;
     assert!(out.status.success(), "{out:?}");
+    Ok(())
+}
+
+/// A git smart-HTTP front whose every call goes to the router: info/refs is an
+/// accessor, git-receive-pack the mutator, git-upload-pack an accessor.
+async fn http_via(router: &Router) -> anyhow::Result<GitHttpProxy> {
+    GitHttpProxy::start(vec![Target {
+        url: router.grpc_url(),
+        storage: "default".into(),
+        transaction: None,
+    }])
+    .await
+}
+
+/// Every replica's `main`, in node order.
+fn mains(c: &VoteCluster, relative: &str) -> Vec<Option<String>> {
+    c.nodes
+        .iter()
+        .map(|n| git::rev(&n.repo(relative), "refs/heads/main"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_git_push_through_the_router_commits_on_every_replica() -> anyhow::Result<()> {
+    let (c, router, id) = cluster_with_repo("group/p.git").await?;
+    // The router's transactions hang on its lease, registered under routers/<id>.
+    let registered = c.store.get(&c.store.keys().router("router1")).await?;
+    assert!(registered.is_some_and(|e| e.lease != 0));
+    let http = http_via(&router).await?;
+    let work = c.work("w")?;
+    let new = work.commit("main", "second")?;
+
+    let url = http.url("group/p.git");
+    let out = git::push(&work.path, std::path::Path::new(&url), &["main"], &[]).await?;
+    assert!(
+        out.status.success(),
+        "{out:?}\nrouter log:\n{}",
+        router.log_tail(40)
+    );
+    assert_eq!(mains(&c, "group/p.git"), vec![Some(new.clone()); 3]);
+    let view = c.store.repo_view(&id).await?;
+    assert_eq!(view.record.generation, 1, "{view:?}");
+    for (node, (replica, _)) in &view.replicas {
+        assert_eq!(replica.generation, 1, "{node}: {replica:?}");
+    }
+    assert_eq!(view.up_to_date_live(), c.node_names());
+
+    // A clone through the router sees the write.
+    let clone = c.path("clone");
+    git::git(
+        c.dir.path(),
+        &["clone", "--quiet", &url, clone.to_str().unwrap()],
+    )?;
+    assert_eq!(git::rev(&clone, "refs/remotes/origin/main"), Some(new));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_quorum_a_write_fails_fast_saying_how_many_are_up() -> anyhow::Result<()> {
+    let (mut c, router, id) = cluster_with_repo("p.git").await?;
+    let before = mains(&c, "p.git");
+    c.nodes[1].kill()?;
+    c.nodes[2].kill()?;
+    // Their leases would lapse within seconds; marking them outdated says the same now.
+    for n in ["node2", "node3"] {
+        c.store.mark_outdated(&id, n, "test: node killed").await?;
+    }
+    let ch = router.channel().await?;
+    let started = std::time::Instant::now();
+    let err = SmartHttpServiceClient::new(ch.clone())
+        .post_receive_pack(futures::stream::iter([PostReceivePackRequest {
+            repository: repo("p.git"),
+            ..Default::default()
+        }]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("1 of 3"), "{err:?}");
+    assert!(err.message().contains("2 needed"), "{err:?}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(2),
+        "took {:?}",
+        started.elapsed()
+    );
+    // Reads still work from the survivor, and nothing was written.
+    assert!(ref_exists(&ch, "p.git", "refs/heads/main").await?);
+    assert_eq!(c.store.repo_view(&id).await?.record.generation, 0);
+    assert_eq!(
+        git::rev(&c.nodes[0].repo("p.git"), "refs/heads/main"),
+        before[0]
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_git_rejects_comes_back_with_gits_reason_and_changes_nothing() -> anyhow::Result<()>
+{
+    let (c, router, id) = cluster_with_repo("p.git").await?;
+    // Every replica refuses non-fast-forward updates, as a protected branch would.
+    for n in &c.nodes {
+        git::git(
+            &n.repo("p.git"),
+            &["config", "receive.denyNonFastForwards", "true"],
+        )?;
+    }
+    let before = mains(&c, "p.git");
+    let http = http_via(&router).await?;
+    // A history that does not contain what the replicas have.
+    let other = c.work("other")?;
+    other.commit("main", "unrelated")?;
+    let url = http.url("p.git");
+    let out = git::push(
+        &other.path,
+        std::path::Path::new(&url),
+        &["--force", "main"],
+        &[],
+    )
+    .await?;
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "{said}");
+    assert!(
+        said.contains("non-fast-forward"),
+        "{said}\nrouter log:\n{}",
+        router.log_tail(40)
+    );
+    assert_eq!(mains(&c, "p.git"), before);
+    let view = c.store.repo_view(&id).await?;
+    assert_eq!(view.record.generation, 0, "{view:?}");
+    assert_eq!(view.up_to_date_live(), c.node_names());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_one_node_killed_a_push_succeeds_and_its_replica_is_outdated() -> anyhow::Result<()> {
+    let (mut c, router, id) = cluster_with_repo("p.git").await?;
+    let http = http_via(&router).await?;
+    let work = c.work("w")?;
+    let new = work.commit("main", "second")?;
+    // Killed while its lease still counts it live: it is a voter whose call fails, and
+    // the others must not wait on it beyond its lease.
+    c.nodes[2].kill()?;
+    let url = http.url("p.git");
+    let started = std::time::Instant::now();
+    let out = git::push(&work.path, std::path::Path::new(&url), &["main"], &[]).await?;
+    assert!(
+        out.status.success(),
+        "{out:?}\nrouter log:\n{}",
+        router.log_tail(40)
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
+    let m = mains(&c, "p.git");
+    assert_eq!(m[..2], [Some(new.clone()), Some(new)]);
+    let view = c.store.repo_view(&id).await?;
+    assert_eq!(view.record.generation, 1, "{view:?}");
+    assert_eq!(view.replicas["node1"].0.generation, 1);
+    assert_eq!(view.replicas["node2"].0.generation, 1);
+    assert!(
+        !view.replicas["node3"].0.is_up_to_date(&view.record),
+        "{view:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unary_mutator_is_voted_and_a_refusal_alike_everywhere_comes_back_as_is()
+-> anyhow::Result<()> {
+    let (c, router, id) = cluster_with_repo("p.git").await?;
+    let ch = router.channel().await?;
+    let mut ops = OperationServiceClient::new(ch.clone());
+    let create = || UserCreateBranchRequest {
+        repository: repo("p.git"),
+        branch_name: b"feature".to_vec(),
+        user: Some(User {
+            gl_id: "user-1".into(),
+            name: b"Jane Doe".to_vec(),
+            email: b"jane@example.com".to_vec(),
+            gl_username: "jane".into(),
+            timezone: "UTC".into(),
+        }),
+        start_point: b"main".to_vec(),
+    };
+    let branch = ops.user_create_branch(create()).await?.into_inner().branch;
+    assert_eq!(branch.map(|b| b.name), Some(b"feature".to_vec()));
+    let main = mains(&c, "p.git")[0].clone();
+    for n in &c.nodes {
+        assert_eq!(git::rev(&n.repo("p.git"), "refs/heads/feature"), main);
+    }
+    assert_eq!(c.store.repo_view(&id).await?.record.generation, 1);
+
+    // Every replica refuses the second create the same way: the client gets the
+    // node's own code and message, and nothing changes.
+    let err = ops.user_create_branch(create()).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    let view = c.store.repo_view(&id).await?;
+    assert_eq!(view.record.generation, 1);
+    assert_eq!(view.up_to_date_live(), c.node_names());
     Ok(())
 }

@@ -1,0 +1,265 @@
+//! Sending one call to several replicas at once (DESIGN.md §2 step 3): every replica
+//! gets the first frame rewritten for its node and every later client frame through a
+//! bounded channel of its own. A replica that cannot keep up, answers too much, or
+//! fails is dropped alone; nothing any replica says is passed on here — the caller
+//! decides which answer the client gets once the outcome is settled.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt, stream};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::codegen::http;
+use tonic::metadata::MetadataMap;
+use tonic::transport::Channel;
+use tonic::{Extensions, Request, Status, Streaming};
+
+use crate::codec::BytesCodec;
+
+/// Client frames buffered per replica: enough to ride out a replica's short pause
+/// without holding a large push in memory for each.
+const LEG_BUFFER: usize = 16;
+/// How long a replica's full buffer may hold up the tee before it is dropped.
+const STALL: Duration = Duration::from_secs(5);
+/// What one replica may answer before it is dropped: answers are held back until the
+/// outcome is settled, and a push's answer (report-status, progress) is small.
+pub const MAX_ANSWER: usize = 1024 * 1024;
+
+/// One replica's call to start.
+pub struct LegSpec {
+    pub node: String,
+    pub channel: Channel,
+    /// The first frame, with this node's storage name.
+    pub first: Bytes,
+    pub metadata: MetadataMap,
+}
+
+/// How one replica's call ended.
+#[derive(Debug)]
+pub enum LegResult {
+    /// The node answered: its frames and, if it ended with an error, that status.
+    Answered {
+        metadata: MetadataMap,
+        frames: Vec<Bytes>,
+        status: Option<Status>,
+    },
+    /// No usable answer: the call failed before one, or the router dropped it.
+    Failed(Status),
+}
+
+impl LegResult {
+    pub fn succeeded(&self) -> bool {
+        matches!(self, LegResult::Answered { status: None, .. })
+    }
+
+    /// The status a client would see: OK, the node's error, or why the call failed.
+    pub fn status_text(&self) -> String {
+        match self {
+            LegResult::Answered { status: None, .. } => "ok".into(),
+            LegResult::Answered {
+                status: Some(s), ..
+            }
+            | LegResult::Failed(s) => format!("{:?}: {}", s.code(), s.message()),
+        }
+    }
+}
+
+/// A running replica call and the tee's side of it.
+struct Leg {
+    node: String,
+    task: JoinHandle<LegResult>,
+    /// Later client frames; `None` once the replica is dropped or has ended.
+    frames: Option<mpsc::Sender<Bytes>>,
+    /// Resolves (with an error) when the call's task ends, so a replica that stopped
+    /// reading because it already answered does not hold up the tee for [`STALL`].
+    ended: Option<oneshot::Receiver<()>>,
+}
+
+/// Runs `path` on every replica in `legs`, teeing `rest` (the client's frames after
+/// the first, when the method streams them) to all of them, and returns how each call
+/// ended, in the order given.
+pub async fn fan_out(
+    path: http::uri::PathAndQuery,
+    legs: Vec<LegSpec>,
+    rest: Option<Streaming<Bytes>>,
+) -> Vec<(String, LegResult)> {
+    let mut running: Vec<Leg> = legs
+        .into_iter()
+        .map(|spec| start_leg(path.clone(), spec, rest.is_some()))
+        .collect();
+    if let Some(mut rest) = rest {
+        loop {
+            let frame = match rest.message().await {
+                Ok(Some(f)) => f,
+                // A clean end of the client's stream ends every replica's stream.
+                Ok(None) => break,
+                Err(status) => {
+                    // A broken client stream must not look complete to a replica: a
+                    // clean end could let it apply a truncated push. Cancelling resets
+                    // each call, and each node records itself failed.
+                    tracing::info!(%status, "the client's request stream broke; cancelling every replica's call");
+                    for leg in &running {
+                        leg.task.abort();
+                    }
+                    break;
+                }
+            };
+            let sends = running
+                .iter_mut()
+                .filter(|l| l.frames.is_some())
+                .map(|leg| tee(leg, frame.clone()));
+            futures_util::future::join_all(sends).await;
+            if running.iter().all(|l| l.frames.is_none()) {
+                // Every replica ended or was dropped: nobody needs the rest.
+                break;
+            }
+        }
+    }
+    for leg in &mut running {
+        // Dropping the sender ends that replica's request stream cleanly.
+        leg.frames = None;
+    }
+    let mut results = Vec::with_capacity(running.len());
+    for leg in running {
+        let result = match leg.task.await {
+            Ok(r) => r,
+            Err(e) if e.is_cancelled() => LegResult::Failed(Status::unavailable(format!(
+                "the router dropped the call to {}: it could not keep up, or the client's stream broke",
+                leg.node
+            ))),
+            Err(e) => LegResult::Failed(Status::internal(format!(
+                "the call to {} failed in the router: {e}",
+                leg.node
+            ))),
+        };
+        results.push((leg.node, result));
+    }
+    results
+}
+
+/// Sends one frame to one replica, dropping the replica if its buffer stays full for
+/// [`STALL`]. Runs concurrently with the other replicas' sends.
+async fn tee(leg: &mut Leg, frame: Bytes) {
+    enum Sent {
+        Taken,
+        Gone,
+        Stalled,
+    }
+    let sent = {
+        let Leg { frames, ended, .. } = &mut *leg;
+        let Some(sender) = frames.as_ref() else {
+            return;
+        };
+        let ended = async {
+            match ended.as_mut() {
+                Some(rx) => {
+                    let _ = rx.await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            r = sender.send(frame) => if r.is_ok() { Sent::Taken } else { Sent::Gone },
+            _ = tokio::time::sleep(STALL) => Sent::Stalled,
+            _ = ended => Sent::Gone,
+        }
+    };
+    match sent {
+        Sent::Taken => {}
+        Sent::Gone => {
+            leg.frames = None;
+            leg.ended = None;
+        }
+        Sent::Stalled => {
+            tracing::warn!(node = %leg.node, ?STALL, "a replica did not take the client's frames; dropping it");
+            // Aborting drops the call, which resets it; the node records itself failed.
+            leg.task.abort();
+            leg.frames = None;
+            leg.ended = None;
+        }
+    }
+}
+
+fn start_leg(path: http::uri::PathAndQuery, spec: LegSpec, streaming: bool) -> Leg {
+    let (frames, rx) = if streaming {
+        let (tx, rx) = mpsc::channel(LEG_BUFFER);
+        (Some(tx), Some(rx))
+    } else {
+        (None, None)
+    };
+    let (ended_tx, ended_rx) = oneshot::channel::<()>();
+    let node = spec.node.clone();
+    let task = tokio::spawn(async move {
+        // Dropped when the task ends or is aborted: tells the tee this call is over.
+        let _ended = ended_tx;
+        run_leg(path, spec, rx).await
+    });
+    Leg {
+        node,
+        task,
+        frames,
+        ended: Some(ended_rx),
+    }
+}
+
+type Outgoing = std::pin::Pin<Box<dyn Stream<Item = Bytes> + Send>>;
+
+async fn run_leg(
+    path: http::uri::PathAndQuery,
+    spec: LegSpec,
+    rest: Option<mpsc::Receiver<Bytes>>,
+) -> LegResult {
+    let first = spec.first;
+    let outgoing: Outgoing = match rest {
+        Some(rx) => Box::pin(stream::once(async { first }).chain(ReceiverStream::new(rx))),
+        None => Box::pin(stream::once(async { first })),
+    };
+    let mut client = tonic::client::Grpc::new(spec.channel)
+        // The node already bounded what it sends; the router bounds what it keeps.
+        .max_decoding_message_size(usize::MAX);
+    if let Err(e) = client.ready().await {
+        return LegResult::Failed(Status::unavailable(format!(
+            "cannot reach node {}: {e}",
+            spec.node
+        )));
+    }
+    let request = Request::from_parts(spec.metadata, Extensions::new(), outgoing);
+    let response = match client.streaming(request, path, BytesCodec).await {
+        Ok(r) => r,
+        Err(status) => return LegResult::Failed(status),
+    };
+    let (metadata, mut stream, _) = response.into_parts();
+    let mut frames = Vec::new();
+    let mut size = 0usize;
+    loop {
+        match stream.message().await {
+            Ok(Some(f)) => {
+                size += f.len();
+                if size > MAX_ANSWER {
+                    // Returning drops the response stream, which resets the call.
+                    return LegResult::Failed(Status::resource_exhausted(format!(
+                        "node {} answered more than {MAX_ANSWER} bytes, more than the router holds back for a write",
+                        spec.node
+                    )));
+                }
+                frames.push(f);
+            }
+            Ok(None) => {
+                return LegResult::Answered {
+                    metadata,
+                    frames,
+                    status: None,
+                };
+            }
+            Err(status) => {
+                return LegResult::Answered {
+                    metadata,
+                    frames,
+                    status: Some(status),
+                };
+            }
+        }
+    }
+}
