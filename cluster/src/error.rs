@@ -43,6 +43,10 @@ pub enum Error {
     NotFinished { tx: String, waiting: String },
     #[error("gave up after {0} attempts against concurrent changes")]
     Contention(u32),
+    #[error(
+        "cannot place a new repository: {live} live nodes, {needed} needed (one replica per node)"
+    )]
+    TooFewNodes { live: usize, needed: usize },
     #[error("{0}")]
     Invalid(String),
 }

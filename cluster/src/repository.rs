@@ -97,6 +97,49 @@ impl Store {
         }
     }
 
+    /// Chooses `factor` live nodes for a new repository: those holding the fewest
+    /// repositories (per the `repos/` records), ties by name; never two replicas on one
+    /// node. Fewer live nodes than `factor` is [`Error::TooFewNodes`].
+    pub async fn place(&self, factor: usize) -> Result<Vec<String>> {
+        let keys = self.keys();
+        let txn = Txn::new().and_then([get_prefix_op(&keys.repos()), get_prefix_op(&keys.nodes())]);
+        let resp = self.txn(txn).await?;
+        let r = ranges(&resp);
+        let mut load: BTreeMap<String, usize> = by_tail(&r[1], &keys.nodes())
+            .into_keys()
+            .map(|n| (n, 0))
+            .collect();
+        for e in &r[0] {
+            let record: RepoRecord = e.decode()?;
+            for node in &record.assigned {
+                if let Some(n) = load.get_mut(node) {
+                    *n += 1;
+                }
+            }
+        }
+        place(&load, factor)
+    }
+
+    /// Removes a repository's registration and replica records, if its record is still
+    /// the one created at `create_revision` (a failed creation undone).
+    pub async fn unregister_repository(&self, repo: &RepoId, create_revision: i64) -> Result<bool> {
+        let keys = self.keys();
+        let txn = Txn::new()
+            .when([Compare::create_revision(
+                keys.repo(repo),
+                CompareOp::Equal,
+                create_revision,
+            )])
+            .and_then([
+                TxnOp::delete(keys.repo(repo), None),
+                TxnOp::delete(
+                    keys.replicas(repo),
+                    Some(etcd_client::DeleteOptions::new().with_prefix()),
+                ),
+            ]);
+        Ok(self.txn(txn).await?.succeeded())
+    }
+
     /// Reads the repository record, its replicas, the live nodes and the lock in one
     /// linearizable round trip.
     pub async fn repo_view(&self, repo: &RepoId) -> Result<RepoView> {
@@ -185,5 +228,39 @@ impl Store {
         })
         .await?;
         Ok(())
+    }
+}
+
+/// The `factor` least loaded nodes of `load` (node → repositories it holds), ties by
+/// name.
+pub fn place(load: &BTreeMap<String, usize>, factor: usize) -> Result<Vec<String>> {
+    if load.len() < factor {
+        return Err(Error::TooFewNodes {
+            live: load.len(),
+            needed: factor,
+        });
+    }
+    let mut nodes: Vec<(&String, &usize)> = load.iter().collect();
+    nodes.sort_by(|a, b| a.1.cmp(b.1).then_with(|| a.0.cmp(b.0)));
+    Ok(nodes
+        .into_iter()
+        .take(factor)
+        .map(|(n, _)| n.clone())
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placement_takes_the_least_loaded_nodes_ties_by_name() {
+        let load: BTreeMap<String, usize> = [("a", 2), ("b", 0), ("c", 1), ("d", 0)]
+            .into_iter()
+            .map(|(n, c)| (n.to_owned(), c))
+            .collect();
+        assert_eq!(place(&load, 3).unwrap(), ["b", "d", "c"]);
+        let e = place(&load, 5).unwrap_err().to_string();
+        assert!(e.contains("4 live") && e.contains("5 needed"), "{e}");
     }
 }

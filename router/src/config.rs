@@ -17,6 +17,10 @@ pub struct Config {
     /// TCP `ip:port` of the Gitaly-compatible gRPC front (Gitaly's key name).
     #[serde(default = "defaults::listen_addr")]
     pub listen_addr: String,
+    /// Replicas a new repository gets (CreateRepository through the router), each on
+    /// its own node.
+    #[serde(default = "defaults::replication_factor")]
+    pub replication_factor: usize,
     #[serde(default)]
     pub etcd: EtcdConfig,
 }
@@ -45,6 +49,9 @@ mod defaults {
             .ok()
             .filter(|h| !h.is_empty())
             .unwrap_or_else(|| "router".into())
+    }
+    pub fn replication_factor() -> usize {
+        3
     }
     pub fn listen_addr() -> String {
         "127.0.0.1:2305".into()
@@ -137,6 +144,9 @@ impl Config {
                 ),
             )
         })?;
+        if self.replication_factor == 0 {
+            return Err(invalid("replication_factor", "must be at least 1".into()));
+        }
         if self.etcd.endpoints.is_empty() {
             return Err(invalid(
                 "etcd.endpoints",

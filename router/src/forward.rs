@@ -59,6 +59,8 @@ pub struct Forwarder {
     /// The router's etcd lease: its transactions are abandoned (and reaped) when it
     /// expires.
     lease: watch::Receiver<Option<i64>>,
+    /// Replicas a repository created through this router gets.
+    replication_factor: usize,
 }
 
 impl Forwarder {
@@ -67,6 +69,7 @@ impl Forwarder {
         store: Store,
         router_id: String,
         lease: watch::Receiver<Option<i64>>,
+        replication_factor: usize,
     ) -> Forwarder {
         Forwarder {
             registry,
@@ -75,6 +78,7 @@ impl Forwarder {
             turn: AtomicUsize::new(0),
             router_id,
             lease,
+            replication_factor,
         }
     }
 
@@ -151,11 +155,22 @@ impl Forwarder {
         call: Call<'_>,
     ) -> Result<Response<Frames>, RouteError> {
         let lease = (*self.lease.borrow()).ok_or(RouteError::NoLease)?;
+        // A creating call registers the repository first: placed, recorded create-only,
+        // then created on every assigned node as a voted write like any other.
+        let created = if creates_repository(&call.method.path) {
+            Some(self.register(repo).await?)
+        } else {
+            None
+        };
         let begin = Begin {
             creator: self.router_id.clone(),
             lease,
         };
-        let tx = self.store.begin(repo, &begin).await.map_err(|e| match e {
+        let tx = self.store.begin(repo, &begin).await;
+        if let (Err(_), Some(rev)) = (&tx, created) {
+            self.unregister(repo, rev).await;
+        }
+        let tx = tx.map_err(|e| match e {
             e @ (refvote_cluster::Error::NoQuorum { .. } | refvote_cluster::Error::Locked(_)) => {
                 RouteError::NoVote {
                     repo: repo.clone(),
@@ -209,10 +224,63 @@ impl Forwarder {
             }
             let results = fan_out(path, legs, rest).await;
             let outcome = me.finalize(&tx, lease, &results).await;
+            if let Some(rev) = created {
+                // A creation that committed nowhere leaves no registration behind, so
+                // the client may simply retry it.
+                if matches!(&outcome, Ok(o) if !o.acknowledged && !o.committed) {
+                    me.unregister(&tx.repo, rev).await;
+                }
+            }
             answer(&tx, outcome, results)
         });
         task.await
             .map_err(|e| RouteError::Internal(format!("the write's task failed: {e}")))?
+    }
+
+    /// Places and registers a new repository; its record's create revision.
+    async fn register(&self, repo: &RepoId) -> Result<i64, RouteError> {
+        let etcd = |source| RouteError::Etcd {
+            repo: repo.clone(),
+            source,
+        };
+        let nodes = self
+            .store
+            .place(self.replication_factor)
+            .await
+            .map_err(|e| match e {
+                e @ refvote_cluster::Error::TooFewNodes { .. } => RouteError::NoPlacement {
+                    repo: repo.clone(),
+                    source: e,
+                },
+                e => etcd(e),
+            })?;
+        match self.store.create_repository(repo, &nodes, "").await {
+            Ok(_) => {}
+            Err(refvote_cluster::Error::RepoExists(r)) => return Err(RouteError::AlreadyExists(r)),
+            Err(e) => return Err(etcd(e)),
+        }
+        tracing::info!(%repo, ?nodes, "repository registered");
+        let entry = self
+            .store
+            .get(&self.store.keys().repo(repo))
+            .await
+            .map_err(etcd)?
+            .ok_or_else(|| RouteError::NotRegistered(repo.clone()))?;
+        Ok(entry.create_revision)
+    }
+
+    /// Undoes [`Forwarder::register`] after a creation that changed nothing.
+    async fn unregister(&self, repo: &RepoId, create_revision: i64) {
+        match self
+            .store
+            .unregister_repository(repo, create_revision)
+            .await
+        {
+            Ok(removed) => tracing::info!(%repo, removed, "failed creation: registration removed"),
+            Err(e) => {
+                tracing::warn!(%repo, error = %e, "cannot remove a failed creation's registration")
+            }
+        }
     }
 
     /// Finalizes `tx` once its voters are done; see [`FINALIZE_WAIT`].
@@ -420,6 +488,15 @@ impl Forwarder {
         };
         Attempt::Answer(Response::from_parts(metadata, head, extensions))
     }
+}
+
+/// The calls that create their target repository.
+fn creates_repository(path: &str) -> bool {
+    matches!(
+        path,
+        "/gitaly.RepositoryService/CreateRepository"
+            | "/gitaly.RepositoryService/CreateRepositoryFromBundle"
+    )
 }
 
 fn path_of(method: &Method) -> Result<http::uri::PathAndQuery, RouteError> {

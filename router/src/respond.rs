@@ -57,6 +57,14 @@ pub enum RouteError {
         "the write to {repo} changed nothing: its replicas failed differently ({detail}); retry"
     )]
     NotWritten { repo: RepoId, detail: String },
+    #[error("repository {0} already exists")]
+    AlreadyExists(RepoId),
+    #[error("cannot create {repo}")]
+    NoPlacement {
+        repo: RepoId,
+        #[source]
+        source: refvote_cluster::Error,
+    },
     #[error("the router failed: {0}")]
     Internal(String),
     /// Reading the client's own request stream failed.
@@ -84,6 +92,8 @@ impl From<RouteError> for Status {
                 Code::InvalidArgument
             }
             RouteError::NotRegistered(_) => Code::NotFound,
+            RouteError::AlreadyExists(_) => Code::AlreadyExists,
+            RouteError::NoPlacement { .. } => Code::Unavailable,
             RouteError::Etcd { source, .. } if source.is_unavailable() => Code::Unavailable,
             RouteError::Etcd { .. } => Code::Internal,
             RouteError::NoReplica { .. }

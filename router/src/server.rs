@@ -76,6 +76,7 @@ impl RouterServer {
             store,
             config.router_id.clone(),
             session.subscribe(),
+            config.replication_factor,
         ));
         let svc = tower::service_fn(move |req: http::Request<tonic::body::Body>| {
             let f = forwarder.clone();

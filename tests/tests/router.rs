@@ -13,8 +13,8 @@ use refvote_proto::gitaly::ref_service_client::RefServiceClient;
 use refvote_proto::gitaly::repository_service_client::RepositoryServiceClient;
 use refvote_proto::gitaly::smart_http_service_client::SmartHttpServiceClient;
 use refvote_proto::gitaly::{
-    FindDefaultBranchNameRequest, PostReceivePackRequest, RefExistsRequest, Repository,
-    RepositoryExistsRequest, User, UserCreateBranchRequest,
+    CreateRepositoryRequest, FindDefaultBranchNameRequest, PostReceivePackRequest,
+    RefExistsRequest, Repository, RepositoryExistsRequest, User, UserCreateBranchRequest,
 };
 use refvote_tests::cluster::VoteCluster;
 use refvote_tests::git;
@@ -424,5 +424,93 @@ async fn a_unary_mutator_is_voted_and_a_refusal_alike_everywhere_comes_back_as_i
     let view = c.store.repo_view(&id).await?;
     assert_eq!(view.record.generation, 1);
     assert_eq!(view.up_to_date_live(), c.node_names());
+    Ok(())
+}
+
+fn create_request(relative: &str) -> CreateRepositoryRequest {
+    CreateRepositoryRequest {
+        repository: repo(relative),
+        default_branch: b"main".to_vec(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_repository_through_the_router_places_it_on_three_of_four_nodes()
+-> anyhow::Result<()> {
+    let c = VoteCluster::start(4, 1).await?;
+    let router = Router::start("router1", c.dir.path(), &c.etcd.endpoints()).await?;
+    let ch = router.channel().await?;
+    let mut repos = RepositoryServiceClient::new(ch.clone());
+    repos.create_repository(create_request("a.git")).await?;
+    let on = |relative: &str| -> Vec<String> {
+        c.nodes
+            .iter()
+            .filter(|n| n.repo(relative).exists())
+            .map(|n| n.name.clone())
+            .collect()
+    };
+    // Every node is empty: ties by name.
+    assert_eq!(on("a.git"), ["node1", "node2", "node3"]);
+    let a = RepoId::new("default", "a.git")?;
+    let view = c.store.repo_view(&a).await?;
+    assert_eq!(view.record.assigned, ["node1", "node2", "node3"]);
+    assert_eq!(view.up_to_date_live(), view.record.assigned);
+
+    // The next one goes to the least loaded node first.
+    repos.create_repository(create_request("b.git")).await?;
+    assert_eq!(on("b.git"), ["node1", "node2", "node4"]);
+
+    // Creating it again: ALREADY_EXISTS, and nothing changes.
+    let err = repos
+        .create_repository(create_request("a.git"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+    assert_eq!(on("a.git"), ["node1", "node2", "node3"]);
+
+    // A push and a clone through the router.
+    let http = http_via(&router).await?;
+    let work = c.work("w")?;
+    let new = work.commit("main", "first")?;
+    let url = http.url("a.git");
+    let out = git::push(&work.path, std::path::Path::new(&url), &["main"], &[]).await?;
+    assert!(
+        out.status.success(),
+        "{out:?}\nrouter log:\n{}",
+        router.log_tail(40)
+    );
+    for n in ["node1", "node2", "node3"] {
+        assert_eq!(
+            git::rev(&c.node(n).repo("a.git"), "refs/heads/main"),
+            Some(new.clone()),
+            "{n}"
+        );
+    }
+    let view = c.store.repo_view(&a).await?;
+    assert_eq!(view.up_to_date_live(), view.record.assigned, "{view:?}");
+    let clone = c.path("clone");
+    git::git(
+        c.dir.path(),
+        &["clone", "--quiet", &url, clone.to_str().unwrap()],
+    )?;
+    assert_eq!(git::rev(&clone, "refs/remotes/origin/main"), Some(new));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_repository_with_fewer_live_nodes_than_replicas_is_unavailable() -> anyhow::Result<()>
+{
+    let c = VoteCluster::start(2, 1).await?;
+    let router = Router::start("router1", c.dir.path(), &c.etcd.endpoints()).await?;
+    let ch = router.channel().await?;
+    let err = RepositoryServiceClient::new(ch)
+        .create_repository(create_request("a.git"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("2 live nodes, 3 needed"), "{err:?}");
+    let id = RepoId::new("default", "a.git")?;
+    assert!(c.store.get(&c.store.keys().repo(&id)).await?.is_none());
     Ok(())
 }
