@@ -3,7 +3,10 @@
 //! up-to-date replicas only, spread over them, failed over from a dead node, and bad
 //! calls refused with clear codes; writes voted on every replica through the router
 //! by a real git client, refused at once without a quorum, and git's own refusal
-//! passed back unchanged.
+//! passed back unchanged; repositories created through the router on the
+//! least-loaded nodes; and two routers sharing nothing but etcd: read after write
+//! across them, concurrent pushes to different branches all succeeding, and two
+//! pushes to one branch with exactly one winner everywhere.
 
 use std::collections::BTreeSet;
 
@@ -13,8 +16,9 @@ use refvote_proto::gitaly::ref_service_client::RefServiceClient;
 use refvote_proto::gitaly::repository_service_client::RepositoryServiceClient;
 use refvote_proto::gitaly::smart_http_service_client::SmartHttpServiceClient;
 use refvote_proto::gitaly::{
-    CreateRepositoryRequest, FindDefaultBranchNameRequest, PostReceivePackRequest,
-    RefExistsRequest, Repository, RepositoryExistsRequest, User, UserCreateBranchRequest,
+    CreateRepositoryRequest, FindBranchRequest, FindDefaultBranchNameRequest,
+    PostReceivePackRequest, RefExistsRequest, Repository, RepositoryExistsRequest, User,
+    UserCreateBranchRequest,
 };
 use refvote_tests::cluster::VoteCluster;
 use refvote_tests::git;
@@ -513,4 +517,158 @@ async fn create_repository_with_fewer_live_nodes_than_replicas_is_unavailable() 
     let id = RepoId::new("default", "a.git")?;
     assert!(c.store.get(&c.store.keys().repo(&id)).await?.is_none());
     Ok(())
+}
+
+/// [`cluster_with_repo`] plus a second router: the two share nothing but etcd.
+async fn two_routers(relative: &str) -> anyhow::Result<(VoteCluster, [Router; 2], RepoId)> {
+    let (c, router1, id) = cluster_with_repo(relative).await?;
+    let router2 = Router::start("router2", c.dir.path(), &c.etcd.endpoints()).await?;
+    Ok((c, [router1, router2], id))
+}
+
+/// Every replica is up to date at the repository's generation, with one checksum, and
+/// the same refs on disk.
+async fn replicas_level(c: &VoteCluster, id: &RepoId, relative: &str) -> anyhow::Result<()> {
+    let view = c.store.repo_view(id).await?;
+    assert_eq!(view.up_to_date_live(), c.node_names(), "{view:?}");
+    let sums: BTreeSet<_> = view.replicas.values().map(|(r, _)| &r.checksum).collect();
+    assert_eq!(sums.len(), 1, "{view:?}");
+    let refs: BTreeSet<_> = c
+        .nodes
+        .iter()
+        .map(|n| git::refs(&n.repo(relative)))
+        .collect();
+    assert_eq!(refs.len(), 1, "{refs:#?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_acknowledged_by_one_router_is_read_at_once_through_the_other() -> anyhow::Result<()>
+{
+    let (c, [r1, r2], id) = two_routers("p.git").await?;
+    let http = http_via(&r1).await?;
+    let ch2 = r2.channel().await?;
+    let work = c.work("w")?;
+    let url = http.url("p.git");
+    for i in 0..5 {
+        let branch = format!("b{i}");
+        let new = work.commit(&branch, "x")?;
+        let out = git::push(&work.path, std::path::Path::new(&url), &[&branch], &[]).await?;
+        assert!(out.status.success(), "{out:?}\n{}", r1.log_tail(40));
+        assert!(
+            ref_exists(&ch2, "p.git", &format!("refs/heads/{branch}")).await?,
+            "push {i} not seen through router2"
+        );
+        let found = RefServiceClient::new(ch2.clone())
+            .find_branch(FindBranchRequest {
+                repository: repo("p.git"),
+                name: branch.as_bytes().to_vec(),
+            })
+            .await?
+            .into_inner()
+            .branch
+            .and_then(|b| b.target_commit)
+            .map(|c| c.id);
+        assert_eq!(found, Some(new), "push {i}");
+    }
+    replicas_level(&c, &id, "p.git").await
+}
+
+const CONCURRENT_PUSHES: usize = 32;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_pushes_to_different_branches_through_two_routers_all_succeed()
+-> anyhow::Result<()> {
+    let (c, routers, id) = two_routers("p.git").await?;
+    let https = [http_via(&routers[0]).await?, http_via(&routers[1]).await?];
+    let work = c.work("w")?;
+    let mut want = Vec::new();
+    for i in 0..CONCURRENT_PUSHES {
+        git::git(&work.path, &["checkout", "--quiet", "main"])?;
+        let branch = format!("b{i}");
+        want.push((branch.clone(), work.commit(&branch, "x")?));
+    }
+    let started = std::time::Instant::now();
+    let pushes = want.iter().enumerate().map(|(i, (branch, _))| {
+        let url = https[i % 2].url("p.git");
+        let work = work.path.clone();
+        let branch = branch.clone();
+        async move { git::push(&work, std::path::Path::new(&url), &[&branch], &[]).await }
+    });
+    let outs = futures::future::join_all(pushes).await;
+    let took = started.elapsed();
+    for (i, out) in outs.into_iter().enumerate() {
+        let out = out?;
+        assert!(
+            out.status.success(),
+            "push {i}: {out:?}\nrouter1:\n{}\nrouter2:\n{}",
+            routers[0].log_tail(30),
+            routers[1].log_tail(30)
+        );
+    }
+    eprintln!("{CONCURRENT_PUSHES} concurrent pushes took {took:?}");
+    for n in &c.nodes {
+        for (branch, new) in &want {
+            assert_eq!(
+                git::rev(&n.repo("p.git"), &format!("refs/heads/{branch}")).as_ref(),
+                Some(new),
+                "{} {branch}",
+                n.name
+            );
+        }
+    }
+    replicas_level(&c, &id, "p.git").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_concurrent_pushes_to_one_branch_through_two_routers_one_wins_everywhere()
+-> anyhow::Result<()> {
+    let (c, routers, id) = two_routers("p.git").await?;
+    let https = [http_via(&routers[0]).await?, http_via(&routers[1]).await?];
+    // Both start from the replicas' main and add a different commit.
+    let main = mains(&c, "p.git")[0].clone().unwrap();
+    let mut works = Vec::new();
+    let mut commits = Vec::new();
+    for i in 0..2 {
+        let w = c.work(&format!("w{i}"))?;
+        let node1 = c.nodes[0].repo("p.git");
+        git::git(
+            &w.path,
+            &["fetch", "--quiet", node1.to_str().unwrap(), "main"],
+        )?;
+        git::git(&w.path, &["reset", "--quiet", "--hard", "FETCH_HEAD"])?;
+        commits.push(w.commit("main", &format!("writer {i}"))?);
+        works.push(w);
+    }
+    let pushes = (0..2).map(|i| {
+        let url = https[i].url("p.git");
+        let work = works[i].path.clone();
+        async move { git::push(&work, std::path::Path::new(&url), &["main"], &[]).await }
+    });
+    let outs: Vec<_> = futures::future::join_all(pushes)
+        .await
+        .into_iter()
+        .collect::<Result<_, _>>()?;
+    let ok: Vec<usize> = (0..2).filter(|&i| outs[i].status.success()).collect();
+    assert_eq!(
+        ok.len(),
+        1,
+        "{outs:#?}\nrouter1:\n{}\nrouter2:\n{}",
+        routers[0].log_tail(40),
+        routers[1].log_tail(40)
+    );
+    let (winner, loser) = (ok[0], 1 - ok[0]);
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&outs[loser].stdout),
+        String::from_utf8_lossy(&outs[loser].stderr)
+    );
+    eprintln!("the losing push said:\n{said}");
+    assert!(
+        said.contains("rejected") || said.contains("refvote"),
+        "{said}"
+    );
+    assert_ne!(commits[winner], main);
+    assert_eq!(mains(&c, "p.git"), vec![Some(commits[winner].clone()); 3]);
+    replicas_level(&c, &id, "p.git").await
 }
