@@ -16,9 +16,9 @@ use refvote_proto::gitaly::ref_service_client::RefServiceClient;
 use refvote_proto::gitaly::repository_service_client::RepositoryServiceClient;
 use refvote_proto::gitaly::smart_http_service_client::SmartHttpServiceClient;
 use refvote_proto::gitaly::{
-    CreateRepositoryRequest, FindBranchRequest, FindDefaultBranchNameRequest,
-    PostReceivePackRequest, RefExistsRequest, Repository, RepositoryExistsRequest, User,
-    UserCreateBranchRequest,
+    CreateRepositoryFromBundleRequest, CreateRepositoryRequest, FindBranchRequest,
+    FindDefaultBranchNameRequest, PostReceivePackRequest, RefExistsRequest, Repository,
+    RepositoryExistsRequest, User, UserCreateBranchRequest,
 };
 use refvote_tests::cluster::VoteCluster;
 use refvote_tests::git;
@@ -670,5 +670,92 @@ async fn two_concurrent_pushes_to_one_branch_through_two_routers_one_wins_everyw
     );
     assert_ne!(commits[winner], main);
     assert_eq!(mains(&c, "p.git"), vec![Some(commits[winner].clone()); 3]);
+    replicas_level(&c, &id, "p.git").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_repository_from_bundle_through_the_router_lands_on_every_replica()
+-> anyhow::Result<()> {
+    let c = VoteCluster::start(3, 1).await?;
+    let router = Router::start("router1", c.dir.path(), &c.etcd.endpoints()).await?;
+    let work = c.work("w")?;
+    let main = work.commit("main", "first")?;
+    let bundle = c.path("b.bundle");
+    git::git(
+        &work.path,
+        &[
+            "bundle",
+            "create",
+            "--quiet",
+            bundle.to_str().unwrap(),
+            "--all",
+        ],
+    )?;
+    let data = std::fs::read(&bundle)?;
+    // The bundle across several frames, the repository in the first only.
+    let frames: Vec<_> = data
+        .chunks(data.len().div_ceil(3))
+        .enumerate()
+        .map(|(i, chunk)| CreateRepositoryFromBundleRequest {
+            repository: if i == 0 { repo("b.git") } else { None },
+            data: chunk.to_vec(),
+        })
+        .collect();
+    RepositoryServiceClient::new(router.channel().await?)
+        .create_repository_from_bundle(futures::stream::iter(frames))
+        .await?;
+    assert_eq!(mains(&c, "b.git"), vec![Some(main); 3]);
+    let id = RepoId::new("default", "b.git")?;
+    replicas_level(&c, &id, "b.git").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_creation_every_node_refuses_leaves_no_registration() -> anyhow::Result<()> {
+    let c = VoteCluster::start(3, 1).await?;
+    // On disk everywhere, unknown to etcd: every node refuses to create it.
+    for n in &c.nodes {
+        git::init_bare(&n.repo("orphan.git"), &n.hooks)?;
+    }
+    let router = Router::start("router1", c.dir.path(), &c.etcd.endpoints()).await?;
+    let started = std::time::Instant::now();
+    let err = RepositoryServiceClient::new(router.channel().await?)
+        .create_repository(create_request("orphan.git"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+    // The nodes refuse inside the transaction, so finalize does not wait them out.
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    let id = RepoId::new("default", "orphan.git")?;
+    assert!(
+        c.store.get(&c.store.keys().repo(&id)).await?.is_none(),
+        "{}",
+        router.log_tail(30)
+    );
+    let (replicas, _) = c.store.get_prefix(&c.store.keys().replicas(&id)).await?;
+    assert!(replicas.is_empty(), "{replicas:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_repository_created_through_two_routers_at_once_exists_once() -> anyhow::Result<()> {
+    let c = VoteCluster::start(3, 1).await?;
+    let r1 = Router::start("router1", c.dir.path(), &c.etcd.endpoints()).await?;
+    let r2 = Router::start("router2", c.dir.path(), &c.etcd.endpoints()).await?;
+    let mut a = RepositoryServiceClient::new(r1.channel().await?);
+    let mut b = RepositoryServiceClient::new(r2.channel().await?);
+    let (x, y) = tokio::join!(
+        a.create_repository(create_request("p.git")),
+        b.create_repository(create_request("p.git"))
+    );
+    let codes = [x.err().map(|e| e.code()), y.err().map(|e| e.code())];
+    assert!(
+        codes.contains(&None) && codes.contains(&Some(Code::AlreadyExists)),
+        "{codes:?}"
+    );
+    let id = RepoId::new("default", "p.git")?;
     replicas_level(&c, &id, "p.git").await
 }

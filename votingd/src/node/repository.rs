@@ -88,10 +88,14 @@ impl RepositoryService for RepositorySvc {
                 .into());
             }
         };
-        if repo.path.exists() {
-            return Err(NodeError::RepositoryExists(repo.to_string()).into());
-        }
         let ctx = WriteContext::from_metadata(&self.node.tx, request.metadata()).await?;
+        if repo.path.exists() {
+            // Refused inside the transaction: finalize hears it at once instead of
+            // waiting for a voter that never reports.
+            let e = NodeError::RepositoryExists(repo.to_string());
+            ctx.finish(false, &e.to_string()).await;
+            return Err(e.into());
+        }
         let result = self.create(&repo, &branch, object_format).await;
         ctx.finish(result.is_ok(), &error_detail(&result)).await;
         result?;
