@@ -737,6 +737,36 @@ async fn a_creation_every_node_refuses_leaves_no_registration() -> anyhow::Resul
     );
     let (replicas, _) = c.store.get_prefix(&c.store.keys().replicas(&id)).await?;
     assert!(replicas.is_empty(), "{replicas:?}");
+
+    // The same from a bundle.
+    let work = c.work("w")?;
+    work.commit("main", "first")?;
+    let bundle = c.path("b.bundle");
+    git::git(
+        &work.path,
+        &[
+            "bundle",
+            "create",
+            "--quiet",
+            bundle.to_str().unwrap(),
+            "--all",
+        ],
+    )?;
+    let started = std::time::Instant::now();
+    let err = RepositoryServiceClient::new(router.channel().await?)
+        .create_repository_from_bundle(futures::stream::iter([CreateRepositoryFromBundleRequest {
+            repository: repo("orphan.git"),
+            data: std::fs::read(&bundle)?,
+        }]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(c.store.get(&c.store.keys().repo(&id)).await?.is_none());
     Ok(())
 }
 

@@ -269,15 +269,29 @@ impl RepositoryService for RepositorySvc {
         let first = first_message(&mut stream).await?;
         let repo = self.node.storages.resolve(first.repository.as_ref())?;
         tracing::Span::current().record("repo", tracing::field::display(&repo));
-        if repo.path.exists() {
-            return Err(NodeError::RepositoryExists(repo.to_string()).into());
-        }
-        use tokio_stream::StreamExt;
-        let chunks = tokio_stream::once(Ok(first.data)).chain(stream.map(|m| m.map(|m| m.data)));
-        let bundle = bundle::receive(&repo.root, Box::pin(chunks)).await?;
-        // A bad bundle is refused before joining: every replica refuses it alike.
-        bundle::heads(&self.node.git, &bundle.path).await?;
         let ctx = WriteContext::from_metadata(&self.node.tx, &metadata).await?;
+        // Refusals before any change (an existing repository, a bad bundle: every
+        // replica refuses alike) are reported inside the transaction, so finalize hears
+        // them at once instead of waiting for a voter that never reports.
+        let received = async {
+            if repo.path.exists() {
+                return Err(Status::from(NodeError::RepositoryExists(repo.to_string())));
+            }
+            use tokio_stream::StreamExt;
+            let chunks =
+                tokio_stream::once(Ok(first.data)).chain(stream.map(|m| m.map(|m| m.data)));
+            let bundle = bundle::receive(&repo.root, Box::pin(chunks)).await?;
+            bundle::heads(&self.node.git, &bundle.path).await?;
+            Ok(bundle)
+        }
+        .await;
+        let bundle = match received {
+            Ok(b) => b,
+            Err(status) => {
+                ctx.finish(false, status.message()).await;
+                return Err(status);
+            }
+        };
         // Before any git run names the private copy: the checksum is of the final place.
         ctx.checksum_repository(&self.node.git, &repo.path);
         let result = self.create_from_bundle(&repo, &bundle.path, &ctx).await;
