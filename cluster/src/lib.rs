@@ -15,6 +15,7 @@ pub mod records;
 pub mod repo;
 pub mod repository;
 pub mod session;
+pub mod settings;
 pub mod store;
 pub mod tx;
 

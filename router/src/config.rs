@@ -2,9 +2,10 @@
 //! file is validated before anything is bound, and an error names the key.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
+use refvote_cluster::settings::{ConfigError, EtcdSettings, load_toml, parse_toml};
 use serde::Deserialize;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -22,24 +23,7 @@ pub struct Config {
     #[serde(default = "defaults::replication_factor")]
     pub replication_factor: usize,
     #[serde(default)]
-    pub etcd: EtcdConfig,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct EtcdConfig {
-    #[serde(default = "defaults::endpoints")]
-    pub endpoints: Vec<String>,
-    #[serde(default = "defaults::prefix")]
-    pub prefix: String,
-    /// Lease the router's transactions are bound to: how long after a router dies its
-    /// open transactions are reaped.
-    #[serde(default = "defaults::lease_ttl_secs")]
-    pub lease_ttl_secs: u64,
-    /// Bound on every etcd request; a read that cannot confirm the repository's
-    /// records in time fails with UNAVAILABLE.
-    #[serde(default = "defaults::request_timeout_ms")]
-    pub request_timeout_ms: u64,
+    pub etcd: EtcdSettings,
 }
 
 mod defaults {
@@ -56,64 +40,17 @@ mod defaults {
     pub fn listen_addr() -> String {
         "127.0.0.1:2305".into()
     }
-    pub fn endpoints() -> Vec<String> {
-        vec!["http://127.0.0.1:2379".into()]
-    }
-    pub fn prefix() -> String {
-        "/refvote/".into()
-    }
-    pub fn lease_ttl_secs() -> u64 {
-        10
-    }
-    pub fn request_timeout_ms() -> u64 {
-        2000
-    }
-}
-
-impl Default for EtcdConfig {
-    fn default() -> Self {
-        EtcdConfig {
-            endpoints: defaults::endpoints(),
-            prefix: defaults::prefix(),
-            lease_ttl_secs: defaults::lease_ttl_secs(),
-            request_timeout_ms: defaults::request_timeout_ms(),
-        }
-    }
-}
-
-/// A configuration problem, naming the key.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read {path}: {source}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{path}: {message}")]
-    Parse { path: PathBuf, message: String },
-    #[error("{path}: {key}: {reason}")]
-    Invalid {
-        path: PathBuf,
-        key: &'static str,
-        reason: String,
-    },
 }
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        Config::parse(&text, path)
+        let config: Config = load_toml(path)?;
+        config.validate(path)?;
+        Ok(config)
     }
 
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.to_owned(),
-            message: e.to_string().trim_end().replace('\n', " "),
-        })?;
+        let config: Config = parse_toml(text, path)?;
         config.validate(path)?;
         Ok(config)
     }
@@ -147,41 +84,9 @@ impl Config {
         if self.replication_factor == 0 {
             return Err(invalid("replication_factor", "must be at least 1".into()));
         }
-        if self.etcd.endpoints.is_empty() {
-            return Err(invalid(
-                "etcd.endpoints",
-                "needs at least one endpoint, like \"http://127.0.0.1:2379\"".into(),
-            ));
-        }
-        if let Some(e) = self
-            .etcd
-            .endpoints
-            .iter()
-            .find(|e| !(e.starts_with("http://") || e.starts_with("https://")))
-        {
-            return Err(invalid(
-                "etcd.endpoints",
-                format!("{e:?} must start with http:// or https://"),
-            ));
-        }
-        if !self.etcd.prefix.starts_with('/') || !self.etcd.prefix.ends_with('/') {
-            return Err(invalid(
-                "etcd.prefix",
-                format!("{:?} must start and end with '/'", self.etcd.prefix),
-            ));
-        }
-        if self.etcd.lease_ttl_secs < 2 {
-            return Err(invalid(
-                "etcd.lease_ttl_secs",
-                "must be at least 2 (the lease is renewed every third of it)".into(),
-            ));
-        }
-        if self.etcd.request_timeout_ms == 0 {
-            return Err(invalid(
-                "etcd.request_timeout_ms",
-                "must be greater than 0".into(),
-            ));
-        }
+        self.etcd
+            .validate()
+            .map_err(|(key, reason)| invalid(key, reason))?;
         Ok(())
     }
 
@@ -190,11 +95,11 @@ impl Config {
     }
 
     pub fn request_timeout(&self) -> Duration {
-        Duration::from_millis(self.etcd.request_timeout_ms)
+        self.etcd.request_timeout()
     }
 
     pub fn lease_ttl(&self) -> Duration {
-        Duration::from_secs(self.etcd.lease_ttl_secs)
+        self.etcd.lease_ttl()
     }
 }
 

@@ -6,8 +6,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use refvote_cluster::Store;
 use refvote_cluster::session::Session;
-use refvote_cluster::{Store, StoreConfig};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic::codegen::http;
@@ -44,12 +44,7 @@ impl RouterServer {
     pub async fn start(config: &Config) -> Result<RouterServer, StartError> {
         // A method without its annotations fails here, not on its first call.
         let registry = Registry::gitaly()?;
-        let store = Store::connect(&StoreConfig {
-            endpoints: config.etcd.endpoints.clone(),
-            prefix: config.etcd.prefix.clone(),
-            request_timeout: config.request_timeout(),
-        })
-        .await?;
+        let store = Store::connect(&config.etcd.store_config()).await?;
         let addr = config.listen();
         let incoming = TcpIncoming::bind(addr)
             .map_err(|source| StartError::Bind { addr, source })?

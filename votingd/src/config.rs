@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use refvote_cluster::settings::{ConfigError, EtcdSettings, load_toml, parse_toml};
 use serde::Deserialize;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -28,27 +29,12 @@ pub struct Config {
     #[serde(default)]
     pub git: GitConfig,
     #[serde(default)]
-    pub etcd: EtcdConfig,
+    pub etcd: EtcdSettings,
     #[serde(default)]
     pub vote: VoteConfig,
     /// Local storages: name → directory. Repositories live below them.
     #[serde(default, rename = "storage")]
     pub storages: Vec<Storage>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct EtcdConfig {
-    #[serde(default = "defaults::endpoints")]
-    pub endpoints: Vec<String>,
-    #[serde(default = "defaults::prefix")]
-    pub prefix: String,
-    /// Lease of this node's registration: how long a dead node keeps counting as live.
-    #[serde(default = "defaults::lease_ttl_secs")]
-    pub lease_ttl_secs: u64,
-    /// Bound on every etcd request; a vote that cannot finish a request in time aborts.
-    #[serde(default = "defaults::request_timeout_ms")]
-    pub request_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -116,18 +102,6 @@ mod defaults {
     pub fn git_timeout_secs() -> u64 {
         3600
     }
-    pub fn endpoints() -> Vec<String> {
-        vec!["http://127.0.0.1:2379".into()]
-    }
-    pub fn prefix() -> String {
-        "/refvote/".into()
-    }
-    pub fn lease_ttl_secs() -> u64 {
-        10
-    }
-    pub fn request_timeout_ms() -> u64 {
-        2000
-    }
     pub fn socket_path() -> PathBuf {
         "/run/refvote/vote.sock".into()
     }
@@ -145,17 +119,6 @@ mod defaults {
     }
     pub fn reaper_interval_ms() -> u64 {
         1000
-    }
-}
-
-impl Default for EtcdConfig {
-    fn default() -> Self {
-        EtcdConfig {
-            endpoints: defaults::endpoints(),
-            prefix: defaults::prefix(),
-            lease_ttl_secs: defaults::lease_ttl_secs(),
-            request_timeout_ms: defaults::request_timeout_ms(),
-        }
     }
 }
 
@@ -184,39 +147,15 @@ impl Default for VoteConfig {
     }
 }
 
-/// A configuration problem, naming the key.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read {path}: {source}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{path}: {message}")]
-    Parse { path: PathBuf, message: String },
-    #[error("{path}: {key}: {reason}")]
-    Invalid {
-        path: PathBuf,
-        key: &'static str,
-        reason: String,
-    },
-}
-
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        Config::parse(&text, path)
+        let config: Config = load_toml(path)?;
+        config.validate(path)?;
+        Ok(config)
     }
 
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.to_owned(),
-            message: e.to_string().trim_end().replace('\n', " "),
-        })?;
+        let config: Config = parse_toml(text, path)?;
         config.validate(path)?;
         Ok(config)
     }
@@ -292,32 +231,9 @@ impl Config {
         if self.git.timeout_secs == 0 {
             return Err(invalid("git.timeout_secs", "must be at least 1".into()));
         }
-        if self.etcd.endpoints.is_empty() {
-            return Err(invalid(
-                "etcd.endpoints",
-                "needs at least one endpoint".into(),
-            ));
-        }
-        for e in &self.etcd.endpoints {
-            if !(e.starts_with("http://") || e.starts_with("https://")) {
-                return Err(invalid(
-                    "etcd.endpoints",
-                    format!("{e:?} must start with http:// or https://"),
-                ));
-            }
-        }
-        if !self.etcd.prefix.starts_with('/') {
-            return Err(invalid("etcd.prefix", "must start with '/'".into()));
-        }
-        if self.etcd.lease_ttl_secs < 2 {
-            return Err(invalid("etcd.lease_ttl_secs", "must be at least 2".into()));
-        }
-        if self.etcd.request_timeout_ms < 50 {
-            return Err(invalid(
-                "etcd.request_timeout_ms",
-                "must be at least 50".into(),
-            ));
-        }
+        self.etcd
+            .validate()
+            .map_err(|(key, reason)| invalid(key, reason))?;
         if self.vote.vote_timeout_ms < self.etcd.request_timeout_ms {
             return Err(invalid(
                 "vote.vote_timeout_ms",
@@ -369,7 +285,7 @@ impl Config {
     }
 
     pub fn request_timeout(&self) -> Duration {
-        Duration::from_millis(self.etcd.request_timeout_ms)
+        self.etcd.request_timeout()
     }
 
     pub fn vote_timeout(&self) -> Duration {
@@ -391,7 +307,7 @@ impl Config {
     }
 
     pub fn lease_ttl(&self) -> Duration {
-        Duration::from_secs(self.etcd.lease_ttl_secs)
+        self.etcd.lease_ttl()
     }
 
     /// The hook binary to install: configured, or beside this executable.

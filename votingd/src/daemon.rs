@@ -7,10 +7,10 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use refvote_cluster::Store;
 use refvote_cluster::reaper::{self, ReaperConfig};
 use refvote_cluster::records::NodeRecord;
 use refvote_cluster::session::Session;
-use refvote_cluster::{Store, StoreConfig};
 use tokio::net::UnixListener;
 use tokio::task::JoinHandle;
 
@@ -267,11 +267,7 @@ impl Daemon {
 }
 
 async fn connect(config: &Config) -> Result<Store, StartError> {
-    let store_config = StoreConfig {
-        endpoints: config.etcd.endpoints.clone(),
-        prefix: config.etcd.prefix.clone(),
-        request_timeout: config.request_timeout(),
-    };
+    let store_config = config.etcd.store_config();
     Store::connect(&store_config)
         .await
         .map_err(StartError::Etcd)

@@ -1,0 +1,158 @@
+//! What the router's and votingd's configuration files share: the `[etcd]` section
+//! (one type, one set of defaults, one validation) and loading a TOML file with errors
+//! that name the key.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+
+use crate::store::StoreConfig;
+
+/// The `[etcd]` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdSettings {
+    /// Client URLs of every member; requests move to the next one when a member
+    /// cannot serve.
+    #[serde(default = "defaults::endpoints")]
+    pub endpoints: Vec<String>,
+    /// Every refvote key lives under this prefix.
+    #[serde(default = "defaults::prefix")]
+    pub prefix: String,
+    /// TTL of the process's lease: how long after it dies it still counts as live
+    /// (a node) or its open transactions wait before they are reaped (a router).
+    #[serde(default = "defaults::lease_ttl_secs")]
+    pub lease_ttl_secs: u64,
+    /// Bound on every etcd request; what cannot finish in time fails closed.
+    #[serde(default = "defaults::request_timeout_ms")]
+    pub request_timeout_ms: u64,
+}
+
+mod defaults {
+    pub fn endpoints() -> Vec<String> {
+        vec!["http://127.0.0.1:2379".into()]
+    }
+    pub fn prefix() -> String {
+        "/refvote/".into()
+    }
+    pub fn lease_ttl_secs() -> u64 {
+        10
+    }
+    pub fn request_timeout_ms() -> u64 {
+        2000
+    }
+}
+
+impl Default for EtcdSettings {
+    fn default() -> Self {
+        EtcdSettings {
+            endpoints: defaults::endpoints(),
+            prefix: defaults::prefix(),
+            lease_ttl_secs: defaults::lease_ttl_secs(),
+            request_timeout_ms: defaults::request_timeout_ms(),
+        }
+    }
+}
+
+impl EtcdSettings {
+    /// Checks the section; the error names the key (`etcd.…`) and says why.
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        if self.endpoints.is_empty() {
+            return Err((
+                "etcd.endpoints",
+                "needs at least one endpoint, like \"http://127.0.0.1:2379\"".into(),
+            ));
+        }
+        if let Some(e) = self
+            .endpoints
+            .iter()
+            .find(|e| !(e.starts_with("http://") || e.starts_with("https://")))
+        {
+            return Err((
+                "etcd.endpoints",
+                format!("{e:?} must start with http:// or https://"),
+            ));
+        }
+        if !self.prefix.starts_with('/') {
+            return Err((
+                "etcd.prefix",
+                format!("{:?} must start with '/'", self.prefix),
+            ));
+        }
+        if self.lease_ttl_secs < 2 {
+            return Err((
+                "etcd.lease_ttl_secs",
+                "must be at least 2 (the lease is renewed every third of it)".into(),
+            ));
+        }
+        if self.request_timeout_ms < 50 {
+            return Err(("etcd.request_timeout_ms", "must be at least 50".into()));
+        }
+        Ok(())
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms)
+    }
+
+    pub fn lease_ttl(&self) -> Duration {
+        Duration::from_secs(self.lease_ttl_secs)
+    }
+
+    /// How [`Store::connect`](crate::Store::connect) reaches this cluster.
+    pub fn store_config(&self) -> StoreConfig {
+        StoreConfig {
+            endpoints: self.endpoints.clone(),
+            prefix: self.prefix.clone(),
+            request_timeout: self.request_timeout(),
+        }
+    }
+}
+
+/// A configuration problem, naming the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}: {key}: {reason}")]
+    Invalid {
+        path: PathBuf,
+        key: &'static str,
+        reason: String,
+    },
+}
+
+impl ConfigError {
+    pub fn invalid(path: &Path, key: &'static str, reason: String) -> ConfigError {
+        ConfigError::Invalid {
+            path: path.to_owned(),
+            key,
+            reason,
+        }
+    }
+}
+
+/// Reads `path` as TOML into `T`.
+pub fn load_toml<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse_toml(&text, path)
+}
+
+/// Parses `text` (from `path`, for messages) as TOML into `T`.
+pub fn parse_toml<T: DeserializeOwned>(text: &str, path: &Path) -> Result<T, ConfigError> {
+    toml::from_str(text).map_err(|e| ConfigError::Parse {
+        path: path.to_owned(),
+        message: e.to_string().trim_end().replace('\n', " "),
+    })
+}
