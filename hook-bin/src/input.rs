@@ -36,7 +36,11 @@ pub fn parse(stdin: &[u8]) -> Result<Update, String> {
     let text =
         std::str::from_utf8(stdin).map_err(|_| "ref updates are not valid UTF-8".to_string())?;
     let mut lines = Vec::new();
-    for (i, raw) in text.lines().enumerate() {
+    // git ends every line with LF; a CR is part of the line (and so refused below),
+    // never a line ending, or the same bytes could parse two ways.
+    let body = text.strip_suffix('\n').unwrap_or(text);
+    let raw_lines = body.split('\n').filter(|_| !body.is_empty());
+    for (i, raw) in raw_lines.enumerate() {
         let n = i + 1;
         let mut parts = raw.splitn(3, ' ');
         let (Some(old), Some(new), Some(refname)) = (parts.next(), parts.next(), parts.next())
@@ -48,7 +52,9 @@ pub fn parse(stdin: &[u8]) -> Result<Update, String> {
         if !is_value(old) || !is_value(new) {
             return Err(format!("malformed ref update on line {n}: bad object id"));
         }
-        if refname.is_empty() || refname.contains([' ', '\0']) {
+        // git never writes a ref name with a space or a control character
+        // (check-ref-format); such a line is not from git.
+        if refname.is_empty() || refname.chars().any(|c| c == ' ' || c.is_ascii_control()) {
             return Err(format!("malformed ref update on line {n}: bad ref name"));
         }
         lines.push(Line {
@@ -114,6 +120,26 @@ mod tests {
     const A: &str = "1111111111111111111111111111111111111111";
     const B: &str = "2222222222222222222222222222222222222222";
     const Z: &str = "0000000000000000000000000000000000000000";
+
+    /// Found by the `hook_stdin` fuzz target: a CR before the LF used to be dropped as
+    /// a line ending, so two different inputs gave one ref name (and one vote key).
+    #[test]
+    fn control_characters_in_ref_names_are_refused() {
+        for bad in [
+            "refs/heads/a\r",
+            "refs/heads/a\x1fb",
+            "refs/heads/\x7f",
+            "refs/heads/a\tb",
+        ] {
+            let line = format!("{A} {B} {bad}\n");
+            let err = parse(line.as_bytes()).unwrap_err();
+            assert!(err.contains("bad ref name"), "{bad:?}: {err}");
+        }
+        assert!(parse(format!("{A} {B} refs/heads/a\r\n").as_bytes()).is_err());
+        assert_eq!(parse(b"").unwrap_err(), "no ref updates on stdin");
+        let two = parse(format!("{A} {B} refs/heads/a\n{A} {B} refs/heads/b").as_bytes());
+        assert_eq!(two.unwrap().lines.len(), 2, "the last LF is optional");
+    }
 
     #[test]
     fn parses_lines() {

@@ -24,7 +24,7 @@
 //! It does not decide anything itself: the decision is votingd's and etcd's.
 #![forbid(unsafe_code)]
 
-mod input;
+use refvote_hook::input;
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;

@@ -64,6 +64,52 @@ pub mod hook {
 
     impl std::error::Error for FrameTooLarge {}
 
+    /// Decodes a request body (the bytes after the frame header). Anything prost cannot
+    /// decode is an error saying so; nothing is half-read.
+    pub fn decode_request(body: &[u8]) -> Result<Request, String> {
+        <Request as prost::Message>::decode(body).map_err(|e| format!("malformed request: {e}"))
+    }
+
+    /// Longest transaction id a vote may carry (the router's ids are far shorter).
+    pub const MAX_TRANSACTION_ID: usize = 128;
+
+    impl Vote {
+        /// Checks the fields every vote must have right, whoever receives it: a known
+        /// phase, a well-formed transaction id, a 32-hex-digit key base and a SHA-256
+        /// hash. Whether the voter is this node is the receiver's business.
+        pub fn check(&self) -> Result<Phase, (error::Code, String)> {
+            let phase = Phase::try_from(self.phase).unwrap_or(Phase::Unspecified);
+            if phase == Phase::Unspecified {
+                return Err((
+                    error::Code::InvalidArgument,
+                    format!("unknown phase {}", self.phase),
+                ));
+            }
+            let id = &self.transaction;
+            let id_ok = !id.is_empty()
+                && id.len() <= MAX_TRANSACTION_ID
+                && id
+                    .bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_'));
+            if !id_ok {
+                return Err((
+                    error::Code::InvalidArgument,
+                    format!("malformed transaction id {id:?}"),
+                ));
+            }
+            if self.key_base.len() != 32 || !self.key_base.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err((error::Code::InvalidArgument, "malformed vote key".into()));
+            }
+            if self.hash.len() != 32 {
+                return Err((
+                    error::Code::InvalidArgument,
+                    "the update hash must be 32 bytes (SHA-256)".into(),
+                ));
+            }
+            Ok(phase)
+        }
+    }
+
     #[cfg(test)]
     mod tests {
         use super::*;

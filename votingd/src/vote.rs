@@ -7,7 +7,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use prost::Message;
 use refvote_cluster::Store;
 use refvote_cluster::error::Error as ClusterError;
 use refvote_cluster::records::{TxRecord, VoteRecord};
@@ -119,22 +118,7 @@ impl VoteService {
     }
 
     fn validate(&self, v: &Vote) -> Result<Phase, Refusal> {
-        let phase = Phase::try_from(v.phase).unwrap_or(Phase::Unspecified);
-        if phase == Phase::Unspecified {
-            return Err((Code::InvalidArgument, format!("unknown phase {}", v.phase)));
-        }
-        let id_ok = |s: &str| {
-            !s.is_empty()
-                && s.len() <= 128
-                && s.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_'))
-        };
-        if !id_ok(&v.transaction) {
-            return Err((
-                Code::InvalidArgument,
-                format!("malformed transaction id {:?}", v.transaction),
-            ));
-        }
+        let phase = v.check()?;
         if v.voter != self.node {
             return Err((
                 Code::FailedPrecondition,
@@ -142,15 +126,6 @@ impl VoteService {
                     "this votingd votes as {:?}, not as {:?}",
                     self.node, v.voter
                 ),
-            ));
-        }
-        if v.key_base.len() != 32 || !v.key_base.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err((Code::InvalidArgument, "malformed vote key".into()));
-        }
-        if v.hash.len() != 32 {
-            return Err((
-                Code::InvalidArgument,
-                "the update hash must be 32 bytes (SHA-256)".into(),
             ));
         }
         Ok(phase)
@@ -458,5 +433,5 @@ async fn read_request(stream: &mut UnixStream) -> Result<Request, String> {
         .read_exact(&mut body)
         .await
         .map_err(|e| format!("cannot read the request: {e}"))?;
-    Request::decode(body.as_slice()).map_err(|e| format!("malformed request: {e}"))
+    hook::decode_request(&body)
 }
