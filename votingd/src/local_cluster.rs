@@ -109,13 +109,16 @@ impl Layout {
     }
 
     pub fn member(&self, name: &str) -> anyhow::Result<&Member> {
-        self.members.iter().find(|m| m.name == name).with_context(|| {
-            format!(
-                "no member {name:?} in the cluster at {}; its members are: {}",
-                self.dir.display(),
-                self.names().join(", ")
-            )
-        })
+        self.members
+            .iter()
+            .find(|m| m.name == name)
+            .with_context(|| {
+                format!(
+                    "no member {name:?} in the cluster at {}; its members are: {}",
+                    self.dir.display(),
+                    self.names().join(", ")
+                )
+            })
     }
 
     pub fn names(&self) -> Vec<String> {
@@ -172,7 +175,11 @@ pub fn up(opts: &UpOptions, out: &mut dyn Write) -> anyhow::Result<Layout> {
     let result = start_all(&layout, opts.timeout, out, &mut started);
     if let Err(e) = result {
         if !started.is_empty() {
-            writeln!(out, "cluster: stopping what was started: {}", started.join(", "))?;
+            writeln!(
+                out,
+                "cluster: stopping what was started: {}",
+                started.join(", ")
+            )?;
             let names: Vec<&str> = started.iter().rev().map(String::as_str).collect();
             let _ = stop_members(&layout, &names, STOP_GRACE, out);
         }
@@ -247,7 +254,11 @@ pub fn down(dir: &Path, out: &mut dyn Write) -> anyhow::Result<()> {
     let layout = match Layout::load(dir) {
         Ok(l) => l,
         Err(_) if !dir.join(LAYOUT_FILE).exists() => {
-            writeln!(out, "cluster: no cluster in {}; nothing to stop", dir.display())?;
+            writeln!(
+                out,
+                "cluster: no cluster in {}; nothing to stop",
+                dir.display()
+            )?;
             return Ok(());
         }
         Err(e) => return Err(e),
@@ -344,7 +355,10 @@ pub fn alive(pid: u32) -> bool {
         return false;
     };
     // The state follows the command name, which is in parentheses and may hold spaces.
-    match stat.rfind(')').and_then(|i| stat[i + 1..].split_whitespace().next()) {
+    match stat
+        .rfind(')')
+        .and_then(|i| stat[i + 1..].split_whitespace().next())
+    {
         Some("Z") | Some("X") | None => false,
         Some(_) => true,
     }
@@ -395,13 +409,9 @@ fn spawn(layout: &Layout, m: &Member) -> anyhow::Result<Child> {
             }
         }
     }
-    let child = cmd.spawn().with_context(|| {
-        format!(
-            "starting {}: cannot run {}",
-            m.name,
-            m.program.display()
-        )
-    })?;
+    let child = cmd
+        .spawn()
+        .with_context(|| format!("starting {}: cannot run {}", m.name, m.program.display()))?;
     std::fs::write(layout.pid_file(&m.name), format!("{}\n", child.id()))?;
     Ok(child)
 }
@@ -547,7 +557,10 @@ fn create(dir: &Path, opts: &UpOptions) -> anyhow::Result<Layout> {
         );
     }
     if !opts.host.is_loopback() {
-        bail!("--host must be a loopback address (127.0.0.0/8), not {}", opts.host);
+        bail!(
+            "--host must be a loopback address (127.0.0.0/8), not {}",
+            opts.host
+        );
     }
     let longest = dir.join("node9").join("gitaly.sock");
     if longest.as_os_str().len() > MAX_SOCKET_PATH {
