@@ -19,6 +19,7 @@
 //!
 //! It does not authenticate yet: [`GitHttp::authorize`] is where a token check goes.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -82,6 +83,7 @@ impl HttpServer {
         let front = Arc::new(GitHttp {
             forwarder,
             create_on_push,
+            creating: Default::default(),
         });
         let (stop, mut stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
@@ -337,6 +339,10 @@ struct Request {
 struct GitHttp {
     forwarder: Arc<Forwarder>,
     create_on_push: bool,
+    /// Creations on push in flight, by relative path: concurrent first pushes through
+    /// this router wait for the one creating the repository, so none of them reaches a
+    /// replica whose creation has not finished yet.
+    creating: std::sync::Mutex<HashMap<String, Arc<Mutex<()>>>>,
 }
 
 impl GitHttp {
@@ -543,6 +549,26 @@ impl GitHttp {
     /// CreateRepository through the router: placement, registration and a voted
     /// creation, as for a gRPC client. Someone else's creation winning is fine.
     async fn create(&self, relative: &str) -> Result<(), Refusal> {
+        let turn = self
+            .creating
+            .lock()
+            .expect("creations lock")
+            .entry(relative.to_owned())
+            .or_default()
+            .clone();
+        let result = {
+            let _turn = turn.lock().await;
+            self.create_once(relative).await
+        };
+        let mut creating = self.creating.lock().expect("creations lock");
+        // The map holds one reference and `turn` another: nobody else is waiting.
+        if Arc::strong_count(&turn) == 2 {
+            creating.remove(relative);
+        }
+        result
+    }
+
+    async fn create_once(&self, relative: &str) -> Result<(), Refusal> {
         let request = CreateRepositoryRequest {
             repository: Some(repository(relative)),
             default_branch: Vec::new(),

@@ -21,7 +21,7 @@ use refvote_tests::git::{self, WorkRepo, rev};
 use refvote_tests::local::{LocalCluster, git_in};
 use votingd::local_cluster::alive;
 
-fn text(out: &Output) -> String {
+fn text_of(out: &Output) -> String {
     format!(
         "exit {:?}\nstdout:\n{}\nstderr:\n{}",
         out.status.code(),
@@ -37,7 +37,7 @@ fn push(work: &Path, url: &str, args: &[&str]) -> anyhow::Result<Output> {
 }
 
 fn ok(out: Output) -> anyhow::Result<Output> {
-    anyhow::ensure!(out.status.success(), "{}", text(&out));
+    anyhow::ensure!(out.status.success(), "{}", text_of(&out));
     Ok(out)
 }
 
@@ -98,7 +98,7 @@ fn cluster_up_stop_start_down() -> anyhow::Result<()> {
     }
     // Every node is healthy by its own account.
     let status = c.votingctl(&["status", "--config", c.var("NODE2_CONFIG")])?;
-    assert!(status.status.success(), "{}", text(&status));
+    assert!(status.status.success(), "{}", text_of(&status));
 
     // One node stopped: its process is gone, the others are untouched.
     let node2 = c.pid_file("node2").expect("node2.pid");
@@ -107,7 +107,7 @@ fn cluster_up_stop_start_down() -> anyhow::Result<()> {
     assert!(!alive(node2));
     assert_eq!(c.pid_file("node2"), None);
     let status = c.votingctl(&["status", "--config", c.var("NODE2_CONFIG")])?;
-    assert!(!status.status.success(), "{}", text(&status));
+    assert!(!status.status.success(), "{}", text_of(&status));
     assert!(alive(c.pid_file("node1").expect("node1.pid")));
     // Stopping it again is not an error.
     c.stop("node2")?;
@@ -116,7 +116,7 @@ fn cluster_up_stop_start_down() -> anyhow::Result<()> {
     let again = c.pid_file("node2").expect("node2.pid");
     assert!(alive(again) && again != node2);
     let status = c.votingctl(&["status", "--config", c.var("NODE2_CONFIG")])?;
-    assert!(status.status.success(), "{}", text(&status));
+    assert!(status.status.success(), "{}", text_of(&status));
     // The router too.
     c.stop("router")?;
     assert!(std::net::TcpStream::connect(c.var("ROUTER_ADDR")).is_err());
@@ -128,14 +128,14 @@ fn cluster_up_stop_start_down() -> anyhow::Result<()> {
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("node1, node2, node3"),
         "{}",
-        text(&out)
+        text_of(&out)
     );
     // `up` on a running cluster starts nothing new.
     let out = ok(c.votingctl(&["cluster", "up", "--dir", c.dir.to_str().unwrap()])?)?;
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("node1 is already running"),
         "{}",
-        text(&out)
+        text_of(&out)
     );
 
     // Down: every process the cluster ever had is gone, and the pid files with them.
@@ -150,9 +150,120 @@ fn cluster_up_stop_start_down() -> anyhow::Result<()> {
     for name in names {
         assert_eq!(c.pid_file(name), None, "{name}.pid is gone");
     }
+    assert_eq!(processes_naming(&c.dir), Vec::<u32>::new());
     // Idempotent.
     c.down()?;
+
+    // `up` on a stopped cluster brings every member back with its data.
+    let out = ok(c.votingctl(&["cluster", "up", "--dir", c.dir.to_str().unwrap()])?)?;
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("starting its stopped members"),
+        "{}",
+        text_of(&out)
+    );
+    for name in names {
+        assert!(alive(c.pid_file(name).expect("pid file")), "{name}");
+    }
+    let status = c.votingctl(&["status", "--config", c.var("NODE3_CONFIG")])?;
+    assert!(status.status.success(), "{}", text_of(&status));
     Ok(())
+}
+
+/// A directory holding a fake program named like a real one, first on PATH.
+fn fake_path(dir: &Path, name: &str, script: &str) -> anyhow::Result<String> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir)?;
+    let path = dir.join(name);
+    std::fs::write(&path, format!("#!/bin/sh\n{script}\n"))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
+    Ok(format!(
+        "{}:{}",
+        dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    ))
+}
+
+#[test]
+fn a_member_that_fails_to_start_is_named_with_its_log_and_nothing_is_left() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let votingctl = refvote_tests::node::bin("votingctl");
+    // An etcd that dies at once.
+    let path = fake_path(
+        &tmp.path().join("bin1"),
+        "etcd",
+        "echo 'etcd: bad flag' >&2; exit 3",
+    )?;
+    let dir = tmp.path().join("c1");
+    let out = Command::new(&votingctl)
+        .args([
+            "cluster",
+            "up",
+            "--dir",
+            dir.to_str().unwrap(),
+            "--host",
+            "127.0.0.1",
+        ])
+        .env("PATH", &path)
+        .output()?;
+    assert!(!out.status.success(), "{}", text_of(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("etcd exited at start-up"), "{err}");
+    assert!(
+        err.contains(&format!("{}/logs/etcd.log", dir.canonicalize()?.display())),
+        "{err}"
+    );
+    assert!(
+        err.contains("etcd: bad flag"),
+        "the log's tail is shown: {err}"
+    );
+
+    // An etcd that never becomes healthy: bounded by --timeout, then stopped.
+    let path = fake_path(&tmp.path().join("bin2"), "etcd", "sleep 600")?;
+    let dir = tmp.path().join("c2");
+    let started = Instant::now();
+    let out = Command::new(&votingctl)
+        .args([
+            "cluster",
+            "up",
+            "--dir",
+            dir.to_str().unwrap(),
+            "--timeout",
+            "2",
+        ])
+        .env("PATH", &path)
+        .output()?;
+    assert!(!out.status.success(), "{}", text_of(&out));
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("etcd did not become healthy within 2s"),
+        "{err}"
+    );
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("stopping what was started: etcd"), "{said}");
+    assert!(said.contains("etcd stopped"), "{said}");
+    assert!(!dir.join("etcd.pid").exists());
+    assert_eq!(processes_naming(&dir.canonicalize()?), Vec::<u32>::new());
+    Ok(())
+}
+
+/// Live processes whose command line names `dir`.
+fn processes_naming(dir: &Path) -> Vec<u32> {
+    let dir = format!("{}/", dir.display());
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            alive(pid) && String::from_utf8_lossy(&cmdline).contains(&dir)
+        })
+        .collect()
 }
 
 #[test]
@@ -172,7 +283,7 @@ fn a_three_member_etcd_survives_losing_one() -> anyhow::Result<()> {
         if status.status.success() {
             break;
         }
-        assert!(Instant::now() < deadline, "{}", text(&status));
+        assert!(Instant::now() < deadline, "{}", text_of(&status));
         std::thread::sleep(Duration::from_millis(200));
     }
     c.start("etcd2")?;
@@ -341,6 +452,25 @@ fn git_clone_fetch_and_push_over_the_routers_http_port() -> anyhow::Result<()> {
     assert!(body.contains("gzip"), "{body}");
     ok(git_in(&clone, &["fetch", "--quiet", "origin"])?)?;
     assert_eq!(rev(&clone, "refs/remotes/origin/main"), Some(second));
+
+    // With create_on_push off, a push to an unknown repository is refused and says so.
+    let config = c.var("ROUTER_CONFIG");
+    let text = std::fs::read_to_string(config)?;
+    assert!(text.contains("create_on_push = true"), "{text}");
+    std::fs::write(
+        config,
+        text.replace("create_on_push = true", "create_on_push = false"),
+    )?;
+    c.stop("router")?;
+    c.start("router")?;
+    let out = push(&work.path, &c.url("other.git"), &["main"])?;
+    assert!(!out.status.success(), "{}", text_of(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("create_on_push = false"), "{err}");
+    assert!(err.contains("not found"), "{err}");
+    assert_eq!(rev(&c.replica("node1", "other.git"), "HEAD"), None);
+    // Existing repositories are served as before.
+    ok(push(&work.path, &url, &["main:refs/heads/after-restart"])?)?;
     Ok(())
 }
 
@@ -349,27 +479,13 @@ fn sixteen_concurrent_pushes_then_no_quorum_is_refused_with_the_reason() -> anyh
     let c = LocalCluster::up(&[])?;
     let tmp = tempfile::tempdir()?;
     let url = c.url("team/app.git");
-    let seed = WorkRepo::new(&tmp.path().join("seed"))?;
-    let base = seed.commit("main", "base")?;
-    ok(push(&seed.path, &url, &["main"])?)?;
-
-    // 16 clients, each its own clone and branch, pushing at once.
+    // 16 clients, each with its own branch, pushing at once to a repository that does
+    // not exist yet: one push creates it, the others wait for that, and all land.
     let mut clients = Vec::new();
     for i in 0..16 {
-        let dir = tmp.path().join(format!("client{i}"));
-        ok(git_in(
-            tmp.path(),
-            &["clone", "--quiet", &url, dir.to_str().unwrap()],
-        )?)?;
-        for (k, v) in [("user.name", "t"), ("user.email", "t@refvote.invalid")] {
-            git::git(&dir, &["config", k, v])?;
-        }
-        std::fs::write(dir.join(format!("c{i}")), format!("{i}\n"))?;
-        git::git(&dir, &["checkout", "--quiet", "-b", &format!("client-{i}")])?;
-        git::git(&dir, &["add", "-A"])?;
-        git::git(&dir, &["commit", "--quiet", "-m", &format!("client {i}")])?;
-        let head = git::git(&dir, &["rev-parse", "HEAD"])?;
-        clients.push((i, dir, head));
+        let work = WorkRepo::new(&tmp.path().join(format!("client{i}")))?;
+        let head = work.commit(&format!("client-{i}"), &format!("client {i}"))?;
+        clients.push((i, work.path.clone(), head));
     }
     let started = Instant::now();
     let outs: Vec<(usize, String, Output)> = std::thread::scope(|s| {
@@ -390,7 +506,7 @@ fn sixteen_concurrent_pushes_then_no_quorum_is_refused_with_the_reason() -> anyh
     });
     let took = started.elapsed();
     for (i, head, out) in &outs {
-        assert!(out.status.success(), "client {i}: {}", text(out));
+        assert!(out.status.success(), "client {i}: {}", text_of(out));
         assert_eq!(
             replicas(&c, "team/app.git", &format!("refs/heads/client-{i}")),
             vec![Some(head.clone()); 3],
@@ -398,6 +514,9 @@ fn sixteen_concurrent_pushes_then_no_quorum_is_refused_with_the_reason() -> anyh
         );
     }
     eprintln!("16 concurrent pushes took {took:?}");
+    let seed = WorkRepo::new(&tmp.path().join("seed"))?;
+    let base = seed.commit("main", "base")?;
+    ok(push(&seed.path, &url, &["main"])?)?;
 
     // Two of three nodes down: the push is refused at once, git shows why.
     c.stop("node2")?;
@@ -405,7 +524,7 @@ fn sixteen_concurrent_pushes_then_no_quorum_is_refused_with_the_reason() -> anyh
     let next = seed.commit("main", "no quorum")?;
     let started = Instant::now();
     let out = push(&seed.path, &url, &["main"])?;
-    assert!(!out.status.success(), "{}", text(&out));
+    assert!(!out.status.success(), "{}", text_of(&out));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("remote: refvote: cannot write to default/team/app.git: not enough replicas are up to date: 1 of 3 up, 2 needed"),

@@ -340,10 +340,13 @@ fn stop_members(
     Ok(())
 }
 
+/// Signals the member's process group (it leads one: see [`spawn`]), so a helper it
+/// started goes with it; the process alone if the group is gone.
 fn signal(pid: u32, sig: rustix::process::Signal) {
     if let Some(pid) = i32::try_from(pid)
         .ok()
         .and_then(rustix::process::Pid::from_raw)
+        && rustix::process::kill_process_group(pid, sig).is_err()
     {
         let _ = rustix::process::kill_process(pid, sig);
     }
