@@ -345,6 +345,24 @@ fn git_clone_fetch_and_push_over_the_routers_http_port() -> anyhow::Result<()> {
     )?)?;
     assert_eq!(rev(&clone, "refs/remotes/origin/main"), Some(first.clone()));
 
+    // A push of a few MiB that does not compress: git sends it chunked, and it crosses
+    // the router in many messages.
+    let blob: Vec<u8> = (0..3 * 1024 * 1024u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(work.path.join("blob.bin"), &blob)?;
+    git::git(&work.path, &["add", "blob.bin"])?;
+    git::git(&work.path, &["commit", "--quiet", "-m", "a large file"])?;
+    let large = git::git(&work.path, &["rev-parse", "HEAD"])?;
+    ok(push(&work.path, &url, &["main"])?)?;
+    assert_eq!(
+        replicas(&c, "group/project.git", "refs/heads/main"),
+        vec![Some(large.clone()); 3]
+    );
+    ok(git_in(&clone, &["pull", "--quiet", "--ff-only"])?)?;
+    assert_eq!(std::fs::read(clone.join("blob.bin"))?, blob);
+    let first = large;
+
     // Several branches and an annotated tag in one push.
     let a = work.commit("feature-a", "a")?;
     let b = work.commit("feature-b", "b")?;

@@ -158,7 +158,7 @@ pub fn up(opts: &UpOptions, out: &mut dyn Write) -> anyhow::Result<Layout> {
         let layout = Layout::load(&dir)?;
         writeln!(
             out,
-            "cluster: {} already holds a cluster; starting its stopped members",
+            "cluster: {} already holds a cluster; starting its stopped members (as it was set up: --nodes and the other options apply to a new cluster only)",
             dir.display()
         )?;
         layout
@@ -800,8 +800,13 @@ mod tests {
 
     #[test]
     fn a_pid_counts_only_while_alive_and_naming_the_dir() {
+        // A member with a helper of its own, in its own process group, as spawn() does.
         let mut child = Command::new("sh")
-            .args(["-c", "sleep 30", "/tmp/refvote-x/node1/votingd.toml"])
+            .args(["-c", "sleep 30; :", "/tmp/refvote-x/node1/votingd.toml"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
             .spawn()
             .unwrap();
         let pid = child.id();
@@ -809,7 +814,8 @@ mod tests {
         assert!(cmdline_names(pid, Path::new("/tmp/refvote-x")));
         assert!(!cmdline_names(pid, Path::new("/tmp/refvote")));
         assert!(!cmdline_names(pid, Path::new("/tmp/refvote-x/node")));
-        child.kill().unwrap();
+        // The whole group goes: nothing of it is left behind.
+        signal(pid, rustix::process::Signal::KILL);
         // Until it is reaped it is a zombie, which does not count as alive.
         let until = Instant::now() + Duration::from_secs(5);
         while alive(pid) && Instant::now() < until {
