@@ -6,12 +6,15 @@
 //!   naming live processes that outlive votingctl, one member stopped and started with
 //!   its data, `up` again on a running cluster, `down` leaving no process (and again,
 //!   idempotent); a 3-member etcd losing and regaining one member;
-//! - git over HTTP: create on first push, clone, fetch, several branches and an
-//!   annotated tag in one push, a branch deletion, a gzip-encoded upload-pack request,
+//! - git over HTTP: create on first push (and, with `create_on_push = false`, a clear
+//!   refusal), clone, fetch, a multi-MiB push, several branches and an annotated tag in
+//!   one push, a branch deletion, a gzip-encoded upload-pack request and a broken one,
 //!   404 for an unknown repository, 400/405 for requests that are not smart HTTP;
-//! - 16 concurrent `git push` clients all succeeding, then a push with two of three
-//!   nodes stopped rejected with the reason in git's own output, and pushes working
-//!   again once the nodes are back.
+//! - 16 concurrent `git push` clients creating and filling one new repository, then a
+//!   push with two of three nodes stopped rejected with the reason in git's own output
+//!   (503 for a client that asks for no report), reads going on from the survivor, 503
+//!   with the reason when no node is left, and pushes working again once they are back;
+//! - a member that fails to start named with its log, and nothing left running.
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -567,8 +570,33 @@ fn sixteen_concurrent_pushes_then_no_quorum_is_refused_with_the_reason() -> anyh
         tmp.path(),
         &["clone", "--quiet", &url, clone.to_str().unwrap()],
     )?)?;
+    // A client that asks for no report (here, an empty push) gets the HTTP status.
+    let (code, body) = curl(&[
+        "-X",
+        "POST",
+        "--data-binary",
+        "",
+        &format!("{url}/git-receive-pack"),
+    ])?;
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("1 of 3 up, 2 needed"), "{body}");
 
-    // Back: nothing was written meanwhile, so both are still up to date and vote.
+    // No node at all: reads fail with 503 and the reason.
+    c.stop("node1")?;
+    let out = git_in(
+        tmp.path(),
+        &["clone", &url, tmp.path().join("none").to_str().unwrap()],
+    )?;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("remote: refvote: no replica of default/team/app.git can serve reads"),
+        "{err}"
+    );
+    assert!(err.contains("503"), "{err}");
+
+    // Back: nothing was written meanwhile, so all are still up to date and vote.
+    c.start("node1")?;
     c.start("node2")?;
     c.start("node3")?;
     ok(push(&seed.path, &url, &["main"])?)?;
