@@ -330,6 +330,16 @@ fn git_clone_fetch_and_push_over_the_routers_http_port() -> anyhow::Result<()> {
     assert!(body.contains("dumb HTTP"), "{body}");
     let (code, _) = curl(&[&format!("{url}/git-receive-pack")])?;
     assert_eq!(code, 405);
+    // A path that leaves the storage never reaches a node.
+    let (code, body) = curl(&[
+        "--path-as-is",
+        &format!(
+            "{}/a/%2E%2E/%2E%2E/etc/x.git/info/refs?service=git-upload-pack",
+            c.var("ROUTER_HTTP")
+        ),
+    ])?;
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("leaves the storage"), "{body}");
 
     // The first push creates the repository on all three nodes.
     let work = WorkRepo::new(&tmp.path().join("work"))?;
