@@ -220,6 +220,21 @@ fn a_member_that_fails_to_start_is_named_with_its_log_and_nothing_is_left() -> a
         "the log's tail is shown: {err}"
     );
 
+    // A directory that holds something else is left alone.
+    let busy = tmp.path().join("busy");
+    std::fs::create_dir_all(&busy)?;
+    std::fs::write(busy.join("notes.txt"), "mine")?;
+    let out = Command::new(&votingctl)
+        .args(["cluster", "up", "--dir", busy.to_str().unwrap()])
+        .output()?;
+    assert!(!out.status.success(), "{}", text_of(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("is not empty and holds no cluster"),
+        "{}",
+        text_of(&out)
+    );
+    assert_eq!(std::fs::read_dir(&busy)?.count(), 1);
+
     // An etcd that never becomes healthy: bounded by --timeout, then stopped.
     let path = fake_path(&tmp.path().join("bin2"), "etcd", "sleep 600")?;
     let dir = tmp.path().join("c2");

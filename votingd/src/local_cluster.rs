@@ -163,6 +163,13 @@ pub fn up(opts: &UpOptions, out: &mut dyn Write) -> anyhow::Result<Layout> {
         )?;
         layout
     } else {
+        // Never scatter a cluster over a directory that holds something else.
+        if std::fs::read_dir(&dir)?.next().is_some() {
+            bail!(
+                "{} is not empty and holds no cluster ({LAYOUT_FILE} is missing); use a new or empty --dir",
+                dir.display()
+            );
+        }
         let layout = create(&dir, opts)?;
         std::fs::write(
             dir.join(LAYOUT_FILE),
