@@ -18,6 +18,14 @@ pub struct Config {
     /// TCP `ip:port` of the Gitaly-compatible gRPC front (Gitaly's key name).
     #[serde(default = "defaults::listen_addr")]
     pub listen_addr: String,
+    /// TCP `ip:port` serving plain git over HTTP (smart HTTP: clone, fetch, push) for
+    /// the virtual storage `default`. Empty (the default): not served.
+    #[serde(default)]
+    pub http_listen_addr: String,
+    /// Create a repository on the first push to it over HTTP, placed and created as
+    /// CreateRepository does. Default: false (an unknown repository is 404).
+    #[serde(default)]
+    pub create_on_push: bool,
     /// Replicas a new repository gets (CreateRepository through the router), each on
     /// its own node.
     #[serde(default = "defaults::replication_factor")]
@@ -81,6 +89,17 @@ impl Config {
                 ),
             )
         })?;
+        if !self.http_listen_addr.is_empty() {
+            self.http_listen_addr.parse::<SocketAddr>().map_err(|_| {
+                invalid(
+                    "http_listen_addr",
+                    format!(
+                        "{:?} is not an ip:port address like \"127.0.0.1:8080\" (empty turns git over HTTP off)",
+                        self.http_listen_addr
+                    ),
+                )
+            })?;
+        }
         if self.replication_factor == 0 {
             return Err(invalid("replication_factor", "must be at least 1".into()));
         }
@@ -92,6 +111,12 @@ impl Config {
 
     pub fn listen(&self) -> SocketAddr {
         self.listen_addr.parse().expect("validated")
+    }
+
+    /// Where git smart HTTP listens, if it is on.
+    pub fn http_listen(&self) -> Option<SocketAddr> {
+        (!self.http_listen_addr.is_empty())
+            .then(|| self.http_listen_addr.parse().expect("validated"))
     }
 
     pub fn request_timeout(&self) -> Duration {
@@ -117,6 +142,8 @@ mod tests {
         assert_eq!(c.listen_addr, "127.0.0.1:2305");
         assert_eq!(c.etcd.prefix, "/refvote/");
         assert_eq!(c.request_timeout(), Duration::from_secs(2));
+        assert_eq!(c.http_listen(), None);
+        assert!(!c.create_on_push);
     }
 
     #[test]
@@ -127,6 +154,10 @@ mod tests {
         assert!(e.contains("etcd.endpoints"), "{e}");
         let e = parse("[etcd]\nprefix = \"x\"").unwrap_err().to_string();
         assert!(e.contains("etcd.prefix"), "{e}");
+        let e = parse("http_listen_addr = \"localhost\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("http_listen_addr"), "{e}");
         let e = parse("router_id = \"a b\"").unwrap_err().to_string();
         assert!(e.contains("router_id"), "{e}");
         let e = parse("bogus = 1").unwrap_err().to_string();

@@ -5,7 +5,10 @@
 //! which replicas may serve it, and the frames pass through unchanged apart from the
 //! storage name.
 //!
-//! Accessors, mutators (voted transactions) and maintenance fan-out are routed.
+//! Accessors, mutators (voted transactions) and maintenance fan-out are routed. With
+//! `http_listen_addr`, plain git clients clone, fetch and push over smart HTTP
+//! ([`http`]), each request turned into the Gitaly call and passed through the same
+//! handler.
 //! Repository creation, repair, the admin service and auth are not yet: the router's
 //! own services get UNIMPLEMENTED. The router keeps no state of its
 //! own: everything lives in etcd.
@@ -16,6 +19,7 @@ pub mod config;
 mod fanout;
 pub mod forward;
 pub mod frame;
+pub mod http;
 mod pool;
 pub mod registry;
 pub mod respond;

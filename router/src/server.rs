@@ -15,6 +15,7 @@ use tonic::transport::server::TcpIncoming;
 
 use crate::config::Config;
 use crate::forward::Forwarder;
+use crate::http::HttpServer;
 use crate::registry::{Registry, RegistryError};
 
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +39,8 @@ pub struct RouterServer {
     task: JoinHandle<()>,
     /// The lease this router's transactions are bound to.
     session: Option<Session>,
+    /// Plain git over HTTP, when `http_listen_addr` is set.
+    http: Option<HttpServer>,
 }
 
 impl RouterServer {
@@ -73,6 +76,14 @@ impl RouterServer {
             session.subscribe(),
             config.replication_factor,
         ));
+        let http = match config.http_listen() {
+            Some(addr) => Some(
+                HttpServer::start(addr, forwarder.clone(), config.create_on_push)
+                    .await
+                    .map_err(|source| StartError::Bind { addr, source })?,
+            ),
+            None => None,
+        };
         let svc = tower::service_fn(move |req: http::Request<tonic::body::Body>| {
             let f = forwarder.clone();
             async move { Ok::<_, Infallible>(f.handle(req).await) }
@@ -95,6 +106,7 @@ impl RouterServer {
             shutdown: Some(tx),
             task,
             session: Some(session),
+            http,
         })
     }
 
@@ -103,8 +115,16 @@ impl RouterServer {
         self.addr
     }
 
+    /// Where git smart HTTP listens, if `http_listen_addr` is set.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http.as_ref().map(HttpServer::local_addr)
+    }
+
     /// Stops accepting calls and waits up to `grace` for calls in flight.
     pub async fn shutdown(mut self, grace: Duration) {
+        if let Some(http) = self.http.take() {
+            http.shutdown().await;
+        }
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
