@@ -120,6 +120,40 @@ impl Store {
         place(&load, factor)
     }
 
+    /// Records a new repository's checksum in its `repos/` record, if the record is
+    /// still the one created at `create_revision` and still at `generation` (no write
+    /// landed since the checksum was taken). Returns whether it was recorded.
+    pub async fn set_creation_checksum(
+        &self,
+        repo: &RepoId,
+        create_revision: i64,
+        generation: u64,
+        checksum: &str,
+    ) -> Result<bool> {
+        let key = self.keys().repo(repo);
+        for _ in 0..8 {
+            let Some(entry) = self.get(&key).await? else {
+                return Ok(false);
+            };
+            let mut record: RepoRecord = entry.decode()?;
+            if entry.create_revision != create_revision || record.generation != generation {
+                return Ok(false);
+            }
+            record.creation_checksum = checksum.to_owned();
+            let txn = Txn::new()
+                .when([Compare::mod_revision(
+                    key.as_str(),
+                    CompareOp::Equal,
+                    entry.mod_revision,
+                )])
+                .and_then([TxnOp::put(key.as_str(), encode(&record), None)]);
+            if self.txn(txn).await?.succeeded() {
+                return Ok(true);
+            }
+        }
+        Err(Error::Contention(8))
+    }
+
     /// Removes a repository's registration and replica records, if its record is still
     /// the one created at `create_revision` (a failed creation undone).
     pub async fn unregister_repository(&self, repo: &RepoId, create_revision: i64) -> Result<bool> {

@@ -257,6 +257,12 @@ impl Forwarder {
                 if matches!(&outcome, Ok(o) if !o.acknowledged && !o.committed) {
                     me.unregister(&tx.repo, rev).await;
                 }
+                if let Ok(o) = &outcome
+                    && o.acknowledged
+                {
+                    crate::repair::record_creation_checksum(&store, &me.pool, &tx.repo, rev, o)
+                        .await;
+                }
             }
             answer(&tx, outcome, results)
         });

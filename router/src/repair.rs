@@ -352,3 +352,38 @@ pub(crate) async fn checksum(
         .map(|r| r.into_inner().checksum)
         .map_err(|s| RepairError::Checksum(format!("{}: {:?}: {}", node, s.code(), s.message())))
 }
+
+/// Records a just-created repository's checksum (DESIGN.md §3 `repos/`), taken from a
+/// replica the creation promoted; kept only if no write landed meanwhile.
+pub(crate) async fn record_creation_checksum(
+    store: &Store,
+    pool: &Pool,
+    repo: &refvote_cluster::RepoId,
+    create_revision: i64,
+    outcome: &refvote_cluster::records::TxOutcome,
+) {
+    let result = async {
+        let view = store.repo_view(repo).await?;
+        let up = view.up_to_date_live();
+        let node = if outcome.committed {
+            outcome.promoted.first()
+        } else {
+            up.first()
+        }
+        .cloned()
+        .ok_or_else(|| RepairError::Node("no replica to take the checksum from".into()))?;
+        let sum = checksum(pool, &view, &node, &repo.relative_path).await?;
+        let recorded = store
+            .set_creation_checksum(repo, create_revision, outcome.generation, &sum)
+            .await?;
+        Ok::<_, RepairError>((sum, recorded))
+    }
+    .await;
+    match result {
+        Ok((sum, true)) => tracing::debug!(%repo, checksum = %sum, "creation checksum recorded"),
+        Ok((_, false)) => {
+            tracing::info!(%repo, "the repository changed before its creation checksum was recorded")
+        }
+        Err(e) => tracing::warn!(%repo, error = %e, "cannot record the creation checksum"),
+    }
+}
