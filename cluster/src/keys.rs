@@ -172,6 +172,15 @@ impl Keys {
         format!("{}claims/repair/{}/{node}", self.prefix, repo.key_segment())
     }
 
+    /// The repair jobs of one repository.
+    pub fn repair_jobs_of(&self, repo: &RepoId) -> String {
+        format!("{}jobs/repair/{}/", self.prefix, repo.key_segment())
+    }
+
+    pub fn repair_claims_of(&self, repo: &RepoId) -> String {
+        format!("{}claims/repair/{}/", self.prefix, repo.key_segment())
+    }
+
     pub fn repair_claims(&self) -> String {
         format!("{}claims/repair/", self.prefix)
     }

@@ -8,11 +8,12 @@
 //! Accessors, mutators (voted transactions) and maintenance fan-out are routed;
 //! repository creation places and registers the repository. Every router also runs the
 //! [`repair`] worker (outdated replicas copied from an up-to-date one) and the reaper
-//! (transactions whose router died). The admin service and auth are not yet: the
-//! router's own services get UNIMPLEMENTED. The router keeps no state of its
+//! (transactions whose router died), and serves refvote's [`admin`] service (replicas
+//! of a repository, their synchronization, removal). Auth is not yet done. The router keeps no state of its
 //! own: everything lives in etcd.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod codec;
 pub mod config;
 mod fanout;

@@ -1,5 +1,6 @@
 //! Starting and stopping the router: registry, etcd, listener, the catch-all
-//! service on top, and the background repair worker and reaper. Everything a test needs to run a router in-process.
+//! service on top with refvote's admin service in front of it, and the background
+//! repair worker and reaper. Everything a test needs to run a router in-process.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -91,6 +92,7 @@ impl RouterServer {
                 },
             )),
         ];
+        let store_for_admin = store.clone();
         let forwarder = Arc::new(
             Forwarder::new(
                 registry,
@@ -101,9 +103,25 @@ impl RouterServer {
             )
             .with_lock_wait(config.lock_wait()),
         );
+        // refvote's own admin service answers its paths; everything else is Gitaly's.
+        let admin = refvote_proto::admin::admin_service_server::AdminServiceServer::new(
+            crate::admin::Admin::new(
+                store_for_admin,
+                Arc::new(crate::pool::Pool::default()),
+                config.router_id.clone(),
+                session.subscribe(),
+            ),
+        );
         let svc = tower::service_fn(move |req: http::Request<tonic::body::Body>| {
             let f = forwarder.clone();
-            async move { Ok::<_, Infallible>(f.handle(req).await) }
+            let mut admin = admin.clone();
+            async move {
+                if req.uri().path().starts_with(crate::admin::PATH_PREFIX) {
+                    use tower::Service;
+                    return admin.call(req).await;
+                }
+                Ok::<_, Infallible>(f.handle(req).await)
+            }
         });
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
