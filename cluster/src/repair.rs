@@ -252,6 +252,20 @@ impl Store {
         Ok(self.txn(txn).await?.succeeded())
     }
 
+    /// Removes a job whose repository is no longer registered, if it is still the one
+    /// listed.
+    pub async fn drop_orphan_job(&self, job: &RepairJob) -> Result<bool> {
+        let keys = self.keys();
+        let key = keys.repair_job(&job.job.repo, &job.job.node);
+        let txn = Txn::new()
+            .when([
+                Compare::mod_revision(key.as_str(), CompareOp::Equal, job.entry.mod_revision),
+                Compare::create_revision(keys.repo(&job.job.repo), CompareOp::Equal, 0),
+            ])
+            .and_then([TxnOp::delete(key, None)]);
+        Ok(self.txn(txn).await?.succeeded())
+    }
+
     /// Counts a failed attempt on the job (attempts, last error, time) and sets its
     /// back-off ([`backoff`]), then releases the claim.
     pub async fn fail_repair(&self, claim: &Claim, error: &str) -> Result<()> {

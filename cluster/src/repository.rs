@@ -170,6 +170,10 @@ impl Store {
                     keys.replicas(repo),
                     Some(etcd_client::DeleteOptions::new().with_prefix()),
                 ),
+                TxnOp::delete(
+                    keys.repair_jobs_of(repo),
+                    Some(etcd_client::DeleteOptions::new().with_prefix()),
+                ),
             ]);
         Ok(self.txn(txn).await?.succeeded())
     }

@@ -136,6 +136,12 @@ impl Worker {
         // Read first: a job whose node is down stays unclaimed and uncounted.
         let plan = match self.store.repair_plan(repo, node).await {
             Ok(p) => p,
+            Err(refvote_cluster::Error::UnknownRepo(_)) => {
+                if let Ok(true) = self.store.drop_orphan_job(job).await {
+                    tracing::info!("dropped the repair job of a repository no longer registered");
+                }
+                return;
+            }
             Err(e) => {
                 tracing::debug!(error = %e, "cannot plan the repair");
                 return;

@@ -406,3 +406,64 @@ async fn a_router_reaps_a_transaction_whose_creator_died() -> anyhow::Result<()>
     assert_eq!(view.up_to_date_live().len(), 3, "{view:?}");
     Ok(())
 }
+
+/// Writes to a repository under an administrative lock wait for it (`lock_wait_ms`),
+/// then fail UNAVAILABLE naming the operation; once it is released they go through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_wait_for_a_locked_repository_then_fail_saying_who_holds_it() -> anyhow::Result<()> {
+    let (c, mut router, id) = cluster_with_repo("p.git").await?;
+    // A short wait for this test: the setting goes before the [etcd] table.
+    router.stop()?;
+    let config = std::fs::read_to_string(&router.config)?;
+    std::fs::write(&router.config, format!("lock_wait_ms = 1500\n{config}"))?;
+    router.launch().await?;
+    let http = http_via(&router).await?;
+    let url = http.url("p.git");
+    let work = c.work("w")?;
+    git::git(
+        &work.path,
+        &["fetch", "--quiet", "--update-head-ok", &url, "main:main"],
+    )?;
+    let lease = c.session.lease().expect("test lease");
+
+    let lock = c.store.lock_repo(&id, "test", "an-upgrade", lease).await?;
+    let new = work.commit("main", "x")?;
+    let t = Instant::now();
+    let err = SmartHttpServiceClient::new(router.channel().await?)
+        .post_receive_pack(futures::stream::iter([PostReceivePackRequest {
+            repository: repo("p.git"),
+            ..Default::default()
+        }]))
+        .await
+        .unwrap_err();
+    let took = t.elapsed();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(
+        err.message()
+            .contains("repository default/p.git is locked by an-upgrade (test) since")
+            && err.message().contains("retry later"),
+        "{err:?}"
+    );
+    assert!(
+        took >= Duration::from_millis(1400) && took < Duration::from_secs(6),
+        "took {took:?}"
+    );
+
+    // Released while a push waits: the push goes through.
+    let push = git::push(&work.path, std::path::Path::new(&url), &["main"], &[]);
+    let release = async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        c.store.unlock(&lock).await
+    };
+    let (out, released) = tokio::join!(push, release);
+    released?;
+    let out = out?;
+    assert!(out.status.success(), "{out:?}");
+    for n in &c.nodes {
+        assert_eq!(
+            git::rev(&n.repo("p.git"), "refs/heads/main"),
+            Some(new.clone())
+        );
+    }
+    Ok(())
+}
