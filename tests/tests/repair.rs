@@ -467,3 +467,41 @@ async fn writes_wait_for_a_locked_repository_then_fail_saying_who_holds_it() -> 
     }
     Ok(())
 }
+
+/// A transaction that began before its repository was removed and created again
+/// changes nothing in the new one when it finalizes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finalize_does_not_resurrect_a_removed_repository() -> anyhow::Result<()> {
+    let c = VoteCluster::start(3, 1).await?;
+    let id = c.create_repo("p.git").await?;
+    let tx = c.begin(&id).await?;
+    let work = c.work("w")?;
+    work.commit("main", "x")?;
+    c.push_all(&tx, &work, &["main"]).await?;
+    // Removed and registered again while the transaction is open.
+    let old = c
+        .store
+        .get(&c.store.keys().repo(&id))
+        .await?
+        .expect("registered");
+    assert!(
+        c.store
+            .unregister_repository(&id, old.create_revision)
+            .await?
+    );
+    c.store
+        .create_repository(&id, &c.node_names(), "fresh")
+        .await?;
+    let outcome = c.finalize(&tx).await?;
+    assert!(!outcome.committed && !outcome.acknowledged, "{outcome:?}");
+    let view = c.store.repo_view(&id).await?;
+    assert_eq!(view.record.generation, 0, "{view:?}");
+    assert_eq!(view.record.creation_checksum, "fresh");
+    assert!(
+        view.replicas
+            .values()
+            .all(|(r, _)| r.generation == 0 && r.checksum == "fresh"),
+        "{view:?}"
+    );
+    Ok(())
+}
