@@ -5,15 +5,17 @@
 //! which replicas may serve it, and the frames pass through unchanged apart from the
 //! storage name.
 //!
-//! Accessors, mutators (voted transactions) and maintenance fan-out are routed. With
-//! `http_listen_addr`, plain git clients clone, fetch and push over smart HTTP
-//! ([`http`]), each request turned into the Gitaly call and passed through the same
-//! handler.
-//! Repository creation, repair, the admin service and auth are not yet: the router's
-//! own services get UNIMPLEMENTED. The router keeps no state of its
+//! Accessors, mutators (voted transactions) and maintenance fan-out are routed;
+//! repository creation places and registers the repository. With `http_listen_addr`,
+//! plain git clients clone, fetch and push over smart HTTP ([`http`]), each request
+//! turned into the Gitaly call and passed through the same handler. Every router also
+//! runs the [`repair`] worker (outdated replicas copied from an up-to-date one) and the
+//! reaper (transactions whose router died), and serves refvote's [`admin`] service
+//! (replicas of a repository, their synchronization, removal). The router keeps no state of its
 //! own: everything lives in etcd.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod codec;
 pub mod config;
 mod fanout;
@@ -22,6 +24,7 @@ pub mod frame;
 pub mod http;
 mod pool;
 pub mod registry;
+pub mod repair;
 pub mod respond;
 pub mod server;
 mod wire;

@@ -42,6 +42,8 @@ pub struct NodeOptions {
     pub request_timeout_ms: u64,
     pub require_transaction: bool,
     pub reaper_interval_ms: u64,
+    /// Whether votingd runs the reaper (tests of the routers' reaper turn it off).
+    pub reaper: bool,
 }
 
 impl Default for NodeOptions {
@@ -52,6 +54,7 @@ impl Default for NodeOptions {
             request_timeout_ms: 1_000,
             require_transaction: false,
             reaper_interval_ms: 200,
+            reaper: true,
         }
     }
 }
@@ -96,7 +99,7 @@ impl Node {
                 "node_name = {name:?}\nlisten_addr = \"{grpc}\"\nsocket_path = {:?}\n\
                  [etcd]\nendpoints = [{endpoints}]\nprefix = \"/refvote/\"\nlease_ttl_secs = {}\nrequest_timeout_ms = {}\n\
                  [vote]\nsocket_path = {:?}\nhooks_dir = {:?}\nvote_timeout_ms = {}\nrequire_transaction = {}\n\
-                 reaper_interval_ms = {}\nhook_binary = {:?}\n\
+                 reaper = {}\nreaper_interval_ms = {}\nhook_binary = {:?}\n\
                  [[storage]]\nname = \"default\"\npath = {:?}\n",
                 dir.join("gitaly.sock"),
                 opts.lease_ttl_secs,
@@ -105,6 +108,7 @@ impl Node {
                 hooks,
                 opts.vote_timeout_ms,
                 opts.require_transaction,
+                opts.reaper,
                 opts.reaper_interval_ms,
                 bin("reference-transaction"),
                 storage,
