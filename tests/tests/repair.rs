@@ -232,19 +232,24 @@ async fn a_copy_overtaken_by_a_write_is_not_recorded_as_current() -> anyhow::Res
     c.store.mark_outdated(&id, "node3", "test: behind").await?;
     let jobs = c.store.repair_jobs().await?;
     assert_eq!(jobs.len(), 1, "marking outdated queues a job: {jobs:?}");
+    let mut plan = c.store.repair_plan(&id, "node3").await?;
+    let mut second = plan.clone();
     let claim = c
         .store
-        .claim_repair(&jobs[0], "test", lease)
+        .claim_repair(&jobs[0], &mut plan, "test", lease)
         .await?
         .expect("claimed");
+    assert_eq!(
+        plan.target.as_ref().map(|(r, _)| r.state),
+        Some(ReplicaState::Repairing)
+    );
     assert!(
         c.store
-            .claim_repair(&jobs[0], "other", lease)
+            .claim_repair(&jobs[0], &mut second, "other", lease)
             .await?
             .is_none(),
         "a second claim must fail"
     );
-    let plan = c.store.repair_plan(&id, "node3").await?;
     assert_eq!(plan.generation(), 0);
     assert_eq!(plan.sources("node3"), ["node1", "node2"]);
 
@@ -267,7 +272,7 @@ async fn a_copy_overtaken_by_a_write_is_not_recorded_as_current() -> anyhow::Res
     );
     let view = c.store.repo_view(&id).await?;
     let (node3, _) = &view.replicas["node3"];
-    assert_eq!(node3.state, ReplicaState::Outdated, "{view:?}");
+    assert_eq!(node3.state, ReplicaState::Repairing, "{view:?}");
     assert!(!node3.is_up_to_date(&view.record));
     assert_eq!(c.store.repair_jobs().await?.len(), 1, "the job stays");
 
