@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
+use refvote_auth::AuthSettings;
 use refvote_cluster::settings::{ConfigError, EtcdSettings, load_toml, parse_toml};
 use serde::Deserialize;
 
@@ -24,6 +25,10 @@ pub struct Config {
     pub replication_factor: usize,
     #[serde(default)]
     pub etcd: EtcdSettings,
+    /// Gitaly's v2 token: checked on every call from clients (health excepted) and
+    /// sent on every call to a node. Nodes must share the secret.
+    #[serde(default)]
+    pub auth: AuthSettings,
 }
 
 mod defaults {
@@ -87,6 +92,9 @@ impl Config {
         self.etcd
             .validate()
             .map_err(|(key, reason)| invalid(key, reason))?;
+        self.auth
+            .policy()
+            .map_err(|(key, reason)| invalid(key, reason))?;
         Ok(())
     }
 
@@ -133,5 +141,11 @@ mod tests {
         assert!(e.contains("bogus"), "{e}");
         let e = parse("[etcd]\nlease_ttl = 1").unwrap_err().to_string();
         assert!(e.contains("lease_ttl"), "{e}");
+        let e = parse("[auth]\ntoken = \"\"").unwrap_err().to_string();
+        assert!(e.contains("auth.token"), "{e}");
+        let e = parse("[auth]\ntransitioning = true")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("auth.transitioning"), "{e}");
     }
 }

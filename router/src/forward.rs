@@ -21,13 +21,12 @@ use refvote_cluster::{RepoId, Store};
 use tokio::sync::watch;
 use tonic::codegen::http;
 use tonic::metadata::MetadataMap;
-use tonic::transport::Channel;
 use tonic::{Code, Extensions, Request, Response, Status, Streaming};
 
 use crate::codec::BytesCodec;
 use crate::fanout::{LegResult, LegSpec, fan_out};
 use crate::frame;
-use crate::pool::Pool;
+use crate::pool::{NodeChannel, Pool};
 use crate::registry::{Method, OpKind, Registry};
 use crate::respond::RouteError;
 
@@ -80,6 +79,13 @@ impl Forwarder {
             lease,
             replication_factor,
         }
+    }
+
+    /// Signs every call to a node with `secret` (the `[auth]` token nodes check),
+    /// in place of the token the client sent the router.
+    pub fn sign_calls_to_nodes(mut self, secret: Option<Arc<refvote_auth::Secret>>) -> Forwarder {
+        self.pool = Pool::new(secret);
+        self
     }
 
     /// Serves one HTTP/2 request as a gRPC call of any kind.
@@ -365,7 +371,7 @@ impl Forwarder {
         view: &RepoView,
         node: &str,
         call: &Call<'_>,
-    ) -> Result<(Channel, Bytes), String> {
+    ) -> Result<(NodeChannel, Bytes), String> {
         let (record, _) = view.live_nodes.get(node).ok_or("not live")?;
         let storage = record.storages.first().ok_or("registers no storage")?;
         let channel = self.pool.channel(&record.address)?;

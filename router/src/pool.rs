@@ -1,12 +1,17 @@
 //! One lazily connected tonic channel per node address, shared by every call: HTTP/2
 //! multiplexes the calls, so the router opens one connection per node, not one per
-//! request.
+//! request. Every call on a pool channel is signed with the router's token when auth
+//! is configured (replacing the token the client sent the router).
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use refvote_auth::{Secret, Signed};
 use tonic::transport::{Channel, Endpoint};
+
+/// A channel to one node, signing every call.
+pub type NodeChannel = Signed<Channel>;
 
 /// How long connecting to a node may take before the call fails over to another
 /// replica; a node that is blackholed must not hold a read for a TCP timeout.
@@ -14,12 +19,21 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[derive(Default)]
 pub struct Pool {
-    channels: Mutex<HashMap<String, Channel>>,
+    channels: Mutex<HashMap<String, NodeChannel>>,
+    /// The shared secret nodes check (`[auth]`); `None`: calls go unsigned.
+    secret: Option<Arc<Secret>>,
 }
 
 impl Pool {
+    pub fn new(secret: Option<Arc<Secret>>) -> Pool {
+        Pool {
+            channels: Mutex::default(),
+            secret,
+        }
+    }
+
     /// The channel for a node registered at `address` (`tcp://host:port`).
-    pub fn channel(&self, address: &str) -> Result<Channel, String> {
+    pub fn channel(&self, address: &str) -> Result<NodeChannel, String> {
         let mut channels = self.channels.lock().expect("pool lock");
         if let Some(c) = channels.get(address) {
             return Ok(c.clone());
@@ -34,6 +48,7 @@ impl Pool {
             .tcp_nodelay(true)
             .connect_timeout(CONNECT_TIMEOUT)
             .connect_lazy();
+        let channel = Signed::new(channel, self.secret.clone());
         channels.insert(address.to_owned(), channel.clone());
         Ok(channel)
     }

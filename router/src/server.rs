@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use refvote_auth::AuthLayer;
 use refvote_cluster::Store;
 use refvote_cluster::session::Session;
 use tokio::sync::oneshot;
@@ -23,6 +24,8 @@ pub enum StartError {
     Registry(#[from] RegistryError),
     #[error("cannot set up the etcd client")]
     Etcd(#[from] refvote_cluster::Error),
+    #[error("{key}: {reason}")]
+    Auth { key: &'static str, reason: String },
     #[error("cannot listen on {addr}")]
     Bind {
         addr: SocketAddr,
@@ -44,6 +47,10 @@ impl RouterServer {
     pub async fn start(config: &Config) -> Result<RouterServer, StartError> {
         // A method without its annotations fails here, not on its first call.
         let registry = Registry::gitaly()?;
+        let auth = config
+            .auth
+            .policy()
+            .map_err(|(key, reason)| StartError::Auth { key, reason })?;
         let store = Store::connect(&config.etcd.store_config()).await?;
         let addr = config.listen();
         let incoming = TcpIncoming::bind(addr)
@@ -66,13 +73,16 @@ impl RouterServer {
         if session.wait_for_lease(config.lease_ttl()).await.is_none() {
             tracing::warn!("no etcd lease yet; writes are refused until one is granted");
         }
-        let forwarder = Arc::new(Forwarder::new(
-            registry,
-            store,
-            config.router_id.clone(),
-            session.subscribe(),
-            config.replication_factor,
-        ));
+        let forwarder = Arc::new(
+            Forwarder::new(
+                registry,
+                store,
+                config.router_id.clone(),
+                session.subscribe(),
+                config.replication_factor,
+            )
+            .sign_calls_to_nodes(auth.as_ref().map(|a| a.secret.clone())),
+        );
         let svc = tower::service_fn(move |req: http::Request<tonic::body::Body>| {
             let f = forwarder.clone();
             async move { Ok::<_, Infallible>(f.handle(req).await) }
@@ -82,7 +92,9 @@ impl RouterServer {
             let until = async {
                 let _ = rx.await;
             };
+            // Every call, whatever service answers it, passes the token check first.
             if let Err(e) = tonic::transport::Server::builder()
+                .layer(AuthLayer::new(auth, "refvote-router"))
                 .serve_with_incoming_shutdown(svc, incoming, until)
                 .await
             {

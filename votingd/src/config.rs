@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use refvote_auth::AuthSettings;
 use refvote_cluster::settings::{ConfigError, EtcdSettings, load_toml, parse_toml};
 use serde::Deserialize;
 
@@ -32,6 +33,10 @@ pub struct Config {
     pub etcd: EtcdSettings,
     #[serde(default)]
     pub vote: VoteConfig,
+    /// Gitaly's v2 token, checked on every call to the node's gRPC service (TCP and
+    /// Unix socket; health excepted) and sent on calls to other nodes.
+    #[serde(default)]
+    pub auth: AuthSettings,
     /// Local storages: name → directory. Repositories live below them.
     #[serde(default, rename = "storage")]
     pub storages: Vec<Storage>,
@@ -234,6 +239,9 @@ impl Config {
         self.etcd
             .validate()
             .map_err(|(key, reason)| invalid(key, reason))?;
+        self.auth
+            .policy()
+            .map_err(|(key, reason)| invalid(key, reason))?;
         if self.vote.vote_timeout_ms < self.etcd.request_timeout_ms {
             return Err(invalid(
                 "vote.vote_timeout_ms",
@@ -370,5 +378,7 @@ mod tests {
         let e = parse("node_name = \"n\"\n[[storage]]\nname = \"default\"\npath = \"rel\"\n")
             .unwrap_err();
         assert!(e.contains("storage.path"), "{e}");
+        let e = parse("node_name = \"n\"\n[auth]\ntoken = \"\"\n").unwrap_err();
+        assert!(e.contains("auth.token"), "{e}");
     }
 }

@@ -51,6 +51,8 @@ pub enum StartError {
     },
     #[error("cannot prepare the storages")]
     Storages(#[source] std::io::Error),
+    #[error("{key}: {reason}")]
+    Auth { key: &'static str, reason: String },
 }
 
 /// Nothing else holds a repository lock at start-up; this only bounds a surprise.
@@ -78,6 +80,11 @@ impl Daemon {
             path: hooks_dir.display().to_string(),
             source,
         })?;
+        // Validated with the config; read again here (the token file may have moved).
+        let auth = config
+            .auth
+            .policy()
+            .map_err(|(key, reason)| StartError::Auth { key, reason })?;
         let listener = bind_socket(&config)?;
         let incoming = if config.listen_addr.is_empty() {
             None
@@ -139,6 +146,7 @@ impl Daemon {
                         votes: service.clone(),
                     },
                     locks,
+                    secret: auth.as_ref().map(|a| a.secret.clone()),
                 });
                 let listen = |source| StartError::Listen {
                     addr: config.listen_addr.clone(),
@@ -149,7 +157,7 @@ impl Daemon {
                 } else {
                     Some(bind_unix(&config, &config.socket_path)?)
                 };
-                Some(node::serve(incoming, unix, state).map_err(listen)?)
+                Some(node::serve(incoming, unix, state, auth).map_err(listen)?)
             }
             None => None,
         };

@@ -30,6 +30,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use refvote_auth::{AuthLayer, Secret};
 use refvote_proto::gitaly;
 use tokio::task::JoinHandle;
 use tonic::transport::server::TcpIncoming;
@@ -47,6 +48,9 @@ pub struct NodeState {
     pub tx: TxSettings,
     /// Orders ref-writing git runs against maintenance and repair.
     pub locks: repolock::RepoLocks,
+    /// The `[auth]` secret: checked on every call (see [`serve`]) and used to sign
+    /// calls to another node (repair's source).
+    pub secret: Option<Arc<Secret>>,
 }
 
 /// Binds the service's TCP listener (before anything else starts, so a busy port fails
@@ -80,14 +84,17 @@ impl NodeServer {
     }
 }
 
-/// Every implemented Gitaly service and the health service, routed.
+/// Every implemented Gitaly service and the health service, routed, behind the token
+/// check (which lets health through).
 fn routes(
     state: &Arc<NodeState>,
+    auth: &AuthLayer,
     health: tonic_health::pb::health_server::HealthServer<
         impl tonic_health::pb::health_server::Health,
     >,
-) -> tonic::transport::server::Router {
+) -> tonic::transport::server::Router<refvote_auth::server::Layered> {
     tonic::transport::Server::builder()
+        .layer(auth.clone())
         .add_service(health)
         .add_service(gitaly::server_service_server::ServerServiceServer::new(
             server::ServerSvc::new(state.clone()),
@@ -123,11 +130,14 @@ fn routes(
 
 /// Serves every implemented Gitaly service and the health service on `incoming`, and
 /// on the Unix socket `unix` if given (local clients, as Gitaly's `socket_path`).
+/// Both check tokens when `auth` says so.
 pub fn serve(
     incoming: TcpIncoming,
     unix: Option<tokio::net::UnixListener>,
     state: Arc<NodeState>,
+    auth: Option<refvote_auth::AuthPolicy>,
 ) -> std::io::Result<NodeServer> {
+    let auth = AuthLayer::new(auth, format!("votingd node {}", state.name));
     let local_addr = incoming.local_addr()?;
     let (reporter, health) = tonic_health::server::health_reporter();
     let (stop, stopped) = tokio::sync::watch::channel(false);
@@ -135,7 +145,7 @@ pub fn serve(
         let _ = rx.wait_for(|s| *s).await;
     };
     let mut tasks = Vec::new();
-    let tcp = routes(&state, health.clone());
+    let tcp = routes(&state, &auth, health.clone());
     let until = signal(stopped.clone());
     tasks.push(tokio::spawn(async move {
         // The empty service name (the whole server) is SERVING from the start; name
@@ -148,7 +158,7 @@ pub fn serve(
         }
     }));
     if let Some(listener) = unix {
-        let local = routes(&state, health);
+        let local = routes(&state, &auth, health);
         let until = signal(stopped);
         let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
         tasks.push(tokio::spawn(async move {

@@ -10,8 +10,10 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use base64::Engine;
+use refvote_auth::{Secret, Signed};
 use refvote_proto::gitaly::ref_service_client::RefServiceClient;
 use refvote_proto::gitaly::repository_service_client::RepositoryServiceClient;
 use refvote_proto::gitaly::{CreateBundleRequest, FindDefaultBranchNameRequest, Repository};
@@ -34,10 +36,25 @@ pub const SERVERS_METADATA: &str = "gitaly-servers";
 #[derive(serde::Deserialize)]
 struct Server {
     address: String,
+    /// The secret the source checks tokens against, as Gitaly sends it; empty: this
+    /// node's own `[auth]` secret, which a refvote cluster shares.
+    #[serde(default)]
+    token: String,
 }
 
-/// The gRPC URL of the node serving `storage`, from the `gitaly-servers` metadata.
-pub fn source_url(metadata: &MetadataMap, storage: &str) -> Result<String, NodeError> {
+/// Where the source is and the secret to sign calls to it with.
+pub struct SourceServer {
+    pub url: String,
+    pub secret: Option<Arc<Secret>>,
+}
+
+/// The node serving `storage`, from the `gitaly-servers` metadata; `own` is this
+/// node's secret, used when the metadata names none.
+pub fn source_server(
+    metadata: &MetadataMap,
+    storage: &str,
+    own: Option<&Arc<Secret>>,
+) -> Result<SourceServer, NodeError> {
     let raw = metadata
         .get(SERVERS_METADATA)
         .and_then(|v| v.to_str().ok())
@@ -61,9 +78,16 @@ pub fn source_url(metadata: &MetadataMap, storage: &str) -> Result<String, NodeE
             "metadata {SERVERS_METADATA} does not name the source storage {storage:?}"
         ))
     })?;
+    let secret = match Secret::new(server.token.as_bytes()) {
+        Some(s) => Some(Arc::new(s)),
+        None => own.cloned(),
+    };
     match server.address.split_once("://") {
         Some(("tcp", hostport)) | Some(("http", hostport)) if !hostport.is_empty() => {
-            Ok(format!("http://{hostport}"))
+            Ok(SourceServer {
+                url: format!("http://{hostport}"),
+                secret,
+            })
         }
         _ => Err(NodeError::invalid(format!(
             "source address {:?} is not supported: use tcp://host:port",
@@ -90,11 +114,11 @@ pub struct Source {
 
 /// Fetches the source's bundle into `target_root`'s private area and reads its HEAD.
 pub async fn fetch_source(
-    url: &str,
+    server: &SourceServer,
     source: Repository,
     target_root: &Path,
 ) -> Result<Source, Status> {
-    let channel = connect(url).await?;
+    let channel = Signed::new(connect(&server.url).await?, server.secret.clone());
     // HEAD first: a ref written between the two calls is then in the bundle, and a
     // HEAD change will be caught by the next repair.
     let head = RefServiceClient::new(channel.clone())
