@@ -9,6 +9,8 @@
 //!   or only logs it in `transitioning` mode.
 //! - [`client`]: a channel wrapper that signs every call with a fresh token, replacing
 //!   whatever `authorization` the forwarded metadata carried.
+//! - [`tls`]: the `[tls]` section: rustls on the gRPC listener (optionally asking for
+//!   client certificates) and the CA that `tls://` nodes are trusted by.
 //!
 //! It does not decide who may do what: one shared secret, all or nothing, as Gitaly.
 #![forbid(unsafe_code)]
@@ -16,9 +18,11 @@
 pub mod client;
 pub mod server;
 pub mod settings;
+pub mod tls;
 pub mod token;
 
 pub use client::Signed;
 pub use server::AuthLayer;
 pub use settings::{AuthPolicy, AuthSettings};
+pub use tls::TlsSettings;
 pub use token::{Secret, TokenError};

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use refvote_auth::AuthSettings;
+use refvote_auth::{AuthSettings, TlsSettings};
 use refvote_cluster::settings::{ConfigError, EtcdSettings, load_toml, parse_toml};
 use serde::Deserialize;
 
@@ -29,6 +29,10 @@ pub struct Config {
     /// sent on every call to a node. Nodes must share the secret.
     #[serde(default)]
     pub auth: AuthSettings,
+    /// TLS on `listen_addr` (certificate_path, key_path, optional client_ca_path) and
+    /// the CA that `tls://` nodes' certificates are checked against (ca_path).
+    #[serde(default)]
+    pub tls: TlsSettings,
 }
 
 mod defaults {
@@ -95,6 +99,9 @@ impl Config {
         self.auth
             .policy()
             .map_err(|(key, reason)| invalid(key, reason))?;
+        self.tls
+            .validate()
+            .map_err(|(key, reason)| invalid(key, reason))?;
         Ok(())
     }
 
@@ -147,5 +154,9 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("auth.transitioning"), "{e}");
+        let e = parse("[tls]\ncertificate_path = \"/x.pem\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("tls.key_path"), "{e}");
     }
 }

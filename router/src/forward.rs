@@ -82,9 +82,14 @@ impl Forwarder {
     }
 
     /// Signs every call to a node with `secret` (the `[auth]` token nodes check),
-    /// in place of the token the client sent the router.
-    pub fn sign_calls_to_nodes(mut self, secret: Option<Arc<refvote_auth::Secret>>) -> Forwarder {
-        self.pool = Pool::new(secret);
+    /// in place of the token the client sent the router, and reaches `tls://` nodes
+    /// with `tls`.
+    pub fn secure_calls_to_nodes(
+        mut self,
+        secret: Option<Arc<refvote_auth::Secret>>,
+        tls: Option<tonic::transport::ClientTlsConfig>,
+    ) -> Forwarder {
+        self.pool = Pool::new(secret, tls);
         self
     }
 

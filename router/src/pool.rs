@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use refvote_auth::{Secret, Signed};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 /// A channel to one node, signing every call.
 pub type NodeChannel = Signed<Channel>;
@@ -22,28 +22,40 @@ pub struct Pool {
     channels: Mutex<HashMap<String, NodeChannel>>,
     /// The shared secret nodes check (`[auth]`); `None`: calls go unsigned.
     secret: Option<Arc<Secret>>,
+    /// How `tls://` nodes are reached (`[tls] ca_path`); `None`: they cannot be.
+    tls: Option<ClientTlsConfig>,
 }
 
 impl Pool {
-    pub fn new(secret: Option<Arc<Secret>>) -> Pool {
+    pub fn new(secret: Option<Arc<Secret>>, tls: Option<ClientTlsConfig>) -> Pool {
         Pool {
             channels: Mutex::default(),
             secret,
+            tls,
         }
     }
 
-    /// The channel for a node registered at `address` (`tcp://host:port`).
+    /// The channel for a node registered at `address` (`tcp://host:port` or
+    /// `tls://host:port`).
     pub fn channel(&self, address: &str) -> Result<NodeChannel, String> {
         let mut channels = self.channels.lock().expect("pool lock");
         if let Some(c) = channels.get(address) {
             return Ok(c.clone());
         }
-        let hostport = address
-            .strip_prefix("tcp://")
-            .filter(|h| !h.is_empty())
-            .ok_or_else(|| format!("address {address:?} is not tcp://host:port"))?;
-        let channel = Endpoint::from_shared(format!("http://{hostport}"))
-            .map_err(|e| format!("address {address:?}: {e}"))?
+        let (url, tls) = refvote_auth::tls::node_url(address)?;
+        let mut endpoint =
+            Endpoint::from_shared(url).map_err(|e| format!("address {address:?}: {e}"))?;
+        if tls {
+            let config = self.tls.clone().ok_or_else(|| {
+                format!(
+                    "the node at {address} serves TLS; set [tls] ca_path to the CA that signed its certificate"
+                )
+            })?;
+            endpoint = endpoint
+                .tls_config(config)
+                .map_err(|e| format!("address {address:?}: TLS: {e}"))?;
+        }
+        let channel = endpoint
             // Without it every small frame waits for Nagle: ~2 ms instead of ~0.3 ms.
             .tcp_nodelay(true)
             .connect_timeout(CONNECT_TIMEOUT)

@@ -24,6 +24,7 @@ pub enum StartError {
     Registry(#[from] RegistryError),
     #[error("cannot set up the etcd client")]
     Etcd(#[from] refvote_cluster::Error),
+    /// `[auth]` or `[tls]` could not be set up (a file changed since validation).
     #[error("{key}: {reason}")]
     Auth { key: &'static str, reason: String },
     #[error("cannot listen on {addr}")]
@@ -47,10 +48,19 @@ impl RouterServer {
     pub async fn start(config: &Config) -> Result<RouterServer, StartError> {
         // A method without its annotations fails here, not on its first call.
         let registry = Registry::gitaly()?;
-        let auth = config
-            .auth
-            .policy()
-            .map_err(|(key, reason)| StartError::Auth { key, reason })?;
+        let invalid = |(key, reason)| StartError::Auth { key, reason };
+        let auth = config.auth.policy().map_err(invalid)?;
+        let server_tls = config.tls.server().map_err(invalid)?;
+        let node_tls = config.tls.client().map_err(invalid)?;
+        // Every call, whatever service answers it, passes the token check first.
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = server_tls {
+            builder = builder.tls_config(tls).map_err(|e| StartError::Auth {
+                key: "tls.certificate_path",
+                reason: e.to_string(),
+            })?;
+        }
+        let builder = builder.layer(AuthLayer::new(auth.clone(), "refvote-router"));
         let store = Store::connect(&config.etcd.store_config()).await?;
         let addr = config.listen();
         let incoming = TcpIncoming::bind(addr)
@@ -81,7 +91,7 @@ impl RouterServer {
                 session.subscribe(),
                 config.replication_factor,
             )
-            .sign_calls_to_nodes(auth.as_ref().map(|a| a.secret.clone())),
+            .secure_calls_to_nodes(auth.as_ref().map(|a| a.secret.clone()), node_tls),
         );
         let svc = tower::service_fn(move |req: http::Request<tonic::body::Body>| {
             let f = forwarder.clone();
@@ -92,9 +102,7 @@ impl RouterServer {
             let until = async {
                 let _ = rx.await;
             };
-            // Every call, whatever service answers it, passes the token check first.
-            if let Err(e) = tonic::transport::Server::builder()
-                .layer(AuthLayer::new(auth, "refvote-router"))
+            if let Err(e) = builder
                 .serve_with_incoming_shutdown(svc, incoming, until)
                 .await
             {

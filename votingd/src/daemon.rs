@@ -51,6 +51,7 @@ pub enum StartError {
     },
     #[error("cannot prepare the storages")]
     Storages(#[source] std::io::Error),
+    /// `[auth]` or `[tls]` could not be set up (a file changed since validation).
     #[error("{key}: {reason}")]
     Auth { key: &'static str, reason: String },
 }
@@ -81,10 +82,10 @@ impl Daemon {
             source,
         })?;
         // Validated with the config; read again here (the token file may have moved).
-        let auth = config
-            .auth
-            .policy()
-            .map_err(|(key, reason)| StartError::Auth { key, reason })?;
+        let invalid = |(key, reason)| StartError::Auth { key, reason };
+        let auth = config.auth.policy().map_err(invalid)?;
+        let server_tls = config.tls.server().map_err(invalid)?;
+        let client_tls = config.tls.client().map_err(invalid)?;
         let listener = bind_socket(&config)?;
         let incoming = if config.listen_addr.is_empty() {
             None
@@ -119,7 +120,7 @@ impl Daemon {
             // The bound address, so `listen_addr = "127.0.0.1:0"` registers its real port.
             (Some(i), true) => i
                 .local_addr()
-                .map(|a| format!("tcp://{a}"))
+                .map(|a| format!("{}://{a}", config.address_scheme()))
                 .unwrap_or_else(|_| config.registered_address()),
             _ => config.registered_address(),
         };
@@ -147,6 +148,7 @@ impl Daemon {
                     },
                     locks,
                     secret: auth.as_ref().map(|a| a.secret.clone()),
+                    client_tls,
                 });
                 let listen = |source| StartError::Listen {
                     addr: config.listen_addr.clone(),
@@ -157,7 +159,7 @@ impl Daemon {
                 } else {
                     Some(bind_unix(&config, &config.socket_path)?)
                 };
-                Some(node::serve(incoming, unix, state, auth).map_err(listen)?)
+                Some(node::serve(incoming, unix, state, auth, server_tls).map_err(listen)?)
             }
             None => None,
         };

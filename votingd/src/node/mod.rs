@@ -51,6 +51,8 @@ pub struct NodeState {
     /// The `[auth]` secret: checked on every call (see [`serve`]) and used to sign
     /// calls to another node (repair's source).
     pub secret: Option<Arc<Secret>>,
+    /// How a `tls://` node is reached (repair's source), from `[tls] ca_path`.
+    pub client_tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 /// Binds the service's TCP listener (before anything else starts, so a busy port fails
@@ -89,11 +91,18 @@ impl NodeServer {
 fn routes(
     state: &Arc<NodeState>,
     auth: &AuthLayer,
+    tls: Option<tonic::transport::ServerTlsConfig>,
     health: tonic_health::pb::health_server::HealthServer<
         impl tonic_health::pb::health_server::Health,
     >,
-) -> tonic::transport::server::Router<refvote_auth::server::Layered> {
-    tonic::transport::Server::builder()
+) -> std::io::Result<tonic::transport::server::Router<refvote_auth::server::Layered>> {
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder
+            .tls_config(tls)
+            .map_err(|e| std::io::Error::other(format!("TLS: {e}")))?;
+    }
+    Ok(builder
         .layer(auth.clone())
         .add_service(health)
         .add_service(gitaly::server_service_server::ServerServiceServer::new(
@@ -125,17 +134,18 @@ fn routes(
         )
         .add_service(gitaly::ssh_service_server::SshServiceServer::new(
             ssh::SshSvc::new(state.clone()),
-        ))
+        )))
 }
 
 /// Serves every implemented Gitaly service and the health service on `incoming`, and
 /// on the Unix socket `unix` if given (local clients, as Gitaly's `socket_path`).
-/// Both check tokens when `auth` says so.
+/// Both check tokens when `auth` says so; TCP serves TLS when `tls` is given.
 pub fn serve(
     incoming: TcpIncoming,
     unix: Option<tokio::net::UnixListener>,
     state: Arc<NodeState>,
     auth: Option<refvote_auth::AuthPolicy>,
+    tls: Option<tonic::transport::ServerTlsConfig>,
 ) -> std::io::Result<NodeServer> {
     let auth = AuthLayer::new(auth, format!("votingd node {}", state.name));
     let local_addr = incoming.local_addr()?;
@@ -145,7 +155,7 @@ pub fn serve(
         let _ = rx.wait_for(|s| *s).await;
     };
     let mut tasks = Vec::new();
-    let tcp = routes(&state, &auth, health.clone());
+    let tcp = routes(&state, &auth, tls, health.clone())?;
     let until = signal(stopped.clone());
     tasks.push(tokio::spawn(async move {
         // The empty service name (the whole server) is SERVING from the start; name
@@ -158,7 +168,7 @@ pub fn serve(
         }
     }));
     if let Some(listener) = unix {
-        let local = routes(&state, &auth, health);
+        let local = routes(&state, &auth, None, health)?;
         let until = signal(stopped);
         let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
         tasks.push(tokio::spawn(async move {

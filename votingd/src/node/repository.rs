@@ -316,8 +316,12 @@ impl RepositoryService for RepositorySvc {
             .ok_or_else(|| NodeError::invalid("source repository not set"))?;
         refvote_cluster::repo::validate_relative_path(&source.relative_path)
             .map_err(|e| NodeError::invalid(format!("source relative path is malformed: {e}")))?;
-        let server =
-            replicate::source_server(&metadata, &source.storage_name, self.node.secret.as_ref())?;
+        let server = replicate::source_server(
+            &metadata,
+            &source.storage_name,
+            self.node.secret.as_ref(),
+            self.node.client_tls.as_ref(),
+        )?;
         let ctx = WriteContext::from_metadata(&self.node.tx, &metadata).await?;
         ctx.checksum_repository(&self.node.git, &target.path);
         // A repair runs alone on the repository (no push holds a ref lock it needs),

@@ -19,7 +19,7 @@ use refvote_proto::gitaly::repository_service_client::RepositoryServiceClient;
 use refvote_proto::gitaly::{CreateBundleRequest, FindDefaultBranchNameRequest, Repository};
 use tokio_stream::StreamExt;
 use tonic::metadata::MetadataMap;
-use tonic::transport::Channel;
+use tonic::transport::{Channel, ClientTlsConfig};
 use tonic::{Code, Status};
 
 use super::bundle;
@@ -46,6 +46,8 @@ struct Server {
 pub struct SourceServer {
     pub url: String,
     pub secret: Option<Arc<Secret>>,
+    /// Set for a `tls://` source.
+    pub tls: Option<ClientTlsConfig>,
 }
 
 /// The node serving `storage`, from the `gitaly-servers` metadata; `own` is this
@@ -54,6 +56,7 @@ pub fn source_server(
     metadata: &MetadataMap,
     storage: &str,
     own: Option<&Arc<Secret>>,
+    client_tls: Option<&ClientTlsConfig>,
 ) -> Result<SourceServer, NodeError> {
     let raw = metadata
         .get(SERVERS_METADATA)
@@ -82,23 +85,30 @@ pub fn source_server(
         Some(s) => Some(Arc::new(s)),
         None => own.cloned(),
     };
-    match server.address.split_once("://") {
-        Some(("tcp", hostport)) | Some(("http", hostport)) if !hostport.is_empty() => {
-            Ok(SourceServer {
-                url: format!("http://{hostport}"),
-                secret,
-            })
+    let (url, tls) = refvote_auth::tls::node_url(&server.address)
+        .map_err(|e| NodeError::invalid(format!("source {e}")))?;
+    let tls = match (tls, client_tls) {
+        (false, _) => None,
+        (true, Some(c)) => Some(c.clone()),
+        (true, None) => {
+            return Err(NodeError::invalid(format!(
+                "the source {} serves TLS but this node has no [tls] ca_path to check it with",
+                server.address
+            )));
         }
-        _ => Err(NodeError::invalid(format!(
-            "source address {:?} is not supported: use tcp://host:port",
-            server.address
-        ))),
-    }
+    };
+    Ok(SourceServer { url, secret, tls })
 }
 
-async fn connect(url: &str) -> Result<Channel, Status> {
-    Channel::from_shared(url.to_owned())
-        .map_err(|e| Status::invalid_argument(format!("source address {url:?}: {e}")))?
+async fn connect(url: &str, tls: Option<ClientTlsConfig>) -> Result<Channel, Status> {
+    let mut endpoint = Channel::from_shared(url.to_owned())
+        .map_err(|e| Status::invalid_argument(format!("source address {url:?}: {e}")))?;
+    if let Some(tls) = tls {
+        endpoint = endpoint
+            .tls_config(tls)
+            .map_err(|e| Status::invalid_argument(format!("source address {url:?}: TLS: {e}")))?;
+    }
+    endpoint
         .tcp_nodelay(true)
         .connect_timeout(std::time::Duration::from_secs(10))
         .connect()
@@ -118,7 +128,10 @@ pub async fn fetch_source(
     source: Repository,
     target_root: &Path,
 ) -> Result<Source, Status> {
-    let channel = Signed::new(connect(&server.url).await?, server.secret.clone());
+    let channel = Signed::new(
+        connect(&server.url, server.tls.clone()).await?,
+        server.secret.clone(),
+    );
     // HEAD first: a ref written between the two calls is then in the bundle, and a
     // HEAD change will be caught by the next repair.
     let head = RefServiceClient::new(channel.clone())
