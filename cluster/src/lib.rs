@@ -21,4 +21,4 @@ pub mod tx;
 
 pub use error::{Error, Result};
 pub use repo::RepoId;
-pub use store::{Store, StoreConfig};
+pub use store::{EtcdTls, Store, StoreConfig};

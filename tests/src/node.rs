@@ -45,6 +45,8 @@ pub struct NodeOptions {
     pub reaper_interval_ms: u64,
     /// TOML appended to the generated config (sections such as `[auth]`).
     pub extra_config: String,
+    /// Lines added to the `[etcd]` section (e.g. [`crate::etcd::Etcd::tls_config`]).
+    pub etcd_config: String,
     /// Serve TLS with a certificate from this CA (and trust it for other nodes).
     pub tls: Option<TestCa>,
 }
@@ -58,6 +60,7 @@ impl Default for NodeOptions {
             require_transaction: false,
             reaper_interval_ms: 200,
             extra_config: String::new(),
+            etcd_config: String::new(),
             tls: None,
         }
     }
@@ -103,13 +106,14 @@ impl Node {
             &config,
             format!(
                 "node_name = {name:?}\nlisten_addr = \"{grpc}\"\nsocket_path = {:?}\n\
-                 [etcd]\nendpoints = [{endpoints}]\nprefix = \"/refvote/\"\nlease_ttl_secs = {}\nrequest_timeout_ms = {}\n\
+                 [etcd]\nendpoints = [{endpoints}]\nprefix = \"/refvote/\"\nlease_ttl_secs = {}\nrequest_timeout_ms = {}\n{}\
                  [vote]\nsocket_path = {:?}\nhooks_dir = {:?}\nvote_timeout_ms = {}\nrequire_transaction = {}\n\
                  reaper_interval_ms = {}\nhook_binary = {:?}\n\
                  [[storage]]\nname = \"default\"\npath = {:?}\n{}{}",
                 dir.join("gitaly.sock"),
                 opts.lease_ttl_secs,
                 opts.request_timeout_ms,
+                opts.etcd_config,
                 socket,
                 hooks,
                 opts.vote_timeout_ms,

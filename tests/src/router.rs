@@ -28,6 +28,8 @@ pub struct Router {
 pub struct RouterOptions {
     /// TOML appended to the config (sections such as `[auth]`).
     pub extra_config: String,
+    /// Lines added to the `[etcd]` section (e.g. [`crate::etcd::Etcd::tls_config`]).
+    pub etcd_config: String,
     /// Serve TLS with a certificate from this CA (and trust it for `tls://` nodes).
     pub tls: Option<TestCa>,
 }
@@ -60,7 +62,8 @@ impl Router {
             &config,
             format!(
                 "router_id = {name:?}\nlisten_addr = \"{addr}\"\n\
-                 [etcd]\nendpoints = [{endpoints}]\nprefix = \"/refvote/\"\nlease_ttl_secs = 3\nrequest_timeout_ms = 1000\n{}{}",
+                 [etcd]\nendpoints = [{endpoints}]\nprefix = \"/refvote/\"\nlease_ttl_secs = 3\nrequest_timeout_ms = 1000\n{}{}{}",
+                opts.etcd_config,
                 tls_config(opts.tls.as_ref(), name, ip.into())?,
                 opts.extra_config,
             ),

@@ -5,7 +5,8 @@
 //! token lets a repository be created, pushed to with real git and read back; the
 //! router signs its calls to nodes with its own token (a transitioning router passes a
 //! client's bad token on to nobody). With TLS, the router and nodes speak only TLS, a
-//! client trusting the CA is served, and a plaintext client fails.
+//! client trusting the CA is served, and a plaintext client fails; and routers and
+//! nodes reach an etcd that serves only TLS and wants client certificates.
 
 use std::path::Path;
 use std::time::{Duration, SystemTime};
@@ -19,9 +20,10 @@ use refvote_proto::gitaly::{
     RepositoryExistsRequest,
 };
 use refvote_tests::cluster::VoteCluster;
+use refvote_tests::etcd::Etcd;
 use refvote_tests::git;
 use refvote_tests::grpc::repo;
-use refvote_tests::node::NodeOptions;
+use refvote_tests::node::{Node, NodeOptions};
 use refvote_tests::router::{Router, RouterOptions};
 use refvote_tests::smarthttp::{GitHttpProxy, Target};
 use refvote_tests::tls::TestCa;
@@ -330,6 +332,7 @@ async fn with_tls_the_router_and_nodes_serve_only_tls() -> anyhow::Result<()> {
         &RouterOptions {
             extra_config: auth_section(""),
             tls: Some(ca.clone()),
+            ..RouterOptions::default()
         },
     )
     .await?;
@@ -399,6 +402,7 @@ async fn with_client_ca_the_router_wants_a_client_certificate() -> anyhow::Resul
         &RouterOptions {
             extra_config: format!("client_ca_path = {:?}\n", ca.cert),
             tls: Some(ca.clone()),
+            ..RouterOptions::default()
         },
     )
     .await?;
@@ -425,5 +429,57 @@ async fn with_client_ca_the_router_wants_a_client_certificate() -> anyhow::Resul
         .await?;
     let err = ask(with).await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routers_and_nodes_reach_etcd_over_tls() -> anyhow::Result<()> {
+    let dir = tempfile::Builder::new()
+        .prefix("refvote-etcd-tls-")
+        .tempdir()?;
+    let ca = TestCa::new(&dir.path().join("ca"))?;
+    let etcd = Etcd::start_tls(1, &ca).await?;
+    assert!(etcd.endpoints()[0].starts_with("https://"));
+    let opts = NodeOptions {
+        etcd_config: etcd.tls_config(),
+        ..NodeOptions::default()
+    };
+    // Each node starts only once it holds its etcd lease, over TLS.
+    let mut nodes = Vec::new();
+    for i in 1..=3 {
+        nodes.push(Node::start(&format!("node{i}"), dir.path(), &etcd.endpoints(), &opts).await?);
+    }
+    let router = Router::start_with(
+        "router1",
+        dir.path(),
+        &etcd.endpoints(),
+        &RouterOptions {
+            etcd_config: etcd.tls_config(),
+            ..RouterOptions::default()
+        },
+    )
+    .await?;
+    // Placement reads the nodes from etcd, registration and the vote go through it.
+    let ch = router.channel().await?;
+    create(&ch, "etcd-tls.git", None).await?;
+    for n in &nodes {
+        assert!(n.repo("etcd-tls.git").join("HEAD").exists(), "{}", n.name);
+    }
+    // Without the CA, the endpoint is refused at start, naming the key.
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        format!(
+            "router_id = \"r\"\n[etcd]\nendpoints = [{:?}]\n",
+            etcd.endpoints()[0]
+        ),
+    )?;
+    let out = std::process::Command::new(refvote_tests::node::bin("refvote-router"))
+        .arg("--check-config")
+        .arg("--config")
+        .arg(&bad)
+        .output()?;
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("etcd.ca_path"));
     Ok(())
 }
