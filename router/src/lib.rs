@@ -5,9 +5,11 @@
 //! which replicas may serve it, and the frames pass through unchanged apart from the
 //! storage name.
 //!
-//! Accessors, mutators (voted transactions) and maintenance fan-out are routed.
-//! Repository creation, repair, the admin service and auth are not yet: the router's
-//! own services get UNIMPLEMENTED. The router keeps no state of its
+//! Accessors, mutators (voted transactions) and maintenance fan-out are routed. Every
+//! call passes Gitaly's token check first when `[auth]` is set (refvote-auth), and
+//! every call to a node carries the router's own token; listeners and node channels
+//! use TLS when `[tls]` says so. Repair and the admin service are not yet: the
+//! router's own services get UNIMPLEMENTED. The router keeps no state of its
 //! own: everything lives in etcd.
 #![forbid(unsafe_code)]
 

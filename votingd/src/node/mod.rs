@@ -1,7 +1,9 @@
 //! The node's Gitaly-compatible gRPC service: Gitaly's RPCs (package `gitaly`),
 //! answered by running real git on this node's storages, plus the standard gRPC
 //! health service. The router forwards clients' calls here unchanged, with the
-//! refvote transaction in request metadata ([`tx`]).
+//! refvote transaction in request metadata ([`tx`]). With `[auth]` set every call
+//! (health excepted) must carry Gitaly's v2 token, on TCP and the Unix socket; with
+//! `[tls]` the TCP listener serves TLS only.
 //!
 //! Layout: one file per Gitaly service ([`server`], [`repository`], [`refs`],
 //! [`smarthttp`], [`ssh`]), sharing the storage resolver ([`storage`]), the git runner ([`git`]),
