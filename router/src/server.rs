@@ -26,7 +26,7 @@ pub enum StartError {
     Etcd(#[from] refvote_cluster::Error),
     /// `[auth]` or `[tls]` could not be set up (a file changed since validation).
     #[error("{key}: {reason}")]
-    Auth { key: &'static str, reason: String },
+    Security { key: &'static str, reason: String },
     #[error("cannot listen on {addr}")]
     Bind {
         addr: SocketAddr,
@@ -48,14 +48,15 @@ impl RouterServer {
     pub async fn start(config: &Config) -> Result<RouterServer, StartError> {
         // A method without its annotations fails here, not on its first call.
         let registry = Registry::gitaly()?;
-        let invalid = |(key, reason)| StartError::Auth { key, reason };
+        let invalid = |(key, reason)| StartError::Security { key, reason };
         let auth = config.auth.policy().map_err(invalid)?;
         let server_tls = config.tls.server().map_err(invalid)?;
         let node_tls = config.tls.client().map_err(invalid)?;
-        // Every call, whatever service answers it, passes the token check first.
+        // Every call passes the token check first, whatever answers it: serve every
+        // service (the forwarder, health, the router's own) through this builder.
         let mut builder = tonic::transport::Server::builder();
         if let Some(tls) = server_tls {
-            builder = builder.tls_config(tls).map_err(|e| StartError::Auth {
+            builder = builder.tls_config(tls).map_err(|e| StartError::Security {
                 key: "tls.certificate_path",
                 reason: e.to_string(),
             })?;

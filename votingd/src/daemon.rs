@@ -53,7 +53,7 @@ pub enum StartError {
     Storages(#[source] std::io::Error),
     /// `[auth]` or `[tls]` could not be set up (a file changed since validation).
     #[error("{key}: {reason}")]
-    Auth { key: &'static str, reason: String },
+    Security { key: &'static str, reason: String },
 }
 
 /// Nothing else holds a repository lock at start-up; this only bounds a surprise.
@@ -82,7 +82,7 @@ impl Daemon {
             source,
         })?;
         // Validated with the config; read again here (the token file may have moved).
-        let invalid = |(key, reason)| StartError::Auth { key, reason };
+        let invalid = |(key, reason)| StartError::Security { key, reason };
         let auth = config.auth.policy().map_err(invalid)?;
         let server_tls = config.tls.server().map_err(invalid)?;
         let client_tls = config.tls.client().map_err(invalid)?;
