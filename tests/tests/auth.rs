@@ -5,10 +5,13 @@
 //! token lets a repository be created, pushed to with real git and read back; the
 //! router signs its calls to nodes with its own token (a transitioning router passes a
 //! client's bad token on to nobody). With TLS, the router and nodes speak only TLS, a
-//! client trusting the CA is served, and a plaintext client fails; and routers and
+//! client trusting the CA is served, a plaintext client fails, nodes asking for client
+//! certificates get the router's, and a repair between them works; and routers and
 //! nodes reach an etcd that serves only TLS and wants client certificates.
 
 use std::path::Path;
+
+use base64::Engine;
 use std::time::{Duration, SystemTime};
 
 use refvote_auth::Secret;
@@ -17,7 +20,7 @@ use refvote_proto::gitaly::ref_service_client::RefServiceClient;
 use refvote_proto::gitaly::repository_service_client::RepositoryServiceClient;
 use refvote_proto::gitaly::{
     CreateRepositoryRequest, FindDefaultBranchNameRequest, RefExistsRequest,
-    RepositoryExistsRequest,
+    ReplicateRepositoryRequest, RepositoryExistsRequest,
 };
 use refvote_tests::cluster::VoteCluster;
 use refvote_tests::etcd::Etcd;
@@ -305,11 +308,13 @@ async fn with_auth_only_valid_tokens_get_through_and_the_router_signs_for_nodes(
 async fn with_tls_the_router_and_nodes_serve_only_tls() -> anyhow::Result<()> {
     let dir = tempfile::Builder::new().prefix("refvote-ca-").tempdir()?;
     let ca = TestCa::new(dir.path())?;
+    // The nodes want client certificates too: the router presents its own.
     let c = VoteCluster::start_with(
         3,
         1,
         NodeOptions {
-            extra_config: auth_section(""),
+            // Still in the [tls] section the harness writes, then [auth].
+            extra_config: format!("client_ca_path = {:?}\n{}", ca.cert, auth_section("")),
             tls: Some(ca.clone()),
             ..NodeOptions::default()
         },
@@ -380,6 +385,72 @@ async fn with_tls_the_router_and_nodes_serve_only_tls() -> anyhow::Result<()> {
             "{url}: {err:?}"
         );
     }
+    // Straight to a node: TLS without a client certificate is refused; with one, the
+    // node answers.
+    let node_url = c.nodes[0].grpc_url();
+    let without = Channel::from_shared(node_url.clone())?
+        .tls_config(ca.client()?)?
+        .connect()
+        .await;
+    if let Ok(ch) = without {
+        let err = RepositoryServiceClient::new(ch)
+            .repository_exists(with_auth(
+                RepositoryExistsRequest {
+                    repository: repo("tls.git"),
+                },
+                good(),
+            ))
+            .await
+            .unwrap_err();
+        assert_ne!(err.code(), Code::Unauthenticated, "{err:?}");
+    }
+    let with = Channel::from_shared(node_url)?
+        .tls_config(ca.client_with_identity("client")?)?
+        .connect()
+        .await?;
+    let exists = RepositoryServiceClient::new(with)
+        .repository_exists(with_auth(
+            RepositoryExistsRequest {
+                repository: repo("tls.git"),
+            },
+            good(),
+        ))
+        .await?
+        .into_inner();
+    assert!(exists.exists);
+    // A repair between two such nodes: the target calls the tls:// source with its
+    // own certificate and token (the servers metadata carries no token).
+    let (source, target) = (&c.nodes[0], &c.nodes[1]);
+    let work = c.work("w")?;
+    let head = work.commit("main", "only on the source")?;
+    let out = git::push(&work.path, &source.repo("tls.git"), &["main"], &[]).await?;
+    anyhow::ensure!(out.status.success(), "{out:?}");
+    let servers = format!(
+        r#"{{"default": {{"address": "tls://{}", "token": ""}}}}"#,
+        source.grpc_addr()
+    );
+    let mut request = with_auth(
+        ReplicateRepositoryRequest {
+            repository: repo("tls.git"),
+            source: repo("tls.git"),
+        },
+        good(),
+    );
+    request.metadata_mut().insert(
+        "gitaly-servers",
+        MetadataValue::try_from(base64::engine::general_purpose::STANDARD.encode(servers))?,
+    );
+    let to_target = Channel::from_shared(target.grpc_url())?
+        .tls_config(ca.client_with_identity("repairer")?)?
+        .connect()
+        .await?;
+    RepositoryServiceClient::new(to_target)
+        .replicate_repository(request)
+        .await?;
+    assert_eq!(
+        git::rev(&target.repo("tls.git"), "refs/heads/main"),
+        Some(head)
+    );
     // A TLS client that does not trust the CA fails too.
     let other = TestCa::new(&dir.path().join("other"))?;
     let untrusting = Channel::from_shared(router.grpc_url())?
