@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
+use refvote_auth::{AuthSettings, TlsSettings};
 use refvote_cluster::settings::{ConfigError, EtcdSettings, load_toml, parse_toml};
 use serde::Deserialize;
 
@@ -46,6 +47,14 @@ pub struct Config {
     pub reaper_interval_ms: u64,
     #[serde(default)]
     pub etcd: EtcdSettings,
+    /// Gitaly's v2 token: checked on every call from clients (health excepted) and
+    /// sent on every call to a node. Nodes must share the secret.
+    #[serde(default)]
+    pub auth: AuthSettings,
+    /// TLS on `listen_addr` (certificate_path, key_path, optional client_ca_path) and
+    /// the CA that `tls://` nodes' certificates are checked against (ca_path).
+    #[serde(default)]
+    pub tls: TlsSettings,
 }
 
 mod defaults {
@@ -146,6 +155,12 @@ impl Config {
         self.etcd
             .validate()
             .map_err(|(key, reason)| invalid(key, reason))?;
+        self.auth
+            .policy()
+            .map_err(|(key, reason)| invalid(key, reason))?;
+        self.tls
+            .validate()
+            .map_err(|(key, reason)| invalid(key, reason))?;
         Ok(())
     }
 
@@ -210,5 +225,15 @@ mod tests {
         assert!(e.contains("repair_concurrency"), "{e}");
         let e = parse("[etcd]\nlease_ttl = 1").unwrap_err().to_string();
         assert!(e.contains("lease_ttl"), "{e}");
+        let e = parse("[auth]\ntoken = \"\"").unwrap_err().to_string();
+        assert!(e.contains("auth.token"), "{e}");
+        let e = parse("[auth]\ntransitioning = true")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("auth.transitioning"), "{e}");
+        let e = parse("[tls]\ncertificate_path = \"/x.pem\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("tls.key_path"), "{e}");
     }
 }

@@ -11,7 +11,10 @@
 //! turned into the Gitaly call and passed through the same handler. Every router also
 //! runs the [`repair`] worker (outdated replicas copied from an up-to-date one) and the
 //! reaper (transactions whose router died), and serves refvote's [`admin`] service
-//! (replicas of a repository, their synchronization, removal). The router keeps no state of its
+//! (replicas of a repository, their synchronization, removal). Every call passes
+//! Gitaly's token check first when `[auth]` is set (refvote-auth), and every call to a
+//! node carries the router's own token; listeners and node channels use TLS when
+//! `[tls]` says so. The router keeps no state of its
 //! own: everything lives in etcd.
 #![forbid(unsafe_code)]
 

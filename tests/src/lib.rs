@@ -3,7 +3,7 @@
 //! by pid when the test ends ([`proc`]). [`cluster`] puts them together for the voting
 //! core's integration tests and benchmarks. [`smarthttp`] lets a real git client push
 //! and clone through a node's gRPC service. [`local`] drives a whole cluster started
-//! by `votingctl cluster up`, as a person would.
+//! by `votingctl cluster up`, as a person would. [`tls`] issues test certificates.
 //!
 //! Nothing here mocks etcd or git; there is no in-process shortcut to a node.
 
@@ -16,3 +16,4 @@ pub mod node;
 pub mod proc;
 pub mod router;
 pub mod smarthttp;
+pub mod tls;

@@ -9,21 +9,45 @@ use std::time::Duration;
 use anyhow::Context;
 use tonic::transport::Channel;
 
-use crate::node::bin;
+use crate::node::{bin, tls_config};
 use crate::proc::{Proc, free_port, loopback_ip, wait_until};
+use crate::tls::TestCa;
 
 pub struct Router {
     pub name: String,
     pub dir: PathBuf,
     pub config: PathBuf,
     addr: SocketAddr,
+    /// The CA of the router's TLS certificate, when it serves TLS.
+    pub tls: Option<TestCa>,
     proc: Option<Proc>,
+}
+
+/// Settings a test may add to a router's generated config.
+#[derive(Debug, Clone, Default)]
+pub struct RouterOptions {
+    /// TOML appended to the config (sections such as `[auth]`).
+    pub extra_config: String,
+    /// Lines added to the `[etcd]` section (e.g. [`crate::etcd::Etcd::tls_config`]).
+    pub etcd_config: String,
+    /// Serve TLS with a certificate from this CA (and trust it for `tls://` nodes).
+    pub tls: Option<TestCa>,
 }
 
 impl Router {
     /// Writes `root/<name>/router.toml` and starts the router; waits until it accepts
     /// connections (it binds only after its registry and etcd client are set up).
     pub async fn start(name: &str, root: &Path, endpoints: &[String]) -> anyhow::Result<Router> {
+        Router::start_with(name, root, endpoints, &RouterOptions::default()).await
+    }
+
+    /// [`Router::start`] with `opts` added to the config.
+    pub async fn start_with(
+        name: &str,
+        root: &Path,
+        endpoints: &[String],
+        opts: &RouterOptions,
+    ) -> anyhow::Result<Router> {
         let dir = root.join(name);
         std::fs::create_dir_all(&dir)?;
         let ip = loopback_ip();
@@ -38,7 +62,10 @@ impl Router {
             &config,
             format!(
                 "router_id = {name:?}\nlisten_addr = \"{addr}\"\n\
-                 [etcd]\nendpoints = [{endpoints}]\nprefix = \"/refvote/\"\nlease_ttl_secs = 3\nrequest_timeout_ms = 1000\n"
+                 [etcd]\nendpoints = [{endpoints}]\nprefix = \"/refvote/\"\nlease_ttl_secs = 3\nrequest_timeout_ms = 1000\n{}{}{}",
+                opts.etcd_config,
+                tls_config(opts.tls.as_ref(), name, ip.into())?,
+                opts.extra_config,
             ),
         )?;
         let mut router = Router {
@@ -46,6 +73,7 @@ impl Router {
             dir,
             config,
             addr,
+            tls: opts.tls.clone(),
             proc: None,
         };
         router.launch().await?;
@@ -75,16 +103,19 @@ impl Router {
         self.addr
     }
 
-    /// `http://<addr>`, for tonic clients.
+    /// `http://<addr>` (`https://` with TLS), for tonic clients.
     pub fn grpc_url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
+    /// A connected channel (over TLS, trusting the test CA, if the router serves TLS).
     pub async fn channel(&self) -> anyhow::Result<Channel> {
-        Ok(Channel::from_shared(self.grpc_url())?
-            .tcp_nodelay(true)
-            .connect()
-            .await?)
+        let mut endpoint = Channel::from_shared(self.grpc_url())?;
+        if let Some(ca) = &self.tls {
+            endpoint = endpoint.tls_config(ca.client()?)?;
+        }
+        Ok(endpoint.tcp_nodelay(true).connect().await?)
     }
 
     pub fn pid(&self) -> Option<u32> {
