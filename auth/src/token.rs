@@ -42,6 +42,19 @@ impl Secret {
         format!("v2.{sig}.{ts}")
     }
 
+    /// Whether `candidate` is the secret itself, compared in constant time (through
+    /// an HMAC of each, so neither length nor content leaks through timing). For git
+    /// clients over HTTP, which can send a password but cannot make a fresh token.
+    pub fn matches(&self, candidate: &[u8]) -> bool {
+        const LABEL: &str = "refvote-http-basic";
+        let Some(other) = Secret::new(candidate) else {
+            return false;
+        };
+        self.mac(LABEL)
+            .verify_slice(&other.mac(LABEL).finalize().into_bytes())
+            .is_ok()
+    }
+
     /// The metadata value for a call made now: `Bearer <token>`.
     pub fn bearer_now(&self) -> String {
         format!("Bearer {}", self.token(SystemTime::now()))
@@ -126,6 +139,15 @@ pub enum TokenError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn matches_only_the_secret_itself() {
+        let s = Secret::new("hunter2").unwrap();
+        assert!(s.matches(b"hunter2"));
+        assert!(!s.matches(b"hunter3"));
+        assert!(!s.matches(b"hunter"));
+        assert!(!s.matches(b""));
+    }
 
     fn at(secs: u64) -> SystemTime {
         UNIX_EPOCH + Duration::from_secs(secs)

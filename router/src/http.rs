@@ -17,7 +17,11 @@
 //! `create_on_push`, the ref advertisement before a push creates an unknown repository
 //! through CreateRepository (placement, registration, voted creation).
 //!
-//! It does not authenticate yet: [`GitHttp::authorize`] is where a token check goes.
+//! With `[auth]` set, every request must carry either Gitaly's v2 token
+//! (`Authorization: Bearer v2.…`, what GitLab's own components send) or, for plain git
+//! clients, HTTP Basic credentials whose password is the shared secret (any user name;
+//! git asks for it, or takes it from a credential helper). Anything else gets 401 with
+//! `WWW-Authenticate: Basic`, before any gRPC call is made.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -77,12 +81,14 @@ impl HttpServer {
         addr: SocketAddr,
         forwarder: Arc<Forwarder>,
         create_on_push: bool,
+        auth: Option<refvote_auth::AuthPolicy>,
     ) -> std::io::Result<HttpServer> {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let front = Arc::new(GitHttp {
             forwarder,
             create_on_push,
+            auth,
             creating: Default::default(),
         });
         let (stop, mut stopped) = oneshot::channel::<()>();
@@ -157,6 +163,8 @@ struct Refusal {
     status: StatusCode,
     message: String,
     allow: Option<&'static str>,
+    /// Ask for credentials (a 401).
+    challenge: bool,
 }
 
 impl Refusal {
@@ -165,6 +173,7 @@ impl Refusal {
             status,
             message: message.into(),
             allow: None,
+            challenge: false,
         }
     }
 }
@@ -208,6 +217,7 @@ fn route(method: &Method, path: &str, query: Option<&str>) -> Result<Route, Refu
                 status: StatusCode::METHOD_NOT_ALLOWED,
                 message: format!("{tail} takes {allow}, not {method}"),
                 allow: Some(allow),
+                challenge: false,
             })
         }
     };
@@ -308,6 +318,12 @@ fn text(refusal: Refusal) -> Response {
     if let Some(allow) = refusal.allow {
         h.insert(header::ALLOW, HeaderValue::from_static(allow));
     }
+    if refusal.challenge {
+        h.insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Basic realm=\"refvote\""),
+        );
+    }
     resp
 }
 
@@ -339,6 +355,8 @@ struct Request {
 struct GitHttp {
     forwarder: Arc<Forwarder>,
     create_on_push: bool,
+    /// The shared secret requests must prove, when `[auth]` is set.
+    auth: Option<refvote_auth::AuthPolicy>,
     /// Creations on push in flight, by relative path: concurrent first pushes through
     /// this router wait for the one creating the repository, so none of them reaches a
     /// replica whose creation has not finished yet.
@@ -411,11 +429,57 @@ impl GitHttp {
         }
     }
 
-    /// Where the router's token check goes when auth is on (a 401 Refusal with a
-    /// `WWW-Authenticate` header for a missing or wrong token). The local cluster and
-    /// the default config run without auth, so every request passes today.
-    fn authorize(&self, _req: &http::Request<Incoming>) -> Result<(), Refusal> {
-        Ok(())
+    /// The router's token check, when `[auth]` is set: a Gitaly v2 bearer token, or
+    /// Basic credentials whose password is the shared secret; otherwise 401 (in
+    /// `transitioning` mode the request passes and the refusal is logged).
+    fn authorize(&self, req: &http::Request<Incoming>) -> Result<(), Refusal> {
+        let Some(policy) = &self.auth else {
+            return Ok(());
+        };
+        let header = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .map(|v| v.as_bytes());
+        let result = match header {
+            Some(h) if h.len() > 6 && h[..6].eq_ignore_ascii_case(b"basic ") => {
+                use base64::Engine as _;
+                match base64::engine::general_purpose::STANDARD.decode(h[6..].trim_ascii()) {
+                    Ok(decoded) => {
+                        let password = decoded
+                            .iter()
+                            .position(|&b| b == b':')
+                            .map(|i| &decoded[i + 1..])
+                            .unwrap_or(&[]);
+                        if policy.secret.matches(password) {
+                            Ok(())
+                        } else {
+                            Err("wrong password".to_owned())
+                        }
+                    }
+                    Err(_) => Err("malformed Basic credentials".to_owned()),
+                }
+            }
+            other => policy
+                .secret
+                .check(other, std::time::SystemTime::now())
+                .map_err(|e| e.to_string()),
+        };
+        match result {
+            Ok(()) => Ok(()),
+            Err(why) if policy.transitioning => {
+                tracing::warn!(%why, "unauthenticated HTTP request let through (auth.transitioning)");
+                Ok(())
+            }
+            Err(why) => Err(Refusal {
+                challenge: true,
+                ..Refusal::new(
+                    StatusCode::UNAUTHORIZED,
+                    format!(
+                        "authentication required: {why}; use the cluster's token as the password"
+                    ),
+                )
+            }),
+        }
     }
 
     /// Calls `path` on the router's own gRPC handler with `body` as the request stream;

@@ -141,7 +141,7 @@ impl RouterServer {
         );
         let http = match config.http_listen() {
             Some(addr) => Some(
-                HttpServer::start(addr, forwarder.clone(), config.create_on_push)
+                HttpServer::start(addr, forwarder.clone(), config.create_on_push, auth.clone())
                     .await
                     .map_err(|source| StartError::Bind { addr, source })?,
             ),

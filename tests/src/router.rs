@@ -18,6 +18,8 @@ pub struct Router {
     pub dir: PathBuf,
     pub config: PathBuf,
     addr: SocketAddr,
+    /// git smart HTTP, when started with [`RouterOptions::http`].
+    http: Option<SocketAddr>,
     /// The CA of the router's TLS certificate, when it serves TLS.
     pub tls: Option<TestCa>,
     proc: Option<Proc>,
@@ -32,6 +34,8 @@ pub struct RouterOptions {
     pub etcd_config: String,
     /// Serve TLS with a certificate from this CA (and trust it for `tls://` nodes).
     pub tls: Option<TestCa>,
+    /// Serve git smart HTTP on a free port too (`http_listen_addr`).
+    pub http: bool,
 }
 
 impl Router {
@@ -57,11 +61,18 @@ impl Router {
             .map(|e| format!("{e:?}"))
             .collect::<Vec<_>>()
             .join(", ");
+        let http = match opts.http {
+            true => Some(SocketAddr::from((ip, free_port(ip)?))),
+            false => None,
+        };
+        let http_line = http
+            .map(|a| format!("http_listen_addr = \"{a}\"\n"))
+            .unwrap_or_default();
         let config = dir.join("router.toml");
         std::fs::write(
             &config,
             format!(
-                "router_id = {name:?}\nlisten_addr = \"{addr}\"\n\
+                "router_id = {name:?}\nlisten_addr = \"{addr}\"\n{http_line}\
                  [etcd]\nendpoints = [{endpoints}]\nprefix = \"/refvote/\"\nlease_ttl_secs = 3\nrequest_timeout_ms = 1000\n{}{}{}",
                 opts.etcd_config,
                 tls_config(opts.tls.as_ref(), name, ip.into())?,
@@ -73,6 +84,7 @@ impl Router {
             dir,
             config,
             addr,
+            http,
             tls: opts.tls.clone(),
             proc: None,
         };
@@ -97,6 +109,12 @@ impl Router {
         )
         .await;
         result.with_context(|| format!("router {} log:\n{}", self.name, self.log_tail(30)))
+    }
+
+    /// The git smart HTTP URL of `relative` (with [`RouterOptions::http`]).
+    pub fn http_url(&self, relative: &str) -> String {
+        let addr = self.http.expect("the router was started without http");
+        format!("http://{addr}/{relative}")
     }
 
     pub fn addr(&self) -> SocketAddr {

@@ -110,6 +110,7 @@ async fn with_auth_only_valid_tokens_get_through_and_the_router_signs_for_nodes(
         &c.etcd.endpoints(),
         &RouterOptions {
             extra_config: auth_section(""),
+            http: true,
             ..RouterOptions::default()
         },
     )
@@ -186,7 +187,10 @@ async fn with_auth_only_valid_tokens_get_through_and_the_router_signs_for_nodes(
         c.dir.path(),
         &["clone", "--quiet", &url, clone.to_str().unwrap()],
     )?;
-    assert_eq!(git::rev(&clone, "refs/remotes/origin/main"), Some(head));
+    assert_eq!(
+        git::rev(&clone, "refs/remotes/origin/main"),
+        Some(head.clone())
+    );
     // A git client without the token gets nowhere.
     let unsigned = GitHttpProxy::start(vec![Target {
         url: router.grpc_url(),
@@ -196,6 +200,40 @@ async fn with_auth_only_valid_tokens_get_through_and_the_router_signs_for_nodes(
     .await?;
     let out = git::git(c.dir.path(), &["ls-remote", &unsigned.url("auth/new.git")]);
     assert!(out.is_err(), "{out:?}");
+
+    // The router's own git HTTP port: 401 without credentials or with a wrong
+    // password, before any call reaches a node; the secret as the password works.
+    let plain = router.http_url("auth/new.git");
+    let no_prompt = |args: &[&str]| {
+        std::process::Command::new("git")
+            .env("GIT_TERMINAL_PROMPT", "0")
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .args(args)
+            .output()
+    };
+    let out = no_prompt(&["ls-remote", &plain])?;
+    assert!(!out.status.success(), "{out:?}");
+    let wrong = plain.replace("http://", "http://git:wrong@");
+    let out = no_prompt(&["ls-remote", &wrong])?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("Authentication failed"),
+        "{stderr}"
+    );
+    let right = plain.replace("http://", &format!("http://git:{SECRET}@"));
+    let out = no_prompt(&["ls-remote", &right])?;
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&head),
+        "{out:?}"
+    );
+    // Gitaly's own token works over HTTP too.
+    let bearer = format!(
+        "http.extraHeader=Authorization: {}",
+        Secret::new(SECRET).unwrap().bearer_now()
+    );
+    let out = no_prompt(&["-c", &bearer, "ls-remote", &plain])?;
+    assert!(out.status.success(), "{out:?}");
 
     // A node called directly wants the token too, on TCP and on its Unix socket;
     // health answers without one.
