@@ -7,7 +7,8 @@
 //!
 //! Accessors, mutators (voted transactions) and maintenance fan-out are routed.
 //! Repository creation, repair, the admin service and auth are not yet: the router's
-//! own services get UNIMPLEMENTED. The router keeps no state of its
+//! own services get UNIMPLEMENTED. gRPC health (`grpc.health.v1`) is answered on
+//! the same port, and Prometheus [`metrics`] on their own. The router keeps no state of its
 //! own: everything lives in etcd.
 #![forbid(unsafe_code)]
 
@@ -16,6 +17,7 @@ pub mod config;
 mod fanout;
 pub mod forward;
 pub mod frame;
+pub mod metrics;
 mod pool;
 pub mod registry;
 pub mod respond;

@@ -23,6 +23,12 @@ pub enum StartError {
     Registry(#[from] RegistryError),
     #[error("cannot set up the etcd client")]
     Etcd(#[from] refvote_cluster::Error),
+    #[error("cannot listen on prometheus_listen_addr {addr}")]
+    MetricsBind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot listen on {addr}")]
     Bind {
         addr: SocketAddr,
@@ -36,6 +42,7 @@ pub struct RouterServer {
     addr: SocketAddr,
     shutdown: Option<oneshot::Sender<()>>,
     task: JoinHandle<()>,
+    metrics: Option<JoinHandle<()>>,
     /// The lease this router's transactions are bound to.
     session: Option<Session>,
 }
@@ -52,6 +59,14 @@ impl RouterServer {
         let addr = incoming
             .local_addr()
             .map_err(|source| StartError::Bind { addr, source })?;
+        let metrics_listener = match config.metrics() {
+            Some(addr) => Some(
+                refvote_cluster::metrics::bind(addr)
+                    .await
+                    .map_err(|source| StartError::MetricsBind { addr, source })?,
+            ),
+            None => None,
+        };
         // Every transaction this router creates hangs on this lease: if the router dies
         // the lease lapses and the reaper finalizes what it left (DESIGN.md §2 step 8).
         let router_id = config.router_id.clone();
@@ -66,6 +81,8 @@ impl RouterServer {
         if session.wait_for_lease(config.lease_ttl()).await.is_none() {
             tracing::warn!("no etcd lease yet; writes are refused until one is granted");
         }
+        let metrics =
+            metrics_listener.map(|l| crate::metrics::serve(l, store.clone(), session.subscribe()));
         let forwarder = Arc::new(Forwarder::new(
             registry,
             store,
@@ -73,9 +90,21 @@ impl RouterServer {
             session.subscribe(),
             config.replication_factor,
         ));
+        // grpc.health.v1 on the same port: SERVING while the process runs.
+        let (_, health) = tonic_health::server::health_reporter();
         let svc = tower::service_fn(move |req: http::Request<tonic::body::Body>| {
             let f = forwarder.clone();
-            async move { Ok::<_, Infallible>(f.handle(req).await) }
+            let mut health = health.clone();
+            let (method, started) = (req.uri().path().to_owned(), std::time::Instant::now());
+            async move {
+                let resp = if method.starts_with("/grpc.health.v1.Health/") {
+                    let Ok(r) = tower::Service::call(&mut health, req).await;
+                    r
+                } else {
+                    f.handle(req).await
+                };
+                Ok::<_, Infallible>(crate::metrics::track(&method, started, resp))
+            }
         });
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
@@ -94,6 +123,7 @@ impl RouterServer {
             addr,
             shutdown: Some(tx),
             task,
+            metrics,
             session: Some(session),
         })
     }
@@ -114,6 +144,9 @@ impl RouterServer {
                 "calls still in flight after the grace period; stopping them"
             );
             self.task.abort();
+        }
+        if let Some(m) = self.metrics.take() {
+            m.abort();
         }
         // Revoked only after the calls in flight finished: their transactions are
         // finalized by then, and revoking frees their outcome records at once.

@@ -5,9 +5,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use refvote_cluster::settings::{ConfigError, EtcdSettings, load_toml, parse_toml};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// This node's name: its voter name and the key of its etcd registration.
@@ -26,6 +26,10 @@ pub struct Config {
     /// the vote socket.
     #[serde(default)]
     pub socket_path: PathBuf,
+    /// TCP `ip:port` serving Prometheus metrics on `GET /metrics` (Gitaly's key name);
+    /// empty: no metrics endpoint.
+    #[serde(default, alias = "metrics_addr")]
+    pub prometheus_listen_addr: String,
     #[serde(default)]
     pub git: GitConfig,
     #[serde(default)]
@@ -37,7 +41,7 @@ pub struct Config {
     pub storages: Vec<Storage>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct VoteConfig {
     /// The Unix socket the hook talks to.
@@ -71,7 +75,7 @@ pub struct VoteConfig {
 }
 
 /// How the node service runs git.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct GitConfig {
     /// The git executable (Gitaly's `[git] bin_path`); a bare name is looked up in PATH.
@@ -83,7 +87,7 @@ pub struct GitConfig {
     pub timeout_secs: u64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Storage {
     pub name: String,
@@ -195,6 +199,20 @@ impl Config {
                     ),
                 ));
             }
+        }
+        if !self.prometheus_listen_addr.is_empty()
+            && self
+                .prometheus_listen_addr
+                .parse::<std::net::SocketAddr>()
+                .is_err()
+        {
+            return Err(invalid(
+                "prometheus_listen_addr",
+                format!(
+                    "{:?} is not an ip:port address like \"127.0.0.1:9236\" (empty disables metrics)",
+                    self.prometheus_listen_addr
+                ),
+            ));
         }
         if !self.socket_path.as_os_str().is_empty() {
             if !self.socket_path.is_absolute() {
@@ -370,5 +388,24 @@ mod tests {
         let e = parse("node_name = \"n\"\n[[storage]]\nname = \"default\"\npath = \"rel\"\n")
             .unwrap_err();
         assert!(e.contains("storage.path"), "{e}");
+    }
+
+    #[test]
+    fn the_install_example_documents_every_key_with_its_default() {
+        let text = include_str!("../../install/votingd.toml");
+        let example = Config::parse(text, Path::new("install/votingd.toml")).unwrap();
+        let full = toml::Value::try_from(&example).unwrap();
+        let defaults = toml::Value::try_from(parse("node_name = \"n1\"\n").unwrap()).unwrap();
+        let problems = refvote_cluster::settings::example_problems(
+            &toml::Value::Table(toml::from_str(text).unwrap()),
+            &full,
+            &defaults,
+            &["node_name", "storage"],
+        );
+        assert!(
+            problems.is_empty(),
+            "install/votingd.toml:\n{}",
+            problems.join("\n")
+        );
     }
 }
