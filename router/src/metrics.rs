@@ -88,7 +88,13 @@ fn grpc_code(headers: &http::HeaderMap) -> Option<tonic::Code> {
 }
 
 fn count(method: &str, code: tonic::Code, started: Instant) {
-    CALLS.with(&[method, &format!("{code:?}")]).inc();
+    // The names other gRPC servers' metrics use, so dashboards carry over.
+    let name = match code {
+        tonic::Code::Ok => "OK".to_owned(),
+        tonic::Code::Cancelled => "Canceled".to_owned(),
+        c => format!("{c:?}"),
+    };
+    CALLS.with(&[method, &name]).inc();
     CALL_SECONDS.observe_duration(started.elapsed());
 }
 
@@ -177,7 +183,7 @@ async fn render(store: &Store, lease_held: bool) -> String {
     let mut t = Text::new();
     t.counter_family(
         "refvote_router_grpc_calls_total",
-        "Calls answered, by full method name and gRPC code (Cancelled: the client left first).",
+        "Calls answered, by full method name and gRPC code (Canceled: the client left first).",
         &CALLS,
     );
     t.histogram(

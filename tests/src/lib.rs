@@ -2,7 +2,8 @@
 //! real git ([`git`]), every process started on loopback in its own temp dir and killed
 //! by pid when the test ends ([`proc`]). [`cluster`] puts them together for the voting
 //! core's integration tests and benchmarks. [`smarthttp`] lets a real git client push
-//! and clone through a node's gRPC service.
+//! and clone through a node's gRPC service. [`metrics`] scrapes a process's
+//! Prometheus endpoint.
 //!
 //! Nothing here mocks etcd or git; there is no in-process shortcut to a node.
 
@@ -10,6 +11,7 @@ pub mod cluster;
 pub mod etcd;
 pub mod git;
 pub mod grpc;
+pub mod metrics;
 pub mod node;
 pub mod proc;
 pub mod router;

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use crate::proc::{Proc, free_port, loopback_ip, wait_until};
+use crate::proc::{Proc, free_port, free_ports, loopback_ip, wait_until};
 
 /// Where the workspace's binaries are: `$REFVOTE_BIN_DIR` if set, else next to the
 /// test binary's `deps/` folder. The override is for a target directory shared by
@@ -65,6 +65,8 @@ pub struct Node {
     pub config: PathBuf,
     /// The node's gRPC service (a free port on a random loopback address).
     grpc: SocketAddr,
+    /// Prometheus `/metrics` (`prometheus_listen_addr`).
+    metrics: SocketAddr,
     proc: Option<Proc>,
 }
 
@@ -85,6 +87,7 @@ impl Node {
         let config = dir.join("votingd.toml");
         let ip = loopback_ip();
         let grpc = SocketAddr::from((ip, free_port(ip)?));
+        let metrics = SocketAddr::from((ip, other_port(ip, grpc.port())?));
         let endpoints = endpoints
             .iter()
             .map(|e| format!("{e:?}"))
@@ -94,6 +97,7 @@ impl Node {
             &config,
             format!(
                 "node_name = {name:?}\nlisten_addr = \"{grpc}\"\nsocket_path = {:?}\n\
+                 prometheus_listen_addr = \"{metrics}\"\n\
                  [etcd]\nendpoints = [{endpoints}]\nprefix = \"/refvote/\"\nlease_ttl_secs = {}\nrequest_timeout_ms = {}\n\
                  [vote]\nsocket_path = {:?}\nhooks_dir = {:?}\nvote_timeout_ms = {}\nrequire_transaction = {}\n\
                  reaper_interval_ms = {}\nhook_binary = {:?}\n\
@@ -118,6 +122,7 @@ impl Node {
             socket,
             config,
             grpc,
+            metrics,
             proc: None,
         };
         node.launch().await?;
@@ -153,6 +158,11 @@ impl Node {
     /// Where the node's Gitaly-compatible gRPC service listens.
     pub fn grpc_addr(&self) -> SocketAddr {
         self.grpc
+    }
+
+    /// Where the node serves Prometheus `/metrics`.
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics
     }
 
     /// The Unix socket serving the same gRPC service (`socket_path`).
@@ -198,4 +208,12 @@ impl Node {
     pub fn tx_env(&self, tx: &str) -> Vec<(String, String)> {
         votingd::transaction_env(tx, &self.name, &self.socket)
     }
+}
+
+/// A free port on `ip` other than `taken`.
+pub(crate) fn other_port(ip: std::net::Ipv4Addr, taken: u16) -> anyhow::Result<u16> {
+    free_ports(ip, 2)?
+        .into_iter()
+        .find(|p| *p != taken)
+        .context("no second free port")
 }

@@ -17,6 +17,8 @@ pub struct Router {
     pub dir: PathBuf,
     pub config: PathBuf,
     addr: SocketAddr,
+    /// Prometheus `/metrics` (`prometheus_listen_addr`).
+    metrics: SocketAddr,
     proc: Option<Proc>,
 }
 
@@ -28,6 +30,7 @@ impl Router {
         std::fs::create_dir_all(&dir)?;
         let ip = loopback_ip();
         let addr = SocketAddr::from((ip, free_port(ip)?));
+        let metrics = SocketAddr::from((ip, crate::node::other_port(ip, addr.port())?));
         let endpoints = endpoints
             .iter()
             .map(|e| format!("{e:?}"))
@@ -37,7 +40,7 @@ impl Router {
         std::fs::write(
             &config,
             format!(
-                "router_id = {name:?}\nlisten_addr = \"{addr}\"\n\
+                "router_id = {name:?}\nlisten_addr = \"{addr}\"\nprometheus_listen_addr = \"{metrics}\"\n\
                  [etcd]\nendpoints = [{endpoints}]\nprefix = \"/refvote/\"\nlease_ttl_secs = 3\nrequest_timeout_ms = 1000\n"
             ),
         )?;
@@ -46,6 +49,7 @@ impl Router {
             dir,
             config,
             addr,
+            metrics,
             proc: None,
         };
         router.launch().await?;
@@ -73,6 +77,11 @@ impl Router {
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Where the router serves Prometheus `/metrics`.
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics
     }
 
     /// `http://<addr>`, for tonic clients.
