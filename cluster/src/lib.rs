@@ -3,8 +3,8 @@
 //! them ([`tx`], [`repository`], [`reaper`], [`session`]). The router, votingd and
 //! votingctl all go through this crate, so they can never disagree on a key or a rule.
 //! It also holds what the two daemons share around that: their `[etcd]` config section
-//! ([`settings`]) and the Prometheus text format with its `/metrics` server
-//! ([`metrics`]).
+//! ([`settings`]), tracing set-up ([`logging`]) and the Prometheus text format with
+//! its `/metrics` server ([`metrics`]).
 //!
 //! It does not run git, serve RPCs or pick replicas for reads; apart from answering
 //! scrapes it only reads and writes etcd, always with the compares a step relies on.
@@ -12,6 +12,7 @@
 
 pub mod error;
 pub mod keys;
+pub mod logging;
 pub mod metrics;
 pub mod quorum;
 pub mod reaper;

@@ -7,6 +7,9 @@ use std::time::Duration;
 use refvote_cluster::settings::{ConfigError, EtcdSettings, load_toml, parse_toml};
 use serde::{Deserialize, Serialize};
 
+/// Where the refvote-node package installs the hook.
+pub const PACKAGED_HOOK: &str = "/usr/lib/refvote/reference-transaction";
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -61,7 +64,7 @@ pub struct VoteConfig {
     #[serde(default = "defaults::hooks_dir")]
     pub hooks_dir: PathBuf,
     /// The hook binary to link into `hooks_dir`; empty: `reference-transaction` next to
-    /// the votingd binary.
+    /// the votingd binary if there is one, else [`PACKAGED_HOOK`].
     #[serde(default)]
     pub hook_binary: PathBuf,
     /// Refuse ref updates that do not come through a refvote transaction.
@@ -328,7 +331,8 @@ impl Config {
         self.etcd.lease_ttl()
     }
 
-    /// The hook binary to install: configured, or beside this executable.
+    /// The hook binary to install: configured, or beside this executable (a build
+    /// tree), or where the refvote-node package puts it.
     pub fn hook_binary(&self) -> PathBuf {
         if !self.vote.hook_binary.as_os_str().is_empty() {
             return self.vote.hook_binary.clone();
@@ -336,7 +340,8 @@ impl Config {
         std::env::current_exe()
             .ok()
             .and_then(|p| p.parent().map(|d| d.join("reference-transaction")))
-            .unwrap_or_else(|| "/usr/lib/refvote/reference-transaction".into())
+            .filter(|p| p.is_file())
+            .unwrap_or_else(|| PACKAGED_HOOK.into())
     }
 }
 
