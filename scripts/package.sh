@@ -18,12 +18,19 @@ done
 echo "package: building release binaries"
 cargo build --release --locked -p refvote-hook -p votingd -p refvote-router --bins
 
+# Both tools take the binaries from target/package-stage/ (the crates' metadata says
+# so): the release builds without debug info, symbols kept for backtraces. The node
+# package holds binaries of two crates, which neither tool would build by itself.
+release="$(cargo metadata --format-version 1 --no-deps | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')/release"
+stage=target/package-stage
 out=target/packages
-rm -rf "$out"
-mkdir -p "$out"
-for crate in votingd refvote-router; do
-  # The binaries are built above (the node package takes the hook from another crate).
-  cargo deb --no-build --quiet -p "$crate" -o "$out/"
+rm -rf "$stage" "$out"
+mkdir -p "$stage" "$out"
+for bin in votingd votingctl reference-transaction refvote-router; do
+  strip --strip-debug -o "$stage/$bin" "$release/$bin"
+done
+for crate in votingd router; do
+  cargo deb --no-build --no-strip --quiet --manifest-path "$crate/Cargo.toml" -o "$out/"
   cargo generate-rpm -p "$crate" -o "$out/"
 done
 echo "package: built"
