@@ -163,3 +163,38 @@ fn the_router_example_config_is_valid() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Not only `--check-config`: starting either daemon on a bad file exits 64 before
+/// binding anything, naming the key and the reason.
+#[test]
+fn both_daemons_refuse_to_start_on_a_bad_config_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    for (binary, text, key, reason) in [
+        (
+            "votingd",
+            "node_name = \"n1\"\nprometheus_listen_addr = \"everywhere\"\n",
+            "prometheus_listen_addr",
+            "is not an ip:port address",
+        ),
+        (
+            "refvote-router",
+            "router_id = \"r1\"\n[etcd]\nendpoints = [\"127.0.0.1:2379\"]\n",
+            "etcd.endpoints",
+            "must start with http:// or https://",
+        ),
+    ] {
+        let config = dir.path().join(format!("{binary}.toml"));
+        std::fs::write(&config, text).unwrap();
+        let out = Command::new(refvote_tests::node::bin(binary))
+            .arg("--config")
+            .arg(&config)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{binary}: {stderr}");
+        assert!(
+            stderr.contains(key) && stderr.contains(reason),
+            "{binary}: {stderr}"
+        );
+    }
+}
