@@ -3,7 +3,8 @@
 # --no-build): every .deb and .rpm holds every file it must; the .deb packages install
 # on this machine (dpkg -i as root; otherwise unpacked into a temporary root without
 # the post-install step); the installed binaries run and the example configs pass
-# --check-config while a bad one fails naming the key; the post-install step created
+# --check-config while a bad one fails naming the key; the installed votingd runs
+# against a throwaway etcd with the packaged hook; the post-install step created
 # the git user and refvote's directories and started nothing; the systemd units pass
 # `systemd-analyze verify` where it exists; `rpm -qlp` lists each .rpm (Debian's rpm
 # package is installed if missing). What it installed is purged at the end unless
@@ -114,6 +115,62 @@ set -e
 rm -f "$bad"
 [ "$code" -eq 64 ] && grep -q replication_factor <<<"$msg" || fail "refvote-router on a bad config: exit $code, $msg"
 ok "binaries run; example configs valid; bad configs exit 64 naming the key"
+
+# --- the installed votingd runs: against a throwaway etcd on loopback, it links the
+# packaged hook into its hooks dir, takes its lease and serves /metrics ---
+if $root && command -v etcd >/dev/null; then
+  smoke=$(mktemp -d)
+  # A loopback port nothing listens on (bash alone: a fresh machine may lack python).
+  port() {
+    local p
+    for _ in $(seq 1 100); do
+      p=$((20000 + RANDOM % 40000))
+      (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null || { echo "$p"; return; }
+    done
+    fail "no free loopback port"
+  }
+  cport=$(port); pport=$(port); gport=$(port); mport=$(port)
+  etcd --name smoke --data-dir "$smoke/etcd" \
+    --listen-client-urls "http://127.0.0.1:$cport" --advertise-client-urls "http://127.0.0.1:$cport" \
+    --listen-peer-urls "http://127.0.0.1:$pport" --initial-advertise-peer-urls "http://127.0.0.1:$pport" \
+    --initial-cluster "smoke=http://127.0.0.1:$pport" >"$smoke/etcd.log" 2>&1 &
+  etcd_pid=$!
+  mkdir -p "$smoke/storage"
+  cat >"$smoke/votingd.toml" <<TOML
+node_name = "smoke"
+listen_addr = "127.0.0.1:$gport"
+prometheus_listen_addr = "127.0.0.1:$mport"
+[etcd]
+endpoints = ["http://127.0.0.1:$cport"]
+lease_ttl_secs = 3
+[vote]
+socket_path = "$smoke/vote.sock"
+hooks_dir = "$smoke/hooks"
+[[storage]]
+name = "default"
+path = "$smoke/storage"
+TOML
+  /usr/bin/votingd --config "$smoke/votingd.toml" >"$smoke/votingd.log" 2>&1 &
+  votingd_pid=$!
+  healthy=false
+  for _ in $(seq 1 100); do
+    if /usr/bin/votingctl status --config "$smoke/votingd.toml" >/dev/null 2>&1; then healthy=true; break; fi
+    sleep 0.2
+  done
+  metrics=$(exec 3<>"/dev/tcp/127.0.0.1/$mport" \
+    && printf 'GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n' >&3 \
+    && tr -d '\r' <&3 || true)
+  hook=$(readlink -f "$smoke/hooks/reference-transaction" || true)
+  kill "$votingd_pid" 2>/dev/null || true; wait "$votingd_pid" 2>/dev/null || true
+  kill "$etcd_pid" 2>/dev/null || true; wait "$etcd_pid" 2>/dev/null || true
+  $healthy || fail "the installed votingd did not become healthy: $(tail -5 "$smoke/votingd.log")"
+  [ "$hook" = /usr/lib/refvote/reference-transaction ] || fail "hooks dir links $hook, not the packaged hook"
+  grep -q '^votingd_lease_held 1$' <<<"$metrics" || fail "no votingd_lease_held 1 on /metrics: $metrics"
+  rm -rf "$smoke"
+  ok "installed votingd: healthy against etcd, packaged hook linked, /metrics served"
+else
+  echo "check-packages: skipped running the installed votingd (needs root and etcd)"
+fi
 
 # --- the units ---
 if command -v systemd-analyze >/dev/null; then
