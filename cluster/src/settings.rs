@@ -5,8 +5,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 
 use crate::store::{EtcdTls, StoreConfig};
 
@@ -17,7 +17,7 @@ fn readable(key: &'static str, path: &Path) -> Result<(), (&'static str, String)
 }
 
 /// The `[etcd]` section.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct EtcdSettings {
     /// Client URLs of every member; requests move to the next one when a member
@@ -225,6 +225,74 @@ pub fn parse_toml<T: DeserializeOwned>(text: &str, path: &Path) -> Result<T, Con
     })
 }
 
+/// What an example config file fails to document: keys of `full` (a config serialized
+/// with every key) missing from `example`, keys of `example` that `full` lacks, and
+/// keys whose value in `example` differs from `defaults` (the config serialized from a
+/// minimal file), except for `no_default` keys and the keys under them. Each problem is one line naming the
+/// key. Arrays of tables are compared by their first element.
+pub fn example_problems(
+    example: &toml::Value,
+    full: &toml::Value,
+    defaults: &toml::Value,
+    no_default: &[&str],
+) -> Vec<String> {
+    let mut problems = Vec::new();
+    compare(example, full, Some(defaults), "", no_default, &mut problems);
+    problems
+}
+
+fn compare(
+    example: &toml::Value,
+    full: &toml::Value,
+    defaults: Option<&toml::Value>,
+    path: &str,
+    no_default: &[&str],
+    problems: &mut Vec<String>,
+) {
+    use toml::Value;
+    let first = |v: &Value| match v {
+        Value::Array(a) if a.first().is_some_and(Value::is_table) => a.first().cloned(),
+        _ => None,
+    };
+    if let (Some(e), Some(f)) = (first(example), first(full)) {
+        return compare(&e, &f, None, path, no_default, problems);
+    }
+    match (example, full) {
+        (Value::Table(e), Value::Table(f)) => {
+            for key in f.keys().chain(e.keys().filter(|k| !f.contains_key(*k))) {
+                let sub = if path.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{path}.{key}")
+                };
+                match (e.get(key), f.get(key)) {
+                    (Some(ev), Some(fv)) => {
+                        let dv = defaults.and_then(|d| d.get(key));
+                        compare(ev, fv, dv, &sub, no_default, problems);
+                    }
+                    (None, _) => problems.push(format!("{sub}: not in the example")),
+                    (_, None) => problems.push(format!("{sub}: not a setting")),
+                }
+            }
+        }
+        _ => {
+            if no_default
+                .iter()
+                .any(|k| path == *k || path.strip_prefix(*k).is_some_and(|r| r.starts_with('.')))
+            {
+                return;
+            }
+            match defaults {
+                Some(d) if d == example => {}
+                Some(d) => problems.push(format!(
+                    "{path}: the example says {example}, the default is {d}"
+                )),
+                None => problems.push(format!("{path}: has no default; list it in no_default")),
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -257,5 +325,19 @@ mod tests {
         assert!(ok.validate().is_ok());
         let tls = ok.store_config().tls.unwrap();
         assert!(tls.identity.is_some());
+    }
+
+    #[test]
+    fn example_problems_name_the_key() {
+        let v = |s: &str| toml::Value::Table(toml::from_str(s).unwrap());
+        let full = v("a = 1\n[t]\nb = \"x\"\nc = 2\n[[s]]\nname = \"n\"\n");
+        let defaults = v("a = 1\n[t]\nb = \"x\"\nc = 2\n");
+        let ok = v("a = 1\n[t]\nb = \"x\"\nc = 2\n[[s]]\nname = \"m\"\n");
+        assert!(example_problems(&ok, &full, &defaults, &["s"]).is_empty());
+        let bad = v("a = 2\n[t]\nb = \"x\"\nz = 1\n[[s]]\nname = \"m\"\n");
+        let p = example_problems(&bad, &full, &defaults, &["s"]).join("\n");
+        assert!(p.contains("a: the example says 2, the default is 1"), "{p}");
+        assert!(p.contains("t.c: not in the example"), "{p}");
+        assert!(p.contains("t.z: not a setting"), "{p}");
     }
 }

@@ -200,6 +200,7 @@ impl Store {
             match tokio::time::timeout_at(deadline, op(client)).await {
                 Ok(Ok(v)) => return Ok(v),
                 Ok(Err(e)) if is_endpoint_failure(&e) => {
+                    crate::metrics::ETCD_ERRORS.with(&["unavailable"]).inc();
                     tracing::debug!(endpoint = i, attempt, error = %e, "etcd endpoint failed; trying the next");
                     self.rotate(i);
                     last = Some(e);
@@ -213,8 +214,12 @@ impl Store {
                         .await;
                     }
                 }
-                Ok(Err(e)) => return Err(e.into()),
+                Ok(Err(e)) => {
+                    crate::metrics::ETCD_ERRORS.with(&["other"]).inc();
+                    return Err(e.into());
+                }
                 Err(_) => {
+                    crate::metrics::ETCD_ERRORS.with(&["timeout"]).inc();
                     self.rotate(i);
                     return Err(Error::Timeout(self.inner.timeout));
                 }

@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use refvote_auth::{AuthSettings, TlsSettings};
 use refvote_cluster::settings::{ConfigError, EtcdSettings, load_toml, parse_toml};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// This router's id: the creator of its transactions and the key of its etcd
@@ -27,6 +27,10 @@ pub struct Config {
     /// CreateRepository does. Default: false (an unknown repository is 404).
     #[serde(default)]
     pub create_on_push: bool,
+    /// TCP `ip:port` serving Prometheus metrics on `GET /metrics` (Gitaly's key name);
+    /// empty: no metrics endpoint.
+    #[serde(default, alias = "metrics_addr")]
+    pub prometheus_listen_addr: String,
     /// Replicas a new repository gets (CreateRepository through the router), each on
     /// its own node.
     #[serde(default = "defaults::replication_factor")]
@@ -135,6 +139,17 @@ impl Config {
                 )
             })?;
         }
+        if !self.prometheus_listen_addr.is_empty()
+            && self.prometheus_listen_addr.parse::<SocketAddr>().is_err()
+        {
+            return Err(invalid(
+                "prometheus_listen_addr",
+                format!(
+                    "{:?} is not an ip:port address like \"127.0.0.1:9237\" (empty disables metrics)",
+                    self.prometheus_listen_addr
+                ),
+            ));
+        }
         if self.replication_factor == 0 {
             return Err(invalid("replication_factor", "must be at least 1".into()));
         }
@@ -172,6 +187,11 @@ impl Config {
     pub fn http_listen(&self) -> Option<SocketAddr> {
         (!self.http_listen_addr.is_empty())
             .then(|| self.http_listen_addr.parse().expect("validated"))
+    }
+
+    /// The metrics endpoint's address, if one is configured.
+    pub fn metrics(&self) -> Option<SocketAddr> {
+        self.prometheus_listen_addr.parse().ok()
     }
 
     pub fn request_timeout(&self) -> Duration {
@@ -235,5 +255,29 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("tls.key_path"), "{e}");
+    }
+
+    #[test]
+    fn the_install_example_documents_every_key_with_its_default() {
+        let text = include_str!("../../install/refvote-router.toml");
+        let example = parse(text).unwrap();
+        let full = toml::Value::try_from(&example).unwrap();
+        let defaults = toml::Value::try_from(parse("").unwrap()).unwrap();
+        let problems = refvote_cluster::settings::example_problems(
+            &toml::Value::Table(toml::from_str(text).unwrap()),
+            &full,
+            &defaults,
+            // The default is the host name.
+            &["router_id"],
+        );
+        assert!(
+            problems.is_empty(),
+            "install/refvote-router.toml:\n{}",
+            problems.join("\n")
+        );
+        let e = parse("prometheus_listen_addr = \"9237\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("prometheus_listen_addr"), "{e}");
     }
 }

@@ -253,6 +253,7 @@ impl Forwarder {
         // repository's pending-confirmation index until this router's lease lapsed).
         let me = self.clone();
         let task = tokio::spawn(async move {
+            let _in_flight = crate::metrics::TRANSACTIONS_IN_FLIGHT.track();
             let store = me.store.clone();
             for (node, why) in &unusable {
                 tracing::warn!(tx = %tx.id, node, why, "voter cannot be called");
@@ -262,6 +263,7 @@ impl Forwarder {
             }
             let results = fan_out(path, legs, rest).await;
             let outcome = me.finalize(&tx, lease, &results).await;
+            crate::metrics::finalized(&outcome);
             if let Some(rev) = created {
                 // A creation that committed nowhere leaves no registration behind, so
                 // the client may simply retry it.

@@ -14,7 +14,8 @@
 //! (replicas of a repository, their synchronization, removal). Every call passes
 //! Gitaly's token check first when `[auth]` is set (refvote-auth), and every call to a
 //! node carries the router's own token; listeners and node channels use TLS when
-//! `[tls]` says so. The router keeps no state of its
+//! `[tls]` says so. gRPC health (`grpc.health.v1`) is answered on the same port, and
+//! Prometheus [`metrics`] on their own. The router keeps no state of its
 //! own: everything lives in etcd.
 #![forbid(unsafe_code)]
 
@@ -25,6 +26,7 @@ mod fanout;
 pub mod forward;
 pub mod frame;
 pub mod http;
+pub mod metrics;
 mod pool;
 pub mod registry;
 pub mod repair;

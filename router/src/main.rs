@@ -37,7 +37,7 @@ async fn main() {
         println!("{}: ok", args.config.display());
         return;
     }
-    init_logging();
+    refvote_cluster::logging::init();
     let server = match RouterServer::start(&config).await {
         Ok(s) => s,
         Err(e) => {
@@ -48,16 +48,6 @@ async fn main() {
     wait_for_signal().await;
     tracing::info!("shutting down");
     server.shutdown(Duration::from_secs(10)).await;
-}
-
-/// Logs to stderr, filtered by `RUST_LOG` (default `info`).
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
 }
 
 async fn wait_for_signal() {

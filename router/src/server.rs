@@ -30,6 +30,12 @@ pub enum StartError {
     /// `[auth]` or `[tls]` could not be set up (a file changed since validation).
     #[error("{key}: {reason}")]
     Security { key: &'static str, reason: String },
+    #[error("cannot listen on prometheus_listen_addr {addr}")]
+    MetricsBind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot listen on {addr}")]
     Bind {
         addr: SocketAddr,
@@ -43,6 +49,7 @@ pub struct RouterServer {
     addr: SocketAddr,
     shutdown: Option<oneshot::Sender<()>>,
     task: JoinHandle<()>,
+    metrics: Option<JoinHandle<()>>,
     /// The lease this router's transactions are bound to.
     session: Option<Session>,
     /// Plain git over HTTP, when `http_listen_addr` is set.
@@ -77,6 +84,14 @@ impl RouterServer {
         let addr = incoming
             .local_addr()
             .map_err(|source| StartError::Bind { addr, source })?;
+        let metrics_listener = match config.metrics() {
+            Some(addr) => Some(
+                refvote_cluster::metrics::bind(addr)
+                    .await
+                    .map_err(|source| StartError::MetricsBind { addr, source })?,
+            ),
+            None => None,
+        };
         // Every transaction this router creates hangs on this lease: if the router dies
         // the lease lapses and the reaper finalizes what it left (DESIGN.md §2 step 8).
         let router_id = config.router_id.clone();
@@ -119,6 +134,8 @@ impl RouterServer {
             )),
         ];
         let store_for_admin = store.clone();
+        let metrics =
+            metrics_listener.map(|l| crate::metrics::serve(l, store.clone(), session.subscribe()));
         let forwarder = Arc::new(
             Forwarder::new(
                 registry,
@@ -147,15 +164,24 @@ impl RouterServer {
             ),
             None => None,
         };
+        // grpc.health.v1 on the same port: SERVING while the process runs.
+        let (_, health) = tonic_health::server::health_reporter();
         let svc = tower::service_fn(move |req: http::Request<tonic::body::Body>| {
             let f = forwarder.clone();
             let mut admin = admin.clone();
+            let mut health = health.clone();
+            let (method, started) = (req.uri().path().to_owned(), std::time::Instant::now());
             async move {
-                if req.uri().path().starts_with(crate::admin::PATH_PREFIX) {
-                    use tower::Service;
-                    return admin.call(req).await;
-                }
-                Ok::<_, Infallible>(f.handle(req).await)
+                let resp = if method.starts_with(crate::admin::PATH_PREFIX) {
+                    let Ok(r) = tower::Service::call(&mut admin, req).await;
+                    r
+                } else if method.starts_with("/grpc.health.v1.Health/") {
+                    let Ok(r) = tower::Service::call(&mut health, req).await;
+                    r
+                } else {
+                    f.handle(req).await
+                };
+                Ok::<_, Infallible>(crate::metrics::track(&method, started, resp))
             }
         });
         let (tx, rx) = oneshot::channel::<()>();
@@ -175,6 +201,7 @@ impl RouterServer {
             addr,
             shutdown: Some(tx),
             task,
+            metrics,
             session: Some(session),
             http,
             background,
@@ -208,6 +235,9 @@ impl RouterServer {
         }
         for task in &self.background {
             task.abort();
+        }
+        if let Some(m) = self.metrics.take() {
+            m.abort();
         }
         // Revoked only after the calls in flight finished: their transactions are
         // finalized by then, and revoking frees their outcome records at once.

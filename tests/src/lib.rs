@@ -4,6 +4,7 @@
 //! core's integration tests and benchmarks. [`smarthttp`] lets a real git client push
 //! and clone through a node's gRPC service. [`local`] drives a whole cluster started
 //! by `votingctl cluster up`, as a person would. [`tls`] issues test certificates.
+//! [`metrics`] scrapes a process's Prometheus endpoint.
 //!
 //! Nothing here mocks etcd or git; there is no in-process shortcut to a node.
 
@@ -12,6 +13,7 @@ pub mod etcd;
 pub mod git;
 pub mod grpc;
 pub mod local;
+pub mod metrics;
 pub mod node;
 pub mod proc;
 pub mod router;

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use crate::proc::{Proc, free_port, loopback_ip, wait_until};
+use crate::proc::{Proc, free_port, free_ports, loopback_ip, wait_until};
 use crate::tls::TestCa;
 
 /// Where the workspace's binaries are: `$REFVOTE_BIN_DIR` if set, else next to the
@@ -80,6 +80,8 @@ pub struct Node {
     grpc: SocketAddr,
     /// The CA of the node's TLS certificate, when it serves TLS.
     pub tls: Option<TestCa>,
+    /// Prometheus `/metrics` (`prometheus_listen_addr`).
+    metrics: SocketAddr,
     proc: Option<Proc>,
 }
 
@@ -100,6 +102,7 @@ impl Node {
         let config = dir.join("votingd.toml");
         let ip = loopback_ip();
         let grpc = SocketAddr::from((ip, free_port(ip)?));
+        let metrics = SocketAddr::from((ip, other_port(ip, grpc.port())?));
         let endpoints = endpoints
             .iter()
             .map(|e| format!("{e:?}"))
@@ -109,6 +112,7 @@ impl Node {
             &config,
             format!(
                 "node_name = {name:?}\nlisten_addr = \"{grpc}\"\nsocket_path = {:?}\n\
+                 prometheus_listen_addr = \"{metrics}\"\n\
                  [etcd]\nendpoints = [{endpoints}]\nprefix = \"/refvote/\"\nlease_ttl_secs = {}\nrequest_timeout_ms = {}\n{}\
                  [vote]\nsocket_path = {:?}\nhooks_dir = {:?}\nvote_timeout_ms = {}\nrequire_transaction = {}\n\
                  reaper = {}\nreaper_interval_ms = {}\nhook_binary = {:?}\n\
@@ -138,6 +142,7 @@ impl Node {
             config,
             grpc,
             tls: opts.tls.clone(),
+            metrics,
             proc: None,
         };
         node.launch().await?;
@@ -173,6 +178,11 @@ impl Node {
     /// Where the node's Gitaly-compatible gRPC service listens.
     pub fn grpc_addr(&self) -> SocketAddr {
         self.grpc
+    }
+
+    /// Where the node serves Prometheus `/metrics`.
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics
     }
 
     /// The Unix socket serving the same gRPC service (`socket_path`).
@@ -232,4 +242,12 @@ pub fn tls_config(ca: Option<&TestCa>, name: &str, ip: std::net::IpAddr) -> anyh
         "[tls]\ncertificate_path = {cert:?}\nkey_path = {key:?}\nca_path = {:?}\n",
         ca.cert
     ))
+}
+
+/// A free port on `ip` other than `taken`.
+pub(crate) fn other_port(ip: std::net::Ipv4Addr, taken: u16) -> anyhow::Result<u16> {
+    free_ports(ip, 2)?
+        .into_iter()
+        .find(|p| *p != taken)
+        .context("no second free port")
 }

@@ -22,6 +22,8 @@ pub struct Router {
     http: Option<SocketAddr>,
     /// The CA of the router's TLS certificate, when it serves TLS.
     pub tls: Option<TestCa>,
+    /// Prometheus `/metrics` (`prometheus_listen_addr`).
+    metrics: SocketAddr,
     proc: Option<Proc>,
 }
 
@@ -56,6 +58,7 @@ impl Router {
         std::fs::create_dir_all(&dir)?;
         let ip = loopback_ip();
         let addr = SocketAddr::from((ip, free_port(ip)?));
+        let metrics = SocketAddr::from((ip, crate::node::other_port(ip, addr.port())?));
         let endpoints = endpoints
             .iter()
             .map(|e| format!("{e:?}"))
@@ -72,7 +75,7 @@ impl Router {
         std::fs::write(
             &config,
             format!(
-                "router_id = {name:?}\nlisten_addr = \"{addr}\"\n{http_line}\
+                "router_id = {name:?}\nlisten_addr = \"{addr}\"\n{http_line}prometheus_listen_addr = \"{metrics}\"\n\
                  [etcd]\nendpoints = [{endpoints}]\nprefix = \"/refvote/\"\nlease_ttl_secs = 3\nrequest_timeout_ms = 1000\n{}{}{}",
                 opts.etcd_config,
                 tls_config(opts.tls.as_ref(), name, ip.into())?,
@@ -86,6 +89,7 @@ impl Router {
             addr,
             http,
             tls: opts.tls.clone(),
+            metrics,
             proc: None,
         };
         router.launch().await?;
@@ -119,6 +123,11 @@ impl Router {
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Where the router serves Prometheus `/metrics`.
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics
     }
 
     /// `http://<addr>` (`https://` with TLS), for tonic clients.

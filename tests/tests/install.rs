@@ -1,5 +1,8 @@
-//! install/refvote-hooks.sh against real repositories: sets core.hooksPath everywhere,
-//! is idempotent, leaves other repositories' settings alone on undo.
+//! What install/ holds: refvote-hooks.sh against real repositories (sets
+//! core.hooksPath everywhere, is idempotent, leaves other repositories' settings alone
+//! on undo), the example configs accepted by their binaries (and a bad one refused
+//! naming the key), and the systemd units' directives. That each example documents
+//! every key with its default is a unit test beside each config type.
 
 use std::path::Path;
 use std::process::Command;
@@ -134,4 +137,102 @@ fn the_example_config_is_valid_and_a_bad_one_names_the_key() {
         .unwrap();
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("auth.token"));
+}
+
+/// The directives operators rely on, in both units: restart, the git user, hardening,
+/// and no start before a config exists. `systemd-analyze verify` of the installed
+/// units runs in scripts/check-packages.sh.
+#[test]
+fn the_systemd_units_run_as_git_hardened_and_only_once_configured() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../install");
+    for (unit, binary, config) in [
+        (
+            "votingd.service",
+            "/usr/bin/votingd",
+            "/etc/refvote/votingd.toml",
+        ),
+        (
+            "refvote-router.service",
+            "/usr/bin/refvote-router",
+            "/etc/refvote/router.toml",
+        ),
+    ] {
+        let text = std::fs::read_to_string(dir.join(unit)).unwrap();
+        let lines: Vec<&str> = text.lines().map(str::trim).collect();
+        for want in [
+            "User=git".to_owned(),
+            "Group=git".to_owned(),
+            "Restart=on-failure".to_owned(),
+            "NoNewPrivileges=yes".to_owned(),
+            "ProtectSystem=strict".to_owned(),
+            "ProtectHome=yes".to_owned(),
+            "PrivateTmp=yes".to_owned(),
+            "CapabilityBoundingSet=".to_owned(),
+            "KillSignal=SIGTERM".to_owned(),
+            format!("ConditionPathExists={config}"),
+            format!("ExecStart={binary} --config {config}"),
+            format!("ExecStartPre={binary} --check-config --config {config}"),
+        ] {
+            assert!(lines.contains(&want.as_str()), "{unit} lacks {want}");
+        }
+    }
+    let node = std::fs::read_to_string(dir.join("votingd.service")).unwrap();
+    // votingd writes its hooks dir, its sockets and the storages.
+    assert!(
+        node.lines().any(|l| l.starts_with("ReadWritePaths=")
+            && l.contains("/var/lib/refvote")
+            && l.contains("/run/refvote")),
+        "{node}"
+    );
+}
+
+#[test]
+fn the_router_example_config_is_valid() {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../install/refvote-router.toml");
+    let out = Command::new(refvote_tests::node::bin("refvote-router"))
+        .arg("--check-config")
+        .arg("--config")
+        .arg(&example)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Not only `--check-config`: starting either daemon on a bad file exits 64 before
+/// binding anything, naming the key and the reason.
+#[test]
+fn both_daemons_refuse_to_start_on_a_bad_config_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    for (binary, text, key, reason) in [
+        (
+            "votingd",
+            "node_name = \"n1\"\nprometheus_listen_addr = \"everywhere\"\n",
+            "prometheus_listen_addr",
+            "is not an ip:port address",
+        ),
+        (
+            "refvote-router",
+            "router_id = \"r1\"\n[etcd]\nendpoints = [\"127.0.0.1:2379\"]\n",
+            "etcd.endpoints",
+            "must start with http:// or https://",
+        ),
+    ] {
+        let config = dir.path().join(format!("{binary}.toml"));
+        std::fs::write(&config, text).unwrap();
+        let out = Command::new(refvote_tests::node::bin(binary))
+            .arg("--config")
+            .arg(&config)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{binary}: {stderr}");
+        assert!(
+            stderr.contains(key) && stderr.contains(reason),
+            "{binary}: {stderr}"
+        );
+    }
 }

@@ -6,9 +6,12 @@ use std::time::Duration;
 
 use refvote_auth::{AuthSettings, TlsSettings};
 use refvote_cluster::settings::{ConfigError, EtcdSettings, load_toml, parse_toml};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Deserialize)]
+/// Where the refvote-node package installs the hook.
+pub const PACKAGED_HOOK: &str = "/usr/lib/refvote/reference-transaction";
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// This node's name: its voter name and the key of its etcd registration.
@@ -27,6 +30,10 @@ pub struct Config {
     /// the vote socket.
     #[serde(default)]
     pub socket_path: PathBuf,
+    /// TCP `ip:port` serving Prometheus metrics on `GET /metrics` (Gitaly's key name);
+    /// empty: no metrics endpoint.
+    #[serde(default, alias = "metrics_addr")]
+    pub prometheus_listen_addr: String,
     #[serde(default)]
     pub git: GitConfig,
     #[serde(default)]
@@ -46,7 +53,7 @@ pub struct Config {
     pub storages: Vec<Storage>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct VoteConfig {
     /// The Unix socket the hook talks to.
@@ -66,7 +73,7 @@ pub struct VoteConfig {
     #[serde(default = "defaults::hooks_dir")]
     pub hooks_dir: PathBuf,
     /// The hook binary to link into `hooks_dir`; empty: `reference-transaction` next to
-    /// the votingd binary.
+    /// the votingd binary if there is one, else [`PACKAGED_HOOK`].
     #[serde(default)]
     pub hook_binary: PathBuf,
     /// Refuse ref updates that do not come through a refvote transaction.
@@ -80,7 +87,7 @@ pub struct VoteConfig {
 }
 
 /// How the node service runs git.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct GitConfig {
     /// The git executable (Gitaly's `[git] bin_path`); a bare name is looked up in PATH.
@@ -92,7 +99,7 @@ pub struct GitConfig {
     pub timeout_secs: u64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Storage {
     pub name: String,
@@ -204,6 +211,20 @@ impl Config {
                     ),
                 ));
             }
+        }
+        if !self.prometheus_listen_addr.is_empty()
+            && self
+                .prometheus_listen_addr
+                .parse::<std::net::SocketAddr>()
+                .is_err()
+        {
+            return Err(invalid(
+                "prometheus_listen_addr",
+                format!(
+                    "{:?} is not an ip:port address like \"127.0.0.1:9236\" (empty disables metrics)",
+                    self.prometheus_listen_addr
+                ),
+            ));
         }
         if !self.socket_path.as_os_str().is_empty() {
             if !self.socket_path.is_absolute() {
@@ -331,7 +352,8 @@ impl Config {
         self.etcd.lease_ttl()
     }
 
-    /// The hook binary to install: configured, or beside this executable.
+    /// The hook binary to install: configured, or beside this executable (a build
+    /// tree), or where the refvote-node package puts it.
     pub fn hook_binary(&self) -> PathBuf {
         if !self.vote.hook_binary.as_os_str().is_empty() {
             return self.vote.hook_binary.clone();
@@ -339,7 +361,8 @@ impl Config {
         std::env::current_exe()
             .ok()
             .and_then(|p| p.parent().map(|d| d.join("reference-transaction")))
-            .unwrap_or_else(|| "/usr/lib/refvote/reference-transaction".into())
+            .filter(|p| p.is_file())
+            .unwrap_or_else(|| PACKAGED_HOOK.into())
     }
 }
 
@@ -393,5 +416,24 @@ mod tests {
         assert!(e.contains("storage.path"), "{e}");
         let e = parse("node_name = \"n\"\n[auth]\ntoken = \"\"\n").unwrap_err();
         assert!(e.contains("auth.token"), "{e}");
+    }
+
+    #[test]
+    fn the_install_example_documents_every_key_with_its_default() {
+        let text = include_str!("../../install/votingd.toml");
+        let example = Config::parse(text, Path::new("install/votingd.toml")).unwrap();
+        let full = toml::Value::try_from(&example).unwrap();
+        let defaults = toml::Value::try_from(parse("node_name = \"n1\"\n").unwrap()).unwrap();
+        let problems = refvote_cluster::settings::example_problems(
+            &toml::Value::Table(toml::from_str(text).unwrap()),
+            &full,
+            &defaults,
+            &["node_name", "storage"],
+        );
+        assert!(
+            problems.is_empty(),
+            "install/votingd.toml:\n{}",
+            problems.join("\n")
+        );
     }
 }

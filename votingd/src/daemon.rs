@@ -49,6 +49,12 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot listen on prometheus_listen_addr {addr}")]
+    MetricsListen {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot prepare the storages")]
     Storages(#[source] std::io::Error),
     /// `[auth]` or `[tls]` could not be set up (a file changed since validation).
@@ -96,6 +102,17 @@ impl Daemon {
             };
             let addr = config.listen_addr.parse().expect("validated");
             Some(node::bind(addr).map_err(listen)?)
+        };
+        let metrics = match config.prometheus_listen_addr.as_str() {
+            "" => None,
+            addr => Some(
+                refvote_cluster::metrics::bind(addr.parse().expect("validated"))
+                    .await
+                    .map_err(|source| StartError::MetricsListen {
+                        addr: addr.to_owned(),
+                        source,
+                    })?,
+            ),
         };
         let storages = Storages::open(&config.storages).map_err(StartError::Storages)?;
         let locks = node::repolock::RepoLocks::default();
@@ -198,6 +215,13 @@ impl Daemon {
             service.clone(),
             status_fn,
         ))];
+        if let Some(listener) = metrics {
+            tasks.push(crate::metrics::serve(
+                listener,
+                service.clone(),
+                session.subscribe(),
+            ));
+        }
         if config.vote.reaper {
             let cfg = ReaperConfig {
                 id: config.node_name.clone(),

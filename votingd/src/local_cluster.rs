@@ -818,6 +818,11 @@ mod tests {
             .unwrap();
         let pid = child.id();
         assert!(alive(pid));
+        // Right after fork the child still shows the test's command line, until exec.
+        let until = Instant::now() + Duration::from_secs(5);
+        while !cmdline_names(pid, Path::new("/tmp/refvote-x")) && Instant::now() < until {
+            std::thread::sleep(POLL);
+        }
         assert!(cmdline_names(pid, Path::new("/tmp/refvote-x")));
         assert!(!cmdline_names(pid, Path::new("/tmp/refvote")));
         assert!(!cmdline_names(pid, Path::new("/tmp/refvote-x/node")));

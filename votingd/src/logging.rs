@@ -1,11 +1,3 @@
-//! The one place that sets up tracing for refvote's binaries.
+//! Tracing set-up, shared with the router: see [`refvote_cluster::logging`].
 
-/// Logs to stderr, filtered by `RUST_LOG` (default `info`).
-pub fn init() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
-}
+pub use refvote_cluster::logging::init;

@@ -162,6 +162,7 @@ impl VoteService {
             .cast_vote(&v.transaction, &self.node, &key, &vote, self.vote_timeout)
             .await;
         self.counters.votes_waiting.fetch_sub(1, Ordering::Relaxed);
+        crate::metrics::VOTE_SECONDS.observe_duration(started.elapsed());
         if let Some(t) = self.txs.lock().expect("poisoned").get_mut(&v.transaction) {
             t.voting -= 1;
             if let (None, Ok((_, record))) = (&t.record, &result) {
