@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod error;
+pub mod faults;
 pub mod keys;
 pub mod quorum;
 pub mod reaper;

@@ -42,6 +42,11 @@ pub struct NodeOptions {
     pub request_timeout_ms: u64,
     pub require_transaction: bool,
     pub reaper_interval_ms: u64,
+    /// Listen here instead of a free port of a random loopback address.
+    pub grpc_addr: Option<SocketAddr>,
+    /// What the node registers in etcd for routers and peers (a fault-suite link in
+    /// front of it); default its listen address.
+    pub advertise_addr: Option<SocketAddr>,
 }
 
 impl Default for NodeOptions {
@@ -52,6 +57,8 @@ impl Default for NodeOptions {
             request_timeout_ms: 1_000,
             require_transaction: false,
             reaper_interval_ms: 200,
+            grpc_addr: None,
+            advertise_addr: None,
         }
     }
 }
@@ -66,6 +73,8 @@ pub struct Node {
     /// The node's gRPC service (a free port on a random loopback address).
     grpc: SocketAddr,
     proc: Option<Proc>,
+    /// Added to the process's environment at every launch (e.g. an armed fault point).
+    pub env: Vec<(String, String)>,
 }
 
 impl Node {
@@ -84,7 +93,14 @@ impl Node {
         let socket = dir.join("vote.sock");
         let config = dir.join("votingd.toml");
         let ip = loopback_ip();
-        let grpc = SocketAddr::from((ip, free_port(ip)?));
+        let grpc = match opts.grpc_addr {
+            Some(addr) => addr,
+            None => SocketAddr::from((ip, free_port(ip)?)),
+        };
+        let advertise = opts
+            .advertise_addr
+            .map(|a| format!("advertise_addr = \"{a}\"\n"))
+            .unwrap_or_default();
         let endpoints = endpoints
             .iter()
             .map(|e| format!("{e:?}"))
@@ -93,7 +109,7 @@ impl Node {
         std::fs::write(
             &config,
             format!(
-                "node_name = {name:?}\nlisten_addr = \"{grpc}\"\nsocket_path = {:?}\n\
+                "node_name = {name:?}\nlisten_addr = \"{grpc}\"\n{advertise}socket_path = {:?}\n\
                  [etcd]\nendpoints = [{endpoints}]\nprefix = \"/refvote/\"\nlease_ttl_secs = {}\nrequest_timeout_ms = {}\n\
                  [vote]\nsocket_path = {:?}\nhooks_dir = {:?}\nvote_timeout_ms = {}\nrequire_transaction = {}\n\
                  reaper_interval_ms = {}\nhook_binary = {:?}\n\
@@ -119,6 +135,7 @@ impl Node {
             config,
             grpc,
             proc: None,
+            env: Vec::new(),
         };
         node.launch().await?;
         Ok(node)
@@ -132,6 +149,7 @@ impl Node {
             std::env::var("REFVOTE_NODE_LOG")
                 .unwrap_or_else(|_| "info,refvote_cluster=debug".into()),
         );
+        cmd.envs(self.env.iter().cloned());
         self.proc = Some(Proc::spawn(&self.name, cmd, &self.dir)?);
         let socket = self.socket.clone();
         let result = wait_until(
@@ -183,6 +201,22 @@ impl Node {
             p.kill()?;
         }
         Ok(())
+    }
+
+    /// Whether the process runs (a paused one counts); false once it exited or was
+    /// stopped.
+    pub fn is_running(&mut self) -> bool {
+        self.proc.as_mut().is_some_and(Proc::is_running)
+    }
+
+    /// SIGSTOP: the node freezes with its sockets open; its lease lapses after the TTL.
+    pub fn pause(&mut self) -> anyhow::Result<()> {
+        self.proc.as_mut().context("node is not running")?.pause()
+    }
+
+    /// SIGCONT: undo [`Node::pause`].
+    pub fn resume(&mut self) -> anyhow::Result<()> {
+        self.proc.as_mut().context("node is not running")?.resume()
     }
 
     pub fn log_tail(&self, n: usize) -> String {

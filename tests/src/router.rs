@@ -18,6 +18,8 @@ pub struct Router {
     pub config: PathBuf,
     addr: SocketAddr,
     proc: Option<Proc>,
+    /// Added to the process's environment at every launch (e.g. an armed fault point).
+    pub env: Vec<(String, String)>,
 }
 
 impl Router {
@@ -47,6 +49,7 @@ impl Router {
             config,
             addr,
             proc: None,
+            env: Vec::new(),
         };
         router.launch().await?;
         Ok(router)
@@ -60,6 +63,7 @@ impl Router {
             std::env::var("REFVOTE_ROUTER_LOG")
                 .unwrap_or_else(|_| "info,refvote_router=debug".into()),
         );
+        cmd.envs(self.env.iter().cloned());
         self.proc = Some(Proc::spawn(&self.name, cmd, &self.dir)?);
         let addr = self.addr;
         let result = wait_until(
@@ -97,6 +101,11 @@ impl Router {
             p.terminate(Duration::from_secs(15))?;
         }
         Ok(())
+    }
+
+    /// Whether the process runs; false once it exited (a fault point) or was stopped.
+    pub fn is_running(&mut self) -> bool {
+        self.proc.as_mut().is_some_and(Proc::is_running)
     }
 
     /// SIGKILL.
