@@ -1,6 +1,6 @@
 //! Generates the hook message always and, with the `grpc` feature, the Gitaly subset
 //! (messages, tonic servers and clients) plus a descriptor set the router reads the
-//! `op_type` annotations from.
+//! `op_type` annotations from, and refvote's admin service.
 
 fn main() {
     println!("cargo:rerun-if-changed=refvote/hook.proto");
@@ -41,4 +41,12 @@ fn gitaly() {
         .file_descriptor_set_path(out.join("gitaly_descriptor.bin"))
         .compile_protos(GITALY, &["."])
         .expect("compiling gitaly/*.proto (is protoc installed? Debian: protobuf-compiler)");
+
+    // refvote's own admin service: not Gitaly's, so not in the registry's descriptors.
+    println!("cargo:rerun-if-changed=refvote/admin.proto");
+    tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(true)
+        .compile_protos(&["refvote/admin.proto"], &["."])
+        .expect("compiling refvote/admin.proto");
 }

@@ -33,8 +33,15 @@ pub enum Error {
         assigned: usize,
         needed: usize,
     },
-    #[error("repository {0} is locked by an administrative operation; retry shortly")]
-    Locked(RepoId),
+    #[error("{0}")]
+    Locked(Box<LockedBy>),
+    #[error("repository {repo} still has {open} open transactions after {wait:?}")]
+    NotDrained {
+        /// The repository, as `<storage>/<path>`.
+        repo: String,
+        open: usize,
+        wait: Duration,
+    },
     #[error("transaction {0} was abandoned: its creator's lease expired")]
     Abandoned(String),
     #[error("no decision on the vote within {0:?}")]
@@ -49,6 +56,16 @@ pub enum Error {
     TooFewNodes { live: usize, needed: usize },
     #[error("{0}")]
     Invalid(String),
+}
+
+/// Who holds a repository's administrative lock, for the writer it turns away.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("repository {repo} is locked by {operation} ({holder}) since {since}; retry later")]
+pub struct LockedBy {
+    pub repo: RepoId,
+    pub operation: String,
+    pub holder: String,
+    pub since: String,
 }
 
 impl Error {

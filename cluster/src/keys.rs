@@ -19,7 +19,8 @@
 //! | `txrepo/<repo>/<id>` | empty: index of a repository's open transactions |
 //! | `outcomes/<id>` | [`TxOutcome`](crate::records::TxOutcome), on the finalizer's lease |
 //! | `jobs/repair/<repo>/<node>` | [`JobRecord`](crate::records::JobRecord) |
-//! | `locks/<repo>` | lock holder, on its lease |
+//! | `claims/repair/<repo>/<node>` | the repair worker working on that job, on its lease |
+//! | `locks/<repo>` | [`LockRecord`](crate::records::LockRecord), on the holder's lease |
 //! | `reaper` | the reaper's id, on its lease |
 //!
 //! `<repo>` is `<virtual storage>/<relative path>` with `%` and `/` of the relative path
@@ -159,6 +160,29 @@ impl Keys {
 
     pub fn repair_job(&self, repo: &RepoId, node: &str) -> String {
         format!("{}jobs/repair/{}/{node}", self.prefix, repo.key_segment())
+    }
+
+    pub fn repair_jobs(&self) -> String {
+        format!("{}jobs/repair/", self.prefix)
+    }
+
+    /// Who is repairing `node`'s replica of `repo` (bound to the worker's lease, so a
+    /// dead worker's claim lapses).
+    pub fn repair_claim(&self, repo: &RepoId, node: &str) -> String {
+        format!("{}claims/repair/{}/{node}", self.prefix, repo.key_segment())
+    }
+
+    /// The repair jobs of one repository.
+    pub fn repair_jobs_of(&self, repo: &RepoId) -> String {
+        format!("{}jobs/repair/{}/", self.prefix, repo.key_segment())
+    }
+
+    pub fn repair_claims_of(&self, repo: &RepoId) -> String {
+        format!("{}claims/repair/{}/", self.prefix, repo.key_segment())
+    }
+
+    pub fn repair_claims(&self) -> String {
+        format!("{}claims/repair/", self.prefix)
     }
 
     pub fn lock(&self, repo: &RepoId) -> String {

@@ -1,6 +1,8 @@
 //! refvote's shared model: the etcd key schema ([`keys`]), the stored records
 //! ([`records`]), the quorum rules ([`quorum`]) and the transaction protocol built on
-//! them ([`tx`], [`repository`], [`reaper`], [`session`]). The router, votingd and
+//! them ([`tx`], [`repository`], [`reaper`], [`session`]), the repair jobs' claims and
+//! fenced completion ([`repair`]), the administrative write lock ([`lock`]) and the
+//! replica-set changes made under it ([`replicas`]). The router, votingd and
 //! votingctl all go through this crate, so they can never disagree on a key or a rule.
 //!
 //! It does not run git, serve RPCs or pick replicas for reads; it only reads and writes
@@ -10,9 +12,12 @@
 pub mod error;
 pub mod faults;
 pub mod keys;
+pub mod lock;
 pub mod quorum;
 pub mod reaper;
 pub mod records;
+pub mod repair;
+pub mod replicas;
 pub mod repo;
 pub mod repository;
 pub mod session;

@@ -87,6 +87,10 @@ pub struct TxRecord {
     /// Each voter's node lease when the transaction was created: a voter whose node
     /// no longer holds that lease has failed.
     pub voter_leases: BTreeMap<String, i64>,
+    /// Create revision of the repository record the transaction began on: finalize
+    /// changes nothing in a repository removed (and perhaps re-created) meanwhile.
+    #[serde(default)]
+    pub repo_create_revision: i64,
 }
 
 /// `tx/<id>/votes/<key>/<voter>`.
@@ -161,6 +165,54 @@ pub struct JobRecord {
     /// The repository generation the job was created at.
     pub generation: u64,
     pub reason: String,
+    /// Failed repair attempts so far.
     #[serde(default)]
     pub attempts: u32,
+    /// Why the last attempt failed, for `votingctl status`.
+    #[serde(default)]
+    pub last_error: String,
+    /// When the last attempt ended (Unix milliseconds; 0: never tried).
+    #[serde(default)]
+    pub last_attempt_unix_ms: u64,
+    /// Back-off: no repair worker tries again before this (Unix milliseconds).
+    #[serde(default)]
+    pub not_before_unix_ms: u64,
+}
+
+impl JobRecord {
+    /// A job never tried yet.
+    pub fn new(repo: RepoId, node: String, generation: u64, reason: String) -> JobRecord {
+        JobRecord {
+            repo,
+            node,
+            generation,
+            reason,
+            attempts: 0,
+            last_error: String::new(),
+            last_attempt_unix_ms: 0,
+            not_before_unix_ms: 0,
+        }
+    }
+}
+
+/// `locks/<repo>`: an administrative operation holds the repository's writes. The key
+/// is created under the holder's lease; its create revision is the fencing token every
+/// write made under the lock compares.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockRecord {
+    /// Who holds it (a router id).
+    pub holder: String,
+    /// What for (`repair`, `CreateRepositoryReplicas`, ...), shown to blocked writers.
+    pub operation: String,
+    /// When it was taken (Unix milliseconds).
+    pub since_unix_ms: u64,
+}
+
+/// Now as Unix milliseconds (for records people read and for back-off, never for
+/// decisions between processes).
+pub fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }

@@ -120,6 +120,40 @@ impl Store {
         place(&load, factor)
     }
 
+    /// Records a new repository's checksum in its `repos/` record, if the record is
+    /// still the one created at `create_revision` and still at `generation` (no write
+    /// landed since the checksum was taken). Returns whether it was recorded.
+    pub async fn set_creation_checksum(
+        &self,
+        repo: &RepoId,
+        create_revision: i64,
+        generation: u64,
+        checksum: &str,
+    ) -> Result<bool> {
+        let key = self.keys().repo(repo);
+        for _ in 0..8 {
+            let Some(entry) = self.get(&key).await? else {
+                return Ok(false);
+            };
+            let mut record: RepoRecord = entry.decode()?;
+            if entry.create_revision != create_revision || record.generation != generation {
+                return Ok(false);
+            }
+            record.creation_checksum = checksum.to_owned();
+            let txn = Txn::new()
+                .when([Compare::mod_revision(
+                    key.as_str(),
+                    CompareOp::Equal,
+                    entry.mod_revision,
+                )])
+                .and_then([TxnOp::put(key.as_str(), encode(&record), None)]);
+            if self.txn(txn).await?.succeeded() {
+                return Ok(true);
+            }
+        }
+        Err(Error::Contention(8))
+    }
+
     /// Removes a repository's registration and replica records, if its record is still
     /// the one created at `create_revision` (a failed creation undone).
     pub async fn unregister_repository(&self, repo: &RepoId, create_revision: i64) -> Result<bool> {
@@ -136,6 +170,10 @@ impl Store {
                     keys.replicas(repo),
                     Some(etcd_client::DeleteOptions::new().with_prefix()),
                 ),
+                TxnOp::delete(
+                    keys.repair_jobs_of(repo),
+                    Some(etcd_client::DeleteOptions::new().with_prefix()),
+                ),
             ]);
         Ok(self.txn(txn).await?.succeeded())
     }
@@ -143,16 +181,29 @@ impl Store {
     /// Reads the repository record, its replicas, the live nodes and the lock in one
     /// linearizable round trip.
     pub async fn repo_view(&self, repo: &RepoId) -> Result<RepoView> {
+        let (view, _) = self.repo_view_with(repo, Vec::new()).await?;
+        Ok(view)
+    }
+
+    /// [`Store::repo_view`] plus `extra` range reads made at the same revision; their
+    /// results come back in order.
+    pub async fn repo_view_with(
+        &self,
+        repo: &RepoId,
+        extra: Vec<TxnOp>,
+    ) -> Result<(RepoView, Vec<Vec<Entry>>)> {
         let keys = self.keys();
-        let txn = Txn::new().and_then([
+        let mut reads = vec![
             get_op(&keys.repo(repo)),
             get_prefix_op(&keys.replicas(repo)),
             get_prefix_op(&keys.nodes()),
             get_op(&keys.lock(repo)),
-        ]);
-        let resp = self.txn(txn).await?;
+        ];
+        reads.extend(extra);
+        let resp = self.txn(Txn::new().and_then(reads)).await?;
         let rev = revision(&resp);
-        let r = ranges(&resp);
+        let mut r = ranges(&resp);
+        let rest = r.split_off(4);
         let record_entry = r[0]
             .first()
             .cloned()
@@ -166,18 +217,19 @@ impl Store {
         for (node, e) in by_tail(&r[2], &keys.nodes()) {
             live_nodes.insert(node, (e.decode()?, e));
         }
-        Ok(RepoView {
+        let view = RepoView {
             revision: rev,
             record,
             record_entry,
             replicas,
             live_nodes,
             lock: r[3].first().cloned(),
-        })
+        };
+        Ok((view, rest))
     }
 
-    /// Marks `node`'s replica of `repo` outdated (it knows it is behind). Keeps its
-    /// generation; a no-op if it is already not up to date.
+    /// Marks `node`'s replica of `repo` outdated (it knows it is behind) and queues its
+    /// repair job. Keeps its generation; a no-op if it is already not up to date.
     pub async fn mark_outdated(&self, repo: &RepoId, node: &str, reason: &str) -> Result<()> {
         let key = self.keys().replica(repo, node);
         for _ in 0..16 {
@@ -190,13 +242,22 @@ impl Store {
             }
             replica.state = ReplicaState::Outdated;
             replica.reason = reason.to_owned();
+            let job = crate::records::JobRecord::new(
+                repo.clone(),
+                node.to_owned(),
+                replica.generation,
+                reason.to_owned(),
+            );
             let txn = Txn::new()
                 .when([Compare::mod_revision(
                     key.as_str(),
                     CompareOp::Equal,
                     entry.mod_revision,
                 )])
-                .and_then([TxnOp::put(key.as_str(), encode(&replica), None)]);
+                .and_then([
+                    TxnOp::put(key.as_str(), encode(&replica), None),
+                    crate::tx::put_job_if_absent(self.keys(), &job),
+                ]);
             if self.txn(txn).await?.succeeded() {
                 return Ok(());
             }

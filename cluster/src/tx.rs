@@ -134,8 +134,8 @@ impl Store {
         let keys = self.keys();
         for _ in 0..ATTEMPTS {
             let view = self.repo_view(repo).await?;
-            if view.lock.is_some() {
-                return Err(Error::Locked(repo.clone()));
+            if let Some(lock) = &view.lock {
+                return Err(crate::lock::locked_error(repo, lock));
             }
             let voters = view.up_to_date_live();
             let threshold = view.record.threshold();
@@ -160,6 +160,7 @@ impl Store {
                 base_generation: view.record.generation,
                 creator: opts.creator.clone(),
                 voter_leases,
+                repo_create_revision: view.record_entry.create_revision,
             };
             let mut cmp = vec![
                 Compare::mod_revision(
@@ -744,8 +745,12 @@ impl Store {
                 }
             }
 
-            let Some(repo_entry) = r[1].first().cloned() else {
-                // The repository was removed: nothing to promote; just clean up.
+            let same_repo = |e: &Entry| {
+                record.repo_create_revision == 0 || e.create_revision == record.repo_create_revision
+            };
+            let Some(repo_entry) = r[1].first().filter(|e| same_repo(e)).cloned() else {
+                // The repository was removed (perhaps re-created since): nothing to
+                // promote, nothing to resurrect; just clean up.
                 return self
                     .close(&record, &record_entry, None, outcome_lease, by)
                     .await;
@@ -853,14 +858,8 @@ impl Store {
                             rep.reason = reason.clone();
                         }
                         outcome.outdated.push(node.clone());
-                        let job = JobRecord {
-                            repo: repo.clone(),
-                            node: node.clone(),
-                            generation,
-                            reason,
-                            attempts: 0,
-                        };
-                        ops.push(TxnOp::put(keys.repair_job(repo, node), encode(&job), None));
+                        let job = JobRecord::new(repo.clone(), node.clone(), generation, reason);
+                        ops.push(put_job_if_absent(keys, &job));
                     }
                     ops.push(TxnOp::put(keys.replica(repo, node), encode(&rep), None));
                 }
@@ -889,14 +888,9 @@ impl Store {
                         rep.reason = reason.clone();
                     }
                     outcome.outdated.push(node.clone());
-                    let job = JobRecord {
-                        repo: repo.clone(),
-                        node: node.clone(),
-                        generation: repo_record.generation,
-                        reason,
-                        attempts: 0,
-                    };
-                    ops.push(TxnOp::put(keys.repair_job(repo, node), encode(&job), None));
+                    let job =
+                        JobRecord::new(repo.clone(), node.clone(), repo_record.generation, reason);
+                    ops.push(put_job_if_absent(keys, &job));
                     ops.push(TxnOp::put(keys.replica(repo, node), encode(&rep), None));
                 }
             }
@@ -1056,6 +1050,17 @@ impl Store {
         }
         Ok(None)
     }
+}
+
+/// Creates the repair job unless one exists: an existing job keeps its attempts and
+/// back-off, and a worker's claim on it stays valid.
+pub(crate) fn put_job_if_absent(keys: &crate::keys::Keys, job: &JobRecord) -> TxnOp {
+    let key = keys.repair_job(&job.repo, &job.node);
+    TxnOp::txn(
+        Txn::new()
+            .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(key.as_str(), encode(job), None)]),
+    )
 }
 
 /// Whether the node entry read for `voter` is still the lease it had when `tx` began.

@@ -3,7 +3,7 @@
 //! Always: the message between the `reference-transaction` hook and votingd ([`hook`])
 //! and its framing. With the `grpc` feature: the Gitaly subset the storage node serves
 //! and the router forwards ([`gitaly`], package `gitaly`, tonic servers and clients), and
-//! its descriptor set. The hook builds without that feature, so it stays free of an
+//! its descriptor set; refvote's admin service the router serves ([`admin`]). The hook builds without that feature, so it stays free of an
 //! async runtime and a gRPC stack.
 #![forbid(unsafe_code)]
 
@@ -19,6 +19,14 @@ pub mod gitaly {
     /// included: what the router builds its registry from.
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         include_bytes!(concat!(env!("OUT_DIR"), "/gitaly_descriptor.bin"));
+}
+
+/// refvote's administrative service (`refvote/admin.proto`, package `refvote.admin`),
+/// served by the router: replicas of a repository, their synchronization, removal.
+#[cfg(feature = "grpc")]
+pub mod admin {
+    #![allow(clippy::all, clippy::pedantic)]
+    include!(concat!(env!("OUT_DIR"), "/refvote.admin.rs"));
 }
 
 /// The hook <-> votingd message (`refvote/hook.proto`).

@@ -22,6 +22,20 @@ pub struct Config {
     /// its own node.
     #[serde(default = "defaults::replication_factor")]
     pub replication_factor: usize,
+    /// How long a write to a repository under an administrative lock (a repair's
+    /// final catch-up, a replica being added) waits for the lock before it fails with
+    /// UNAVAILABLE.
+    #[serde(default = "defaults::lock_wait_ms")]
+    pub lock_wait_ms: u64,
+    /// How often the repair worker looks for repair jobs.
+    #[serde(default = "defaults::repair_interval_ms")]
+    pub repair_interval_ms: u64,
+    /// Repairs this router runs at once.
+    #[serde(default = "defaults::repair_concurrency")]
+    pub repair_concurrency: usize,
+    /// How often the reaper looks for transactions whose router died.
+    #[serde(default = "defaults::reaper_interval_ms")]
+    pub reaper_interval_ms: u64,
     #[serde(default)]
     pub etcd: EtcdSettings,
 }
@@ -36,6 +50,18 @@ mod defaults {
     }
     pub fn replication_factor() -> usize {
         3
+    }
+    pub fn lock_wait_ms() -> u64 {
+        10_000
+    }
+    pub fn repair_interval_ms() -> u64 {
+        1_000
+    }
+    pub fn repair_concurrency() -> usize {
+        4
+    }
+    pub fn reaper_interval_ms() -> u64 {
+        1_000
     }
     pub fn listen_addr() -> String {
         "127.0.0.1:2305".into()
@@ -84,6 +110,20 @@ impl Config {
         if self.replication_factor == 0 {
             return Err(invalid("replication_factor", "must be at least 1".into()));
         }
+        for (key, value) in [
+            ("repair_interval_ms", self.repair_interval_ms),
+            ("reaper_interval_ms", self.reaper_interval_ms),
+        ] {
+            if !(10..=3_600_000).contains(&value) {
+                return Err(invalid(key, "must be between 10 and 3600000".into()));
+            }
+        }
+        if self.lock_wait_ms > 600_000 {
+            return Err(invalid("lock_wait_ms", "must be at most 600000".into()));
+        }
+        if self.repair_concurrency == 0 {
+            return Err(invalid("repair_concurrency", "must be at least 1".into()));
+        }
         self.etcd
             .validate()
             .map_err(|(key, reason)| invalid(key, reason))?;
@@ -100,6 +140,10 @@ impl Config {
 
     pub fn lease_ttl(&self) -> Duration {
         self.etcd.lease_ttl()
+    }
+
+    pub fn lock_wait(&self) -> Duration {
+        Duration::from_millis(self.lock_wait_ms)
     }
 }
 
@@ -131,6 +175,8 @@ mod tests {
         assert!(e.contains("router_id"), "{e}");
         let e = parse("bogus = 1").unwrap_err().to_string();
         assert!(e.contains("bogus"), "{e}");
+        let e = parse("repair_concurrency = 0").unwrap_err().to_string();
+        assert!(e.contains("repair_concurrency"), "{e}");
         let e = parse("[etcd]\nlease_ttl = 1").unwrap_err().to_string();
         assert!(e.contains("lease_ttl"), "{e}");
     }

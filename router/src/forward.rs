@@ -61,6 +61,8 @@ pub struct Forwarder {
     lease: watch::Receiver<Option<i64>>,
     /// Replicas a repository created through this router gets.
     replication_factor: usize,
+    /// How long a write waits for a repository's administrative lock.
+    lock_wait: Duration,
 }
 
 impl Forwarder {
@@ -79,6 +81,31 @@ impl Forwarder {
             router_id,
             lease,
             replication_factor,
+            lock_wait: Duration::from_secs(10),
+        }
+    }
+
+    pub fn with_lock_wait(mut self, wait: Duration) -> Forwarder {
+        self.lock_wait = wait;
+        self
+    }
+
+    /// Begins a transaction; while an administrative operation (a repair's catch-up, a
+    /// replica being added) holds the repository's lock, waits up to `lock_wait` for it.
+    async fn begin(&self, repo: &RepoId, begin: &Begin) -> refvote_cluster::Result<TxRecord> {
+        let deadline = tokio::time::Instant::now() + self.lock_wait;
+        let mut tick = Duration::from_millis(10);
+        loop {
+            match self.store.begin(repo, begin).await {
+                Err(refvote_cluster::Error::Locked(_))
+                    if tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep_until((tokio::time::Instant::now() + tick).min(deadline))
+                        .await;
+                    tick = (tick * 2).min(Duration::from_millis(100));
+                }
+                other => return other,
+            }
         }
     }
 
@@ -166,7 +193,7 @@ impl Forwarder {
             creator: self.router_id.clone(),
             lease,
         };
-        let tx = self.store.begin(repo, &begin).await;
+        let tx = self.begin(repo, &begin).await;
         if let (Err(_), Some(rev)) = (&tx, created) {
             self.unregister(repo, rev).await;
         }
@@ -229,6 +256,12 @@ impl Forwarder {
                 // the client may simply retry it.
                 if matches!(&outcome, Ok(o) if !o.acknowledged && !o.committed) {
                     me.unregister(&tx.repo, rev).await;
+                }
+                if let Ok(o) = &outcome
+                    && o.acknowledged
+                {
+                    crate::repair::record_creation_checksum(&store, &me.pool, &tx.repo, rev, o)
+                        .await;
                 }
             }
             answer(&tx, outcome, results)

@@ -5,12 +5,15 @@
 //! which replicas may serve it, and the frames pass through unchanged apart from the
 //! storage name.
 //!
-//! Accessors, mutators (voted transactions) and maintenance fan-out are routed.
-//! Repository creation, repair, the admin service and auth are not yet: the router's
-//! own services get UNIMPLEMENTED. The router keeps no state of its
+//! Accessors, mutators (voted transactions) and maintenance fan-out are routed;
+//! repository creation places and registers the repository. Every router also runs the
+//! [`repair`] worker (outdated replicas copied from an up-to-date one) and the reaper
+//! (transactions whose router died), and serves refvote's [`admin`] service (replicas
+//! of a repository, their synchronization, removal). Auth is not yet done. The router keeps no state of its
 //! own: everything lives in etcd.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod codec;
 pub mod config;
 mod fanout;
@@ -18,6 +21,7 @@ pub mod forward;
 pub mod frame;
 mod pool;
 pub mod registry;
+pub mod repair;
 pub mod respond;
 pub mod server;
 mod wire;

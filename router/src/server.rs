@@ -1,5 +1,6 @@
-//! Starting and stopping the router: registry, etcd, listener, and the catch-all
-//! service on top. Everything a test needs to run a router in-process.
+//! Starting and stopping the router: registry, etcd, listener, the catch-all
+//! service on top with refvote's admin service in front of it, and the background
+//! repair worker and reaper. Everything a test needs to run a router in-process.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -7,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use refvote_cluster::Store;
+use refvote_cluster::reaper::{self, ReaperConfig};
 use refvote_cluster::session::Session;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -38,6 +40,8 @@ pub struct RouterServer {
     task: JoinHandle<()>,
     /// The lease this router's transactions are bound to.
     session: Option<Session>,
+    /// The repair worker and the reaper.
+    background: Vec<JoinHandle<()>>,
 }
 
 impl RouterServer {
@@ -66,16 +70,58 @@ impl RouterServer {
         if session.wait_for_lease(config.lease_ttl()).await.is_none() {
             tracing::warn!("no etcd lease yet; writes are refused until one is granted");
         }
-        let forwarder = Arc::new(Forwarder::new(
-            registry,
-            store,
-            config.router_id.clone(),
-            session.subscribe(),
-            config.replication_factor,
-        ));
+        // Every router repairs and reaps; etcd claims and the `reaper` key keep them
+        // from doing the same work twice.
+        let background = vec![
+            tokio::spawn(crate::repair::run(
+                store.clone(),
+                Arc::new(crate::pool::Pool::default()),
+                session.subscribe(),
+                crate::repair::RepairConfig::new(
+                    config.router_id.clone(),
+                    Duration::from_millis(config.repair_interval_ms),
+                    config.repair_concurrency,
+                ),
+            )),
+            tokio::spawn(reaper::run(
+                store.clone(),
+                session.subscribe(),
+                ReaperConfig {
+                    id: config.router_id.clone(),
+                    interval: Duration::from_millis(config.reaper_interval_ms),
+                },
+            )),
+        ];
+        let store_for_admin = store.clone();
+        let forwarder = Arc::new(
+            Forwarder::new(
+                registry,
+                store,
+                config.router_id.clone(),
+                session.subscribe(),
+                config.replication_factor,
+            )
+            .with_lock_wait(config.lock_wait()),
+        );
+        // refvote's own admin service answers its paths; everything else is Gitaly's.
+        let admin = refvote_proto::admin::admin_service_server::AdminServiceServer::new(
+            crate::admin::Admin::new(
+                store_for_admin,
+                Arc::new(crate::pool::Pool::default()),
+                config.router_id.clone(),
+                session.subscribe(),
+            ),
+        );
         let svc = tower::service_fn(move |req: http::Request<tonic::body::Body>| {
             let f = forwarder.clone();
-            async move { Ok::<_, Infallible>(f.handle(req).await) }
+            let mut admin = admin.clone();
+            async move {
+                if req.uri().path().starts_with(crate::admin::PATH_PREFIX) {
+                    use tower::Service;
+                    return admin.call(req).await;
+                }
+                Ok::<_, Infallible>(f.handle(req).await)
+            }
         });
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
@@ -95,6 +141,7 @@ impl RouterServer {
             shutdown: Some(tx),
             task,
             session: Some(session),
+            background,
         })
     }
 
@@ -114,6 +161,9 @@ impl RouterServer {
                 "calls still in flight after the grace period; stopping them"
             );
             self.task.abort();
+        }
+        for task in &self.background {
+            task.abort();
         }
         // Revoked only after the calls in flight finished: their transactions are
         // finalized by then, and revoking frees their outcome records at once.

@@ -47,6 +47,8 @@ pub struct NodeOptions {
     /// What the node registers in etcd for routers and peers (a fault-suite link in
     /// front of it); default its listen address.
     pub advertise_addr: Option<SocketAddr>,
+    /// Whether votingd runs the reaper (tests of the routers' reaper turn it off).
+    pub reaper: bool,
 }
 
 impl Default for NodeOptions {
@@ -59,6 +61,7 @@ impl Default for NodeOptions {
             reaper_interval_ms: 200,
             grpc_addr: None,
             advertise_addr: None,
+            reaper: true,
         }
     }
 }
@@ -112,7 +115,7 @@ impl Node {
                 "node_name = {name:?}\nlisten_addr = \"{grpc}\"\n{advertise}socket_path = {:?}\n\
                  [etcd]\nendpoints = [{endpoints}]\nprefix = \"/refvote/\"\nlease_ttl_secs = {}\nrequest_timeout_ms = {}\n\
                  [vote]\nsocket_path = {:?}\nhooks_dir = {:?}\nvote_timeout_ms = {}\nrequire_transaction = {}\n\
-                 reaper_interval_ms = {}\nhook_binary = {:?}\n\
+                 reaper = {}\nreaper_interval_ms = {}\nhook_binary = {:?}\n\
                  [[storage]]\nname = \"default\"\npath = {:?}\n",
                 dir.join("gitaly.sock"),
                 opts.lease_ttl_secs,
@@ -121,6 +124,7 @@ impl Node {
                 hooks,
                 opts.vote_timeout_ms,
                 opts.require_transaction,
+                opts.reaper,
                 opts.reaper_interval_ms,
                 bin("reference-transaction"),
                 storage,

@@ -16,9 +16,9 @@ use refvote_proto::gitaly::ref_service_client::RefServiceClient;
 use refvote_proto::gitaly::repository_service_client::RepositoryServiceClient;
 use refvote_proto::gitaly::smart_http_service_client::SmartHttpServiceClient;
 use refvote_proto::gitaly::{
-    CreateRepositoryFromBundleRequest, CreateRepositoryRequest, FindBranchRequest,
-    FindDefaultBranchNameRequest, PostReceivePackRequest, RefExistsRequest, Repository,
-    RepositoryExistsRequest, User, UserCreateBranchRequest,
+    CalculateChecksumRequest, CreateRepositoryFromBundleRequest, CreateRepositoryRequest,
+    FindBranchRequest, FindDefaultBranchNameRequest, PostReceivePackRequest, RefExistsRequest,
+    Repository, RepositoryExistsRequest, User, UserCreateBranchRequest,
 };
 use refvote_tests::cluster::VoteCluster;
 use refvote_tests::git;
@@ -706,6 +706,16 @@ async fn create_repository_from_bundle_through_the_router_lands_on_every_replica
         .await?;
     assert_eq!(mains(&c, "b.git"), vec![Some(main); 3]);
     let id = RepoId::new("default", "b.git")?;
+    // The repository's record keeps its checksum at creation, as a replica computes it.
+    let node_sum = RepositoryServiceClient::new(refvote_tests::grpc::channel(&c.nodes[0]).await)
+        .calculate_checksum(CalculateChecksumRequest {
+            repository: repo("b.git"),
+        })
+        .await?
+        .into_inner()
+        .checksum;
+    let view = c.store.repo_view(&id).await?;
+    assert_eq!(view.record.creation_checksum, node_sum, "{view:?}");
     replicas_level(&c, &id, "b.git").await
 }
 

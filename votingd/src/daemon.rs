@@ -346,6 +346,27 @@ async fn build_status(
             hooks: hooks::check_storage(&s.path, &config.vote.hooks_dir),
         })
         .collect();
+    let cluster = match store.repair_jobs().await {
+        Ok(jobs) => status::ClusterHealth {
+            repair_jobs: jobs
+                .into_iter()
+                .map(|j| status::RepairJobStatus {
+                    repo: j.job.repo.to_string(),
+                    node: j.job.node,
+                    reason: j.job.reason,
+                    attempts: j.job.attempts,
+                    last_error: j.job.last_error,
+                    last_attempt_unix_ms: j.job.last_attempt_unix_ms,
+                    repairing_by: j.claimed_by,
+                })
+                .collect(),
+            error: String::new(),
+        },
+        Err(e) => status::ClusterHealth {
+            repair_jobs: Vec::new(),
+            error: e.to_string(),
+        },
+    };
     let c = &service.counters;
     let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
     Status {
@@ -379,5 +400,6 @@ async fn build_status(
             confirmations: get(&c.confirms),
             rejected_requests: get(&c.rejected_requests),
         },
+        cluster,
     }
 }

@@ -1,5 +1,6 @@
 //! votingd's health as a document: served on the vote socket, printed by `votingctl
-//! status` as a table or as JSON.
+//! status` as a table or as JSON. Besides the node itself it carries a cluster section
+//! read from etcd: the repair jobs, with their failed attempts and last error.
 
 use serde::{Deserialize, Serialize};
 
@@ -19,6 +20,36 @@ pub struct Status {
     pub open_transactions: Vec<String>,
     pub votes_waiting: u64,
     pub counters: CounterValues,
+    /// The cluster as etcd sees it (any node can read it).
+    #[serde(default)]
+    pub cluster: ClusterHealth,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ClusterHealth {
+    /// Outdated replicas waiting for (or in) repair, across the cluster.
+    pub repair_jobs: Vec<RepairJobStatus>,
+    /// Why the section could not be read, if it could not.
+    #[serde(default)]
+    pub error: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RepairJobStatus {
+    pub repo: String,
+    pub node: String,
+    /// Why the replica needs repair.
+    pub reason: String,
+    /// Failed repair attempts so far.
+    pub attempts: u32,
+    #[serde(default)]
+    pub last_error: String,
+    /// Unix milliseconds of the last failed attempt (0: none).
+    #[serde(default)]
+    pub last_attempt_unix_ms: u64,
+    /// The router repairing it right now, if any.
+    #[serde(default)]
+    pub repairing_by: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -163,6 +194,42 @@ impl Status {
             self.open_transactions.len(),
             self.votes_waiting
         );
+        let jobs = &self.cluster.repair_jobs;
+        let failing = jobs.iter().filter(|j| j.attempts > 0).count();
+        let repair = if !self.cluster.error.is_empty() {
+            format!("unknown: {}", self.cluster.error)
+        } else if failing > 0 {
+            format!(
+                "FAILING: {} queued, {failing} failed at least once",
+                jobs.len()
+            )
+        } else {
+            format!("{} queued", jobs.len())
+        };
+        let _ = writeln!(out, "  {:<22}{}", "repair jobs", repair);
+        for j in jobs.iter().take(20) {
+            let mut line = format!("{} on {}: {}", j.repo, j.node, j.reason);
+            if let Some(by) = &j.repairing_by {
+                line.push_str(&format!("; being repaired by {by}"));
+            }
+            if j.attempts > 0 {
+                line.push_str(&format!(
+                    "; {} failed attempts, last at {}: {}",
+                    j.attempts,
+                    refvote_cluster::lock::format_unix_ms(j.last_attempt_unix_ms),
+                    j.last_error
+                ));
+            }
+            let _ = writeln!(out, "  {:<22}  {line}", "");
+        }
+        if jobs.len() > 20 {
+            let _ = writeln!(
+                out,
+                "  {:<22}  ... and {} more (--json lists all)",
+                "",
+                jobs.len() - 20
+            );
+        }
         let c = &self.counters;
         let _ = writeln!(
             out,

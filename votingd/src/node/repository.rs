@@ -317,7 +317,13 @@ impl RepositoryService for RepositorySvc {
         refvote_cluster::repo::validate_relative_path(&source.relative_path)
             .map_err(|e| NodeError::invalid(format!("source relative path is malformed: {e}")))?;
         let url = replicate::source_url(&metadata, &source.storage_name)?;
-        let ctx = WriteContext::from_metadata(&self.node.tx, &metadata).await?;
+        // Outside a transaction this is a router's repair: it copies what a majority
+        // already decided, so `require_transaction` does not refuse it.
+        let ctx = if metadata.contains_key(crate::node::tx::TX_METADATA) {
+            WriteContext::from_metadata(&self.node.tx, &metadata).await?
+        } else {
+            WriteContext::Untracked
+        };
         ctx.checksum_repository(&self.node.git, &target.path);
         // A repair runs alone on the repository (no push holds a ref lock it needs),
         // after clearing ref locks a crash left behind.

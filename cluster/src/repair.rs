@@ -1,0 +1,318 @@
+//! The etcd side of repair (DESIGN.md §4): listing the repair jobs, claiming one under
+//! the worker's lease, the plan read before the copy, and the one fenced txn that
+//! declares the copy up to date. Running the copy itself (a node RPC) is the worker's
+//! business; this module only guarantees that a copy made from an older state can
+//! never be recorded as current.
+
+use std::time::Duration;
+
+use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp};
+
+use crate::error::{Error, Result};
+use crate::lock::RepoLock;
+use crate::records::{JobRecord, ReplicaRecord, ReplicaState, now_unix_ms};
+use crate::repo::RepoId;
+use crate::repository::RepoView;
+use crate::store::{Entry, Store, by_tail, encode, get_op, get_prefix_op, ranges};
+
+/// A job as listed, with who works on it right now.
+#[derive(Debug, Clone)]
+pub struct RepairJob {
+    pub job: JobRecord,
+    pub entry: Entry,
+    /// The claim's value (the worker's id), if one is held.
+    pub claimed_by: Option<String>,
+}
+
+/// A claim this worker holds on one job.
+#[derive(Debug, Clone)]
+pub struct Claim {
+    pub repo: RepoId,
+    pub node: String,
+    /// The claim key's create revision.
+    pub revision: i64,
+}
+
+/// What a repair relies on, read at one revision before the copy starts.
+#[derive(Debug, Clone)]
+pub struct RepairPlan {
+    pub view: RepoView,
+    /// The job's entry (`None`: it was finished or dropped meanwhile).
+    pub job: Option<Entry>,
+    /// The target replica's record, if it still has one.
+    pub target: Option<(ReplicaRecord, Entry)>,
+}
+
+impl RepairPlan {
+    /// The repository generation the copy will be recorded at.
+    pub fn generation(&self) -> u64 {
+        self.view.record.generation
+    }
+
+    /// Up-to-date replicas on live nodes other than `target`, in placement order.
+    pub fn sources(&self, target: &str) -> Vec<String> {
+        self.view
+            .up_to_date_live()
+            .into_iter()
+            .filter(|n| n != target)
+            .collect()
+    }
+}
+
+/// How a finished attempt was recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finish {
+    /// The replica is up to date at the plan's generation; the job is gone.
+    Done,
+    /// Something the plan relied on changed (a write advanced the generation, the job
+    /// or the replica changed, the claim or lock was lost): nothing was written.
+    Moved,
+}
+
+impl Store {
+    /// Every repair job, with its claim if one is held, read at one revision.
+    pub async fn repair_jobs(&self) -> Result<Vec<RepairJob>> {
+        let keys = self.keys();
+        let resp = self
+            .txn(Txn::new().and_then([
+                get_prefix_op(&keys.repair_jobs()),
+                get_prefix_op(&keys.repair_claims()),
+            ]))
+            .await?;
+        let r = ranges(&resp);
+        let claims = by_tail(&r[1], &keys.repair_claims());
+        let mut out = Vec::new();
+        for (tail, entry) in by_tail(&r[0], &keys.repair_jobs()) {
+            let job: JobRecord = entry.decode()?;
+            out.push(RepairJob {
+                claimed_by: claims
+                    .get(&tail)
+                    .map(|c| String::from_utf8_lossy(&c.value).into_owned()),
+                job,
+                entry,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Claims `job` for `holder` under `lease` (create-only, so one worker at a time;
+    /// a dead worker's claim lapses with its lease). `None`: someone else holds it, or
+    /// the job changed since it was listed.
+    pub async fn claim_repair(
+        &self,
+        job: &RepairJob,
+        holder: &str,
+        lease: i64,
+    ) -> Result<Option<Claim>> {
+        let keys = self.keys();
+        let (repo, node) = (&job.job.repo, &job.job.node);
+        let key = keys.repair_claim(repo, node);
+        let txn = Txn::new()
+            .when([
+                Compare::create_revision(key.as_str(), CompareOp::Equal, 0),
+                Compare::mod_revision(
+                    keys.repair_job(repo, node),
+                    CompareOp::Equal,
+                    job.entry.mod_revision,
+                ),
+            ])
+            .and_then([
+                TxnOp::put(
+                    key.as_str(),
+                    holder.as_bytes(),
+                    Some(PutOptions::new().with_lease(lease)),
+                ),
+                get_op(&key),
+            ]);
+        let resp = self.txn(txn).await?;
+        if !resp.succeeded() {
+            return Ok(None);
+        }
+        let revision = ranges(&resp)[0]
+            .first()
+            .map(|e| e.create_revision)
+            .unwrap_or(0);
+        Ok(Some(Claim {
+            repo: repo.clone(),
+            node: node.clone(),
+            revision,
+        }))
+    }
+
+    /// Gives a claim up (after a failure was recorded, or when there was nothing to do).
+    pub async fn release_claim(&self, claim: &Claim) -> Result<()> {
+        let key = self.keys().repair_claim(&claim.repo, &claim.node);
+        let txn = Txn::new()
+            .when([Compare::create_revision(
+                key.as_str(),
+                CompareOp::Equal,
+                claim.revision,
+            )])
+            .and_then([TxnOp::delete(key, None)]);
+        self.txn(txn).await?;
+        Ok(())
+    }
+
+    /// Reads what a repair of `node`'s replica relies on, linearizably, before the copy
+    /// starts: the copy then holds at least everything up to the plan's generation.
+    pub async fn repair_plan(&self, repo: &RepoId, node: &str) -> Result<RepairPlan> {
+        let keys = self.keys();
+        let (view, extra) = self
+            .repo_view_with(repo, vec![get_op(&keys.repair_job(repo, node))])
+            .await?;
+        let target = view.replicas.get(node).cloned();
+        Ok(RepairPlan {
+            job: extra[0].first().cloned(),
+            target,
+            view,
+        })
+    }
+
+    /// Records the copy made after `plan` as up to date at the plan's generation, with
+    /// `checksum`, and removes the job — in one txn that compares the repository record
+    /// (so no write finalized since the plan), the job, the target's record, the claim,
+    /// and the lock (absent, or `lock` when the repair holds it).
+    pub async fn finish_repair(
+        &self,
+        plan: &RepairPlan,
+        claim: &Claim,
+        checksum: &str,
+        lock: Option<&RepoLock>,
+    ) -> Result<Finish> {
+        let keys = self.keys();
+        let repo = &claim.repo;
+        let node = &claim.node;
+        let (Some(job), Some((replica, replica_entry))) = (&plan.job, &plan.target) else {
+            return Ok(Finish::Moved);
+        };
+        let mut cmp = vec![
+            Compare::mod_revision(
+                keys.repo(repo),
+                CompareOp::Equal,
+                plan.view.record_entry.mod_revision,
+            ),
+            Compare::mod_revision(
+                keys.repair_job(repo, node),
+                CompareOp::Equal,
+                job.mod_revision,
+            ),
+            Compare::mod_revision(
+                keys.replica(repo, node),
+                CompareOp::Equal,
+                replica_entry.mod_revision,
+            ),
+            Compare::create_revision(
+                keys.repair_claim(repo, node),
+                CompareOp::Equal,
+                claim.revision,
+            ),
+        ];
+        cmp.push(match lock {
+            Some(l) => l.held(self),
+            None => Compare::create_revision(keys.lock(repo), CompareOp::Equal, 0),
+        });
+        let record = ReplicaRecord {
+            node: node.clone(),
+            generation: plan.generation(),
+            state: ReplicaState::UpToDate,
+            repair_epoch: replica.repair_epoch + 1,
+            checksum: checksum.to_owned(),
+            reason: String::new(),
+        };
+        let txn = Txn::new().when(cmp).and_then([
+            TxnOp::put(keys.replica(repo, node), encode(&record), None),
+            TxnOp::delete(keys.repair_job(repo, node), None),
+            TxnOp::delete(keys.repair_claim(repo, node), None),
+        ]);
+        if self.txn(txn).await?.succeeded() {
+            tracing::info!(%repo, node, generation = plan.generation(), "replica repaired");
+            Ok(Finish::Done)
+        } else {
+            Ok(Finish::Moved)
+        }
+    }
+
+    /// Removes a job that has nothing left to do (the replica is up to date, or no
+    /// longer exists), if it is still the one in `plan`.
+    pub async fn drop_job(&self, plan: &RepairPlan, claim: &Claim) -> Result<bool> {
+        let keys = self.keys();
+        let Some(job) = &plan.job else {
+            return Ok(true);
+        };
+        let txn = Txn::new()
+            .when([Compare::mod_revision(
+                keys.repair_job(&claim.repo, &claim.node),
+                CompareOp::Equal,
+                job.mod_revision,
+            )])
+            .and_then([
+                TxnOp::delete(keys.repair_job(&claim.repo, &claim.node), None),
+                TxnOp::delete(keys.repair_claim(&claim.repo, &claim.node), None),
+            ]);
+        Ok(self.txn(txn).await?.succeeded())
+    }
+
+    /// Removes a job whose repository is no longer registered, if it is still the one
+    /// listed.
+    pub async fn drop_orphan_job(&self, job: &RepairJob) -> Result<bool> {
+        let keys = self.keys();
+        let key = keys.repair_job(&job.job.repo, &job.job.node);
+        let txn = Txn::new()
+            .when([
+                Compare::mod_revision(key.as_str(), CompareOp::Equal, job.entry.mod_revision),
+                Compare::create_revision(keys.repo(&job.job.repo), CompareOp::Equal, 0),
+            ])
+            .and_then([TxnOp::delete(key, None)]);
+        Ok(self.txn(txn).await?.succeeded())
+    }
+
+    /// Counts a failed attempt on the job (attempts, last error, time) and sets its
+    /// back-off ([`backoff`]), then releases the claim.
+    pub async fn fail_repair(&self, claim: &Claim, error: &str) -> Result<()> {
+        let keys = self.keys();
+        let key = keys.repair_job(&claim.repo, &claim.node);
+        for _ in 0..8 {
+            let Some(entry) = self.get(&key).await? else {
+                break;
+            };
+            let mut job: JobRecord = entry.decode()?;
+            let now = now_unix_ms();
+            job.attempts += 1;
+            job.last_error = error.to_owned();
+            job.last_attempt_unix_ms = now;
+            job.not_before_unix_ms = now + backoff(job.attempts).as_millis() as u64;
+            let txn = Txn::new()
+                .when([Compare::mod_revision(
+                    key.as_str(),
+                    CompareOp::Equal,
+                    entry.mod_revision,
+                )])
+                .and_then([TxnOp::put(key.as_str(), encode(&job), None)]);
+            if self.txn(txn).await?.succeeded() {
+                tracing::warn!(repo = %claim.repo, node = %claim.node, attempts = job.attempts, error, "repair failed");
+                return self.release_claim(claim).await;
+            }
+        }
+        self.release_claim(claim).await?;
+        Err(Error::Contention(8))
+    }
+}
+
+/// Back-off after `attempts` failures: 0.5 s doubling up to 30 s.
+pub fn backoff(attempts: u32) -> Duration {
+    let factor = 1u64 << attempts.saturating_sub(1).min(6);
+    (Duration::from_millis(500) * factor as u32).min(Duration::from_secs(30))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_a_bound() {
+        assert_eq!(backoff(1), Duration::from_millis(500));
+        assert_eq!(backoff(2), Duration::from_secs(1));
+        assert_eq!(backoff(4), Duration::from_secs(4));
+        assert_eq!(backoff(40), Duration::from_secs(30));
+    }
+}

@@ -1,0 +1,395 @@
+//! The repair worker every router runs (DESIGN.md §4). It lists the repair jobs in
+//! etcd, claims one under the router's lease, reads the repository's generation
+//! linearizably, has the outdated node copy the repository from an up-to-date replica
+//! on a live node (`ReplicateRepository`), and records the copy up to date only if that
+//! generation is still the repository's (one fenced etcd txn, see
+//! [`refvote_cluster::repair`]). When writes keep moving the generation, the last try
+//! takes the repository's write lock for a bounded time, drains its open transactions
+//! and copies once more. Failures are counted on the job, with back-off.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine;
+use refvote_cluster::Store;
+use refvote_cluster::lock::RepoLock;
+use refvote_cluster::records::now_unix_ms;
+use refvote_cluster::repair::{Claim, Finish, RepairJob, RepairPlan};
+use refvote_cluster::repository::RepoView;
+use refvote_proto::gitaly::repository_service_client::RepositoryServiceClient;
+use refvote_proto::gitaly::{CalculateChecksumRequest, ReplicateRepositoryRequest, Repository};
+use tokio::sync::watch;
+use tonic::metadata::MetadataValue;
+
+use crate::pool::Pool;
+
+/// The request metadata key naming where the source storage is served (votingd's
+/// `SERVERS_METADATA`, Gitaly's name).
+pub const SERVERS_METADATA: &str = "gitaly-servers";
+
+#[derive(Debug, Clone)]
+pub struct RepairConfig {
+    /// This router's id: the claims' and locks' holder.
+    pub id: String,
+    pub interval: Duration,
+    pub concurrency: usize,
+    /// Tries without the lock before the repair takes it.
+    pub unlocked_tries: u32,
+    /// How long the locked try waits for open transactions to finish.
+    pub drain_wait: Duration,
+    /// Bound on one copy (the node's ReplicateRepository) without the lock.
+    pub copy_timeout: Duration,
+    /// Bound on the locked try's copy: writes wait for it.
+    pub locked_copy_timeout: Duration,
+}
+
+impl RepairConfig {
+    pub fn new(id: String, interval: Duration, concurrency: usize) -> RepairConfig {
+        RepairConfig {
+            id,
+            interval,
+            concurrency,
+            unlocked_tries: 3,
+            drain_wait: Duration::from_secs(5),
+            copy_timeout: Duration::from_secs(600),
+            locked_copy_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Why one repair attempt did not finish; recorded on the job.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum RepairError {
+    #[error("no up-to-date replica on a live node to copy from")]
+    NoSource,
+    #[error("copy from {source_node} failed: {status}")]
+    Copy { source_node: String, status: String },
+    #[error("checksum after the copy failed: {0}")]
+    Checksum(String),
+    #[error("{0}")]
+    Node(String),
+    #[error("etcd: {0}")]
+    Etcd(#[from] refvote_cluster::Error),
+    #[error("writes kept moving the repository even under its lock")]
+    MovedUnderLock,
+}
+
+/// Runs until the task is dropped.
+pub async fn run(
+    store: Store,
+    pool: Arc<Pool>,
+    lease: watch::Receiver<Option<i64>>,
+    config: RepairConfig,
+) {
+    let worker = Arc::new(Worker {
+        store,
+        pool,
+        config,
+        running: Mutex::new(HashSet::new()),
+    });
+    loop {
+        let current = *lease.borrow();
+        if let Some(lease) = current {
+            match worker.store.repair_jobs().await {
+                Ok(jobs) => worker.start_jobs(jobs, lease),
+                Err(e) => tracing::debug!(error = %e, "cannot list repair jobs"),
+            }
+        }
+        tokio::time::sleep(worker.config.interval).await;
+    }
+}
+
+struct Worker {
+    store: Store,
+    pool: Arc<Pool>,
+    config: RepairConfig,
+    /// Jobs this router works on (`<repo>/<node>`).
+    running: Mutex<HashSet<String>>,
+}
+
+impl Worker {
+    fn start_jobs(self: &Arc<Self>, jobs: Vec<RepairJob>, lease: i64) {
+        let now = now_unix_ms();
+        for job in jobs {
+            if job.claimed_by.is_some() || job.job.not_before_unix_ms > now {
+                continue;
+            }
+            let name = format!("{}/{}", job.job.repo, job.job.node);
+            {
+                let mut running = self.running.lock().expect("running set");
+                if running.len() >= self.config.concurrency || !running.insert(name.clone()) {
+                    continue;
+                }
+            }
+            let me = self.clone();
+            tokio::spawn(async move {
+                me.repair(&job, lease).await;
+                me.running.lock().expect("running set").remove(&name);
+            });
+        }
+    }
+
+    #[tracing::instrument(skip_all, fields(repo = %job.job.repo, node = %job.job.node))]
+    async fn repair(&self, job: &RepairJob, lease: i64) {
+        let (repo, node) = (&job.job.repo, &job.job.node);
+        // Read first: a job whose node is down stays unclaimed and uncounted.
+        let plan = match self.store.repair_plan(repo, node).await {
+            Ok(p) => p,
+            Err(refvote_cluster::Error::UnknownRepo(_)) => {
+                if let Ok(true) = self.store.drop_orphan_job(job).await {
+                    tracing::info!("dropped the repair job of a repository no longer registered");
+                }
+                return;
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot plan the repair");
+                return;
+            }
+        };
+        if plan.view.lock.is_some() || !plan.view.live_nodes.contains_key(node) {
+            return;
+        }
+        let claim = match self.store.claim_repair(job, &self.config.id, lease).await {
+            Ok(Some(c)) => c,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot claim the repair job");
+                return;
+            }
+        };
+        let started = std::time::Instant::now();
+        match self.attempts(plan, &claim, lease).await {
+            Ok(()) => {
+                tracing::info!(
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "repair finished"
+                )
+            }
+            Err(e) => {
+                let text = e.to_string();
+                if let Err(e) = self.store.fail_repair(&claim, &text).await {
+                    tracing::warn!(error = %e, "cannot record the failed repair");
+                }
+            }
+        }
+        let _ = self.store.release_claim(&claim).await;
+    }
+
+    /// Unlocked tries, then one under the repository's lock.
+    async fn attempts(
+        &self,
+        mut plan: RepairPlan,
+        claim: &Claim,
+        lease: i64,
+    ) -> Result<(), RepairError> {
+        for i in 0..self.config.unlocked_tries {
+            if i > 0 {
+                plan = self.store.repair_plan(&claim.repo, &claim.node).await?;
+            }
+            if self.nothing_to_do(&plan, claim).await? {
+                return Ok(());
+            }
+            let checksum = self.copy(&plan, claim, self.config.copy_timeout).await?;
+            match self
+                .store
+                .finish_repair(&plan, claim, &checksum, None)
+                .await?
+            {
+                Finish::Done => return Ok(()),
+                Finish::Moved => {
+                    tracing::info!(try_ = i + 1, "the repository moved during the copy; again")
+                }
+            }
+        }
+        let lock = self
+            .store
+            .lock_repo(&claim.repo, &self.config.id, "repair", lease)
+            .await?;
+        let result = self.locked_attempt(claim, &lock).await;
+        if let Err(e) = self.store.unlock(&lock).await {
+            tracing::warn!(error = %e, "cannot release the repair's lock; it lapses with the lease");
+        }
+        result
+    }
+
+    async fn locked_attempt(&self, claim: &Claim, lock: &RepoLock) -> Result<(), RepairError> {
+        self.store
+            .drain(&claim.repo, self.config.drain_wait)
+            .await?;
+        let plan = self.store.repair_plan(&claim.repo, &claim.node).await?;
+        if self.nothing_to_do(&plan, claim).await? {
+            return Ok(());
+        }
+        let checksum = self
+            .copy(&plan, claim, self.config.locked_copy_timeout)
+            .await?;
+        match self
+            .store
+            .finish_repair(&plan, claim, &checksum, Some(lock))
+            .await?
+        {
+            Finish::Done => Ok(()),
+            Finish::Moved => Err(RepairError::MovedUnderLock),
+        }
+    }
+
+    /// The job is stale (the replica is up to date, or gone): drop it.
+    async fn nothing_to_do(&self, plan: &RepairPlan, claim: &Claim) -> Result<bool, RepairError> {
+        let stale = match &plan.target {
+            None => true,
+            Some((replica, _)) => replica.is_up_to_date(&plan.view.record),
+        };
+        if stale || plan.job.is_none() {
+            self.store.drop_job(plan, claim).await?;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// Has the target copy the repository from an up-to-date source; returns the
+    /// target's checksum after the copy.
+    async fn copy(
+        &self,
+        plan: &RepairPlan,
+        claim: &Claim,
+        timeout: Duration,
+    ) -> Result<String, RepairError> {
+        let sources = plan.sources(&claim.node);
+        if sources.is_empty() {
+            return Err(RepairError::NoSource);
+        }
+        // Spread repairs over the sources.
+        let source = &sources[(claim.revision as usize) % sources.len()];
+        replicate(
+            &self.pool,
+            &plan.view,
+            source,
+            &claim.node,
+            &claim.repo.relative_path,
+            timeout,
+        )
+        .await?;
+        checksum(
+            &self.pool,
+            &plan.view,
+            &claim.node,
+            &claim.repo.relative_path,
+        )
+        .await
+    }
+}
+
+/// A node's address and the storage it keeps replicas in.
+fn node_of<'a>(view: &'a RepoView, node: &str) -> Result<(&'a str, &'a str), RepairError> {
+    let (record, _) = view
+        .live_nodes
+        .get(node)
+        .ok_or_else(|| RepairError::Node(format!("node {node} is not live")))?;
+    let storage = record
+        .storages
+        .first()
+        .ok_or_else(|| RepairError::Node(format!("node {node} registers no storage")))?;
+    Ok((&record.address, storage))
+}
+
+fn repository(storage: &str, relative: &str) -> Repository {
+    Repository {
+        storage_name: storage.to_owned(),
+        relative_path: relative.to_owned(),
+        ..Default::default()
+    }
+}
+
+/// `ReplicateRepository` on `target` from `source`, bounded by `timeout` (dropping the
+/// call cancels it; the node then kills its git processes).
+pub(crate) async fn replicate(
+    pool: &Pool,
+    view: &RepoView,
+    source: &str,
+    target: &str,
+    relative: &str,
+    timeout: Duration,
+) -> Result<(), RepairError> {
+    let (target_addr, target_storage) = node_of(view, target)?;
+    let (source_addr, source_storage) = node_of(view, source)?;
+    let channel = pool.channel(target_addr).map_err(RepairError::Node)?;
+    let mut request = tonic::Request::new(ReplicateRepositoryRequest {
+        repository: Some(repository(target_storage, relative)),
+        source: Some(repository(source_storage, relative)),
+    });
+    let servers = serde_json::json!({ source_storage: { "address": source_addr } });
+    let value = base64::engine::general_purpose::STANDARD.encode(servers.to_string());
+    request.metadata_mut().insert(
+        SERVERS_METADATA,
+        MetadataValue::try_from(value).map_err(|e| RepairError::Node(e.to_string()))?,
+    );
+    request.set_timeout(timeout);
+    let mut client = RepositoryServiceClient::new(channel);
+    match tokio::time::timeout(timeout, client.replicate_repository(request)).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(status)) => Err(RepairError::Copy {
+            source_node: source.to_owned(),
+            status: format!("{:?}: {}", status.code(), status.message()),
+        }),
+        Err(_) => Err(RepairError::Copy {
+            source_node: source.to_owned(),
+            status: format!("no answer within {timeout:?}"),
+        }),
+    }
+}
+
+/// `CalculateChecksum` of `node`'s replica.
+pub(crate) async fn checksum(
+    pool: &Pool,
+    view: &RepoView,
+    node: &str,
+    relative: &str,
+) -> Result<String, RepairError> {
+    let (addr, storage) = node_of(view, node)?;
+    let channel = pool.channel(addr).map_err(RepairError::Node)?;
+    let mut request = tonic::Request::new(CalculateChecksumRequest {
+        repository: Some(repository(storage, relative)),
+    });
+    request.set_timeout(Duration::from_secs(60));
+    RepositoryServiceClient::new(channel)
+        .calculate_checksum(request)
+        .await
+        .map(|r| r.into_inner().checksum)
+        .map_err(|s| RepairError::Checksum(format!("{}: {:?}: {}", node, s.code(), s.message())))
+}
+
+/// Records a just-created repository's checksum (DESIGN.md §3 `repos/`), taken from a
+/// replica the creation promoted; kept only if no write landed meanwhile.
+pub(crate) async fn record_creation_checksum(
+    store: &Store,
+    pool: &Pool,
+    repo: &refvote_cluster::RepoId,
+    create_revision: i64,
+    outcome: &refvote_cluster::records::TxOutcome,
+) {
+    let result = async {
+        let view = store.repo_view(repo).await?;
+        let up = view.up_to_date_live();
+        let node = if outcome.committed {
+            outcome.promoted.first()
+        } else {
+            up.first()
+        }
+        .cloned()
+        .ok_or_else(|| RepairError::Node("no replica to take the checksum from".into()))?;
+        let sum = checksum(pool, &view, &node, &repo.relative_path).await?;
+        let recorded = store
+            .set_creation_checksum(repo, create_revision, outcome.generation, &sum)
+            .await?;
+        Ok::<_, RepairError>((sum, recorded))
+    }
+    .await;
+    match result {
+        Ok((sum, true)) => tracing::debug!(%repo, checksum = %sum, "creation checksum recorded"),
+        Ok((_, false)) => {
+            tracing::info!(%repo, "the repository changed before its creation checksum was recorded")
+        }
+        Err(e) => tracing::warn!(%repo, error = %e, "cannot record the creation checksum"),
+    }
+}

@@ -1,0 +1,469 @@
+//! Repair against a real etcd, three real votingd nodes, real git and real
+//! `refvote-router` processes: a killed node's replica falls behind while pushes go on,
+//! and the routers' repair worker brings it back level soon after the node returns,
+//! with pushes still running; with two nodes down writes fail fast and reads go on;
+//! a copy made while a write moved the repository is never recorded as current; a
+//! repair that keeps failing shows in `votingctl status`; a router reaps a
+//! transaction whose creator died.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use refvote_cluster::RepoId;
+use refvote_cluster::records::ReplicaState;
+use refvote_cluster::repair::Finish;
+use refvote_cluster::session::Session;
+use refvote_cluster::tx::Begin;
+use refvote_proto::gitaly::ref_service_client::RefServiceClient;
+use refvote_proto::gitaly::repository_service_client::RepositoryServiceClient;
+use refvote_proto::gitaly::smart_http_service_client::SmartHttpServiceClient;
+use refvote_proto::gitaly::{CalculateChecksumRequest, PostReceivePackRequest, RefExistsRequest};
+use refvote_tests::cluster::VoteCluster;
+use refvote_tests::git;
+use refvote_tests::grpc::{channel, repo};
+use refvote_tests::node::{NodeOptions, bin};
+use refvote_tests::proc::wait_until;
+use refvote_tests::router::Router;
+use refvote_tests::smarthttp::{GitHttpProxy, Target};
+use tonic::Code;
+
+/// Three nodes with `relative` on each (with `main`), registered, and one router.
+async fn cluster_with_repo(relative: &str) -> anyhow::Result<(VoteCluster, Router, RepoId)> {
+    let c = VoteCluster::start(3, 1).await?;
+    let id = c.create_repo(relative).await?;
+    let work = c.work("seed")?;
+    work.commit("main", "first")?;
+    for n in &c.nodes {
+        let out = git::push(&work.path, &n.repo(relative), &["main"], &[]).await?;
+        anyhow::ensure!(out.status.success(), "{out:?}");
+    }
+    let router = Router::start("router1", c.dir.path(), &c.etcd.endpoints()).await?;
+    Ok((c, router, id))
+}
+
+async fn http_via(router: &Router) -> anyhow::Result<GitHttpProxy> {
+    GitHttpProxy::start(vec![Target {
+        url: router.grpc_url(),
+        storage: "default".into(),
+        transaction: None,
+    }])
+    .await
+}
+
+/// Each node's CalculateChecksum of `relative`, asked of the node directly.
+async fn checksums(c: &VoteCluster, relative: &str) -> anyhow::Result<Vec<String>> {
+    let mut out = Vec::new();
+    for n in &c.nodes {
+        let sum = RepositoryServiceClient::new(channel(n).await)
+            .calculate_checksum(CalculateChecksumRequest {
+                repository: repo(relative),
+            })
+            .await?
+            .into_inner()
+            .checksum;
+        out.push(sum);
+    }
+    Ok(out)
+}
+
+async fn up_to_date(c: &VoteCluster, id: &RepoId, node: &str) -> bool {
+    match c.store.repo_view(id).await {
+        Ok(v) => v
+            .replicas
+            .get(node)
+            .is_some_and(|(r, _)| r.is_up_to_date(&v.record)),
+        Err(_) => false,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_node_is_repaired_automatically_while_pushes_continue() -> anyhow::Result<()> {
+    let (mut c, router, id) = cluster_with_repo("p.git").await?;
+    let http = http_via(&router).await?;
+    let url = http.url("p.git");
+    let work = c.work("w")?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked = std::cell::RefCell::new(Vec::<(String, String)>::new());
+
+    // One client pushes a new branch after another the whole time.
+    let pusher = async {
+        let mut failures = Vec::new();
+        let mut i = 0;
+        while !stop.load(Ordering::Relaxed) && i < 400 {
+            let branch = format!("p{i}");
+            let commit = work.commit(&branch, "x")?;
+            let t = Instant::now();
+            let out = git::push(&work.path, std::path::Path::new(&url), &[&branch], &[]).await?;
+            if out.status.success() {
+                acked.borrow_mut().push((branch, commit));
+            } else {
+                failures.push(format!(
+                    "{branch} after {:?}: {}",
+                    t.elapsed(),
+                    String::from_utf8_lossy(&out.stderr)
+                ));
+            }
+            i += 1;
+        }
+        anyhow::Ok(failures)
+    };
+    let control = async {
+        let result = async {
+            let pushed = |n: usize| {
+                let acked = &acked;
+                async move { acked.borrow().len() >= n }
+            };
+            wait_until("2 pushes", Duration::from_secs(30), || pushed(2)).await?;
+            c.nodes[2].kill()?;
+            // Pushes go on without node3; its replica falls behind.
+            wait_until("node3 outdated", Duration::from_secs(30), || async {
+                !up_to_date(&c, &id, "node3").await
+            })
+            .await?;
+            let n = acked.borrow().len();
+            wait_until("3 more pushes", Duration::from_secs(30), || pushed(n + 3)).await?;
+            c.nodes[2].launch().await?;
+            let back = Instant::now();
+            wait_until("node3 repaired", Duration::from_secs(10), || async {
+                up_to_date(&c, &id, "node3").await
+            })
+            .await?;
+            let repaired_in = back.elapsed();
+            // Writes after the repair include node3 again.
+            let n = acked.borrow().len();
+            wait_until("2 more pushes", Duration::from_secs(30), || pushed(n + 2)).await?;
+            anyhow::Ok(repaired_in)
+        }
+        .await;
+        stop.store(true, Ordering::Relaxed);
+        result
+    };
+    let (failures, repaired_in) = tokio::join!(pusher, control);
+    let repaired_in = repaired_in.map_err(|e| e.context(router.log_tail(60)))?;
+    let failures = failures?;
+    eprintln!("node3 repaired {repaired_in:?} after it came back");
+    assert!(
+        failures.is_empty(),
+        "pushes failed: {failures:#?}\nrouter log:\n{}",
+        router.log_tail(60)
+    );
+
+    // Every acknowledged push is on every replica; all level and up to date.
+    let acked = acked.into_inner();
+    assert!(acked.len() >= 7, "{acked:?}");
+    wait_until(
+        "every replica up to date",
+        Duration::from_secs(15),
+        || async {
+            c.store
+                .repo_view(&id)
+                .await
+                .is_ok_and(|v| v.up_to_date_live().len() == 3)
+        },
+    )
+    .await?;
+    for n in &c.nodes {
+        for (branch, commit) in &acked {
+            assert_eq!(
+                git::rev(&n.repo("p.git"), &format!("refs/heads/{branch}")).as_ref(),
+                Some(commit),
+                "{} lacks {branch}",
+                n.name
+            );
+        }
+    }
+    let sums = checksums(&c, "p.git").await?;
+    assert_eq!(sums.iter().collect::<BTreeSet<_>>().len(), 1, "{sums:?}");
+    let view = c.store.repo_view(&id).await?;
+    assert!(view.replicas["node3"].0.repair_epoch >= 1, "{view:?}");
+    let (jobs, _) = c.store.get_prefix(&c.store.keys().repair_jobs()).await?;
+    assert!(jobs.is_empty(), "{jobs:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_two_nodes_killed_writes_fail_fast_and_reads_go_on() -> anyhow::Result<()> {
+    let (mut c, router, id) = cluster_with_repo("p.git").await?;
+    c.nodes[1].kill()?;
+    c.nodes[2].kill()?;
+    // Once their leases lapse (3 s), nobody can count them live.
+    wait_until("two leases lapse", Duration::from_secs(15), || async {
+        c.store
+            .repo_view(&id)
+            .await
+            .is_ok_and(|v| v.live_nodes.len() == 1)
+    })
+    .await?;
+    let ch = router.channel().await?;
+    let started = Instant::now();
+    let err = SmartHttpServiceClient::new(ch.clone())
+        .post_receive_pack(futures::stream::iter([PostReceivePackRequest {
+            repository: repo("p.git"),
+            ..Default::default()
+        }]))
+        .await
+        .unwrap_err();
+    let took = started.elapsed();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("1 of 3 up, 2 needed"), "{err:?}");
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+    // The survivor is up to date: reads go on.
+    let exists = RefServiceClient::new(ch)
+        .ref_exists(RefExistsRequest {
+            repository: repo("p.git"),
+            r#ref: b"refs/heads/main".to_vec(),
+        })
+        .await?
+        .into_inner()
+        .value;
+    assert!(exists);
+    Ok(())
+}
+
+/// The etcd side alone (no router runs here): a copy planned at one generation is not
+/// recorded once a write moved the repository, and a lock's fencing token is checked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_overtaken_by_a_write_is_not_recorded_as_current() -> anyhow::Result<()> {
+    let c = VoteCluster::start(3, 1).await?;
+    let id = c.create_repo("p.git").await?;
+    let lease = c.session.lease().expect("test lease");
+    c.store.mark_outdated(&id, "node3", "test: behind").await?;
+    let jobs = c.store.repair_jobs().await?;
+    assert_eq!(jobs.len(), 1, "marking outdated queues a job: {jobs:?}");
+    let claim = c
+        .store
+        .claim_repair(&jobs[0], "test", lease)
+        .await?
+        .expect("claimed");
+    assert!(
+        c.store
+            .claim_repair(&jobs[0], "other", lease)
+            .await?
+            .is_none(),
+        "a second claim must fail"
+    );
+    let plan = c.store.repair_plan(&id, "node3").await?;
+    assert_eq!(plan.generation(), 0);
+    assert_eq!(plan.sources("node3"), ["node1", "node2"]);
+
+    // A write commits on node1 and node2 while "the copy runs".
+    let work = c.work("w")?;
+    work.commit("main", "new")?;
+    let tx = c.begin(&id).await?;
+    assert_eq!(tx.voters, ["node1", "node2"]);
+    c.push_all(&tx, &work, &["main"]).await?;
+    let outcome = c.finalize(&tx).await?;
+    assert!(
+        outcome.acknowledged && outcome.generation == 1,
+        "{outcome:?}"
+    );
+
+    // The copy was made from generation 0: it must not be recorded.
+    assert_eq!(
+        c.store.finish_repair(&plan, &claim, "stale", None).await?,
+        Finish::Moved
+    );
+    let view = c.store.repo_view(&id).await?;
+    let (node3, _) = &view.replicas["node3"];
+    assert_eq!(node3.state, ReplicaState::Outdated, "{view:?}");
+    assert!(!node3.is_up_to_date(&view.record));
+    assert_eq!(c.store.repair_jobs().await?.len(), 1, "the job stays");
+
+    // Under a lock, a stale fencing token is refused too.
+    let lock = c.store.lock_repo(&id, "test", "repair", lease).await?;
+    let err = c.begin(&id).await.unwrap_err().to_string();
+    assert!(err.contains("locked by repair"), "{err}");
+    c.store.unlock(&lock).await?;
+    let plan = c.store.repair_plan(&id, "node3").await?;
+    assert_eq!(
+        c.store
+            .finish_repair(&plan, &claim, "x", Some(&lock))
+            .await?,
+        Finish::Moved,
+        "an unlocked lock's token must not pass"
+    );
+
+    // Planned after the write, with nothing moving: recorded at generation 1.
+    assert_eq!(
+        c.store.finish_repair(&plan, &claim, "sum", None).await?,
+        Finish::Done
+    );
+    let view = c.store.repo_view(&id).await?;
+    let (node3, _) = &view.replicas["node3"];
+    assert!(node3.is_up_to_date(&view.record), "{view:?}");
+    assert_eq!((node3.generation, node3.checksum.as_str()), (1, "sum"));
+    assert!(c.store.repair_jobs().await?.is_empty());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repair_that_keeps_failing_shows_in_votingctl_status() -> anyhow::Result<()> {
+    let c = VoteCluster::start(3, 1).await?;
+    // Registered, but on disk nowhere: every copy fails at its source.
+    let id = RepoId::new("default", "ghost.git")?;
+    c.store.create_repository(&id, &c.node_names(), "").await?;
+    c.store.mark_outdated(&id, "node3", "test: lost").await?;
+    let router = Router::start("router1", c.dir.path(), &c.etcd.endpoints()).await?;
+    let ctl = |json: bool| {
+        let mut cmd = std::process::Command::new(bin("votingctl"));
+        cmd.args(["status", "--socket"]).arg(&c.nodes[0].socket);
+        if json {
+            cmd.arg("--json");
+        }
+        cmd.output()
+    };
+    wait_until(
+        "the repair failed twice",
+        Duration::from_secs(20),
+        || async {
+            c.store
+                .repair_jobs()
+                .await
+                .is_ok_and(|j| j.first().is_some_and(|j| j.job.attempts >= 2))
+        },
+    )
+    .await
+    .map_err(|e| e.context(router.log_tail(40)))?;
+    let out = ctl(true)?;
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let jobs = doc["cluster"]["repair_jobs"]
+        .as_array()
+        .expect("jobs listed");
+    assert_eq!(jobs.len(), 1, "{doc:#}");
+    assert_eq!(jobs[0]["repo"], "default/ghost.git");
+    assert_eq!(jobs[0]["node"], "node3");
+    assert!(jobs[0]["attempts"].as_u64() >= Some(2), "{doc:#}");
+    let error = jobs[0]["last_error"].as_str().unwrap_or_default();
+    assert!(error.contains("copy from node"), "{error}");
+    let table = String::from_utf8(ctl(false)?.stdout)?;
+    assert!(table.contains("repair jobs"), "{table}");
+    assert!(table.contains("FAILING"), "{table}");
+    assert!(table.contains("default/ghost.git on node3"), "{table}");
+    // The router keeps serving meanwhile.
+    let err = RefServiceClient::new(router.channel().await?)
+        .ref_exists(RefExistsRequest {
+            repository: repo("nope.git"),
+            r#ref: b"refs/heads/main".to_vec(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    Ok(())
+}
+
+/// With every votingd's reaper off, a router finalizes a transaction whose creator's
+/// lease expired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_router_reaps_a_transaction_whose_creator_died() -> anyhow::Result<()> {
+    let opts = NodeOptions {
+        reaper: false,
+        ..NodeOptions::default()
+    };
+    let c = VoteCluster::start_with(3, 1, opts).await?;
+    let id = c.create_repo("p.git").await?;
+    // A creator with a lease of its own that dies (is revoked) mid-transaction.
+    let creator = Session::start(c.store.clone(), Duration::from_secs(3), |_| async {
+        Ok(())
+    });
+    let lease = creator
+        .wait_for_lease(Duration::from_secs(5))
+        .await
+        .expect("lease");
+    let tx = c
+        .store
+        .begin(
+            &id,
+            &Begin {
+                creator: "doomed".into(),
+                lease,
+            },
+        )
+        .await?;
+    let work = c.work("w")?;
+    work.commit("main", "x")?;
+    c.push_all(&tx, &work, &["main"]).await?;
+    creator.close().await;
+    let router = Router::start("router1", c.dir.path(), &c.etcd.endpoints()).await?;
+    wait_until("the router reaps it", Duration::from_secs(15), || async {
+        c.store
+            .get(&c.store.keys().tx_record(&tx.id))
+            .await
+            .is_ok_and(|e| e.is_none())
+    })
+    .await
+    .map_err(|e| e.context(router.log_tail(40)))?;
+    let role = c
+        .store
+        .get(&c.store.keys().reaper())
+        .await?
+        .expect("role held");
+    assert_eq!(String::from_utf8_lossy(&role.value), "reaper:router1");
+    // Every voter confirmed: the write is promoted on all three.
+    let view = c.store.repo_view(&id).await?;
+    assert_eq!(view.record.generation, 1, "{view:?}");
+    assert_eq!(view.up_to_date_live().len(), 3, "{view:?}");
+    Ok(())
+}
+
+/// Writes to a repository under an administrative lock wait for it (`lock_wait_ms`),
+/// then fail UNAVAILABLE naming the operation; once it is released they go through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_wait_for_a_locked_repository_then_fail_saying_who_holds_it() -> anyhow::Result<()> {
+    let (c, mut router, id) = cluster_with_repo("p.git").await?;
+    // A short wait for this test: the setting goes before the [etcd] table.
+    router.stop()?;
+    let config = std::fs::read_to_string(&router.config)?;
+    std::fs::write(&router.config, format!("lock_wait_ms = 1500\n{config}"))?;
+    router.launch().await?;
+    let http = http_via(&router).await?;
+    let url = http.url("p.git");
+    let work = c.work("w")?;
+    git::git(
+        &work.path,
+        &["fetch", "--quiet", "--update-head-ok", &url, "main:main"],
+    )?;
+    let lease = c.session.lease().expect("test lease");
+
+    let lock = c.store.lock_repo(&id, "test", "an-upgrade", lease).await?;
+    let new = work.commit("main", "x")?;
+    let t = Instant::now();
+    let err = SmartHttpServiceClient::new(router.channel().await?)
+        .post_receive_pack(futures::stream::iter([PostReceivePackRequest {
+            repository: repo("p.git"),
+            ..Default::default()
+        }]))
+        .await
+        .unwrap_err();
+    let took = t.elapsed();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(
+        err.message()
+            .contains("repository default/p.git is locked by an-upgrade (test) since")
+            && err.message().contains("retry later"),
+        "{err:?}"
+    );
+    assert!(
+        took >= Duration::from_millis(1400) && took < Duration::from_secs(6),
+        "took {took:?}"
+    );
+
+    // Released while a push waits: the push goes through.
+    let push = git::push(&work.path, std::path::Path::new(&url), &["main"], &[]);
+    let release = async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        c.store.unlock(&lock).await
+    };
+    let (out, released) = tokio::join!(push, release);
+    released?;
+    let out = out?;
+    assert!(out.status.success(), "{out:?}");
+    for n in &c.nodes {
+        assert_eq!(
+            git::rev(&n.repo("p.git"), "refs/heads/main"),
+            Some(new.clone())
+        );
+    }
+    Ok(())
+}
