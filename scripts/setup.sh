@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Installs what refvote's build, demo and tests need on a Debian machine, if missing:
-# git, etcd (Debian's etcd-server and etcd-client), protoc (protobuf-compiler), and
-# cargo-nextest. Idempotent; safe to run again.
+# git, curl (the HTTP tests), etcd (Debian's etcd-server and etcd-client), protoc
+# (protobuf-compiler), and cargo-nextest. Idempotent; safe to run again.
 set -euo pipefail
 
 need=()
 command -v git >/dev/null || need+=(git)
+command -v curl >/dev/null || need+=(curl)
 command -v etcd >/dev/null || need+=(etcd-server)
 command -v etcdctl >/dev/null || need+=(etcd-client)
 command -v protoc >/dev/null || need+=(protobuf-compiler)

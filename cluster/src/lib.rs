@@ -6,7 +6,8 @@
 //! votingctl all go through this crate, so they can never disagree on a key or a rule.
 //!
 //! It does not run git, serve RPCs or pick replicas for reads; it only reads and writes
-//! etcd, always with the compares a step relies on.
+//! etcd (over TLS when `[etcd] ca_path` is set), always with the compares a step
+//! relies on.
 #![forbid(unsafe_code)]
 
 pub mod error;
@@ -27,4 +28,4 @@ pub mod tx;
 
 pub use error::{Error, Result};
 pub use repo::RepoId;
-pub use store::{Store, StoreConfig};
+pub use store::{EtcdTls, Store, StoreConfig};

@@ -96,42 +96,55 @@ impl Store {
     }
 
     /// Claims `job` for `holder` under `lease` (create-only, so one worker at a time;
-    /// a dead worker's claim lapses with its lease). `None`: someone else holds it, or
-    /// the job changed since it was listed.
+    /// a dead worker's claim lapses with its lease) and marks the replica `repairing`.
+    /// `plan` must be read before; its target entry is updated to the marked record.
+    /// `None`: someone else holds it, or the job or replica changed since.
     pub async fn claim_repair(
         &self,
         job: &RepairJob,
+        plan: &mut RepairPlan,
         holder: &str,
         lease: i64,
     ) -> Result<Option<Claim>> {
         let keys = self.keys();
         let (repo, node) = (&job.job.repo, &job.job.node);
         let key = keys.repair_claim(repo, node);
-        let txn = Txn::new()
-            .when([
-                Compare::create_revision(key.as_str(), CompareOp::Equal, 0),
-                Compare::mod_revision(
-                    keys.repair_job(repo, node),
-                    CompareOp::Equal,
-                    job.entry.mod_revision,
-                ),
-            ])
-            .and_then([
-                TxnOp::put(
-                    key.as_str(),
-                    holder.as_bytes(),
-                    Some(PutOptions::new().with_lease(lease)),
-                ),
-                get_op(&key),
-            ]);
-        let resp = self.txn(txn).await?;
+        let mut cmp = vec![
+            Compare::create_revision(key.as_str(), CompareOp::Equal, 0),
+            Compare::mod_revision(
+                keys.repair_job(repo, node),
+                CompareOp::Equal,
+                job.entry.mod_revision,
+            ),
+        ];
+        let mut ops = vec![TxnOp::put(
+            key.as_str(),
+            holder.as_bytes(),
+            Some(PutOptions::new().with_lease(lease)),
+        )];
+        if let Some((replica, entry)) = &plan.target
+            && replica.state != ReplicaState::UpToDate
+        {
+            cmp.push(Compare::mod_revision(
+                keys.replica(repo, node),
+                CompareOp::Equal,
+                entry.mod_revision,
+            ));
+            let mut marked = replica.clone();
+            marked.state = ReplicaState::Repairing;
+            ops.push(TxnOp::put(keys.replica(repo, node), encode(&marked), None));
+        }
+        ops.push(get_op(&key));
+        ops.push(get_op(&keys.replica(repo, node)));
+        let resp = self.txn(Txn::new().when(cmp).and_then(ops)).await?;
         if !resp.succeeded() {
             return Ok(None);
         }
-        let revision = ranges(&resp)[0]
-            .first()
-            .map(|e| e.create_revision)
-            .unwrap_or(0);
+        let r = ranges(&resp);
+        let revision = r[0].first().map(|e| e.create_revision).unwrap_or(0);
+        if let Some(e) = r[1].first() {
+            plan.target = Some((e.decode()?, e.clone()));
+        }
         Ok(Some(Claim {
             repo: repo.clone(),
             node: node.clone(),
@@ -252,6 +265,33 @@ impl Store {
         Ok(self.txn(txn).await?.succeeded())
     }
 
+    /// A replica left `repairing` by a failed attempt goes back to `outdated`, with why.
+    async fn unmark_repairing(&self, claim: &Claim, error: &str) -> Result<()> {
+        let key = self.keys().replica(&claim.repo, &claim.node);
+        for _ in 0..8 {
+            let Some(entry) = self.get(&key).await? else {
+                return Ok(());
+            };
+            let mut replica: ReplicaRecord = entry.decode()?;
+            if replica.state != ReplicaState::Repairing {
+                return Ok(());
+            }
+            replica.state = ReplicaState::Outdated;
+            replica.reason = format!("repair failed: {error}");
+            let txn = Txn::new()
+                .when([Compare::mod_revision(
+                    key.as_str(),
+                    CompareOp::Equal,
+                    entry.mod_revision,
+                )])
+                .and_then([TxnOp::put(key.as_str(), encode(&replica), None)]);
+            if self.txn(txn).await?.succeeded() {
+                return Ok(());
+            }
+        }
+        Err(Error::Contention(8))
+    }
+
     /// Removes a job whose repository is no longer registered, if it is still the one
     /// listed.
     pub async fn drop_orphan_job(&self, job: &RepairJob) -> Result<bool> {
@@ -290,6 +330,7 @@ impl Store {
                 .and_then([TxnOp::put(key.as_str(), encode(&job), None)]);
             if self.txn(txn).await?.succeeded() {
                 tracing::warn!(repo = %claim.repo, node = %claim.node, attempts = job.attempts, error, "repair failed");
+                self.unmark_repairing(claim, error).await?;
                 return self.release_claim(claim).await;
             }
         }

@@ -8,7 +8,13 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
-use crate::store::StoreConfig;
+use crate::store::{EtcdTls, StoreConfig};
+
+fn readable(key: &'static str, path: &Path) -> Result<(), (&'static str, String)> {
+    std::fs::metadata(path)
+        .map(|_| ())
+        .map_err(|e| (key, format!("cannot read {}: {e}", path.display())))
+}
 
 /// The `[etcd]` section.
 #[derive(Debug, Clone, Deserialize)]
@@ -28,6 +34,15 @@ pub struct EtcdSettings {
     /// Bound on every etcd request; what cannot finish in time fails closed.
     #[serde(default = "defaults::request_timeout_ms")]
     pub request_timeout_ms: u64,
+    /// PEM CA certificate that signed the members' certificates; needed (and only
+    /// allowed) with `https://` endpoints.
+    #[serde(default)]
+    pub ca_path: Option<PathBuf>,
+    /// PEM client certificate and key, for members run with `--client-cert-auth`.
+    #[serde(default)]
+    pub certificate_path: Option<PathBuf>,
+    #[serde(default)]
+    pub key_path: Option<PathBuf>,
 }
 
 mod defaults {
@@ -52,6 +67,9 @@ impl Default for EtcdSettings {
             prefix: defaults::prefix(),
             lease_ttl_secs: defaults::lease_ttl_secs(),
             request_timeout_ms: defaults::request_timeout_ms(),
+            ca_path: None,
+            certificate_path: None,
+            key_path: None,
         }
     }
 }
@@ -90,6 +108,52 @@ impl EtcdSettings {
         if self.request_timeout_ms < 50 {
             return Err(("etcd.request_timeout_ms", "must be at least 50".into()));
         }
+        let https = self
+            .endpoints
+            .iter()
+            .filter(|e| e.starts_with("https://"))
+            .count();
+        match (&self.ca_path, https) {
+            (None, 0) => {}
+            (None, _) => {
+                return Err((
+                    "etcd.ca_path",
+                    "is needed with https:// endpoints: the CA that signed the members' certificates".into(),
+                ));
+            }
+            (Some(_), n) if n != self.endpoints.len() => {
+                return Err((
+                    "etcd.endpoints",
+                    "with etcd.ca_path set, every endpoint must be https://".into(),
+                ));
+            }
+            (Some(ca), _) => readable("etcd.ca_path", ca)?,
+        }
+        match (&self.certificate_path, &self.key_path) {
+            (None, None) => {}
+            (Some(cert), Some(key)) => {
+                if self.ca_path.is_none() {
+                    return Err((
+                        "etcd.certificate_path",
+                        "is only used over TLS: set etcd.ca_path and https:// endpoints".into(),
+                    ));
+                }
+                readable("etcd.certificate_path", cert)?;
+                readable("etcd.key_path", key)?;
+            }
+            (Some(_), None) => {
+                return Err((
+                    "etcd.key_path",
+                    "is needed with etcd.certificate_path".into(),
+                ));
+            }
+            (None, Some(_)) => {
+                return Err((
+                    "etcd.certificate_path",
+                    "is needed with etcd.key_path".into(),
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -107,6 +171,10 @@ impl EtcdSettings {
             endpoints: self.endpoints.clone(),
             prefix: self.prefix.clone(),
             request_timeout: self.request_timeout(),
+            tls: self.ca_path.as_ref().map(|ca| EtcdTls {
+                ca: ca.clone(),
+                identity: self.certificate_path.clone().zip(self.key_path.clone()),
+            }),
         }
     }
 }
@@ -155,4 +223,39 @@ pub fn parse_toml<T: DeserializeOwned>(text: &str, path: &Path) -> Result<T, Con
         path: path.to_owned(),
         message: e.to_string().trim_end().replace('\n', " "),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(text: &str) -> Result<(), (&'static str, String)> {
+        toml::from_str::<EtcdSettings>(text).unwrap().validate()
+    }
+
+    #[test]
+    fn tls_keys_are_checked_together() {
+        assert!(check("").is_ok());
+        let e = check("endpoints = [\"https://127.0.0.1:2379\"]").unwrap_err();
+        assert_eq!(e.0, "etcd.ca_path");
+        let e = check("ca_path = \"/etc/hostname\"").unwrap_err();
+        assert_eq!(e.0, "etcd.endpoints");
+        let e =
+            check("endpoints = [\"https://e:1\"]\nca_path = \"/nonexistent/ca.pem\"").unwrap_err();
+        assert_eq!(e.0, "etcd.ca_path");
+        assert!(e.1.contains("/nonexistent/ca.pem"), "{}", e.1);
+        let e = check("endpoints = [\"https://e:1\"]\nca_path = \"/etc/hostname\"\ncertificate_path = \"/etc/hostname\"")
+            .unwrap_err();
+        assert_eq!(e.0, "etcd.key_path");
+        let e = check("certificate_path = \"/etc/hostname\"\nkey_path = \"/etc/hostname\"")
+            .unwrap_err();
+        assert_eq!(e.0, "etcd.certificate_path");
+        let ok = toml::from_str::<EtcdSettings>(
+            "endpoints = [\"https://e:1\"]\nca_path = \"/etc/hostname\"\ncertificate_path = \"/etc/hostname\"\nkey_path = \"/etc/hostname\"",
+        )
+        .unwrap();
+        assert!(ok.validate().is_ok());
+        let tls = ok.store_config().tls.unwrap();
+        assert!(tls.identity.is_some());
+    }
 }

@@ -3,6 +3,7 @@
 //! to read records out of range and transaction responses.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -23,6 +24,32 @@ pub struct StoreConfig {
     pub prefix: String,
     /// Bound on every single request.
     pub request_timeout: Duration,
+    /// TLS towards `https://` endpoints; `None`: plaintext only.
+    pub tls: Option<EtcdTls>,
+}
+
+/// PEM files for TLS towards etcd.
+#[derive(Debug, Clone)]
+pub struct EtcdTls {
+    /// The CA that signed the members' certificates.
+    pub ca: PathBuf,
+    /// A client certificate and key, for members run with `--client-cert-auth`.
+    pub identity: Option<(PathBuf, PathBuf)>,
+}
+
+impl EtcdTls {
+    fn options(&self) -> Result<etcd_client::TlsOptions> {
+        let read = |p: &PathBuf| {
+            std::fs::read(p)
+                .map_err(|e| Error::Invalid(format!("etcd TLS: cannot read {}: {e}", p.display())))
+        };
+        let mut tls = etcd_client::TlsOptions::new()
+            .ca_certificate(etcd_client::Certificate::from_pem(read(&self.ca)?));
+        if let Some((cert, key)) = &self.identity {
+            tls = tls.identity(etcd_client::Identity::from_pem(read(cert)?, read(key)?));
+        }
+        Ok(tls)
+    }
 }
 
 /// Connected etcd clients, one per endpoint, with refvote's key schema.
@@ -107,6 +134,10 @@ impl Store {
             .with_keep_alive(Duration::from_secs(2), config.request_timeout)
             .with_keep_alive_while_idle(true)
             .with_require_leader(true);
+        let options = match &config.tls {
+            Some(tls) => options.with_tls(tls.options()?),
+            None => options,
+        };
         let mut clients = Vec::new();
         for endpoint in &config.endpoints {
             let connect = Client::connect([endpoint], Some(options.clone()));

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
+use refvote_auth::{AuthSettings, TlsSettings};
 use refvote_cluster::settings::{ConfigError, EtcdSettings, load_toml, parse_toml};
 use serde::Deserialize;
 
@@ -18,6 +19,14 @@ pub struct Config {
     /// TCP `ip:port` of the Gitaly-compatible gRPC front (Gitaly's key name).
     #[serde(default = "defaults::listen_addr")]
     pub listen_addr: String,
+    /// TCP `ip:port` serving plain git over HTTP (smart HTTP: clone, fetch, push) for
+    /// the virtual storage `default`. Empty (the default): not served.
+    #[serde(default)]
+    pub http_listen_addr: String,
+    /// Create a repository on the first push to it over HTTP, placed and created as
+    /// CreateRepository does. Default: false (an unknown repository is 404).
+    #[serde(default)]
+    pub create_on_push: bool,
     /// Replicas a new repository gets (CreateRepository through the router), each on
     /// its own node.
     #[serde(default = "defaults::replication_factor")]
@@ -38,6 +47,14 @@ pub struct Config {
     pub reaper_interval_ms: u64,
     #[serde(default)]
     pub etcd: EtcdSettings,
+    /// Gitaly's v2 token: checked on every call from clients (health excepted) and
+    /// sent on every call to a node. Nodes must share the secret.
+    #[serde(default)]
+    pub auth: AuthSettings,
+    /// TLS on `listen_addr` (certificate_path, key_path, optional client_ca_path) and
+    /// the CA that `tls://` nodes' certificates are checked against (ca_path).
+    #[serde(default)]
+    pub tls: TlsSettings,
 }
 
 mod defaults {
@@ -107,6 +124,17 @@ impl Config {
                 ),
             )
         })?;
+        if !self.http_listen_addr.is_empty() {
+            self.http_listen_addr.parse::<SocketAddr>().map_err(|_| {
+                invalid(
+                    "http_listen_addr",
+                    format!(
+                        "{:?} is not an ip:port address like \"127.0.0.1:8080\" (empty turns git over HTTP off)",
+                        self.http_listen_addr
+                    ),
+                )
+            })?;
+        }
         if self.replication_factor == 0 {
             return Err(invalid("replication_factor", "must be at least 1".into()));
         }
@@ -127,11 +155,23 @@ impl Config {
         self.etcd
             .validate()
             .map_err(|(key, reason)| invalid(key, reason))?;
+        self.auth
+            .policy()
+            .map_err(|(key, reason)| invalid(key, reason))?;
+        self.tls
+            .validate()
+            .map_err(|(key, reason)| invalid(key, reason))?;
         Ok(())
     }
 
     pub fn listen(&self) -> SocketAddr {
         self.listen_addr.parse().expect("validated")
+    }
+
+    /// Where git smart HTTP listens, if it is on.
+    pub fn http_listen(&self) -> Option<SocketAddr> {
+        (!self.http_listen_addr.is_empty())
+            .then(|| self.http_listen_addr.parse().expect("validated"))
     }
 
     pub fn request_timeout(&self) -> Duration {
@@ -161,6 +201,8 @@ mod tests {
         assert_eq!(c.listen_addr, "127.0.0.1:2305");
         assert_eq!(c.etcd.prefix, "/refvote/");
         assert_eq!(c.request_timeout(), Duration::from_secs(2));
+        assert_eq!(c.http_listen(), None);
+        assert!(!c.create_on_push);
     }
 
     #[test]
@@ -171,6 +213,10 @@ mod tests {
         assert!(e.contains("etcd.endpoints"), "{e}");
         let e = parse("[etcd]\nprefix = \"x\"").unwrap_err().to_string();
         assert!(e.contains("etcd.prefix"), "{e}");
+        let e = parse("http_listen_addr = \"localhost\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("http_listen_addr"), "{e}");
         let e = parse("router_id = \"a b\"").unwrap_err().to_string();
         assert!(e.contains("router_id"), "{e}");
         let e = parse("bogus = 1").unwrap_err().to_string();
@@ -179,5 +225,15 @@ mod tests {
         assert!(e.contains("repair_concurrency"), "{e}");
         let e = parse("[etcd]\nlease_ttl = 1").unwrap_err().to_string();
         assert!(e.contains("lease_ttl"), "{e}");
+        let e = parse("[auth]\ntoken = \"\"").unwrap_err().to_string();
+        assert!(e.contains("auth.token"), "{e}");
+        let e = parse("[auth]\ntransitioning = true")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("auth.transitioning"), "{e}");
+        let e = parse("[tls]\ncertificate_path = \"/x.pem\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("tls.key_path"), "{e}");
     }
 }

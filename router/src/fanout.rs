@@ -13,10 +13,10 @@ use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::codegen::http;
 use tonic::metadata::MetadataMap;
-use tonic::transport::Channel;
 use tonic::{Extensions, Request, Status, Streaming};
 
 use crate::codec::BytesCodec;
+use crate::pool::NodeChannel;
 
 /// Client frames buffered per replica: enough to ride out a replica's short pause
 /// without holding a large push in memory for each.
@@ -30,7 +30,7 @@ pub const MAX_ANSWER: usize = 1024 * 1024;
 /// One replica's call to start.
 pub struct LegSpec {
     pub node: String,
-    pub channel: Channel,
+    pub channel: NodeChannel,
     /// The first frame, with this node's storage name.
     pub first: Bytes,
     pub metadata: MetadataMap,

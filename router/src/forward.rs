@@ -21,13 +21,12 @@ use refvote_cluster::{RepoId, Store};
 use tokio::sync::watch;
 use tonic::codegen::http;
 use tonic::metadata::MetadataMap;
-use tonic::transport::Channel;
 use tonic::{Code, Extensions, Request, Response, Status, Streaming};
 
 use crate::codec::BytesCodec;
 use crate::fanout::{LegResult, LegSpec, fan_out};
 use crate::frame;
-use crate::pool::Pool;
+use crate::pool::{NodeChannel, Pool};
 use crate::registry::{Method, OpKind, Registry};
 use crate::respond::RouteError;
 
@@ -107,6 +106,18 @@ impl Forwarder {
                 other => return other,
             }
         }
+    }
+
+    /// Signs every call to a node with `secret` (the `[auth]` token nodes check),
+    /// in place of the token the client sent the router, and reaches `tls://` nodes
+    /// with `tls`.
+    pub fn secure_calls_to_nodes(
+        mut self,
+        secret: Option<Arc<refvote_auth::Secret>>,
+        tls: Option<tonic::transport::ClientTlsConfig>,
+    ) -> Forwarder {
+        self.pool = Pool::new(secret, tls);
+        self
     }
 
     /// Serves one HTTP/2 request as a gRPC call of any kind.
@@ -399,7 +410,7 @@ impl Forwarder {
         view: &RepoView,
         node: &str,
         call: &Call<'_>,
-    ) -> Result<(Channel, Bytes), String> {
+    ) -> Result<(NodeChannel, Bytes), String> {
         let (record, _) = view.live_nodes.get(node).ok_or("not live")?;
         let storage = record.storages.first().ok_or("registers no storage")?;
         let channel = self.pool.channel(&record.address)?;

@@ -6,10 +6,15 @@
 //! storage name.
 //!
 //! Accessors, mutators (voted transactions) and maintenance fan-out are routed;
-//! repository creation places and registers the repository. Every router also runs the
-//! [`repair`] worker (outdated replicas copied from an up-to-date one) and the reaper
-//! (transactions whose router died), and serves refvote's [`admin`] service (replicas
-//! of a repository, their synchronization, removal). Auth is not yet done. The router keeps no state of its
+//! repository creation places and registers the repository. With `http_listen_addr`,
+//! plain git clients clone, fetch and push over smart HTTP ([`http`]), each request
+//! turned into the Gitaly call and passed through the same handler. Every router also
+//! runs the [`repair`] worker (outdated replicas copied from an up-to-date one) and the
+//! reaper (transactions whose router died), and serves refvote's [`admin`] service
+//! (replicas of a repository, their synchronization, removal). Every call passes
+//! Gitaly's token check first when `[auth]` is set (refvote-auth), and every call to a
+//! node carries the router's own token; listeners and node channels use TLS when
+//! `[tls]` says so. The router keeps no state of its
 //! own: everything lives in etcd.
 #![forbid(unsafe_code)]
 
@@ -19,6 +24,7 @@ pub mod config;
 mod fanout;
 pub mod forward;
 pub mod frame;
+pub mod http;
 mod pool;
 pub mod registry;
 pub mod repair;

@@ -134,7 +134,7 @@ impl Worker {
     async fn repair(&self, job: &RepairJob, lease: i64) {
         let (repo, node) = (&job.job.repo, &job.job.node);
         // Read first: a job whose node is down stays unclaimed and uncounted.
-        let plan = match self.store.repair_plan(repo, node).await {
+        let mut plan = match self.store.repair_plan(repo, node).await {
             Ok(p) => p,
             Err(refvote_cluster::Error::UnknownRepo(_)) => {
                 if let Ok(true) = self.store.drop_orphan_job(job).await {
@@ -150,7 +150,11 @@ impl Worker {
         if plan.view.lock.is_some() || !plan.view.live_nodes.contains_key(node) {
             return;
         }
-        let claim = match self.store.claim_repair(job, &self.config.id, lease).await {
+        let claim = match self
+            .store
+            .claim_repair(job, &mut plan, &self.config.id, lease)
+            .await
+        {
             Ok(Some(c)) => c,
             Ok(None) => return,
             Err(e) => {

@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use refvote_auth::AuthLayer;
 use refvote_cluster::Store;
 use refvote_cluster::reaper::{self, ReaperConfig};
 use refvote_cluster::session::Session;
@@ -17,6 +18,7 @@ use tonic::transport::server::TcpIncoming;
 
 use crate::config::Config;
 use crate::forward::Forwarder;
+use crate::http::HttpServer;
 use crate::registry::{Registry, RegistryError};
 
 #[derive(Debug, thiserror::Error)]
@@ -25,6 +27,9 @@ pub enum StartError {
     Registry(#[from] RegistryError),
     #[error("cannot set up the etcd client")]
     Etcd(#[from] refvote_cluster::Error),
+    /// `[auth]` or `[tls]` could not be set up (a file changed since validation).
+    #[error("{key}: {reason}")]
+    Security { key: &'static str, reason: String },
     #[error("cannot listen on {addr}")]
     Bind {
         addr: SocketAddr,
@@ -40,6 +45,8 @@ pub struct RouterServer {
     task: JoinHandle<()>,
     /// The lease this router's transactions are bound to.
     session: Option<Session>,
+    /// Plain git over HTTP, when `http_listen_addr` is set.
+    http: Option<HttpServer>,
     /// The repair worker and the reaper.
     background: Vec<JoinHandle<()>>,
 }
@@ -48,6 +55,20 @@ impl RouterServer {
     pub async fn start(config: &Config) -> Result<RouterServer, StartError> {
         // A method without its annotations fails here, not on its first call.
         let registry = Registry::gitaly()?;
+        let invalid = |(key, reason)| StartError::Security { key, reason };
+        let auth = config.auth.policy().map_err(invalid)?;
+        let server_tls = config.tls.server().map_err(invalid)?;
+        let node_tls = config.tls.client().map_err(invalid)?;
+        // Every call passes the token check first, whatever answers it: serve every
+        // service (the forwarder, health, the router's own) through this builder.
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = server_tls {
+            builder = builder.tls_config(tls).map_err(|e| StartError::Security {
+                key: "tls.certificate_path",
+                reason: e.to_string(),
+            })?;
+        }
+        let builder = builder.layer(AuthLayer::new(auth.clone(), "refvote-router"));
         let store = Store::connect(&config.etcd.store_config()).await?;
         let addr = config.listen();
         let incoming = TcpIncoming::bind(addr)
@@ -70,12 +91,17 @@ impl RouterServer {
         if session.wait_for_lease(config.lease_ttl()).await.is_none() {
             tracing::warn!("no etcd lease yet; writes are refused until one is granted");
         }
+        // Repair and admin calls to nodes are signed and use TLS like forwarded ones.
+        let node_pool = Arc::new(crate::pool::Pool::new(
+            auth.as_ref().map(|a| a.secret.clone()),
+            node_tls.clone(),
+        ));
         // Every router repairs and reaps; etcd claims and the `reaper` key keep them
         // from doing the same work twice.
         let background = vec![
             tokio::spawn(crate::repair::run(
                 store.clone(),
-                Arc::new(crate::pool::Pool::default()),
+                node_pool.clone(),
                 session.subscribe(),
                 crate::repair::RepairConfig::new(
                     config.router_id.clone(),
@@ -101,17 +127,26 @@ impl RouterServer {
                 session.subscribe(),
                 config.replication_factor,
             )
-            .with_lock_wait(config.lock_wait()),
+            .with_lock_wait(config.lock_wait())
+            .secure_calls_to_nodes(auth.as_ref().map(|a| a.secret.clone()), node_tls),
         );
         // refvote's own admin service answers its paths; everything else is Gitaly's.
         let admin = refvote_proto::admin::admin_service_server::AdminServiceServer::new(
             crate::admin::Admin::new(
                 store_for_admin,
-                Arc::new(crate::pool::Pool::default()),
+                node_pool,
                 config.router_id.clone(),
                 session.subscribe(),
             ),
         );
+        let http = match config.http_listen() {
+            Some(addr) => Some(
+                HttpServer::start(addr, forwarder.clone(), config.create_on_push, auth.clone())
+                    .await
+                    .map_err(|source| StartError::Bind { addr, source })?,
+            ),
+            None => None,
+        };
         let svc = tower::service_fn(move |req: http::Request<tonic::body::Body>| {
             let f = forwarder.clone();
             let mut admin = admin.clone();
@@ -128,7 +163,7 @@ impl RouterServer {
             let until = async {
                 let _ = rx.await;
             };
-            if let Err(e) = tonic::transport::Server::builder()
+            if let Err(e) = builder
                 .serve_with_incoming_shutdown(svc, incoming, until)
                 .await
             {
@@ -141,6 +176,7 @@ impl RouterServer {
             shutdown: Some(tx),
             task,
             session: Some(session),
+            http,
             background,
         })
     }
@@ -150,8 +186,16 @@ impl RouterServer {
         self.addr
     }
 
+    /// Where git smart HTTP listens, if `http_listen_addr` is set.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http.as_ref().map(HttpServer::local_addr)
+    }
+
     /// Stops accepting calls and waits up to `grace` for calls in flight.
     pub async fn shutdown(mut self, grace: Duration) {
+        if let Some(http) = self.http.take() {
+            http.shutdown().await;
+        }
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }

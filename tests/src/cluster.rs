@@ -47,6 +47,7 @@ impl VoteCluster {
             endpoints: etcd.endpoints(),
             prefix: "/refvote/".into(),
             request_timeout: Duration::from_secs(2),
+            tls: None,
         })
         .await?;
         let session = Session::start(store.clone(), Duration::from_secs(3), |_| async { Ok(()) });

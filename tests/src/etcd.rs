@@ -16,6 +16,7 @@ use anyhow::{Context, bail};
 use etcd_client::{Client, ConnectOptions};
 
 use crate::proc::{Proc, free_ports, log_tail, loopback_ip, wait_for};
+use crate::tls::TestCa;
 
 /// How long [`Etcd::start`] waits for every member to serve a linearizable read.
 pub const START_TIMEOUT: Duration = Duration::from_secs(20);
@@ -37,6 +38,8 @@ struct Member {
 /// A running etcd cluster. See the module docs.
 pub struct Etcd {
     ip: Ipv4Addr,
+    /// Serve clients over TLS with certificates from this CA (peers stay plaintext).
+    tls: Option<EtcdTlsFiles>,
     token: String,
     members: Vec<Member>,
     log_dir: PathBuf,
@@ -58,13 +61,23 @@ impl Etcd {
     /// succeeds through every member (at most [`START_TIMEOUT`]). Retries with new
     /// ports if a port was taken between choosing and binding it.
     pub async fn start(members: usize) -> anyhow::Result<Etcd> {
+        Etcd::start_with(members, None).await
+    }
+
+    /// [`Etcd::start`] with clients served over TLS only, with certificates from `ca`,
+    /// and client certificates required (`--client-cert-auth`).
+    pub async fn start_tls(members: usize, ca: &TestCa) -> anyhow::Result<Etcd> {
+        Etcd::start_with(members, Some(ca)).await
+    }
+
+    async fn start_with(members: usize, ca: Option<&TestCa>) -> anyhow::Result<Etcd> {
         if !matches!(members, 1 | 3 | 5) {
             bail!("an etcd cluster for tests has 1, 3 or 5 members, not {members}");
         }
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let mut etcd = Etcd::spawn_all(members)?;
+            let mut etcd = Etcd::spawn_all(members, ca)?;
             match etcd.wait_healthy(START_TIMEOUT).await {
                 Ok(()) => return Ok(etcd),
                 Err(e) if attempt < 3 && etcd.any_log_contains("address already in use") => {
@@ -83,8 +96,23 @@ impl Etcd {
         }
     }
 
-    fn spawn_all(n: usize) -> anyhow::Result<Etcd> {
+    fn spawn_all(n: usize, ca: Option<&TestCa>) -> anyhow::Result<Etcd> {
         let ip = loopback_ip();
+        let tls = match ca {
+            Some(ca) => {
+                let (cert, key) = ca.issue(&format!("etcd-{ip}"), ip.into())?;
+                let (client_cert, client_key) =
+                    ca.issue(&format!("etcd-client-{ip}"), ip.into())?;
+                Some(EtcdTlsFiles {
+                    ca: ca.cert.clone(),
+                    cert,
+                    key,
+                    client_cert,
+                    client_key,
+                })
+            }
+            None => None,
+        };
         let dir = tempfile::Builder::new()
             .prefix("refvote-etcd-")
             .tempdir()
@@ -101,6 +129,7 @@ impl Etcd {
             .collect();
         let mut etcd = Etcd {
             ip,
+            tls,
             token: format!("refvote-test-{}", uuid::Uuid::new_v4()),
             members,
             log_dir: dir.path().join("logs"),
@@ -122,7 +151,7 @@ impl Etcd {
 
     fn command(&self, i: usize) -> Command {
         let m = &self.members[i];
-        let client_url = format!("http://{}:{}", self.ip, m.client_port);
+        let client_url = self.endpoint(i);
         let peer_url = format!("http://{}:{}", self.ip, m.peer_port);
         let mut cmd = Command::new("etcd");
         // etcd reads ETCD_* variables as flags; do not let the environment leak in.
@@ -144,7 +173,33 @@ impl Etcd {
             .args(["--initial-cluster-token", &self.token])
             .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
             .args(["--logger=zap", "--log-level=warn", "--log-outputs=stderr"]);
+        if let Some(tls) = &self.tls {
+            cmd.arg("--cert-file")
+                .arg(&tls.cert)
+                .arg("--key-file")
+                .arg(&tls.key)
+                .arg("--trusted-ca-file")
+                .arg(&tls.ca)
+                .arg("--client-cert-auth");
+        }
         cmd
+    }
+
+    /// The TLS files clients use (`None` for a plaintext cluster).
+    pub fn tls(&self) -> Option<&EtcdTlsFiles> {
+        self.tls.as_ref()
+    }
+
+    /// The `[etcd]` keys that make a router or node reach this cluster over TLS
+    /// (empty for a plaintext one).
+    pub fn tls_config(&self) -> String {
+        match &self.tls {
+            Some(t) => format!(
+                "ca_path = {:?}\ncertificate_path = {:?}\nkey_path = {:?}\n",
+                t.ca, t.client_cert, t.client_key
+            ),
+            None => String::new(),
+        }
     }
 
     fn spawn_member(&mut self, i: usize) -> anyhow::Result<()> {
@@ -187,9 +242,11 @@ impl Etcd {
         (0..self.members.len()).map(|i| self.endpoint(i)).collect()
     }
 
-    /// `http://ip:port` of member `i`'s client URL. Panics if `i` is out of range.
+    /// `http://ip:port` (`https://` with TLS) of member `i`'s client URL. Panics if
+    /// `i` is out of range.
     pub fn endpoint(&self, i: usize) -> String {
-        format!("http://{}:{}", self.ip, self.members[i].client_port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}:{}", self.ip, self.members[i].client_port)
     }
 
     /// `http://ip:port` of member `i`'s peer URL. Panics if `i` is out of range.
@@ -362,7 +419,7 @@ impl Etcd {
     /// A client for member `i` only, with the same timeouts as [`Etcd::client`].
     pub async fn member_client(&self, i: usize) -> anyhow::Result<Client> {
         self.member(i)?;
-        connect(&[self.endpoint(i)]).await
+        connect_with(&[self.endpoint(i)], self.tls.as_ref()).await
     }
 
     /// Polls until a linearizable read succeeds through `endpoint`, giving up after
@@ -417,10 +474,35 @@ impl Drop for Etcd {
 }
 
 async fn connect(endpoints: &[String]) -> anyhow::Result<Client> {
-    let opts = ConnectOptions::new()
+    connect_with(endpoints, None).await
+}
+
+async fn connect_with(endpoints: &[String], tls: Option<&EtcdTlsFiles>) -> anyhow::Result<Client> {
+    let mut opts = ConnectOptions::new()
         .with_connect_timeout(Duration::from_secs(1))
         .with_timeout(Duration::from_secs(2));
+    if let Some(t) = tls {
+        opts = opts.with_tls(
+            etcd_client::TlsOptions::new()
+                .ca_certificate(etcd_client::Certificate::from_pem(std::fs::read(&t.ca)?))
+                .identity(etcd_client::Identity::from_pem(
+                    std::fs::read(&t.client_cert)?,
+                    std::fs::read(&t.client_key)?,
+                )),
+        );
+    }
     Client::connect(endpoints, Some(opts))
         .await
         .with_context(|| format!("connecting to etcd at {}", endpoints.join(",")))
+}
+
+/// PEM files of a TLS etcd cluster: the CA, the members' certificate, and a client
+/// certificate it accepts.
+#[derive(Debug, Clone)]
+pub struct EtcdTlsFiles {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
 }

@@ -15,10 +15,15 @@ pub fn repo(relative: &str) -> Option<Repository> {
     })
 }
 
-/// A connected channel to `node`'s gRPC service.
+/// A connected channel to `node`'s gRPC service (over TLS if it serves TLS).
 pub async fn channel(node: &Node) -> Channel {
-    Channel::from_shared(node.grpc_url())
-        .expect("a valid URL")
+    let mut endpoint = Channel::from_shared(node.grpc_url()).expect("a valid URL");
+    if let Some(ca) = &node.tls {
+        endpoint = endpoint
+            .tls_config(ca.client().expect("the test CA"))
+            .expect("a TLS config");
+    }
+    endpoint
         .tcp_nodelay(true)
         .connect()
         .await

@@ -2,7 +2,8 @@
 //! real git ([`git`]), every process started on loopback in its own temp dir and killed
 //! by pid when the test ends ([`proc`]). [`cluster`] puts them together for the voting
 //! core's integration tests and benchmarks. [`smarthttp`] lets a real git client push
-//! and clone through a node's gRPC service.
+//! and clone through a node's gRPC service. [`local`] drives a whole cluster started
+//! by `votingctl cluster up`, as a person would. [`tls`] issues test certificates.
 //!
 //! Nothing here mocks etcd or git; there is no in-process shortcut to a node.
 
@@ -12,7 +13,9 @@ pub mod etcd;
 pub mod faultnet;
 pub mod git;
 pub mod grpc;
+pub mod local;
 pub mod node;
 pub mod proc;
 pub mod router;
 pub mod smarthttp;
+pub mod tls;

@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 
 use crate::proc::{Proc, free_port, loopback_ip, wait_until};
+use crate::tls::TestCa;
 
 /// Where the workspace's binaries are: `$REFVOTE_BIN_DIR` if set, else next to the
 /// test binary's `deps/` folder. The override is for a target directory shared by
@@ -49,6 +50,12 @@ pub struct NodeOptions {
     pub advertise_addr: Option<SocketAddr>,
     /// Whether votingd runs the reaper (tests of the routers' reaper turn it off).
     pub reaper: bool,
+    /// TOML appended to the generated config (sections such as `[auth]`).
+    pub extra_config: String,
+    /// Lines added to the `[etcd]` section (e.g. [`crate::etcd::Etcd::tls_config`]).
+    pub etcd_config: String,
+    /// Serve TLS with a certificate from this CA (and trust it for other nodes).
+    pub tls: Option<TestCa>,
 }
 
 impl Default for NodeOptions {
@@ -62,6 +69,9 @@ impl Default for NodeOptions {
             grpc_addr: None,
             advertise_addr: None,
             reaper: true,
+            extra_config: String::new(),
+            etcd_config: String::new(),
+            tls: None,
         }
     }
 }
@@ -75,6 +85,8 @@ pub struct Node {
     pub config: PathBuf,
     /// The node's gRPC service (a free port on a random loopback address).
     grpc: SocketAddr,
+    /// The CA of the node's TLS certificate, when it serves TLS.
+    pub tls: Option<TestCa>,
     proc: Option<Proc>,
     /// Added to the process's environment at every launch (e.g. an armed fault point).
     pub env: Vec<(String, String)>,
@@ -113,13 +125,14 @@ impl Node {
             &config,
             format!(
                 "node_name = {name:?}\nlisten_addr = \"{grpc}\"\n{advertise}socket_path = {:?}\n\
-                 [etcd]\nendpoints = [{endpoints}]\nprefix = \"/refvote/\"\nlease_ttl_secs = {}\nrequest_timeout_ms = {}\n\
+                 [etcd]\nendpoints = [{endpoints}]\nprefix = \"/refvote/\"\nlease_ttl_secs = {}\nrequest_timeout_ms = {}\n{}\
                  [vote]\nsocket_path = {:?}\nhooks_dir = {:?}\nvote_timeout_ms = {}\nrequire_transaction = {}\n\
                  reaper = {}\nreaper_interval_ms = {}\nhook_binary = {:?}\n\
-                 [[storage]]\nname = \"default\"\npath = {:?}\n",
+                 [[storage]]\nname = \"default\"\npath = {:?}\n{}{}",
                 dir.join("gitaly.sock"),
                 opts.lease_ttl_secs,
                 opts.request_timeout_ms,
+                opts.etcd_config,
                 socket,
                 hooks,
                 opts.vote_timeout_ms,
@@ -128,6 +141,8 @@ impl Node {
                 opts.reaper_interval_ms,
                 bin("reference-transaction"),
                 storage,
+                tls_config(opts.tls.as_ref(), name, ip.into())?,
+                opts.extra_config,
             ),
         )?;
         let mut node = Node {
@@ -138,6 +153,7 @@ impl Node {
             socket,
             config,
             grpc,
+            tls: opts.tls.clone(),
             proc: None,
             env: Vec::new(),
         };
@@ -182,9 +198,10 @@ impl Node {
         self.dir.join("gitaly.sock")
     }
 
-    /// `http://<grpc_addr>`, for tonic clients.
+    /// `http://<grpc_addr>` (`https://` with TLS), for tonic clients.
     pub fn grpc_url(&self) -> String {
-        format!("http://{}", self.grpc)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.grpc)
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -236,4 +253,17 @@ impl Node {
     pub fn tx_env(&self, tx: &str) -> Vec<(String, String)> {
         votingd::transaction_env(tx, &self.name, &self.socket)
     }
+}
+
+/// The `[tls]` section for a server `name` at `ip` with a certificate from `ca`
+/// (empty without one).
+pub fn tls_config(ca: Option<&TestCa>, name: &str, ip: std::net::IpAddr) -> anyhow::Result<String> {
+    let Some(ca) = ca else {
+        return Ok(String::new());
+    };
+    let (cert, key) = ca.issue(name, ip)?;
+    Ok(format!(
+        "[tls]\ncertificate_path = {cert:?}\nkey_path = {key:?}\nca_path = {:?}\n",
+        ca.cert
+    ))
 }

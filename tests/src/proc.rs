@@ -55,10 +55,11 @@ pub fn pid_exists(pid: u32) -> bool {
 }
 
 /// Sends `sig` to `pid`. The only `unsafe` in the harness.
-fn send_signal(pid: u32, sig: libc::c_int) -> std::io::Result<()> {
+pub(crate) fn send_signal(pid: u32, sig: libc::c_int) -> std::io::Result<()> {
     let pid = libc::pid_t::try_from(pid).map_err(std::io::Error::other)?;
     // SAFETY: kill(2) has no memory-safety preconditions; callers only pass the pid of a
-    // child they have not reaped yet, so the pid cannot have been reused by another process.
+    // child they have not reaped yet (so it cannot have been reused by another process),
+    // or one whose command line they just checked (`local::LocalCluster`'s drop).
     let rc = unsafe { libc::kill(pid, sig) };
     if rc == 0 {
         Ok(())

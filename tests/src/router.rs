@@ -9,23 +9,51 @@ use std::time::Duration;
 use anyhow::Context;
 use tonic::transport::Channel;
 
-use crate::node::bin;
+use crate::node::{bin, tls_config};
 use crate::proc::{Proc, free_port, loopback_ip, wait_until};
+use crate::tls::TestCa;
 
 pub struct Router {
     pub name: String,
     pub dir: PathBuf,
     pub config: PathBuf,
     addr: SocketAddr,
+    /// git smart HTTP, when started with [`RouterOptions::http`].
+    http: Option<SocketAddr>,
+    /// The CA of the router's TLS certificate, when it serves TLS.
+    pub tls: Option<TestCa>,
     proc: Option<Proc>,
     /// Added to the process's environment at every launch (e.g. an armed fault point).
     pub env: Vec<(String, String)>,
+}
+
+/// Settings a test may add to a router's generated config.
+#[derive(Debug, Clone, Default)]
+pub struct RouterOptions {
+    /// TOML appended to the config (sections such as `[auth]`).
+    pub extra_config: String,
+    /// Lines added to the `[etcd]` section (e.g. [`crate::etcd::Etcd::tls_config`]).
+    pub etcd_config: String,
+    /// Serve TLS with a certificate from this CA (and trust it for `tls://` nodes).
+    pub tls: Option<TestCa>,
+    /// Serve git smart HTTP on a free port too (`http_listen_addr`).
+    pub http: bool,
 }
 
 impl Router {
     /// Writes `root/<name>/router.toml` and starts the router; waits until it accepts
     /// connections (it binds only after its registry and etcd client are set up).
     pub async fn start(name: &str, root: &Path, endpoints: &[String]) -> anyhow::Result<Router> {
+        Router::start_with(name, root, endpoints, &RouterOptions::default()).await
+    }
+
+    /// [`Router::start`] with `opts` added to the config.
+    pub async fn start_with(
+        name: &str,
+        root: &Path,
+        endpoints: &[String],
+        opts: &RouterOptions,
+    ) -> anyhow::Result<Router> {
         let dir = root.join(name);
         std::fs::create_dir_all(&dir)?;
         let ip = loopback_ip();
@@ -35,12 +63,22 @@ impl Router {
             .map(|e| format!("{e:?}"))
             .collect::<Vec<_>>()
             .join(", ");
+        let http = match opts.http {
+            true => Some(SocketAddr::from((ip, free_port(ip)?))),
+            false => None,
+        };
+        let http_line = http
+            .map(|a| format!("http_listen_addr = \"{a}\"\n"))
+            .unwrap_or_default();
         let config = dir.join("router.toml");
         std::fs::write(
             &config,
             format!(
-                "router_id = {name:?}\nlisten_addr = \"{addr}\"\n\
-                 [etcd]\nendpoints = [{endpoints}]\nprefix = \"/refvote/\"\nlease_ttl_secs = 3\nrequest_timeout_ms = 1000\n"
+                "router_id = {name:?}\nlisten_addr = \"{addr}\"\n{http_line}\
+                 [etcd]\nendpoints = [{endpoints}]\nprefix = \"/refvote/\"\nlease_ttl_secs = 3\nrequest_timeout_ms = 1000\n{}{}{}",
+                opts.etcd_config,
+                tls_config(opts.tls.as_ref(), name, ip.into())?,
+                opts.extra_config,
             ),
         )?;
         let mut router = Router {
@@ -48,6 +86,8 @@ impl Router {
             dir,
             config,
             addr,
+            http,
+            tls: opts.tls.clone(),
             proc: None,
             env: Vec::new(),
         };
@@ -75,20 +115,29 @@ impl Router {
         result.with_context(|| format!("router {} log:\n{}", self.name, self.log_tail(30)))
     }
 
+    /// The git smart HTTP URL of `relative` (with [`RouterOptions::http`]).
+    pub fn http_url(&self, relative: &str) -> String {
+        let addr = self.http.expect("the router was started without http");
+        format!("http://{addr}/{relative}")
+    }
+
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }
 
-    /// `http://<addr>`, for tonic clients.
+    /// `http://<addr>` (`https://` with TLS), for tonic clients.
     pub fn grpc_url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
+    /// A connected channel (over TLS, trusting the test CA, if the router serves TLS).
     pub async fn channel(&self) -> anyhow::Result<Channel> {
-        Ok(Channel::from_shared(self.grpc_url())?
-            .tcp_nodelay(true)
-            .connect()
-            .await?)
+        let mut endpoint = Channel::from_shared(self.grpc_url())?;
+        if let Some(ca) = &self.tls {
+            endpoint = endpoint.tls_config(ca.client()?)?;
+        }
+        Ok(endpoint.tcp_nodelay(true).connect().await?)
     }
 
     pub fn pid(&self) -> Option<u32> {

@@ -8,8 +8,10 @@
 //! (git only gzips fetch requests over 1 KiB).
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use anyhow::{Context, bail};
+use refvote_auth::{Secret, Signed};
 use refvote_proto::gitaly::smart_http_service_client::SmartHttpServiceClient;
 use refvote_proto::gitaly::{
     InfoRefsRequest, PostReceivePackRequest, PostUploadPackRequest, Repository,
@@ -17,6 +19,7 @@ use refvote_proto::gitaly::{
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tonic::metadata::MetadataValue;
+use tonic::transport::Channel;
 
 /// gRPC message size the proxy cuts request bodies into.
 const MESSAGE: usize = 32 * 1024;
@@ -44,14 +47,23 @@ impl Drop for GitHttpProxy {
 
 impl GitHttpProxy {
     pub async fn start(targets: Vec<Target>) -> anyhow::Result<GitHttpProxy> {
+        GitHttpProxy::start_signed(targets, None).await
+    }
+
+    /// [`GitHttpProxy::start`], signing every call with `secret` (Gitaly's v2 token).
+    pub async fn start_signed(
+        targets: Vec<Target>,
+        secret: Option<Arc<Secret>>,
+    ) -> anyhow::Result<GitHttpProxy> {
         anyhow::ensure!(!targets.is_empty(), "the proxy needs at least one target");
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let task = tokio::spawn(async move {
             while let Ok((conn, _)) = listener.accept().await {
                 let targets = targets.clone();
+                let secret = secret.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = serve(conn, &targets).await {
+                    if let Err(e) = serve(conn, &targets, &secret).await {
                         eprintln!("test git proxy: {e:#}");
                     }
                 });
@@ -74,10 +86,24 @@ struct HttpRequest {
     body: Vec<u8>,
 }
 
-async fn serve(conn: TcpStream, targets: &[Target]) -> anyhow::Result<()> {
+type Secretly = Option<Arc<Secret>>;
+
+/// A SmartHTTP client for `url`, signing its calls when `secret` is set.
+async fn client(
+    url: &str,
+    secret: &Secretly,
+) -> anyhow::Result<SmartHttpServiceClient<Signed<Channel>>> {
+    let channel = Channel::from_shared(url.to_owned())?.connect().await?;
+    Ok(SmartHttpServiceClient::new(Signed::new(
+        channel,
+        secret.clone(),
+    )))
+}
+
+async fn serve(conn: TcpStream, targets: &[Target], secret: &Secretly) -> anyhow::Result<()> {
     let mut conn = BufReader::new(conn);
     let req = read_request(&mut conn).await?;
-    let (status, content_type, body) = match handle(&req, targets).await {
+    let (status, content_type, body) = match handle(&req, targets, secret).await {
         Ok((ct, body)) => ("200 OK", ct, body),
         Err(e) => (
             "500 Internal Server Error",
@@ -149,7 +175,11 @@ async fn read_request(conn: &mut BufReader<TcpStream>) -> anyhow::Result<HttpReq
     })
 }
 
-async fn handle(req: &HttpRequest, targets: &[Target]) -> anyhow::Result<(String, Vec<u8>)> {
+async fn handle(
+    req: &HttpRequest,
+    targets: &[Target],
+    secret: &Secretly,
+) -> anyhow::Result<(String, Vec<u8>)> {
     let first = &targets[0];
     if req.method == "GET" && req.path.ends_with("/info/refs") {
         let relative = req
@@ -166,7 +196,7 @@ async fn handle(req: &HttpRequest, targets: &[Target]) -> anyhow::Result<(String
             git_config_options: Vec::new(),
             git_protocol: req.git_protocol.clone(),
         };
-        let mut client = SmartHttpServiceClient::connect(first.url.clone()).await?;
+        let mut client = client(&first.url, secret).await?;
         let mut stream = match service {
             "git-upload-pack" => client.info_refs_upload_pack(request).await?.into_inner(),
             "git-receive-pack" => client.info_refs_receive_pack(request).await?.into_inner(),
@@ -191,7 +221,7 @@ async fn handle(req: &HttpRequest, targets: &[Target]) -> anyhow::Result<(String
             .collect();
         messages[0].repository = Some(repository(first, relative));
         messages[0].git_protocol = req.git_protocol.clone();
-        let mut client = SmartHttpServiceClient::connect(first.url.clone()).await?;
+        let mut client = client(&first.url, secret).await?;
         let mut stream = client
             .post_upload_pack(tokio_stream::iter(messages))
             .await?
@@ -208,7 +238,9 @@ async fn handle(req: &HttpRequest, targets: &[Target]) -> anyhow::Result<(String
             .trim_start_matches('/')
             .trim_end_matches("/git-receive-pack");
         // Every target gets the same bytes, concurrently, as the router tees them.
-        let calls = targets.iter().map(|t| receive_pack(t, relative, req));
+        let calls = targets
+            .iter()
+            .map(|t| receive_pack(t, relative, req, secret));
         let results = futures::future::join_all(calls).await;
         let mut bodies = Vec::new();
         for r in results {
@@ -222,7 +254,12 @@ async fn handle(req: &HttpRequest, targets: &[Target]) -> anyhow::Result<(String
     bail!("unsupported request {} {}", req.method, req.path)
 }
 
-async fn receive_pack(t: &Target, relative: &str, req: &HttpRequest) -> anyhow::Result<Vec<u8>> {
+async fn receive_pack(
+    t: &Target,
+    relative: &str,
+    req: &HttpRequest,
+    secret: &Secretly,
+) -> anyhow::Result<Vec<u8>> {
     let mut messages: Vec<PostReceivePackRequest> = chunks(&req.body)
         .map(|data| PostReceivePackRequest {
             data,
@@ -237,7 +274,7 @@ async fn receive_pack(t: &Target, relative: &str, req: &HttpRequest) -> anyhow::
             .metadata_mut()
             .insert("refvote-transaction", MetadataValue::try_from(tx.as_str())?);
     }
-    let mut client = SmartHttpServiceClient::connect(t.url.clone()).await?;
+    let mut client = client(&t.url, secret).await?;
     let mut stream = client.post_receive_pack(request).await?.into_inner();
     let mut body = Vec::new();
     while let Some(m) = stream.message().await? {

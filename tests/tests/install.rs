@@ -96,4 +96,42 @@ fn the_example_config_is_valid_and_a_bad_one_names_the_key() {
         .unwrap();
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("etcd.request_timeout_ms"));
+
+    // The security keys are documented, each under its section.
+    let text = std::fs::read_to_string(&example).unwrap();
+    let section = |name: &str| {
+        let start = text
+            .find(&format!("\n[{name}]\n"))
+            .unwrap_or_else(|| panic!("no [{name}] section"));
+        let rest = &text[start + 1..];
+        let end = rest[1..].find("\n[").map_or(rest.len(), |i| i + 1);
+        rest[..end].to_owned()
+    };
+    for (name, keys) in [
+        ("etcd", &["ca_path", "certificate_path", "key_path"][..]),
+        ("auth", &["token", "token_file", "transitioning"][..]),
+        (
+            "tls",
+            &["certificate_path", "key_path", "client_ca_path", "ca_path"][..],
+        ),
+    ] {
+        let body = section(name);
+        for key in keys {
+            assert!(
+                body.lines()
+                    .any(|l| l.trim_start_matches("# ").starts_with(&format!("{key} = "))),
+                "[{name}] {key} is not documented in install/votingd.toml"
+            );
+        }
+    }
+    // An empty token is refused, naming the key.
+    std::fs::write(&bad, "node_name = \"n1\"\n[auth]\ntoken = \"\"\n").unwrap();
+    let out = Command::new(&votingd)
+        .arg("--check-config")
+        .arg("--config")
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("auth.token"));
 }

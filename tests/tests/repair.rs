@@ -232,19 +232,24 @@ async fn a_copy_overtaken_by_a_write_is_not_recorded_as_current() -> anyhow::Res
     c.store.mark_outdated(&id, "node3", "test: behind").await?;
     let jobs = c.store.repair_jobs().await?;
     assert_eq!(jobs.len(), 1, "marking outdated queues a job: {jobs:?}");
+    let mut plan = c.store.repair_plan(&id, "node3").await?;
+    let mut second = plan.clone();
     let claim = c
         .store
-        .claim_repair(&jobs[0], "test", lease)
+        .claim_repair(&jobs[0], &mut plan, "test", lease)
         .await?
         .expect("claimed");
+    assert_eq!(
+        plan.target.as_ref().map(|(r, _)| r.state),
+        Some(ReplicaState::Repairing)
+    );
     assert!(
         c.store
-            .claim_repair(&jobs[0], "other", lease)
+            .claim_repair(&jobs[0], &mut second, "other", lease)
             .await?
             .is_none(),
         "a second claim must fail"
     );
-    let plan = c.store.repair_plan(&id, "node3").await?;
     assert_eq!(plan.generation(), 0);
     assert_eq!(plan.sources("node3"), ["node1", "node2"]);
 
@@ -267,7 +272,7 @@ async fn a_copy_overtaken_by_a_write_is_not_recorded_as_current() -> anyhow::Res
     );
     let view = c.store.repo_view(&id).await?;
     let (node3, _) = &view.replicas["node3"];
-    assert_eq!(node3.state, ReplicaState::Outdated, "{view:?}");
+    assert_eq!(node3.state, ReplicaState::Repairing, "{view:?}");
     assert!(!node3.is_up_to_date(&view.record));
     assert_eq!(c.store.repair_jobs().await?.len(), 1, "the job stays");
 
@@ -465,5 +470,43 @@ async fn writes_wait_for_a_locked_repository_then_fail_saying_who_holds_it() -> 
             Some(new.clone())
         );
     }
+    Ok(())
+}
+
+/// A transaction that began before its repository was removed and created again
+/// changes nothing in the new one when it finalizes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finalize_does_not_resurrect_a_removed_repository() -> anyhow::Result<()> {
+    let c = VoteCluster::start(3, 1).await?;
+    let id = c.create_repo("p.git").await?;
+    let tx = c.begin(&id).await?;
+    let work = c.work("w")?;
+    work.commit("main", "x")?;
+    c.push_all(&tx, &work, &["main"]).await?;
+    // Removed and registered again while the transaction is open.
+    let old = c
+        .store
+        .get(&c.store.keys().repo(&id))
+        .await?
+        .expect("registered");
+    assert!(
+        c.store
+            .unregister_repository(&id, old.create_revision)
+            .await?
+    );
+    c.store
+        .create_repository(&id, &c.node_names(), "fresh")
+        .await?;
+    let outcome = c.finalize(&tx).await?;
+    assert!(!outcome.committed && !outcome.acknowledged, "{outcome:?}");
+    let view = c.store.repo_view(&id).await?;
+    assert_eq!(view.record.generation, 0, "{view:?}");
+    assert_eq!(view.record.creation_checksum, "fresh");
+    assert!(
+        view.replicas
+            .values()
+            .all(|(r, _)| r.generation == 0 && r.checksum == "fresh"),
+        "{view:?}"
+    );
     Ok(())
 }

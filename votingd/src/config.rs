@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use refvote_auth::{AuthSettings, TlsSettings};
 use refvote_cluster::settings::{ConfigError, EtcdSettings, load_toml, parse_toml};
 use serde::Deserialize;
 
@@ -17,7 +18,7 @@ pub struct Config {
     #[serde(default = "defaults::listen_addr")]
     pub listen_addr: String,
     /// `host:port` routers dial to reach `listen_addr`; registered in etcd as
-    /// `tcp://<advertise_addr>`. Empty: `listen_addr` itself, which then must not be
+    /// `tcp://<advertise_addr>` (`tls://…` when `[tls]` serves TLS). Empty: `listen_addr` itself, which then must not be
     /// a wildcard address such as 0.0.0.0.
     #[serde(default)]
     pub advertise_addr: String,
@@ -32,6 +33,14 @@ pub struct Config {
     pub etcd: EtcdSettings,
     #[serde(default)]
     pub vote: VoteConfig,
+    /// Gitaly's v2 token, checked on every call to the node's gRPC service (TCP and
+    /// Unix socket; health excepted) and sent on calls to other nodes.
+    #[serde(default)]
+    pub auth: AuthSettings,
+    /// TLS on `listen_addr` (the Unix socket stays plaintext; it is local), optional
+    /// client certificates, and the CA other `tls://` nodes are checked against.
+    #[serde(default)]
+    pub tls: TlsSettings,
     /// Local storages: name → directory. Repositories live below them.
     #[serde(default, rename = "storage")]
     pub storages: Vec<Storage>,
@@ -234,6 +243,12 @@ impl Config {
         self.etcd
             .validate()
             .map_err(|(key, reason)| invalid(key, reason))?;
+        self.auth
+            .policy()
+            .map_err(|(key, reason)| invalid(key, reason))?;
+        self.tls
+            .validate()
+            .map_err(|(key, reason)| invalid(key, reason))?;
         if self.vote.vote_timeout_ms < self.etcd.request_timeout_ms {
             return Err(invalid(
                 "vote.vote_timeout_ms",
@@ -299,11 +314,17 @@ impl Config {
     /// The node service's address as registered in etcd (`tcp://host:port`), or empty
     /// when the service is disabled.
     pub fn registered_address(&self) -> String {
+        let scheme = self.address_scheme();
         match (self.listen_addr.as_str(), self.advertise_addr.as_str()) {
             ("", _) => String::new(),
-            (listen, "") => format!("tcp://{listen}"),
-            (_, advertised) => format!("tcp://{advertised}"),
+            (listen, "") => format!("{scheme}://{listen}"),
+            (_, advertised) => format!("{scheme}://{advertised}"),
         }
+    }
+
+    /// `tls` when the node service serves TLS, else `tcp` (Gitaly's address schemes).
+    pub fn address_scheme(&self) -> &'static str {
+        if self.tls.serves_tls() { "tls" } else { "tcp" }
     }
 
     pub fn lease_ttl(&self) -> Duration {
@@ -370,5 +391,7 @@ mod tests {
         let e = parse("node_name = \"n\"\n[[storage]]\nname = \"default\"\npath = \"rel\"\n")
             .unwrap_err();
         assert!(e.contains("storage.path"), "{e}");
+        let e = parse("node_name = \"n\"\n[auth]\ntoken = \"\"\n").unwrap_err();
+        assert!(e.contains("auth.token"), "{e}");
     }
 }

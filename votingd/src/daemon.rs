@@ -51,6 +51,9 @@ pub enum StartError {
     },
     #[error("cannot prepare the storages")]
     Storages(#[source] std::io::Error),
+    /// `[auth]` or `[tls]` could not be set up (a file changed since validation).
+    #[error("{key}: {reason}")]
+    Security { key: &'static str, reason: String },
 }
 
 /// Nothing else holds a repository lock at start-up; this only bounds a surprise.
@@ -78,6 +81,11 @@ impl Daemon {
             path: hooks_dir.display().to_string(),
             source,
         })?;
+        // Validated with the config; read again here (the token file may have moved).
+        let invalid = |(key, reason)| StartError::Security { key, reason };
+        let auth = config.auth.policy().map_err(invalid)?;
+        let server_tls = config.tls.server().map_err(invalid)?;
+        let client_tls = config.tls.client().map_err(invalid)?;
         let listener = bind_socket(&config)?;
         let incoming = if config.listen_addr.is_empty() {
             None
@@ -112,7 +120,7 @@ impl Daemon {
             // The bound address, so `listen_addr = "127.0.0.1:0"` registers its real port.
             (Some(i), true) => i
                 .local_addr()
-                .map(|a| format!("tcp://{a}"))
+                .map(|a| format!("{}://{a}", config.address_scheme()))
                 .unwrap_or_else(|_| config.registered_address()),
             _ => config.registered_address(),
         };
@@ -139,6 +147,8 @@ impl Daemon {
                         votes: service.clone(),
                     },
                     locks,
+                    secret: auth.as_ref().map(|a| a.secret.clone()),
+                    client_tls,
                 });
                 let listen = |source| StartError::Listen {
                     addr: config.listen_addr.clone(),
@@ -149,7 +159,7 @@ impl Daemon {
                 } else {
                     Some(bind_unix(&config, &config.socket_path)?)
                 };
-                Some(node::serve(incoming, unix, state).map_err(listen)?)
+                Some(node::serve(incoming, unix, state, auth, server_tls).map_err(listen)?)
             }
             None => None,
         };

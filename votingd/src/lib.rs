@@ -2,7 +2,8 @@
 //! real git on the node's storages ([`node`]), serves the `reference-transaction` hook
 //! over a Unix socket ([`vote`]), records and decides votes in etcd through the shared
 //! model crate, holds the node's etcd lease, reaps abandoned transactions, and reports
-//! its health ([`status`]). `votingctl` ships from this crate too. [`pktline`] puts a
+//! its health ([`status`]). `votingctl` ships from this crate too, with the local
+//! cluster it can run ([`local_cluster`]). [`pktline`] puts a
 //! push's commands in one canonical order, so every replica's receive-pack applies them
 //! alike.
 //!
@@ -15,6 +16,7 @@ pub mod client;
 pub mod config;
 pub mod daemon;
 pub mod hooks;
+pub mod local_cluster;
 pub mod logging;
 pub mod node;
 pub mod pktline;

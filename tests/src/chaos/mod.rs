@@ -31,8 +31,7 @@ use crate::etcd::Etcd;
 use crate::faultnet::{Link, LinkState};
 use crate::node::{Node, NodeOptions};
 use crate::proc::{free_port, loopback_ip};
-use crate::router::Router;
-use crate::smarthttp::{GitHttpProxy, Target};
+use crate::router::{Router, RouterOptions};
 
 /// The relative path every workload client uses.
 pub const REPO: &str = "chaos/project.git";
@@ -76,8 +75,8 @@ pub struct ChaosCluster {
     pub to_node: Vec<Link>,
     /// `router_etcd[r][m]`: router r's link to etcd member m.
     pub router_etcd: Vec<Vec<Link>>,
-    /// `http[r]`: git smart HTTP in front of router r.
-    pub http: Vec<GitHttpProxy>,
+    /// `http[r]`: the repository's URL on router r's git smart HTTP port.
+    pub http: Vec<String>,
     /// The suite's own view of etcd, straight to the members (never cut).
     pub store: Store,
     pub lease_ttl: Duration,
@@ -132,15 +131,17 @@ impl ChaosCluster {
                 .iter()
                 .map(|l| format!("http://{}", l.addr()))
                 .collect();
-            let router = Router::start(&name, dir.path(), &endpoints).await?;
-            http.push(
-                GitHttpProxy::start(vec![Target {
-                    url: router.grpc_url(),
-                    storage: "default".into(),
-                    transaction: None,
-                }])
-                .await?,
-            );
+            let router = Router::start_with(
+                &name,
+                dir.path(),
+                &endpoints,
+                &RouterOptions {
+                    http: true,
+                    ..RouterOptions::default()
+                },
+            )
+            .await?;
+            http.push(router.http_url(REPO));
             rs.push(router);
             router_etcd.push(links);
         }
@@ -148,6 +149,7 @@ impl ChaosCluster {
             endpoints: etcd.endpoints(),
             prefix: "/refvote/".into(),
             request_timeout: Duration::from_secs(2),
+            tls: None,
         })
         .await?;
         Ok(ChaosCluster {
@@ -299,7 +301,7 @@ pub async fn run(config: &ChaosConfig) -> anyhow::Result<check::Report> {
     let history = Arc::new(History::new());
     let stop = Arc::new(AtomicBool::new(false));
 
-    let urls: Vec<String> = cluster.http.iter().map(|h| h.url(REPO)).collect();
+    let urls: Vec<String> = cluster.http.clone();
     let mut writers = Vec::new();
     for k in 0..config.writers {
         let (h, s, urls) = (history.clone(), stop.clone(), urls.clone());

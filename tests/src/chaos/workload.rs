@@ -144,11 +144,15 @@ pub fn classify(text: &str) -> (Outcome, String) {
         .unwrap_or_else(|| text.lines().last().unwrap_or(""))
         .trim()
         .to_owned();
-    // The vote aborted (the hook's line), or git refused before sending anything: the
-    // decision is durable, the update can never appear.
-    let definite = text.contains("update rejected")
-        || text.contains("[rejected]")
-        || text.contains("[remote rejected]");
+    // Definite: the vote aborted (the hook's line: the abort is a durable decision),
+    // the router refused before creating the transaction (no quorum, a locked
+    // repository), or git itself refused before sending anything. Every other refusal
+    // (`[remote rejected] … (cluster unavailable, retry)`, a broken connection, an
+    // HTTP error) may have committed somewhere.
+    let definite = (text.contains("update rejected:") && text.contains("replicas agreed"))
+        || text.contains("(no quorum:")
+        || text.contains("is locked by")
+        || text.contains(" ! [rejected]");
     if definite && !text.contains("outcome unknown") {
         (Outcome::Failed, line)
     } else {
@@ -263,6 +267,14 @@ mod tests {
         );
         assert_eq!(
             classify("[remote rejected] HEAD -> w1 (outcome unknown)").0,
+            Outcome::Unknown
+        );
+        assert_eq!(
+            classify(" ! [remote rejected] HEAD -> w1 (no quorum: 1 of 3 up, 2 needed)").0,
+            Outcome::Failed
+        );
+        assert_eq!(
+            classify(" ! [remote rejected] HEAD -> w1 (cluster unavailable, retry)").0,
             Outcome::Unknown
         );
     }

@@ -1,7 +1,9 @@
 //! The node's Gitaly-compatible gRPC service: Gitaly's RPCs (package `gitaly`),
 //! answered by running real git on this node's storages, plus the standard gRPC
 //! health service. The router forwards clients' calls here unchanged, with the
-//! refvote transaction in request metadata ([`tx`]).
+//! refvote transaction in request metadata ([`tx`]). With `[auth]` set every call
+//! (health excepted) must carry Gitaly's v2 token, on TCP and the Unix socket; with
+//! `[tls]` the TCP listener serves TLS only.
 //!
 //! Layout: one file per Gitaly service ([`server`], [`repository`], [`refs`],
 //! [`smarthttp`], [`ssh`]), sharing the storage resolver ([`storage`]), the git runner ([`git`]),
@@ -30,6 +32,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use refvote_auth::{AuthLayer, Secret};
 use refvote_proto::gitaly;
 use tokio::task::JoinHandle;
 use tonic::transport::server::TcpIncoming;
@@ -47,6 +50,11 @@ pub struct NodeState {
     pub tx: TxSettings,
     /// Orders ref-writing git runs against maintenance and repair.
     pub locks: repolock::RepoLocks,
+    /// The `[auth]` secret: checked on every call (see [`serve`]) and used to sign
+    /// calls to another node (repair's source).
+    pub secret: Option<Arc<Secret>>,
+    /// How a `tls://` node is reached (repair's source), from `[tls] ca_path`.
+    pub client_tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 /// Binds the service's TCP listener (before anything else starts, so a busy port fails
@@ -80,14 +88,24 @@ impl NodeServer {
     }
 }
 
-/// Every implemented Gitaly service and the health service, routed.
+/// Every implemented Gitaly service and the health service, routed, behind the token
+/// check (which lets health through).
 fn routes(
     state: &Arc<NodeState>,
+    auth: &AuthLayer,
+    tls: Option<tonic::transport::ServerTlsConfig>,
     health: tonic_health::pb::health_server::HealthServer<
         impl tonic_health::pb::health_server::Health,
     >,
-) -> tonic::transport::server::Router {
-    tonic::transport::Server::builder()
+) -> std::io::Result<tonic::transport::server::Router<refvote_auth::server::Layered>> {
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder
+            .tls_config(tls)
+            .map_err(|e| std::io::Error::other(format!("TLS: {e}")))?;
+    }
+    Ok(builder
+        .layer(auth.clone())
         .add_service(health)
         .add_service(gitaly::server_service_server::ServerServiceServer::new(
             server::ServerSvc::new(state.clone()),
@@ -118,16 +136,20 @@ fn routes(
         )
         .add_service(gitaly::ssh_service_server::SshServiceServer::new(
             ssh::SshSvc::new(state.clone()),
-        ))
+        )))
 }
 
 /// Serves every implemented Gitaly service and the health service on `incoming`, and
 /// on the Unix socket `unix` if given (local clients, as Gitaly's `socket_path`).
+/// Both check tokens when `auth` says so; TCP serves TLS when `tls` is given.
 pub fn serve(
     incoming: TcpIncoming,
     unix: Option<tokio::net::UnixListener>,
     state: Arc<NodeState>,
+    auth: Option<refvote_auth::AuthPolicy>,
+    tls: Option<tonic::transport::ServerTlsConfig>,
 ) -> std::io::Result<NodeServer> {
+    let auth = AuthLayer::new(auth, format!("votingd node {}", state.name));
     let local_addr = incoming.local_addr()?;
     let (reporter, health) = tonic_health::server::health_reporter();
     let (stop, stopped) = tokio::sync::watch::channel(false);
@@ -135,7 +157,7 @@ pub fn serve(
         let _ = rx.wait_for(|s| *s).await;
     };
     let mut tasks = Vec::new();
-    let tcp = routes(&state, health.clone());
+    let tcp = routes(&state, &auth, tls, health.clone())?;
     let until = signal(stopped.clone());
     tasks.push(tokio::spawn(async move {
         // The empty service name (the whole server) is SERVING from the start; name
@@ -148,7 +170,7 @@ pub fn serve(
         }
     }));
     if let Some(listener) = unix {
-        let local = routes(&state, health);
+        let local = routes(&state, &auth, None, health)?;
         let until = signal(stopped);
         let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
         tasks.push(tokio::spawn(async move {

@@ -316,7 +316,12 @@ impl RepositoryService for RepositorySvc {
             .ok_or_else(|| NodeError::invalid("source repository not set"))?;
         refvote_cluster::repo::validate_relative_path(&source.relative_path)
             .map_err(|e| NodeError::invalid(format!("source relative path is malformed: {e}")))?;
-        let url = replicate::source_url(&metadata, &source.storage_name)?;
+        let server = replicate::source_server(
+            &metadata,
+            &source.storage_name,
+            self.node.secret.as_ref(),
+            self.node.client_tls.as_ref(),
+        )?;
         // Outside a transaction this is a router's repair: it copies what a majority
         // already decided, so `require_transaction` does not refuse it.
         let ctx = if metadata.contains_key(crate::node::tx::TX_METADATA) {
@@ -339,7 +344,7 @@ impl RepositoryService for RepositorySvc {
             .exclusive(&target.path, REPAIR_LOCK_WAIT)
             .await?;
         let result = async {
-            let src = replicate::fetch_source(&url, source, &target.root).await?;
+            let src = replicate::fetch_source(&server, source, &target.root).await?;
             if is_repository(&target.path) {
                 replicate::sync_existing(&self.node.git, &target, &src).await?;
             } else {

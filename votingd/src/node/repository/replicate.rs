@@ -10,14 +10,16 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use base64::Engine;
+use refvote_auth::{Secret, Signed};
 use refvote_proto::gitaly::ref_service_client::RefServiceClient;
 use refvote_proto::gitaly::repository_service_client::RepositoryServiceClient;
 use refvote_proto::gitaly::{CreateBundleRequest, FindDefaultBranchNameRequest, Repository};
 use tokio_stream::StreamExt;
 use tonic::metadata::MetadataMap;
-use tonic::transport::Channel;
+use tonic::transport::{Channel, ClientTlsConfig};
 use tonic::{Code, Status};
 
 use super::bundle;
@@ -34,10 +36,28 @@ pub const SERVERS_METADATA: &str = "gitaly-servers";
 #[derive(serde::Deserialize)]
 struct Server {
     address: String,
+    /// The secret the source checks tokens against, as Gitaly sends it; empty: this
+    /// node's own `[auth]` secret, which a refvote cluster shares.
+    #[serde(default)]
+    token: String,
 }
 
-/// The gRPC URL of the node serving `storage`, from the `gitaly-servers` metadata.
-pub fn source_url(metadata: &MetadataMap, storage: &str) -> Result<String, NodeError> {
+/// Where the source is and the secret to sign calls to it with.
+pub struct SourceServer {
+    pub url: String,
+    pub secret: Option<Arc<Secret>>,
+    /// Set for a `tls://` source.
+    pub tls: Option<ClientTlsConfig>,
+}
+
+/// The node serving `storage`, from the `gitaly-servers` metadata; `own` is this
+/// node's secret, used when the metadata names none.
+pub fn source_server(
+    metadata: &MetadataMap,
+    storage: &str,
+    own: Option<&Arc<Secret>>,
+    client_tls: Option<&ClientTlsConfig>,
+) -> Result<SourceServer, NodeError> {
     let raw = metadata
         .get(SERVERS_METADATA)
         .and_then(|v| v.to_str().ok())
@@ -61,20 +81,34 @@ pub fn source_url(metadata: &MetadataMap, storage: &str) -> Result<String, NodeE
             "metadata {SERVERS_METADATA} does not name the source storage {storage:?}"
         ))
     })?;
-    match server.address.split_once("://") {
-        Some(("tcp", hostport)) | Some(("http", hostport)) if !hostport.is_empty() => {
-            Ok(format!("http://{hostport}"))
+    let secret = match Secret::new(server.token.as_bytes()) {
+        Some(s) => Some(Arc::new(s)),
+        None => own.cloned(),
+    };
+    let (url, tls) = refvote_auth::tls::node_url(&server.address)
+        .map_err(|e| NodeError::invalid(format!("source {e}")))?;
+    let tls = match (tls, client_tls) {
+        (false, _) => None,
+        (true, Some(c)) => Some(c.clone()),
+        (true, None) => {
+            return Err(NodeError::invalid(format!(
+                "the source {} serves TLS but this node has no [tls] ca_path to check it with",
+                server.address
+            )));
         }
-        _ => Err(NodeError::invalid(format!(
-            "source address {:?} is not supported: use tcp://host:port",
-            server.address
-        ))),
-    }
+    };
+    Ok(SourceServer { url, secret, tls })
 }
 
-async fn connect(url: &str) -> Result<Channel, Status> {
-    Channel::from_shared(url.to_owned())
-        .map_err(|e| Status::invalid_argument(format!("source address {url:?}: {e}")))?
+async fn connect(url: &str, tls: Option<ClientTlsConfig>) -> Result<Channel, Status> {
+    let mut endpoint = Channel::from_shared(url.to_owned())
+        .map_err(|e| Status::invalid_argument(format!("source address {url:?}: {e}")))?;
+    if let Some(tls) = tls {
+        endpoint = endpoint
+            .tls_config(tls)
+            .map_err(|e| Status::invalid_argument(format!("source address {url:?}: TLS: {e}")))?;
+    }
+    endpoint
         .tcp_nodelay(true)
         .connect_timeout(std::time::Duration::from_secs(10))
         .connect()
@@ -90,11 +124,14 @@ pub struct Source {
 
 /// Fetches the source's bundle into `target_root`'s private area and reads its HEAD.
 pub async fn fetch_source(
-    url: &str,
+    server: &SourceServer,
     source: Repository,
     target_root: &Path,
 ) -> Result<Source, Status> {
-    let channel = connect(url).await?;
+    let channel = Signed::new(
+        connect(&server.url, server.tls.clone()).await?,
+        server.secret.clone(),
+    );
     // HEAD first: a ref written between the two calls is then in the bundle, and a
     // HEAD change will be caught by the next repair.
     let head = RefServiceClient::new(channel.clone())
