@@ -34,6 +34,8 @@ pub struct Report {
     /// Each time a replica was not up to date, how long until it was again.
     pub repairs: Vec<Duration>,
     pub settle: Duration,
+    /// The most common reasons writes were not acknowledged, with counts.
+    pub refusals: Vec<(usize, String)>,
 }
 
 impl Report {
@@ -69,6 +71,9 @@ impl Report {
             s,
             "lost updates {lost}, stale reads {stale}, failed-but-visible {failed_visible}, diverged replicas {diverged}"
         );
+        for (n, why) in &self.refusals {
+            let _ = writeln!(s, "  {n} x {why}");
+        }
         for v in &self.violations {
             let _ = writeln!(s, "VIOLATION: {v}");
         }
@@ -102,6 +107,17 @@ pub fn check(
         .iter()
         .filter(|o| o.outcome == Outcome::Unknown)
         .count();
+    let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
+    for o in writes.iter().filter(|o| o.outcome != Outcome::Ack) {
+        let why: String = o.detail.chars().take(160).collect();
+        *reasons
+            .entry(format!("{:?}: {why}", o.outcome))
+            .or_default() += 1;
+    }
+    let mut reasons: Vec<(usize, String)> = reasons.into_iter().map(|(k, v)| (v, k)).collect();
+    reasons.sort_by(|a, b| b.cmp(a));
+    reasons.truncate(8);
+    report.refusals = reasons;
     let reads: Vec<&Op> = ops.iter().filter(|o| o.kind == OpKind::Read).collect();
     report.reads = reads.len();
     report.reads_failed = reads

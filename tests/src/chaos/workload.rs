@@ -138,9 +138,9 @@ fn push(work: &Path, url: &str, refspecs: &[&str], history: &History) -> Op {
 
 /// What a failed push's output says about whether the update can exist anywhere.
 pub fn classify(text: &str) -> (Outcome, String) {
-    let line = text
-        .lines()
-        .find(|l| l.contains("rejected") || l.contains("error") || l.contains("fatal"))
+    let line = ["refvote:", "rejected", "fatal", "error"]
+        .iter()
+        .find_map(|w| text.lines().find(|l| l.contains(w)))
         .unwrap_or_else(|| text.lines().last().unwrap_or(""))
         .trim()
         .to_owned();
