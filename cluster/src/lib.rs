@@ -14,6 +14,7 @@
 #![forbid(unsafe_code)]
 
 pub mod error;
+pub mod faults;
 pub mod keys;
 pub mod lock;
 pub mod logging;

@@ -342,6 +342,9 @@ impl Store {
             AbortOnDrop(tokio::spawn(async move { store.vote_watch(&tx).await }))
         };
         let resp = self.txn(txn).await?;
+        if resp.succeeded() {
+            crate::faults::point(crate::faults::AFTER_VOTE_RECORDED);
+        }
         let mut snap = self.key_snapshot(tx, key, &ranges(&resp), revision(&resp))?;
         tracing::debug!(
             key,

@@ -336,6 +336,7 @@ impl Forwarder {
         lease: i64,
         results: &[(String, LegResult)],
     ) -> Result<refvote_cluster::records::TxOutcome, refvote_cluster::Error> {
+        refvote_cluster::faults::point(refvote_cluster::faults::BEFORE_FINALIZE);
         let first = self
             .store
             .finalize(&tx.id, &self.router_id, lease, FINALIZE_WAIT)

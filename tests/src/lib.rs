@@ -8,8 +8,10 @@
 //!
 //! Nothing here mocks etcd or git; there is no in-process shortcut to a node.
 
+pub mod chaos;
 pub mod cluster;
 pub mod etcd;
+pub mod faultnet;
 pub mod git;
 pub mod grpc;
 pub mod local;

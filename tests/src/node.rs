@@ -43,6 +43,11 @@ pub struct NodeOptions {
     pub request_timeout_ms: u64,
     pub require_transaction: bool,
     pub reaper_interval_ms: u64,
+    /// Listen here instead of a free port of a random loopback address.
+    pub grpc_addr: Option<SocketAddr>,
+    /// What the node registers in etcd for routers and peers (a fault-suite link in
+    /// front of it); default its listen address.
+    pub advertise_addr: Option<SocketAddr>,
     /// Whether votingd runs the reaper (tests of the routers' reaper turn it off).
     pub reaper: bool,
     /// TOML appended to the generated config (sections such as `[auth]`).
@@ -61,6 +66,8 @@ impl Default for NodeOptions {
             request_timeout_ms: 1_000,
             require_transaction: false,
             reaper_interval_ms: 200,
+            grpc_addr: None,
+            advertise_addr: None,
             reaper: true,
             extra_config: String::new(),
             etcd_config: String::new(),
@@ -83,6 +90,8 @@ pub struct Node {
     /// Prometheus `/metrics` (`prometheus_listen_addr`).
     metrics: SocketAddr,
     proc: Option<Proc>,
+    /// Added to the process's environment at every launch (e.g. an armed fault point).
+    pub env: Vec<(String, String)>,
 }
 
 impl Node {
@@ -101,7 +110,14 @@ impl Node {
         let socket = dir.join("vote.sock");
         let config = dir.join("votingd.toml");
         let ip = loopback_ip();
-        let grpc = SocketAddr::from((ip, free_port(ip)?));
+        let grpc = match opts.grpc_addr {
+            Some(addr) => addr,
+            None => SocketAddr::from((ip, free_port(ip)?)),
+        };
+        let advertise = opts
+            .advertise_addr
+            .map(|a| format!("advertise_addr = \"{a}\"\n"))
+            .unwrap_or_default();
         let metrics = SocketAddr::from((ip, other_port(ip, grpc.port())?));
         let endpoints = endpoints
             .iter()
@@ -111,7 +127,7 @@ impl Node {
         std::fs::write(
             &config,
             format!(
-                "node_name = {name:?}\nlisten_addr = \"{grpc}\"\nsocket_path = {:?}\n\
+                "node_name = {name:?}\nlisten_addr = \"{grpc}\"\n{advertise}socket_path = {:?}\n\
                  prometheus_listen_addr = \"{metrics}\"\n\
                  [etcd]\nendpoints = [{endpoints}]\nprefix = \"/refvote/\"\nlease_ttl_secs = {}\nrequest_timeout_ms = {}\n{}\
                  [vote]\nsocket_path = {:?}\nhooks_dir = {:?}\nvote_timeout_ms = {}\nrequire_transaction = {}\n\
@@ -144,6 +160,7 @@ impl Node {
             tls: opts.tls.clone(),
             metrics,
             proc: None,
+            env: Vec::new(),
         };
         node.launch().await?;
         Ok(node)
@@ -157,6 +174,7 @@ impl Node {
             std::env::var("REFVOTE_NODE_LOG")
                 .unwrap_or_else(|_| "info,refvote_cluster=debug".into()),
         );
+        cmd.envs(self.env.iter().cloned());
         self.proc = Some(Proc::spawn(&self.name, cmd, &self.dir)?);
         let socket = self.socket.clone();
         let result = wait_until(
@@ -214,6 +232,22 @@ impl Node {
             p.kill()?;
         }
         Ok(())
+    }
+
+    /// Whether the process runs (a paused one counts); false once it exited or was
+    /// stopped.
+    pub fn is_running(&mut self) -> bool {
+        self.proc.as_mut().is_some_and(Proc::is_running)
+    }
+
+    /// SIGSTOP: the node freezes with its sockets open; its lease lapses after the TTL.
+    pub fn pause(&mut self) -> anyhow::Result<()> {
+        self.proc.as_mut().context("node is not running")?.pause()
+    }
+
+    /// SIGCONT: undo [`Node::pause`].
+    pub fn resume(&mut self) -> anyhow::Result<()> {
+        self.proc.as_mut().context("node is not running")?.resume()
     }
 
     pub fn log_tail(&self, n: usize) -> String {

@@ -25,6 +25,8 @@ pub struct Router {
     /// Prometheus `/metrics` (`prometheus_listen_addr`).
     metrics: SocketAddr,
     proc: Option<Proc>,
+    /// Added to the process's environment at every launch (e.g. an armed fault point).
+    pub env: Vec<(String, String)>,
 }
 
 /// Settings a test may add to a router's generated config.
@@ -38,6 +40,8 @@ pub struct RouterOptions {
     pub tls: Option<TestCa>,
     /// Serve git smart HTTP on a free port too (`http_listen_addr`).
     pub http: bool,
+    /// Replicas of a repository created through this router (default 3).
+    pub replication_factor: Option<usize>,
 }
 
 impl Router {
@@ -68,9 +72,12 @@ impl Router {
             true => Some(SocketAddr::from((ip, free_port(ip)?))),
             false => None,
         };
-        let http_line = http
+        let mut http_line = http
             .map(|a| format!("http_listen_addr = \"{a}\"\n"))
             .unwrap_or_default();
+        if let Some(n) = opts.replication_factor {
+            http_line.push_str(&format!("replication_factor = {n}\n"));
+        }
         let config = dir.join("router.toml");
         std::fs::write(
             &config,
@@ -91,6 +98,7 @@ impl Router {
             tls: opts.tls.clone(),
             metrics,
             proc: None,
+            env: Vec::new(),
         };
         router.launch().await?;
         Ok(router)
@@ -104,6 +112,7 @@ impl Router {
             std::env::var("REFVOTE_ROUTER_LOG")
                 .unwrap_or_else(|_| "info,refvote_router=debug".into()),
         );
+        cmd.envs(self.env.iter().cloned());
         self.proc = Some(Proc::spawn(&self.name, cmd, &self.dir)?);
         let addr = self.addr;
         let result = wait_until(
@@ -155,6 +164,11 @@ impl Router {
             p.terminate(Duration::from_secs(15))?;
         }
         Ok(())
+    }
+
+    /// Whether the process runs; false once it exited (a fault point) or was stopped.
+    pub fn is_running(&mut self) -> bool {
+        self.proc.as_mut().is_some_and(Proc::is_running)
     }
 
     /// SIGKILL.

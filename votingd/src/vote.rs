@@ -7,9 +7,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use refvote_cluster::Store;
 use refvote_cluster::error::Error as ClusterError;
 use refvote_cluster::records::{TxRecord, VoteRecord};
+use refvote_cluster::{Store, faults};
 use refvote_proto::hook::{
     self, Decision, Phase, Request, Response, Vote, error::Code, request, response,
 };
@@ -163,6 +163,9 @@ impl VoteService {
             .await;
         self.counters.votes_waiting.fetch_sub(1, Ordering::Relaxed);
         crate::metrics::VOTE_SECONDS.observe_duration(started.elapsed());
+        if result.is_ok() {
+            faults::point(faults::AFTER_DECISION);
+        }
         if let Some(t) = self.txs.lock().expect("poisoned").get_mut(&v.transaction) {
             t.voting -= 1;
             if let (None, Ok((_, record))) = (&t.record, &result) {
@@ -264,6 +267,7 @@ impl VoteService {
                 ),
             ));
         };
+        faults::point(faults::BEFORE_CONFIRM);
         if let Err(e) = self.store.confirm(&v.transaction, &key, &self.node).await {
             // git applied it: keep it, so this node confirms it before it reports done.
             if let Some(t) = self.txs.lock().expect("poisoned").get_mut(&v.transaction) {

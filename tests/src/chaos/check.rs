@@ -1,0 +1,467 @@
+//! The checker: what must hold once the faults stop and the repairs settle, read from
+//! the history and from the replicas themselves (DESIGN.md §5, issue 6).
+//!
+//! - Lost update: an acknowledged push is missing from the final state (its writer's
+//!   branch ends behind it).
+//! - Failed visible: a value whose push was reported failed is read or ends up on a ref.
+//! - Stale read: a read returned a value older than one acknowledged before it began.
+//! - Diverged replicas: replicas' refs or checksums differ after repair, or one is not
+//!   up to date.
+//!
+//! Unknown outcomes may go either way. Reads that failed are counted, not checked.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use super::history::{FaultEvent, Op, OpKind, Outcome, short};
+use super::workload::RACE;
+
+/// The refs of one replica: name → object id.
+pub type Refs = BTreeMap<String, String>;
+
+#[derive(Debug, Default)]
+pub struct Report {
+    pub seed: u64,
+    pub violations: Vec<String>,
+    pub acked: usize,
+    pub failed: usize,
+    pub unknown: usize,
+    pub reads: usize,
+    pub reads_failed: usize,
+    /// Fault kind → (count, longest write unavailability while it lasted).
+    pub faults: BTreeMap<String, (usize, Duration)>,
+    /// Each time a replica was not up to date, how long until it was again.
+    pub repairs: Vec<Duration>,
+    pub settle: Duration,
+    /// The most common reasons writes were not acknowledged, with counts.
+    pub refusals: Vec<(usize, String)>,
+}
+
+impl Report {
+    pub fn longest_repair(&self) -> Duration {
+        self.repairs.iter().copied().max().unwrap_or_default()
+    }
+
+    /// A human summary (the lines RELIABILITY.md is written from).
+    pub fn summary(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(s, "seed {}", self.seed);
+        let _ = writeln!(
+            s,
+            "writes: {} acknowledged, {} failed, {} unknown; reads: {} ({} failed)",
+            self.acked, self.failed, self.unknown, self.reads, self.reads_failed
+        );
+        let _ = writeln!(s, "faults (kind: count, longest write unavailability):");
+        for (kind, (n, worst)) in &self.faults {
+            let _ = writeln!(s, "  {kind}: {n}, {:.2} s", worst.as_secs_f64());
+        }
+        let _ = writeln!(
+            s,
+            "replica outdated intervals: {}, longest {:.2} s; settled {:.2} s after the faults stopped",
+            self.repairs.len(),
+            self.longest_repair().as_secs_f64(),
+            self.settle.as_secs_f64()
+        );
+        let lost = self.count("lost update");
+        let stale = self.count("stale read");
+        let diverged = self.count("diverged");
+        let failed_visible = self.count("failed visible");
+        let _ = writeln!(
+            s,
+            "lost updates {lost}, stale reads {stale}, failed-but-visible {failed_visible}, diverged replicas {diverged}"
+        );
+        for (n, why) in &self.refusals {
+            let _ = writeln!(s, "  {n} x {why}");
+        }
+        for v in &self.violations {
+            let _ = writeln!(s, "VIOLATION: {v}");
+        }
+        s
+    }
+
+    fn count(&self, what: &str) -> usize {
+        self.violations
+            .iter()
+            .filter(|v| v.starts_with(what))
+            .count()
+    }
+}
+
+/// Checks `ops` against the final refs of every replica (`replicas`: node → refs, and
+/// node → checksum, and whether etcd says it is up to date).
+pub fn check(
+    ops: &[Op],
+    faults: &[FaultEvent],
+    replicas: &BTreeMap<String, (Refs, String, bool)>,
+    run_end: Duration,
+    report: &mut Report,
+) {
+    let writes: Vec<&Op> = ops.iter().filter(|o| o.kind != OpKind::Read).collect();
+    report.acked = writes.iter().filter(|o| o.outcome == Outcome::Ack).count();
+    report.failed = writes
+        .iter()
+        .filter(|o| o.outcome == Outcome::Failed)
+        .count();
+    report.unknown = writes
+        .iter()
+        .filter(|o| o.outcome == Outcome::Unknown)
+        .count();
+    let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
+    for o in writes.iter().filter(|o| o.outcome != Outcome::Ack) {
+        let why: String = o.detail.chars().take(160).collect();
+        *reasons
+            .entry(format!("{:?}: {why}", o.outcome))
+            .or_default() += 1;
+    }
+    let mut reasons: Vec<(usize, String)> = reasons.into_iter().map(|(k, v)| (v, k)).collect();
+    reasons.sort_by(|a, b| b.cmp(a));
+    reasons.truncate(8);
+    report.refusals = reasons;
+    let reads: Vec<&Op> = ops.iter().filter(|o| o.kind == OpKind::Read).collect();
+    report.reads = reads.len();
+    report.reads_failed = reads
+        .iter()
+        .filter(|o| !matches!(o.outcome, Outcome::Read(_)))
+        .count();
+
+    // Replicas: all up to date, same refs, same checksum.
+    let mut first: Option<(&String, &Refs, &String)> = None;
+    for (node, (refs, checksum, up_to_date)) in replicas {
+        if !up_to_date {
+            report
+                .violations
+                .push(format!("diverged: {node} is not up to date after repair"));
+        }
+        match first {
+            None => first = Some((node, refs, checksum)),
+            Some((n0, r0, c0)) => {
+                if r0 != refs {
+                    report.violations.push(format!(
+                        "diverged: refs of {n0} and {node} differ: {}",
+                        diff(r0, refs)
+                    ));
+                } else if c0 != checksum {
+                    report.violations.push(format!(
+                        "diverged: checksums of {n0} ({c0}) and {node} ({checksum}) differ"
+                    ));
+                }
+            }
+        }
+    }
+    let Some((_, final_refs, _)) = first else {
+        report
+            .violations
+            .push("diverged: no replica to read".into());
+        return;
+    };
+    let final_of = |branch: &str| final_refs.get(&format!("refs/heads/{branch}")).cloned();
+
+    let failed_values: HashSet<&str> = writes
+        .iter()
+        .filter(|o| o.outcome == Outcome::Failed)
+        .filter_map(|o| o.value.as_deref())
+        .collect();
+    // Values pushed with another outcome too (a tmp branch created at a tip that was
+    // also pushed elsewhere) are not "failed values".
+    let ok_values: HashSet<&str> = writes
+        .iter()
+        .filter(|o| o.outcome != Outcome::Failed)
+        .filter_map(|o| o.value.as_deref())
+        .collect();
+    let failed_only = |v: &str| failed_values.contains(v) && !ok_values.contains(v);
+
+    // Writers' own branches: a linear history per writer, in push order.
+    let mut chains: BTreeMap<&str, Vec<&Op>> = BTreeMap::new();
+    for o in &writes {
+        if o.kind == OpKind::Push && o.branch.starts_with('w') {
+            chains.entry(o.branch.as_str()).or_default().push(o);
+        }
+    }
+    for (branch, chain) in &chains {
+        let index: HashMap<&str, usize> = chain
+            .iter()
+            .enumerate()
+            .filter_map(|(i, o)| o.value.as_deref().map(|v| (v, i)))
+            .collect();
+        let last_acked = chain.iter().rposition(|o| o.outcome == Outcome::Ack);
+        let fin = final_of(branch);
+        let fin_index = fin.as_deref().and_then(|v| index.get(v).copied());
+        if let Some(v) = fin.as_deref() {
+            if fin_index.is_none() {
+                report.violations.push(format!(
+                    "failed visible: {branch} ends at {} which no client pushed",
+                    short(v)
+                ));
+            }
+            if failed_only(v) {
+                report.violations.push(format!(
+                    "failed visible: {branch} ends at {} whose push was reported failed",
+                    short(v)
+                ));
+            }
+        }
+        if let Some(a) = last_acked
+            && fin_index.is_none_or(|f| f < a)
+        {
+            report.violations.push(format!(
+                "lost update: {branch} ends at {} but the acknowledged push {} came later: {}",
+                fin.as_deref().map(short).unwrap_or("(absent)"),
+                a,
+                chain[a]
+            ));
+        }
+        // Reads of this branch.
+        for r in reads.iter().filter(|r| r.branch == *branch) {
+            let Outcome::Read(value) = &r.outcome else {
+                continue;
+            };
+            let needed = chain
+                .iter()
+                .enumerate()
+                .filter(|(_, o)| o.outcome == Outcome::Ack && o.end < r.start)
+                .map(|(i, _)| i)
+                .max();
+            let got = value.as_deref().map(|v| index.get(v).copied());
+            match (needed, got) {
+                (_, Some(None)) => report.violations.push(format!(
+                    "failed visible: a read of {branch} returned {} which no client pushed: {r}",
+                    value.as_deref().map(short).unwrap_or("-")
+                )),
+                (Some(n), None) => report.violations.push(format!(
+                    "stale read: {branch} absent, but push {n} was acknowledged before the read began: {r}; acknowledged: {}",
+                    chain[n]
+                )),
+                (Some(n), Some(Some(g))) if g < n => report.violations.push(format!(
+                    "stale read: {branch} at push {g}, but push {n} was acknowledged before the read began: {r}; acknowledged: {}",
+                    chain[n]
+                )),
+                _ => {}
+            }
+            if let Some(v) = value.as_deref()
+                && failed_only(v)
+            {
+                report.violations.push(format!(
+                    "failed visible: a read returned {} whose push was reported failed: {r}",
+                    short(v)
+                ));
+            }
+        }
+    }
+
+    // The race branch: ends at a value some non-failed push wrote; and at the last
+    // acknowledged push when that push was strictly after every other one.
+    let race: Vec<&&Op> = writes.iter().filter(|o| o.branch == RACE).collect();
+    if !race.is_empty() {
+        let fin = final_of(RACE);
+        match fin.as_deref() {
+            Some(v) if failed_only(v) => report.violations.push(format!(
+                "failed visible: {RACE} ends at {} whose push was reported failed",
+                short(v)
+            )),
+            Some(v) if !race.iter().any(|o| o.value.as_deref() == Some(v)) => {
+                report.violations.push(format!(
+                    "failed visible: {RACE} ends at {} which no race push wrote",
+                    short(v)
+                ))
+            }
+            _ => {}
+        }
+        if let Some(last) = race
+            .iter()
+            .filter(|o| o.outcome == Outcome::Ack)
+            .max_by_key(|o| o.end)
+        {
+            let strictly_last = race
+                .iter()
+                .filter(|o| {
+                    (o.client != last.client || o.start != last.start)
+                        && o.outcome != Outcome::Failed
+                })
+                .all(|o| o.end < last.start);
+            if strictly_last && fin.as_deref() != last.value.as_deref() {
+                report.violations.push(format!(
+                    "lost update: {RACE} ends at {} but the last acknowledged push was {last}",
+                    fin.as_deref().map(short).unwrap_or("(absent)")
+                ));
+            }
+        }
+    }
+
+    // Short-lived branches: a failed creation never appears; an acknowledged deletion
+    // leaves nothing; an acknowledged creation whose deletion failed stays.
+    let mut tmp: BTreeMap<&str, (Option<&Op>, Option<&Op>)> = BTreeMap::new();
+    for o in &writes {
+        if o.branch.starts_with("t-") {
+            let e = tmp.entry(o.branch.as_str()).or_default();
+            match o.kind {
+                OpKind::Push => e.0 = Some(o),
+                OpKind::Delete => e.1 = Some(o),
+                OpKind::Read => {}
+            }
+        }
+    }
+    for (branch, (create, delete)) in tmp {
+        let fin = final_of(branch);
+        let created = create.map(|c| &c.outcome);
+        let deleted = delete.map(|d| &d.outcome);
+        if fin.is_some() && (deleted == Some(&Outcome::Ack) || created == Some(&Outcome::Failed)) {
+            report.violations.push(format!(
+                "failed visible: {branch} exists at the end; creation {:?}, deletion {:?}",
+                created, deleted
+            ));
+        }
+        if fin.is_none()
+            && created == Some(&Outcome::Ack)
+            && matches!(deleted, Some(Outcome::Failed))
+        {
+            report.violations.push(format!(
+                "lost update: {branch} was created (acknowledged) and its deletion failed, but it is gone"
+            ));
+        }
+    }
+
+    // Unavailability: the longest gap between acknowledged writes overlapping each
+    // fault's window (from its injection to the next fault's).
+    let mut ack_ends: Vec<Duration> = writes
+        .iter()
+        .filter(|o| o.outcome == Outcome::Ack)
+        .map(|o| o.end)
+        .collect();
+    ack_ends.sort();
+    for (i, f) in faults.iter().enumerate() {
+        let window_end = faults.get(i + 1).map(|n| n.injected).unwrap_or(run_end);
+        let mut worst = Duration::ZERO;
+        let mut prev = f.injected;
+        for &a in ack_ends.iter().filter(|a| **a > f.injected) {
+            worst = worst.max(a - prev);
+            prev = a;
+            if a > window_end {
+                break;
+            }
+        }
+        if prev < window_end {
+            worst = worst.max(window_end - prev);
+        }
+        let e = report.faults.entry(f.kind.clone()).or_default();
+        e.0 += 1;
+        e.1 = e.1.max(worst);
+    }
+}
+
+fn diff(a: &Refs, b: &Refs) -> String {
+    let mut out = Vec::new();
+    for (k, v) in a {
+        match b.get(k) {
+            Some(w) if w == v => {}
+            Some(w) => out.push(format!("{k}: {} vs {}", short(v), short(w))),
+            None => out.push(format!("{k}: {} vs absent", short(v))),
+        }
+    }
+    for k in b.keys().filter(|k| !a.contains_key(*k)) {
+        out.push(format!("{k}: absent vs {}", short(&b[k])));
+    }
+    out.truncate(10);
+    out.join("; ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn op(branch: &str, value: &str, start: u64, end: u64, outcome: Outcome) -> Op {
+        Op {
+            client: "c".into(),
+            router: 0,
+            kind: OpKind::Push,
+            branch: branch.into(),
+            value: Some(value.into()),
+            start: Duration::from_millis(start),
+            end: Duration::from_millis(end),
+            outcome,
+            detail: String::new(),
+        }
+    }
+
+    fn read(branch: &str, value: Option<&str>, start: u64) -> Op {
+        Op {
+            kind: OpKind::Read,
+            value: None,
+            outcome: Outcome::Read(value.map(Into::into)),
+            ..op(branch, "", start, start + 1, Outcome::Ack)
+        }
+    }
+
+    fn replicas(refs: &[(&str, &str)]) -> BTreeMap<String, (Refs, String, bool)> {
+        let refs: Refs = refs
+            .iter()
+            .map(|(k, v)| (format!("refs/heads/{k}"), v.to_string()))
+            .collect();
+        (1..=3)
+            .map(|i| (format!("node{i}"), (refs.clone(), "sum".into(), true)))
+            .collect()
+    }
+
+    fn run(ops: &[Op], reps: &BTreeMap<String, (Refs, String, bool)>) -> Report {
+        let mut r = Report::default();
+        check(ops, &[], reps, Duration::from_secs(1), &mut r);
+        r
+    }
+
+    #[test]
+    fn a_clean_history_passes() {
+        let ops = [
+            op("w0", "a", 0, 10, Outcome::Ack),
+            read("w0", Some("a"), 11),
+            op("w0", "b", 12, 20, Outcome::Unknown),
+            read("w0", Some("a"), 21),
+            read("w0", Some("b"), 22),
+        ];
+        let r = run(&ops, &replicas(&[("w0", "b")]));
+        assert!(r.violations.is_empty(), "{:?}", r.violations);
+    }
+
+    #[test]
+    fn finds_a_lost_update() {
+        let ops = [
+            op("w0", "a", 0, 10, Outcome::Ack),
+            op("w0", "b", 12, 20, Outcome::Ack),
+        ];
+        let r = run(&ops, &replicas(&[("w0", "a")]));
+        assert!(
+            r.violations[0].starts_with("lost update"),
+            "{:?}",
+            r.violations
+        );
+    }
+
+    #[test]
+    fn finds_a_stale_read_and_a_failed_value() {
+        let ops = [
+            op("w0", "a", 0, 10, Outcome::Ack),
+            op("w0", "b", 12, 20, Outcome::Ack),
+            read("w0", Some("a"), 21),
+            op("w0", "c", 22, 30, Outcome::Failed),
+            read("w0", Some("c"), 31),
+        ];
+        let r = run(&ops, &replicas(&[("w0", "b")]));
+        let kinds: Vec<&str> = r.violations.iter().map(|v| &v[..10]).collect();
+        assert!(kinds.contains(&"stale read"), "{:?}", r.violations);
+        assert!(kinds.contains(&"failed vis"), "{:?}", r.violations);
+    }
+
+    #[test]
+    fn finds_diverged_replicas() {
+        let mut reps = replicas(&[("w0", "a")]);
+        reps.get_mut("node2")
+            .unwrap()
+            .0
+            .insert("refs/heads/w0".into(), "z".into());
+        let r = run(&[op("w0", "a", 0, 10, Outcome::Ack)], &reps);
+        assert!(
+            r.violations.iter().any(|v| v.starts_with("diverged")),
+            "{:?}",
+            r.violations
+        );
+    }
+}

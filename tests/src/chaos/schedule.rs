@@ -1,0 +1,249 @@
+//! Faults, chosen at random from the run's seed, one at a time: inject, hold, heal,
+//! rest. Each is recorded with when it was injected and healed.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use refvote_cluster::faults;
+
+use super::history::{FaultEvent, History};
+use super::{ChaosCluster, Rng};
+use crate::faultnet::LinkState;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum FaultKind {
+    /// `kill -9` a node, restart it after the hold.
+    KillNode,
+    /// `kill -9` a router, restart it after the hold.
+    KillRouter,
+    /// `kill -9` an etcd member, restart it after the hold.
+    KillEtcdMember,
+    /// SIGSTOP a node for longer than its lease, then SIGCONT.
+    PauseNode,
+    /// Cut a node's links to every etcd member (packets dropped).
+    PartitionNodeFromEtcd,
+    /// Cut the link routers and peers reach a node through (packets dropped).
+    PartitionNodeFromRouters,
+    /// Both at once, connections reset.
+    IsolateNode,
+    /// Cut a router's links to etcd.
+    PartitionRouterFromEtcd,
+    /// Stop two of the three etcd members.
+    EtcdMajorityOutage,
+    /// Restart a node with a fault point armed; it dies at that step of its next write.
+    NodeFaultPoint(&'static str),
+    /// Restart a router with `before-finalize` armed.
+    RouterBeforeFinalize,
+}
+
+impl FaultKind {
+    /// Every kind, for a full run.
+    pub fn all() -> Vec<FaultKind> {
+        vec![
+            FaultKind::KillNode,
+            FaultKind::KillRouter,
+            FaultKind::KillEtcdMember,
+            FaultKind::PauseNode,
+            FaultKind::PartitionNodeFromEtcd,
+            FaultKind::PartitionNodeFromRouters,
+            FaultKind::IsolateNode,
+            FaultKind::PartitionRouterFromEtcd,
+            FaultKind::EtcdMajorityOutage,
+            FaultKind::NodeFaultPoint(faults::AFTER_VOTE_RECORDED),
+            FaultKind::NodeFaultPoint(faults::AFTER_DECISION),
+            FaultKind::NodeFaultPoint(faults::BEFORE_CONFIRM),
+            FaultKind::NodeFaultPoint(faults::MID_REPAIR),
+            FaultKind::RouterBeforeFinalize,
+        ]
+    }
+
+    pub fn name(&self) -> String {
+        match self {
+            FaultKind::NodeFaultPoint(p) => format!("node crash at {p}"),
+            FaultKind::RouterBeforeFinalize => "router crash before finalize".into(),
+            other => format!("{other:?}"),
+        }
+    }
+
+    /// A single node lost (no failover is needed: the others are a majority).
+    pub fn is_single_node_loss(&self) -> bool {
+        matches!(
+            self,
+            FaultKind::KillNode
+                | FaultKind::PauseNode
+                | FaultKind::PartitionNodeFromEtcd
+                | FaultKind::PartitionNodeFromRouters
+                | FaultKind::IsolateNode
+                | FaultKind::NodeFaultPoint(_)
+        )
+    }
+}
+
+/// Injects faults from `kinds` until `stop`, one at a time.
+pub async fn run(
+    cluster: &mut ChaosCluster,
+    kinds: &[FaultKind],
+    history: Arc<History>,
+    stop: Arc<AtomicBool>,
+    seed: u64,
+) -> anyhow::Result<()> {
+    let mut rng = Rng::new(seed);
+    let mut n = 0;
+    while !stop.load(Ordering::Relaxed) && n < 10_000 {
+        n += 1;
+        tokio::time::sleep(rng.millis(500, 1500)).await;
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        let kind = kinds[rng.below(kinds.len())];
+        let injected = history.now();
+        let target = inject(cluster, kind, &mut rng).await?;
+        history.fault(FaultEvent {
+            kind: kind.name(),
+            target,
+            injected,
+            healed: history.now(),
+        });
+    }
+    Ok(())
+}
+
+/// Injects one fault, holds it, heals it. Returns what it hit.
+async fn inject(
+    cluster: &mut ChaosCluster,
+    kind: FaultKind,
+    rng: &mut Rng,
+) -> anyhow::Result<String> {
+    let hold = rng.millis(1000, 4000);
+    let lease = cluster.lease_ttl;
+    let node = rng.below(cluster.nodes.len());
+    let router = rng.below(cluster.routers.len());
+    let member = rng.below(cluster.etcd.len());
+    match kind {
+        FaultKind::KillNode => {
+            cluster.nodes[node].kill()?;
+            tokio::time::sleep(hold).await;
+            cluster.nodes[node].launch().await?;
+            Ok(cluster.nodes[node].name.clone())
+        }
+        FaultKind::KillRouter => {
+            cluster.routers[router].kill()?;
+            tokio::time::sleep(hold).await;
+            cluster.routers[router].launch().await?;
+            Ok(cluster.routers[router].name.clone())
+        }
+        FaultKind::KillEtcdMember => {
+            cluster.etcd.kill(member)?;
+            tokio::time::sleep(hold).await;
+            cluster.etcd.restart(member)?;
+            cluster.etcd.wait_healthy(Duration::from_secs(30)).await?;
+            Ok(cluster.etcd.name(member).to_owned())
+        }
+        FaultKind::PauseNode => {
+            cluster.nodes[node].pause()?;
+            tokio::time::sleep(lease + rng.millis(500, 2500)).await;
+            cluster.nodes[node].resume()?;
+            Ok(cluster.nodes[node].name.clone())
+        }
+        FaultKind::PartitionNodeFromEtcd => {
+            set_all(&cluster.node_etcd[node], LinkState::Blackhole);
+            tokio::time::sleep(hold + lease).await;
+            set_all(&cluster.node_etcd[node], LinkState::Up);
+            Ok(cluster.nodes[node].name.clone())
+        }
+        FaultKind::PartitionNodeFromRouters => {
+            cluster.to_node[node].set(LinkState::Blackhole);
+            tokio::time::sleep(hold).await;
+            cluster.to_node[node].set(LinkState::Up);
+            Ok(cluster.nodes[node].name.clone())
+        }
+        FaultKind::IsolateNode => {
+            set_all(&cluster.node_etcd[node], LinkState::Reset);
+            cluster.to_node[node].set(LinkState::Reset);
+            tokio::time::sleep(hold + lease).await;
+            set_all(&cluster.node_etcd[node], LinkState::Up);
+            cluster.to_node[node].set(LinkState::Up);
+            Ok(cluster.nodes[node].name.clone())
+        }
+        FaultKind::PartitionRouterFromEtcd => {
+            set_all(&cluster.router_etcd[router], LinkState::Blackhole);
+            tokio::time::sleep(hold).await;
+            set_all(&cluster.router_etcd[router], LinkState::Up);
+            Ok(cluster.routers[router].name.clone())
+        }
+        FaultKind::EtcdMajorityOutage => {
+            let other = (member + 1) % cluster.etcd.len();
+            cluster.etcd.stop(member)?;
+            cluster.etcd.stop(other)?;
+            tokio::time::sleep(hold).await;
+            cluster.etcd.restart(member)?;
+            cluster.etcd.restart(other)?;
+            cluster.etcd.wait_healthy(Duration::from_secs(30)).await?;
+            Ok(format!(
+                "{} and {}",
+                cluster.etcd.name(member),
+                cluster.etcd.name(other)
+            ))
+        }
+        FaultKind::NodeFaultPoint(point) => {
+            let n = &mut cluster.nodes[node];
+            if point == faults::MID_REPAIR {
+                // Make it miss writes first, so it has something to repair.
+                n.kill()?;
+                tokio::time::sleep(hold).await;
+            } else {
+                n.stop()?;
+            }
+            n.env = vec![(faults::ENV.into(), point.into())];
+            n.launch().await?;
+            // Wait (bounded) for the point to be hit, then bring it back unarmed.
+            for _ in 0..(hold.as_millis() / 100 + 20) {
+                if !n.is_running() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let hit = !n.is_running();
+            n.env.clear();
+            if hit {
+                n.launch().await?;
+            } else {
+                n.stop()?;
+                n.launch().await?;
+            }
+            Ok(format!(
+                "{} ({})",
+                n.name,
+                if hit { "hit" } else { "not reached" }
+            ))
+        }
+        FaultKind::RouterBeforeFinalize => {
+            let r = &mut cluster.routers[router];
+            r.stop()?;
+            r.env = vec![(faults::ENV.into(), faults::BEFORE_FINALIZE.into())];
+            r.launch().await?;
+            for _ in 0..(hold.as_millis() / 100 + 20) {
+                if !r.is_running() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let hit = !r.is_running();
+            r.env.clear();
+            r.stop()?;
+            r.launch().await?;
+            Ok(format!(
+                "{} ({})",
+                r.name,
+                if hit { "hit" } else { "not reached" }
+            ))
+        }
+    }
+}
+
+fn set_all(links: &[crate::faultnet::Link], state: LinkState) {
+    for l in links {
+        l.set(state);
+    }
+}
