@@ -264,6 +264,12 @@ impl Forwarder {
             let results = fan_out(path, legs, rest).await;
             let outcome = me.finalize(&tx, lease, &results).await;
             crate::metrics::finalized(&outcome);
+            if outcome.is_err() {
+                // The client hears "outcome unknown"; the transaction must still end, or
+                // it blocks repairs and locks of the repository for as long as this
+                // router lives (the reaper only takes transactions whose router died).
+                tokio::spawn(me.clone().finalize_later(tx.id.clone(), lease));
+            }
             if let Some(rev) = created {
                 // A creation that committed nowhere leaves no registration behind, so
                 // the client may simply retry it.
@@ -327,6 +333,35 @@ impl Forwarder {
                 tracing::warn!(%repo, error = %e, "cannot remove a failed creation's registration")
             }
         }
+    }
+
+    /// Retries finalizing `tx` in the background after a finalize that failed (etcd
+    /// unreachable, no quorum), with back-off, until it succeeds, the transaction is
+    /// gone (that finalize did land), or this router's lease changed (the reaper
+    /// takes the transaction then). Bounded: about ten minutes.
+    async fn finalize_later(self: Arc<Self>, tx: String, lease: i64) {
+        let mut pause = Duration::from_millis(500);
+        for attempt in 1..=120 {
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(5));
+            if *self.lease.borrow() != Some(lease) {
+                tracing::info!(%tx, "lease changed; the reaper finalizes the transaction");
+                return;
+            }
+            match self
+                .store
+                .finalize(&tx, &self.router_id, lease, FINALIZE_AFTER_GIVING_UP)
+                .await
+            {
+                Ok(o) => {
+                    tracing::info!(%tx, attempt, committed = o.committed, "finalized late");
+                    return;
+                }
+                Err(refvote_cluster::Error::UnknownTx(_)) => return,
+                Err(e) => tracing::debug!(%tx, attempt, error = %e, "late finalize failed"),
+            }
+        }
+        tracing::warn!(%tx, "gave up finalizing; the transaction stays open until this router's lease ends");
     }
 
     /// Finalizes `tx` once its voters are done; see [`FINALIZE_WAIT`].
