@@ -28,6 +28,7 @@ use crate::codec::BytesCodec;
 use crate::fanout::{LegResult, LegSpec, fan_out};
 use crate::frame;
 use crate::pool::Pool;
+use crate::reads::{ReadError, ReadStats, Reads};
 use crate::registry::{Method, OpKind, Registry};
 use crate::respond::RouteError;
 
@@ -61,6 +62,8 @@ pub struct Forwarder {
     lease: watch::Receiver<Option<i64>>,
     /// Replicas a repository created through this router gets.
     replication_factor: usize,
+    /// Where reads learn their replicas: the watched view and the shared confirm.
+    reads: Reads,
 }
 
 impl Forwarder {
@@ -70,8 +73,10 @@ impl Forwarder {
         router_id: String,
         lease: watch::Receiver<Option<i64>>,
         replication_factor: usize,
+        reads: Reads,
     ) -> Forwarder {
         Forwarder {
+            reads,
             registry,
             store,
             pool: Pool::default(),
@@ -222,7 +227,7 @@ impl Forwarder {
                     tracing::warn!(tx = %tx.id, node, error = %e, "cannot record the voter failed");
                 }
             }
-            let results = fan_out(path, legs, rest).await;
+            let results = fan_out(path, legs, rest, &|n| me.reads.node_gone(n)).await;
             let outcome = me.finalize(&tx, lease, &results).await;
             if let Some(rev) = created {
                 // A creation that committed nowhere leaves no registration behind, so
@@ -345,7 +350,7 @@ impl Forwarder {
         }
         let path = path_of(call.method)?;
         let rest = call.incoming.filter(|_| call.method.client_streaming);
-        let results = fan_out(path, legs, rest).await;
+        let results = fan_out(path, legs, rest, &|n| self.reads.node_gone(n)).await;
         let pick = results
             .iter()
             .position(|(_, r)| r.succeeded())
@@ -389,12 +394,20 @@ impl Forwarder {
         }
     }
 
+    /// Counters of the read path.
+    pub fn read_stats(&self) -> ReadStats {
+        self.reads.stats()
+    }
+
     async fn accessor(
         &self,
         repo: &RepoId,
         mut call: Call<'_>,
     ) -> Result<Response<Frames>, RouteError> {
-        let view = self.view(repo).await?;
+        let view = self.reads.view(repo).await.map_err(|e| match e {
+            ReadError::NotRegistered(r) => RouteError::NotRegistered(r),
+            ReadError::Unconfirmed(why) => RouteError::ReadUnconfirmed(why),
+        })?;
         let mut replicas = view.up_to_date_live();
         if replicas.is_empty() {
             return Err(RouteError::NoReplica {

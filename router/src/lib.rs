@@ -5,7 +5,9 @@
 //! which replicas may serve it, and the frames pass through unchanged apart from the
 //! storage name.
 //!
-//! Accessors, mutators (voted transactions) and maintenance fan-out are routed.
+//! Accessors, mutators (voted transactions) and maintenance fan-out are routed. Reads
+//! take their replicas from [`reads`]: a watched in-memory view of etcd plus one shared
+//! linearizable confirm round per batch of reads in flight.
 //! Repository creation, repair, the admin service and auth are not yet: the router's
 //! own services get UNIMPLEMENTED. The router keeps no state of its
 //! own: everything lives in etcd.
@@ -17,6 +19,7 @@ mod fanout;
 pub mod forward;
 pub mod frame;
 mod pool;
+pub mod reads;
 pub mod registry;
 pub mod respond;
 pub mod server;

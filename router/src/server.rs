@@ -15,6 +15,7 @@ use tonic::transport::server::TcpIncoming;
 
 use crate::config::Config;
 use crate::forward::Forwarder;
+use crate::reads::{ReadStats, Reads};
 use crate::registry::{Registry, RegistryError};
 
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +39,7 @@ pub struct RouterServer {
     task: JoinHandle<()>,
     /// The lease this router's transactions are bound to.
     session: Option<Session>,
+    forwarder: Arc<Forwarder>,
 }
 
 impl RouterServer {
@@ -66,15 +68,18 @@ impl RouterServer {
         if session.wait_for_lease(config.lease_ttl()).await.is_none() {
             tracing::warn!("no etcd lease yet; writes are refused until one is granted");
         }
+        let reads = Reads::start(store.clone(), config.stale_reads());
         let forwarder = Arc::new(Forwarder::new(
             registry,
             store,
             config.router_id.clone(),
             session.subscribe(),
             config.replication_factor,
+            reads,
         ));
+        let serving = forwarder.clone();
         let svc = tower::service_fn(move |req: http::Request<tonic::body::Body>| {
-            let f = forwarder.clone();
+            let f = serving.clone();
             async move { Ok::<_, Infallible>(f.handle(req).await) }
         });
         let (tx, rx) = oneshot::channel::<()>();
@@ -95,7 +100,13 @@ impl RouterServer {
             shutdown: Some(tx),
             task,
             session: Some(session),
+            forwarder,
         })
+    }
+
+    /// Counters of the read path (reads, shared etcd confirm rounds, stale reads).
+    pub fn read_stats(&self) -> ReadStats {
+        self.forwarder.read_stats()
     }
 
     /// Where the router listens (the bound port when `listen_addr` asked for port 0).

@@ -185,6 +185,16 @@ impl Node {
         Ok(())
     }
 
+    /// SIGSTOP: the process keeps its sockets but answers nothing.
+    pub fn pause(&mut self) -> anyhow::Result<()> {
+        self.proc.as_mut().context("node not running")?.pause()
+    }
+
+    /// SIGCONT after [`Node::pause`].
+    pub fn resume(&mut self) -> anyhow::Result<()> {
+        self.proc.as_mut().context("node not running")?.resume()
+    }
+
     pub fn log_tail(&self, n: usize) -> String {
         crate::proc::log_tail(&self.dir.join(format!("{}.log", self.name)), n)
     }

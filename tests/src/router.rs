@@ -24,6 +24,17 @@ impl Router {
     /// Writes `root/<name>/router.toml` and starts the router; waits until it accepts
     /// connections (it binds only after its registry and etcd client are set up).
     pub async fn start(name: &str, root: &Path, endpoints: &[String]) -> anyhow::Result<Router> {
+        Self::start_with(name, root, endpoints, "").await
+    }
+
+    /// [`Router::start`] with `extra` top-level TOML settings (e.g.
+    /// `allow_stale_reads = true`).
+    pub async fn start_with(
+        name: &str,
+        root: &Path,
+        endpoints: &[String],
+        extra: &str,
+    ) -> anyhow::Result<Router> {
         let dir = root.join(name);
         std::fs::create_dir_all(&dir)?;
         let ip = loopback_ip();
@@ -37,7 +48,7 @@ impl Router {
         std::fs::write(
             &config,
             format!(
-                "router_id = {name:?}\nlisten_addr = \"{addr}\"\n\
+                "router_id = {name:?}\nlisten_addr = \"{addr}\"\n{extra}\n\
                  [etcd]\nendpoints = [{endpoints}]\nprefix = \"/refvote/\"\nlease_ttl_secs = 3\nrequest_timeout_ms = 1000\n"
             ),
         )?;
