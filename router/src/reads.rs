@@ -45,6 +45,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use etcd_client::{EventType, KeyValue, Txn, WatchOptions};
+use futures_util::FutureExt;
 use refvote_cluster::records::{NodeRecord, ReplicaRecord, RepoRecord};
 use refvote_cluster::repository::RepoView;
 use refvote_cluster::store::{Entry, by_tail, get_op, get_prefix_op, ranges, revision};
@@ -311,6 +312,8 @@ async fn follow(store: Store, watched: Arc<RwLock<Watched>>, loaded: watch::Send
         {
             let mut w = watched.write().expect("view lock");
             if w.lost_since.is_none() {
+                // It was connected: start over quickly.
+                backoff = Duration::from_millis(100);
                 w.lost_since = Some(Instant::now());
                 tracing::warn!(error = why, "the read view lost etcd; reloading");
             }
@@ -508,10 +511,14 @@ async fn drive(fetch: Fetch, flight: Arc<Mutex<Flight>>, rounds: Arc<AtomicU64>,
     loop {
         rounds.fetch_add(1, Ordering::Relaxed);
         let repos: Vec<RepoId> = batch.repos.iter().cloned().collect();
-        // Its own task, so a panic cannot leave `running` set forever.
-        let outcome = match tokio::spawn(fetch(repos)).await {
+        // A panic must not leave `running` set forever (caught here rather than in a
+        // task of its own: one hop less on every read's path).
+        let outcome = match std::panic::AssertUnwindSafe(fetch(repos))
+            .catch_unwind()
+            .await
+        {
             Ok(o) => o,
-            Err(e) => Err(format!("the confirm round failed: {e}")),
+            Err(_) => Err("the confirm round failed: it panicked".into()),
         };
         batch.done.send_replace(Some(Arc::new(outcome)));
         let mut f = flight.lock().expect("flight lock");
