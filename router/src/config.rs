@@ -49,6 +49,15 @@ pub struct Config {
     /// How often the reaper looks for transactions whose router died.
     #[serde(default = "defaults::reaper_interval_ms")]
     pub reaper_interval_ms: u64,
+    /// Serve reads from the router's watched view of etcd when etcd cannot be reached,
+    /// instead of failing them UNAVAILABLE. Such a read may miss writes acknowledged
+    /// (through any router) after this router lost etcd. Default: false.
+    #[serde(default)]
+    pub allow_stale_reads: bool,
+    /// With `allow_stale_reads`: how long after losing etcd the watched view may still
+    /// serve reads; after that they fail UNAVAILABLE. Default: 30.
+    #[serde(default = "defaults::max_stale_read_secs")]
+    pub max_stale_read_secs: u64,
     #[serde(default)]
     pub etcd: EtcdSettings,
     /// Gitaly's v2 token: checked on every call from clients (health excepted) and
@@ -83,6 +92,9 @@ mod defaults {
     }
     pub fn reaper_interval_ms() -> u64 {
         1_000
+    }
+    pub fn max_stale_read_secs() -> u64 {
+        30
     }
     pub fn listen_addr() -> String {
         "127.0.0.1:2305".into()
@@ -150,6 +162,12 @@ impl Config {
                 ),
             ));
         }
+        if self.max_stale_read_secs == 0 {
+            return Err(invalid(
+                "max_stale_read_secs",
+                "must be at least 1 (set allow_stale_reads = false to refuse stale reads)".into(),
+            ));
+        }
         if self.replication_factor == 0 {
             return Err(invalid("replication_factor", "must be at least 1".into()));
         }
@@ -205,6 +223,13 @@ impl Config {
     pub fn lock_wait(&self) -> Duration {
         Duration::from_millis(self.lock_wait_ms)
     }
+
+    pub fn stale_reads(&self) -> crate::reads::StaleReads {
+        crate::reads::StaleReads {
+            allow: self.allow_stale_reads,
+            max_age: Duration::from_secs(self.max_stale_read_secs),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -223,6 +248,8 @@ mod tests {
         assert_eq!(c.request_timeout(), Duration::from_secs(2));
         assert_eq!(c.http_listen(), None);
         assert!(!c.create_on_push);
+        assert!(!c.allow_stale_reads);
+        assert_eq!(c.stale_reads().max_age, Duration::from_secs(30));
     }
 
     #[test]
@@ -239,6 +266,8 @@ mod tests {
         assert!(e.contains("http_listen_addr"), "{e}");
         let e = parse("router_id = \"a b\"").unwrap_err().to_string();
         assert!(e.contains("router_id"), "{e}");
+        let e = parse("max_stale_read_secs = 0").unwrap_err().to_string();
+        assert!(e.contains("max_stale_read_secs"), "{e}");
         let e = parse("bogus = 1").unwrap_err().to_string();
         assert!(e.contains("bogus"), "{e}");
         let e = parse("repair_concurrency = 0").unwrap_err().to_string();

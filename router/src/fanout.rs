@@ -1,15 +1,18 @@
 //! Sending one call to several replicas at once (DESIGN.md §2 step 3): every replica
 //! gets the first frame rewritten for its node and every later client frame through a
-//! bounded channel of its own. A replica that cannot keep up, answers too much, or
-//! fails is dropped alone; nothing any replica says is passed on here — the caller
+//! bounded channel of its own. A replica that cannot keep up, answers too much, fails,
+//! or has not answered after another replica did while its node lost its lease, is
+//! dropped alone; nothing any replica says is passed on here — the caller
 //! decides which answer the client gets once the outcome is settled.
 
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::stream::FuturesUnordered;
 use futures_util::{Stream, StreamExt, stream};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::codegen::http;
 use tonic::metadata::MetadataMap;
@@ -23,6 +26,12 @@ use crate::pool::NodeChannel;
 const LEG_BUFFER: usize = 16;
 /// How long a replica's full buffer may hold up the tee before it is dropped.
 const STALL: Duration = Duration::from_secs(5);
+/// After one replica answered successfully, how long the others may still take (at
+/// least; a write that took longer on the first replica gives them twice as long).
+/// Replicas whose node lost its lease are dropped sooner.
+const LAGGARD_LIMIT: Duration = Duration::from_secs(60);
+/// How often a slow replica's node is checked for a lost lease.
+const GONE_POLL: Duration = Duration::from_millis(100);
 /// What one replica may answer before it is dropped: answers are held back until the
 /// outcome is settled, and a push's answer (report-status, progress) is small.
 pub const MAX_ANSWER: usize = 1024 * 1024;
@@ -79,12 +88,15 @@ struct Leg {
 
 /// Runs `path` on every replica in `legs`, teeing `rest` (the client's frames after
 /// the first, when the method streams them) to all of them, and returns how each call
-/// ended, in the order given.
+/// ended, in the order given. `gone(node)` says a node lost its etcd lease (see
+/// [`collect`]).
 pub async fn fan_out(
     path: http::uri::PathAndQuery,
     legs: Vec<LegSpec>,
     rest: Option<Streaming<Bytes>>,
+    gone: &(dyn Fn(&str) -> bool + Sync),
 ) -> Vec<(String, LegResult)> {
+    let started = Instant::now();
     let mut running: Vec<Leg> = legs
         .into_iter()
         .map(|spec| start_leg(path.clone(), spec, rest.is_some()))
@@ -121,22 +133,84 @@ pub async fn fan_out(
         // Dropping the sender ends that replica's request stream cleanly.
         leg.frames = None;
     }
-    let mut results = Vec::with_capacity(running.len());
-    for leg in running {
-        let result = match leg.task.await {
-            Ok(r) => r,
-            Err(e) if e.is_cancelled() => LegResult::Failed(Status::unavailable(format!(
-                "the router dropped the call to {}: it could not keep up, or the client's stream broke",
-                leg.node
-            ))),
-            Err(e) => LegResult::Failed(Status::internal(format!(
-                "the call to {} failed in the router: {e}",
-                leg.node
-            ))),
-        };
-        results.push((leg.node, result));
+    collect(running, started, gone).await
+}
+
+/// Waits for every replica's call to end, except that once one replica has answered
+/// successfully, a replica whose node `gone` says has lost its lease is dropped (etcd
+/// already counts it failed, so finalize does not need its answer), and any other gets
+/// at most [`LAGGARD_LIMIT`] or twice as long as that first one took. A replica that is
+/// alive but stuck (its process paused, its disk hung) must not hold the write.
+async fn collect(
+    mut running: Vec<Leg>,
+    started: Instant,
+    gone: &(dyn Fn(&str) -> bool + Sync),
+) -> Vec<(String, LegResult)> {
+    let nodes: Vec<String> = running.iter().map(|l| l.node.clone()).collect();
+    let mut results: Vec<Option<LegResult>> = running.iter().map(|_| None).collect();
+    let mut dropped = vec![false; running.len()];
+    {
+        let mut waiting: FuturesUnordered<_> = running
+            .iter_mut()
+            .enumerate()
+            .map(|(i, leg)| async move { (i, (&mut leg.task).await) })
+            .collect();
+        let mut deadline: Option<Instant> = None;
+        let far = Instant::now() + Duration::from_secs(365 * 24 * 3600);
+        loop {
+            let settled = (0..results.len()).all(|i| results[i].is_some() || dropped[i]);
+            if settled {
+                break;
+            }
+            let checking = deadline.is_some();
+            tokio::select! {
+                next = waiting.next() => {
+                    let Some((i, joined)) = next else { break };
+                    let result = match joined {
+                        Ok(r) => r,
+                        Err(e) if e.is_cancelled() => LegResult::Failed(Status::unavailable(
+                            "the router dropped the call: the replica could not keep up, or the client's stream broke",
+                        )),
+                        Err(e) => LegResult::Failed(Status::internal(format!(
+                            "the call failed in the router: {e}"
+                        ))),
+                    };
+                    if deadline.is_none() && result.succeeded() {
+                        deadline = Some(Instant::now() + LAGGARD_LIMIT.max(2 * started.elapsed()));
+                    }
+                    results[i] = Some(result);
+                }
+                _ = tokio::time::sleep(GONE_POLL), if checking => {
+                    for i in 0..results.len() {
+                        if results[i].is_none() && !dropped[i] && gone(&nodes[i]) {
+                            tracing::warn!(node = %nodes[i], "a replica's node lost its lease before answering; dropping its call");
+                            dropped[i] = true;
+                        }
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline.unwrap_or(far)), if checking => break,
+            }
+        }
     }
-    results
+    running
+        .into_iter()
+        .zip(results)
+        .zip(dropped)
+        .map(|((leg, result), dropped)| {
+            let result = result.unwrap_or_else(|| {
+                if !dropped {
+                    tracing::warn!(node = %leg.node, "a replica did not answer long after another did; dropping its call");
+                }
+                // Aborting drops the call, which resets it.
+                leg.task.abort();
+                LegResult::Failed(Status::unavailable(format!(
+                    "node {} did not answer (its lease lapsed, or long after another replica answered); the router dropped the call",
+                    leg.node
+                )))
+            });
+            (leg.node, result)
+        })
+        .collect()
 }
 
 /// Sends one frame to one replica, dropping the replica if its buffer stays full for

@@ -27,6 +27,7 @@ use crate::codec::BytesCodec;
 use crate::fanout::{LegResult, LegSpec, fan_out};
 use crate::frame;
 use crate::pool::{NodeChannel, Pool};
+use crate::reads::{ReadError, ReadStats, Reads};
 use crate::registry::{Method, OpKind, Registry};
 use crate::respond::RouteError;
 
@@ -62,6 +63,8 @@ pub struct Forwarder {
     replication_factor: usize,
     /// How long a write waits for a repository's administrative lock.
     lock_wait: Duration,
+    /// Where reads learn their replicas: the watched view and the shared confirm.
+    reads: Reads,
 }
 
 impl Forwarder {
@@ -71,8 +74,10 @@ impl Forwarder {
         router_id: String,
         lease: watch::Receiver<Option<i64>>,
         replication_factor: usize,
+        reads: Reads,
     ) -> Forwarder {
         Forwarder {
+            reads,
             registry,
             store,
             pool: Pool::default(),
@@ -261,7 +266,7 @@ impl Forwarder {
                     tracing::warn!(tx = %tx.id, node, error = %e, "cannot record the voter failed");
                 }
             }
-            let results = fan_out(path, legs, rest).await;
+            let results = fan_out(path, legs, rest, &|n| me.reads.node_gone(n)).await;
             let outcome = me.finalize(&tx, lease, &results).await;
             crate::metrics::finalized(&outcome);
             if outcome.is_err() {
@@ -427,7 +432,7 @@ impl Forwarder {
         }
         let path = path_of(call.method)?;
         let rest = call.incoming.filter(|_| call.method.client_streaming);
-        let results = fan_out(path, legs, rest).await;
+        let results = fan_out(path, legs, rest, &|n| self.reads.node_gone(n)).await;
         let pick = results
             .iter()
             .position(|(_, r)| r.succeeded())
@@ -471,12 +476,20 @@ impl Forwarder {
         }
     }
 
+    /// Counters of the read path.
+    pub fn read_stats(&self) -> ReadStats {
+        self.reads.stats()
+    }
+
     async fn accessor(
         &self,
         repo: &RepoId,
         mut call: Call<'_>,
     ) -> Result<Response<Frames>, RouteError> {
-        let view = self.view(repo).await?;
+        let view = self.reads.view(repo).await.map_err(|e| match e {
+            ReadError::NotRegistered(r) => RouteError::NotRegistered(r),
+            ReadError::Unconfirmed(why) => RouteError::ReadUnconfirmed(why),
+        })?;
         let mut replicas = view.up_to_date_live();
         if replicas.is_empty() {
             return Err(RouteError::NoReplica {

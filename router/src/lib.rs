@@ -5,7 +5,9 @@
 //! which replicas may serve it, and the frames pass through unchanged apart from the
 //! storage name.
 //!
-//! Accessors, mutators (voted transactions) and maintenance fan-out are routed;
+//! Accessors, mutators (voted transactions) and maintenance fan-out are routed. Reads
+//! take their replicas from [`reads`]: a watched in-memory view of etcd plus one shared
+//! linearizable confirm round per batch of reads in flight. Writes are voted;
 //! repository creation places and registers the repository. With `http_listen_addr`,
 //! plain git clients clone, fetch and push over smart HTTP ([`http`]), each request
 //! turned into the Gitaly call and passed through the same handler. Every router also
@@ -28,6 +30,7 @@ pub mod frame;
 pub mod http;
 pub mod metrics;
 mod pool;
+pub mod reads;
 pub mod registry;
 pub mod repair;
 pub mod respond;

@@ -36,6 +36,9 @@ pub enum RouteError {
         #[source]
         source: refvote_cluster::Error,
     },
+    /// A read could not confirm its replicas with etcd (DESIGN.md "Reads").
+    #[error("{0}")]
+    ReadUnconfirmed(String),
     #[error("no replica of {repo} can serve reads: {detail}")]
     NoReplica { repo: RepoId, detail: String },
     #[error(
@@ -97,6 +100,7 @@ impl From<RouteError> for Status {
             RouteError::Etcd { source, .. } if source.is_unavailable() => Code::Unavailable,
             RouteError::Etcd { .. } => Code::Internal,
             RouteError::NoReplica { .. }
+            | RouteError::ReadUnconfirmed(_)
             | RouteError::NoLease
             | RouteError::NoVote { .. }
             | RouteError::OutcomeUnknown { .. }

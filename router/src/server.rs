@@ -19,6 +19,7 @@ use tonic::transport::server::TcpIncoming;
 use crate::config::Config;
 use crate::forward::Forwarder;
 use crate::http::HttpServer;
+use crate::reads::{ReadStats, Reads};
 use crate::registry::{Registry, RegistryError};
 
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +57,7 @@ pub struct RouterServer {
     http: Option<HttpServer>,
     /// The repair worker and the reaper.
     background: Vec<JoinHandle<()>>,
+    forwarder: Arc<Forwarder>,
 }
 
 impl RouterServer {
@@ -136,6 +138,7 @@ impl RouterServer {
         let store_for_admin = store.clone();
         let metrics =
             metrics_listener.map(|l| crate::metrics::serve(l, store.clone(), session.subscribe()));
+        let reads = Reads::start(store.clone(), config.stale_reads());
         let forwarder = Arc::new(
             Forwarder::new(
                 registry,
@@ -143,6 +146,7 @@ impl RouterServer {
                 config.router_id.clone(),
                 session.subscribe(),
                 config.replication_factor,
+                reads,
             )
             .with_lock_wait(config.lock_wait())
             .secure_calls_to_nodes(auth.as_ref().map(|a| a.secret.clone()), node_tls),
@@ -166,8 +170,9 @@ impl RouterServer {
         };
         // grpc.health.v1 on the same port: SERVING while the process runs.
         let (_, health) = tonic_health::server::health_reporter();
+        let serving = forwarder.clone();
         let svc = tower::service_fn(move |req: http::Request<tonic::body::Body>| {
-            let f = forwarder.clone();
+            let f = serving.clone();
             let mut admin = admin.clone();
             let mut health = health.clone();
             let (method, started) = (req.uri().path().to_owned(), std::time::Instant::now());
@@ -205,7 +210,13 @@ impl RouterServer {
             session: Some(session),
             http,
             background,
+            forwarder,
         })
+    }
+
+    /// Counters of the read path (reads, shared etcd confirm rounds, stale reads).
+    pub fn read_stats(&self) -> ReadStats {
+        self.forwarder.read_stats()
     }
 
     /// Where the router listens (the bound port when `listen_addr` asked for port 0).

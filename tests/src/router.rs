@@ -42,6 +42,8 @@ pub struct RouterOptions {
     pub http: bool,
     /// Replicas of a repository created through this router (default 3).
     pub replication_factor: Option<usize>,
+    /// Top-level TOML settings added as they are (e.g. `allow_stale_reads = true`).
+    pub top_level: String,
 }
 
 impl Router {
@@ -82,8 +84,9 @@ impl Router {
         std::fs::write(
             &config,
             format!(
-                "router_id = {name:?}\nlisten_addr = \"{addr}\"\n{http_line}prometheus_listen_addr = \"{metrics}\"\n\
+                "router_id = {name:?}\nlisten_addr = \"{addr}\"\n{http_line}{}\nprometheus_listen_addr = \"{metrics}\"\n\
                  [etcd]\nendpoints = [{endpoints}]\nprefix = \"/refvote/\"\nlease_ttl_secs = 3\nrequest_timeout_ms = 1000\n{}{}{}",
+                opts.top_level,
                 opts.etcd_config,
                 tls_config(opts.tls.as_ref(), name, ip.into())?,
                 opts.extra_config,
