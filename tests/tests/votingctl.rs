@@ -187,6 +187,29 @@ async fn operator_commands_against_a_real_cluster() -> anyhow::Result<()> {
     assert_eq!(a["available"], 3, "{a}");
     assert_eq!(a["replicas"].as_array().unwrap().len(), 3, "{a}");
 
+    // status: the node's health, then the cluster view read from etcd.
+    let config = c.node("node1").config.display().to_string();
+    let out = std::process::Command::new(bin("votingctl"))
+        .args(["status", "--config", &config])
+        .output()?;
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert!(t.contains("cluster (from etcd):"), "{t}");
+    assert!(t.contains("router1") && t.contains("(leader)"), "{t}");
+    assert!(t.contains("1 registered, 0 not fully up to date"), "{t}");
+    let out = std::process::Command::new(bin("votingctl"))
+        .args(["status", "--json", "--config", &config])
+        .output()?;
+    let doc: Value = serde_json::from_slice(&out.stdout)?;
+    let view = &doc["cluster_view"];
+    assert_eq!(view["nodes"].as_array().map(Vec::len), Some(3), "{doc}");
+    assert_eq!(view["routers"][0]["name"], "router1", "{doc}");
+    assert!(
+        view["nodes"][0]["ttl_secs"].as_i64().unwrap_or(0) > 0,
+        "{doc}"
+    );
+    assert_eq!(doc["node"], "node1", "{doc}");
+
     // replicas get (the router found through etcd's routers/ records), remove, add, sync.
     let (code, got) = ctl.json(&["replicas", "get", "default/a.git"]).await?;
     assert_eq!(code, 0);
@@ -390,6 +413,14 @@ async fn operator_commands_against_a_real_cluster() -> anyhow::Result<()> {
     .await?;
     let out = ctl.run(&["dataloss"]).await?;
     assert!(text(&out).contains("accept-dataloss"), "{}", text(&out));
+    let out = std::process::Command::new(bin("votingctl"))
+        .args(["status", "--config", &config])
+        .output()?;
+    let t = text(&out);
+    assert!(
+        t.contains("default/d.git: 0/3 available") && t.contains("NO up-to-date replica"),
+        "{t}"
+    );
     let e = ctl
         .fails(&[
             "accept-dataloss",

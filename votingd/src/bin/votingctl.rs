@@ -25,7 +25,8 @@ struct Args {
 
 #[derive(Subcommand)]
 enum Command {
-    /// This node's health: etcd, lease, vote socket, hooks, transactions, counters.
+    /// This node's health (etcd, lease, vote socket, hooks, transactions, counters;
+    /// the exit status), then the cluster as etcd sees it.
     Status {
         /// votingd's configuration file (to find the socket).
         #[arg(long, short, default_value = "/etc/refvote/votingd.toml")]
@@ -36,6 +37,10 @@ enum Command {
         /// Print JSON for scripts.
         #[arg(long)]
         json: bool,
+        /// Leave out the cluster view read from etcd (members, nodes, routers,
+        /// repositories not fully up to date).
+        #[arg(long)]
+        no_cluster: bool,
     },
     /// Every registered repository: replicas, generation, outdated/repairing counts.
     Repos {
@@ -277,6 +282,7 @@ fn run(args: Args) -> anyhow::Result<i32> {
             config,
             socket,
             json,
+            no_cluster,
         } => {
             let socket = match socket {
                 Some(s) => s,
@@ -287,12 +293,19 @@ fn run(args: Args) -> anyhow::Result<i32> {
                         .socket_path
                 }
             };
+            // The cluster as etcd sees it, read by votingctl itself when the config is
+            // readable; it does not change the exit status (that is the node's health).
+            let view = config.is_file().then(|| cluster_view(&config, no_cluster));
+            let view = view.flatten();
             match votingd::client::status(&socket) {
                 Ok(status) => {
                     if json {
-                        println!("{}", serde_json::to_string_pretty(&status)?);
+                        let mut doc = serde_json::to_value(&status)?;
+                        add_view(&mut doc, view);
+                        println!("{}", serde_json::to_string_pretty(&doc)?);
                     } else {
                         print!("{}", status.render());
+                        print_view(view);
                     }
                     Ok(if status.healthy() { 0 } else { 1 })
                 }
@@ -302,17 +315,68 @@ fn run(args: Args) -> anyhow::Result<i32> {
                         socket.display()
                     );
                     if json {
-                        let doc = serde_json::json!({
+                        let mut doc = serde_json::json!({
                             "socket": { "path": socket.display().to_string(), "up": false },
                             "error": reason,
                         });
+                        add_view(&mut doc, view);
                         println!("{}", serde_json::to_string_pretty(&doc)?);
                     } else {
                         eprintln!("votingctl: {reason}");
+                        print_view(view);
                     }
                     Ok(1)
                 }
             }
         }
+    }
+}
+
+type View = anyhow::Result<ctl::view::ClusterView>;
+
+/// The cluster view for `status`, bounded in time; `None` with `--no-cluster`.
+fn cluster_view(config: &std::path::Path, skip: bool) -> Option<View> {
+    if skip {
+        return None;
+    }
+    let target = Target {
+        config: config.to_owned(),
+        etcd: None,
+        prefix: String::new(),
+        router: None,
+        json: false,
+    };
+    Some(operate_value(async || {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            let c = Ctl::connect(&target).await?;
+            ctl::view::read(&c).await
+        })
+        .await
+        .unwrap_or_else(|_| Err(anyhow::anyhow!("etcd did not answer within 10 s")))
+    }))
+}
+
+fn operate_value<T>(work: impl AsyncFnOnce() -> anyhow::Result<T>) -> anyhow::Result<T> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(work())
+}
+
+fn add_view(doc: &mut serde_json::Value, view: Option<View>) {
+    if let (Some(v), Some(map)) = (view, doc.as_object_mut()) {
+        let value = match v {
+            Ok(v) => serde_json::to_value(v).unwrap_or_default(),
+            Err(e) => serde_json::json!({ "error": format!("{e:#}") }),
+        };
+        map.insert("cluster_view".into(), value);
+    }
+}
+
+fn print_view(view: Option<View>) {
+    match view {
+        Some(Ok(v)) => print!("{}", v.render()),
+        Some(Err(e)) => println!("cluster (from etcd): unknown: {e:#}"),
+        None => {}
     }
 }

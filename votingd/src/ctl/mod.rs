@@ -11,6 +11,7 @@
 pub mod data;
 pub mod replicas;
 pub mod repos;
+pub mod view;
 
 use std::path::PathBuf;
 use std::sync::Arc;
