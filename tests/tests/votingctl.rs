@@ -196,7 +196,10 @@ async fn operator_commands_against_a_real_cluster() -> anyhow::Result<()> {
     assert!(out.status.success(), "{t}");
     assert!(t.contains("cluster (from etcd):"), "{t}");
     assert!(t.contains("router1") && t.contains("(leader)"), "{t}");
-    assert!(t.contains("1 registered, 0 not fully up to date"), "{t}");
+    assert!(
+        t.contains("1 registered, 0 with a replica outdated or down"),
+        "{t}"
+    );
     let out = std::process::Command::new(bin("votingctl"))
         .args(["status", "--json", "--config", &config])
         .output()?;
@@ -239,6 +242,27 @@ async fn operator_commands_against_a_real_cluster() -> anyhow::Result<()> {
         .await?;
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("added node3"), "{}", text(&out));
+    let out = ctl
+        .run(&["replicas", "remove", "default/a.git", "--node", "node2"])
+        .await?;
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("removed node2"), "{}", text(&out));
+    let (code, added) = ctl
+        .json(&["replicas", "add", "default/a.git", "--node", "node2"])
+        .await?;
+    assert_eq!(code, 0, "{added}");
+    assert_eq!(added["added"], serde_json::json!(["node2"]), "{added}");
+    let e = ctl
+        .fails(&["replicas", "add", "default/a.git", "--node", "node9"])
+        .await?;
+    assert!(
+        e.contains("CreateRepositoryReplicas default/a.git") && e.contains("node9"),
+        "{e}"
+    );
+    let e = ctl
+        .fails(&["replicas", "remove", "default/nope.git", "--node", "node1"])
+        .await?;
+    assert!(e.contains("NotFound"), "{e}");
     let (code, synced) = ctl.json(&["replicas", "sync", "default/a.git"]).await?;
     assert_eq!(code, 0, "{synced}");
     let out = ctl.run(&["replicas", "get", "default/a.git"]).await?;

@@ -38,7 +38,7 @@ enum Command {
         #[arg(long)]
         json: bool,
         /// Leave out the cluster view read from etcd (members, nodes, routers,
-        /// repositories not fully up to date).
+        /// repositories with a replica outdated or down).
         #[arg(long)]
         no_cluster: bool,
     },

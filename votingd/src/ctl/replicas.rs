@@ -74,7 +74,7 @@ fn replica_table(replicas: &[ReplicaJson]) -> String {
             "STATE",
             "GENERATION",
             "CURRENT",
-            "NODE",
+            "LIVE",
             "CHECKSUM",
             "NOTE",
         ],

@@ -1,6 +1,6 @@
 //! The cluster part of `votingctl status`, read by votingctl itself from etcd: the
-//! etcd members, the nodes and routers with their leases, the repositories that are
-//! not fully up to date, and the repair jobs.
+//! etcd members, the nodes and routers with their leases, the repositories
+//! with a replica outdated or down, and the repair jobs.
 
 use refvote_cluster::records::NodeRecord;
 use serde::Serialize;
@@ -30,7 +30,7 @@ pub struct ClusterView {
     pub nodes: Vec<Holder>,
     pub routers: Vec<Holder>,
     pub repositories: usize,
-    /// Repositories with a replica that is not up to date (or no live one).
+    /// Repositories with a replica that is not up to date or is on a node that is down.
     pub degraded: Vec<RepoSummary>,
     pub repair_jobs: usize,
 }
@@ -98,7 +98,7 @@ pub async fn read(ctl: &Ctl) -> anyhow::Result<ClusterView> {
     let repositories = repos.len();
     let degraded = repos
         .into_iter()
-        .filter(|r| r.dataloss || r.up_to_date < r.replicas.len())
+        .filter(|r| r.dataloss || r.available < r.replicas.len())
         .collect();
     let repair_jobs = ctl.store.repair_jobs().await.map_err(etcd_error)?.len();
     Ok(ClusterView {
@@ -146,7 +146,7 @@ impl ClusterView {
         let _ = writeln!(out, "  {:<22}{}", "routers", holders(&self.routers));
         let _ = writeln!(
             out,
-            "  {:<22}{} registered, {} not fully up to date, {} repair jobs",
+            "  {:<22}{} registered, {} with a replica outdated or down, {} repair jobs",
             "repositories",
             self.repositories,
             self.degraded.len(),
