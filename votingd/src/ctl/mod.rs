@@ -24,12 +24,13 @@ use refvote_cluster::settings::EtcdSettings;
 use refvote_cluster::{RepoId, Store, StoreConfig};
 use refvote_proto::gitaly::repository_service_client::RepositoryServiceClient;
 use refvote_proto::gitaly::{CalculateChecksumRequest, Repository};
-use tonic::transport::Channel;
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use crate::Config;
 
-/// Where the cluster is: a votingd config (etcd settings and the auth secret) or etcd
-/// endpoints given directly, and optionally a router.
+/// Where the cluster is: a votingd config (its etcd settings, the `[auth]` secret and
+/// the `[tls]` CA, all used as votingd uses them) or etcd endpoints given directly, and
+/// optionally a router.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Target {
     /// A node's votingd configuration: its [etcd] and [auth] sections are used.
@@ -58,13 +59,16 @@ pub struct Target {
 pub struct Ctl {
     pub store: Store,
     pub secret: Option<Arc<Secret>>,
+    /// The config's `[tls] ca_path` (and client identity), for `tls://` nodes and
+    /// routers that serve TLS.
+    pub tls: Option<ClientTlsConfig>,
     pub router: Option<String>,
     pub json: bool,
 }
 
 impl Ctl {
     pub async fn connect(target: &Target) -> anyhow::Result<Ctl> {
-        let (config, secret) = match &target.etcd {
+        let (config, secret, tls) = match &target.etcd {
             Some(endpoints) => {
                 let endpoints: Vec<String> = endpoints
                     .split(',')
@@ -79,7 +83,7 @@ impl Ctl {
                     prefix: target.prefix.clone(),
                     ..toml::from_str::<EtcdSettings>("").context("etcd defaults")?
                 };
-                (settings.store_config(), None)
+                (settings.store_config(), None, None)
             }
             None => {
                 let config = Config::load(&target.config).with_context(|| {
@@ -93,13 +97,18 @@ impl Ctl {
                     .policy()
                     .map_err(|(key, reason)| anyhow::anyhow!("{key}: {reason}"))?
                     .map(|p| p.secret);
-                (config.etcd.store_config(), secret)
+                let tls = config
+                    .tls
+                    .client()
+                    .map_err(|(key, reason)| anyhow::anyhow!("{key}: {reason}"))?;
+                (config.etcd.store_config(), secret, tls)
             }
         };
         let store = connect_store(&config).await?;
         Ok(Ctl {
             store,
             secret,
+            tls,
             router: target.router.clone(),
             json: target.json,
         })
@@ -132,13 +141,17 @@ impl Ctl {
             .with_context(|| format!("node {node} registers no storage"))?;
         let (url, tls) = refvote_auth::tls::node_url(&record.address)
             .map_err(|e| anyhow::anyhow!("node {node}: {e}"))?;
+        let mut endpoint = Channel::from_shared(url)?;
         if tls {
-            bail!(
-                "node {node} serves TLS ({}); votingctl talks plaintext only",
-                record.address
-            );
+            let Some(config) = self.tls.clone() else {
+                bail!(
+                    "node {node} serves TLS ({}); pass --config with a votingd.toml whose [tls] ca_path trusts it",
+                    record.address
+                );
+            };
+            endpoint = endpoint.tls_config(config)?;
         }
-        let channel = Channel::from_shared(url)?
+        let channel = endpoint
             .connect_timeout(Duration::from_secs(5))
             .tcp_nodelay(true)
             .connect_lazy();
@@ -195,18 +208,31 @@ impl Ctl {
         };
         let mut errors = Vec::new();
         for addr in &candidates {
-            let url = if addr.contains("://") {
-                addr.clone()
+            // A bare host:port: over TLS first when the config trusts a CA, then plain.
+            let urls = if addr.contains("://") {
+                vec![addr.clone()]
+            } else if self.tls.is_some() {
+                vec![format!("https://{addr}"), format!("http://{addr}")]
             } else {
-                format!("http://{addr}")
+                vec![format!("http://{addr}")]
             };
-            let endpoint = Channel::from_shared(url.clone())
-                .with_context(|| format!("router address {addr:?}"))?
-                .connect_timeout(Duration::from_secs(3))
-                .tcp_nodelay(true);
-            match endpoint.connect().await {
-                Ok(c) => return Ok(Signed::new(c, self.secret.clone())),
-                Err(e) => errors.push(format!("{addr}: {e}")),
+            for url in urls {
+                let mut endpoint = Endpoint::from_shared(url.clone())
+                    .with_context(|| format!("router address {addr:?}"))?
+                    .connect_timeout(Duration::from_secs(3))
+                    .tcp_nodelay(true);
+                if url.starts_with("https://") {
+                    let Some(config) = self.tls.clone() else {
+                        bail!(
+                            "router {addr} is reached over TLS; pass --config with a votingd.toml whose [tls] ca_path trusts it"
+                        );
+                    };
+                    endpoint = endpoint.tls_config(config)?;
+                }
+                match endpoint.connect().await {
+                    Ok(c) => return Ok(Signed::new(c, self.secret.clone())),
+                    Err(e) => errors.push(format!("{url}: {e}")),
+                }
             }
         }
         bail!(
