@@ -311,3 +311,32 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repository_names_need_their_storage() {
+        let r = parse_repo("default/group/p.git").unwrap();
+        assert_eq!(
+            (r.virtual_storage.as_str(), r.relative_path.as_str()),
+            ("default", "group/p.git")
+        );
+        let e = parse_repo("p.git").unwrap_err().to_string();
+        assert!(e.contains("<storage>/<relative path>"), "{e}");
+        assert!(parse_repo("default/../x").is_err());
+    }
+
+    #[test]
+    fn tables_align_their_columns() {
+        let t = table(
+            &["A", "LONGER"],
+            &[
+                vec!["wide cell".into(), "x".into()],
+                vec!["b".into(), "y".into()],
+            ],
+        );
+        assert_eq!(t, "A          LONGER\nwide cell  x\nb          y\n");
+    }
+}

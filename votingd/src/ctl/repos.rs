@@ -249,3 +249,57 @@ pub async fn dataloss(ctl: &Ctl) -> anyhow::Result<i32> {
     });
     Ok(if lost.is_empty() { 0 } else { 1 })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn replica(node: &str, generation: u64, state: ReplicaState) -> (String, ReplicaRecord) {
+        (
+            node.to_owned(),
+            ReplicaRecord {
+                node: node.to_owned(),
+                generation,
+                state,
+                repair_epoch: 0,
+                checksum: String::new(),
+                reason: String::new(),
+            },
+        )
+    }
+
+    fn record() -> RepoRecord {
+        RepoRecord {
+            repo: RepoId::new("default", "a.git").unwrap(),
+            assigned: vec!["n1".into(), "n2".into(), "n3".into()],
+            replication_factor: 3,
+            generation: 5,
+            creation_checksum: String::new(),
+        }
+    }
+
+    #[test]
+    fn counts_states_and_finds_data_loss() {
+        let replicas: BTreeMap<_, _> = [
+            replica("n1", 4, ReplicaState::UpToDate),
+            replica("n2", 5, ReplicaState::UpToDate),
+            replica("n3", 3, ReplicaState::Repairing),
+        ]
+        .into_iter()
+        .collect();
+        let s = summarize(&record(), &replicas, |n| n != "n2");
+        // n1 says up to date but is behind the repository's generation.
+        assert_eq!((s.up_to_date, s.available), (1, 0));
+        assert_eq!((s.outdated, s.repairing), (1, 1));
+        assert!(s.dataloss, "{s:?}");
+        let s = summarize(&record(), &replicas, |_| true);
+        assert_eq!(s.available, 1);
+        assert!(!s.dataloss);
+        // An assigned node without a record is listed as missing.
+        let mut partial = replicas.clone();
+        partial.remove("n3");
+        let s = summarize(&record(), &partial, |_| true);
+        assert_eq!(s.replicas[2].state, "missing");
+        assert_eq!(s.outdated, 2);
+    }
+}
