@@ -1,6 +1,7 @@
-//! `votingctl`: inspect a storage node, and run a local cluster. `votingctl status`
-//! asks the local votingd over its vote socket and prints a table, or JSON with
-//! `--json`; it exits 0 only when the node is healthy. `votingctl cluster up|down|
+//! `votingctl`: inspect and operate refvote, and run a local cluster. `votingctl
+//! status` asks the local votingd over its vote socket and prints a table, or JSON
+//! with `--json`, then the cluster as etcd sees it; it exits 0 only when the node is
+//! healthy. `votingctl cluster up|down|
 //! stop|start` runs a whole cluster on this machine ([`votingd::local_cluster`]). The
 //! operator commands (`repos list`, `replicas`, `verify`, `dataloss`,
 //! `accept-dataloss`, `track`) talk to etcd, routers and nodes ([`votingd::ctl`]).
