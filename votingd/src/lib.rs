@@ -3,7 +3,8 @@
 //! over a Unix socket ([`vote`]), records and decides votes in etcd through the shared
 //! model crate, holds the node's etcd lease, reaps abandoned transactions, and reports
 //! its health ([`status`]) and Prometheus [`metrics`]. `votingctl` ships from this
-//! crate too, with the local cluster it can run ([`local_cluster`]). [`pktline`] puts a
+//! crate too, with the local cluster it can run ([`local_cluster`]) and its operator
+//! commands ([`ctl`]). [`pktline`] puts a
 //! push's commands in one canonical order, so every replica's receive-pack applies them
 //! alike.
 //!
@@ -14,6 +15,7 @@
 
 pub mod client;
 pub mod config;
+pub mod ctl;
 pub mod daemon;
 pub mod hooks;
 pub mod local_cluster;
