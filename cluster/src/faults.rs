@@ -34,6 +34,9 @@ pub const BEFORE_CONFIRM: &str = "before-confirm";
 pub const BEFORE_FINALIZE: &str = "before-finalize";
 /// node: a repair fetch ran, its refs not yet in place.
 pub const MID_REPAIR: &str = "mid-repair";
+/// router: its first finalize fails as if etcd had not answered (an error, not a
+/// crash: see [`fail`]).
+pub const FAIL_FINALIZE: &str = "fail-finalize";
 
 struct Armed {
     name: String,
@@ -57,6 +60,15 @@ fn armed() -> Option<&'static Armed> {
             })
         })
         .as_ref()
+}
+
+/// Whether this process armed `name` and this is the chosen arrival: the caller then
+/// fails the step the way the real fault would (no crash).
+pub fn fail(name: &str) -> bool {
+    let Some(armed) = armed() else {
+        return false;
+    };
+    armed.name == name && armed.seen.fetch_add(1, Ordering::Relaxed) + 1 == armed.nth
 }
 
 /// Dies here if this process armed `name` and this is the chosen arrival.

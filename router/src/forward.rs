@@ -377,6 +377,9 @@ impl Forwarder {
         results: &[(String, LegResult)],
     ) -> Result<refvote_cluster::records::TxOutcome, refvote_cluster::Error> {
         refvote_cluster::faults::point(refvote_cluster::faults::BEFORE_FINALIZE);
+        if refvote_cluster::faults::fail(refvote_cluster::faults::FAIL_FINALIZE) {
+            return Err(refvote_cluster::Error::Timeout(self.store.timeout()));
+        }
         let first = self
             .store
             .finalize(&tx.id, &self.router_id, lease, FINALIZE_WAIT)

@@ -11,20 +11,34 @@ use std::time::Duration;
 use refvote_tests::chaos::schedule::FaultKind;
 use refvote_tests::chaos::{ChaosConfig, run};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn randomized_faults_lose_nothing() -> anyhow::Result<()> {
-    let seed = ChaosConfig::seed_from_env();
-    let seconds = std::env::var("REFVOTE_FAULT_SECONDS")
+/// Seconds of faults: `REFVOTE_FAULT_SECONDS`, else `default`.
+fn seconds(default: u64) -> u64 {
+    std::env::var("REFVOTE_FAULT_SECONDS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(75);
+        .unwrap_or(default)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn randomized_faults_lose_nothing() -> anyhow::Result<()> {
+    run_checked(3, seconds(75)).await
+}
+
+/// The 5-node variant: every node holds a replica, 3 of 5 must agree.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn randomized_faults_on_five_nodes_lose_nothing() -> anyhow::Result<()> {
+    run_checked(5, seconds(40)).await
+}
+
+async fn run_checked(nodes: usize, seconds: u64) -> anyhow::Result<()> {
+    let seed = ChaosConfig::seed_from_env();
     eprintln!(
-        "fault run: seed {seed} (REFVOTE_FAULT_SEED={seed} repeats it), {seconds} s of faults"
+        "fault run: {nodes} nodes, seed {seed} (REFVOTE_FAULT_SEED={seed} repeats it), {seconds} s of faults"
     );
     let config = ChaosConfig {
         seed,
         duration: Duration::from_secs(seconds),
-        nodes: 3,
+        nodes,
         writers: 4,
         readers: 2,
         kinds: FaultKind::all(),

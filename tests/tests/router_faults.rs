@@ -12,6 +12,7 @@
 //!   a router SIGKILLed mid-push leaves the update on a majority of up-to-date replicas
 //!   and visible, or nowhere visible.
 
+use anyhow::Context;
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -755,5 +756,52 @@ async fn kill_router_mid_push(points: &[usize]) -> anyhow::Result<()> {
     }
     // The reads through the second router went on throughout.
     assert!(ref_exists(&ch2, "p.git", "refs/heads/main").await?);
+    Ok(())
+}
+
+/// Regression, found by the fault suite: a transaction whose finalize failed (etcd did
+/// not answer) must still end while its router lives, or it blocks every repair and
+/// admin lock of the repository. This router fails its first finalize on purpose
+/// (`fail-finalize`); it keeps its lease, so the reaper never takes the transaction and
+/// only the router's own retry can end it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_finalize_is_retried_until_the_transaction_ends() -> anyhow::Result<()> {
+    use refvote_cluster::faults;
+    let (c, id) = cluster_with_repo("p.git").await?;
+    let mut router = Router::start("router1", c.dir.path(), &c.etcd.endpoints()).await?;
+    router.stop()?;
+    router.env = vec![(faults::ENV.into(), faults::FAIL_FINALIZE.into())];
+    router.launch().await?;
+    let http = http_via(&router).await?;
+    let url = http.url("p.git");
+    let work = c.work("w")?;
+    let first = work.commit("f", "one")?;
+    let out = git::push(&work.path, Path::new(&url), &["f"], &[]).await?;
+    assert!(
+        !out.status.success(),
+        "the client must not hear success: {out:?}"
+    );
+    settled(&c.store, &id, Duration::from_secs(15))
+        .await
+        .with_context(|| format!("router log:\n{}", router.log_tail(30)))?;
+    let view = c.store.repo_view(&id).await?;
+    assert_eq!(view.up_to_date_live().len(), 3, "{:?}", view.replicas);
+    for n in &c.nodes {
+        assert_eq!(
+            git::rev(&n.repo("p.git"), "refs/heads/f").as_deref(),
+            Some(first.as_str()),
+            "{}",
+            n.name
+        );
+    }
+    let second = work.commit("f", "two")?;
+    let out = git::push(&work.path, Path::new(&url), &["f"], &[]).await?;
+    assert!(out.status.success(), "{out:?}");
+    for n in &c.nodes {
+        assert_eq!(
+            git::rev(&n.repo("p.git"), "refs/heads/f").as_deref(),
+            Some(second.as_str())
+        );
+    }
     Ok(())
 }
