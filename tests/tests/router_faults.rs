@@ -675,11 +675,14 @@ async fn a_router_killed_mid_push_leaves_the_update_on_a_majority_or_nowhere() -
     kill_router_mid_push(&[1, 2]).await
 }
 
-/// Found by this suite, not fixed yet: a router killed right after it created the
-/// transaction sometimes leaves a voter that had started but never reports done, and the
-/// reaper waits for it (over 40 s seen). Run with `--run-ignored only`.
+/// Found by this suite under heavy load, rarely: a router killed right after it created
+/// the transaction left a voter that had started but never reported done, and the
+/// reaper waited for it (over 40 s seen). One cause is closed (a node whose call was
+/// dropped while its join was in flight never reported; the join's guard now does), but
+/// the failure has not been reproduced on a quiet machine either way, so the test stays
+/// out of the default run until it is shown fixed. Run with `--run-ignored only`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "finds a bug: a voter started by a router killed right after creating the transaction may never report done"]
+#[ignore = "rare under load: a started voter of a router killed right after creating the transaction never reported done"]
 async fn a_router_killed_right_after_creating_the_transaction_leaves_nothing() -> anyhow::Result<()>
 {
     kill_router_mid_push(&[0]).await

@@ -86,21 +86,29 @@ impl WriteContext {
                 ))
             })?
             .to_owned();
-        settings
-            .store
-            .start_voter(&tx, &settings.node)
-            .await
-            .map_err(|source| NodeError::Transaction {
-                tx: tx.clone(),
-                source,
-            })?;
-        tracing::debug!(%tx, node = %settings.node, "joined transaction");
-        Ok(WriteContext::Transaction(Arc::new(Voter {
+        // The guard exists before the join: if this call is dropped while the join's
+        // etcd request is in flight (the router died and reset the stream), the guard
+        // still reports this voter done, as failed. Without it the voter would count as
+        // started forever and every finalize of the transaction would wait for it.
+        let voter = Arc::new(Voter {
             settings: settings.clone(),
-            tx,
+            tx: tx.clone(),
             finished: AtomicBool::new(false),
             checksum_of: OnceLock::new(),
-        })))
+        });
+        if let Err(source) = settings.store.start_voter(&tx, &settings.node).await {
+            // A refusal means this node never started: nothing to report. An etcd
+            // error may hide a join that landed: the guard reports it done.
+            if !matches!(
+                source,
+                refvote_cluster::Error::Etcd(_) | refvote_cluster::Error::Timeout(_)
+            ) {
+                voter.finished.store(true, Ordering::SeqCst);
+            }
+            return Err(NodeError::Transaction { tx, source });
+        }
+        tracing::debug!(%tx, node = %settings.node, "joined transaction");
+        Ok(WriteContext::Transaction(voter))
     }
 
     /// The environment git's hook reads.
