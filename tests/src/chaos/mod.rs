@@ -1,6 +1,6 @@
 //! The fault-injection suite (DESIGN.md §5): a real cluster (3-member etcd, 3 or 5
 //! votingd nodes, 2 routers) with a cuttable [`Link`] on every connection between
-//! processes, a workload of real git pushes and gRPC reads through both routers whose
+//! processes, a workload of real git pushes, gRPC writes and gRPC reads through both routers whose
 //! every operation is recorded, faults scheduled at random from a seed, and a checker
 //! that reads the history and the replicas once the faults stop.
 //!
@@ -332,6 +332,11 @@ pub async fn run(config: &ChaosConfig) -> anyhow::Result<check::Report> {
             config.seed,
         )));
     }
+    readers.push(tokio::spawn(workload::grpc_writer(
+        channels.clone(),
+        history.clone(),
+        stop.clone(),
+    )));
     let repairs = Arc::new(Mutex::new(Vec::new()));
     let poller = tokio::spawn(poll_outdated(
         cluster.store.clone(),

@@ -1,7 +1,9 @@
 //! The workload: writers pushing real commits with real `git` over smart HTTP through
 //! both routers (most to their own branch, some racing with `--force` on one shared
 //! branch, some creating and deleting a branch), and readers asking both routers for a
-//! branch with gRPC `FindBranch`. Every operation goes into the [`History`].
+//! branch with gRPC `FindBranch`, and a gRPC writer creating and deleting branches
+//! with `UserCreateBranch`/`UserDeleteBranch`. Every operation goes into the
+//! [`History`].
 //!
 //! Writers are threads (git runs as a child process with a deadline); readers are
 //! tasks. Both stop when `stop` is set, within one operation's deadline.
@@ -12,8 +14,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use refvote_proto::gitaly::FindBranchRequest;
+use refvote_proto::gitaly::operation_service_client::OperationServiceClient;
 use refvote_proto::gitaly::ref_service_client::RefServiceClient;
+use refvote_proto::gitaly::{
+    FindBranchRequest, User, UserCreateBranchRequest, UserDeleteBranchRequest,
+};
 use tonic::transport::Channel;
 
 use super::history::{History, Op, OpKind, Outcome};
@@ -191,6 +196,101 @@ fn run_git_push(work: &Path, url: &str, refspecs: &[&str]) -> anyhow::Result<(bo
     match status {
         Some(s) => Ok((s.success(), text)),
         None => anyhow::bail!("push timed out after {PUSH_DEADLINE:?}"),
+    }
+}
+
+/// What a refused gRPC write says about whether it can exist anywhere: only a refusal
+/// before the transaction began (no quorum, a locked repository) is definite.
+pub fn classify_status(status: &tonic::Status) -> (Outcome, String) {
+    let detail = format!("{:?}: {}", status.code(), status.message());
+    let m = status.message();
+    if m.contains("not enough replicas are up to date") || m.contains("is locked by") {
+        (Outcome::Failed, detail)
+    } else {
+        (Outcome::Unknown, detail)
+    }
+}
+
+fn user() -> Option<User> {
+    Some(User {
+        gl_id: "user-chaos".into(),
+        name: b"Chaos Writer".to_vec(),
+        email: b"chaos@refvote.invalid".to_vec(),
+        gl_username: "chaos".into(),
+        timezone: "UTC".into(),
+    })
+}
+
+/// Runs the gRPC writer until `stop`: through alternating routers, creates a branch at
+/// writer 0's branch with `UserCreateBranch`, then deletes it with `UserDeleteBranch`
+/// (expecting the value it was created at, when known).
+pub async fn grpc_writer(channels: Vec<Channel>, history: Arc<History>, stop: Arc<AtomicBool>) {
+    let mut i = 0usize;
+    while !stop.load(Ordering::Relaxed) && i < 100_000 {
+        i += 1;
+        let router = i % channels.len();
+        let name = format!("t-g-{i}");
+        let mut client = OperationServiceClient::new(channels[router].clone());
+        let start = history.now();
+        let call = client.user_create_branch(UserCreateBranchRequest {
+            repository: Some(repository()),
+            branch_name: name.as_bytes().to_vec(),
+            user: user(),
+            start_point: b"w0".to_vec(),
+        });
+        let (outcome, value, detail) = match tokio::time::timeout(READ_DEADLINE, call).await {
+            Ok(Ok(resp)) => {
+                let value = resp
+                    .into_inner()
+                    .branch
+                    .and_then(|b| b.target_commit)
+                    .map(|c| c.id);
+                (Outcome::Ack, value, String::new())
+            }
+            Ok(Err(status)) => {
+                let (o, d) = classify_status(&status);
+                (o, None, d)
+            }
+            Err(_) => (Outcome::Unknown, None, "timed out".into()),
+        };
+        let created = outcome != Outcome::Failed;
+        history.record(Op {
+            client: "grpc-writer".into(),
+            router,
+            kind: OpKind::Push,
+            branch: name.clone(),
+            value: value.clone(),
+            start,
+            end: history.now(),
+            outcome,
+            detail,
+        });
+        if created {
+            let start = history.now();
+            let call = client.user_delete_branch(UserDeleteBranchRequest {
+                repository: Some(repository()),
+                branch_name: name.as_bytes().to_vec(),
+                user: user(),
+                expected_old_oid: value.unwrap_or_default(),
+            });
+            let (outcome, detail) = match tokio::time::timeout(READ_DEADLINE, call).await {
+                Ok(Ok(_)) => (Outcome::Ack, String::new()),
+                Ok(Err(status)) => classify_status(&status),
+                Err(_) => (Outcome::Unknown, "timed out".into()),
+            };
+            history.record(Op {
+                client: "grpc-writer".into(),
+                router,
+                kind: OpKind::Delete,
+                branch: name,
+                value: None,
+                start,
+                end: history.now(),
+                outcome,
+                detail,
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
