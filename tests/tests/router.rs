@@ -249,9 +249,18 @@ fn mains(c: &VoteCluster, relative: &str) -> Vec<Option<String>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_git_push_through_the_router_commits_on_every_replica() -> anyhow::Result<()> {
     let (c, router, id) = cluster_with_repo("group/p.git").await?;
-    // The router's transactions hang on its lease, registered under routers/<id>.
-    let registered = c.store.get(&c.store.keys().router("router1")).await?;
-    assert!(registered.is_some_and(|e| e.lease != 0));
+    // The router's transactions hang on its lease, registered under routers/<id> (the
+    // registration follows the lease grant; the router may listen a moment before).
+    let key = c.store.keys().router("router1");
+    refvote_tests::proc::wait_until(
+        "router1 registered under its lease",
+        std::time::Duration::from_secs(10),
+        || {
+            let (store, key) = (c.store.clone(), key.clone());
+            async move { matches!(store.get(&key).await, Ok(Some(e)) if e.lease != 0) }
+        },
+    )
+    .await?;
     let http = http_via(&router).await?;
     let work = c.work("w")?;
     let new = work.commit("main", "second")?;
