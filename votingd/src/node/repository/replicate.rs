@@ -159,10 +159,20 @@ pub async fn fetch_source(
             )
         }
         // The source has no refs: the replica must have none either.
-        Err(s) if s.code() == Code::FailedPrecondition => None,
+        Err(s) if source_is_empty(&s) => None,
         Err(s) => return Err(from_source("creating a bundle", s)),
     };
     Ok(Source { bundle, head })
+}
+
+/// Whether the source's CreateBundle refusal says it has no refs (ours and Gitaly's
+/// wording). Only that one: any other FAILED_PRECONDITION (a git failure on a busy
+/// source, a source that knows it is behind) taken for "no refs" made a repair delete
+/// every ref of its target, and a quiet moment let that empty replica be recorded up
+/// to date (the fault suite read a branch as absent through it).
+fn source_is_empty(status: &Status) -> bool {
+    status.code() == Code::FailedPrecondition
+        && status.message().contains("refusing to create empty bundle")
 }
 
 /// A failure on the source node, said as such (the target is fine).
@@ -183,7 +193,10 @@ pub async fn sync_existing(git: &Git, target: &RepoPath, source: &Source) -> Res
     refvote_cluster::faults::point(refvote_cluster::faults::MID_REPAIR);
     match &source.bundle {
         Some(b) => bundle::fetch(git, &target.path, &b.path, &ctx, true).await?,
-        None => delete_all_refs(git, &target.path).await?,
+        None => {
+            tracing::warn!(repo = %target, "the source has no refs: deleting every ref of this replica");
+            delete_all_refs(git, &target.path).await?
+        }
     }
     set_head(git, &target.path, &source.head).await
 }
@@ -247,4 +260,26 @@ pub async fn set_head_with(
         .await?
         .check()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_empty_bundle_refusal_means_the_source_has_no_refs() {
+        let empty = Status::failed_precondition(
+            "refusing to create empty bundle: the repository has no refs",
+        );
+        assert!(source_is_empty(&empty));
+        let gitaly = Status::failed_precondition("CreateBundle: refusing to create empty bundle");
+        assert!(source_is_empty(&gitaly));
+        let other = Status::failed_precondition("git bundle failed: fatal: bad object");
+        assert!(!source_is_empty(&other));
+        let behind = Status::failed_precondition("replica is behind; another serves reads");
+        assert!(!source_is_empty(&behind));
+        assert!(!source_is_empty(&Status::unavailable(
+            "refusing to create empty bundle"
+        )));
+    }
 }
