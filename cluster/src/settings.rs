@@ -179,6 +179,20 @@ impl EtcdSettings {
     }
 }
 
+/// A name a process registers under in etcd (`node_name`, `router_id`): letters,
+/// digits, '-', '_' and '.'; the reason when it is not.
+pub fn check_name(name: &str) -> Result<(), String> {
+    if !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        Ok(())
+    } else {
+        Err("must be non-empty and use only letters, digits, '-', '_' and '.'".into())
+    }
+}
+
 /// A configuration problem, naming the key.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use refvote_auth::{AuthSettings, TlsSettings};
-use refvote_cluster::settings::{ConfigError, EtcdSettings, load_toml, parse_toml};
+use refvote_cluster::settings::{ConfigError, EtcdSettings, check_name, load_toml, parse_toml};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -120,17 +120,7 @@ impl Config {
             key,
             reason,
         };
-        if self.router_id.is_empty()
-            || !self
-                .router_id
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-        {
-            return Err(invalid(
-                "router_id",
-                "must be non-empty and use only letters, digits, '-', '_' and '.'".into(),
-            ));
-        }
+        check_name(&self.router_id).map_err(|reason| invalid("router_id", reason))?;
         self.listen_addr.parse::<SocketAddr>().map_err(|_| {
             invalid(
                 "listen_addr",

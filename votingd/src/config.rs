@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use refvote_auth::{AuthSettings, TlsSettings};
-use refvote_cluster::settings::{ConfigError, EtcdSettings, load_toml, parse_toml};
+use refvote_cluster::settings::{ConfigError, EtcdSettings, check_name, load_toml, parse_toml};
 use serde::{Deserialize, Serialize};
 
 /// Where the refvote-node package installs the hook.
@@ -182,17 +182,7 @@ impl Config {
             key,
             reason,
         };
-        if self.node_name.is_empty()
-            || !self
-                .node_name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-        {
-            return Err(invalid(
-                "node_name",
-                "must be non-empty and use only letters, digits, '-', '_' and '.'".into(),
-            ));
-        }
+        check_name(&self.node_name).map_err(|reason| invalid("node_name", reason))?;
         if !self.listen_addr.is_empty() {
             let addr = self.listen_addr.parse::<std::net::SocketAddr>().map_err(|_| {
                 invalid(
