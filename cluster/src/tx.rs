@@ -343,7 +343,7 @@ impl Store {
         };
         let resp = self.txn(txn).await?;
         if resp.succeeded() {
-            crate::faults::point(crate::faults::AFTER_VOTE_RECORDED);
+            crate::faults::reach(crate::faults::AFTER_VOTE_RECORDED).await;
         }
         let mut snap = self.key_snapshot(tx, key, &ranges(&resp), revision(&resp))?;
         tracing::debug!(

@@ -210,6 +210,9 @@ impl Forwarder {
             lease,
         };
         let tx = self.begin(repo, &begin).await;
+        if tx.is_ok() {
+            refvote_cluster::faults::reach(refvote_cluster::faults::AFTER_BEGIN).await;
+        }
         if let (Err(_), Some(rev)) = (&tx, created) {
             self.unregister(repo, rev).await;
         }
@@ -376,7 +379,7 @@ impl Forwarder {
         lease: i64,
         results: &[(String, LegResult)],
     ) -> Result<refvote_cluster::records::TxOutcome, refvote_cluster::Error> {
-        refvote_cluster::faults::point(refvote_cluster::faults::BEFORE_FINALIZE);
+        refvote_cluster::faults::reach(refvote_cluster::faults::BEFORE_FINALIZE).await;
         if refvote_cluster::faults::fail(refvote_cluster::faults::FAIL_FINALIZE) {
             return Err(refvote_cluster::Error::Timeout(self.store.timeout()));
         }

@@ -4,7 +4,8 @@
 //! core's integration tests and benchmarks. [`smarthttp`] lets a real git client push
 //! and clone through a node's gRPC service. [`local`] drives a whole cluster started
 //! by `votingctl cluster up`, as a person would. [`tls`] issues test certificates.
-//! [`metrics`] scrapes a process's Prometheus endpoint.
+//! [`metrics`] scrapes a process's Prometheus endpoint. [`faultnet`] cuts links between
+//! processes, [`hold`] stops a process at an exact step, [`chaos`] is the fault suite.
 //!
 //! Nothing here mocks etcd or git; there is no in-process shortcut to a node.
 
@@ -14,6 +15,7 @@ pub mod etcd;
 pub mod faultnet;
 pub mod git;
 pub mod grpc;
+pub mod hold;
 pub mod local;
 pub mod metrics;
 pub mod node;

@@ -164,7 +164,7 @@ impl VoteService {
         self.counters.votes_waiting.fetch_sub(1, Ordering::Relaxed);
         crate::metrics::VOTE_SECONDS.observe_duration(started.elapsed());
         if result.is_ok() {
-            faults::point(faults::AFTER_DECISION);
+            faults::reach(faults::AFTER_DECISION).await;
         }
         if let Some(t) = self.txs.lock().expect("poisoned").get_mut(&v.transaction) {
             t.voting -= 1;
@@ -267,7 +267,7 @@ impl VoteService {
                 ),
             ));
         };
-        faults::point(faults::BEFORE_CONFIRM);
+        faults::reach(faults::BEFORE_CONFIRM).await;
         if let Err(e) = self.store.confirm(&v.transaction, &key, &self.node).await {
             // git applied it: keep it, so this node confirms it before it reports done.
             if let Some(t) = self.txs.lock().expect("poisoned").get_mut(&v.transaction) {

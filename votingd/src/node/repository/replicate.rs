@@ -190,7 +190,7 @@ fn from_source(step: &str, s: Status) -> Status {
 /// objects from the bundle, then HEAD.
 pub async fn sync_existing(git: &Git, target: &RepoPath, source: &Source) -> Result<(), NodeError> {
     let ctx = WriteContext::Maintenance;
-    refvote_cluster::faults::point(refvote_cluster::faults::MID_REPAIR);
+    refvote_cluster::faults::reach(refvote_cluster::faults::MID_REPAIR).await;
     match &source.bundle {
         Some(b) => bundle::fetch(git, &target.path, &b.path, &ctx, true).await?,
         None => {
