@@ -27,6 +27,10 @@ pub enum Error {
         "{voter:?} was not started in transaction {tx} (its node service never began the call)"
     )]
     NotStarted { tx: String, voter: String },
+    #[error(
+        "{voter:?} takes no further part in transaction {tx}: it was reported done (its call failed or was given up)"
+    )]
+    VoterDone { tx: String, voter: String },
     #[error("not enough replicas are up to date: {up} of {assigned} up, {needed} needed")]
     NoQuorum {
         up: usize,

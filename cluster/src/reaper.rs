@@ -1,8 +1,15 @@
 //! The reaper: finishes transactions whose creator's lease expired (DESIGN.md §2 step
 //! 8). Any process may run it; one at a time holds the `reaper` key under its lease, and
 //! its abort writes compare that key, so a reaper that lost it writes nothing.
+//!
+//! It waits for voters that started to report done, but not forever: once abandoned, a
+//! transaction takes no new votes, so a started voter can only still confirm what was
+//! already decided. A voter that has not reported [`VOTER_GRACE`] after this reaper
+//! first saw the transaction abandoned is reported done (failed) by the reaper, which
+//! fences it (it can vote no more) and lets the transaction end; if it did apply a
+//! decided update without confirming it, it is marked outdated and repaired.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp};
 use tokio::sync::watch;
@@ -22,13 +29,21 @@ pub struct ReaperConfig {
     pub interval: Duration,
 }
 
+/// How long the reaper waits for a started voter of an abandoned transaction to
+/// report done before it reports it failed itself.
+pub const VOTER_GRACE: Duration = Duration::from_secs(20);
+
+/// Abandoned transactions this reaper is waiting on, and since when.
+pub type Waiting = BTreeMap<String, Instant>;
+
 /// Runs until the task is dropped. `lease` is the owner's session lease.
 pub async fn run(store: Store, mut lease: watch::Receiver<Option<i64>>, config: ReaperConfig) {
     let by = format!("reaper:{}", config.id);
+    let mut waiting = Waiting::new();
     loop {
         let current = *lease.borrow_and_update();
         if let Some(id) = current {
-            match scan(&store, id, &by).await {
+            match scan(&store, id, &by, &mut waiting, VOTER_GRACE).await {
                 Ok(n) if n > 0 => tracing::info!(reaped = n, "reaped abandoned transactions"),
                 Ok(_) => {}
                 Err(e) => tracing::debug!(error = %e, "reaper scan failed"),
@@ -42,8 +57,16 @@ pub async fn run(store: Store, mut lease: watch::Receiver<Option<i64>>, config: 
 }
 
 /// One pass: takes (or confirms) the reaper role, then reaps every open transaction
-/// whose alive marker is gone. Returns how many were finalized.
-pub async fn scan(store: &Store, lease: i64, by: &str) -> Result<usize> {
+/// whose alive marker is gone. Returns how many were finalized. `waiting` remembers
+/// across passes since when each transaction has waited for its voters; one waiting
+/// longer than `grace` has its silent voters reported failed.
+pub async fn scan(
+    store: &Store,
+    lease: i64,
+    by: &str,
+    waiting: &mut Waiting,
+    grace: Duration,
+) -> Result<usize> {
     let keys = store.keys();
     let role = keys.reaper();
     let txn = Txn::new()
@@ -62,8 +85,13 @@ pub async fn scan(store: &Store, lease: i64, by: &str) -> Result<usize> {
         }
     }
     let (index, _) = store.get_prefix(&keys.txrepo_all()).await?;
+    let open: BTreeSet<&str> = index
+        .iter()
+        .filter_map(|e| e.key.rsplit('/').next())
+        .collect();
+    waiting.retain(|id, _| open.contains(id.as_str()));
     let mut reaped = 0;
-    for entry in index {
+    for entry in &index {
         let Some(id) = entry.key.rsplit('/').next() else {
             continue;
         };
@@ -75,19 +103,51 @@ pub async fn scan(store: &Store, lease: i64, by: &str) -> Result<usize> {
             continue;
         };
         let record: TxRecord = rec.decode()?;
+        let since = *waiting.entry(id.to_owned()).or_insert_with(Instant::now);
         match reap(store, &record, lease, by).await {
-            Ok(()) => reaped += 1,
-            Err(Error::NotFinished { waiting, .. }) => {
-                tracing::debug!(
+            Ok(()) => {
+                reaped += 1;
+                waiting.remove(id);
+            }
+            Err(Error::NotFinished { waiting: why, .. }) if since.elapsed() >= grace => {
+                tracing::warn!(
                     tx = id,
-                    waiting,
-                    "abandoned transaction waits for its voters"
-                )
+                    why,
+                    "abandoned transaction's voters are silent; reporting them failed"
+                );
+                give_up_on_silent_voters(store, &record, since.elapsed()).await?;
+                match store.try_finalize(&record.id, by, lease).await {
+                    Ok(_) => {
+                        reaped += 1;
+                        waiting.remove(id);
+                    }
+                    Err(e) => tracing::warn!(tx = id, error = %e, "reaping failed"),
+                }
+            }
+            Err(Error::NotFinished { waiting: why, .. }) => {
+                tracing::debug!(tx = id, why, "abandoned transaction waits for its voters")
             }
             Err(e) => tracing::warn!(tx = id, error = %e, "reaping failed"),
         }
     }
     Ok(reaped)
+}
+
+/// Reports done (failed) every voter of `record` that has not reported. Create-only:
+/// a report that lands first stands.
+async fn give_up_on_silent_voters(
+    store: &Store,
+    record: &TxRecord,
+    waited: Duration,
+) -> Result<()> {
+    let detail = format!(
+        "no report {:.0} s after the transaction was abandoned; the reaper gave up on it",
+        waited.as_secs_f64()
+    );
+    for voter in &record.voters {
+        store.done(&record.id, voter, false, &detail).await?;
+    }
+    Ok(())
 }
 
 /// Aborts every undecided key of an abandoned transaction, then finalizes it.

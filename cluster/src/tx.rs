@@ -328,6 +328,9 @@ impl Store {
                 Compare::create_revision(keys.tx_alive(tx), CompareOp::Greater, 0),
                 Compare::create_revision(keys.decided(tx, key), CompareOp::Equal, 0),
                 Compare::create_revision(keys.vote(tx, key, voter), CompareOp::Equal, 0),
+                // A voter reported done (by itself, or by a router that saw its call
+                // fail) votes no more: everyone already counts it as "no".
+                Compare::create_revision(keys.done(tx, voter), CompareOp::Equal, 0),
             ])
             .and_then(
                 std::iter::once(TxnOp::put(keys.vote(tx, key, voter), encode(vote), None))
@@ -362,6 +365,12 @@ impl Store {
             });
         }
         if !resp.succeeded() && snap.aborted.is_none() && !snap.key.votes.contains_key(voter) {
+            if snap.done.contains(voter) {
+                return Err(Error::VoterDone {
+                    tx: tx.to_owned(),
+                    voter: voter.to_owned(),
+                });
+            }
             if !snap.alive {
                 return Err(Error::Abandoned(tx.to_owned()));
             }
@@ -527,16 +536,22 @@ impl Store {
 
     /// Records that `voter`'s node began running the transaction's RPC. Refused once
     /// the creator's lease is gone, so a voter that had not started by then never will,
-    /// and the others need not wait for it.
+    /// and the others need not wait for it; refused too once the voter was reported
+    /// done (a router that saw its call fail reports it at once).
     pub async fn start_voter(&self, tx: &str, voter: &str) -> Result<()> {
         let keys = self.keys();
         let txn = Txn::new()
             .when([
                 Compare::create_revision(keys.voter(tx, voter), CompareOp::Greater, 0),
                 Compare::create_revision(keys.tx_alive(tx), CompareOp::Greater, 0),
+                Compare::create_revision(keys.done(tx, voter), CompareOp::Equal, 0),
             ])
             .and_then([TxnOp::put(keys.started(tx, voter), Vec::new(), None)])
-            .or_else([get_op(&keys.tx_record(tx)), get_op(&keys.tx_alive(tx))]);
+            .or_else([
+                get_op(&keys.tx_record(tx)),
+                get_op(&keys.tx_alive(tx)),
+                get_op(&keys.done(tx, voter)),
+            ]);
         let resp = self.txn(txn).await?;
         if resp.succeeded() {
             return Ok(());
@@ -546,6 +561,11 @@ impl Store {
             Err(Error::UnknownTx(tx.to_owned()))
         } else if r[1].is_empty() {
             Err(Error::Abandoned(tx.to_owned()))
+        } else if !r[2].is_empty() {
+            Err(Error::VoterDone {
+                tx: tx.to_owned(),
+                voter: voter.to_owned(),
+            })
         } else {
             Err(Error::NotAVoter {
                 tx: tx.to_owned(),
@@ -673,6 +693,7 @@ impl Store {
             ];
             reads.extend(record.voters.iter().map(|v| get_op(&keys.node(v))));
             let resp = self.txn(Txn::new().and_then(reads)).await?;
+            let read_at = revision(&resp);
             let r = ranges(&resp);
             if r[0].is_empty() {
                 continue; // finalized meanwhile: the next attempt returns the outcome
@@ -751,9 +772,13 @@ impl Store {
             let Some(repo_entry) = r[1].first().filter(|e| same_repo(e)).cloned() else {
                 // The repository was removed (perhaps re-created since): nothing to
                 // promote, nothing to resurrect; just clean up.
-                return self
-                    .close(&record, &record_entry, None, outcome_lease, by)
-                    .await;
+                match self
+                    .close(&record, &record_entry, read_at, None, outcome_lease, by)
+                    .await
+                {
+                    Err(Error::Contention(_)) => continue,
+                    other => return other,
+                }
             };
             let repo_record: crate::records::RepoRecord = repo_entry.decode()?;
             let replicas: BTreeMap<String, (ReplicaRecord, Entry)> =
@@ -898,6 +923,7 @@ impl Store {
                 .close(
                     &record,
                     &record_entry,
+                    read_at,
                     Some((cmp, ops, outcome)),
                     outcome_lease,
                     by,
@@ -912,11 +938,15 @@ impl Store {
     }
 
     /// The one txn that ends a transaction: applies `changes` (compares, writes and the
-    /// outcome), deletes the transaction's keys and its index entry.
+    /// outcome), deletes the transaction's keys and its index entry. It lands only if
+    /// nothing of the transaction changed since `read_at`, the revision its outcome was
+    /// worked out from: a vote, confirmation or report that arrived meanwhile makes
+    /// the caller read again rather than end the transaction without it.
     async fn close(
         &self,
         record: &TxRecord,
         record_entry: &Entry,
+        read_at: i64,
         changes: Option<(Vec<Compare>, Vec<TxnOp>, TxOutcome)>,
         outcome_lease: i64,
         by: &str,
@@ -941,6 +971,9 @@ impl Store {
             CompareOp::Equal,
             record_entry.mod_revision,
         ));
+        cmp.push(
+            Compare::mod_revision(keys.tx(&record.id), CompareOp::Less, read_at + 1).with_prefix(),
+        );
         let lease = (outcome_lease != 0).then(|| PutOptions::new().with_lease(outcome_lease));
         ops.push(TxnOp::put(
             keys.outcome(&record.id),

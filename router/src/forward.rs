@@ -41,12 +41,10 @@ type Outgoing = Pin<Box<dyn Stream<Item = Bytes> + Send>>;
 /// `TX_METADATA`).
 pub const TX_METADATA: &str = "refvote-transaction";
 
-/// How long finalize waits for every voter to report done before the router writes
-/// `done` (failed) itself for the calls it saw fail: a node whose call was reset before
-/// it started never reports, while one still finishing git must not be cut short.
-const FINALIZE_WAIT: Duration = Duration::from_secs(10);
-/// How long finalize may then wait for pending confirmations elsewhere.
-const FINALIZE_AFTER_GIVING_UP: Duration = Duration::from_secs(20);
+/// How long finalize waits for the voters that answered to report done, and for their
+/// pending confirmations in other open transactions of the repository (each ends as
+/// soon as that voter confirms, reports done, or its node loses its lease).
+const FINALIZE_WAIT: Duration = Duration::from_secs(30);
 
 pub struct Forwarder {
     registry: Registry,
@@ -358,7 +356,7 @@ impl Forwarder {
             }
             match self
                 .store
-                .finalize(&tx, &self.router_id, lease, FINALIZE_AFTER_GIVING_UP)
+                .finalize(&tx, &self.router_id, lease, FINALIZE_WAIT)
                 .await
             {
                 Ok(o) => {
@@ -372,7 +370,13 @@ impl Forwarder {
         tracing::warn!(%tx, "gave up finalizing; the transaction stays open until this router's lease ends");
     }
 
-    /// Finalizes `tx` once its voters are done; see [`FINALIZE_WAIT`].
+    /// Finalizes `tx`. A voter whose call failed (reset, refused, dropped as slow, or
+    /// answered with an error) is reported done, as failed, first: from then on it can
+    /// neither start nor vote (the store refuses both once `done` exists), so nobody
+    /// waits for it; a node that was still running git keeps what it confirmed and is
+    /// otherwise marked outdated and repaired. Then finalize waits at most
+    /// [`FINALIZE_WAIT`] for the voters that answered to report done and for pending
+    /// confirmations elsewhere.
     async fn finalize(
         &self,
         tx: &TxRecord,
@@ -383,25 +387,25 @@ impl Forwarder {
         if refvote_cluster::faults::fail(refvote_cluster::faults::FAIL_FINALIZE) {
             return Err(refvote_cluster::Error::Timeout(self.store.timeout()));
         }
-        let first = self
-            .store
-            .finalize(&tx.id, &self.router_id, lease, FINALIZE_WAIT)
-            .await;
-        let Err(refvote_cluster::Error::NotFinished { waiting, .. }) = first else {
-            return first;
-        };
-        tracing::warn!(tx = %tx.id, waiting, "voters did not report done; recording the failed calls as failed voters");
-        for (node, result) in results {
-            if !result.succeeded() {
-                // Create-only: a node that reported meanwhile keeps its own report.
-                let _ = self
+        let reports = results
+            .iter()
+            .filter(|(_, result)| !result.succeeded())
+            .map(|(node, result)| async move {
+                tracing::info!(tx = %tx.id, node, result = %result.status_text(), "voter's call failed; reporting it done (failed)");
+                // Create-only: a node that reported first keeps its own report.
+                let r = self
                     .store
                     .done(&tx.id, node, false, &result.status_text())
                     .await;
+                (node, r)
+            });
+        for (node, r) in futures_util::future::join_all(reports).await {
+            if let Err(e) = r {
+                tracing::warn!(tx = %tx.id, node, error = %e, "cannot record the failed call");
             }
         }
         self.store
-            .finalize(&tx.id, &self.router_id, lease, FINALIZE_AFTER_GIVING_UP)
+            .finalize(&tx.id, &self.router_id, lease, FINALIZE_WAIT)
             .await
     }
 

@@ -404,6 +404,59 @@ async fn with_one_node_killed_a_push_succeeds_and_its_replica_is_outdated() -> a
     Ok(())
 }
 
+/// A node killed with a long lease still counts as live, so it is a voter; its call
+/// fails at once, and the push must not wait for its lease (or any fixed time) before
+/// finishing on the other two. Before the router reported a failed call's voter done
+/// at once, this push took the router's 10 s finalize wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_node_does_not_hold_up_a_push_while_its_lease_lasts() -> anyhow::Result<()> {
+    let opts = refvote_tests::node::NodeOptions {
+        lease_ttl_secs: 60,
+        ..Default::default()
+    };
+    let mut c = VoteCluster::start_with(3, 1, opts).await?;
+    let id = c.create_repo("p.git").await?;
+    let work = c.work("w")?;
+    work.commit("main", "first")?;
+    for n in &c.nodes {
+        let out = git::push(&work.path, &n.repo("p.git"), &["main"], &[]).await?;
+        anyhow::ensure!(out.status.success(), "{out:?}");
+    }
+    let router = Router::start("router1", c.dir.path(), &c.etcd.endpoints()).await?;
+    let http = http_via(&router).await?;
+    let url = http.url("p.git");
+    c.nodes[2].kill()?;
+    for round in 0..3 {
+        let new = work.commit("main", &format!("after the kill {round}"))?;
+        let started = std::time::Instant::now();
+        let out = git::push(&work.path, std::path::Path::new(&url), &["main"], &[]).await?;
+        let took = started.elapsed();
+        assert!(
+            out.status.success(),
+            "{out:?}\nrouter log:\n{}",
+            router.log_tail(40)
+        );
+        assert!(
+            took < std::time::Duration::from_secs(5),
+            "push {round} took {took:?}: it waited for the dead voter"
+        );
+        assert_eq!(mains(&c, "p.git")[..2], [Some(new.clone()), Some(new)]);
+    }
+    // The dead node's lease has not lapsed: nothing above waited for it.
+    let registration = c.store.get(&c.store.keys().node("node3")).await?;
+    assert!(registration.is_some(), "node3's lease lapsed already");
+    let view = c.store.repo_view(&id).await?;
+    assert_eq!(view.record.generation, 3, "{view:?}");
+    for up in ["node1", "node2"] {
+        assert!(view.replicas[up].0.is_up_to_date(&view.record), "{view:?}");
+    }
+    assert!(
+        !view.replicas["node3"].0.is_up_to_date(&view.record),
+        "{view:?}"
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_unary_mutator_is_voted_and_a_refusal_alike_everywhere_comes_back_as_is()
 -> anyhow::Result<()> {

@@ -677,12 +677,12 @@ async fn a_router_killed_mid_push_leaves_the_update_on_a_majority_or_nowhere() -
 
 /// Found by this suite under heavy load, rarely: a router killed right after it created
 /// the transaction left a voter that had started but never reported done, and the
-/// reaper waited for it (over 40 s seen). One cause is closed (a node whose call was
-/// dropped while its join was in flight never reported; the join's guard now does), but
-/// the failure has not been reproduced on a quiet machine either way, so the test stays
-/// out of the default run until it is shown fixed. Run with `--run-ignored only`.
+/// reaper waited for it (over 40 s seen). Two causes are closed: a node whose call was
+/// dropped while its join was in flight now reports through the join's guard, and the
+/// reaper no longer waits forever for a started voter of an abandoned transaction (it
+/// reports it failed after `reaper::VOTER_GRACE`, which fences it; see the voting test
+/// `the_reaper_gives_up_on_a_started_voter_that_never_reports`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "rare under load: a started voter of a router killed right after creating the transaction never reported done"]
 async fn a_router_killed_right_after_creating_the_transaction_leaves_nothing() -> anyhow::Result<()>
 {
     kill_router_mid_push(&[0]).await

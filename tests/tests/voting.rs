@@ -736,3 +736,109 @@ async fn a_majority_of_votes_that_no_replica_applied_does_not_advance_the_reposi
     }
     Ok(())
 }
+
+/// A voter reported done (a router does it at once for a call it saw fail) is fenced:
+/// it can no longer start or vote, so finalize never has to wait for it and a late vote
+/// cannot change a key everyone already counted it "no" on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_voter_reported_done_can_neither_start_nor_vote() -> anyhow::Result<()> {
+    use refvote_cluster::Error;
+    use refvote_cluster::records::VoteRecord;
+    let c = VoteCluster::start(3, 1).await?;
+    let repo = c.create_repo("fenced.git").await?;
+    let tx = c.begin(&repo).await?;
+    let vote = VoteRecord {
+        hash: "cd".repeat(32),
+        ref_count: 1,
+        first_ref: "refs/heads/main".into(),
+    };
+    let key = "fedcba9876543210fedcba9876543210.0";
+
+    // Reported failed before it started: the start is refused.
+    c.store
+        .done(&tx.id, "node3", false, "Unavailable: connection refused")
+        .await?;
+    let started = c.store.start_voter(&tx.id, "node3").await;
+    assert!(
+        matches!(started, Err(Error::VoterDone { .. })),
+        "{started:?}"
+    );
+
+    // Started, then reported failed: its vote is refused and stored nowhere.
+    c.store.start_voter(&tx.id, "node2").await?;
+    c.store
+        .done(&tx.id, "node2", false, "Unavailable: stream reset")
+        .await?;
+    let voted = c
+        .store
+        .cast_vote(&tx.id, "node2", key, &vote, Duration::from_secs(2))
+        .await;
+    assert!(matches!(voted, Err(Error::VoterDone { .. })), "{voted:?}");
+    let stored = c
+        .store
+        .get(&c.store.keys().vote(&tx.id, key, "node2"))
+        .await?;
+    assert!(stored.is_none(), "a fenced voter's vote was stored");
+
+    // node1 alone cannot reach 2 of 3: the key aborts at once, nobody waits.
+    c.store.start_voter(&tx.id, "node1").await?;
+    let (d, _) = c
+        .store
+        .cast_vote(&tx.id, "node1", key, &vote, Duration::from_secs(5))
+        .await?;
+    assert!(!d.is_commit(), "{d:?}");
+    c.store.done(&tx.id, "node1", true, "").await?;
+    let outcome = c.finalize(&tx).await?;
+    assert!(!outcome.committed && !outcome.acknowledged, "{outcome:?}");
+    Ok(())
+}
+
+/// A voter that started but whose report never came (its node lives on, so its lease
+/// never lapses) must not keep an abandoned transaction open forever: after the grace
+/// the reaper reports it failed, which fences it, and the transaction ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reaper_gives_up_on_a_started_voter_that_never_reports() -> anyhow::Result<()> {
+    use refvote_cluster::reaper;
+    let opts = NodeOptions {
+        reaper: false,
+        ..Default::default()
+    };
+    let c = VoteCluster::start_with(3, 1, opts).await?;
+    let repo = c.create_repo("silent.git").await?;
+    let mut client = c.store.client();
+    let creator = client.lease_grant(30, None).await?.id();
+    let tx = c
+        .store
+        .begin(
+            &repo,
+            &Begin {
+                creator: "dying-router".into(),
+                lease: creator,
+            },
+        )
+        .await?;
+    c.store.start_voter(&tx.id, "node1").await?;
+    client.lease_revoke(creator).await?;
+
+    let lease = c.session.lease().expect("the test's lease");
+    let grace = Duration::from_millis(800);
+    let mut waiting = reaper::Waiting::new();
+    let first = reaper::scan(&c.store, lease, "reaper:test", &mut waiting, grace).await?;
+    assert_eq!(
+        first, 0,
+        "node1 started and holds its lease: the reaper waits"
+    );
+    assert!(c.store.tx_record(&tx.id).await.is_ok(), "still open");
+
+    tokio::time::sleep(grace).await;
+    let second = reaper::scan(&c.store, lease, "reaper:test", &mut waiting, grace).await?;
+    assert_eq!(second, 1, "after the grace the transaction is reaped");
+    let outcome = c.store.outcome(&tx.id).await?.expect("an outcome");
+    assert!(!outcome.committed && !outcome.acknowledged, "{outcome:?}");
+    assert!(waiting.is_empty(), "{waiting:?}");
+    for n in c.node_names() {
+        let r = replica(&c, &repo, &n).await;
+        assert_eq!((r.state, r.generation), (ReplicaState::UpToDate, 0), "{n}");
+    }
+    Ok(())
+}

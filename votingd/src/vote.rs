@@ -227,7 +227,8 @@ impl VoteService {
             Err(
                 e @ (ClusterError::UnknownTx(_)
                 | ClusterError::NotAVoter { .. }
-                | ClusterError::NotStarted { .. }),
+                | ClusterError::NotStarted { .. }
+                | ClusterError::VoterDone { .. }),
             ) => Err(refusal(e)),
             Err(e) => {
                 match &e {
@@ -366,6 +367,7 @@ fn refusal(e: ClusterError) -> Refusal {
         ClusterError::UnknownTx(_) => Code::NotFound,
         ClusterError::NotAVoter { .. }
         | ClusterError::NotStarted { .. }
+        | ClusterError::VoterDone { .. }
         | ClusterError::Abandoned(_) => Code::FailedPrecondition,
         ClusterError::Etcd(_) | ClusterError::Timeout(_) => Code::Unavailable,
         _ => Code::Internal,
