@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The long fault soak: a real cluster (3-member etcd, 3 or 5 nodes, 2 routers) under
 # random faults from a seed, with a checker at the end. Usage:
-#   bash scripts/soak.sh [--seconds N] [--seed S] [--nodes 3|5]
+5]|5]
 # Prints the report RELIABILITY.md is written from; exits non-zero on any violation.
 set -euo pipefail
 cd "$(dirname "$0")/.."

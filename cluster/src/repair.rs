@@ -22,6 +22,20 @@ pub struct RepairJob {
     pub entry: Entry,
     /// The claim's value (the worker's id), if one is held.
     pub claimed_by: Option<String>,
+    /// The create revision of the target node's current registration, if it has one.
+    pub node_registered: Option<i64>,
+}
+
+impl RepairJob {
+    /// Whether a worker should try the job now: its back-off is over, or its node
+    /// registered again after the last failure (a node back from a crash is repaired
+    /// at once, not when a back-off grown while it was down runs out).
+    pub fn is_due(&self, now_unix_ms: u64) -> bool {
+        self.job.not_before_unix_ms <= now_unix_ms
+            || self
+                .node_registered
+                .is_some_and(|rev| rev > self.entry.mod_revision)
+    }
 }
 
 /// A claim this worker holds on one job.
@@ -77,10 +91,12 @@ impl Store {
             .txn(Txn::new().and_then([
                 get_prefix_op(&keys.repair_jobs()),
                 get_prefix_op(&keys.repair_claims()),
+                get_prefix_op(&keys.nodes()),
             ]))
             .await?;
         let r = ranges(&resp);
         let claims = by_tail(&r[1], &keys.repair_claims());
+        let nodes = by_tail(&r[2], &keys.nodes());
         let mut out = Vec::new();
         for (tail, entry) in by_tail(&r[0], &keys.repair_jobs()) {
             let job: JobRecord = entry.decode()?;
@@ -88,6 +104,7 @@ impl Store {
                 claimed_by: claims
                     .get(&tail)
                     .map(|c| String::from_utf8_lossy(&c.value).into_owned()),
+                node_registered: nodes.get(&job.node).map(|e| e.create_revision),
                 job,
                 entry,
             });
@@ -348,6 +365,35 @@ pub fn backoff(attempts: u32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_job_is_due_after_its_backoff_or_once_its_node_registered_again() {
+        let mut job = JobRecord::new(
+            RepoId::new("default", "a.git").unwrap(),
+            "node2".into(),
+            3,
+            "missed a write".into(),
+        );
+        job.attempts = 5;
+        job.not_before_unix_ms = 10_000;
+        let entry = Entry {
+            key: "jobs/repair/default/a.git/node2".into(),
+            value: Vec::new(),
+            create_revision: 40,
+            mod_revision: 50,
+            lease: 0,
+        };
+        let at = |node_registered| RepairJob {
+            job: job.clone(),
+            entry: entry.clone(),
+            claimed_by: None,
+            node_registered,
+        };
+        assert!(!at(None).is_due(9_999), "down, backing off");
+        assert!(!at(Some(30)).is_due(9_999), "registered before the failure");
+        assert!(at(Some(51)).is_due(9_999), "registered again after it");
+        assert!(at(None).is_due(10_000), "back-off over");
+    }
 
     #[test]
     fn backoff_doubles_up_to_a_bound() {

@@ -112,7 +112,7 @@ impl Worker {
     fn start_jobs(self: &Arc<Self>, jobs: Vec<RepairJob>, lease: i64) {
         let now = now_unix_ms();
         for job in jobs {
-            if job.claimed_by.is_some() || job.job.not_before_unix_ms > now {
+            if job.claimed_by.is_some() || !job.is_due(now) {
                 continue;
             }
             let name = format!("{}/{}", job.job.repo, job.job.node);

@@ -1,7 +1,9 @@
 //! The long soak: the same fault run as CI's, for as long as asked, printing the
 //! report RELIABILITY.md is written from. Exits non-zero on any violation.
 //!
-//! `fault-soak [--seconds N] [--seed S] [--nodes 3|5] [--writers W] [--readers R]`
+//! `fault-soak [--seconds N] [--seed S] [--nodes 3|5] [--writers W] [--readers R]
+//! [--kinds kill-node,crash-after-decision,...]` (`--kinds` limits the schedule to those
+//! kinds; an unknown name lists the known ones).
 
 use std::time::Duration;
 
@@ -19,6 +21,13 @@ fn main() -> anyhow::Result<()> {
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
+        if flag == "--kinds" {
+            let list = args
+                .next()
+                .ok_or_else(|| anyhow::anyhow!("--kinds needs a value"))?;
+            config.kinds = FaultKind::parse_list(&list).map_err(anyhow::Error::msg)?;
+            continue;
+        }
         let mut value = || -> anyhow::Result<u64> {
             let v = args
                 .next()

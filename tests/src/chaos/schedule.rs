@@ -58,6 +58,41 @@ impl FaultKind {
         ]
     }
 
+    /// The kind's name on the command line (`fault-soak --kinds`): `kill-node`,
+    /// `crash-after-decision`, `router-before-finalize`...
+    pub fn slug(&self) -> String {
+        match self {
+            FaultKind::NodeFaultPoint(p) => format!("crash-{p}"),
+            FaultKind::RouterBeforeFinalize => "router-before-finalize".into(),
+            other => {
+                let mut out = String::new();
+                for (i, c) in format!("{other:?}").chars().enumerate() {
+                    if c.is_ascii_uppercase() && i > 0 {
+                        out.push('-');
+                    }
+                    out.push(c.to_ascii_lowercase());
+                }
+                out
+            }
+        }
+    }
+
+    /// The kinds named in a comma-separated list of [`FaultKind::slug`]s.
+    pub fn parse_list(list: &str) -> Result<Vec<FaultKind>, String> {
+        list.split(',')
+            .map(|name| {
+                FaultKind::all()
+                    .into_iter()
+                    .find(|k| k.slug() == name.trim())
+                    .ok_or_else(|| {
+                        let known: Vec<String> =
+                            FaultKind::all().iter().map(|k| k.slug()).collect();
+                        format!("unknown fault kind {name:?}; known: {}", known.join(", "))
+                    })
+            })
+            .collect()
+    }
+
     pub fn name(&self) -> String {
         match self {
             FaultKind::NodeFaultPoint(p) => format!("node crash at {p}"),
@@ -245,5 +280,27 @@ async fn inject(
 fn set_all(links: &[crate::faultnet::Link], state: LinkState) {
     for l in links {
         l.set(state);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kind_has_a_slug_that_parses_back() {
+        let all = FaultKind::all();
+        let slugs: Vec<String> = all.iter().map(|k| k.slug()).collect();
+        assert!(slugs.contains(&"kill-node".to_owned()), "{slugs:?}");
+        assert!(
+            slugs.contains(&"crash-after-decision".to_owned()),
+            "{slugs:?}"
+        );
+        assert_eq!(FaultKind::parse_list(&slugs.join(",")), Ok(all));
+        let err = FaultKind::parse_list("kill-node,nonsense").unwrap_err();
+        assert!(
+            err.contains("\"nonsense\"") && err.contains("kill-node"),
+            "{err}"
+        );
     }
 }
