@@ -356,10 +356,12 @@ impl Store {
     }
 }
 
-/// Back-off after `attempts` failures: 0.5 s doubling up to 30 s.
+/// Back-off after `attempts` failures: 0.5 s doubling up to 8 s. Short on purpose:
+/// most failures are the target or source being unreachable for a while (cheap to
+/// retry), and a replica should be back soon after its node is reachable again.
 pub fn backoff(attempts: u32) -> Duration {
     let factor = 1u64 << attempts.saturating_sub(1).min(6);
-    (Duration::from_millis(500) * factor as u32).min(Duration::from_secs(30))
+    (Duration::from_millis(500) * factor as u32).min(Duration::from_secs(8))
 }
 
 #[cfg(test)]
@@ -400,6 +402,7 @@ mod tests {
         assert_eq!(backoff(1), Duration::from_millis(500));
         assert_eq!(backoff(2), Duration::from_secs(1));
         assert_eq!(backoff(4), Duration::from_secs(4));
-        assert_eq!(backoff(40), Duration::from_secs(30));
+        assert_eq!(backoff(5), Duration::from_secs(8));
+        assert_eq!(backoff(40), Duration::from_secs(8));
     }
 }
