@@ -477,7 +477,8 @@ async fn replicate_repository_repairs_a_stale_replica_and_is_idempotent() -> any
 /// bundle, and a repair fetching that bundle with `--prune` deleted the branch on its
 /// target (which a quiet moment in etcd could then record up to date). The source here
 /// runs git through a wrapper that leaves `moving` out of every bundle, as that race
-/// does: the repair must fail UNAVAILABLE naming the ref, and change nothing.
+/// does: the repair must fail ABORTED (a conflict: try again) naming the ref, and
+/// change nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_repair_never_applies_a_bundle_that_lacks_a_ref_the_source_has() -> anyhow::Result<()> {
     let c = VoteCluster::start(1, 1).await?;
@@ -533,7 +534,7 @@ async fn a_repair_never_applies_a_bundle_that_lacks_a_ref_the_source_has() -> an
         .replicate_repository(r)
         .await
         .unwrap_err();
-    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert_eq!(e.code(), Code::Aborted, "{e:?}");
     assert!(e.message().contains("refs/heads/moving"), "{e:?}");
     assert_eq!(
         git::refs(&target.repo(rel)),

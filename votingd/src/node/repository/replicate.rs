@@ -39,7 +39,8 @@ use crate::node::tx::WriteContext;
 pub const SERVERS_METADATA: &str = "gitaly-servers";
 
 /// How many bundles a repair asks its source for before it gives up on ones that keep
-/// lacking refs the source has (see [`missing_from_bundle`]); the repair is retried.
+/// lacking refs the source has (see [`missing_from_bundle`]) with ABORTED; the router
+/// tries again (at last under the repository's lock).
 const BUNDLE_TRIES: usize = 3;
 
 #[derive(serde::Deserialize)]
@@ -195,7 +196,9 @@ pub async fn fetch_source(
             "the source's bundle lacks refs the source has (moved while it was written); asking again"
         );
     }
-    Err(Status::unavailable(format!(
+    // ABORTED: a concurrency conflict; the router's repair tries again, at last under
+    // the repository's write lock, where nothing moves.
+    Err(Status::aborted(format!(
         "source repository: {BUNDLE_TRIES} bundles lacked refs the source has ({}): writes \
          moved them while git wrote the bundle; nothing was applied, retry",
         missing.join(", ")
