@@ -51,6 +51,9 @@ pub const AFTER_VOTE_RECORDED: &str = "after-vote-recorded";
 pub const AFTER_DECISION: &str = "after-decision";
 /// votingd: git committed the update, the confirmation is not yet written.
 pub const BEFORE_CONFIRM: &str = "before-confirm";
+/// router: the first voter's call answered successfully (that replica applied and
+/// confirmed the write); the others may still run, nothing is finalized.
+pub const AFTER_FIRST_ANSWER: &str = "after-first-answer";
 /// router: every voter reported, the transaction not yet finalized.
 pub const BEFORE_FINALIZE: &str = "before-finalize";
 /// node: a repair fetch ran, its refs not yet in place.

@@ -176,6 +176,7 @@ async fn collect(
                         ))),
                     };
                     if deadline.is_none() && result.succeeded() {
+                        refvote_cluster::faults::reach(refvote_cluster::faults::AFTER_FIRST_ANSWER).await;
                         deadline = Some(Instant::now() + LAGGARD_LIMIT.max(2 * started.elapsed()));
                     }
                     results[i] = Some(result);

@@ -65,6 +65,11 @@ pub(crate) enum RepairError {
     NoSource,
     #[error("copy from {source_node} failed: {status}")]
     Copy { source_node: String, status: String },
+    /// The target refused the copy as a concurrency conflict (ABORTED): e.g. the
+    /// source's refs moved while it bundled them. The next try, at worst the locked
+    /// one, copies again.
+    #[error("copy from {source_node} overtaken by writes: {status}")]
+    Overtaken { source_node: String, status: String },
     #[error("checksum after the copy failed: {0}")]
     Checksum(String),
     #[error("{0}")]
@@ -194,7 +199,13 @@ impl Worker {
             if self.nothing_to_do(&plan, claim).await? {
                 return Ok(());
             }
-            let checksum = self.copy(&plan, claim, self.config.copy_timeout).await?;
+            let checksum = match self.copy(&plan, claim, self.config.copy_timeout).await {
+                Err(e @ RepairError::Overtaken { .. }) => {
+                    tracing::info!(try_ = i + 1, error = %e, "the copy was overtaken by writes; again");
+                    continue;
+                }
+                other => other?,
+            };
             match self
                 .store
                 .finish_repair(&plan, claim, &checksum, None)
@@ -332,6 +343,10 @@ pub(crate) async fn replicate(
     let mut client = RepositoryServiceClient::new(channel);
     match tokio::time::timeout(timeout, client.replicate_repository(request)).await {
         Ok(Ok(_)) => Ok(()),
+        Ok(Err(status)) if status.code() == tonic::Code::Aborted => Err(RepairError::Overtaken {
+            source_node: source.to_owned(),
+            status: status.message().to_owned(),
+        }),
         Ok(Err(status)) => Err(RepairError::Copy {
             source_node: source.to_owned(),
             status: format!("{:?}: {}", status.code(), status.message()),

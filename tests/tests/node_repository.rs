@@ -21,7 +21,7 @@ use refvote_proto::gitaly::{
 use refvote_tests::cluster::VoteCluster;
 use refvote_tests::git::{self, rev};
 use refvote_tests::grpc::{channel, repo, with_tx};
-use refvote_tests::node::Node;
+use refvote_tests::node::{Node, NodeOptions};
 use sha1::{Digest, Sha1};
 use tokio_stream::StreamExt;
 use tonic::Code;
@@ -469,6 +469,79 @@ async fn replicate_repository_repairs_a_stale_replica_and_is_idempotent() -> any
         want,
         "a failed repair changed the replica"
     );
+    Ok(())
+}
+
+/// Regression, found by the crash scenarios (`scenario_crashes.rs`, scenario 2):
+/// `git bundle create --all` silently leaves out a ref that moves while it writes the
+/// bundle, and a repair fetching that bundle with `--prune` deleted the branch on its
+/// target (which a quiet moment in etcd could then record up to date). The source here
+/// runs git through a wrapper that leaves `moving` out of every bundle, as that race
+/// does: the repair must fail ABORTED (a conflict: try again) naming the ref, and
+/// change nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repair_never_applies_a_bundle_that_lacks_a_ref_the_source_has() -> anyhow::Result<()> {
+    let c = VoteCluster::start(1, 1).await?;
+    let target = &c.nodes[0];
+    let wrapper = c.dir.path().join("git-bundles-leave-out-moving");
+    std::fs::write(
+        &wrapper,
+        "#!/bin/sh\n\
+         # git, except that bundles leave out refs/heads/moving.\n\
+         bundle=\n\
+         for a in \"$@\"; do [ \"$a\" = bundle ] && bundle=1; done\n\
+         if [ -n \"$bundle\" ]; then\n\
+           n=$#\n\
+           for a in \"$@\"; do\n\
+             if [ \"$a\" = --all ]; then set -- \"$@\" --exclude=refs/heads/moving --all\n\
+             else set -- \"$@\" \"$a\"; fi\n\
+           done\n\
+           shift $n\n\
+         fi\n\
+         exec git \"$@\"\n",
+    )?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755))?;
+    let source = Node::start(
+        "leaky",
+        c.dir.path(),
+        &c.etcd.endpoints(),
+        &NodeOptions {
+            extra_config: format!("[git]\nbin_path = {:?}\n", wrapper),
+            ..NodeOptions::default()
+        },
+    )
+    .await?;
+    let rel = "g/moving.git";
+    create(&source, rel).await?;
+    create(target, rel).await?;
+    let work = c.work("w")?;
+    work.commit("main", "one")?;
+    work.commit("moving", "two")?;
+    push(&work.path, &source.repo(rel), &["main", "moving"]).await?;
+    push(&work.path, &target.repo(rel), &["main", "moving"]).await?;
+    work.commit("main", "three")?;
+    push(&work.path, &source.repo(rel), &["main"]).await?;
+    let before = git::refs(&target.repo(rel));
+
+    let mut r = tonic::Request::new(ReplicateRepositoryRequest {
+        repository: repo(rel),
+        source: repo(rel),
+    });
+    r.metadata_mut()
+        .insert("gitaly-servers", servers_metadata(&source));
+    let e = RepositoryServiceClient::new(channel(target).await)
+        .replicate_repository(r)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Aborted, "{e:?}");
+    assert!(e.message().contains("refs/heads/moving"), "{e:?}");
+    assert_eq!(
+        git::refs(&target.repo(rel)),
+        before,
+        "a repair from an incomplete bundle changed the replica"
+    );
+    assert!(rev(&target.repo(rel), "refs/heads/moving").is_some());
     Ok(())
 }
 

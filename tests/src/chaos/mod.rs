@@ -466,7 +466,7 @@ async fn poll_outdated(
 
 /// Every assigned replica's refs (read from its storage with git), checksum (from its
 /// node, directly) and whether etcd says it is up to date.
-async fn read_replicas(
+pub async fn read_replicas(
     cluster: &ChaosCluster,
     repo: &RepoId,
 ) -> anyhow::Result<BTreeMap<String, (check::Refs, String, bool)>> {

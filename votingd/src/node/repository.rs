@@ -344,7 +344,8 @@ impl RepositoryService for RepositorySvc {
             .exclusive(&target.path, REPAIR_LOCK_WAIT)
             .await?;
         let result = async {
-            let src = replicate::fetch_source(&server, source, &target.root).await?;
+            let src =
+                replicate::fetch_source(&self.node.git, &server, source, &target.root).await?;
             if is_repository(&target.path) {
                 replicate::sync_existing(&self.node.git, &target, &src).await?;
             } else {

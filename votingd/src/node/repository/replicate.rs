@@ -4,9 +4,12 @@
 //!
 //! The objects and refs come through the source's CreateBundle, streamed into a file
 //! in this storage's private area and fetched from with `--prune` (refs the source no
-//! longer has go); HEAD comes from the source's FindDefaultBranchName. Every git run
-//! here is maintenance: the hook lets it pass, since a repair copies what the majority
-//! already decided. Running it again against an unchanged source changes nothing.
+//! longer has go); HEAD comes from the source's FindDefaultBranchName. A bundle that
+//! lacks a ref the source has (git leaves out a ref that moves while it writes the
+//! bundle) is fetched again, and never applied: with `--prune` it would delete that
+//! branch here. Every git run here is maintenance: the hook lets it pass, since a
+//! repair copies what the majority already decided. Running it again against an
+//! unchanged source changes nothing.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -16,7 +19,9 @@ use base64::Engine;
 use refvote_auth::{Secret, Signed};
 use refvote_proto::gitaly::ref_service_client::RefServiceClient;
 use refvote_proto::gitaly::repository_service_client::RepositoryServiceClient;
-use refvote_proto::gitaly::{CreateBundleRequest, FindDefaultBranchNameRequest, Repository};
+use refvote_proto::gitaly::{
+    CreateBundleRequest, FindDefaultBranchNameRequest, ListRefsRequest, Repository,
+};
 use tokio_stream::StreamExt;
 use tonic::metadata::MetadataMap;
 use tonic::transport::{Channel, ClientTlsConfig};
@@ -32,6 +37,11 @@ use crate::node::tx::WriteContext;
 
 /// The request metadata key naming the nodes a call may reach, as in Gitaly.
 pub const SERVERS_METADATA: &str = "gitaly-servers";
+
+/// How many bundles a repair asks its source for before it gives up on ones that keep
+/// lacking refs the source has (see [`missing_from_bundle`]) with ABORTED; the router
+/// tries again (at last under the repository's lock).
+const BUNDLE_TRIES: usize = 3;
 
 #[derive(serde::Deserialize)]
 struct Server {
@@ -123,7 +133,9 @@ pub struct Source {
 }
 
 /// Fetches the source's bundle into `target_root`'s private area and reads its HEAD.
+/// The bundle carries every ref the source has once it is written, or none is used.
 pub async fn fetch_source(
+    git: &Git,
     server: &SourceServer,
     source: Repository,
     target_root: &Path,
@@ -144,25 +156,97 @@ pub async fn fetch_source(
         .into_inner()
         .name;
     let head = String::from_utf8_lossy(&head).into_owned();
-    let stream = RepositoryServiceClient::new(channel)
-        .create_bundle(CreateBundleRequest {
-            repository: Some(source),
-        })
-        .await;
-    let bundle = match stream {
-        Ok(s) => {
-            let chunks = s.into_inner().map(|m| m.map(|m| m.data));
-            Some(
-                bundle::receive(target_root, chunks)
-                    .await
-                    .map_err(|s| from_source("copying the bundle", s))?,
-            )
+    let mut missing = Vec::new();
+    for attempt in 1..=BUNDLE_TRIES {
+        let stream = RepositoryServiceClient::new(channel.clone())
+            .create_bundle(CreateBundleRequest {
+                repository: Some(source.clone()),
+            })
+            .await;
+        let bundle = match stream {
+            Ok(s) => {
+                let chunks = s.into_inner().map(|m| m.map(|m| m.data));
+                Some(
+                    bundle::receive(target_root, chunks)
+                        .await
+                        .map_err(|s| from_source("copying the bundle", s))?,
+                )
+            }
+            // The source has no refs: the replica must have none either.
+            Err(s) if source_is_empty(&s) => None,
+            Err(s) => return Err(from_source("creating a bundle", s)),
+        };
+        // What the source has now, after the bundle was written.
+        let has = source_refs(&channel, &source).await?;
+        let carried = match &bundle {
+            Some(b) => bundle::heads(git, &b.path)
+                .await?
+                .into_iter()
+                .map(|(_, name)| name)
+                .collect(),
+            None => Vec::new(),
+        };
+        missing = missing_from_bundle(&has, &carried);
+        if missing.is_empty() {
+            return Ok(Source { bundle, head });
         }
-        // The source has no refs: the replica must have none either.
-        Err(s) if source_is_empty(&s) => None,
-        Err(s) => return Err(from_source("creating a bundle", s)),
-    };
-    Ok(Source { bundle, head })
+        tracing::info!(
+            attempt,
+            ?missing,
+            "the source's bundle lacks refs the source has (moved while it was written); asking again"
+        );
+    }
+    // ABORTED: a concurrency conflict; the router's repair tries again, at last under
+    // the repository's write lock, where nothing moves.
+    Err(Status::aborted(format!(
+        "source repository: {BUNDLE_TRIES} bundles lacked refs the source has ({}): writes \
+         moved them while git wrote the bundle; nothing was applied, retry",
+        missing.join(", ")
+    )))
+}
+
+/// Every ref name the source has (ListRefs of `refs/`).
+async fn source_refs(
+    channel: &Signed<Channel>,
+    source: &Repository,
+) -> Result<Vec<String>, Status> {
+    let mut stream = RefServiceClient::new(channel.clone())
+        .list_refs(ListRefsRequest {
+            repository: Some(source.clone()),
+            patterns: vec![b"refs/".to_vec()],
+            ..Default::default()
+        })
+        .await
+        .map_err(|s| from_source("listing refs", s))?
+        .into_inner();
+    let mut names = Vec::new();
+    while let Some(m) = stream
+        .message()
+        .await
+        .map_err(|s| from_source("listing refs", s))?
+    {
+        names.extend(
+            m.references
+                .into_iter()
+                .map(|r| String::from_utf8_lossy(&r.name).into_owned()),
+        );
+    }
+    Ok(names)
+}
+
+/// The refs in `has` (the source's, listed after its bundle was written) that the
+/// bundle does not carry. `git bundle create --all` reads every ref, walks the history,
+/// then reads each ref again and leaves out one whose value changed meanwhile, without
+/// a word: under writes, a bundle can lack a branch the source has had all along.
+/// Fetched with `--prune`, such a bundle deletes that branch here, and nothing in etcd
+/// need have moved to stop the repair recording the replica up to date. A ref created
+/// after the bundle shows here too; asking again settles it.
+fn missing_from_bundle(has: &[String], carried: &[String]) -> Vec<String> {
+    let carried: std::collections::HashSet<&str> = carried.iter().map(String::as_str).collect();
+    has.iter()
+        .filter(|n| n.as_str() != "HEAD" && !carried.contains(n.as_str()))
+        .cloned()
+        .collect()
 }
 
 /// Whether the source's CreateBundle refusal says it has no refs (ours and Gitaly's
@@ -265,6 +349,32 @@ pub async fn set_head_with(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bundle_missing_a_ref_the_source_has_is_caught() {
+        let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let has = names(&["refs/heads/main", "refs/heads/moving", "refs/tags/v1"]);
+        // git left out the ref that moved while it wrote the bundle.
+        let carried = names(&["HEAD", "refs/heads/main", "refs/tags/v1"]);
+        assert_eq!(missing_from_bundle(&has, &carried), ["refs/heads/moving"]);
+        // Complete (HEAD is not a ref the listing returns): nothing missing.
+        let carried = names(&[
+            "HEAD",
+            "refs/heads/main",
+            "refs/heads/moving",
+            "refs/tags/v1",
+        ]);
+        assert!(missing_from_bundle(&has, &carried).is_empty());
+        // Refs the source deleted after the bundle are simply not asked for.
+        assert!(missing_from_bundle(&names(&["refs/heads/main"]), &carried).is_empty());
+        // An empty source after an empty-bundle refusal: nothing missing; one that got a
+        // ref meanwhile: that ref.
+        assert!(missing_from_bundle(&[], &[]).is_empty());
+        assert_eq!(
+            missing_from_bundle(&names(&["refs/heads/new"]), &[]),
+            ["refs/heads/new"]
+        );
+    }
 
     #[test]
     fn only_the_empty_bundle_refusal_means_the_source_has_no_refs() {
