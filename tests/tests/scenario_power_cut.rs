@@ -41,9 +41,18 @@ const IMAGE_MIB: u64 = 64;
 /// A push, clone or ls-remote that takes longer is abandoned.
 const GIT_DEADLINE: Duration = Duration::from_secs(30);
 
+/// A system tool by name, also where root's tools live when they are not on `PATH`.
+fn tool(program: &str) -> PathBuf {
+    ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
+        .iter()
+        .map(|d| Path::new(d).join(program))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from(program))
+}
+
 /// Runs a system tool; fails with its stderr.
 fn run(program: &str, args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new(program)
+    let out = Command::new(tool(program))
         .args(args)
         .output()
         .with_context(|| format!("running {program} (is it installed?)"))?;
@@ -133,14 +142,16 @@ impl Drop for LoopDisk {
         // Something still holds the mount (or the clean path failed): detach lazily,
         // so neither the mount nor the loop device outlives the test.
         if self.mounted {
-            let _ = Command::new("umount")
+            let _ = Command::new(tool("umount"))
                 .arg("--lazy")
                 .arg(&self.mount)
                 .status();
             self.mounted = false;
         }
         if let Some(dev) = self.device.take() {
-            let status = Command::new("losetup").args(["--detach", &dev]).status();
+            let status = Command::new(tool("losetup"))
+                .args(["--detach", &dev])
+                .status();
             if !status.is_ok_and(|s| s.success()) {
                 eprintln!("{}: could not detach {dev}", self.name);
             }
