@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what refvote's build, demo and tests need on a Debian machine, if missing:
 # git, curl (the HTTP tests), etcd (Debian's etcd-server and etcd-client), protoc
-# (protobuf-compiler), and cargo-nextest. Idempotent; safe to run again.
+# (protobuf-compiler), mkfs.ext4 and losetup (e2fsprogs, mount), and cargo-nextest.
+# Idempotent; safe to run again.
 set -euo pipefail
 
 need=()
@@ -11,6 +12,9 @@ command -v etcd >/dev/null || need+=(etcd-server)
 command -v etcdctl >/dev/null || need+=(etcd-client)
 command -v protoc >/dev/null || need+=(protobuf-compiler)
 command -v cc >/dev/null || need+=(gcc)
+# The power-cut scenario puts storage on ext4 on a loop device (and runs as root).
+command -v mkfs.ext4 >/dev/null || [ -x /usr/sbin/mkfs.ext4 ] || need+=(e2fsprogs)
+command -v losetup >/dev/null || [ -x /usr/sbin/losetup ] || need+=(mount)
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]}"
   sudo=""

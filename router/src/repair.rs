@@ -5,7 +5,9 @@
 //! generation is still the repository's (one fenced etcd txn, see
 //! [`refvote_cluster::repair`]). When writes keep moving the generation, the last try
 //! takes the repository's write lock for a bounded time, drains its open transactions
-//! and copies once more. Failures are counted on the job, with back-off.
+//! and copies once more. Failures are counted on the job, with back-off. Recording a
+//! failure and releasing the claim and the lock are retried until etcd takes them (or
+//! the router's lease, which they are bound to, is gone).
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -92,6 +94,7 @@ pub async fn run(
         pool,
         config,
         running: Mutex::new(HashSet::new()),
+        lease: lease.clone(),
     });
     loop {
         let current = *lease.borrow();
@@ -111,7 +114,12 @@ struct Worker {
     config: RepairConfig,
     /// Jobs this router works on (`<repo>/<node>`).
     running: Mutex<HashSet<String>>,
+    /// The router's current lease: claims and locks are bound to it.
+    lease: watch::Receiver<Option<i64>>,
 }
+
+/// Most tries of one clean-up write (with back-off up to 2 s: about 20 minutes).
+const CLEANUP_TRIES: u32 = 600;
 
 impl Worker {
     fn start_jobs(self: &Arc<Self>, jobs: Vec<RepairJob>, lease: i64) {
@@ -177,12 +185,52 @@ impl Worker {
             }
             Err(e) => {
                 let text = e.to_string();
-                if let Err(e) = self.store.fail_repair(&claim, &text).await {
-                    tracing::warn!(error = %e, "cannot record the failed repair");
-                }
+                self.until_done("record the failed repair", lease, || {
+                    self.store.fail_repair(&claim, &text)
+                })
+                .await;
             }
         }
-        let _ = self.store.release_claim(&claim).await;
+        self.until_done("release the repair's claim", lease, || {
+            self.store.release_claim(&claim)
+        })
+        .await;
+    }
+
+    /// Retries `op`, an etcd write that records or releases what this repair holds
+    /// (safe to repeat), with back-off until it lands, or until the router no longer
+    /// holds `lease`: the claim and the lock are bound to it and went with it. Giving up
+    /// after one failure (etcd without a leader for a moment) left the claim, and the
+    /// lock, held for as long as the router lived: no router took the job again and
+    /// every write was refused as "locked by repair".
+    async fn until_done<F, Fut>(&self, what: &str, lease: i64, mut op: F) -> bool
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<(), refvote_cluster::Error>>,
+    {
+        let mut wait = Duration::from_millis(100);
+        for attempt in 0..CLEANUP_TRIES {
+            match op().await {
+                Ok(()) => {
+                    if attempt > 0 {
+                        tracing::info!(attempts = attempt + 1, "did {what} after retrying");
+                    }
+                    return true;
+                }
+                Err(e) if attempt == 0 => {
+                    tracing::warn!(error = %e, "cannot {what} yet; retrying until etcd answers")
+                }
+                Err(e) => tracing::debug!(error = %e, attempt, "cannot {what} yet"),
+            }
+            if *self.lease.borrow() != Some(lease) {
+                tracing::info!("the router's lease changed; what the repair held went with it");
+                return false;
+            }
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_secs(2));
+        }
+        tracing::warn!("gave up trying to {what}; it lapses with the router's lease");
+        false
     }
 
     /// Unlocked tries, then one under the repository's lock.
@@ -222,9 +270,10 @@ impl Worker {
             .lock_repo(&claim.repo, &self.config.id, "repair", lease)
             .await?;
         let result = self.locked_attempt(claim, &lock).await;
-        if let Err(e) = self.store.unlock(&lock).await {
-            tracing::warn!(error = %e, "cannot release the repair's lock; it lapses with the lease");
-        }
+        self.until_done("release the repair's lock", lease, || {
+            self.store.unlock(&lock)
+        })
+        .await;
         result
     }
 

@@ -4,7 +4,8 @@
 //! with pushes still running; with two nodes down writes fail fast and reads go on;
 //! a copy made while a write moved the repository is never recorded as current; a
 //! repair that keeps failing shows in `votingctl status`; a router reaps a
-//! transaction whose creator died.
+//! transaction whose creator died; a repair that loses etcd right after its copy does
+//! not keep its claim once etcd is back.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -507,6 +508,96 @@ async fn finalize_does_not_resurrect_a_removed_repository() -> anyhow::Result<()
             .values()
             .all(|(r, _)| r.generation == 0 && r.checksum == "fresh"),
         "{view:?}"
+    );
+    Ok(())
+}
+
+/// A repair whose etcd writes fail right after its copy (the router cut off from etcd
+/// for a moment, its lease living on) must not keep holding its claim: once etcd
+/// answers again the failure is recorded, the claim released, and the job taken again
+/// until the replica is level. (Giving up after one failed write left the claim, and
+/// under the repair's lock every write refused, for as long as the router lived.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repair_that_loses_etcd_after_its_copy_is_taken_again() -> anyhow::Result<()> {
+    use refvote_tests::faultnet::{Link, LinkState};
+    use refvote_tests::hold::Hold;
+
+    let relative = "cut.git";
+    let mut c = VoteCluster::start(3, 1).await?;
+    let id = c.create_repo(relative).await?;
+    let work = c.work("seed")?;
+    work.commit("main", "first")?;
+    for n in &c.nodes {
+        let out = git::push(&work.path, &n.repo(relative), &["main"], &[]).await?;
+        anyhow::ensure!(out.status.success(), "{out:?}");
+    }
+    let etcd_addr = c.etcd.endpoints()[0]
+        .trim_start_matches("http://")
+        .parse()?;
+    let link = Link::start("router1->etcd", etcd_addr).await?;
+    let router = Router::start(
+        "router1",
+        c.dir.path(),
+        &[format!("http://{}", link.addr())],
+    )
+    .await?;
+    let http = http_via(&router).await?;
+
+    // node3 misses a push: outdated, with a repair job nobody takes while it is down.
+    c.nodes[2].stop()?;
+    work.commit("next", "second")?;
+    let out = git::push(
+        &work.path,
+        std::path::Path::new(&http.url(relative)),
+        &["next"],
+        &[],
+    )
+    .await?;
+    anyhow::ensure!(out.status.success(), "{out:?}");
+    anyhow::ensure!(!up_to_date(&c, &id, "node3").await);
+
+    // node3 comes back; the router's repair holds in the middle of the copy.
+    let hold = Hold::new(refvote_cluster::faults::MID_REPAIR, 1)?;
+    c.nodes[2].env = hold.env();
+    c.nodes[2].launch().await?;
+    hold.wait_reached(Duration::from_secs(20)).await?;
+    // The router loses etcd; the copy finishes, and recording it fails.
+    link.set(LinkState::Reset);
+    hold.release();
+    let log = router.dir.join("router1.log");
+    wait_until(
+        "the router fails to record the repair",
+        Duration::from_secs(15),
+        || {
+            let log = log.clone();
+            async move {
+                std::fs::read_to_string(&log)
+                    .is_ok_and(|t| t.contains("cannot record the failed repair"))
+            }
+        },
+    )
+    .await?;
+    // The release of the claim comes next; it fails within the router's etcd request
+    // timeout (1 s), well inside its lease (3 s, renewed every second).
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    link.set(LinkState::Up);
+
+    wait_until(
+        "node3 is repaired by the same router",
+        Duration::from_secs(20),
+        || up_to_date(&c, &id, "node3"),
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e:#}\nrouter log:\n{}", router.log_tail(30)))?;
+    let text = std::fs::read_to_string(&log)?;
+    anyhow::ensure!(
+        !text.contains("etcd lease lost"),
+        "the router's lease lapsed during the cut, so its claim went with it and this \
+         test proved nothing; the cut must be shorter"
+    );
+    assert_eq!(
+        git::rev(&c.nodes[2].repo(relative), "refs/heads/next"),
+        Some(git::rev(&work.path, "refs/heads/next").expect("work has next")),
     );
     Ok(())
 }

@@ -15,7 +15,7 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use super::history::{FaultEvent, Op, OpKind, Outcome, short};
-use super::workload::RACE;
+use super::workload::{RACE, UPDATE_PREFIX};
 
 /// The refs of one replica: name → object id.
 pub type Refs = BTreeMap<String, String>;
@@ -36,6 +36,22 @@ pub struct Report {
     pub settle: Duration,
     /// The most common reasons writes were not acknowledged, with counts.
     pub refusals: Vec<(usize, String)>,
+    /// Writes by call: [acknowledged, failed, unknown].
+    pub calls: BTreeMap<&'static str, [usize; 3]>,
+}
+
+/// Which call a write was made with.
+fn call_of(o: &Op) -> &'static str {
+    let grpc = o.client == "grpc-writer";
+    match (&o.kind, grpc, o.branch.starts_with(UPDATE_PREFIX)) {
+        (OpKind::Commit { .. }, _, _) => "UserCommitFiles",
+        (OpKind::Push, true, true) => "UpdateReferences",
+        (OpKind::Delete, true, true) => "DeleteRefs",
+        (OpKind::Push, true, false) => "UserCreateBranch",
+        (OpKind::Delete, true, false) => "UserDeleteBranch",
+        (OpKind::Read, _, _) => "FindBranch",
+        _ => "git push",
+    }
 }
 
 impl Report {
@@ -52,6 +68,9 @@ impl Report {
             "writes: {} acknowledged, {} failed, {} unknown; reads: {} ({} failed)",
             self.acked, self.failed, self.unknown, self.reads, self.reads_failed
         );
+        for (call, [a, f, u]) in &self.calls {
+            let _ = writeln!(s, "  {call}: {a} acknowledged, {f} failed, {u} unknown");
+        }
         let _ = writeln!(s, "faults (kind: count, longest write unavailability):");
         for (kind, (n, worst)) in &self.faults {
             let _ = writeln!(s, "  {kind}: {n}, {:.2} s", worst.as_secs_f64());
@@ -89,14 +108,20 @@ impl Report {
 }
 
 /// Checks `ops` against the final refs of every replica (`replicas`: node → refs, and
-/// node → checksum, and whether etcd says it is up to date).
+/// node → checksum, and whether etcd says it is up to date). `commits` maps the commit
+/// message of every commit in the final history of
+/// [`GRPC_BRANCH`](super::workload::GRPC_BRANCH) to its id: it
+/// tells which `UserCommitFiles` calls the client never heard back from took effect.
 pub fn check(
     ops: &[Op],
     faults: &[FaultEvent],
     replicas: &BTreeMap<String, (Refs, String, bool)>,
+    commits: &HashMap<String, String>,
     run_end: Duration,
     report: &mut Report,
 ) {
+    let ops = resolve_commits(ops, commits, report);
+    let ops = ops.as_slice();
     let writes: Vec<&Op> = ops.iter().filter(|o| o.kind != OpKind::Read).collect();
     report.acked = writes.iter().filter(|o| o.outcome == Outcome::Ack).count();
     report.failed = writes
@@ -107,6 +132,14 @@ pub fn check(
         .iter()
         .filter(|o| o.outcome == Outcome::Unknown)
         .count();
+    for o in &writes {
+        let e = report.calls.entry(call_of(o)).or_default();
+        match o.outcome {
+            Outcome::Ack => e[0] += 1,
+            Outcome::Failed => e[1] += 1,
+            _ => e[2] += 1,
+        }
+    }
     let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
     for o in writes.iter().filter(|o| o.outcome != Outcome::Ack) {
         let why: String = o.detail.chars().take(160).collect();
@@ -174,7 +207,7 @@ pub fn check(
     // Writers' own branches: a linear history per writer, in push order.
     let mut chains: BTreeMap<&str, Vec<&Op>> = BTreeMap::new();
     for o in &writes {
-        if o.kind == OpKind::Push && o.branch.starts_with('w') {
+        if matches!(o.kind, OpKind::Push | OpKind::Commit { .. }) && o.branch.starts_with('w') {
             chains.entry(o.branch.as_str()).or_default().push(o);
         }
     }
@@ -297,7 +330,7 @@ pub fn check(
             match o.kind {
                 OpKind::Push => e.0 = Some(o),
                 OpKind::Delete => e.1 = Some(o),
-                OpKind::Read => {}
+                OpKind::Read | OpKind::Commit { .. } => {}
             }
         }
     }
@@ -319,6 +352,60 @@ pub fn check(
                 "lost update: {branch} was created (acknowledged) and its deletion failed, but it is gone"
             ));
         }
+    }
+
+    // Branches one client moves with UpdateReferences and deletes with DeleteRefs, one
+    // call after another: the branch ends as the last acknowledged call left it, or as
+    // a call with an unknown outcome left it (such a call may take effect late, after
+    // later ones). A call reported failed (a wrong expected old value) changes nothing.
+    let mut single: BTreeMap<&str, Vec<&Op>> = BTreeMap::new();
+    for o in &writes {
+        if o.branch.starts_with(UPDATE_PREFIX) {
+            single.entry(o.branch.as_str()).or_default().push(o);
+        }
+    }
+    for (branch, seq) in single {
+        let effect = |o: &Op| match o.kind {
+            OpKind::Delete => None,
+            _ => o.value.clone(),
+        };
+        let last_acked = seq.iter().rposition(|o| o.outcome == Outcome::Ack);
+        let mut allowed: Vec<Option<String>> = vec![match last_acked {
+            Some(i) => effect(seq[i]),
+            None => None,
+        }];
+        allowed.extend(
+            seq.iter()
+                .filter(|o| o.outcome == Outcome::Unknown)
+                .map(|o| effect(o)),
+        );
+        let fin = final_of(branch);
+        if allowed.contains(&fin) {
+            continue;
+        }
+        let history = seq
+            .iter()
+            .map(|o| o.to_string())
+            .collect::<Vec<_>>()
+            .join("; ");
+        let only_failed = seq
+            .iter()
+            .filter(|o| effect(o) == fin)
+            .all(|o| o.outcome == Outcome::Failed)
+            && seq.iter().any(|o| effect(o) == fin);
+        let what = if only_failed {
+            "failed visible"
+        } else {
+            "lost update"
+        };
+        report.violations.push(format!(
+            "{what}: {branch} ends {} but its calls allow only {:?}: {history}",
+            fin.as_deref().map(short).unwrap_or("absent"),
+            allowed
+                .iter()
+                .map(|v| v.as_deref().map(short).unwrap_or("absent"))
+                .collect::<Vec<_>>()
+        ));
     }
 
     // Unavailability: the longest gap between acknowledged writes overlapping each
@@ -347,6 +434,37 @@ pub fn check(
         e.0 += 1;
         e.1 = e.1.max(worst);
     }
+}
+
+/// `ops` with the value of every `UserCommitFiles` call whose answer the client did not
+/// get filled in from `commits` (its message found in the final history). A call
+/// reported failed whose commit is there is a violation.
+fn resolve_commits(ops: &[Op], commits: &HashMap<String, String>, report: &mut Report) -> Vec<Op> {
+    let mut out = ops.to_vec();
+    for o in &mut out {
+        let OpKind::Commit { message } = &o.kind else {
+            continue;
+        };
+        let found = commits.get(message);
+        match (&o.outcome, found) {
+            (Outcome::Failed, Some(c)) => report.violations.push(format!(
+                "failed visible: {} holds commit {} of a call reported failed: {o}",
+                o.branch,
+                short(c)
+            )),
+            (Outcome::Ack, Some(c)) if o.value.as_ref() != Some(c) => {
+                report.violations.push(format!(
+                    "diverged: the call's answer named commit {} but {} holds {} for its message: {o}",
+                    o.value.as_deref().map(short).unwrap_or("-"),
+                    o.branch,
+                    short(c)
+                ))
+            }
+            (Outcome::Unknown, Some(c)) => o.value = Some(c.clone()),
+            _ => {}
+        }
+    }
+    out
 }
 
 fn diff(a: &Refs, b: &Refs) -> String {
@@ -404,7 +522,14 @@ mod tests {
 
     fn run(ops: &[Op], reps: &BTreeMap<String, (Refs, String, bool)>) -> Report {
         let mut r = Report::default();
-        check(ops, &[], reps, Duration::from_secs(1), &mut r);
+        check(
+            ops,
+            &[],
+            reps,
+            &HashMap::new(),
+            Duration::from_secs(1),
+            &mut r,
+        );
         r
     }
 
@@ -448,6 +573,93 @@ mod tests {
         let kinds: Vec<&str> = r.violations.iter().map(|v| &v[..10]).collect();
         assert!(kinds.contains(&"stale read"), "{:?}", r.violations);
         assert!(kinds.contains(&"failed vis"), "{:?}", r.violations);
+    }
+
+    fn with(kind: OpKind, o: Op) -> Op {
+        Op { kind, ..o }
+    }
+
+    fn del(branch: &str, start: u64, outcome: Outcome) -> Op {
+        Op {
+            kind: OpKind::Delete,
+            value: None,
+            ..op(branch, "", start, start + 5, outcome)
+        }
+    }
+
+    #[test]
+    fn a_failed_update_references_must_stay_invisible() {
+        // Create at a, a wrong expectation refused (b), the right one (b), a delete.
+        let round = |good: Outcome, delete: Outcome| {
+            vec![
+                op("u-g-1", "a", 0, 5, Outcome::Ack),
+                op("u-g-1", "b", 10, 15, Outcome::Failed),
+                op("u-g-1", "b", 20, 25, good),
+                del("u-g-1", 30, delete),
+            ]
+        };
+        let r = run(&round(Outcome::Ack, Outcome::Ack), &replicas(&[]));
+        assert!(r.violations.is_empty(), "{:?}", r.violations);
+        // The delete's outcome unknown: gone or at b are both right, a is not.
+        let ops = round(Outcome::Ack, Outcome::Unknown);
+        assert!(
+            run(&ops, &replicas(&[("u-g-1", "b")]))
+                .violations
+                .is_empty()
+        );
+        let r = run(&ops, &replicas(&[("u-g-1", "a")]));
+        assert!(
+            r.violations[0].starts_with("lost update"),
+            "{:?}",
+            r.violations
+        );
+        // Only refused calls moved it to b: b must never show.
+        let ops = round(Outcome::Failed, Outcome::Failed);
+        assert!(
+            run(&ops, &replicas(&[("u-g-1", "a")]))
+                .violations
+                .is_empty()
+        );
+        let r = run(&ops, &replicas(&[("u-g-1", "b")]));
+        assert!(
+            r.violations[0].starts_with("failed visible"),
+            "{:?}",
+            r.violations
+        );
+    }
+
+    #[test]
+    fn commits_whose_answer_was_lost_are_found_by_message() {
+        let commit = |msg: &str, value: Option<&str>, start: u64, outcome: Outcome| Op {
+            value: value.map(Into::into),
+            ..with(
+                OpKind::Commit {
+                    message: msg.into(),
+                },
+                op("wg", "", start, start + 5, outcome),
+            )
+        };
+        let ops = [
+            commit("m1", Some("c1"), 0, Outcome::Ack),
+            commit("m2", None, 10, Outcome::Unknown),
+            commit("m3", None, 20, Outcome::Failed),
+        ];
+        let mut r = Report::default();
+        let known: HashMap<String, String> = [("m1", "c1"), ("m2", "c2")]
+            .map(|(m, c)| (m.into(), c.into()))
+            .into();
+        let reps = replicas(&[("wg", "c2")]);
+        check(&ops, &[], &reps, &known, Duration::from_secs(1), &mut r);
+        assert!(r.violations.is_empty(), "{:?}", r.violations);
+        // The failed call's commit in the history; the acknowledged one missing.
+        let mut r = Report::default();
+        let known: HashMap<String, String> =
+            [("m3", "c3")].map(|(m, c)| (m.into(), c.into())).into();
+        let reps = replicas(&[("wg", "c3")]);
+        check(&ops, &[], &reps, &known, Duration::from_secs(1), &mut r);
+        let kinds: Vec<&str> = r.violations.iter().map(|v| &v[..10]).collect();
+        assert!(kinds.contains(&"failed vis"), "{:?}", r.violations);
+        assert!(kinds.contains(&"lost updat"), "{:?}", r.violations);
     }
 
     #[test]

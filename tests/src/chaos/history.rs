@@ -20,9 +20,15 @@ pub enum Outcome {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum OpKind {
-    /// A push of `value` to `branch` (a fast-forward, or `--force` on the race branch).
+    /// A push of `value` to `branch` (a fast-forward, or `--force` on the race branch;
+    /// also `UserCreateBranch` and `UpdateReferences`).
     Push,
-    /// A push deleting `branch`.
+    /// A commit made on the server with `UserCommitFiles`, told apart by its commit
+    /// `message` (unique in a run): `value` is the commit id the response returned, or,
+    /// for an outcome the client never heard, the one found by its message in the
+    /// final state.
+    Commit { message: String },
+    /// A push deleting `branch` (also `UserDeleteBranch` and `DeleteRefs`).
     Delete,
     /// A read of `branch`.
     Read,

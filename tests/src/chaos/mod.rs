@@ -1,8 +1,9 @@
 //! The fault-injection suite (DESIGN.md §5): a real cluster (3-member etcd, 3 or 5
 //! votingd nodes, 2 routers) with a cuttable [`Link`] on every connection between
-//! processes, a workload of real git pushes, gRPC writes and gRPC reads through both routers whose
-//! every operation is recorded, faults scheduled at random from a seed, and a checker
-//! that reads the history and the replicas once the faults stop.
+//! processes, a workload of real git pushes, gRPC writes (branch, commit and ref
+//! mutators) and gRPC reads through both routers whose every operation is recorded,
+//! faults scheduled at random from a seed, and a checker that reads the history and
+//! the replicas once the faults stop.
 //!
 //! The same code runs the short randomized run CI does (`tests/tests/faults.rs`) and the
 //! long soak (`scripts/soak.sh`); a failure prints the seed and the operations that
@@ -391,10 +392,12 @@ pub async fn run(config: &ChaosConfig) -> anyhow::Result<check::Report> {
         Err(e) => report.violations.push(format!("diverged: {e:#}")),
     }
     let replicas = read_replicas(&cluster, &repo).await?;
+    let commits = grpc_commits(&cluster, &repo).await?;
     check::check(
         &history.ops(),
         &history.faults(),
         &replicas,
+        &commits,
         run_end,
         &mut report,
     );
@@ -462,6 +465,34 @@ async fn poll_outdated(
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+}
+
+/// Message → id of every commit in the final history of the gRPC writer's branch, read
+/// with git on the first assigned replica (the checker compares the replicas).
+async fn grpc_commits(
+    cluster: &ChaosCluster,
+    repo: &RepoId,
+) -> anyhow::Result<std::collections::HashMap<String, String>> {
+    let view = cluster.store.repo_view(repo).await?;
+    let Some(node) = view
+        .record
+        .assigned
+        .first()
+        .and_then(|name| cluster.nodes.iter().find(|n| &n.name == name))
+    else {
+        return Ok(Default::default());
+    };
+    let branch = format!("refs/heads/{}", workload::GRPC_BRANCH);
+    let path = node.repo(REPO);
+    if crate::git::rev(&path, &branch).is_none() {
+        return Ok(Default::default());
+    }
+    let log = crate::git::git(&path, &["log", "--format=%H %s", &branch, "--"])?;
+    Ok(log
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .map(|(oid, subject)| (subject.to_owned(), oid.to_owned()))
+        .collect())
 }
 
 /// Every assigned replica's refs (read from its storage with git), checksum (from its

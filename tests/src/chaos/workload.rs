@@ -1,9 +1,9 @@
 //! The workload: writers pushing real commits with real `git` over smart HTTP through
 //! both routers (most to their own branch, some racing with `--force` on one shared
 //! branch, some creating and deleting a branch), and readers asking both routers for a
-//! branch with gRPC `FindBranch`, and a gRPC writer creating and deleting branches
-//! with `UserCreateBranch`/`UserDeleteBranch`. Every operation goes into the
-//! [`History`].
+//! branch with gRPC `FindBranch`, and a gRPC writer using the voted mutators
+//! `UserCreateBranch`/`UserDeleteBranch`, `UserCommitFiles`, `UpdateReferences` and
+//! `DeleteRefs`. Every operation goes into the [`History`].
 //!
 //! Writers are threads (git runs as a child process with a deadline); readers are
 //! tasks. Both stop when `stop` is set, within one operation's deadline.
@@ -199,12 +199,20 @@ fn run_git_push(work: &Path, url: &str, refspecs: &[&str]) -> anyhow::Result<(bo
     }
 }
 
-/// What a refused gRPC write says about whether it can exist anywhere: only a refusal
-/// before the transaction began (no quorum, a locked repository) is definite.
+/// What a refused gRPC write says about whether it can exist anywhere. Definite: a
+/// refusal before the transaction began (no quorum, a locked repository), and a ref's
+/// expected old value not holding (`UpdateReferences`: every replica refuses it before
+/// git runs, and the router passes a node's refusal on only when nothing committed).
+/// Not definite: "changed nothing" (a replica that applied the update and crashed
+/// before confirming it is only marked outdated), and everything else.
 pub fn classify_status(status: &tonic::Status) -> (Outcome, String) {
     let detail = format!("{:?}: {}", status.code(), status.message());
     let m = status.message();
-    if m.contains("not enough replicas are up to date") || m.contains("is locked by") {
+    if m.contains("not enough replicas are up to date")
+        || m.contains("is locked by")
+        || (status.code() == tonic::Code::Aborted
+            && m.starts_with("reference does not point to expected object"))
+    {
         (Outcome::Failed, detail)
     } else {
         (Outcome::Unknown, detail)
@@ -221,77 +229,263 @@ fn user() -> Option<User> {
     })
 }
 
-/// Runs the gRPC writer until `stop`: through alternating routers, creates a branch at
-/// writer 0's branch with `UserCreateBranch`, then deletes it with `UserDeleteBranch`
-/// (expecting the value it was created at, when known).
+/// The gRPC writer's own branch: a linear history of `UserCommitFiles` commits.
+pub const GRPC_BRANCH: &str = "wg";
+/// Prefix of the branches the gRPC writer moves with `UpdateReferences`/`DeleteRefs`.
+pub const UPDATE_PREFIX: &str = "u-";
+
+/// What a gRPC write's answer (or its absence) says: the outcome, the response if there
+/// was one, and the error.
+fn grpc_outcome<T>(
+    result: Result<Result<tonic::Response<T>, tonic::Status>, tokio::time::error::Elapsed>,
+) -> (Outcome, Option<T>, String) {
+    match result {
+        Ok(Ok(resp)) => (Outcome::Ack, Some(resp.into_inner()), String::new()),
+        Ok(Err(status)) => {
+            let (o, d) = classify_status(&status);
+            (o, None, d)
+        }
+        Err(_) => (Outcome::Unknown, None, "timed out".into()),
+    }
+}
+
+/// Runs the gRPC writer until `stop`, through alternating routers, in turn:
+/// - creates a branch at writer 0's branch with `UserCreateBranch`, then deletes it with
+///   `UserDeleteBranch` (expecting the value it was created at, when known);
+/// - commits a new file to [`GRPC_BRANCH`] with `UserCommitFiles`;
+/// - on a fresh branch `u-g-<i>`: creates it with `UpdateReferences` (must not exist
+///   yet), moves it with a wrong expected old value (must be refused and invisible),
+///   moves it with the right one, and deletes it with `DeleteRefs`.
 pub async fn grpc_writer(channels: Vec<Channel>, history: Arc<History>, stop: Arc<AtomicBool>) {
     let mut i = 0usize;
+    // The last two acknowledged commits of GRPC_BRANCH: objects every replica has.
+    let mut commits: Vec<String> = Vec::new();
     while !stop.load(Ordering::Relaxed) && i < 100_000 {
         i += 1;
         let router = i % channels.len();
-        let name = format!("t-g-{i}");
-        let mut client = OperationServiceClient::new(channels[router].clone());
+        let channel = channels[router].clone();
+        match i % 3 {
+            0 => create_and_delete_branch(i, router, channel, &history).await,
+            1 => {
+                if let Some(c) = commit_file(i, router, channel, &history).await {
+                    commits.push(c);
+                    if commits.len() > 2 {
+                        commits.remove(0);
+                    }
+                }
+            }
+            _ => {
+                if let [older, newer] = commits.as_slice() {
+                    update_references(i, router, channel, newer, older, &history).await;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn create_and_delete_branch(i: usize, router: usize, channel: Channel, history: &History) {
+    let name = format!("t-g-{i}");
+    let mut client = OperationServiceClient::new(channel);
+    let start = history.now();
+    let call = client.user_create_branch(UserCreateBranchRequest {
+        repository: Some(repository()),
+        branch_name: name.as_bytes().to_vec(),
+        user: user(),
+        start_point: b"w0".to_vec(),
+    });
+    let (outcome, resp, detail) = grpc_outcome(tokio::time::timeout(READ_DEADLINE, call).await);
+    let value = resp
+        .and_then(|r| r.branch)
+        .and_then(|b| b.target_commit)
+        .map(|c| c.id);
+    let created = outcome != Outcome::Failed;
+    history.record(Op {
+        client: "grpc-writer".into(),
+        router,
+        kind: OpKind::Push,
+        branch: name.clone(),
+        value: value.clone(),
+        start,
+        end: history.now(),
+        outcome,
+        detail,
+    });
+    if created {
         let start = history.now();
-        let call = client.user_create_branch(UserCreateBranchRequest {
+        let call = client.user_delete_branch(UserDeleteBranchRequest {
             repository: Some(repository()),
             branch_name: name.as_bytes().to_vec(),
             user: user(),
-            start_point: b"w0".to_vec(),
+            expected_old_oid: value.unwrap_or_default(),
         });
-        let (outcome, value, detail) = match tokio::time::timeout(READ_DEADLINE, call).await {
-            Ok(Ok(resp)) => {
-                let value = resp
-                    .into_inner()
-                    .branch
-                    .and_then(|b| b.target_commit)
-                    .map(|c| c.id);
-                (Outcome::Ack, value, String::new())
-            }
-            Ok(Err(status)) => {
-                let (o, d) = classify_status(&status);
-                (o, None, d)
-            }
-            Err(_) => (Outcome::Unknown, None, "timed out".into()),
-        };
-        let created = outcome != Outcome::Failed;
+        let (outcome, _, detail) = grpc_outcome(tokio::time::timeout(READ_DEADLINE, call).await);
         history.record(Op {
             client: "grpc-writer".into(),
             router,
-            kind: OpKind::Push,
-            branch: name.clone(),
-            value: value.clone(),
+            kind: OpKind::Delete,
+            branch: name,
+            value: None,
             start,
             end: history.now(),
             outcome,
             detail,
         });
-        if created {
-            let start = history.now();
-            let call = client.user_delete_branch(UserDeleteBranchRequest {
-                repository: Some(repository()),
-                branch_name: name.as_bytes().to_vec(),
-                user: user(),
-                expected_old_oid: value.unwrap_or_default(),
-            });
-            let (outcome, detail) = match tokio::time::timeout(READ_DEADLINE, call).await {
-                Ok(Ok(_)) => (Outcome::Ack, String::new()),
-                Ok(Err(status)) => classify_status(&status),
-                Err(_) => (Outcome::Unknown, "timed out".into()),
-            };
-            history.record(Op {
-                client: "grpc-writer".into(),
-                router,
-                kind: OpKind::Delete,
-                branch: name,
-                value: None,
-                start,
-                end: history.now(),
-                outcome,
-                detail,
-            });
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// One `UserCommitFiles` adding file `g/<i>.txt` to [`GRPC_BRANCH`]; returns the new
+/// commit when acknowledged.
+async fn commit_file(
+    i: usize,
+    router: usize,
+    channel: Channel,
+    history: &History,
+) -> Option<String> {
+    use refvote_proto::gitaly::user_commit_files_action_header::ActionType;
+    use refvote_proto::gitaly::{
+        UserCommitFilesAction, UserCommitFilesActionHeader, UserCommitFilesRequest,
+        UserCommitFilesRequestHeader, user_commit_files_action, user_commit_files_request,
+    };
+    let message = format!("grpc-writer commit {i}");
+    let action = |payload| UserCommitFilesRequest {
+        user_commit_files_request_payload: Some(
+            user_commit_files_request::UserCommitFilesRequestPayload::Action(
+                UserCommitFilesAction {
+                    user_commit_files_action_payload: Some(payload),
+                },
+            ),
+        ),
+    };
+    let seconds = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let requests = vec![
+        UserCommitFilesRequest {
+            user_commit_files_request_payload: Some(
+                user_commit_files_request::UserCommitFilesRequestPayload::Header(
+                    UserCommitFilesRequestHeader {
+                        repository: Some(repository()),
+                        user: user(),
+                        branch_name: GRPC_BRANCH.as_bytes().to_vec(),
+                        commit_message: message.as_bytes().to_vec(),
+                        // As GitLab does: the client's clock, the same on every replica.
+                        timestamp: Some(prost_types::Timestamp { seconds, nanos: 0 }),
+                        ..Default::default()
+                    },
+                ),
+            ),
+        },
+        action(
+            user_commit_files_action::UserCommitFilesActionPayload::Header(
+                UserCommitFilesActionHeader {
+                    action: ActionType::Create as i32,
+                    file_path: format!("g/{i}.txt").into_bytes(),
+                    ..Default::default()
+                },
+            ),
+        ),
+        action(
+            user_commit_files_action::UserCommitFilesActionPayload::Content(
+                format!("grpc-writer file {i}\n").into_bytes(),
+            ),
+        ),
+    ];
+    let mut client = OperationServiceClient::new(channel);
+    let start = history.now();
+    let call = client.user_commit_files(tokio_stream::iter(requests));
+    let (mut outcome, resp, mut detail) =
+        grpc_outcome(tokio::time::timeout(READ_DEADLINE, call).await);
+    let value = resp
+        .as_ref()
+        .and_then(|r| r.branch_update.as_ref())
+        .map(|b| b.commit_id.clone())
+        .filter(|c| !c.is_empty());
+    if outcome == Outcome::Ack && value.is_none() {
+        // A success without a commit: the response's own error fields say why.
+        outcome = Outcome::Unknown;
+        detail = format!("success without a commit id: {resp:?}");
+    }
+    history.record(Op {
+        client: "grpc-writer".into(),
+        router,
+        kind: OpKind::Commit { message },
+        branch: GRPC_BRANCH.into(),
+        value: value.clone(),
+        start,
+        end: history.now(),
+        outcome: outcome.clone(),
+        detail,
+    });
+    value.filter(|_| outcome == Outcome::Ack)
+}
+
+/// The `UpdateReferences`/`DeleteRefs` round on a fresh branch, with two commits every
+/// replica has (`newer` != `older`).
+async fn update_references(
+    i: usize,
+    router: usize,
+    channel: Channel,
+    newer: &str,
+    older: &str,
+    history: &History,
+) {
+    use refvote_proto::gitaly::update_references_request::Update;
+    use refvote_proto::gitaly::{DeleteRefsRequest, UpdateReferencesRequest};
+    let branch = format!("{UPDATE_PREFIX}g-{i}");
+    let name = format!("refs/heads/{branch}");
+    let zero = "0".repeat(newer.len());
+    let mut refs = RefServiceClient::new(channel);
+    // (expected old value, new value): create; a wrong expectation (the ref is at
+    // `newer`, not `older`), refused everywhere; the right one.
+    let steps = [(zero.as_str(), newer), (older, older), (newer, older)];
+    for (old, new) in steps {
+        let start = history.now();
+        let call = refs.update_references(tokio_stream::iter(vec![UpdateReferencesRequest {
+            repository: Some(repository()),
+            updates: vec![Update {
+                reference: name.as_bytes().to_vec(),
+                old_object_id: old.as_bytes().to_vec(),
+                new_object_id: new.as_bytes().to_vec(),
+            }],
+        }]));
+        let (outcome, _, detail) = grpc_outcome(tokio::time::timeout(READ_DEADLINE, call).await);
+        history.record(Op {
+            client: "grpc-writer".into(),
+            router,
+            kind: OpKind::Push,
+            branch: branch.clone(),
+            value: Some(new.to_owned()),
+            start,
+            end: history.now(),
+            outcome,
+            detail,
+        });
+    }
+    let start = history.now();
+    let call = refs.delete_refs(DeleteRefsRequest {
+        repository: Some(repository()),
+        refs: vec![name.as_bytes().to_vec()],
+        ..Default::default()
+    });
+    let (mut outcome, resp, mut detail) =
+        grpc_outcome(tokio::time::timeout(READ_DEADLINE, call).await);
+    if let Some(e) = resp.map(|r| r.git_error).filter(|e| !e.is_empty()) {
+        outcome = Outcome::Unknown;
+        detail = format!("success with git_error {e:?}");
+    }
+    history.record(Op {
+        client: "grpc-writer".into(),
+        router,
+        kind: OpKind::Delete,
+        branch,
+        value: None,
+        start,
+        end: history.now(),
+        outcome,
+        detail,
+    });
 }
 
 /// Runs reader `k` until `stop`: reads a random writer's branch through alternating
@@ -309,7 +503,11 @@ pub async fn reader(
     while !stop.load(Ordering::Relaxed) && i < 1_000_000 {
         i += 1;
         let router = i % channels.len();
-        let branch = format!("w{}", rng.below(writers));
+        // The writers' branches and the gRPC writer's commit branch.
+        let branch = match rng.below(writers + 1) {
+            n if n == writers => GRPC_BRANCH.to_owned(),
+            n => format!("w{n}"),
+        };
         let start = history.now();
         let mut client = RefServiceClient::new(channels[router].clone());
         let call = client.find_branch(FindBranchRequest {
@@ -377,5 +575,25 @@ mod tests {
             classify(" ! [remote rejected] HEAD -> w1 (cluster unavailable, retry)").0,
             Outcome::Unknown
         );
+    }
+
+    #[test]
+    fn classifies_grpc_refusals() {
+        use tonic::Status;
+        let mismatch = Status::aborted(
+            "reference does not point to expected object: refs/heads/u-g-2 is at 1111, expected 2222; read it again and retry",
+        );
+        assert_eq!(classify_status(&mismatch).0, Outcome::Failed);
+        let no_quorum = Status::unavailable(
+            "cannot write to default/x.git: not enough replicas are up to date",
+        );
+        assert_eq!(classify_status(&no_quorum).0, Outcome::Failed);
+        let nothing = Status::unavailable(
+            "the write to default/x.git changed nothing: its replicas failed differently (...); retry",
+        );
+        assert_eq!(classify_status(&nothing).0, Outcome::Unknown);
+        let unknown =
+            Status::unavailable("outcome unknown: the write reached fewer than a majority");
+        assert_eq!(classify_status(&unknown).0, Outcome::Unknown);
     }
 }

@@ -4,8 +4,9 @@
 //!
 //! Creation never leaves a half-done repository where clients look: a new repository
 //! (also one made from a bundle or by replication) is built in the storage's private
-//! area and renamed into place; a removed one is renamed away first and deleted
-//! afterwards. The logic of the larger RPCs lives in submodules: [`checksum`],
+//! area, fsynced (every file and directory: `git init` syncs nothing) and renamed into
+//! place, and the rename is fsynced before the call returns; a removed one is renamed
+//! away first (durably) and deleted afterwards. The logic of the larger RPCs lives in submodules: [`checksum`],
 //! [`info`], [`bundle`], [`replicate`].
 
 mod bundle;
@@ -362,7 +363,7 @@ impl RepositoryService for RepositorySvc {
                     )
                     .await?;
                 }
-                place(tmp, &target)?;
+                place(tmp, &target).await?;
             }
             Ok::<(), Status>(())
         }
@@ -382,7 +383,7 @@ impl RepositorySvc {
     /// `git init --bare` then one rename into place.
     async fn create(&self, repo: &RepoPath, branch: &str, format: &str) -> Result<(), NodeError> {
         let tmp = self.init_private(&repo.root, branch, format).await?;
-        place(tmp, repo)
+        place(tmp, repo).await
     }
 
     /// A new bare repository in the storage's private area, the hook wired in through
@@ -443,7 +444,7 @@ impl RepositorySvc {
             return Err(NodeError::RepositoryExists(repo.to_string()));
         }
         bundle::fetch(&self.node.git, &tmp.0, bundle, ctx, false).await?;
-        place(tmp, repo)
+        place(tmp, repo).await
     }
 
     /// WriteRef's work once validated (inside the write context).
@@ -500,7 +501,14 @@ impl RepositorySvc {
 }
 
 /// Moves a repository built in the private area to where clients see it.
-fn place(tmp: TempDir, repo: &RepoPath) -> Result<(), NodeError> {
+async fn place(tmp: TempDir, repo: &RepoPath) -> Result<(), NodeError> {
+    let repo = repo.clone();
+    tokio::task::spawn_blocking(move || place_blocking(tmp, &repo))
+        .await
+        .map_err(|e| NodeError::io("placing the new repository", std::io::Error::other(e)))?
+}
+
+fn place_blocking(tmp: TempDir, repo: &RepoPath) -> Result<(), NodeError> {
     let parent = repo.path.parent().unwrap_or(&repo.root);
     std::fs::create_dir_all(parent)
         .map_err(|e| NodeError::io(format!("creating {}", parent.display()), e))?;
@@ -509,10 +517,15 @@ fn place(tmp: TempDir, repo: &RepoPath) -> Result<(), NodeError> {
     if is_repository(&repo.path) {
         return Err(NodeError::RepositoryExists(repo.to_string()));
     }
+    // Durable before it is visible: `git init` fsyncs nothing, and a power cut after
+    // the creation was acknowledged would leave an empty HEAD (not a repository).
+    sync_tree(&tmp.0).map_err(|e| NodeError::io(format!("syncing {}", tmp.0.display()), e))?;
     match std::fs::rename(&tmp.0, &repo.path) {
         Ok(()) => {
             std::mem::forget(tmp);
-            Ok(())
+            sync_parents(&repo.path, &repo.root).map_err(|e| {
+                NodeError::io(format!("syncing the parents of {}", repo.path.display()), e)
+            })
         }
         Err(e)
             if matches!(
@@ -529,12 +542,44 @@ fn place(tmp: TempDir, repo: &RepoPath) -> Result<(), NodeError> {
     }
 }
 
+/// fsyncs every regular file and directory under `dir`, then `dir` itself.
+fn sync_tree(dir: &Path) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let kind = entry.file_type()?;
+        if kind.is_dir() {
+            sync_tree(&entry.path())?;
+        } else if kind.is_file() {
+            std::fs::File::open(entry.path())?.sync_all()?;
+        }
+    }
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// fsyncs each directory from `path`'s parent up to `root` (inclusive), so the
+/// entries leading to `path` (some just made by `create_dir_all`) are durable.
+fn sync_parents(path: &Path, root: &Path) -> std::io::Result<()> {
+    let mut dir = path.parent();
+    while let Some(d) = dir {
+        std::fs::File::open(d)?.sync_all()?;
+        if d == root || !d.starts_with(root) {
+            break;
+        }
+        dir = d.parent();
+    }
+    Ok(())
+}
+
 /// Renames the repository into the private area (clients stop seeing it at once), then
 /// deletes it.
 async fn remove(repo: &RepoPath) -> Result<(), NodeError> {
     let aside = Storages::tmp_dir(&repo.root).join(format!("remove-{}", uuid::Uuid::new_v4()));
     std::fs::rename(&repo.path, &aside)
         .map_err(|e| NodeError::io(format!("moving {} aside", repo.path.display()), e))?;
+    // The removal is durable before it is acknowledged (a power cut must not bring the
+    // repository back).
+    sync_parents(&repo.path, &repo.root)
+        .map_err(|e| NodeError::io(format!("syncing the parent of {}", repo.path.display()), e))?;
     let gone = aside.clone();
     tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&gone))
         .await
