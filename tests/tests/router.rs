@@ -593,8 +593,15 @@ async fn two_routers(relative: &str) -> anyhow::Result<(VoteCluster, [Router; 2]
 async fn replicas_level(c: &VoteCluster, id: &RepoId, relative: &str) -> anyhow::Result<()> {
     let view = c.store.repo_view(id).await?;
     assert_eq!(view.up_to_date_live(), c.node_names(), "{view:?}");
-    let sums: BTreeSet<_> = view.replicas.values().map(|(r, _)| &r.checksum).collect();
-    assert_eq!(sums.len(), 1, "{view:?}");
+    // A recorded checksum is empty when finalize could not vouch for it (another write
+    // was in flight); the ones recorded must agree. The refs on disk are compared below.
+    let sums: BTreeSet<_> = view
+        .replicas
+        .values()
+        .map(|(r, _)| &r.checksum)
+        .filter(|c| !c.is_empty())
+        .collect();
+    assert!(sums.len() <= 1, "{view:?}");
     let refs: BTreeSet<_> = c
         .nodes
         .iter()
