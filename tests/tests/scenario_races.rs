@@ -517,6 +517,40 @@ async fn three_pushes_to_one_branch_through_three_routers_at_once_finish_promptl
     Ok(())
 }
 
+/// Open (found by the test above): git on one server lets exactly one of three racing
+/// pushes from one base win, but here all three can fail. Each push's git locks the
+/// branch first on a different replica and holds that lock while it waits for votes;
+/// on the other two replicas its git cannot take the lock (git's 100 ms lock timeout),
+/// so each push gets 1 of the 2 votes it needs and every one aborts (nothing is
+/// outdated, the clients may retry). Seen in about one raw round in five. A fix needs
+/// an order between racing transactions (e.g. one replica whose lock decides, as
+/// Gitaly's primary does), not a small change. Run with `--run-ignored only`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "open: three pushes racing from one base can all abort (a three-way vote split), where one git server lets one win"]
+async fn three_racing_pushes_from_one_base_always_have_a_winner() -> anyhow::Result<()> {
+    let (c, id, work) = cluster(3).await?;
+    let mut channels = Vec::new();
+    for r in &c.routers {
+        channels.push(r.channel().await?);
+    }
+    let (outcome, text, _) = push(&work.path, &c.http[0], &["main:refs/heads/race"]).await?;
+    ensure!(outcome == Outcome::Ack, "{text}");
+    let mut base = git::git(&work.path, &["rev-parse", "main"])?;
+    for round in 0..10 {
+        let raced = race_receive_pack(&work, &channels, round, &base).await?;
+        let (now, _) = check_round(&c, &id, &work, &channels, round, &base, &raced).await?;
+        let acked = raced.iter().filter(|r| r.outcome == Outcome::Ack).count();
+        ensure!(
+            acked == 1,
+            "round {round}: {acked} of three racing pushes won\n{}",
+            logs(&c)
+        );
+        level(&c, &id).await?;
+        base = now;
+    }
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------------
 // Scenario 5
 // ---------------------------------------------------------------------------------
@@ -1111,7 +1145,77 @@ async fn the_etcd_leader_killed_during_a_decision_or_a_finalize_leaves_an_outcom
     // The cluster writes normally afterwards.
     let commit = work.commit("d2", "after the leader came back")?;
     let (outcome, text, _) = push(&work.path, &c.http[1], &["d2"]).await?;
-    ensure!(outcome == Outcome::Ack, "{text}");
+    ensure!(outcome == Outcome::Ack, "{text}\n{}", logs(&c));
     outcome_holds(&c, &id, "d2", &commit, &outcome, &text).await?;
+
+    // What a client hears when the finalize does not land (as when etcd did not answer
+    // it during the election above, seen in about one run in three): "outcome
+    // unknown", without claiming the write reached too few replicas (it reached all
+    // three; regression: the message said it "reached fewer than a majority"). The
+    // router's first finalize fails on purpose here; its retry ends the transaction.
+    let router = &mut c.routers[0];
+    router.stop()?;
+    router.env = vec![(faults::ENV.into(), faults::FAIL_FINALIZE.into())];
+    router.launch().await?;
+    let commit = work.commit("d2", "finalize not answered")?;
+    let (outcome, text, _) = push(&work.path, &c.http[0], &["d2"]).await?;
+    ensure!(
+        outcome == Outcome::Unknown
+            && text.contains("outcome unknown")
+            && text.contains("finalize failed")
+            && !text.contains("fewer than a majority"),
+        "{text}"
+    );
+    ensure!(
+        outcome_holds(&c, &id, "d2", &commit, &outcome, &text).await?,
+        "every replica voted for it, yet the write is not visible"
+    );
+    Ok(())
+}
+
+/// Regression, found by the leader-kill test above: a router lost its lease after an
+/// etcd leader change. One keep-alive that hung (its member had no leader, or was gone)
+/// took a whole renewal period, and the session then slept another period before
+/// trying elsewhere, so a 3 s lease was given up after one failed attempt; the router
+/// refused writes ("holds no etcd lease") until a new lease was granted. Here the
+/// member the session talks to is frozen (SIGSTOP: connections stay open, nothing
+/// answers) for two lease lifetimes; the session must keep its one lease throughout
+/// by renewing through the other members.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_keeps_its_lease_while_the_member_it_talks_to_is_frozen() -> anyhow::Result<()> {
+    use refvote_cluster::session::Session;
+    use refvote_cluster::{Store, StoreConfig};
+    let mut etcd = Etcd::start(3).await?;
+    let leader = etcd_leader(&etcd).await?;
+    let follower = (leader + 1) % 3;
+    // The follower first: it is the endpoint the session uses.
+    let mut endpoints = vec![etcd.endpoint(follower)];
+    endpoints.extend((0..3).filter(|&i| i != follower).map(|i| etcd.endpoint(i)));
+    let store = Store::connect(&StoreConfig {
+        endpoints,
+        prefix: "/refvote/".into(),
+        request_timeout: Duration::from_secs(1),
+        tls: None,
+    })
+    .await?;
+    let ttl = Duration::from_secs(3);
+    let session = Session::start(store, ttl, |_| async { Ok(()) });
+    let lease = session
+        .wait_for_lease(Duration::from_secs(10))
+        .await
+        .context("no lease granted")?;
+    // Let the keep-alive stream open on the follower.
+    tokio::time::sleep(ttl / 2).await;
+    let mut changes = session.subscribe();
+    changes.mark_unchanged();
+    etcd.pause(follower)?;
+    let frozen = tokio::time::timeout(2 * ttl, changes.changed()).await;
+    etcd.resume(follower)?;
+    ensure!(
+        frozen.is_err(),
+        "the lease changed while one etcd member of three was frozen: {lease} -> {:?}",
+        session.lease()
+    );
+    ensure!(session.lease() == Some(lease), "lease {lease} lost");
     Ok(())
 }
