@@ -101,13 +101,14 @@ where
 /// Keeps `lease` alive until it is gone (etcd says so, or no renewal for a whole TTL).
 ///
 /// Renews every third of the TTL. A renewal that fails or hangs (its member died, is
-/// frozen, or has no leader during an election) is given half a period, then the next
-/// endpoint is tried at once, again and again until the TTL is used up: one stuck
-/// member must not cost the lease (it did when a failure waited a whole period before
-/// the next try, which left no second chance within a 3 s lease).
+/// frozen, or has no leader during an election) is given up to a period (a loaded etcd
+/// may take most of one to answer), then the next endpoint is tried at once, again
+/// until the TTL is used up: one stuck member must not cost the lease (it did when a
+/// failure waited a whole period before the next try, which left no second chance
+/// within a 3 s lease).
 async fn hold(store: &Store, lease: i64, ttl: Duration) {
     let period = ttl / 3;
-    let attempt = (period / 2).max(Duration::from_millis(200));
+    let attempt = period.max(Duration::from_millis(200));
     let retry = Duration::from_millis(100);
     let mut renewed = Instant::now();
     let mut stream = None;
