@@ -99,15 +99,28 @@ where
 }
 
 /// Keeps `lease` alive until it is gone (etcd says so, or no renewal for a whole TTL).
+///
+/// Renews every third of the TTL. A renewal that fails or hangs (its member died, is
+/// frozen, or has no leader during an election) is given up to a period (a loaded etcd
+/// may take most of one to answer), then the next endpoint is tried at once, again
+/// until the TTL is used up: one stuck member must not cost the lease (it did when a
+/// failure waited a whole period before the next try, which left no second chance
+/// within a 3 s lease).
 async fn hold(store: &Store, lease: i64, ttl: Duration) {
     let period = ttl / 3;
+    let attempt = period.max(Duration::from_millis(200));
+    let retry = Duration::from_millis(100);
     let mut renewed = Instant::now();
     let mut stream = None;
+    let mut wait = period;
     loop {
-        tokio::time::sleep(period).await;
-        if renewed.elapsed() >= ttl {
+        tokio::time::sleep(wait).await;
+        let left = ttl.saturating_sub(renewed.elapsed());
+        if left.is_zero() {
             return;
         }
+        // Unless this renewal succeeds, try again soon.
+        wait = retry;
         if stream.is_none() {
             match store
                 .request(|mut c| async move { c.lease_keep_alive(lease).await })
@@ -125,8 +138,11 @@ async fn hold(store: &Store, lease: i64, ttl: Duration) {
             keeper.keep_alive().await?;
             responses.message().await
         };
-        match tokio::time::timeout(period.max(Duration::from_millis(200)), renewal).await {
-            Ok(Ok(Some(resp))) if resp.ttl() > 0 => renewed = Instant::now(),
+        match tokio::time::timeout(attempt.min(left), renewal).await {
+            Ok(Ok(Some(resp))) if resp.ttl() > 0 => {
+                renewed = Instant::now();
+                wait = period;
+            }
             Ok(Ok(Some(_))) => return, // etcd says the lease expired
             other => {
                 tracing::debug!(?other, "keep-alive failed; trying another endpoint");

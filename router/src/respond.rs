@@ -52,8 +52,10 @@ pub enum RouteError {
         #[source]
         source: refvote_cluster::Error,
     },
+    /// Fewer than a majority promoted, or the finalize itself did not land (etcd did
+    /// not answer): the message must not claim which.
     #[error(
-        "outcome unknown: the write reached fewer than a majority of replicas; repair will converge them ({detail})"
+        "outcome unknown: the write could not be confirmed on a majority of replicas, so it may or may not have been applied; the replicas converge on their own ({detail})"
     )]
     OutcomeUnknown { detail: String },
     #[error(
