@@ -241,6 +241,11 @@ impl Store {
             Some(l) => l.held(self),
             None => Compare::create_revision(keys.lock(repo), CompareOp::Equal, 0),
         });
+        // No transaction of the repository is open: one is, it began without this
+        // replica (it was not up to date), and its finalize would mark the replica
+        // outdated again at once ("missed transaction"). Under the lock, drained, this
+        // holds by itself.
+        cmp.push(Compare::create_revision(keys.txrepo(repo), CompareOp::Equal, 0).with_prefix());
         let record = ReplicaRecord {
             node: node.clone(),
             generation: plan.generation(),

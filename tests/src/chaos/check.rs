@@ -31,6 +31,9 @@ pub struct Report {
     pub reads_failed: usize,
     /// Fault kind → (count, longest write unavailability while it lasted).
     pub faults: BTreeMap<String, (usize, Duration)>,
+    /// The same, only for faults injected while every replica was up to date on a live
+    /// node (no earlier fault's outdated replica still in the way).
+    pub faults_clean: BTreeMap<String, (usize, Duration)>,
     /// Each time a replica was not up to date, how long until it was again.
     pub repairs: Vec<Duration>,
     pub settle: Duration,
@@ -71,9 +74,18 @@ impl Report {
         for (call, [a, f, u]) in &self.calls {
             let _ = writeln!(s, "  {call}: {a} acknowledged, {f} failed, {u} unknown");
         }
-        let _ = writeln!(s, "faults (kind: count, longest write unavailability):");
+        let _ = writeln!(
+            s,
+            "faults (kind: count, longest write unavailability; of those injected with every replica up to date: count, longest):"
+        );
         for (kind, (n, worst)) in &self.faults {
-            let _ = writeln!(s, "  {kind}: {n}, {:.2} s", worst.as_secs_f64());
+            let (nc, worst_c) = self.faults_clean.get(kind).copied().unwrap_or_default();
+            let _ = writeln!(
+                s,
+                "  {kind}: {n}, {:.2} s; clean: {nc}, {:.2} s",
+                worst.as_secs_f64(),
+                worst_c.as_secs_f64()
+            );
         }
         let _ = writeln!(
             s,
@@ -433,6 +445,11 @@ pub fn check(
         let e = report.faults.entry(f.kind.clone()).or_default();
         e.0 += 1;
         e.1 = e.1.max(worst);
+        if f.clean {
+            let e = report.faults_clean.entry(f.kind.clone()).or_default();
+            e.0 += 1;
+            e.1 = e.1.max(worst);
+        }
     }
 }
 

@@ -81,6 +81,9 @@ pub struct FaultEvent {
     pub target: String,
     pub injected: Duration,
     pub healed: Duration,
+    /// Every replica was up to date on a live node when it was injected: nothing but
+    /// this fault stood in the way of writes.
+    pub clean: bool,
 }
 
 /// Shared by the workload tasks and the fault scheduler.

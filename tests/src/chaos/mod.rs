@@ -401,7 +401,9 @@ pub async fn run(config: &ChaosConfig) -> anyhow::Result<check::Report> {
         run_end,
         &mut report,
     );
-    if !report.violations.is_empty() {
+    // `REFVOTE_KEEP_LOGS=1` keeps the history and logs of a run that passed too.
+    let keep = std::env::var_os("REFVOTE_KEEP_LOGS").is_some();
+    if !report.violations.is_empty() || keep {
         // The history, for whoever repeats the run from its seed.
         let path = cluster.dir.path().join("history.txt");
         let mut text = String::new();
@@ -418,7 +420,9 @@ pub async fn run(config: &ChaosConfig) -> anyhow::Result<check::Report> {
             text.push_str(&format!("{op}\n"));
         }
         std::fs::write(&path, &text)?;
-        eprintln!("history of seed {}:\n{text}", config.seed);
+        if !report.violations.is_empty() {
+            eprintln!("history of seed {}:\n{text}", config.seed);
+        }
         // Keep the cluster's logs for the post-mortem.
         let kept = cluster.dir.path().to_owned();
         std::mem::forget(std::mem::replace(

@@ -1,5 +1,7 @@
 //! Faults, chosen at random from the run's seed, one at a time: inject, hold, heal,
-//! rest. Each is recorded with when it was injected and healed.
+//! rest. Every other fault first waits (at most 15 s) for every replica to be up to
+//! date, so single faults are seen alone as well as on top of an earlier one's repair.
+//! Each is recorded with when it was injected and healed, and whether it started clean.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -132,6 +134,18 @@ pub async fn run(
             break;
         }
         let kind = kinds[rng.below(kinds.len())];
+        // Every other fault waits (bounded) until every replica is up to date again,
+        // so single faults are measured on their own; the rest may land while an
+        // earlier fault's replica is still being repaired.
+        if rng.below(2) == 0 {
+            for _ in 0..150 {
+                if stop.load(Ordering::Relaxed) || all_up_to_date(cluster).await {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        let clean = all_up_to_date(cluster).await;
         let injected = history.now();
         let target = inject(cluster, kind, &mut rng).await?;
         history.fault(FaultEvent {
@@ -139,9 +153,21 @@ pub async fn run(
             target,
             injected,
             healed: history.now(),
+            clean,
         });
     }
     Ok(())
+}
+
+/// Whether every replica of the workload's repository is up to date on a live node.
+async fn all_up_to_date(cluster: &ChaosCluster) -> bool {
+    let Ok(repo) = refvote_cluster::RepoId::new("default", super::REPO) else {
+        return false;
+    };
+    match cluster.store.repo_view(&repo).await {
+        Ok(view) => view.up_to_date_live().len() == view.record.assigned.len(),
+        Err(_) => false,
+    }
 }
 
 /// Injects one fault, holds it, heals it. Returns what it hit.
