@@ -19,6 +19,10 @@ use crate::store::{Entry, Store, by_tail, encode, get_op, get_prefix_op, ranges,
 /// How many times a step re-reads and retries after a compare failed.
 const ATTEMPTS: u32 = 32;
 
+/// How long [`Store::finalize`] keeps trying while etcd does not answer (a leader
+/// election takes a second or two), within its own wait.
+const TRANSIENT_ETCD_WAIT: Duration = Duration::from_secs(5);
+
 /// Options for [`Store::begin`].
 #[derive(Debug, Clone)]
 pub struct Begin {
@@ -654,6 +658,10 @@ impl Store {
     ) -> Result<TxOutcome> {
         let deadline = Instant::now() + wait;
         let mut tick = Duration::from_millis(2);
+        // An etcd leader change makes requests fail or time out for a second or two;
+        // finalize rides it out (each attempt re-reads, so one that landed unseen is
+        // found as the stored outcome) rather than leave the client "outcome unknown".
+        let etcd_deadline = (Instant::now() + TRANSIENT_ETCD_WAIT).min(deadline);
         loop {
             match self.try_finalize(tx, by, outcome_lease).await {
                 Err(Error::NotFinished { tx, waiting }) => {
@@ -664,6 +672,11 @@ impl Store {
                     // back-off rather than holding a watch per waiting finalize.
                     tokio::time::sleep_until((Instant::now() + tick).min(deadline)).await;
                     tick = (tick * 2).min(Duration::from_millis(100));
+                }
+                Err(e) if e.is_unavailable() && Instant::now() < etcd_deadline => {
+                    tracing::debug!(tx, error = %e, "finalize: etcd did not answer; trying again");
+                    self.fail_over();
+                    tokio::time::sleep(Duration::from_millis(200)).await;
                 }
                 other => return other,
             }
