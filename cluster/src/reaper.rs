@@ -145,7 +145,9 @@ async fn give_up_on_silent_voters(
         waited.as_secs_f64()
     );
     for voter in &record.voters {
-        store.done(&record.id, voter, false, &detail).await?;
+        store
+            .fail_voter(&record.id, voter, "reaper", &detail)
+            .await?;
     }
     Ok(())
 }

@@ -136,6 +136,11 @@ pub struct DoneRecord {
     /// succeeded; empty if unknown.
     #[serde(default)]
     pub checksum: String,
+    /// Empty when the voter reported itself; else who reported it failed on its behalf
+    /// (a router that saw its call fail, a reaper that gave up on it). Such a voter may
+    /// have applied an update it never got to confirm.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reported_by: String,
 }
 
 /// `outcomes/<id>`: what finalize decided.

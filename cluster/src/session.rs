@@ -92,21 +92,30 @@ where
         backoff = Duration::from_millis(100);
         tracing::info!(lease = granted, "etcd lease granted");
         tx.send_replace(Some(granted));
-        hold(&store, granted, ttl).await;
+        hold(&store, granted, ttl, &tx).await;
         tx.send_replace(None);
         tracing::warn!(lease = granted, "etcd lease lost; granting a new one");
     }
 }
 
-/// Keeps `lease` alive until it is gone (etcd says so, or no renewal for a whole TTL).
+/// Keeps `lease` alive until etcd says it is gone.
 ///
 /// Renews every third of the TTL. A renewal that fails or hangs (its member died, is
 /// frozen, or has no leader during an election) is given up to a period (a loaded etcd
-/// may take most of one to answer), then the next endpoint is tried at once, again
-/// until the TTL is used up: one stuck member must not cost the lease (it did when a
-/// failure waited a whole period before the next try, which left no second chance
-/// within a 3 s lease).
-async fn hold(store: &Store, lease: i64, ttl: Duration) {
+/// may take most of one to answer), then the next endpoint is tried at once: one stuck
+/// member must not cost the lease (it did when a failure waited a whole period before
+/// the next try, which left no second chance within a 3 s lease).
+///
+/// Once a whole TTL passed without a renewal the lease may be gone, so it is no longer
+/// published (`None`: nothing new may be bound to it), but it is not given up: etcd
+/// expires leases only while it has a leader, and a new leader extends every lease, so
+/// after an etcd majority outage the lease is usually still there. Renewals go on; the
+/// first that succeeds publishes it again (everything bound to it is still in place),
+/// and only etcd's answer that it expired ends it. Giving it up on the client's clock
+/// made every node and router of a cluster drop its lease after a long outage, and the
+/// transactions open then were finalized as if all their voters had failed (the fault
+/// suite saw every replica of a repository marked outdated that way).
+async fn hold(store: &Store, lease: i64, ttl: Duration, published: &watch::Sender<Option<i64>>) {
     let period = ttl / 3;
     let attempt = period.max(Duration::from_millis(200));
     let retry = Duration::from_millis(100);
@@ -115,9 +124,16 @@ async fn hold(store: &Store, lease: i64, ttl: Duration) {
     let mut wait = period;
     loop {
         tokio::time::sleep(wait).await;
-        let left = ttl.saturating_sub(renewed.elapsed());
+        let mut left = ttl.saturating_sub(renewed.elapsed());
         if left.is_zero() {
-            return;
+            if published.borrow().is_some() {
+                tracing::warn!(
+                    lease,
+                    "no etcd lease renewal for a whole TTL; holding nothing new until etcd answers"
+                );
+                published.send_replace(None);
+            }
+            left = attempt;
         }
         // Unless this renewal succeeds, try again soon.
         wait = retry;
@@ -142,6 +158,10 @@ async fn hold(store: &Store, lease: i64, ttl: Duration) {
             Ok(Ok(Some(resp))) if resp.ttl() > 0 => {
                 renewed = Instant::now();
                 wait = period;
+                if published.borrow().is_none() {
+                    tracing::info!(lease, "etcd answered again; the lease is still held");
+                    published.send_replace(Some(lease));
+                }
             }
             Ok(Ok(Some(_))) => return, // etcd says the lease expired
             other => {

@@ -613,12 +613,32 @@ impl Store {
         detail: &str,
         checksum: &str,
     ) -> Result<()> {
-        let keys = self.keys();
         let rec = DoneRecord {
             ok,
             detail: detail.to_owned(),
             checksum: checksum.to_owned(),
+            reported_by: String::new(),
         };
+        self.put_done(tx, voter, &rec).await
+    }
+
+    /// Reports `voter` failed on its behalf (`by`: the router that saw its call fail,
+    /// the reaper that gave up waiting). Like [`Store::done`] it fences the voter (no
+    /// start, no vote after it) and the first report stands; unlike it, finalize takes
+    /// it as "may have applied what it voted for" (a voter confirms before it reports
+    /// done itself, but nobody knows what one reported by someone else did).
+    pub async fn fail_voter(&self, tx: &str, voter: &str, by: &str, detail: &str) -> Result<()> {
+        let rec = DoneRecord {
+            ok: false,
+            detail: detail.to_owned(),
+            checksum: String::new(),
+            reported_by: by.to_owned(),
+        };
+        self.put_done(tx, voter, &rec).await
+    }
+
+    async fn put_done(&self, tx: &str, voter: &str, rec: &DoneRecord) -> Result<()> {
+        let keys = self.keys();
         // Create-only: the first report stands. A node's own report (with its
         // checksum) must not be overwritten by a caller that gave up on it, and a
         // retried write finds its first attempt there.
@@ -627,7 +647,7 @@ impl Store {
                 Compare::create_revision(keys.tx_record(tx), CompareOp::Greater, 0),
                 Compare::create_revision(keys.done(tx, voter), CompareOp::Equal, 0),
             ])
-            .and_then([TxnOp::put(keys.done(tx, voter), encode(&rec), None)])
+            .and_then([TxnOp::put(keys.done(tx, voter), encode(rec), None)])
             .or_else([get_op(&keys.tx_record(tx))]);
         let resp = self.txn(txn).await?;
         if resp.succeeded() || !ranges(&resp)[0].is_empty() {
@@ -755,9 +775,10 @@ impl Store {
             // applying it. Votes can land after their voter gave up (a request that
             // timed out while etcd had no quorum is applied when it regains one), so a
             // majority of votes alone may stand for an update no replica applied.
-            // Voters confirm before they report done, so a done voter without a
-            // confirmation did not apply the key. Voters that voted for such a key and
-            // never reported (failed) are in an unknown state: they are marked outdated.
+            // Voters confirm before they report done, so a voter that reported done
+            // itself without a confirmation did not apply the key. Voters that voted for
+            // such a key and never reported (failed), or were reported failed by someone
+            // else, are in an unknown state: they are marked outdated.
             let mut committed_keys = BTreeSet::new();
             let mut suspects = BTreeSet::new();
             for (key, d) in decided.iter().filter(|(_, d)| d.is_commit()) {
@@ -773,7 +794,11 @@ impl Store {
                 );
                 let winners = data.votes.get(key).map(|k| &k.votes);
                 for (voter, hash) in winners.into_iter().flatten() {
-                    if d.hash.as_ref() == Some(hash) && !data.done.contains_key(voter) {
+                    let self_reported = data
+                        .done
+                        .get(voter)
+                        .is_some_and(|d| d.reported_by.is_empty());
+                    if d.hash.as_ref() == Some(hash) && !self_reported {
                         suspects.insert(voter.clone());
                     }
                 }
@@ -1054,7 +1079,13 @@ impl Store {
                             .and_then(|k| k.votes.get(voter))
                             .is_some_and(|h| h == hash);
                         let confirmed = data.confirmed.get(voter).is_some_and(|c| c.contains(key));
-                        if voted_winner && !confirmed && !data.done.contains_key(voter) {
+                        // Reported failed by someone else, it may still confirm:
+                        // wait for it while its node lives, as for one not done.
+                        let self_reported = data
+                            .done
+                            .get(voter)
+                            .is_some_and(|d| d.reported_by.is_empty());
+                        if voted_winner && !confirmed && !self_reported {
                             nodes_needed.insert(voter.clone());
                             candidates.push((
                                 id.clone(),

@@ -263,7 +263,7 @@ impl Forwarder {
             let store = me.store.clone();
             for (node, why) in &unusable {
                 tracing::warn!(tx = %tx.id, node, why, "voter cannot be called");
-                if let Err(e) = store.done(&tx.id, node, false, why).await {
+                if let Err(e) = store.fail_voter(&tx.id, node, &me.router_id, why).await {
                     tracing::warn!(tx = %tx.id, node, error = %e, "cannot record the voter failed");
                 }
             }
@@ -350,7 +350,7 @@ impl Forwarder {
         for attempt in 1..=120 {
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_secs(5));
-            if *self.lease.borrow() != Some(lease) {
+            if self.lease.borrow().is_some_and(|now| now != lease) {
                 tracing::info!(%tx, "lease changed; the reaper finalizes the transaction");
                 return;
             }
@@ -395,7 +395,7 @@ impl Forwarder {
                 // Create-only: a node that reported first keeps its own report.
                 let r = self
                     .store
-                    .done(&tx.id, node, false, &result.status_text())
+                    .fail_voter(&tx.id, node, &self.router_id, &result.status_text())
                     .await;
                 (node, r)
             });

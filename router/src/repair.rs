@@ -222,7 +222,7 @@ impl Worker {
                 }
                 Err(e) => tracing::debug!(error = %e, attempt, "cannot {what} yet"),
             }
-            if *self.lease.borrow() != Some(lease) {
+            if self.lease.borrow().is_some_and(|now| now != lease) {
                 tracing::info!("the router's lease changed; what the repair held went with it");
                 return false;
             }

@@ -756,7 +756,12 @@ async fn a_voter_reported_done_can_neither_start_nor_vote() -> anyhow::Result<()
 
     // Reported failed before it started: the start is refused.
     c.store
-        .done(&tx.id, "node3", false, "Unavailable: connection refused")
+        .fail_voter(
+            &tx.id,
+            "node3",
+            "router1",
+            "Unavailable: connection refused",
+        )
         .await?;
     let started = c.store.start_voter(&tx.id, "node3").await;
     assert!(
@@ -767,7 +772,7 @@ async fn a_voter_reported_done_can_neither_start_nor_vote() -> anyhow::Result<()
     // Started, then reported failed: its vote is refused and stored nowhere.
     c.store.start_voter(&tx.id, "node2").await?;
     c.store
-        .done(&tx.id, "node2", false, "Unavailable: stream reset")
+        .fail_voter(&tx.id, "node2", "router1", "Unavailable: stream reset")
         .await?;
     let voted = c
         .store
@@ -839,6 +844,101 @@ async fn the_reaper_gives_up_on_a_started_voter_that_never_reports() -> anyhow::
     for n in c.node_names() {
         let r = replica(&c, &repo, &n).await;
         assert_eq!((r.state, r.generation), (ReplicaState::UpToDate, 0), "{n}");
+    }
+    Ok(())
+}
+
+/// etcd expires leases only while it has a leader, and a new leader extends them: an
+/// outage of the etcd majority longer than the TTL must not cost the nodes their
+/// leases. When each session gave its lease up on its own clock, every node of the
+/// cluster re-registered under a new lease after such an outage, and the transactions
+/// open meanwhile were finalized as if all their voters had failed (every replica of a
+/// repository ended outdated in a fault run).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_keep_their_leases_through_an_etcd_majority_outage_longer_than_the_ttl()
+-> anyhow::Result<()> {
+    let mut c = VoteCluster::start(3, 3).await?;
+    let keys = c.store.keys();
+    let mut before = Vec::new();
+    for n in c.node_names() {
+        let e = c.store.get(&keys.node(&n)).await?.expect("registered");
+        before.push(e.lease);
+    }
+    c.etcd.stop(1)?;
+    c.etcd.stop(2)?;
+    // Twice the nodes' 3 s lease, with no leader to renew it with.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    c.etcd.restart(1)?;
+    c.etcd.restart(2)?;
+    c.etcd.wait_healthy(Duration::from_secs(20)).await?;
+    let sockets: Vec<_> = c.nodes.iter().map(|n| n.socket.clone()).collect();
+    wait_until(
+        "every node reports its lease held again",
+        Duration::from_secs(15),
+        || {
+            let sockets = sockets.clone();
+            async move {
+                sockets.iter().all(|s| {
+                    votingd::client::status(s)
+                        .map(|s| s.lease.held)
+                        .unwrap_or(false)
+                })
+            }
+        },
+    )
+    .await?;
+    for (n, lease) in c.node_names().iter().zip(before) {
+        let e = c.store.get(&keys.node(n)).await?.expect("registered");
+        assert_eq!(e.lease, lease, "{n} registered under a new lease");
+    }
+    Ok(())
+}
+
+/// A router that saw a voter's call fail reports it failed at once; that voter may have
+/// applied an update it had no time to confirm, so where nobody confirmed a key a
+/// majority voted for, it is marked outdated (a voter that reported done itself, with
+/// no confirmation, did not apply it; see the test above this one's neighbour).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn voters_reported_failed_by_a_router_that_voted_for_an_unconfirmed_update_are_outdated()
+-> anyhow::Result<()> {
+    use refvote_cluster::records::VoteRecord;
+    let c = VoteCluster::start(3, 1).await?;
+    let repo = c.create_repo("suspect.git").await?;
+    let tx = c.begin(&repo).await?;
+    let vote = VoteRecord {
+        hash: "ef".repeat(32),
+        ref_count: 1,
+        first_ref: "refs/heads/main".into(),
+    };
+    let key = "00112233445566778899aabbccddeeff.0";
+    for n in ["node1", "node2"] {
+        c.store.start_voter(&tx.id, n).await?;
+    }
+    let (a, b) = tokio::join!(
+        c.store
+            .cast_vote(&tx.id, "node1", key, &vote, Duration::from_secs(5)),
+        c.store
+            .cast_vote(&tx.id, "node2", key, &vote, Duration::from_secs(5)),
+    );
+    assert!(a?.0.is_commit() && b?.0.is_commit());
+    // Their calls broke before they confirmed: the router reports both failed; node3
+    // never started.
+    for n in c.node_names() {
+        c.store
+            .fail_voter(&tx.id, &n, "router1", "Unknown: transport error")
+            .await?;
+    }
+    let outcome = c.finalize(&tx).await?;
+    assert!(!outcome.committed && !outcome.acknowledged, "{outcome:?}");
+    assert_eq!(outcome.outdated, ["node1", "node2"], "{outcome:?}");
+    let r = replica(&c, &repo, "node3").await;
+    assert_eq!((r.state, r.generation), (ReplicaState::UpToDate, 0));
+    for n in ["node1", "node2"] {
+        assert_eq!(
+            replica(&c, &repo, n).await.state,
+            ReplicaState::Outdated,
+            "{n}"
+        );
     }
     Ok(())
 }
