@@ -143,6 +143,7 @@ async fn hold(store: &Store, lease: i64, ttl: Duration, published: &watch::Sende
                 .await
             {
                 Ok(s) => stream = Some(s),
+                Err(e) if expired(&e.to_string()) => return,
                 Err(e) => {
                     tracing::debug!(error = %e, "keep-alive stream failed");
                     continue;
@@ -164,11 +165,33 @@ async fn hold(store: &Store, lease: i64, ttl: Duration, published: &watch::Sende
                 }
             }
             Ok(Ok(Some(_))) => return, // etcd says the lease expired
+            Ok(Err(e)) if expired(&e.to_string()) => return,
             other => {
                 tracing::debug!(?other, "keep-alive failed; trying another endpoint");
                 store.fail_over();
                 stream = None;
             }
         }
+    }
+}
+
+/// Whether an error from etcd says the lease no longer exists (etcd answers a renewal
+/// of an expired lease with "requested lease not found").
+fn expired(error: &str) -> bool {
+    error.contains("lease not found")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn only_lease_not_found_means_expired() {
+        assert!(super::expired("lease keep alive error: lease not found"));
+        assert!(super::expired(
+            "grpc request error: code: 'Not found', message: \"etcdserver: requested lease not found\""
+        ));
+        assert!(!super::expired(
+            "etcd did not answer within 1s (no quorum, or unreachable)"
+        ));
+        assert!(!super::expired("etcdserver: no leader"));
     }
 }
