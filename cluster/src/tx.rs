@@ -200,12 +200,56 @@ impl Store {
                     .map(|v| TxnOp::put(keys.voter(&id, v), Vec::new(), None)),
             );
             let txn = Txn::new().when(cmp).and_then(ops);
-            if self.txn(txn).await?.succeeded() {
-                tracing::debug!(tx = %id, %repo, ?voters, threshold, "transaction created");
-                return Ok(record);
+            match self.txn(txn).await {
+                Ok(resp) if resp.succeeded() => {
+                    tracing::debug!(tx = %id, %repo, ?voters, threshold, "transaction created");
+                    return Ok(record);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    if e.is_unavailable() {
+                        // etcd may still apply the creation it did not answer: end that
+                        // transaction if it appears, or it would hold the repository's
+                        // index (and block repairs) for as long as the creator lives.
+                        tokio::spawn(self.clone().end_if_created(record, opts.lease));
+                    }
+                    return Err(e);
+                }
             }
         }
         Err(Error::Contention(ATTEMPTS))
+    }
+
+    /// Ends transaction `record` if its creation, which etcd did not answer, landed
+    /// after all: every voter is reported failed (none was called) and it is
+    /// finalized. Checks for two minutes, then lets it be.
+    async fn end_if_created(self, record: TxRecord, outcome_lease: i64) {
+        let keys = self.keys();
+        let by = format!("{}:unanswered-begin", record.creator);
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let mut pause = Duration::from_millis(500);
+        while Instant::now() < deadline {
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(5));
+            match self.get(&keys.tx_record(&record.id)).await {
+                Ok(Some(_)) => {}
+                Ok(None) => continue,
+                Err(_) => continue,
+            }
+            tracing::warn!(tx = %record.id, repo = %record.repo, "a transaction whose creation did not answer exists; ending it");
+            let why = "its transaction's creation did not answer; it was never called";
+            let mut reported = true;
+            for v in &record.voters {
+                reported &= self.fail_voter(&record.id, v, &by, why).await.is_ok();
+            }
+            if !reported {
+                continue;
+            }
+            match self.try_finalize(&record.id, &by, outcome_lease).await {
+                Ok(_) | Err(Error::UnknownTx(_)) => return,
+                Err(e) => tracing::debug!(tx = %record.id, error = %e, "cannot end it yet"),
+            }
+        }
     }
 
     /// Reads a transaction's record.

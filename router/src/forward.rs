@@ -45,6 +45,8 @@ pub const TX_METADATA: &str = "refvote-transaction";
 /// pending confirmations in other open transactions of the repository (each ends as
 /// soon as that voter confirms, reports done, or its node loses its lease).
 const FINALIZE_WAIT: Duration = Duration::from_secs(30);
+/// How long each background retry of a failed finalize waits for voters.
+const LATE_FINALIZE_WAIT: Duration = Duration::from_secs(2);
 
 pub struct Forwarder {
     registry: Registry,
@@ -268,13 +270,25 @@ impl Forwarder {
                 }
             }
             let results = fan_out(path, legs, rest, &|n| me.reads.node_gone(n)).await;
-            let outcome = me.finalize(&tx, lease, &results).await;
+            // Every voter that was not called or whose call failed: finalize reports
+            // them failed (again, until it lands; create-only) so nobody waits for them.
+            let failed: Vec<(String, String)> = unusable
+                .iter()
+                .cloned()
+                .chain(
+                    results
+                        .iter()
+                        .filter(|(_, r)| !r.succeeded())
+                        .map(|(n, r)| (n.clone(), r.status_text())),
+                )
+                .collect();
+            let outcome = me.finalize(&tx, lease, &failed).await;
             crate::metrics::finalized(&outcome);
             if outcome.is_err() {
                 // The client hears "outcome unknown"; the transaction must still end, or
                 // it blocks repairs and locks of the repository for as long as this
                 // router lives (the reaper only takes transactions whose router died).
-                tokio::spawn(me.clone().finalize_later(tx.id.clone(), lease));
+                tokio::spawn(me.clone().finalize_later(tx.clone(), lease, failed));
             }
             if let Some(rev) = created {
                 // A creation that committed nowhere leaves no registration behind, so
@@ -345,29 +359,37 @@ impl Forwarder {
     /// unreachable, no quorum), with back-off, until it succeeds, the transaction is
     /// gone (that finalize did land), or this router's lease changed (the reaper
     /// takes the transaction then). Bounded: about ten minutes.
-    async fn finalize_later(self: Arc<Self>, tx: String, lease: i64) {
+    async fn finalize_later(
+        self: Arc<Self>,
+        tx: TxRecord,
+        lease: i64,
+        failed: Vec<(String, String)>,
+    ) {
         let mut pause = Duration::from_millis(500);
         for attempt in 1..=120 {
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_secs(5));
             if self.lease.borrow().is_some_and(|now| now != lease) {
-                tracing::info!(%tx, "lease changed; the reaper finalizes the transaction");
+                tracing::info!(tx = %tx.id, "lease changed; the reaper finalizes the transaction");
                 return;
             }
+            self.report_failed(&tx, &failed).await;
+            // A short wait per attempt: the loop itself waits, and a report that did
+            // not land before this attempt is made again by the next one.
             match self
                 .store
-                .finalize(&tx, &self.router_id, lease, FINALIZE_WAIT)
+                .finalize(&tx.id, &self.router_id, lease, LATE_FINALIZE_WAIT)
                 .await
             {
                 Ok(o) => {
-                    tracing::info!(%tx, attempt, committed = o.committed, "finalized late");
+                    tracing::info!(tx = %tx.id, attempt, committed = o.committed, "finalized late");
                     return;
                 }
                 Err(refvote_cluster::Error::UnknownTx(_)) => return,
-                Err(e) => tracing::debug!(%tx, attempt, error = %e, "late finalize failed"),
+                Err(e) => tracing::debug!(tx = %tx.id, attempt, error = %e, "late finalize failed"),
             }
         }
-        tracing::warn!(%tx, "gave up finalizing; the transaction stays open until this router's lease ends");
+        tracing::warn!(tx = %tx.id, "gave up finalizing; the transaction stays open until this router's lease ends");
     }
 
     /// Finalizes `tx`. A voter whose call failed (reset, refused, dropped as slow, or
@@ -381,32 +403,35 @@ impl Forwarder {
         &self,
         tx: &TxRecord,
         lease: i64,
-        results: &[(String, LegResult)],
+        failed: &[(String, String)],
     ) -> Result<refvote_cluster::records::TxOutcome, refvote_cluster::Error> {
         refvote_cluster::faults::reach(refvote_cluster::faults::BEFORE_FINALIZE).await;
         if refvote_cluster::faults::fail(refvote_cluster::faults::FAIL_FINALIZE) {
             return Err(refvote_cluster::Error::Timeout(self.store.timeout()));
         }
-        let reports = results
-            .iter()
-            .filter(|(_, result)| !result.succeeded())
-            .map(|(node, result)| async move {
-                tracing::info!(tx = %tx.id, node, result = %result.status_text(), "voter's call failed; reporting it done (failed)");
-                // Create-only: a node that reported first keeps its own report.
-                let r = self
-                    .store
-                    .fail_voter(&tx.id, node, &self.router_id, &result.status_text())
-                    .await;
-                (node, r)
-            });
-        for (node, r) in futures_util::future::join_all(reports).await {
-            if let Err(e) = r {
-                tracing::warn!(tx = %tx.id, node, error = %e, "cannot record the failed call");
-            }
-        }
+        self.report_failed(tx, failed).await;
         self.store
             .finalize(&tx.id, &self.router_id, lease, FINALIZE_WAIT)
             .await
+    }
+
+    /// Reports each voter in `failed` (node, why) failed on its behalf. Create-only: a
+    /// node that reported first keeps its own report, and a report that did not land
+    /// (etcd unreachable) is simply made again by the next finalize attempt.
+    async fn report_failed(&self, tx: &TxRecord, failed: &[(String, String)]) {
+        let reports = failed.iter().map(|(node, why)| async move {
+            tracing::info!(tx = %tx.id, node, why, "voter not called or its call failed; reporting it done (failed)");
+            let r = self
+                .store
+                .fail_voter(&tx.id, node, &self.router_id, why)
+                .await;
+            (node, r)
+        });
+        for (node, r) in futures_util::future::join_all(reports).await {
+            if let Err(e) = r {
+                tracing::warn!(tx = %tx.id, node, error = %e, "cannot record the voter failed yet");
+            }
+        }
     }
 
     /// Maintenance: every up-to-date replica on a live node, no transaction (it changes
