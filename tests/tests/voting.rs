@@ -698,31 +698,12 @@ async fn votingctl_status_reports_health_as_a_table_and_as_json() -> anyhow::Res
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_majority_of_votes_that_no_replica_applied_does_not_advance_the_repository()
 -> anyhow::Result<()> {
-    use refvote_cluster::records::VoteRecord;
     let c = VoteCluster::start(3, 1).await?;
     let repo = c.create_repo("late.git").await?;
     let tx = c.begin(&repo).await?;
     // Two votes for the same update land (as a vote whose request timed out can land
     // after its voter aborted), but no replica applies it: nobody confirms.
-    let vote = VoteRecord {
-        hash: "ab".repeat(32),
-        ref_count: 1,
-        first_ref: "refs/heads/main".into(),
-    };
-    let key = "0123456789abcdef0123456789abcdef.0";
-    for n in ["node1", "node2"] {
-        c.store.start_voter(&tx.id, n).await?;
-    }
-    let (a, b) = tokio::join!(
-        c.store
-            .cast_vote(&tx.id, "node1", key, &vote, Duration::from_secs(5)),
-        c.store
-            .cast_vote(&tx.id, "node2", key, &vote, Duration::from_secs(5)),
-    );
-    assert!(
-        a?.0.is_commit() && b?.0.is_commit(),
-        "two equal votes of three are a majority"
-    );
+    two_equal_votes(&c, &tx.id, "0123456789abcdef0123456789abcdef.0").await?;
     for n in c.node_names() {
         c.store.done(&tx.id, &n, false, "git aborted").await?;
     }
@@ -897,30 +878,15 @@ async fn nodes_keep_their_leases_through_an_etcd_majority_outage_longer_than_the
 /// A router that saw a voter's call fail reports it failed at once; that voter may have
 /// applied an update it had no time to confirm, so where nobody confirmed a key a
 /// majority voted for, it is marked outdated (a voter that reported done itself, with
-/// no confirmation, did not apply it; see the test above this one's neighbour).
+/// no confirmation, did not apply it: see
+/// `a_majority_of_votes_that_no_replica_applied_does_not_advance_the_repository`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn voters_reported_failed_by_a_router_that_voted_for_an_unconfirmed_update_are_outdated()
 -> anyhow::Result<()> {
-    use refvote_cluster::records::VoteRecord;
     let c = VoteCluster::start(3, 1).await?;
     let repo = c.create_repo("suspect.git").await?;
     let tx = c.begin(&repo).await?;
-    let vote = VoteRecord {
-        hash: "ef".repeat(32),
-        ref_count: 1,
-        first_ref: "refs/heads/main".into(),
-    };
-    let key = "00112233445566778899aabbccddeeff.0";
-    for n in ["node1", "node2"] {
-        c.store.start_voter(&tx.id, n).await?;
-    }
-    let (a, b) = tokio::join!(
-        c.store
-            .cast_vote(&tx.id, "node1", key, &vote, Duration::from_secs(5)),
-        c.store
-            .cast_vote(&tx.id, "node2", key, &vote, Duration::from_secs(5)),
-    );
-    assert!(a?.0.is_commit() && b?.0.is_commit());
+    two_equal_votes(&c, &tx.id, "00112233445566778899aabbccddeeff.0").await?;
     // Their calls broke before they confirmed: the router reports both failed; node3
     // never started.
     for n in c.node_names() {
@@ -940,5 +906,29 @@ async fn voters_reported_failed_by_a_router_that_voted_for_an_unconfirmed_update
             "{n}"
         );
     }
+    Ok(())
+}
+
+/// node1 and node2 start in `tx` and vote the same hash on `key`: a majority of three,
+/// so the key commits; nobody confirms applying it.
+async fn two_equal_votes(c: &VoteCluster, tx: &str, key: &str) -> anyhow::Result<()> {
+    let vote = refvote_cluster::records::VoteRecord {
+        hash: "ab".repeat(32),
+        ref_count: 1,
+        first_ref: "refs/heads/main".into(),
+    };
+    for n in ["node1", "node2"] {
+        c.store.start_voter(tx, n).await?;
+    }
+    let (a, b) = tokio::join!(
+        c.store
+            .cast_vote(tx, "node1", key, &vote, Duration::from_secs(5)),
+        c.store
+            .cast_vote(tx, "node2", key, &vote, Duration::from_secs(5)),
+    );
+    anyhow::ensure!(
+        a?.0.is_commit() && b?.0.is_commit(),
+        "two equal votes of three are a majority"
+    );
     Ok(())
 }
