@@ -106,7 +106,7 @@ impl Daemon {
         let metrics = match config.prometheus_listen_addr.as_str() {
             "" => None,
             addr => Some(
-                refvote_cluster::metrics::bind(addr.parse().expect("validated"))
+                refvote_telemetry::metrics::bind(addr.parse().expect("validated"))
                     .await
                     .map_err(|source| StartError::MetricsListen {
                         addr: addr.to_owned(),

@@ -19,7 +19,6 @@ pub mod ctl;
 pub mod daemon;
 pub mod hooks;
 pub mod local_cluster;
-pub mod logging;
 pub mod metrics;
 pub mod node;
 pub mod pktline;

@@ -6,7 +6,7 @@
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, LazyLock};
 
-use refvote_cluster::metrics::{self, Histogram, LATENCY_BUCKETS, Text};
+use refvote_telemetry::metrics::{self, Histogram, LATENCY_BUCKETS, Text};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -77,6 +77,6 @@ fn render(service: &VoteService, lease_held: bool) -> String {
         "1 while the node holds its etcd lease (it may vote and serve), else 0.",
         i64::from(lease_held),
     );
-    t.etcd_errors("votingd");
+    refvote_cluster::store::render_etcd_errors(&mut t, "votingd");
     t.finish()
 }

@@ -1,7 +1,7 @@
 //! Prometheus metrics without a metrics framework: counters, gauges and histograms on
 //! atomics, the text exposition format (version 0.0.4), and a small HTTP server for
-//! `GET /metrics`. votingd and the router each keep their own metrics and render them
-//! on a scrape; this crate counts the etcd errors both see ([`ETCD_ERRORS`]).
+//! `GET /metrics`. votingd and the router each keep their own series and render them
+//! on a scrape; the etcd error counter both report is `refvote_cluster::store`'s.
 //!
 //! Label sets are bounded: a [`Family`] keeps at most `max` series and folds the rest
 //! into one series whose labels are all `"other"`, so a client sending made-up method
@@ -13,7 +13,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -149,10 +149,6 @@ impl<M: Default> Family<M> {
     }
 }
 
-/// etcd requests that failed, by kind (`timeout`, `unavailable`, `other`), counted by
-/// [`Store`](crate::Store) for whichever process it runs in.
-pub static ETCD_ERRORS: LazyLock<Family<Counter>> = LazyLock::new(|| Family::new(&["kind"], 8));
-
 /// Builds the text exposition format.
 #[derive(Debug, Default)]
 pub struct Text(String);
@@ -211,18 +207,6 @@ impl Text {
         let _ = writeln!(self.0, "{name}_sum {sum}");
         // Written from the buckets, so count always equals the +Inf bucket.
         let _ = writeln!(self.0, "{name}_count {cumulative}");
-    }
-
-    /// The etcd error counter, under the component's prefix.
-    pub fn etcd_errors(&mut self, prefix: &str) {
-        for kind in ["timeout", "unavailable", "other"] {
-            ETCD_ERRORS.with(&[kind]);
-        }
-        self.counter_family(
-            &format!("{prefix}_etcd_errors_total"),
-            "etcd requests that failed, by kind.",
-            &ETCD_ERRORS,
-        );
     }
 
     pub fn finish(self) -> String {
