@@ -3,6 +3,7 @@
 //! mutators inside refvote transactions.
 
 use refvote_cluster::RepoId;
+use refvote_node::detail::detail_of;
 use refvote_proto::gitaly::blob_service_client::BlobServiceClient;
 use refvote_proto::gitaly::commit_service_client::CommitServiceClient;
 use refvote_proto::gitaly::get_blobs_request::RevisionPath;
@@ -26,7 +27,6 @@ use refvote_tests::git::{self, WorkRepo, rev};
 use refvote_tests::grpc::{channel, repo};
 use tonic::Code;
 use tonic::metadata::MetadataValue;
-use votingd::node::detail::detail_of;
 
 /// Every message of a server stream, or the status that ended it.
 async fn collect<T>(

@@ -3,6 +3,8 @@
 //! wait behind one another; the etcd side is in `refvote_cluster::tx`.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -349,6 +351,17 @@ impl VoteService {
             commit: true,
             message: String::new(),
         })
+    }
+}
+
+/// The node service settles this node's confirmations through the vote service before
+/// it reports itself done.
+impl refvote_node::tx::SettleVotes for VoteService {
+    fn settle<'a>(
+        &'a self,
+        tx: &'a str,
+    ) -> Pin<Box<dyn Future<Output = Result<(), ClusterError>> + Send + 'a>> {
+        Box::pin(VoteService::settle(self, tx))
     }
 }
 

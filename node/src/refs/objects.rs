@@ -5,8 +5,8 @@ use std::path::Path;
 
 use refvote_proto::gitaly::{CommitAuthor, GitCommit, SignatureType, Tag};
 
-use crate::node::error::NodeError;
-use crate::node::git::Git;
+use crate::error::NodeError;
+use crate::git::Git;
 
 /// Gitaly caps commit bodies and tag messages it returns; the full size is still told.
 const MAX_MESSAGE: usize = 10 * 1024;

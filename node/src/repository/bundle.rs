@@ -9,10 +9,10 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::Status;
 
 use super::TempDir;
-use crate::node::error::NodeError;
-use crate::node::git::{Git, Run};
-use crate::node::storage::Storages;
-use crate::node::tx::WriteContext;
+use crate::error::NodeError;
+use crate::git::{Git, Run};
+use crate::storage::Storages;
+use crate::tx::WriteContext;
 
 /// Refuses a repository with no refs: git cannot bundle nothing, and Gitaly answers
 /// FAILED_PRECONDITION for it.

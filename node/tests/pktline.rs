@@ -5,8 +5,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
+use refvote_node::pktline::{Limits, canonicalize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use votingd::pktline::{Limits, canonicalize};
 
 /// A directory of its own under the system temp dir, removed on drop.
 struct TempDir(PathBuf);

@@ -28,12 +28,12 @@ use tonic::transport::{Channel, ClientTlsConfig};
 use tonic::{Code, Status};
 
 use super::bundle;
-use crate::node::error::NodeError;
-use crate::node::git::Git;
-use crate::node::refs::names;
-use crate::node::refs::update::{self, RefUpdate};
-use crate::node::storage::RepoPath;
-use crate::node::tx::WriteContext;
+use crate::error::NodeError;
+use crate::git::Git;
+use crate::refs::names;
+use crate::refs::update::{self, RefUpdate};
+use crate::storage::RepoPath;
+use crate::tx::WriteContext;
 
 /// The request metadata key naming the nodes a call may reach, as in Gitaly.
 pub const SERVERS_METADATA: &str = "gitaly-servers";

@@ -13,8 +13,8 @@ use tonic::Status;
 use tonic::codegen::BoxStream;
 
 use super::objects;
-use crate::node::error::NodeError;
-use crate::node::git::{Git, Run};
+use crate::error::NodeError;
+use crate::git::{Git, Run};
 
 /// Refs per response message (Gitaly sends chunks of similar size).
 const PAGE: usize = 100;

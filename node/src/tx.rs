@@ -10,7 +10,9 @@
 //! it the write is untracked, or refused when `vote.require_transaction` is set. Runs
 //! votingd starts on its own (repair, maintenance) are [`WriteContext::Maintenance`].
 
+use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -20,10 +22,29 @@ use tonic::metadata::MetadataMap;
 
 use super::error::NodeError;
 use super::git::Git;
-use crate::vote::VoteService;
 
 /// The request metadata key carrying the transaction id.
 pub const TX_METADATA: &str = "refvote-transaction";
+
+/// The environment votingd gives git so its hook votes in transaction `tx` as `voter`.
+pub fn transaction_env(tx: &str, voter: &str, socket: &Path) -> Vec<(String, String)> {
+    vec![
+        ("REFVOTE_TX".into(), tx.into()),
+        ("REFVOTE_VOTER".into(), voter.into()),
+        ("REFVOTE_SOCKET".into(), socket.display().to_string()),
+    ]
+}
+
+/// Settles this node's part in a transaction's votes before it reports done: votingd's
+/// vote service, which writes the confirmations it still owes (and marks the replica
+/// outdated where git stopped between committing and confirming). Finalize reads
+/// "done without a confirmation" as "did not apply", so this must succeed first.
+pub trait SettleVotes: Send + Sync {
+    fn settle<'a>(
+        &'a self,
+        tx: &'a str,
+    ) -> Pin<Box<dyn Future<Output = Result<(), refvote_cluster::Error>> + Send + 'a>>;
+}
 
 /// What the node needs to join transactions.
 #[derive(Clone)]
@@ -34,7 +55,7 @@ pub struct TxSettings {
     pub require_transaction: bool,
     /// The vote service, which must settle this node's confirmations before it
     /// reports done.
-    pub votes: Arc<VoteService>,
+    pub votes: Arc<dyn SettleVotes>,
 }
 
 /// How a write is accounted for.
@@ -115,7 +136,7 @@ impl WriteContext {
     pub fn env(&self) -> Vec<(String, String)> {
         match self {
             WriteContext::Transaction(v) => {
-                crate::transaction_env(&v.tx, &v.settings.node, &v.settings.vote_socket)
+                transaction_env(&v.tx, &v.settings.node, &v.settings.vote_socket)
             }
             WriteContext::Untracked => Vec::new(),
             WriteContext::Maintenance => vec![("REFVOTE_MAINTENANCE".into(), "1".into())],
@@ -193,7 +214,7 @@ impl Drop for Voter {
 const DONE_RETRY: Duration = Duration::from_secs(15 * 60);
 
 /// Reports this voter done, after settling what it applied (see
-/// [`VoteService::settle`]). One attempt inline; if etcd cannot take it, retries in the
+/// [`SettleVotes`]). One attempt inline; if etcd cannot take it, retries in the
 /// background: a voter that never reports done holds up every later finalize of the
 /// repository until its node loses its lease.
 async fn record_done(settings: &TxSettings, tx: &str, ok: bool, detail: &str, checksum: &str) {

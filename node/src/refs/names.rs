@@ -5,9 +5,9 @@
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
-use crate::node::error::NodeError;
-use crate::node::git::Git;
-use crate::node::repository::valid_branch_name;
+use crate::error::NodeError;
+use crate::git::Git;
+use crate::repository::valid_branch_name;
 
 /// Bound on small answers read whole (one object id, one ref name).
 const SMALL: usize = 64 * 1024;

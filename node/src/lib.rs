@@ -1,15 +1,24 @@
-//! The node's Gitaly-compatible gRPC service: Gitaly's RPCs (package `gitaly`),
-//! answered by running real git on this node's storages, plus the standard gRPC
-//! health service. The router forwards clients' calls here unchanged, with the
-//! refvote transaction in request metadata ([`tx`]). With `[auth]` set every call
-//! (health excepted) must carry Gitaly's v2 token, on TCP and the Unix socket; with
-//! `[tls]` the TCP listener serves TLS only.
+//! refvote-node: the storage node's Gitaly-compatible gRPC service. Gitaly's RPCs
+//! (package `gitaly`) are answered by running real git on this node's storages, plus
+//! the standard gRPC health service. The router forwards clients' calls here
+//! unchanged, with the refvote transaction in request metadata ([`tx`]): the node
+//! joins it, runs git with the hook's environment, and reports itself done. With
+//! `[auth]` set every call (health excepted) must carry Gitaly's v2 token, on TCP and
+//! the Unix socket; with `[tls]` the TCP listener serves TLS only.
 //!
 //! Layout: one file per Gitaly service ([`server`], [`repository`], [`refs`],
 //! [`smarthttp`], [`ssh`]), sharing the storage resolver ([`storage`]), the git runner ([`git`]),
-//! the transaction handling ([`tx`]) and the error mapping ([`error`]). A new service
-//! is a new file plus one `add_service` line in [`serve`]; methods not implemented yet
-//! answer UNIMPLEMENTED.
+//! the transaction handling ([`tx`]), the per-repository lock ([`repolock`]) and the
+//! error mapping ([`error`]). A new service is a new file plus one `add_service` line
+//! in [`serve`]; methods not implemented yet answer UNIMPLEMENTED. [`pktline`] puts a
+//! push's commands in one canonical order, so every replica's receive-pack applies
+//! them alike.
+//!
+//! It does not vote: the hook asks votingd's vote service, which decides in etcd; the
+//! node only settles its confirmations through it ([`tx::SettleVotes`]) before it
+//! reports done. It does not hold the node's etcd lease, read its config file or
+//! install the hook; votingd does, and builds [`NodeState`] from its config.
+#![forbid(unsafe_code)]
 
 mod blob;
 mod catfile;
@@ -18,6 +27,7 @@ pub mod detail;
 pub mod error;
 pub mod git;
 mod operations;
+pub mod pktline;
 mod push;
 mod refs;
 pub mod repolock;

@@ -10,9 +10,9 @@ use std::path::Path;
 
 use sha1::{Digest, Sha1};
 
-use crate::node::error::NodeError;
-use crate::node::git::Git;
-use crate::node::storage::is_repository;
+use crate::error::NodeError;
+use crate::git::Git;
+use crate::storage::is_repository;
 
 /// What an empty but valid repository reports.
 pub const EMPTY: &str = "0000000000000000000000000000000000000000";

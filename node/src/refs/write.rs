@@ -13,9 +13,9 @@ use tonic::{Code, Status};
 use super::detail;
 use super::names::{self, is_oid, is_zero};
 use super::update::{self, RefUpdate, UpdateFailure};
-use crate::node::error::NodeError;
-use crate::node::git::Git;
-use crate::node::tx::WriteContext;
+use crate::error::NodeError;
+use crate::git::Git;
+use crate::tx::WriteContext;
 
 /// An update as the client sent it (old empty: no check).
 pub struct Requested {

@@ -10,7 +10,6 @@ use std::path::{Component, Path, PathBuf};
 use refvote_proto::gitaly::Repository;
 
 use super::error::NodeError;
-use crate::config;
 
 /// First path component reserved for the node itself.
 pub const PRIVATE_DIR: &str = "+refvote";
@@ -39,19 +38,22 @@ impl std::fmt::Display for RepoPath {
 }
 
 impl Storages {
-    /// Creates missing storage directories and their private area, and clears what a
-    /// crash left in it (half-created or half-removed repositories).
-    pub fn open(storages: &[config::Storage]) -> std::io::Result<Storages> {
+    /// Creates missing storage directories (by name and path, as in the `[[storage]]`
+    /// config) and their private area, and clears what a crash left in it
+    /// (half-created or half-removed repositories).
+    pub fn open<'a>(
+        storages: impl IntoIterator<Item = (&'a str, &'a Path)>,
+    ) -> std::io::Result<Storages> {
         let mut roots = BTreeMap::new();
-        for s in storages {
-            std::fs::create_dir_all(&s.path)?;
-            let root = s.path.canonicalize()?;
+        for (name, path) in storages {
+            std::fs::create_dir_all(path)?;
+            let root = path.canonicalize()?;
             let tmp = root.join(PRIVATE_DIR).join("tmp");
             if tmp.exists() {
                 std::fs::remove_dir_all(&tmp)?;
             }
             std::fs::create_dir_all(&tmp)?;
-            roots.insert(s.name.clone(), root);
+            roots.insert(name.to_owned(), root);
         }
         Ok(Storages { roots })
     }
@@ -159,11 +161,7 @@ mod tests {
     use tonic::Code;
 
     fn storages(dir: &Path) -> Storages {
-        Storages::open(&[config::Storage {
-            name: "default".into(),
-            path: dir.join("storage"),
-        }])
-        .unwrap()
+        Storages::open([("default", dir.join("storage").as_path())]).unwrap()
     }
 
     fn repo(storage: &str, path: &str) -> Repository {

@@ -5,8 +5,8 @@
 
 use std::path::Path;
 
-use crate::node::git::{Git, GitError};
-use crate::node::tx::WriteContext;
+use crate::git::{Git, GitError};
+use crate::tx::WriteContext;
 
 /// One ref change. `old` is the value the ref must have now (all zeros: must not
 /// exist); `new` all zeros deletes it.
@@ -63,7 +63,7 @@ pub async fn apply(
     let mut input = Vec::new();
     for u in updates {
         // -z format: "update SP <ref> NUL <new> NUL <old> NUL"; a delete names no new.
-        if crate::node::refs::names::is_zero(&u.new) {
+        if crate::refs::names::is_zero(&u.new) {
             input.extend_from_slice(format!("delete {}\0{}\0", u.name, u.old).as_bytes());
         } else {
             input

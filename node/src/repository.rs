@@ -325,7 +325,7 @@ impl RepositoryService for RepositorySvc {
         )?;
         // Outside a transaction this is a router's repair: it copies what a majority
         // already decided, so `require_transaction` does not refuse it.
-        let ctx = if metadata.contains_key(crate::node::tx::TX_METADATA) {
+        let ctx = if metadata.contains_key(crate::tx::TX_METADATA) {
             WriteContext::from_metadata(&self.node.tx, &metadata).await?
         } else {
             WriteContext::Untracked
