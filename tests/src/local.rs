@@ -11,7 +11,7 @@ use std::process::{Command, Output};
 use std::sync::Mutex;
 
 use anyhow::{Context, bail};
-use votingd::local_cluster::{self, Layout};
+use refvote_launcher::{self as local_cluster, Layout};
 
 use crate::node::bin;
 use crate::proc::loopback_ip;

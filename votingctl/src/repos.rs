@@ -9,7 +9,7 @@ use refvote_cluster::records::{ReplicaRecord, ReplicaState, RepoRecord};
 use refvote_cluster::store::{by_tail, get_prefix_op, ranges};
 use serde::Serialize;
 
-use super::{Ctl, etcd_error, table};
+use crate::connect::{Ctl, etcd_error, table};
 
 /// One replica as listed.
 #[derive(Debug, Clone, Serialize)]

@@ -5,8 +5,8 @@
 use refvote_cluster::records::NodeRecord;
 use serde::Serialize;
 
-use super::repos::{RepoSummary, snapshot};
-use super::{Ctl, etcd_error};
+use crate::connect::{Ctl, etcd_error};
+use crate::repos::{RepoSummary, snapshot};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Member {

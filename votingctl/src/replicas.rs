@@ -13,7 +13,7 @@ use refvote_proto::admin::{
 };
 use serde::Serialize;
 
-use super::{Ctl, table};
+use crate::connect::{Ctl, table};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ReplicaJson {

@@ -11,7 +11,7 @@ use refvote_cluster::records::{JobRecord, ReplicaRecord, ReplicaState, RepoRecor
 use refvote_cluster::store::encode;
 use serde::Serialize;
 
-use super::{Ctl, etcd_error, table};
+use crate::connect::{Ctl, etcd_error, table};
 
 /// One replica's verification.
 #[derive(Debug, Clone, Serialize)]
@@ -46,7 +46,7 @@ pub async fn verify(ctl: &Ctl, repo: Option<RepoId>) -> anyhow::Result<i32> {
             ctl.view(&r).await?;
             vec![r]
         }
-        None => super::repos::snapshot(ctl)
+        None => crate::repos::snapshot(ctl)
             .await?
             .into_iter()
             .filter_map(|s| RepoId::parse(&s.repo).ok())
@@ -133,7 +133,7 @@ async fn verify_one(ctl: &Ctl, repo: &RepoId) -> anyhow::Result<Verified> {
                     .map(|(r, _)| {
                         format!(
                             "{} at generation {}: {}",
-                            super::repos::state_name(r.state),
+                            crate::repos::state_name(r.state),
                             r.generation,
                             r.reason
                         )

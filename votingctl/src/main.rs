@@ -2,9 +2,9 @@
 //! status` asks the local votingd over its vote socket and prints a table, or JSON
 //! with `--json`, then the cluster as etcd sees it; it exits 0 only when the node is
 //! healthy. `votingctl cluster up|down|
-//! stop|start` runs a whole cluster on this machine ([`votingd::local_cluster`]). The
+//! stop|start` runs a whole cluster on this machine ([`refvote_launcher`]). The
 //! operator commands (`repos list`, `replicas`, `verify`, `dataloss`,
-//! `accept-dataloss`, `track`) talk to etcd, routers and nodes ([`votingd::ctl`]).
+//! `accept-dataloss`, `track`) talk to etcd, routers and nodes (this crate's library).
 #![forbid(unsafe_code)]
 
 use std::net::Ipv4Addr;
@@ -13,9 +13,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use refvote_launcher::UpOptions;
+use votingctl::{Ctl, Target};
 use votingd::Config;
-use votingd::ctl::{self, Ctl, Target};
-use votingd::local_cluster::{self, UpOptions};
 
 #[derive(Parser)]
 #[command(version, about = "Inspect and operate refvote")]
@@ -194,7 +194,7 @@ fn cluster(action: ClusterAction) -> anyhow::Result<i32> {
             host,
             timeout,
         } => {
-            local_cluster::up(
+            refvote_launcher::up(
                 &UpOptions {
                     dir,
                     nodes,
@@ -205,10 +205,10 @@ fn cluster(action: ClusterAction) -> anyhow::Result<i32> {
                 out,
             )?;
         }
-        ClusterAction::Down { dir } => local_cluster::down(&dir, out)?,
-        ClusterAction::Stop { dir, name } => local_cluster::stop(&dir, &name, out)?,
+        ClusterAction::Down { dir } => refvote_launcher::down(&dir, out)?,
+        ClusterAction::Stop { dir, name } => refvote_launcher::stop(&dir, &name, out)?,
         ClusterAction::Start { dir, name, timeout } => {
-            local_cluster::start(&dir, &name, Duration::from_secs(timeout), out)?
+            refvote_launcher::start(&dir, &name, Duration::from_secs(timeout), out)?
         }
     }
     Ok(0)
@@ -232,43 +232,45 @@ fn run(args: Args) -> anyhow::Result<i32> {
     match args.command {
         Command::Cluster { action } => cluster(action),
         Command::Repos { action, target } => match action {
-            ReposAction::List => operate(&target, async |c| ctl::repos::list(c).await),
+            ReposAction::List => operate(&target, async |c| votingctl::repos::list(c).await),
         },
         Command::Replicas { action, target } => match action {
             ReplicasAction::Get { repo } => {
-                let repo = ctl::parse_repo(&repo)?;
-                operate(&target, async |c| ctl::replicas::get(c, &repo).await)
+                let repo = votingctl::parse_repo(&repo)?;
+                operate(&target, async |c| votingctl::replicas::get(c, &repo).await)
             }
             ReplicasAction::Add { repo, count, nodes } => {
-                let repo = ctl::parse_repo(&repo)?;
+                let repo = votingctl::parse_repo(&repo)?;
                 operate(&target, async |c| {
-                    ctl::replicas::add(c, &repo, count, nodes).await
+                    votingctl::replicas::add(c, &repo, count, nodes).await
                 })
             }
             ReplicasAction::Remove { repo, nodes } => {
-                let repo = ctl::parse_repo(&repo)?;
+                let repo = votingctl::parse_repo(&repo)?;
                 operate(&target, async |c| {
-                    ctl::replicas::remove(c, &repo, nodes).await
+                    votingctl::replicas::remove(c, &repo, nodes).await
                 })
             }
             ReplicasAction::Sync { repo } => {
-                let repo = ctl::parse_repo(&repo)?;
-                operate(&target, async |c| ctl::replicas::sync(c, &repo).await)
+                let repo = votingctl::parse_repo(&repo)?;
+                operate(&target, async |c| votingctl::replicas::sync(c, &repo).await)
             }
         },
         Command::Verify { repo, target } => {
-            let repo = repo.as_deref().map(ctl::parse_repo).transpose()?;
-            operate(&target, async |c| ctl::data::verify(c, repo).await)
+            let repo = repo.as_deref().map(votingctl::parse_repo).transpose()?;
+            operate(&target, async |c| votingctl::data::verify(c, repo).await)
         }
-        Command::Dataloss { target } => operate(&target, async |c| ctl::repos::dataloss(c).await),
+        Command::Dataloss { target } => {
+            operate(&target, async |c| votingctl::repos::dataloss(c).await)
+        }
         Command::AcceptDataloss {
             repo,
             authoritative,
             target,
         } => {
-            let repo = ctl::parse_repo(&repo)?;
+            let repo = votingctl::parse_repo(&repo)?;
             operate(&target, async |c| {
-                ctl::data::accept_dataloss(c, &repo, &authoritative).await
+                votingctl::data::accept_dataloss(c, &repo, &authoritative).await
             })
         }
         Command::Track {
@@ -276,8 +278,10 @@ fn run(args: Args) -> anyhow::Result<i32> {
             nodes,
             target,
         } => {
-            let repo = ctl::parse_repo(&repo)?;
-            operate(&target, async |c| ctl::data::track(c, &repo, &nodes).await)
+            let repo = votingctl::parse_repo(&repo)?;
+            operate(&target, async |c| {
+                votingctl::data::track(c, &repo, &nodes).await
+            })
         }
         Command::Status {
             config,
@@ -333,7 +337,7 @@ fn run(args: Args) -> anyhow::Result<i32> {
     }
 }
 
-type View = anyhow::Result<ctl::view::ClusterView>;
+type View = anyhow::Result<votingctl::view::ClusterView>;
 
 /// The cluster view for `status`, bounded in time; `None` with `--no-cluster`.
 fn cluster_view(config: &std::path::Path, skip: bool) -> Option<View> {
@@ -350,7 +354,7 @@ fn cluster_view(config: &std::path::Path, skip: bool) -> Option<View> {
     Some(operate_value(async || {
         tokio::time::timeout(Duration::from_secs(10), async {
             let c = Ctl::connect(&target).await?;
-            ctl::view::read(&c).await
+            votingctl::view::read(&c).await
         })
         .await
         .unwrap_or_else(|_| Err(anyhow::anyhow!("etcd did not answer within 10 s")))

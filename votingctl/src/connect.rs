@@ -1,17 +1,6 @@
-//! votingctl's operator commands: what they read from etcd (through the cluster
-//! crate), ask routers (the admin service) and nodes (`CalculateChecksum`), and how
-//! they print it: a human table by default, JSON with `--json`.
-//!
-//! Every command prints errors that say what to do and exits non-zero on them. The
-//! commands that change records (`verify`, `accept-dataloss`, `track`) write one etcd
-//! txn with the compares the change relies on, so a concurrent write makes them fail
-//! (and say so) rather than overwrite it. They never copy data themselves: outdated
-//! replicas get repair jobs that the routers' repair workers run.
-
-pub mod data;
-pub mod replicas;
-pub mod repos;
-pub mod view;
+//! Where the cluster is ([`Target`]: a votingd config or etcd endpoints) and the
+//! connections the commands share ([`Ctl`]: etcd, a signed channel to a node or a
+//! router), with the errors and the table and JSON output they print.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -26,7 +15,7 @@ use refvote_proto::gitaly::repository_service_client::RepositoryServiceClient;
 use refvote_proto::gitaly::{CalculateChecksumRequest, Repository};
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
-use crate::Config;
+use votingd::Config;
 
 /// Where the cluster is: a votingd config (its etcd settings, the `[auth]` secret and
 /// the `[tls]` CA, all used as votingd uses them) or etcd endpoints given directly, and

@@ -1,5 +1,6 @@
-//! `votingctl cluster`: a complete refvote cluster on one machine, for trying refvote
-//! and for tests and demos of failures (DESIGN.md §7). `up` starts etcd (from PATH; one
+//! refvote-launcher: a complete refvote cluster on one machine, for trying refvote and
+//! for tests and demos of failures (DESIGN.md §7); `votingctl cluster` is its command
+//! line. `up` starts etcd (from PATH; one
 //! member `etcd`, or `etcd1`…`etcdM`), N votingd nodes (`node1`…) and one router on
 //! free loopback ports, each with its own config file and data under the cluster's
 //! directory, waits until each is healthy, and writes `cluster.env` and a pid file per
@@ -16,6 +17,12 @@
 //! Layout of DIR: `cluster.env`, `cluster.json`, `<name>.pid`, `logs/<name>.log`,
 //! `etcd/` (or `etcd1/`…: data), `node1/` (`votingd.toml`, `storage/`, `hooks/`,
 //! sockets), `router/router.toml`.
+//!
+//! It builds nothing: the binaries (`etcd` from PATH; `votingd`, `refvote-router` and
+//! the hook beside the running executable or on PATH) must exist. It is not the test
+//! harness's launcher (yet: `tests/src` starts its processes itself), and it never
+//! runs a cluster across machines.
+#![forbid(unsafe_code)]
 
 use std::fmt::Write as _;
 use std::io::{Read, Write};
@@ -471,7 +478,7 @@ pub fn check(ready: &Ready) -> Result<(), String> {
                 Err(format!("GET /health answered {}", body.trim()))
             }
         }
-        Ready::NodeLease { socket } => match crate::client::status(socket) {
+        Ready::NodeLease { socket } => match votingd::client::status(socket) {
             Ok(s) if s.lease.held => Ok(()),
             Ok(_) => Err("votingd answers but holds no etcd lease yet".into()),
             Err(e) => Err(format!("votingd's socket {}: {e:#}", socket.display())),
