@@ -10,10 +10,10 @@ use refvote_proto::gitaly::{
 use tonic::codegen::BoxStream;
 use tonic::{Request, Response, Status};
 
-use super::NodeState;
 use super::catfile::{self, CatFile, TreeItem};
 use super::commit::{MODE_SUBMODULE, MODE_TREE, lookup, send_data, stream_from};
 use super::error::NodeError;
+use crate::state::NodeState;
 
 pub struct BlobSvc {
     node: Arc<NodeState>,

@@ -22,11 +22,11 @@ use tokio::sync::mpsc;
 use tonic::codegen::BoxStream;
 use tonic::{Code, Request, Response, Status};
 
-use super::NodeState;
 use super::catfile::{self, CatFile};
 use super::detail::status_with_detail;
 use super::error::NodeError;
 use super::storage::RepoPath;
+use crate::state::NodeState;
 
 /// Bound on a tree listing read whole (Gitaly sorts and pages it in memory too).
 const MAX_LISTING: usize = 256 * 1024 * 1024;

@@ -95,6 +95,13 @@ impl NodeError {
     }
 }
 
+/// A git failure answers as [`NodeError::Git`] does.
+impl From<GitError> for Status {
+    fn from(e: GitError) -> Status {
+        NodeError::from(e).into()
+    }
+}
+
 impl From<NodeError> for Status {
     fn from(e: NodeError) -> Status {
         let code = e.code();

@@ -1,4 +1,7 @@
-//! The one way the node service runs git.
+//! The one way the node service runs git. The bottom layer of the node: it knows
+//! nothing of transactions or RPC errors. A caller says what a write needs as plain
+//! values (the hook's environment, a [`KillPolicy`], an exit callback); `tx` turns a
+//! transaction into them.
 //!
 //! Every run gets a clean environment (no system or global config, C locale, no
 //! terminal prompts), its own process group, a timeout, stderr read concurrently into a
@@ -8,17 +11,19 @@
 //! A supervisor task owns each child, so what happens on cancellation does not depend
 //! on who drops what. When the caller goes away (the RPC is cancelled, its future or
 //! response stream dropped, or the client's request stream breaks):
-//! - a read is stopped at once: SIGKILL to git's whole process group;
-//! - a write inside a refvote transaction is never killed, because its hook may already
-//!   have voted (DESIGN.md §2.6): stdin is closed, so git either fails on the truncated
-//!   input or finishes what the other replicas also finish. On timeout it gets SIGTERM,
-//!   which git turns into removing its lock files.
+//! - by default ([`KillPolicy::Kill`]) it is stopped at once: SIGKILL to git's whole
+//!   process group;
+//! - a write inside a refvote transaction ([`KillPolicy::LetFinish`]) is never killed,
+//!   because its hook may already have voted (DESIGN.md §2.6): stdin is closed, so git
+//!   either fails on the truncated input or finishes what the other replicas also
+//!   finish. On timeout it gets SIGTERM, which git turns into removing its lock files.
 //!
 //! Writes run with the durability and no-maintenance settings DESIGN.md §2 asks for and
 //! with `core.hooksPath` forced to the node's hooks, so no repository config can skip
 //! the vote.
 
 use std::ffi::OsString;
+use std::future::Future;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -29,14 +34,25 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, ChildStdin};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::{Stream, StreamExt};
-use tonic::codegen::BoxStream;
 use tonic::{Code, Status};
-
-use super::error::NodeError;
-use super::tx::WriteContext;
 
 /// Bytes a client streams into git's stdin.
 pub type Input = Pin<Box<dyn Stream<Item = Result<Vec<u8>, Status>> + Send>>;
+
+/// What stopping a run (its caller went away, or its time is up) does to git.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum KillPolicy {
+    /// SIGKILL to git's process group at once.
+    #[default]
+    Kill,
+    /// Never killed: its stdin is closed, and on timeout it gets SIGTERM. For a write
+    /// whose hook may have voted.
+    LetFinish,
+}
+
+/// Called once git has exited, with whether it succeeded and, if not, why: also when
+/// the caller went away (a write left to finish may have committed).
+pub type OnExit = Box<dyn FnOnce(bool, String) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
 
 /// Size of one stdout read, and so of one response message (Gitaly also uses 32 KiB).
 const CHUNK: usize = 32 * 1024;
@@ -99,6 +115,9 @@ pub enum GitError {
         #[source]
         source: io::Error,
     },
+    /// The request asked for a git option this node does not allow.
+    #[error("{0}")]
+    Refused(String),
 }
 
 impl GitError {
@@ -111,6 +130,7 @@ impl GitError {
             GitError::Cancelled { .. } => Code::Cancelled,
             GitError::Input { source, .. } => source.code(),
             GitError::TooLarge { .. } => Code::ResourceExhausted,
+            GitError::Refused(_) => Code::InvalidArgument,
         }
     }
 }
@@ -151,7 +171,8 @@ impl Git {
             args: args.into_iter().map(Into::into).collect(),
             env: Vec::new(),
             write: None,
-            finish_on_exit: false,
+            kill: KillPolicy::Kill,
+            on_exit: None,
             input: None,
             stream_stderr: false,
             hold: None,
@@ -177,8 +198,10 @@ pub struct Command {
     config: Vec<String>,
     args: Vec<OsString>,
     env: Vec<(String, String)>,
-    write: Option<WriteContext>,
-    finish_on_exit: bool,
+    /// For a write: the hook's environment.
+    write: Option<Vec<(String, String)>>,
+    kill: KillPolicy,
+    on_exit: Option<OnExit>,
     input: Option<Input>,
     stream_stderr: bool,
     hold: Option<Box<dyn Send + Sync>>,
@@ -190,6 +213,16 @@ impl Command {
         self
     }
 
+    /// The repository given with [`Command::git_dir`], if any.
+    pub fn repository(&self) -> Option<&Path> {
+        self.git_dir.as_deref()
+    }
+
+    /// The git this command runs with.
+    pub fn git(&self) -> &Git {
+        &self.git
+    }
+
     pub fn arg(mut self, arg: impl Into<OsString>) -> Command {
         self.args.push(arg.into());
         self
@@ -197,14 +230,14 @@ impl Command {
 
     /// Adds a request's `git_config_options` ("key=value"), refusing keys outside
     /// [`ALLOWED_REQUEST_CONFIG`].
-    pub fn request_config(mut self, options: &[String]) -> Result<Command, NodeError> {
+    pub fn request_config(mut self, options: &[String]) -> Result<Command, GitError> {
         for o in options {
             let key = o.split_once('=').map_or(o.as_str(), |(k, _)| k);
             let lower = key.to_ascii_lowercase();
             if !ALLOWED_REQUEST_CONFIG.iter().any(|p| lower.starts_with(p))
                 || key.contains(char::is_whitespace)
             {
-                return Err(NodeError::invalid(format!(
+                return Err(GitError::Refused(format!(
                     "git config option {key:?} is not allowed on this node (allowed: {})",
                     ALLOWED_REQUEST_CONFIG.join(", ")
                 )));
@@ -215,14 +248,14 @@ impl Command {
     }
 
     /// Passes the client's Git-Protocol header (e.g. "version=2") to git.
-    pub fn protocol(mut self, git_protocol: &str) -> Result<Command, NodeError> {
+    pub fn protocol(mut self, git_protocol: &str) -> Result<Command, GitError> {
         match git_protocol {
             "" => {}
             "version=0" | "version=1" | "version=2" => {
                 self.env.push(("GIT_PROTOCOL".into(), git_protocol.into()));
             }
             other => {
-                return Err(NodeError::invalid(format!(
+                return Err(GitError::Refused(format!(
                     "git_protocol {other:?} is not supported; use \"version=2\" or leave it empty"
                 )));
             }
@@ -237,16 +270,16 @@ impl Command {
     }
 
     /// Makes this a write: durability and no-maintenance config, the node's hooks, and
-    /// the hook environment of `ctx`. Inside a transaction git is never killed.
-    pub fn write(mut self, ctx: &WriteContext) -> Command {
-        self.write = Some(ctx.clone());
+    /// `hook_env` for the hook; `kill` says what stopping it does.
+    pub fn write(mut self, hook_env: Vec<(String, String)>, kill: KillPolicy) -> Command {
+        self.write = Some(hook_env);
+        self.kill = kill;
         self
     }
 
-    /// Records the transaction's voter done with git's exit status when git exits, even
-    /// if the call was cancelled. For RPCs whose work is this one git run.
-    pub fn finish_transaction_on_exit(mut self) -> Command {
-        self.finish_on_exit = true;
+    /// Calls `f` once git has exited (see [`OnExit`]).
+    pub fn on_exit(mut self, f: OnExit) -> Command {
+        self.on_exit = Some(f);
         self
     }
 
@@ -280,7 +313,8 @@ impl Command {
             args,
             env,
             write,
-            finish_on_exit,
+            kill,
+            on_exit,
             input,
             stream_stderr,
             hold,
@@ -300,7 +334,7 @@ impl Command {
         for c in &config {
             cmd.arg("-c").arg(c);
         }
-        if let Some(ctx) = &write {
+        if let Some(hook_env) = write {
             // After the request's options: for git, the last -c of a key wins.
             for c in WRITE_CONFIG {
                 cmd.arg("-c").arg(c);
@@ -308,7 +342,7 @@ impl Command {
             let mut hooks = OsString::from("core.hooksPath=");
             hooks.push(&git.hooks_dir);
             cmd.arg("-c").arg(hooks);
-            cmd.envs(ctx.env());
+            cmd.envs(hook_env);
         }
         if let Some(dir) = &git_dir {
             let mut flag = OsString::from("--git-dir=");
@@ -342,12 +376,6 @@ impl Command {
         };
         let (exit_tx, exit_rx) = oneshot::channel();
         let (cancel_tx, cancel_rx) = oneshot::channel();
-        if let (Some(ctx), Some(dir)) = (&write, &git_dir) {
-            // A write names its repository: its checksum goes beside `done`.
-            ctx.checksum_repository(&git, dir);
-        }
-        let graceful = write.as_ref().is_some_and(WriteContext::in_transaction);
-        let finish = if finish_on_exit { write } else { None };
         tokio::spawn(supervise(
             child,
             Supervision {
@@ -357,9 +385,9 @@ impl Command {
                 err_tx,
                 exit_tx,
                 cancel_rx,
-                graceful,
+                graceful: kill == KillPolicy::LetFinish,
                 timeout: git.timeout,
-                finish,
+                on_exit,
                 hold,
             },
         ));
@@ -497,48 +525,6 @@ impl Run {
         let exit = self.wait().await?;
         Ok((out, exit))
     }
-
-    /// stdout as a response stream: `prefix` first (if any), then each chunk through
-    /// `wrap`, then an error status if git failed. Client disconnects stop git.
-    pub fn into_stream<T, F>(self, prefix: Option<Vec<u8>>, wrap: F) -> BoxStream<T>
-    where
-        T: Send + 'static,
-        F: Fn(Vec<u8>) -> T + Send + 'static,
-    {
-        let (tx, rx) = mpsc::channel::<Result<T, Status>>(1);
-        tokio::spawn(async move {
-            let mut run = self;
-            if let Some(p) = prefix
-                && tx.send(Ok(wrap(p))).await.is_err()
-            {
-                return;
-            }
-            loop {
-                let chunk = tokio::select! {
-                    // The client went away: dropping `run` stops git.
-                    _ = tx.closed() => return,
-                    c = run.chunk() => c,
-                };
-                match chunk {
-                    Some(Ok(data)) => {
-                        if tx.send(Ok(wrap(data))).await.is_err() {
-                            return;
-                        }
-                    }
-                    Some(Err(e)) => {
-                        let _ = tx.send(Err(NodeError::from(e).into())).await;
-                        return;
-                    }
-                    None => break,
-                }
-            }
-            let result = run.wait().await.and_then(Exit::check);
-            if let Err(e) = result {
-                let _ = tx.send(Err(NodeError::from(e).into())).await;
-            }
-        });
-        Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
-    }
 }
 
 struct Supervision {
@@ -550,7 +536,7 @@ struct Supervision {
     cancel_rx: oneshot::Receiver<()>,
     graceful: bool,
     timeout: Duration,
-    finish: Option<WriteContext>,
+    on_exit: Option<OnExit>,
     hold: Option<Box<dyn Send + Sync>>,
 }
 
@@ -571,7 +557,7 @@ async fn supervise(mut child: Child, s: Supervision) {
         mut cancel_rx,
         graceful,
         timeout,
-        finish,
+        on_exit,
         hold,
     } = s;
     let pid = child.id();
@@ -646,7 +632,7 @@ async fn supervise(mut child: Child, s: Supervision) {
             source,
         }),
     };
-    if let Some(ctx) = finish {
+    if let Some(on_exit) = on_exit {
         // What git really did decides, also when the caller is gone: a write that was
         // left to finish may have committed.
         let (ok, detail) = match &result {
@@ -654,12 +640,12 @@ async fn supervise(mut child: Child, s: Supervision) {
             Ok(exit) => (false, format!("git {command}: {}", exit.stderr.trim())),
             Err(e) => (false, e.to_string()),
         };
-        ctx.finish(ok, &detail).await;
+        on_exit(ok, detail).await;
     }
     let _ = exit_tx.send(result);
 }
 
-/// Stops git: SIGKILL to its group, or for a write in a transaction only the end of
+/// Stops git: SIGKILL to its group, or with [`KillPolicy::LetFinish`] only the end of
 /// its input (see the module comment).
 fn stop(
     pid: Option<u32>,

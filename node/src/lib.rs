@@ -6,13 +6,22 @@
 //! `[auth]` set every call (health excepted) must carry Gitaly's v2 token, on TCP and
 //! the Unix socket; with `[tls]` the TCP listener serves TLS only.
 //!
-//! Layout: one file per Gitaly service ([`server`], [`repository`], [`refs`],
-//! [`smarthttp`], [`ssh`]), sharing the storage resolver ([`storage`]), the git runner ([`git`]),
-//! the transaction handling ([`tx`]), the per-repository lock ([`repolock`]) and the
-//! error mapping ([`error`]). A new service is a new file plus one `add_service` line
-//! in [`serve`]; methods not implemented yet answer UNIMPLEMENTED. [`pktline`] puts a
-//! push's commands in one canonical order, so every replica's receive-pack applies
-//! them alike.
+//! Layout: one file per Gitaly service (`server`, `repository`, `refs`, `commit`,
+//! `blob`, `operations`, `smarthttp`, `ssh`), sharing the storage resolver
+//! ([`storage`]), the git runner ([`git`]), the transaction handling ([`tx`]), the
+//! per-repository lock ([`repolock`]), the error mapping ([`error`]), what every
+//! handler holds (`state`) and the streams between gRPC and git (`stream`). A new
+//! service is a new file plus one `add_service` line in [`serve`]; methods not
+//! implemented yet answer UNIMPLEMENTED. [`pktline`] puts a push's commands in one
+//! canonical order, so every replica's receive-pack applies them alike.
+//!
+//! Modules import only downwards (`scripts/import-cycles.py` checks it): [`git`] and
+//! [`pktline`] import nothing of this crate; [`error`] only `git`; [`storage`] only
+//! `error`; `repolock`, `catfile`, `push`, the ref helpers (`refs/names`, `objects`,
+//! `list`) and `repository/checksum` import those; [`tx`] imports `git`, `error` and
+//! the checksum; `refs/update`, `refs/write`, `repository/bundle` and
+//! `repository/replicate` add `tx`; `state` and `stream` sit on all of that; the
+//! services on everything below them; this file only wires the services together.
 //!
 //! It does not vote: the hook asks votingd's vote service, which decides in etcd; the
 //! node only settles its confirmations through it ([`tx::SettleVotes`]) before it
@@ -35,37 +44,22 @@ mod repository;
 mod server;
 mod smarthttp;
 mod ssh;
+mod state;
 pub mod storage;
+mod stream;
 pub mod tx;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use refvote_auth::{AuthLayer, Secret};
+use refvote_auth::AuthLayer;
 use refvote_proto::gitaly;
 use tokio::task::JoinHandle;
 use tonic::transport::server::TcpIncoming;
 
 pub use error::NodeError;
-use git::Git;
-use storage::Storages;
-use tx::TxSettings;
-
-/// What every RPC handler shares.
-pub struct NodeState {
-    pub name: String,
-    pub storages: Storages,
-    pub git: Git,
-    pub tx: TxSettings,
-    /// Orders ref-writing git runs against maintenance and repair.
-    pub locks: repolock::RepoLocks,
-    /// The `[auth]` secret: checked on every call (see [`serve`]) and used to sign
-    /// calls to another node (repair's source).
-    pub secret: Option<Arc<Secret>>,
-    /// How a `tls://` node is reached (repair's source), from `[tls] ca_path`.
-    pub client_tls: Option<tonic::transport::ClientTlsConfig>,
-}
+pub use state::NodeState;
 
 /// Binds the service's TCP listener (before anything else starts, so a busy port fails
 /// start-up at once). Small gRPC frames must not wait for Nagle.
@@ -195,22 +189,4 @@ pub fn serve(
         stop,
         tasks,
     })
-}
-
-/// Reads the first message of a client stream; an empty stream is the client's error.
-async fn first_message<M>(stream: &mut tonic::Streaming<M>) -> Result<M, tonic::Status> {
-    stream.message().await?.ok_or_else(|| {
-        NodeError::invalid("empty request stream: the first message must name the repository")
-            .into()
-    })
-}
-
-/// git's stdin from a client stream: the first message's data, then every later one's.
-fn stream_input<M, F>(first: Vec<u8>, rest: tonic::Streaming<M>, data: F) -> git::Input
-where
-    M: Send + 'static,
-    F: Fn(M) -> Vec<u8> + Send + 'static,
-{
-    use tokio_stream::StreamExt;
-    Box::pin(tokio_stream::once(Ok(first)).chain(rest.map(move |m| m.map(&data))))
 }

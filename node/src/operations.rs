@@ -35,13 +35,13 @@ use refvote_proto::gitaly::{
 use tokio::sync::mpsc;
 use tonic::{Code, Request, Response, Status, Streaming};
 
-use super::NodeState;
 use super::catfile::{self, CatFile};
 use super::detail::status_with_detail;
 use super::error::NodeError;
 use super::git::Run;
 use super::storage::{RepoPath, Storages};
-use super::tx::WriteContext;
+use super::tx::{WriteContext, WriteIn};
+use crate::state::NodeState;
 
 /// Bound on small git answers read whole (an object id, a ref name).
 const SMALL: usize = 4096;
@@ -282,7 +282,7 @@ impl OperationService for OperationSvc {
         request: Request<Streaming<UserCommitFilesRequest>>,
     ) -> Result<Response<UserCommitFilesResponse>, Status> {
         let (metadata, _, mut stream) = request.into_parts();
-        let first = super::first_message(&mut stream).await?;
+        let first = crate::stream::first_message(&mut stream).await?;
         let Some(user_commit_files_request::UserCommitFilesRequestPayload::Header(header)) =
             first.user_commit_files_request_payload
         else {
@@ -466,7 +466,7 @@ impl OperationSvc {
             .git
             .command(["commit-tree", "--no-gpg-sign"])
             .git_dir(&repo.path)
-            .write(ctx);
+            .write_in(ctx);
         if let Some(p) = &plan.parent {
             cmd = cmd.arg("-p").arg(&p.id);
         }
@@ -726,7 +726,7 @@ impl OperationSvc {
             .git
             .command(args.iter().copied())
             .git_dir(&repo.path)
-            .write(ctx)
+            .write_in(ctx)
             .stdin(Box::pin(tokio_stream::once(Ok(input))))
             .spawn()?;
         oid_of(run)
@@ -776,7 +776,7 @@ impl OperationSvc {
             .git
             .command(args.iter().copied())
             .git_dir(&repo.path)
-            .write(ctx)
+            .write_in(ctx)
             .spawn()
             .map_err(|e| RefError::Other(e.into()))?
             .wait()
@@ -849,7 +849,7 @@ impl Content {
             .git
             .command(["hash-object", "-w", "--stdin"])
             .git_dir(&repo.path)
-            .write(ctx)
+            .write_in(ctx)
             .stdin(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
             .spawn()
             .map_err(NodeError::from)?;

@@ -30,7 +30,8 @@ use tonic::{Code, Request, Response, Status, Streaming};
 use super::error::NodeError;
 use super::storage::RepoPath;
 use super::tx::WriteContext;
-use super::{NodeState, first_message};
+use crate::state::NodeState;
+use crate::stream::first_message;
 
 /// Most updates one UpdateReferences call may carry (they are held until applied).
 const MAX_UPDATES: usize = 100_000;

@@ -14,7 +14,7 @@ pub(super) mod checksum;
 mod info;
 mod replicate;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use refvote_proto::gitaly::repository_service_server::RepositoryService;
@@ -33,12 +33,13 @@ use tonic::{Request, Response, Status, Streaming};
 use super::error::NodeError;
 use super::refs::names;
 use super::refs::update::{self, RefUpdate, UpdateFailure};
-use super::storage::{RepoPath, Storages, is_repository};
+use super::storage::{RepoPath, Storages, TempDir, is_repository};
 use super::tx::WriteContext;
 
 /// Longest a repair waits for running pushes to finish before it gives up (UNAVAILABLE).
 const REPAIR_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
-use super::{NodeState, first_message};
+use crate::state::NodeState;
+use crate::stream::{first_message, stdout_stream};
 
 pub struct RepositorySvc {
     node: Arc<NodeState>,
@@ -255,9 +256,9 @@ impl RepositoryService for RepositorySvc {
             .existing(request.get_ref().repository.as_ref())?;
         bundle::ensure_not_empty(&self.node.git, &repo.path).await?;
         let run = bundle::create(&self.node.git, &repo.path)?;
-        Ok(Response::new(
-            run.into_stream(None, |data| CreateBundleResponse { data }),
-        ))
+        Ok(Response::new(stdout_stream(run, None, |data| {
+            CreateBundleResponse { data }
+        })))
     }
 
     /// Mutator. The repository must not exist; it appears whole or not at all.
@@ -587,15 +588,6 @@ async fn remove(repo: &RepoPath) -> Result<(), NodeError> {
         .map_err(|e| NodeError::io(format!("deleting {}", aside.display()), e))
 }
 
-/// A directory removed when dropped, unless forgotten.
-pub(super) struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// The branch HEAD of a new repository points at: the request's, or `main`.
 fn default_branch(requested: &[u8]) -> Result<String, NodeError> {
     if requested.is_empty() {
@@ -604,31 +596,12 @@ fn default_branch(requested: &[u8]) -> Result<String, NodeError> {
     let name = std::str::from_utf8(requested)
         .map_err(|_| NodeError::invalid("default_branch is not UTF-8"))?;
     let name = name.strip_prefix("refs/heads/").unwrap_or(name);
-    if !valid_branch_name(name) {
+    if !names::valid_branch_name(name) {
         return Err(NodeError::invalid(format!(
             "default_branch {name:?} is not a valid branch name"
         )));
     }
     Ok(name.to_owned())
-}
-
-/// git's ref-name rules (check-ref-format), for a branch below refs/heads/.
-pub(super) fn valid_branch_name(name: &str) -> bool {
-    !name.is_empty()
-        && !name.starts_with('-')
-        && !name.ends_with('/')
-        && !name.ends_with(".lock")
-        && !name.ends_with('.')
-        && !name.contains("..")
-        && !name.contains("@{")
-        && !name.contains("//")
-        && name != "@"
-        && !name
-            .chars()
-            .any(|c| c.is_ascii_control() || " ~^:?*[\\".contains(c))
-        && name
-            .split('/')
-            .all(|part| !part.is_empty() && !part.starts_with('.'))
 }
 
 fn error_detail<T>(result: &Result<T, NodeError>) -> String {

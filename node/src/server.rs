@@ -8,9 +8,9 @@ use refvote_proto::gitaly::server_service_server::ServerService;
 use refvote_proto::gitaly::{ServerInfoRequest, ServerInfoResponse};
 use tonic::{Request, Response, Status};
 
-use super::NodeState;
 use super::error::NodeError;
 use super::storage::{PRIVATE_DIR, Storages};
+use crate::state::NodeState;
 
 pub struct ServerSvc {
     node: Arc<NodeState>,

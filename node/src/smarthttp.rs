@@ -17,8 +17,9 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::error::NodeError;
 use super::push::canonical_input;
-use super::tx::WriteContext;
-use super::{NodeState, first_message, stream_input};
+use super::tx::{WriteContext, WriteIn};
+use crate::state::NodeState;
+use crate::stream::{first_message, stdout_stream, stream_input};
 
 pub struct SmartHttpSvc {
     node: Arc<NodeState>,
@@ -50,9 +51,9 @@ impl SmartHttpSvc {
             let line = format!("# service=git-{service}\n");
             format!("{:04x}{line}0000", line.len() + 4).into_bytes()
         });
-        Ok(Response::new(
-            run.into_stream(prefix, |data| InfoRefsResponse { data }),
-        ))
+        Ok(Response::new(stdout_stream(run, prefix, |data| {
+            InfoRefsResponse { data }
+        })))
     }
 }
 
@@ -92,9 +93,9 @@ impl SmartHttpService for SmartHttpSvc {
             .stdin(stream_input(first.data, stream, |m| m.data))
             .spawn()
             .map_err(NodeError::from)?;
-        Ok(Response::new(
-            run.into_stream(None, |data| PostUploadPackResponse { data }),
-        ))
+        Ok(Response::new(stdout_stream(run, None, |data| {
+            PostUploadPackResponse { data }
+        })))
     }
 
     #[tracing::instrument(skip_all, fields(node = %self.node.name))]
@@ -121,13 +122,13 @@ impl SmartHttpService for SmartHttpSvc {
         ctx.checksum_repository(&self.node.git, &repo.path);
         let lock = self.node.locks.shared(&repo.path).await;
         let run = cmd
-            .write(&ctx)
+            .write_in(&ctx)
             .hold(lock)
-            .finish_transaction_on_exit()
+            .finish_transaction_on_exit(&ctx)
             .stdin(input)
             .spawn()
             .map_err(NodeError::from)?;
-        Ok(Response::new(run.into_stream(None, |data| {
+        Ok(Response::new(stdout_stream(run, None, |data| {
             PostReceivePackResponse { data }
         })))
     }

@@ -26,8 +26,9 @@ use tonic::{Request, Response, Status, Streaming};
 use super::error::NodeError;
 use super::git::{Exit, Output, Run};
 use super::push::canonical_input_lazy;
-use super::tx::WriteContext;
-use super::{NodeState, first_message, stream_input};
+use super::tx::{WriteContext, WriteIn};
+use crate::state::NodeState;
+use crate::stream::{first_message, stream_input};
 
 pub struct SshSvc {
     node: Arc<NodeState>,
@@ -174,9 +175,9 @@ impl SshService for SshSvc {
         ctx.checksum_repository(&self.node.git, &repo.path);
         let lock = self.node.locks.shared(&repo.path).await;
         let run = cmd
-            .write(&ctx)
+            .write_in(&ctx)
             .hold(lock)
-            .finish_transaction_on_exit()
+            .finish_transaction_on_exit(&ctx)
             .stdin(canonical_input_lazy(stream_input(
                 first.stdin,
                 stream,

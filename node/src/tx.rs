@@ -9,6 +9,9 @@
 //! ([`Store::done`]) once the work is over, also when the call was cancelled. Without
 //! it the write is untracked, or refused when `vote.require_transaction` is set. Runs
 //! votingd starts on its own (repair, maintenance) are [`WriteContext::Maintenance`].
+//!
+//! The git runner knows nothing of this: [`WriteIn`] hands it a write's context as
+//! plain values (the hook's environment, a kill policy, an exit callback).
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -21,7 +24,7 @@ use refvote_cluster::Store;
 use tonic::metadata::MetadataMap;
 
 use super::error::NodeError;
-use super::git::Git;
+use super::git::{Command, Git, KillPolicy};
 
 /// The request metadata key carrying the transaction id.
 pub const TX_METADATA: &str = "refvote-transaction";
@@ -67,6 +70,42 @@ pub enum WriteContext {
     Untracked,
     /// A run votingd started itself; the hook lets it pass.
     Maintenance,
+}
+
+/// Makes git commands writes of a [`WriteContext`].
+pub trait WriteIn {
+    /// Makes this a write in `ctx`: its hook environment, and inside a transaction git
+    /// is never killed. A command that names its repository (`git_dir`, set before)
+    /// also names it for the checksum recorded with `done` (see
+    /// [`WriteContext::checksum_repository`]).
+    fn write_in(self, ctx: &WriteContext) -> Command;
+    /// Records the transaction's voter done with git's exit status when git exits, even
+    /// if the call was cancelled. For RPCs whose work is this one git run.
+    fn finish_transaction_on_exit(self, ctx: &WriteContext) -> Command;
+}
+
+impl WriteIn for Command {
+    fn write_in(self, ctx: &WriteContext) -> Command {
+        if let Some(repo) = self.repository() {
+            ctx.checksum_repository(self.git(), repo);
+        }
+        let kill = if ctx.in_transaction() {
+            KillPolicy::LetFinish
+        } else {
+            KillPolicy::Kill
+        };
+        self.write(ctx.env(), kill)
+    }
+
+    fn finish_transaction_on_exit(self, ctx: &WriteContext) -> Command {
+        if !ctx.in_transaction() {
+            return self;
+        }
+        let ctx = ctx.clone();
+        self.on_exit(Box::new(move |ok, detail| {
+            Box::pin(async move { ctx.finish(ok, &detail).await })
+        }))
+    }
 }
 
 /// This node's part in one transaction. Dropping it without [`Voter::finish`] (a

@@ -79,6 +79,13 @@ pub struct Histogram {
     sum_nanos: AtomicU64,
 }
 
+/// A histogram of durations in seconds, over [`LATENCY_BUCKETS`].
+impl Default for Histogram {
+    fn default() -> Histogram {
+        Histogram::new(LATENCY_BUCKETS)
+    }
+}
+
 impl Histogram {
     pub fn new(bounds: &'static [f64]) -> Histogram {
         Histogram {

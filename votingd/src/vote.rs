@@ -15,6 +15,7 @@ use refvote_cluster::{Store, faults};
 use refvote_proto::hook::{
     self, Decision, Phase, Request, Response, Vote, error::Code, request, response,
 };
+use refvote_telemetry::metrics::Histogram;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 
@@ -34,6 +35,8 @@ pub struct Counters {
     pub confirms: AtomicU64,
     pub rejected_requests: AtomicU64,
     pub votes_waiting: AtomicU64,
+    /// From a `prepared` vote's arrival to its decision, whatever the outcome.
+    pub vote_seconds: Histogram,
 }
 
 /// What this votingd remembers about a transaction between hook calls.
@@ -164,7 +167,9 @@ impl VoteService {
             .cast_vote(&v.transaction, &self.node, &key, &vote, self.vote_timeout)
             .await;
         self.counters.votes_waiting.fetch_sub(1, Ordering::Relaxed);
-        crate::metrics::VOTE_SECONDS.observe_duration(started.elapsed());
+        self.counters
+            .vote_seconds
+            .observe_duration(started.elapsed());
         if result.is_ok() {
             faults::reach(faults::AFTER_DECISION).await;
         }

@@ -7,10 +7,28 @@ use std::path::Path;
 
 use crate::error::NodeError;
 use crate::git::Git;
-use crate::repository::valid_branch_name;
 
 /// Bound on small answers read whole (one object id, one ref name).
 const SMALL: usize = 64 * 1024;
+
+/// git's ref-name rules (check-ref-format), for a branch below refs/heads/.
+pub fn valid_branch_name(name: &str) -> bool {
+    !name.is_empty()
+        && !name.starts_with('-')
+        && !name.ends_with('/')
+        && !name.ends_with(".lock")
+        && !name.ends_with('.')
+        && !name.contains("..")
+        && !name.contains("@{")
+        && !name.contains("//")
+        && name != "@"
+        && !name
+            .chars()
+            .any(|c| c.is_ascii_control() || " ~^:?*[\\".contains(c))
+        && name
+            .split('/')
+            .all(|part| !part.is_empty() && !part.starts_with('.'))
+}
 
 /// A fully qualified ref name git would accept (`refs/...`, check-ref-format rules).
 pub fn valid_ref_name(name: &str) -> bool {

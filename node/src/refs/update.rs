@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use crate::git::{Git, GitError};
-use crate::tx::WriteContext;
+use crate::tx::{WriteContext, WriteIn};
 
 /// One ref change. `old` is the value the ref must have now (all zeros: must not
 /// exist); `new` all zeros deletes it.
@@ -73,7 +73,7 @@ pub async fn apply(
     let exit = git
         .command(["update-ref", "--stdin", "-z"])
         .git_dir(repo)
-        .write(ctx)
+        .write_in(ctx)
         .stdin(Box::pin(tokio_stream::once(Ok(input))))
         .spawn()
         .map_err(UpdateFailure::Git)?

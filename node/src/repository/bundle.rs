@@ -8,11 +8,10 @@ use tokio::io::AsyncWriteExt;
 use tokio_stream::{Stream, StreamExt};
 use tonic::Status;
 
-use super::TempDir;
 use crate::error::NodeError;
 use crate::git::{Git, Run};
-use crate::storage::Storages;
-use crate::tx::WriteContext;
+use crate::storage::{Storages, TempDir};
+use crate::tx::{WriteContext, WriteIn};
 
 /// Refuses a repository with no refs: git cannot bundle nothing, and Gitaly answers
 /// FAILED_PRECONDITION for it.
@@ -134,7 +133,7 @@ pub async fn fetch(
             "--no-write-fetch-head",
         ])
         .git_dir(repo)
-        .write(ctx);
+        .write_in(ctx);
     if prune {
         cmd = cmd.arg("--prune");
     }

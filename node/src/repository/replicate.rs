@@ -33,7 +33,7 @@ use crate::git::Git;
 use crate::refs::names;
 use crate::refs::update::{self, RefUpdate};
 use crate::storage::RepoPath;
-use crate::tx::WriteContext;
+use crate::tx::{WriteContext, WriteIn};
 
 /// The request metadata key naming the nodes a call may reach, as in Gitaly.
 pub const SERVERS_METADATA: &str = "gitaly-servers";
@@ -338,7 +338,7 @@ pub async fn set_head_with(
     git.command(["symbolic-ref", "HEAD"])
         .arg(head)
         .git_dir(repo)
-        .write(ctx)
+        .write_in(ctx)
         .spawn()?
         .wait()
         .await?
