@@ -1,7 +1,8 @@
 //! Which refvote transaction, if any, a mutator runs in.
 //!
 //! The router names the transaction in request metadata: key [`TX_METADATA`]
-//! (`refvote-transaction`), value the transaction id. The node votes as itself (its
+//! (`refvote-transaction`, defined in `refvote_proto::contract`), value the
+//! transaction id. The node votes as itself (its
 //! `node_name`); the router has already rewritten the storage name for this node.
 //!
 //! With the key present the node records itself started ([`Store::start_voter`]) before
@@ -21,22 +22,13 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use refvote_cluster::Store;
+use refvote_proto::contract;
 use tonic::metadata::MetadataMap;
 
 use super::error::NodeError;
 use super::git::{Command, Git, KillPolicy};
 
-/// The request metadata key carrying the transaction id.
-pub const TX_METADATA: &str = "refvote-transaction";
-
-/// The environment votingd gives git so its hook votes in transaction `tx` as `voter`.
-pub fn transaction_env(tx: &str, voter: &str, socket: &Path) -> Vec<(String, String)> {
-    vec![
-        ("REFVOTE_TX".into(), tx.into()),
-        ("REFVOTE_VOTER".into(), voter.into()),
-        ("REFVOTE_SOCKET".into(), socket.display().to_string()),
-    ]
-}
+pub use refvote_proto::contract::TX_METADATA;
 
 /// Settles this node's part in a transaction's votes before it reports done: votingd's
 /// vote service, which writes the confirmations it still owes (and marks the replica
@@ -134,12 +126,7 @@ impl WriteContext {
         let tx = value
             .to_str()
             .ok()
-            .filter(|t| {
-                !t.is_empty()
-                    && t.len() <= 128
-                    && t.chars()
-                        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-            })
+            .filter(|t| contract::is_transaction_id(t))
             .ok_or_else(|| {
                 NodeError::invalid(format!(
                     "metadata {TX_METADATA} must be a transaction id (letters, digits, '-', '_')"
@@ -175,10 +162,10 @@ impl WriteContext {
     pub fn env(&self) -> Vec<(String, String)> {
         match self {
             WriteContext::Transaction(v) => {
-                transaction_env(&v.tx, &v.settings.node, &v.settings.vote_socket)
+                contract::transaction_env(&v.tx, &v.settings.node, &v.settings.vote_socket)
             }
             WriteContext::Untracked => Vec::new(),
-            WriteContext::Maintenance => vec![("REFVOTE_MAINTENANCE".into(), "1".into())],
+            WriteContext::Maintenance => contract::maintenance_env(),
         }
     }
 

@@ -261,7 +261,7 @@ impl Node {
 
     /// The environment git needs to vote as this node in `tx`.
     pub fn tx_env(&self, tx: &str) -> Vec<(String, String)> {
-        refvote_node::tx::transaction_env(tx, &self.name, &self.socket)
+        refvote_proto::contract::transaction_env(tx, &self.name, &self.socket)
     }
 }
 

@@ -270,9 +270,10 @@ async fn receive_pack(
     messages[0].git_protocol = req.git_protocol.clone();
     let mut request = tonic::Request::new(tokio_stream::iter(messages));
     if let Some(tx) = &t.transaction {
-        request
-            .metadata_mut()
-            .insert("refvote-transaction", MetadataValue::try_from(tx.as_str())?);
+        request.metadata_mut().insert(
+            refvote_proto::contract::TX_METADATA,
+            MetadataValue::try_from(tx.as_str())?,
+        );
     }
     let mut client = client(&t.url, secret).await?;
     let mut stream = client.post_receive_pack(request).await?.into_inner();

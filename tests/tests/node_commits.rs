@@ -978,7 +978,7 @@ async fn user_commit_files_in_a_three_voter_transaction_is_identical_everywhere(
                 ];
                 let mut request = tonic::Request::new(tokio_stream::iter(msgs));
                 request.metadata_mut().insert(
-                    "refvote-transaction",
+                    refvote_proto::contract::TX_METADATA,
                     MetadataValue::try_from(tx.as_str()).unwrap(),
                 );
                 OperationServiceClient::new(channel(n).await)
@@ -1021,7 +1021,7 @@ async fn user_commit_files_in_a_three_voter_transaction_is_identical_everywhere(
                 timestamp: None,
             });
             request.metadata_mut().insert(
-                "refvote-transaction",
+                refvote_proto::contract::TX_METADATA,
                 MetadataValue::try_from(tx.as_str()).unwrap(),
             );
             OperationServiceClient::new(channel(n).await)
