@@ -1,5 +1,6 @@
-//! The one way the node service runs git. The bottom layer of the node: it knows
-//! nothing of transactions or RPC errors. A caller says what a write needs as plain
+//! The one way the node service runs git. The bottom layer of the node: it imports
+//! nothing else of this crate and knows nothing of transactions or of the node's error
+//! type ([`GitError`] is its own). A caller says what a write needs as plain
 //! values (the hook's environment, a [`KillPolicy`], an exit callback); `tx` turns a
 //! transaction into them.
 //!
