@@ -20,7 +20,8 @@ pub struct NodeRecord {
     pub version: String,
 }
 
-/// `repos/<repo>`.
+/// `repos/<repo>`. Its threshold ([`RepoRecord::threshold`]) is a quorum rule and
+/// lives with the others in [`crate::quorum`], which builds on these records.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RepoRecord {
     pub repo: RepoId,
@@ -32,13 +33,6 @@ pub struct RepoRecord {
     /// Checksum of the repository when it was created.
     #[serde(default)]
     pub creation_checksum: String,
-}
-
-impl RepoRecord {
-    /// Votes needed to commit: a majority of the assigned replicas, whatever is alive.
-    pub fn threshold(&self) -> usize {
-        crate::quorum::threshold(self.assigned.len())
-    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use etcd_client::{Compare, CompareOp, Txn, TxnOp};
 
 use crate::error::{Error, Result};
-use crate::records::{NodeRecord, ReplicaRecord, ReplicaState, RepoRecord};
+use crate::records::{JobRecord, NodeRecord, ReplicaRecord, ReplicaState, RepoRecord};
 use crate::repo::RepoId;
 use crate::store::{Entry, Store, by_tail, encode, get_op, get_prefix_op, ranges, revision};
 
@@ -242,7 +242,7 @@ impl Store {
             }
             replica.state = ReplicaState::Outdated;
             replica.reason = reason.to_owned();
-            let job = crate::records::JobRecord::new(
+            let job = JobRecord::new(
                 repo.clone(),
                 node.to_owned(),
                 replica.generation,
@@ -256,7 +256,7 @@ impl Store {
                 )])
                 .and_then([
                     TxnOp::put(key.as_str(), encode(&replica), None),
-                    crate::tx::put_job_if_absent(self.keys(), &job),
+                    put_job_if_absent(self.keys(), &job),
                 ]);
             if self.txn(txn).await?.succeeded() {
                 return Ok(());
@@ -290,6 +290,17 @@ impl Store {
         .await?;
         Ok(())
     }
+}
+
+/// Creates the repair job unless one exists: an existing job keeps its attempts and
+/// back-off, and a worker's claim on it stays valid.
+pub(crate) fn put_job_if_absent(keys: &crate::keys::Keys, job: &JobRecord) -> TxnOp {
+    let key = keys.repair_job(&job.repo, &job.node);
+    TxnOp::txn(
+        Txn::new()
+            .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(key.as_str(), encode(job), None)]),
+    )
 }
 
 /// The `factor` least loaded nodes of `load` (node → repositories it holds), ties by

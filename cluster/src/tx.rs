@@ -14,6 +14,7 @@ use crate::records::{
     Decision, DoneRecord, JobRecord, ReplicaRecord, ReplicaState, TxOutcome, TxRecord, VoteRecord,
 };
 use crate::repo::RepoId;
+use crate::repository::put_job_if_absent;
 use crate::store::{Entry, Store, by_tail, encode, get_op, get_prefix_op, ranges, revision};
 
 /// How many times a step re-reads and retries after a compare failed.
@@ -1171,17 +1172,6 @@ impl Store {
         }
         Ok(None)
     }
-}
-
-/// Creates the repair job unless one exists: an existing job keeps its attempts and
-/// back-off, and a worker's claim on it stays valid.
-pub(crate) fn put_job_if_absent(keys: &crate::keys::Keys, job: &JobRecord) -> TxnOp {
-    let key = keys.repair_job(&job.repo, &job.node);
-    TxnOp::txn(
-        Txn::new()
-            .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(key.as_str(), encode(job), None)]),
-    )
 }
 
 /// Whether the node entry read for `voter` is still the lease it had when `tx` began.
