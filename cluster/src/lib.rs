@@ -13,6 +13,7 @@
 //! set), always with the compares a step relies on.
 #![forbid(unsafe_code)]
 
+pub mod decide;
 pub mod error;
 pub mod faults;
 pub mod keys;

@@ -64,6 +64,18 @@ impl ReplicaRecord {
     pub fn is_up_to_date(&self, repo: &RepoRecord) -> bool {
         self.state == ReplicaState::UpToDate && self.generation == repo.generation
     }
+
+    /// The record marked outdated for `reason` if it was up to date; otherwise as it is
+    /// (an outdated or repairing replica keeps its state and why). Its generation stays:
+    /// it still holds what it held.
+    pub fn outdated(&self, reason: &str) -> ReplicaRecord {
+        let mut rep = self.clone();
+        if rep.state == ReplicaState::UpToDate {
+            rep.state = ReplicaState::Outdated;
+            rep.reason = reason.to_owned();
+        }
+        rep
+    }
 }
 
 /// `tx/<id>/record`: written once at creation, never changed; deleted at finalize.

@@ -8,10 +8,14 @@ use std::time::Duration;
 use etcd_client::{Compare, CompareOp, EventType, PutOptions, Txn, TxnOp, WatchOptions};
 use tokio::time::Instant;
 
+use crate::decide::finalize::{self, RepoRead, Step, TxState};
+use crate::decide::vote::{self, KeyView, Next};
+use crate::decide::{begin, holds_lease};
 use crate::error::{Error, Result};
-use crate::quorum::{self, KeyState, VoterReport};
+use crate::keys::Keys;
+use crate::quorum::KeyState;
 use crate::records::{
-    Decision, DoneRecord, JobRecord, ReplicaRecord, ReplicaState, TxOutcome, TxRecord, VoteRecord,
+    Decision, DoneRecord, ReplicaRecord, RepoRecord, TxOutcome, TxRecord, VoteRecord,
 };
 use crate::repo::RepoId;
 use crate::repository::put_job_if_absent;
@@ -41,45 +45,19 @@ impl<T> Drop for AbortOnDrop<T> {
     }
 }
 
-/// Everything one vote key needs to be evaluated. Built from one read, then kept
-/// current from the watch's events, so a waiting vote never re-reads.
+/// One vote key's [`KeyView`] and the revision it is current at: built from one read,
+/// then kept current from the watch's events, so a waiting vote never re-reads.
 #[derive(Debug)]
 struct KeySnapshot {
     revision: i64,
-    record: Option<TxRecord>,
-    alive: bool,
-    started: BTreeSet<String>,
-    done: BTreeSet<String>,
-    /// node → lease its registration has now (absent: no registration).
-    node_leases: BTreeMap<String, i64>,
-    key: KeyState,
-    /// A stored abort decision.
-    aborted: Option<Decision>,
+    view: KeyView,
 }
 
 impl KeySnapshot {
-    /// Voters that can no longer vote: done, failed (their node lost the lease it had
-    /// when the transaction began), or never started by the time the creator died.
-    fn finished(&self) -> BTreeSet<String> {
-        let Some(record) = &self.record else {
-            return BTreeSet::new();
-        };
-        record
-            .voters
-            .iter()
-            .filter(|v| {
-                self.done.contains(*v)
-                    || self.node_leases.get(*v) != record.voter_leases.get(*v)
-                    || (!self.alive && !self.started.contains(*v))
-            })
-            .cloned()
-            .collect()
-    }
-
     /// Applies one watch event; returns whether it can change the evaluation.
     fn apply(
         &mut self,
-        keys: &crate::keys::Keys,
+        keys: &Keys,
         tx: &str,
         vote_key: &str,
         ev: &etcd_client::Event,
@@ -94,11 +72,11 @@ impl KeySnapshot {
                         key: k.clone(),
                         source,
                     })?;
-                self.key.votes.insert(voter.to_owned(), v.hash);
+                self.view.key.votes.insert(voter.to_owned(), v.hash);
             }
         } else if k == keys.decided(tx, vote_key) {
             if put {
-                self.aborted =
+                self.view.aborted =
                     Some(
                         serde_json::from_slice(kv.value()).map_err(|source| Error::Corrupt {
                             key: k.clone(),
@@ -107,20 +85,20 @@ impl KeySnapshot {
                     );
             }
         } else if let Some(voter) = k.strip_prefix(&keys.all_done(tx)) {
-            self.done.insert(voter.to_owned());
+            self.view.done.insert(voter.to_owned());
         } else if let Some(voter) = k.strip_prefix(&keys.all_started(tx)) {
-            self.started.insert(voter.to_owned());
+            self.view.started.insert(voter.to_owned());
         } else if k == keys.tx_alive(tx) {
-            self.alive = put;
+            self.view.alive = put;
         } else if k == keys.tx_record(tx) {
             if !put {
-                self.record = None;
+                self.view.record = None;
             }
         } else if let Some(node) = k.strip_prefix(&keys.nodes()) {
             if put {
-                self.node_leases.insert(node.to_owned(), kv.lease());
+                self.view.node_leases.insert(node.to_owned(), kv.lease());
             } else {
-                self.node_leases.remove(node);
+                self.view.node_leases.remove(node);
             }
         } else {
             return Ok(false);
@@ -139,34 +117,9 @@ impl Store {
         let keys = self.keys();
         for _ in 0..ATTEMPTS {
             let view = self.repo_view(repo).await?;
-            if let Some(lock) = &view.lock {
-                return Err(crate::lock::locked_error(repo, lock));
-            }
-            let voters = view.up_to_date_live();
-            let threshold = view.record.threshold();
-            if voters.len() < threshold {
-                return Err(Error::NoQuorum {
-                    up: voters.len(),
-                    assigned: view.record.assigned.len(),
-                    needed: threshold,
-                });
-            }
             let id = uuid::Uuid::new_v4().simple().to_string();
-            let voter_leases = voters
-                .iter()
-                .map(|v| (v.clone(), view.live_nodes[v].1.lease))
-                .collect();
-            let record = TxRecord {
-                id: id.clone(),
-                repo: repo.clone(),
-                voters: voters.clone(),
-                threshold,
-                assigned: view.record.assigned.len(),
-                base_generation: view.record.generation,
-                creator: opts.creator.clone(),
-                voter_leases,
-                repo_create_revision: view.record_entry.create_revision,
-            };
+            let record = begin::transaction(&view, &id, &opts.creator)?;
+            let (voters, threshold) = (&record.voters, record.threshold);
             let mut cmp = vec![
                 Compare::mod_revision(
                     keys.repo(repo),
@@ -175,7 +128,7 @@ impl Store {
                 ),
                 Compare::create_revision(keys.lock(repo), CompareOp::Equal, 0),
             ];
-            for v in &voters {
+            for v in voters {
                 let replica = &view.replicas[v].1;
                 let node = &view.live_nodes[v].1;
                 cmp.push(Compare::mod_revision(
@@ -291,8 +244,7 @@ impl Store {
             Some(e) => Some(e.decode()?),
             None => None,
         };
-        Ok(KeySnapshot {
-            revision: rev,
+        let view = KeyView {
             record,
             alive: !r[1].is_empty(),
             started: by_tail(&r[5], &keys.all_started(tx)).into_keys().collect(),
@@ -303,6 +255,10 @@ impl Store {
                 .collect(),
             key: state,
             aborted,
+        };
+        Ok(KeySnapshot {
+            revision: rev,
+            view,
         })
     }
 
@@ -394,7 +350,8 @@ impl Store {
             AbortOnDrop(tokio::spawn(async move { store.vote_watch(&tx).await }))
         };
         let resp = self.txn(txn).await?;
-        if resp.succeeded() {
+        let stored = resp.succeeded();
+        if stored {
             crate::faults::reach(crate::faults::AFTER_VOTE_RECORDED).await;
         }
         let mut snap = self.key_snapshot(tx, key, &ranges(&resp), revision(&resp))?;
@@ -403,53 +360,20 @@ impl Store {
             vote_txn_us = t0.elapsed().as_micros() as u64,
             "vote stored"
         );
-        let record = snap
-            .record
-            .clone()
-            .ok_or_else(|| Error::UnknownTx(tx.to_owned()))?;
-        if !record.voters.iter().any(|v| v == voter) {
-            return Err(Error::NotAVoter {
-                tx: tx.to_owned(),
-                voter: voter.to_owned(),
-            });
-        }
-        if !resp.succeeded() && snap.aborted.is_none() && !snap.key.votes.contains_key(voter) {
-            if snap.done.contains(voter) {
-                return Err(Error::VoterDone {
-                    tx: tx.to_owned(),
-                    voter: voter.to_owned(),
-                });
+        let record = vote::admitted(&snap.view, tx, voter, stored)?.clone();
+        match vote::next(&snap.view, voter) {
+            Next::Adopt(d) => return Ok((d, record)),
+            Next::Commit(d) => {
+                // The common case for all but the first voters: no need to wait.
+                tracing::debug!(
+                    key,
+                    total_us = t0.elapsed().as_micros() as u64,
+                    "majority seen"
+                );
+                return Ok((d, record));
             }
-            if !snap.alive {
-                return Err(Error::Abandoned(tx.to_owned()));
-            }
-            if !snap.started.contains(voter) {
-                return Err(Error::NotStarted {
-                    tx: tx.to_owned(),
-                    voter: voter.to_owned(),
-                });
-            }
-        }
-        if let Some(d) = snap.aborted.clone() {
-            return Ok((d, record));
-        }
-        let finished = snap.finished();
-        if let Some(d) = quorum::evaluate(
-            &record.voters,
-            record.threshold,
-            record.assigned,
-            &snap.key,
-            &finished,
-            voter,
-        ) && d.is_commit()
-        {
-            // The common case for all but the first voters: no need to wait.
-            tracing::debug!(
-                key,
-                total_us = t0.elapsed().as_micros() as u64,
-                "majority seen"
-            );
-            return Ok((d, record));
+            // Aborting or waiting: once the watch is open.
+            Next::Abort(_) | Next::Wait | Next::Gone => {}
         }
         let watch = match (&mut watcher.0).await {
             Ok(r) => r,
@@ -471,24 +395,11 @@ impl Store {
                 None
             }
         };
-        let me = voter.to_owned();
         loop {
-            if let Some(d) = snap.aborted.clone() {
-                return Ok((d, record));
-            }
-            if snap.record.is_none() {
-                return Err(Error::UnknownTx(tx.to_owned()));
-            }
-            let finished = snap.finished();
-            match quorum::evaluate(
-                &record.voters,
-                record.threshold,
-                record.assigned,
-                &snap.key,
-                &finished,
-                &me,
-            ) {
-                Some(d) if d.is_commit() => {
+            match vote::next(&snap.view, voter) {
+                Next::Adopt(d) => return Ok((d, record)),
+                Next::Gone => return Err(Error::UnknownTx(tx.to_owned())),
+                Next::Commit(d) => {
                     tracing::debug!(
                         key,
                         total_us = t0.elapsed().as_micros() as u64,
@@ -496,15 +407,18 @@ impl Store {
                     );
                     return Ok((d, record));
                 }
-                Some(d) => {
-                    if let Some(d) = self.abort_key(&record, key, &snap.key, d, None).await? {
+                Next::Abort(d) => {
+                    if let Some(d) = self
+                        .abort_key(&record, key, &snap.view.key, d, None)
+                        .await?
+                    {
                         return Ok((d, record));
                     }
                     // A vote arrived meanwhile: evaluate again with it.
                     snap = self.read_key(tx, key).await?;
                     continue;
                 }
-                None => {}
+                Next::Wait => {}
             }
             // Wait for anything that can change the evaluation: a vote, an abort, a
             // voter finishing, a node losing its lease, the transaction ending.
@@ -776,83 +690,73 @@ impl Store {
             if r[0].is_empty() {
                 continue; // finalized meanwhile: the next attempt returns the outcome
             }
-            let data = TxData::parse(self, &record, &r[0])?;
-            let failed: BTreeSet<String> = record
+            let state = tx_state(keys, &record, &r[0])?;
+            let node_leases: BTreeMap<String, i64> = record
                 .voters
                 .iter()
                 .enumerate()
-                .filter(|(i, v)| !node_holds(&r[4 + i], &record, v))
-                .map(|(_, v)| v.clone())
+                .filter_map(|(i, v)| r[4 + i].first().map(|e| (v.clone(), e.lease)))
                 .collect();
-            let waiting: Vec<&String> = record
-                .voters
+            let repo_entry = r[1].first();
+            let repo_record: Option<RepoRecord> = repo_entry.map(Entry::decode).transpose()?;
+            let replicas: BTreeMap<String, (ReplicaRecord, Entry)> =
+                by_tail(&r[2], &keys.replicas(repo))
+                    .into_iter()
+                    .map(|(n, e)| Ok((n, (e.decode()?, e))))
+                    .collect::<Result<_>>()?;
+            let replica_records: BTreeMap<String, ReplicaRecord> = replicas
                 .iter()
-                .filter(|v| !data.done.contains_key(*v) && !failed.contains(*v))
-                .filter(|v| data.alive || data.started.contains(*v))
+                .map(|(n, (rep, _))| (n.clone(), rep.clone()))
                 .collect();
-            if !waiting.is_empty() {
-                return Err(Error::NotFinished {
-                    tx: tx.to_owned(),
-                    waiting: format!("voters still running: {waiting:?}"),
+            let others: Vec<String> = by_tail(&r[3], &keys.txrepo(repo))
+                .into_keys()
+                .filter(|id| id != tx)
+                .collect();
+            let repo_read = repo_entry
+                .zip(repo_record.as_ref())
+                .map(|(e, record)| RepoRead {
+                    record,
+                    create_revision: e.create_revision,
+                    mod_revision: e.mod_revision,
                 });
-            }
-            // Every voter finished or failed, so every key with votes can be decided:
-            // a key without a majority aborts.
-            let mut decided = data.decisions(&record);
+            let read = finalize::Read {
+                record: &record,
+                record_revision: record_entry.create_revision,
+                state: &state,
+                node_leases: &node_leases,
+                repo: repo_read,
+                replicas: &replica_records,
+                others: &others,
+                by,
+            };
+            let settlement = match finalize::plan(&read) {
+                Step::Wait(waiting) => {
+                    return Err(Error::NotFinished {
+                        tx: tx.to_owned(),
+                        waiting,
+                    });
+                }
+                Step::Settle(s) => *s,
+            };
             let mut raced = false;
-            for (key, state) in &data.votes {
-                if decided.contains_key(key) {
-                    continue;
-                }
-                let most = quorum::most_votes(state);
-                let d = quorum::abort(most, record.threshold, record.assigned, by);
-                match self.abort_key(&record, key, state, d, None).await? {
-                    Some(d) => {
-                        decided.insert(key.clone(), d);
-                    }
-                    None => raced = true,
-                }
+            for (key, d) in settlement.aborts {
+                let seen = &state.votes[&key];
+                raced |= self
+                    .abort_key(&record, &key, seen, d, None)
+                    .await?
+                    .is_none();
             }
             if raced {
                 continue; // a late vote landed: read everything again
             }
-            // A key a majority voted for counts as committed only if some voter confirmed
-            // applying it. Votes can land after their voter gave up (a request that
-            // timed out while etcd had no quorum is applied when it regains one), so a
-            // majority of votes alone may stand for an update no replica applied.
-            // Voters confirm before they report done, so a voter that reported done
-            // itself without a confirmation did not apply the key. Voters that voted for
-            // such a key and never reported (failed), or were reported failed by someone
-            // else, are in an unknown state: they are marked outdated.
-            let mut committed_keys = BTreeSet::new();
-            let mut suspects = BTreeSet::new();
-            for (key, d) in decided.iter().filter(|(_, d)| d.is_commit()) {
-                let confirmed_by_any = data.confirmed.values().any(|keys| keys.contains(key));
-                if confirmed_by_any {
-                    committed_keys.insert(key.clone());
-                    continue;
-                }
+            for key in &settlement.unconfirmed {
                 tracing::warn!(
                     tx,
                     key,
                     "a majority voted for this update but no replica applied it"
                 );
-                let winners = data.votes.get(key).map(|k| &k.votes);
-                for (voter, hash) in winners.into_iter().flatten() {
-                    let self_reported = data
-                        .done
-                        .get(voter)
-                        .is_some_and(|d| d.reported_by.is_empty());
-                    if d.hash.as_ref() == Some(hash) && !self_reported {
-                        suspects.insert(voter.clone());
-                    }
-                }
             }
-
-            let same_repo = |e: &Entry| {
-                record.repo_create_revision == 0 || e.create_revision == record.repo_create_revision
-            };
-            let Some(repo_entry) = r[1].first().filter(|e| same_repo(e)).cloned() else {
+            let (Some(changes), Some(repo_read)) = (settlement.changes, repo_read) else {
                 // The repository was removed (perhaps re-created since): nothing to
                 // promote, nothing to resurrect; just clean up.
                 match self
@@ -863,151 +767,43 @@ impl Store {
                     other => return other,
                 }
             };
-            let repo_record: crate::records::RepoRecord = repo_entry.decode()?;
-            let replicas: BTreeMap<String, (ReplicaRecord, Entry)> =
-                by_tail(&r[2], &keys.replicas(repo))
-                    .into_iter()
-                    .map(|(n, e)| Ok((n, (e.decode()?, e))))
-                    .collect::<Result<_>>()?;
-            let reports: BTreeMap<String, VoterReport> = record
-                .voters
-                .iter()
-                .map(|v| {
-                    let current = replicas
-                        .get(v)
-                        .is_some_and(|(rep, _)| rep.is_up_to_date(&repo_record));
-                    let confirmed = data.confirmed.get(v).cloned().unwrap_or_default();
-                    let done = data.done.get(v).map(|d| d.ok);
-                    (
-                        v.clone(),
-                        VoterReport {
-                            confirmed,
-                            done,
-                            current,
-                        },
-                    )
-                })
-                .collect();
-            let promoted = quorum::promoted(&committed_keys, &reports);
-
-            // A voter may still owe a confirmation in another open transaction of this
-            // repository; promoting it now could show a reader a state without that
-            // write after it was visible elsewhere. Wait for it to settle.
-            let others: Vec<String> = by_tail(&r[3], &keys.txrepo(repo))
-                .into_keys()
-                .filter(|id| id != tx)
-                .collect();
-            if !promoted.is_empty()
-                && !others.is_empty()
-                && let Some(w) = self.pending_elsewhere(&others, &promoted).await?
-            {
-                return Err(Error::NotFinished {
-                    tx: tx.to_owned(),
-                    waiting: w,
-                });
+            if changes.check_others {
+                let promoted: BTreeSet<String> = changes.outcome.promoted.iter().cloned().collect();
+                if let Some(w) = self.pending_elsewhere(&others, &promoted).await? {
+                    return Err(Error::NotFinished {
+                        tx: tx.to_owned(),
+                        waiting: w,
+                    });
+                }
             }
-
-            // A voter's checksum describes the repository at the new generation only if
-            // no other write can have landed between its own and this finalize: no other
-            // transaction of the repository is open, and none finalized since this one
-            // began (the repository record is older than this transaction).
-            let checksums_hold =
-                others.is_empty() && repo_entry.mod_revision < record_entry.create_revision;
-            let committed = !committed_keys.is_empty();
-            let mut outcome = TxOutcome {
-                id: tx.to_owned(),
-                repo: repo.clone(),
-                committed,
-                generation: repo_record.generation,
-                promoted: promoted.iter().cloned().collect(),
-                outdated: Vec::new(),
-                threshold: record.threshold,
-                acknowledged: promoted.len() >= record.threshold,
-                reaped: by.starts_with("reaper"),
-            };
             let mut cmp = vec![Compare::mod_revision(
                 keys.repo(repo),
                 CompareOp::Equal,
-                repo_entry.mod_revision,
+                repo_read.mod_revision,
             )];
             let mut ops = Vec::new();
-            if committed {
-                let generation = repo_record.generation + 1;
-                outcome.generation = generation;
-                let mut new_repo = repo_record.clone();
-                new_repo.generation = generation;
-                ops.push(TxnOp::put(keys.repo(repo), encode(&new_repo), None));
-                for node in &repo_record.assigned {
-                    let Some((rep, entry)) = replicas.get(node) else {
-                        continue;
-                    };
-                    cmp.push(Compare::mod_revision(
-                        keys.replica(repo, node),
-                        CompareOp::Equal,
-                        entry.mod_revision,
-                    ));
-                    let mut rep = rep.clone();
-                    if promoted.contains(node) {
-                        rep.generation = generation;
-                        rep.state = ReplicaState::UpToDate;
-                        rep.reason.clear();
-                        rep.checksum = match data.done.get(node) {
-                            Some(d) if checksums_hold => d.checksum.clone(),
-                            _ => String::new(),
-                        };
-                    } else {
-                        let reason = if record.voters.contains(node) {
-                            format!("did not confirm every update of transaction {tx}")
-                        } else {
-                            format!("missed transaction {tx}")
-                        };
-                        if rep.state == ReplicaState::UpToDate {
-                            rep.state = ReplicaState::Outdated;
-                            rep.reason = reason.clone();
-                        }
-                        outcome.outdated.push(node.clone());
-                        let job = JobRecord::new(repo.clone(), node.clone(), generation, reason);
-                        ops.push(put_job_if_absent(keys, &job));
-                    }
-                    ops.push(TxnOp::put(keys.replica(repo, node), encode(&rep), None));
+            if let Some(new_repo) = &changes.repo {
+                ops.push(TxnOp::put(keys.repo(repo), encode(new_repo), None));
+            }
+            for (node, rep, job) in &changes.replicas {
+                // The plan writes only replicas it was given, all read here.
+                let (_, entry) = &replicas[node];
+                cmp.push(Compare::mod_revision(
+                    keys.replica(repo, node),
+                    CompareOp::Equal,
+                    entry.mod_revision,
+                ));
+                if let Some(job) = job {
+                    ops.push(put_job_if_absent(keys, job));
                 }
-            } else {
-                outcome.acknowledged = record
-                    .voters
-                    .iter()
-                    .filter(|v| !suspects.contains(*v))
-                    .filter(|v| reports[*v].current && reports[*v].done == Some(true))
-                    .count()
-                    >= record.threshold;
-                for node in &suspects {
-                    let Some((rep, entry)) = replicas.get(node) else {
-                        continue;
-                    };
-                    cmp.push(Compare::mod_revision(
-                        keys.replica(repo, node),
-                        CompareOp::Equal,
-                        entry.mod_revision,
-                    ));
-                    let reason =
-                        format!("may hold an update of transaction {tx} that no replica confirmed");
-                    let mut rep = rep.clone();
-                    if rep.state == ReplicaState::UpToDate {
-                        rep.state = ReplicaState::Outdated;
-                        rep.reason = reason.clone();
-                    }
-                    outcome.outdated.push(node.clone());
-                    let job =
-                        JobRecord::new(repo.clone(), node.clone(), repo_record.generation, reason);
-                    ops.push(put_job_if_absent(keys, &job));
-                    ops.push(TxnOp::put(keys.replica(repo, node), encode(&rep), None));
-                }
+                ops.push(TxnOp::put(keys.replica(repo, node), encode(rep), None));
             }
             match self
                 .close(
                     &record,
                     &record_entry,
                     read_at,
-                    Some((cmp, ops, outcome)),
+                    Some((cmp, ops, changes.outcome)),
                     outcome_lease,
                     by,
                 )
@@ -1035,20 +831,8 @@ impl Store {
         by: &str,
     ) -> Result<TxOutcome> {
         let keys = self.keys();
-        let (mut cmp, mut ops, outcome) = changes.unwrap_or_else(|| {
-            let outcome = TxOutcome {
-                id: record.id.clone(),
-                repo: record.repo.clone(),
-                committed: false,
-                generation: record.base_generation,
-                promoted: Vec::new(),
-                outdated: Vec::new(),
-                threshold: record.threshold,
-                acknowledged: false,
-                reaped: by.starts_with("reaper"),
-            };
-            (Vec::new(), Vec::new(), outcome)
-        });
+        let (mut cmp, mut ops, outcome) =
+            changes.unwrap_or_else(|| (Vec::new(), Vec::new(), finalize::unchanged(record, by)));
         cmp.push(Compare::mod_revision(
             keys.tx_record(&record.id),
             CompareOp::Equal,
@@ -1114,32 +898,10 @@ impl Store {
                     continue;
                 };
                 let record: TxRecord = rec_entry.decode()?;
-                let data = TxData::parse(self, &record, &r[2 * i + 1])?;
-                for (key, d) in &data.decisions(&record) {
-                    let Some(hash) = &d.hash else { continue };
-                    for voter in voters {
-                        let voted_winner = data
-                            .votes
-                            .get(key)
-                            .and_then(|k| k.votes.get(voter))
-                            .is_some_and(|h| h == hash);
-                        let confirmed = data.confirmed.get(voter).is_some_and(|c| c.contains(key));
-                        // Reported failed by someone else, it may still confirm:
-                        // wait for it while its node lives, as for one not done.
-                        let self_reported = data
-                            .done
-                            .get(voter)
-                            .is_some_and(|d| d.reported_by.is_empty());
-                        if voted_winner && !confirmed && !self_reported {
-                            nodes_needed.insert(voter.clone());
-                            candidates.push((
-                                id.clone(),
-                                key.clone(),
-                                voter.clone(),
-                                record.clone(),
-                            ));
-                        }
-                    }
+                let state = tx_state(keys, &record, &r[2 * i + 1])?;
+                for (key, voter) in finalize::owed(&record, &state, voters) {
+                    nodes_needed.insert(voter.clone());
+                    candidates.push((id.clone(), key, voter, record.clone()));
                 }
             }
             if candidates.is_empty() {
@@ -1163,7 +925,7 @@ impl Store {
                     .iter()
                     .position(|n| *n == voter)
                     .expect("collected above");
-                if node_holds(&r[i], &record, &voter) {
+                if holds_lease(&record, &voter, r[i].first().map(|e| e.lease)) {
                     return Ok(Some(format!(
                         "{voter} has not confirmed key {key} of concurrent transaction {id}"
                     )));
@@ -1174,82 +936,38 @@ impl Store {
     }
 }
 
-/// Whether the node entry read for `voter` is still the lease it had when `tx` began.
-fn node_holds(entries: &[Entry], tx: &TxRecord, voter: &str) -> bool {
-    entries
-        .first()
-        .is_some_and(|e| Some(&e.lease) == tx.voter_leases.get(voter))
-}
-
-/// A transaction's keys, parsed.
-#[derive(Debug, Default)]
-struct TxData {
-    votes: BTreeMap<String, KeyState>,
-    /// Stored abort decisions.
-    aborted: BTreeMap<String, Decision>,
-    /// voter → keys it confirmed.
-    confirmed: BTreeMap<String, BTreeSet<String>>,
-    done: BTreeMap<String, DoneRecord>,
-    started: BTreeSet<String>,
-    alive: bool,
-}
-
-impl TxData {
-    /// Every decided key: the stored aborts, and the keys where threshold voters voted
-    /// one hash (commits need no write of their own).
-    fn decisions(&self, record: &TxRecord) -> BTreeMap<String, Decision> {
-        let mut out = self.aborted.clone();
-        for (key, state) in &self.votes {
-            if out.contains_key(key) {
-                continue;
-            }
-            let none = BTreeSet::new();
-            if let Some(d) = quorum::evaluate(
-                &record.voters,
-                record.threshold,
-                record.assigned,
-                state,
-                &none,
-                "votes",
-            ) && d.is_commit()
-            {
-                out.insert(key.clone(), d);
-            }
+/// A transaction's keys (all under `tx/<id>/`, as `entries`), parsed.
+pub(crate) fn tx_state(keys: &Keys, record: &TxRecord, entries: &[Entry]) -> Result<TxState> {
+    let mut state = TxState::default();
+    for (tail, e) in by_tail(entries, &keys.all_votes(&record.id)) {
+        if let Some((key, voter)) = tail.rsplit_once('/') {
+            let v: VoteRecord = e.decode()?;
+            state
+                .votes
+                .entry(key.to_owned())
+                .or_default()
+                .votes
+                .insert(voter.to_owned(), v.hash);
         }
-        out
     }
-
-    fn parse(store: &Store, record: &TxRecord, entries: &[Entry]) -> Result<TxData> {
-        let keys = store.keys();
-        let mut data = TxData::default();
-        for (tail, e) in by_tail(entries, &keys.all_votes(&record.id)) {
-            if let Some((key, voter)) = tail.rsplit_once('/') {
-                let v: VoteRecord = e.decode()?;
-                data.votes
-                    .entry(key.to_owned())
-                    .or_default()
-                    .votes
-                    .insert(voter.to_owned(), v.hash);
-            }
-        }
-        for (key, e) in by_tail(entries, &keys.all_decided(&record.id)) {
-            data.aborted.insert(key, e.decode()?);
-        }
-        for (tail, _) in by_tail(entries, &keys.all_confirmed(&record.id)) {
-            if let Some((key, voter)) = tail.rsplit_once('/') {
-                data.confirmed
-                    .entry(voter.to_owned())
-                    .or_default()
-                    .insert(key.to_owned());
-            }
-        }
-        for (voter, e) in by_tail(entries, &keys.all_done(&record.id)) {
-            data.done.insert(voter, e.decode()?);
-        }
-        data.started = by_tail(entries, &keys.all_started(&record.id))
-            .into_keys()
-            .collect();
-        data.alive = entries.iter().any(|e| e.key == keys.tx_alive(&record.id));
-        Ok(data)
+    for (key, e) in by_tail(entries, &keys.all_decided(&record.id)) {
+        state.aborted.insert(key, e.decode()?);
     }
+    for (tail, _) in by_tail(entries, &keys.all_confirmed(&record.id)) {
+        if let Some((key, voter)) = tail.rsplit_once('/') {
+            state
+                .confirmed
+                .entry(voter.to_owned())
+                .or_default()
+                .insert(key.to_owned());
+        }
+    }
+    for (voter, e) in by_tail(entries, &keys.all_done(&record.id)) {
+        state.done.insert(voter, e.decode()?);
+    }
+    state.started = by_tail(entries, &keys.all_started(&record.id))
+        .into_keys()
+        .collect();
+    state.alive = entries.iter().any(|e| e.key == keys.tx_alive(&record.id));
+    Ok(state)
 }
