@@ -1,5 +1,5 @@
 //! The protocol's choices, as pure functions over what a step read from etcd. A step in
-//! [`crate::tx`] or [`crate::reaper`] reads (at one revision), hands
+//! [`crate::tx`], [`crate::reaper`] or [`crate::repair`] reads (at one revision), hands
 //! the plain records it read to one of these, and writes what it returns with the
 //! compares it relies on. Nothing here talks to etcd, reads a clock or logs, so every
 //! branch carries a unit test. The vote-counting rules underneath are [`crate::quorum`].
@@ -8,6 +8,8 @@
 //! - [`vote`]: whether a voter's vote counts, and what it does next on its key.
 //! - [`finalize`]: which keys abort, which count as committed, who is promoted and who
 //!   is outdated, the new generation, and what the client may be told.
+//! - [`repair`]: what a claim marks, what a finished copy and a failed attempt
+//!   record, and how long a failed job waits.
 //!
 //! It does not build etcd keys or compares: the callers do, from the same reads.
 
@@ -15,6 +17,7 @@ use crate::records::TxRecord;
 
 pub mod begin;
 pub mod finalize;
+pub mod repair;
 pub mod vote;
 
 /// Whether `voter`'s node, whose registration holds lease `now` (`None`: not
