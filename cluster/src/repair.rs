@@ -6,7 +6,7 @@
 
 use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp};
 
-use crate::decide::repair::{claimed, failed_attempt, repaired, unmarked};
+use crate::decide::repair::{claimed, copied, failed_attempt, unmarked};
 use crate::error::{Error, Result};
 use crate::lock::RepoLock;
 use crate::records::{JobRecord, ReplicaRecord, now_unix_ms};
@@ -247,7 +247,7 @@ impl Store {
         // outdated again at once ("missed transaction"). Under the lock, drained, this
         // holds by itself.
         cmp.push(Compare::create_revision(keys.txrepo(repo), CompareOp::Equal, 0).with_prefix());
-        let record = repaired(target, node, plan.generation(), checksum);
+        let record = copied(Some(target), node, plan.generation(), checksum);
         let txn = Txn::new().when(cmp).and_then([
             TxnOp::put(keys.replica(repo, node), encode(&record), None),
             TxnOp::delete(keys.repair_job(repo, node), None),

@@ -1,4 +1,5 @@
-//! Repair's choices (DESIGN.md §4): what a claim marks, what a finished copy records,
+//! Repair's choices (DESIGN.md §4): what a claim marks, what a finished copy records
+//! (a repair's, or one made under the repository's lock by an admin call),
 //! what a failed attempt records and how long the job then waits. Whether a copy may
 //! be recorded at all is etcd's to say, through the compares of the one txn that
 //! records it (the repository record, the job, the target, the claim, the lock, and no
@@ -19,11 +20,12 @@ pub fn claimed(target: &ReplicaRecord) -> Option<ReplicaRecord> {
     })
 }
 
-/// The record of `node`'s replica (now `target`) once a copy made after the plan is up
-/// to date at the plan's `generation`, with the `checksum` taken after it: a new repair
-/// epoch, no reason left.
-pub fn repaired(
-    target: &ReplicaRecord,
+/// The record of `node`'s replica once a copy made after the plan (a repair, or a copy
+/// made under the repository's lock) is up to date at the plan's `generation`, with the
+/// `checksum` taken after it: a new repair epoch (the first, 0, for a replica that had
+/// no record: `previous` is `None`), no reason left.
+pub fn copied(
+    previous: Option<&ReplicaRecord>,
     node: &str,
     generation: u64,
     checksum: &str,
@@ -32,7 +34,7 @@ pub fn repaired(
         node: node.to_owned(),
         generation,
         state: ReplicaState::UpToDate,
-        repair_epoch: target.repair_epoch + 1,
+        repair_epoch: previous.map_or(0, |p| p.repair_epoch + 1),
         checksum: checksum.to_owned(),
         reason: String::new(),
     }
@@ -89,10 +91,17 @@ mod tests {
     fn a_finished_copy_is_recorded_up_to_date_at_the_plans_generation() {
         let mut target = replica("b", ReplicaState::Repairing, 5);
         target.reason = "missed transaction t1".into();
-        let rec = repaired(&target, "b", 9, "sum");
+        let rec = copied(Some(&target), "b", 9, "sum");
         assert_eq!((rec.state, rec.generation), (ReplicaState::UpToDate, 9));
         assert_eq!((rec.repair_epoch, rec.checksum.as_str()), (5, "sum"));
         assert_eq!((rec.node.as_str(), rec.reason.as_str()), ("b", ""));
+    }
+
+    #[test]
+    fn a_new_replicas_first_copy_starts_the_repair_epochs() {
+        let rec = copied(None, "d", 9, "sum");
+        assert_eq!((rec.state, rec.generation), (ReplicaState::UpToDate, 9));
+        assert_eq!((rec.repair_epoch, rec.node.as_str()), (0, "d"));
     }
 
     #[test]
