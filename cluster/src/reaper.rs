@@ -155,7 +155,7 @@ async fn give_up_on_silent_voters(
 async fn reap(store: &Store, record: &TxRecord, lease: i64, by: &str) -> Result<()> {
     let keys = store.keys();
     let (entries, _) = store.get_prefix(&keys.tx(&record.id)).await?;
-    let state = crate::tx::tx_state(keys, record, &entries)?;
+    let state = crate::tx::finalize::tx_state(keys, record, &entries)?;
     for (key, mut decision) in state.undecided(record, by) {
         decision.reason = format!("{}; transaction abandoned by its router", decision.reason);
         // Fenced by the reaper role; a vote that lands first wins (the next scan sees it).
