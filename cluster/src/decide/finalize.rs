@@ -136,7 +136,8 @@ pub struct Settlement {
     pub changes: Option<Changes>,
 }
 
-/// What ending the transaction writes in its repository, besides the outcome.
+/// What ending the transaction writes: the repository's and replicas' records, and the
+/// outcome.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Changes {
     /// Confirmations the promoted voters may still owe in the other open transactions
@@ -144,10 +145,30 @@ pub struct Changes {
     pub check_others: bool,
     /// The repository record at its new generation (`None`: nothing committed).
     pub repo: Option<RepoRecord>,
-    /// Replica records to write (each compared against its revision as read), in
-    /// order, with the repair job to create unless one exists.
-    pub replicas: Vec<(String, ReplicaRecord, Option<JobRecord>)>,
+    /// Replica records to write, each compared against its revision as read.
+    pub replicas: Vec<ReplicaWrite>,
     pub outcome: TxOutcome,
+}
+
+/// One replica's new record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaWrite {
+    pub node: String,
+    pub record: ReplicaRecord,
+    /// The repair job to create unless one exists (an existing job keeps its attempts
+    /// and back-off, and a worker's claim on it stays valid).
+    pub job: Option<JobRecord>,
+}
+
+impl ReplicaWrite {
+    /// `rep` outdated for `job`'s reason, with the job.
+    fn outdated(rep: &ReplicaRecord, job: JobRecord) -> ReplicaWrite {
+        ReplicaWrite {
+            node: job.node.clone(),
+            record: rep.outdated(&job.reason),
+            job: Some(job),
+        }
+    }
 }
 
 /// The next step of finalizing `read.record`.
@@ -169,6 +190,8 @@ pub fn plan(read: &Read) -> Step {
     // without a majority aborts.
     let aborts = state.undecided(record, read.by);
     let applied = applied(record, state);
+    // Nothing resurrects a removed repository: the record must be the one the
+    // transaction began on (0: a transaction recorded before that was kept).
     let same_repo = |r: &RepoRead| {
         record.repo_create_revision == 0 || r.create_revision == record.repo_create_revision
     };
@@ -283,7 +306,11 @@ fn changes(read: &Read, repo: &RepoRead, applied: &Applied) -> Changes {
                     checksum,
                     ..rep.clone()
                 };
-                replicas.push((node.clone(), rep, None));
+                replicas.push(ReplicaWrite {
+                    node: node.clone(),
+                    record: rep,
+                    job: None,
+                });
             } else {
                 let reason = if record.voters.contains(node) {
                     format!("did not confirm every update of transaction {tx}")
@@ -291,7 +318,7 @@ fn changes(read: &Read, repo: &RepoRead, applied: &Applied) -> Changes {
                     format!("missed transaction {tx}")
                 };
                 let job = JobRecord::new(record.repo.clone(), node.clone(), generation, reason);
-                replicas.push((node.clone(), rep.outdated(&job.reason), Some(job)));
+                replicas.push(ReplicaWrite::outdated(rep, job));
                 outcome.outdated.push(node.clone());
             }
         }
@@ -317,7 +344,7 @@ fn changes(read: &Read, repo: &RepoRead, applied: &Applied) -> Changes {
                 repo.record.generation,
                 reason,
             );
-            replicas.push((node.clone(), rep.outdated(&job.reason), Some(job)));
+            replicas.push(ReplicaWrite::outdated(rep, job));
             outcome.outdated.push(node.clone());
         }
     }
@@ -499,11 +526,13 @@ mod tests {
         }
     }
 
-    fn written<'a>(c: &'a Changes, node: &str) -> &'a (String, ReplicaRecord, Option<JobRecord>) {
-        c.replicas
+    fn written<'a>(c: &'a Changes, node: &str) -> (&'a ReplicaRecord, Option<&'a JobRecord>) {
+        let w = c
+            .replicas
             .iter()
-            .find(|(n, _, _)| n == node)
-            .unwrap_or_else(|| panic!("{node} not written"))
+            .find(|w| w.node == node)
+            .unwrap_or_else(|| panic!("{node} not written"));
+        (&w.record, w.job.as_ref())
     }
 
     #[test]
@@ -516,11 +545,16 @@ mod tests {
         assert_eq!(c.repo.as_ref().map(|r| r.generation), Some(8));
         assert!(!c.check_others);
         assert_eq!(c.replicas.len(), 3);
-        for (node, rep, job) in &c.replicas {
+        for w in &c.replicas {
+            let rep = &w.record;
             assert_eq!((rep.generation, rep.state), (8, ReplicaState::UpToDate));
-            assert_eq!(rep.checksum, format!("sum-{node}"), "nothing else was open");
+            assert_eq!(
+                rep.checksum,
+                format!("sum-{}", w.node),
+                "nothing else was open"
+            );
             assert_eq!(rep.repair_epoch, 4, "kept");
-            assert!(job.is_none());
+            assert!(w.job.is_none());
         }
     }
 
@@ -536,10 +570,10 @@ mod tests {
         assert_eq!(c.outcome.promoted, ["a", "b"]);
         assert_eq!(c.outcome.outdated, ["c"]);
         assert!(c.outcome.acknowledged, "2 of 3 promoted, 2 needed");
-        let (_, rep, job) = written(&c, "c");
+        let (rep, job) = written(&c, "c");
         assert_eq!((rep.state, rep.generation), (ReplicaState::Outdated, 7));
         assert_eq!(rep.reason, "did not confirm every update of transaction t1");
-        let job = job.as_ref().unwrap();
+        let job = job.unwrap();
         assert_eq!((job.node.as_str(), job.generation), ("c", 8));
         assert_eq!(job.reason, rep.reason);
     }
@@ -581,9 +615,9 @@ mod tests {
         assert_eq!(c.outcome.promoted, ["a"]);
         assert_eq!(c.outcome.outdated, ["b", "c"]);
         assert!(!c.outcome.acknowledged);
-        let (_, b, _) = written(&c, "b");
+        let (b, _) = written(&c, "b");
         assert_eq!((b.state, b.generation), (ReplicaState::Outdated, 6));
-        let (_, rc, job) = written(&c, "c");
+        let (rc, job) = written(&c, "c");
         assert_eq!(rc.state, ReplicaState::Repairing, "a repair's mark stays");
         assert_eq!(rc.reason, "", "and so does its reason");
         assert!(job.is_some(), "the job is created if absent");
@@ -596,9 +630,9 @@ mod tests {
         f.replicas
             .insert("d".into(), replica("d", ReplicaState::Outdated, 5));
         let c = f.changes();
-        let (_, d, job) = written(&c, "d");
+        let (d, job) = written(&c, "d");
         assert_eq!(d.reason, "", "already outdated: kept as it was");
-        assert_eq!(job.as_ref().unwrap().reason, "missed transaction t1");
+        assert_eq!(job.unwrap().reason, "missed transaction t1");
         assert_eq!(c.outcome.outdated, ["d"]);
     }
 
@@ -609,7 +643,7 @@ mod tests {
         f.replicas
             .insert("z".into(), replica("z", ReplicaState::UpToDate, 7));
         let c = f.changes();
-        let nodes: Vec<&str> = c.replicas.iter().map(|(n, _, _)| n.as_str()).collect();
+        let nodes: Vec<&str> = c.replicas.iter().map(|w| w.node.as_str()).collect();
         assert_eq!(nodes, ["a", "b"], "in placement order");
         assert_eq!(c.outcome.promoted, ["a", "b"]);
         assert!(c.outcome.outdated.is_empty());
@@ -623,12 +657,12 @@ mod tests {
             f.changes()
                 .replicas
                 .iter()
-                .all(|(_, r, _)| r.checksum.is_empty())
+                .all(|w| w.record.checksum.is_empty())
         );
         let mut f = Fixture::new(all_confirmed());
         f.others = vec!["t2".into()];
         let c = f.changes();
-        assert!(c.replicas.iter().all(|(_, r, _)| r.checksum.is_empty()));
+        assert!(c.replicas.iter().all(|w| w.record.checksum.is_empty()));
         assert!(c.check_others, "promoted voters may owe t2 a confirmation");
     }
 
@@ -754,13 +788,13 @@ mod tests {
         assert!(!c.outcome.committed);
         assert_eq!(c.outcome.outdated, ["b"]);
         assert_eq!(c.outcome.generation, 7);
-        let (_, b, job) = written(&c, "b");
+        let (b, job) = written(&c, "b");
         assert_eq!(b.state, ReplicaState::Outdated);
         assert_eq!(
             b.reason,
             "may hold an update of transaction t1 that no replica confirmed"
         );
-        assert_eq!(job.as_ref().unwrap().generation, 7);
+        assert_eq!(job.unwrap().generation, 7);
         // Only c may count towards success, and alone it is not enough.
         assert!(!c.outcome.acknowledged);
     }

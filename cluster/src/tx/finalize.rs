@@ -190,18 +190,22 @@ impl Store {
             if let Some(new_repo) = &changes.repo {
                 ops.push(TxnOp::put(keys.repo(repo), encode(new_repo), None));
             }
-            for (node, rep, job) in &changes.replicas {
+            for w in &changes.replicas {
                 // The plan writes only replicas it was given, all read here.
-                let (_, entry) = &replicas[node];
+                let (_, entry) = &replicas[&w.node];
                 cmp.push(Compare::mod_revision(
-                    keys.replica(repo, node),
+                    keys.replica(repo, &w.node),
                     CompareOp::Equal,
                     entry.mod_revision,
                 ));
-                if let Some(job) = job {
+                if let Some(job) = &w.job {
                     ops.push(put_job_if_absent(keys, job));
                 }
-                ops.push(TxnOp::put(keys.replica(repo, node), encode(rep), None));
+                ops.push(TxnOp::put(
+                    keys.replica(repo, &w.node),
+                    encode(&w.record),
+                    None,
+                ));
             }
             match self
                 .close(
