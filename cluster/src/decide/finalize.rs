@@ -809,6 +809,10 @@ mod tests {
         f.leases.remove("b"); // failed: its node is gone
         let c = f.changes();
         assert_eq!(c.outcome.outdated, ["b"]);
+        // Without a replica record (removed meanwhile) there is nothing to mark.
+        f.replicas.remove("b");
+        let c = f.changes();
+        assert!(c.outcome.outdated.is_empty() && c.replicas.is_empty());
     }
 
     #[test]

@@ -227,6 +227,10 @@ mod tests {
             admitted(&v, "t1", "a", false),
             Err(Error::NotStarted { .. })
         ));
+        // Refused with every condition of the vote's compares holding in the read: it
+        // cannot happen (one read, one revision); the voter then waits like any other.
+        v.started.insert("a".into());
+        assert!(admitted(&v, "t1", "a", false).is_ok());
     }
 
     #[test]
