@@ -12,6 +12,7 @@
 //! `[etcd] ca_path` is set), always with the compares a step relies on.
 #![forbid(unsafe_code)]
 
+pub mod decide;
 pub mod error;
 pub mod faults;
 pub mod keys;
