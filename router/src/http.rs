@@ -440,36 +440,8 @@ impl GitHttp {
             .headers()
             .get(header::AUTHORIZATION)
             .map(|v| v.as_bytes());
-        let result = match header {
-            Some(h) if h.len() > 6 && h[..6].eq_ignore_ascii_case(b"basic ") => {
-                use base64::Engine as _;
-                match base64::engine::general_purpose::STANDARD.decode(h[6..].trim_ascii()) {
-                    Ok(decoded) => {
-                        let password = decoded
-                            .iter()
-                            .position(|&b| b == b':')
-                            .map(|i| &decoded[i + 1..])
-                            .unwrap_or(&[]);
-                        if policy.secret.matches(password) {
-                            Ok(())
-                        } else {
-                            Err("wrong password".to_owned())
-                        }
-                    }
-                    Err(_) => Err("malformed Basic credentials".to_owned()),
-                }
-            }
-            other => policy
-                .secret
-                .check(other, std::time::SystemTime::now())
-                .map_err(|e| e.to_string()),
-        };
-        match result {
+        match policy.admit_http(header, std::time::SystemTime::now()) {
             Ok(()) => Ok(()),
-            Err(why) if policy.transitioning => {
-                tracing::warn!(%why, "unauthenticated HTTP request let through (auth.transitioning)");
-                Ok(())
-            }
             Err(why) => Err(Refusal {
                 challenge: true,
                 ..Refusal::new(
