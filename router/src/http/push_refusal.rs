@@ -3,30 +3,17 @@
 //! git understands — the reason as `remote: refvote: …`, every ref rejected with a
 //! short reason.
 
+use refvote_pktline::command;
+use refvote_pktline::report::Report;
+use refvote_pktline::section::section_end;
+use refvote_pktline::sideband::SideBand;
 use tonic::{Code, Status};
 
-/// Where the command section of a push ends (just past its flush packet), if it does
-/// within `buf`.
+/// How far to read a push ahead: to just past its command section's flush, or to a
+/// malformed packet (the node refuses such a push; there is nothing more to learn).
+/// `None` while more is needed.
 pub(super) fn commands_end(buf: &[u8]) -> Option<usize> {
-    let mut at = 0;
-    loop {
-        let len = pkt_len(buf.get(at..at + 4)?)?;
-        if len == 0 {
-            return Some(at + 4);
-        }
-        if len < 4 {
-            // A delimiter or response-end packet: not in a push; stop looking.
-            return Some(at + 4);
-        }
-        at += len;
-        if at > buf.len() {
-            return None;
-        }
-    }
-}
-
-pub(super) fn pkt_len(hex: &[u8]) -> Option<usize> {
-    usize::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()
+    section_end(buf).unwrap_or(Some(buf.len()))
 }
 
 /// What a push asked for: its refs and the capabilities a refusal must follow.
@@ -34,47 +21,23 @@ pub(super) fn pkt_len(hex: &[u8]) -> Option<usize> {
 pub(super) struct Commands {
     refs: Vec<String>,
     report_status: bool,
-    side_band: Option<usize>,
+    side_band: Option<SideBand>,
 }
 
 impl Commands {
-    /// Parses the command section at the start of `buf` (as far as it goes).
+    /// Reads the command section at the start of `buf` (as far as it goes).
     pub(super) fn parse(buf: &[u8]) -> Commands {
-        let mut out = Commands::default();
-        let mut at = 0;
-        let mut first = true;
-        while let Some(len) = buf.get(at..at + 4).and_then(pkt_len) {
-            if len < 4 || at + len > buf.len() {
-                break;
-            }
-            let line = &buf[at + 4..at + len];
-            at += len;
-            let line = line.strip_suffix(b"\n").unwrap_or(line);
-            let (command, caps) = match line.iter().position(|&b| b == 0) {
-                Some(nul) => (&line[..nul], Some(&line[nul + 1..])),
-                None => (line, None),
-            };
-            if first && let Some(caps) = caps {
-                for cap in caps.split(|&b| b == b' ') {
-                    match cap {
-                        b"report-status" | b"report-status-v2" => out.report_status = true,
-                        b"side-band-64k" => out.side_band = Some(65520),
-                        b"side-band" if out.side_band.is_none() => out.side_band = Some(1000),
-                        _ => {}
-                    }
-                }
-            }
-            first = false;
-            let mut parts = command.splitn(3, |&b| b == b' ');
-            if let (Some(old), Some(new), Some(name)) = (parts.next(), parts.next(), parts.next())
-                && old.len() == new.len()
-                && old.len() >= 40
-                && let Ok(name) = std::str::from_utf8(name)
-            {
-                out.refs.push(name.to_owned());
-            }
+        let scan = command::scan(buf);
+        Commands {
+            refs: scan
+                .commands
+                .iter()
+                .filter_map(|c| std::str::from_utf8(c.refname).ok())
+                .map(str::to_owned)
+                .collect(),
+            report_status: scan.capabilities.report_status(),
+            side_band: scan.capabilities.side_band(),
         }
-        out
     }
 
     /// The answer git shows for a push refused as a whole: the reason on the side-band
@@ -87,30 +50,12 @@ impl Commands {
         }
         let message = status.message().replace('\n', " ");
         let short = short_reason(status);
-        let mut report = Vec::new();
-        pkt(&mut report, b"unpack ok\n");
+        let mut report = Report::unpack_ok();
         for r in &self.refs {
-            pkt(&mut report, format!("ng {r} {short}\n").as_bytes());
+            report.ng(r, &short);
         }
-        report.extend_from_slice(b"0000");
-        let Some(max) = self.side_band else {
-            return Some(report);
-        };
-        let mut out = Vec::new();
-        let mut progress = vec![2u8];
-        progress.extend_from_slice(format!("refvote: {message}\n").as_bytes());
-        for piece in progress[1..].chunks(max - 5) {
-            let mut p = vec![2u8];
-            p.extend_from_slice(piece);
-            pkt(&mut out, &p);
-        }
-        for piece in report.chunks(max - 5) {
-            let mut p = vec![1u8];
-            p.extend_from_slice(piece);
-            pkt(&mut out, &p);
-        }
-        out.extend_from_slice(b"0000");
-        Some(out)
+        let progress = format!("refvote: {message}\n");
+        Some(report.finish_within(self.side_band, progress.as_bytes()))
     }
 }
 
@@ -130,11 +75,6 @@ pub(super) fn short_reason(status: &Status) -> String {
     }
 }
 
-pub(super) fn pkt(out: &mut Vec<u8>, payload: &[u8]) {
-    out.extend_from_slice(format!("{:04x}", payload.len() + 4).as_bytes());
-    out.extend_from_slice(payload);
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -148,7 +88,7 @@ mod tests {
                 line.extend_from_slice(caps.as_bytes());
             }
             line.push(b'\n');
-            pkt(&mut out, &line);
+            refvote_pktline::encode::data(&mut out, &line).unwrap();
         }
         out.extend_from_slice(b"0000PACK");
         out
@@ -166,7 +106,7 @@ mod tests {
         let c = Commands::parse(&buf);
         assert_eq!(c.refs, ["refs/heads/main", "refs/tags/v1"]);
         assert!(c.report_status);
-        assert_eq!(c.side_band, Some(65520));
+        assert_eq!(c.side_band.map(SideBand::max_packet_len), Some(65520));
     }
 
     #[test]
