@@ -16,7 +16,7 @@ use crate::decode::{self, Header, Packet};
 use crate::encode;
 use crate::section::{PktError, refuse_special};
 
-/// What [`canonical_section`] (or [`crate::canonicalize`]) saw and did.
+/// What [`canonical_section`] (or `canonicalize`) saw and did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Summary {
     /// `<old> <new> <ref>` lines outside a push certificate.

@@ -15,7 +15,7 @@
 //!   `ok <ref>`, `ng <ref> <reason>`), inside the side-band when one was negotiated.
 //!
 //! It does no I/O: everything works on byte slices and `Vec<u8>`. The `tokio` feature
-//! adds two adapters ([`canonicalize`], [`read_canonical_section`]) that stream a push
+//! adds two adapters (`canonicalize`, `read_canonical_section`) that stream a push
 //! through the canonical ordering over `AsyncRead`/`AsyncWrite`. It does not check ref
 //! names or object ids beyond what framing and sorting need (git does that), and knows
 //! nothing of sockets, HTTP or gRPC.
