@@ -299,7 +299,7 @@ impl Forwarder {
                 if let Ok(o) = &outcome
                     && o.acknowledged
                 {
-                    crate::repair::record_creation_checksum(&store, &me.pool, &tx.repo, rev, o)
+                    crate::nodes::record_creation_checksum(&store, &me.pool, &tx.repo, rev, o)
                         .await;
                 }
             }
