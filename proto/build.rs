@@ -27,6 +27,9 @@ fn gitaly() {
         "gitaly/conflicts.proto",
         "gitaly/analysis.proto",
         "gitaly/operations.proto",
+        "gitaly/remote.proto",
+        "gitaly/cleanup.proto",
+        "gitaly/objectpool.proto",
         "gitaly/smarthttp.proto",
         "gitaly/ssh.proto",
     ];
