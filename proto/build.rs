@@ -19,6 +19,7 @@ fn gitaly() {
         "gitaly/shared.proto",
         "gitaly/errors.proto",
         "gitaly/server.proto",
+        "gitaly/praefect.proto",
         "gitaly/repository.proto",
         "gitaly/ref.proto",
         "gitaly/commit.proto",
