@@ -1,10 +1,12 @@
 //! refvote's wire definitions, generated from the `.proto` files in this folder.
 //!
 //! Always: the message between the `reference-transaction` hook and votingd ([`hook`])
-//! and its framing. With the `grpc` feature: the Gitaly subset the storage node serves
-//! and the router forwards ([`gitaly`], package `gitaly`, tonic servers and clients), and
-//! its descriptor set; refvote's admin service the router serves ([`admin`]). The hook builds without that feature, so it stays free of an
-//! async runtime and a gRPC stack.
+//! and its framing. With the `grpc` feature: Gitaly's protocol as GitLab's clients use
+//! it, every service they call declared whole (matched to Gitaly b229e9953e77), which
+//! the storage node serves (methods it does not implement answer UNIMPLEMENTED) and the
+//! router forwards ([`gitaly`], package `gitaly`, tonic servers and clients), and its
+//! descriptor set; refvote's admin service the router serves ([`admin`]). The hook
+//! builds without that feature, so it stays free of an async runtime and a gRPC stack.
 #![forbid(unsafe_code)]
 
 /// Gitaly's protocol as we serve it (`gitaly/*.proto`, `refvote/annotations.proto`):
