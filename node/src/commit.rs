@@ -435,7 +435,14 @@ impl CommitService for CommitSvc {
                     }
                     if batch.len() == COMMITS_PER_MESSAGE {
                         let commits = std::mem::take(&mut batch);
-                        if tx.send(Ok(ListCommitsResponse { commits })).await.is_err() {
+                        if tx
+                            .send(Ok(ListCommitsResponse {
+                                commits,
+                                pagination_cursor: None,
+                            }))
+                            .await
+                            .is_err()
+                        {
                             return Ok(());
                         }
                     }
@@ -461,7 +468,12 @@ impl CommitService for CommitSvc {
                 ));
             }
             if !batch.is_empty() {
-                let _ = tx.send(Ok(ListCommitsResponse { commits: batch })).await;
+                let _ = tx
+                    .send(Ok(ListCommitsResponse {
+                        commits: batch,
+                        pagination_cursor: None,
+                    }))
+                    .await;
             }
             Ok(())
         })))

@@ -3,10 +3,12 @@
 //! Always: the message between the `reference-transaction` hook and votingd ([`hook`])
 //! and its framing, and the rest of the wire contract between the parts
 //! ([`contract`]: the transaction metadata key, the transaction-id rule, the hook's
-//! environment). With the `grpc` feature: the Gitaly subset the storage node serves
-//! and the router forwards ([`gitaly`], package `gitaly`, tonic servers and clients), and
-//! its descriptor set; refvote's admin service the router serves ([`admin`]). The hook builds without that feature, so it stays free of an
-//! async runtime and a gRPC stack.
+//! environment). With the `grpc` feature: Gitaly's protocol as GitLab's clients use
+//! it, every service they call declared whole (matched to Gitaly b229e9953e77), which
+//! the storage node serves (methods it does not implement answer UNIMPLEMENTED) and the
+//! router forwards ([`gitaly`], package `gitaly`, tonic servers and clients), and its
+//! descriptor set; refvote's admin service the router serves ([`admin`]). The hook
+//! builds without that feature, so it stays free of an async runtime and a gRPC stack.
 #![forbid(unsafe_code)]
 
 pub mod contract;

@@ -180,14 +180,26 @@ pub fn list_refs(
             });
             if page.len() >= PAGE {
                 let references = std::mem::take(&mut page);
-                if tx.send(Ok(ListRefsResponse { references })).await.is_err() {
+                if tx
+                    .send(Ok(ListRefsResponse {
+                        references,
+                        pagination_cursor: None,
+                    }))
+                    .await
+                    .is_err()
+                {
                     return; // the client went away; dropping `lines` stops git
                 }
             }
         };
         match result {
             Ok(()) if !page.is_empty() => {
-                let _ = tx.send(Ok(ListRefsResponse { references: page })).await;
+                let _ = tx
+                    .send(Ok(ListRefsResponse {
+                        references: page,
+                        pagination_cursor: None,
+                    }))
+                    .await;
             }
             Ok(()) => {}
             Err(e) => {

@@ -105,6 +105,11 @@ pub fn info(repo: &Path) -> std::io::Result<RepositoryInfoResponse> {
             recent_size: objects_size.saturating_sub(stale),
             stale_size: stale,
             keep_size: keep,
+            // The counts Gitaly added later (packs, loose objects, ...) are not
+            // computed yet; they stay zero.
+            ..Default::default()
         }),
+        // Likewise the commit-graph, bitmap, multi-pack-index and alternates details.
+        ..Default::default()
     })
 }
