@@ -78,7 +78,10 @@ pub fn parse_header(header: [u8; HEADER_LEN]) -> Result<Header, FramingError> {
 
 /// The header of a chunk carrying `payload` bytes (at most [`MAX_PAYLOAD`]).
 pub fn encode_header(payload: usize) -> [u8; HEADER_LEN] {
-    assert!(payload <= MAX_PAYLOAD, "a chunk carries at most {MAX_PAYLOAD} bytes");
+    assert!(
+        payload <= MAX_PAYLOAD,
+        "a chunk carries at most {MAX_PAYLOAD} bytes"
+    );
     let len = payload + HEADER_LEN;
     const HEX: &[u8; 16] = b"0123456789abcdef";
     [
@@ -93,7 +96,10 @@ pub fn encode_header(payload: usize) -> [u8; HEADER_LEN] {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReadState {
     /// Expecting a header; this many of its bytes are already in.
-    Header { filled: usize, bytes: [u8; HEADER_LEN] },
+    Header {
+        filled: usize,
+        bytes: [u8; HEADER_LEN],
+    },
     /// Inside a chunk's payload: this many bytes are still to come.
     Payload { remaining: usize },
     /// The flush arrived: end of data.
@@ -254,17 +260,27 @@ mod tests {
     fn the_state_machine_reassembles_any_split() {
         let wire = b"0009hello00040009world0000";
         for step in 1..wire.len() {
-            assert_eq!(decode(wire, step), (b"helloworld".to_vec(), None), "step {step}");
+            assert_eq!(
+                decode(wire, step),
+                (b"helloworld".to_vec(), None),
+                "step {step}"
+            );
         }
     }
 
     #[test]
     fn endings_without_a_flush_are_errors() {
-        assert_eq!(decode(b"0009hello", 3), (b"hello".to_vec(), Some(FramingError::NoFlush)));
+        assert_eq!(
+            decode(b"0009hello", 3),
+            (b"hello".to_vec(), Some(FramingError::NoFlush))
+        );
         assert_eq!(decode(b"", 3).1, Some(FramingError::NoFlush));
         assert_eq!(
             decode(b"0009hel", 2),
-            (b"hel".to_vec(), Some(FramingError::Truncated { missing: 2 }))
+            (
+                b"hel".to_vec(),
+                Some(FramingError::Truncated { missing: 2 })
+            )
         );
         assert_eq!(
             decode(b"0009hello00", 4).1,

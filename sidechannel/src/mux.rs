@@ -288,8 +288,34 @@ impl YStream {
     }
 
     /// Sets whether dropping this stream resets it (true) or ends it (false).
-    pub(crate) fn set_reset_on_drop(&mut self, reset: bool) {
+    pub fn set_reset_on_drop(&mut self, reset: bool) {
         self.reset = reset;
+    }
+
+    /// Resolves once the peer acknowledged the stream (a yamux ACK): proof that a
+    /// yamux session answers on the other end.
+    pub async fn established(&self) -> io::Result<()> {
+        std::future::poll_fn(|cx| {
+            self.shared.fan.reader.register(cx.waker());
+            if !self.session.alive.load(Ordering::Acquire) {
+                return Poll::Ready(Err(broken("the yamux session has ended")));
+            }
+            self.with_inner(|inner, fcx| {
+                let mut one = [0u8; 1];
+                if let Poll::Ready(Err(e)) = inner.poll_peek(fcx, &mut ReadBuf::new(&mut one)) {
+                    return Poll::Ready(Err(e));
+                }
+                match inner.state() {
+                    StreamState::Init | StreamState::SynSent => Poll::Pending,
+                    StreamState::Reset => Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::ConnectionRefused,
+                        "the peer refused the stream",
+                    ))),
+                    _ => Poll::Ready(Ok(())),
+                }
+            })
+        })
+        .await
     }
 
     fn with_inner<R>(&self, f: impl FnOnce(&mut StreamHandle, &mut Context<'_>) -> R) -> R {
