@@ -125,7 +125,30 @@ impl Health for TestService {
     }
 }
 
-/// A tonic server on a loopback port behind the multiplexed listener.
+/// Serves `svc` on a loopback port behind the multiplexed listener, until the
+/// sender fires.
+pub fn serve<H: Health>(
+    svc: HealthServer<H>,
+    tls: Option<TlsAcceptor>,
+    config: ListenConfig,
+) -> (SocketAddr, tokio::sync::oneshot::Sender<()>, JoinHandle<()>) {
+    let listener = listen::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let incoming = MuxIncoming::new(listener, tls, config).unwrap();
+    let addr = incoming.local_addr();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(svc)
+            .serve_with_incoming_shutdown(incoming, async {
+                let _ = stopped.await;
+            })
+            .await
+            .unwrap();
+    });
+    (addr, stop, task)
+}
+
+/// The test service on a loopback port behind the multiplexed listener.
 pub struct TestServer {
     pub addr: SocketAddr,
     pub service: TestService,
@@ -139,21 +162,8 @@ impl TestServer {
     }
 
     pub async fn start_with(tls: Option<TlsAcceptor>, config: ListenConfig) -> TestServer {
-        let listener = listen::bind("127.0.0.1:0".parse().unwrap()).unwrap();
-        let incoming = MuxIncoming::new(listener, tls, config).unwrap();
-        let addr = incoming.local_addr();
         let service = TestService::default();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let svc = HealthServer::new(service.clone());
-        let task = tokio::spawn(async move {
-            tonic::transport::Server::builder()
-                .add_service(svc)
-                .serve_with_incoming_shutdown(incoming, async {
-                    let _ = stopped.await;
-                })
-                .await
-                .unwrap();
-        });
+        let (addr, stop, task) = serve(HealthServer::new(service.clone()), tls, config);
         TestServer {
             addr,
             service,
