@@ -335,6 +335,13 @@ impl Waiter {
         metadata.insert(METADATA_KEY, value);
     }
 
+    /// Sets `gitaly-sidechannel-id` in a call seen as HTTP headers (a forwarding
+    /// proxy's request), replacing any value there.
+    pub fn attach_headers(&self, headers: &mut http::HeaderMap) {
+        let value = http::HeaderValue::from(self.id);
+        headers.insert(METADATA_KEY, value);
+    }
+
     /// The sidechannel, once the server opened it and we confirmed it. Fails when
     /// the registration is withdrawn or the connection ends first.
     pub async fn accept(mut self) -> Result<ClientSidechannel, WaitError> {
@@ -375,12 +382,16 @@ impl Waiter {
             Some(callback(sc).await)
         };
         tokio::pin!(call, side);
+        // The sidechannel first: the server writes nothing before our `ok`, which
+        // is sent just before the stream is handed over, so by the time the call
+        // can end, a stream the server opened is already waiting here.
         tokio::select! {
+            biased;
+            side_out = &mut side => (call.await, side_out),
             out = &mut call => {
                 let side = if opened.load(Ordering::Relaxed) { side.await } else { None };
                 (out, side)
             }
-            side_out = &mut side => (call.await, side_out),
         }
     }
 }
@@ -508,5 +519,41 @@ impl AsyncWrite for ClientSidechannel {
             ready!(this.poll_pending(cx))?;
         }
         Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registrations_have_fresh_ids_and_drop_withdraws_them() {
+        let registry = Registry::default();
+        let a = registry.register();
+        let b = registry.register();
+        assert_eq!((a.id(), b.id()), (1, 2));
+        assert_eq!(registry.waiting(), 2);
+        drop(a);
+        assert_eq!(registry.waiting(), 1);
+        drop(b);
+        assert_eq!(registry.waiting(), 0);
+    }
+
+    #[test]
+    fn attaching_replaces_a_forwarded_id() {
+        let registry = Registry::default();
+        let w = registry.register();
+        let mut md = MetadataMap::new();
+        md.insert(METADATA_KEY, "77".parse().unwrap());
+        w.attach(&mut md);
+        let all: Vec<_> = md.get_all(METADATA_KEY).iter().collect();
+        assert_eq!(all.len(), 1);
+        assert_eq!(all[0].to_str().unwrap(), "1");
+        let mut headers = http::HeaderMap::new();
+        headers.append(METADATA_KEY, "77".parse().unwrap());
+        headers.append(METADATA_KEY, "78".parse().unwrap());
+        w.attach_headers(&mut headers);
+        let all: Vec<_> = headers.get_all(METADATA_KEY).iter().collect();
+        assert_eq!(all, [&http::HeaderValue::from(1i64)]);
     }
 }

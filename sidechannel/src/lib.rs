@@ -38,6 +38,15 @@
 //! backlog, speaks futures I/O, and brings about seven more crates.) TLS is done by
 //! the listener, not tonic: the magic travels inside TLS.
 //!
+//! How a server adopts it: bind with [`listen::bind`], build a
+//! [`listen::MuxIncoming`] (with [`tls::acceptor`] instead of tonic's own TLS), and
+//! pass it to `serve_with_incoming_shutdown`; the auth layer stays as it is. A
+//! handler calls [`server::open`] (tonic) or [`server::open_http`] (a raw tower
+//! service) and maps failures with [`status`]. A proxy dials its upstream with
+//! [`client::dial`], registers a [`client::Waiter`], puts its id on the forwarded
+//! call ([`client::Waiter::attach_headers`]) and runs [`client::Waiter::serve`] with
+//! a callback that opens its caller's sidechannel and runs [`proxy::proxy`].
+//!
 //! What it does not do: serve any RPC, check tokens (the auth layer still wraps
 //! every call, on either kind of connection), or offer services on the reverse
 //! (server→client) gRPC connection Gitaly's servers also dial over the backchannel;
