@@ -18,7 +18,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{mpsc, oneshot};
 use tokio_rustls::TlsAcceptor;
 use tonic::transport::server::Connected;
@@ -72,7 +72,7 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
 /// (`request.extensions().get::<ConnInfo>()`).
 #[derive(Debug, Clone)]
 pub struct ConnInfo {
-    /// The client's address.
+    /// The client's address (`None` on a Unix socket).
     pub remote_addr: Option<SocketAddr>,
     /// The address it connected to.
     pub local_addr: Option<SocketAddr>,
@@ -209,7 +209,35 @@ impl AsyncWrite for MuxConn {
 /// the listening socket.
 pub struct MuxIncoming {
     rx: mpsc::Receiver<MuxConn>,
-    local_addr: SocketAddr,
+    local_addr: Option<SocketAddr>,
+}
+
+enum Listener {
+    Tcp(TcpListener),
+    /// A local socket (Gitaly's `socket_path`); its clients may dial with the
+    /// backchannel handshake too.
+    Unix(UnixListener),
+}
+
+/// A connection just accepted: its I/O, the peer, our address.
+type Accepted = (Box<dyn Io>, Option<SocketAddr>, Option<SocketAddr>);
+
+impl Listener {
+    async fn accept(&self) -> io::Result<Accepted> {
+        match self {
+            Listener::Tcp(l) => {
+                let (tcp, peer) = l.accept().await?;
+                // Small gRPC frames must not wait for Nagle.
+                tcp.set_nodelay(true)?;
+                let local = tcp.local_addr().ok();
+                Ok((Box::new(tcp), Some(peer), local))
+            }
+            Listener::Unix(l) => {
+                let (unix, _) = l.accept().await?;
+                Ok((Box::new(unix), None, None))
+            }
+        }
+    }
 }
 
 impl MuxIncoming {
@@ -221,13 +249,33 @@ impl MuxIncoming {
         tls: Option<TlsAcceptor>,
         config: ListenConfig,
     ) -> io::Result<MuxIncoming> {
-        let local_addr = listener.local_addr()?;
-        let (tx, rx) = mpsc::channel(16);
-        tokio::spawn(accept_loop(listener, tls, config, tx));
-        Ok(MuxIncoming { rx, local_addr })
+        let local_addr = Some(listener.local_addr()?);
+        Ok(Self::start(
+            Listener::Tcp(listener),
+            tls,
+            config,
+            local_addr,
+        ))
     }
 
-    pub fn local_addr(&self) -> SocketAddr {
+    /// Accepts on a Unix socket (no TLS there, as in Gitaly).
+    pub fn unix(listener: UnixListener, config: ListenConfig) -> MuxIncoming {
+        Self::start(Listener::Unix(listener), None, config, None)
+    }
+
+    fn start(
+        listener: Listener,
+        tls: Option<TlsAcceptor>,
+        config: ListenConfig,
+        local_addr: Option<SocketAddr>,
+    ) -> MuxIncoming {
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(accept_loop(listener, tls, config, tx));
+        MuxIncoming { rx, local_addr }
+    }
+
+    /// The TCP address listened on (`None` for a Unix socket).
+    pub fn local_addr(&self) -> Option<SocketAddr> {
         self.local_addr
     }
 }
@@ -241,7 +289,7 @@ impl tokio_stream::Stream for MuxIncoming {
 }
 
 async fn accept_loop(
-    listener: TcpListener,
+    listener: Listener,
     tls: Option<TlsAcceptor>,
     config: ListenConfig,
     tx: mpsc::Sender<MuxConn>,
@@ -252,19 +300,24 @@ async fn accept_loop(
             _ = tx.closed() => return,
         };
         match accepted {
-            Ok((tcp, peer)) => {
+            Ok((io, peer, local)) => {
                 let (tls, config, tx) = (tls.clone(), config.clone(), tx.clone());
                 tokio::spawn(async move {
                     let deadline = config.handshake_timeout;
-                    match tokio::time::timeout(deadline, handshake(tcp, peer, tls, &config)).await {
+                    let handshake = handshake(io, peer, local, tls, &config);
+                    match tokio::time::timeout(deadline, handshake).await {
                         Ok(Ok(conn)) => {
                             let _ = tx.send(conn).await;
                         }
                         Ok(Err(e)) => {
-                            tracing::debug!(%peer, error = %e, "connection dropped during its handshake")
+                            tracing::debug!(?peer, error = %e, "connection dropped during its handshake")
                         }
                         Err(_) => {
-                            tracing::debug!(%peer, ?deadline, "connection dropped: no handshake in time")
+                            tracing::debug!(
+                                ?peer,
+                                ?deadline,
+                                "connection dropped: no handshake in time"
+                            )
                         }
                     }
                 });
@@ -280,21 +333,19 @@ async fn accept_loop(
 }
 
 async fn handshake(
-    tcp: TcpStream,
-    peer: SocketAddr,
+    io: Box<dyn Io>,
+    peer: Option<SocketAddr>,
+    local_addr: Option<SocketAddr>,
     tls: Option<TlsAcceptor>,
     config: &ListenConfig,
 ) -> io::Result<MuxConn> {
-    // Small gRPC frames must not wait for Nagle.
-    tcp.set_nodelay(true)?;
-    let local_addr = tcp.local_addr().ok();
     let mut io: Box<dyn Io> = match &tls {
-        Some(acceptor) => Box::new(acceptor.accept(tcp).await?),
-        None => Box::new(tcp),
+        Some(acceptor) => Box::new(acceptor.accept(io).await?),
+        None => io,
     };
     let prefix = sniff(&mut io).await?;
     let mut info = ConnInfo {
-        remote_addr: Some(peer),
+        remote_addr: peer,
         local_addr,
         tls: tls.is_some(),
         backchannel: None,

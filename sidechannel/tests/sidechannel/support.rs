@@ -58,10 +58,7 @@ impl Health for TestService {
     ) -> Result<Response<HealthCheckResponse>, Status> {
         // Absent only where a test serves this service without the listener.
         let backchannel = match request.extensions().get::<ConnInfo>() {
-            Some(info) => {
-                assert!(info.remote_addr.is_some());
-                info.backchannel().cloned()
-            }
+            Some(info) => info.backchannel().cloned(),
             None => None,
         };
         if let Some(s) = &backchannel {
@@ -134,7 +131,16 @@ pub fn serve<H: Health>(
 ) -> (SocketAddr, tokio::sync::oneshot::Sender<()>, JoinHandle<()>) {
     let listener = listen::bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let incoming = MuxIncoming::new(listener, tls, config).unwrap();
-    let addr = incoming.local_addr();
+    let addr = incoming.local_addr().unwrap();
+    let (stop, task) = serve_incoming(svc, incoming);
+    (addr, stop, task)
+}
+
+/// Serves `svc` on `incoming` until the sender fires.
+pub fn serve_incoming<H: Health>(
+    svc: HealthServer<H>,
+    incoming: MuxIncoming,
+) -> (tokio::sync::oneshot::Sender<()>, JoinHandle<()>) {
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(async move {
         tonic::transport::Server::builder()
@@ -145,7 +151,7 @@ pub fn serve<H: Health>(
             .await
             .unwrap();
     });
-    (addr, stop, task)
+    (stop, task)
 }
 
 /// The test service on a loopback port behind the multiplexed listener.

@@ -87,13 +87,17 @@ where
 
 /// A client dialing like gitlab-shell, by hand: magic, yamux client, gRPC on the
 /// first stream; server-opened streams are returned untouched.
-async fn raw_client(
-    addr: std::net::SocketAddr,
-) -> (
-    tonic::transport::Channel,
-    mpsc::UnboundedReceiver<StreamHandle>,
-) {
-    let mut tcp = TcpStream::connect(addr).await.unwrap();
+async fn raw_client(addr: std::net::SocketAddr) -> (Channel, Inbound) {
+    raw_client_on(TcpStream::connect(addr).await.unwrap()).await
+}
+
+type Channel = tonic::transport::Channel;
+type Inbound = mpsc::UnboundedReceiver<StreamHandle>;
+
+async fn raw_client_on<T>(mut tcp: T) -> (Channel, Inbound)
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     tcp.write_all(BACKCHANNEL).await.unwrap();
     let config = tokio_yamux::Config {
         enable_keepalive: false,
@@ -328,4 +332,68 @@ async fn the_client_speaks_gitalys_bytes() {
     assert_eq!(&wire[70008..], b"0000");
     drop(writer.await.unwrap());
     assert_eq!(client.registry().waiting(), 0);
+}
+
+/// The local socket takes both kinds too (Gitaly's `socket_path`, which
+/// gitlab-shell may dial with the backchannel handshake).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_unix_socket_takes_both_kinds() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gitaly.socket");
+    let listener = tokio::net::UnixListener::bind(&path).unwrap();
+    let incoming = refvote_sidechannel::MuxIncoming::unix(
+        listener,
+        refvote_sidechannel::ListenConfig::default(),
+    );
+    assert!(incoming.local_addr().is_none());
+    let service = TestService::default();
+    let (stop, task) = crate::support::serve_incoming(HealthServer::new(service.clone()), incoming);
+
+    let unix = path.clone();
+    let plain = tonic::transport::Endpoint::from_static("http://local")
+        .connect_with_connector(tower::service_fn(move |_: http::Uri| {
+            let unix = unix.clone();
+            async move {
+                tokio::net::UnixStream::connect(unix)
+                    .await
+                    .map(hyper_util::rt::TokioIo::new)
+            }
+        }))
+        .await
+        .unwrap();
+    let kind = HealthClient::new(plain)
+        .check(Request::new(HealthCheckRequest {
+            service: "kind".into(),
+        }))
+        .await
+        .unwrap();
+    assert_eq!(kind.into_inner().status, ServingStatus::NotServing as i32);
+
+    let (channel, mut inbound) =
+        raw_client_on(tokio::net::UnixStream::connect(&path).await.unwrap()).await;
+    let call = tokio::spawn(async move {
+        HealthClient::new(channel)
+            .check(echo_call("echo:ssh", &["5"]))
+            .await
+    });
+    let mut stream = inbound.recv().await.unwrap();
+    let mut hello = [0u8; 19];
+    stream.read_exact(&mut hello).await.unwrap();
+    assert_eq!(&hello[..11], SIDECHANNEL);
+    assert_eq!(&hello[11..], &5i64.to_be_bytes());
+    stream.write_all(OK).await.unwrap();
+    stream.write_all(HELLO_CHUNKED).await.unwrap();
+    let mut back = Vec::new();
+    stream.read_to_end(&mut back).await.unwrap();
+    assert_eq!(back, b"hello");
+    assert_eq!(
+        call.await.unwrap().unwrap().into_inner().status,
+        ServingStatus::Serving as i32
+    );
+    assert!(!service.sessions.lock().unwrap().is_empty());
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .unwrap()
+        .unwrap();
 }
