@@ -395,8 +395,9 @@ async fn run_one(
     }
     if timed_out {
         guard.kill();
-        // Reap it; SIGKILL cannot be ignored.
-        let _ = child.wait().await;
+        let _ = child.start_kill();
+        // Reap it (SIGKILL cannot be ignored), but never wait unbounded.
+        let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
         return Err(CustomHookError::TimedOut {
             kind: run.kind,
             hook: hook.to_owned(),
