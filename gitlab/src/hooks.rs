@@ -376,7 +376,7 @@ impl GitlabHooks {
                 )
                 .await
                 .map_err(PostReceiveError::Api)?;
-            match messages::render(&answer.messages) {
+            match answer.rendered() {
                 Ok(text) => {
                     sink.stdout(text.as_bytes());
                     printed = text;

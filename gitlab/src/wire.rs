@@ -56,6 +56,14 @@ pub struct CheckInfo {
     pub redis: bool,
 }
 
+impl PostReceiveAnswer {
+    /// The messages as Gitaly prints them on the pusher's stdout
+    /// ([`crate::messages::render`]).
+    pub fn rendered(&self) -> Result<String, (String, crate::messages::InvalidMessageType)> {
+        crate::messages::render(&self.messages)
+    }
+}
+
 fn null_as_empty<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
 where
     D: serde::Deserializer<'de>,
@@ -305,6 +313,7 @@ mod tests {
         assert!(a.reference_counter_decreased);
         assert_eq!(a.messages.len(), 2);
         assert_eq!(a.messages[1].kind, "alert");
+        assert!(a.rendered().unwrap().starts_with("\nhi\n\n\n====="));
         let a = answer(
             200,
             JSON,
