@@ -8,12 +8,12 @@
 //! A file counts only if it is executable by us, is not a directory and does not end
 //! in `~`. Each runs in the repository's directory with the push's changes on stdin
 //! (`update`: none, the ref and its old and new value as arguments) and an environment
-//! made from scratch ([`env::hook_env`]); its stdout and stderr go to the pusher as they
+//! made from scratch ([`hook_env`]); its stdout and stderr go to the pusher as they
 //! come. The first hook that fails stops the rest: its output and exit status are the
 //! refusal. All hooks of one run share one deadline; at the deadline the running hook's
 //! whole process group is killed, and dropping the run kills it too.
 //!
-//! [`env`] builds the environment; the private `run` module runs one hook process.
+//! [`mod@env`] builds the environment; the private `run` module runs one hook process.
 
 pub mod env;
 mod run;
