@@ -12,11 +12,11 @@
 //! per-repository lock ([`repolock`]), the error mapping ([`error`]), what every
 //! handler holds (`state`) and the streams between gRPC and git (`stream`). A new
 //! service is a new file plus one `add_service` line in [`serve`]; methods not
-//! implemented yet answer UNIMPLEMENTED. [`pktline`] puts a push's commands in one
-//! canonical order, so every replica's receive-pack applies them alike.
+//! implemented yet answer UNIMPLEMENTED. `push` puts a push's commands in one canonical
+//! order (with `refvote_pktline`), so every replica's receive-pack applies them alike.
 //!
-//! Modules import only downwards (`scripts/import-cycles.py` checks it): [`git`] and
-//! [`pktline`] import nothing of this crate; [`error`] only `git`; [`storage`] only
+//! Modules import only downwards (`scripts/import-cycles.py` checks it): [`git`]
+//! imports nothing of this crate; [`error`] only `git`; [`storage`] only
 //! `error`; `repolock`, `catfile`, `push`, the ref helpers (`refs/names`, `objects`,
 //! `list`) and `repository/checksum` import those; [`tx`] imports `git`, `error` and
 //! the checksum; `refs/update`, `refs/write`, `repository/bundle` and
@@ -36,7 +36,6 @@ pub mod detail;
 pub mod error;
 pub mod git;
 mod operations;
-pub mod pktline;
 mod push;
 mod refs;
 pub mod repolock;

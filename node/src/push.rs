@@ -1,5 +1,5 @@
 //! What every `git receive-pack` the node runs for a client shares: the push's
-//! commands reach git in one canonical order ([`crate::pktline`]), whatever order the
+//! commands reach git in one canonical order ([`refvote_pktline`]), whatever order the
 //! client sent them in.
 //!
 //! Why: in a non-atomic push git runs one ref transaction per command, in arrival
@@ -9,6 +9,7 @@
 
 use std::io;
 
+use refvote_pktline::{self as pktline, Limits, PktError};
 use tokio_stream::StreamExt;
 use tokio_util::io::StreamReader;
 use tonic::Status;
@@ -16,7 +17,6 @@ use tonic::codegen::Bytes;
 
 use super::error::NodeError;
 use super::git::Input;
-use crate::pktline::{self, Limits, PktError};
 
 /// Reads the command section of a receive-pack request from `input` and returns the
 /// whole request with that section in canonical order; the rest (push options,

@@ -7,6 +7,7 @@
 
 use std::sync::Arc;
 
+use refvote_pktline::encode;
 use refvote_proto::gitaly::smart_http_service_server::SmartHttpService;
 use refvote_proto::gitaly::{
     InfoRefsRequest, InfoRefsResponse, PostReceivePackRequest, PostReceivePackResponse,
@@ -48,8 +49,11 @@ impl SmartHttpSvc {
             .spawn()
             .map_err(NodeError::from)?;
         let prefix = (!req.git_protocol.contains("version=2")).then(|| {
-            let line = format!("# service=git-{service}\n");
-            format!("{:04x}{line}0000", line.len() + 4).into_bytes()
+            let mut out = Vec::new();
+            encode::text(&mut out, &format!("# service=git-{service}"))
+                .expect("a service name fits in a pkt-line");
+            encode::flush(&mut out);
+            out
         });
         Ok(Response::new(stdout_stream(run, prefix, |data| {
             InfoRefsResponse { data }
