@@ -32,7 +32,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::error::NodeError;
 use super::refs::names;
-use super::refs::update::{self, RefUpdate, UpdateFailure};
+use super::refs::update::{self, FailureKind, RefUpdate};
 use super::storage::{RepoPath, Storages, TempDir, is_repository};
 use super::tx::WriteContext;
 
@@ -494,9 +494,9 @@ impl RepositorySvc {
         };
         update::apply(git, &repo.path, ctx, &[u])
             .await
-            .map_err(|f| match f {
-                UpdateFailure::Git(e) => NodeError::from(e).into(),
-                f => Status::aborted(format!("{f}; retry")),
+            .map_err(|f| match f.kind {
+                FailureKind::Unlockable(_) | FailureKind::Other => NodeError::from(f.git).into(),
+                _ => Status::aborted(format!("{f}; retry")),
             })
     }
 }

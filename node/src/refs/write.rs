@@ -12,7 +12,7 @@ use tonic::{Code, Status};
 
 use super::detail;
 use super::names::{self, is_oid, is_zero};
-use super::update::{self, RefUpdate, UpdateFailure};
+use super::update::{self, FailureKind, RefUpdate};
 use crate::error::NodeError;
 use crate::git::Git;
 use crate::tx::WriteContext;
@@ -142,33 +142,32 @@ pub async fn apply_updates(
 ) -> Result<(), Status> {
     update::apply(git, repo, ctx, updates)
         .await
-        .map_err(|f| match f {
-            UpdateFailure::Locked(r) => detail::status(
+        .map_err(|f| match &f.kind {
+            FailureKind::Locked(r) => detail::status(
                 Code::Aborted,
-                format!("{}; retry later", UpdateFailure::Locked(r.clone())),
+                format!("{f}; retry later"),
                 "UpdateReferencesError",
                 &UpdateReferencesError {
                     error: Some(update_references_error::Error::ReferencesLocked(
                         ReferencesLockedError {
-                            refs: vec![r.into_bytes()],
+                            refs: vec![r.clone().into_bytes()],
                         },
                     )),
                 },
             ),
-            UpdateFailure::Mismatch(r) => {
+            FailureKind::Mismatch(r) => {
                 let expected = updates
                     .iter()
-                    .find(|u| u.name == r)
+                    .find(|u| u.name == *r)
                     .map(|u| u.old.clone())
                     .unwrap_or_default();
-                mismatch(&r, &expected, "a newer value")
+                mismatch(r, &expected, "a newer value")
             }
-            UpdateFailure::MissingObject(r) => Status::invalid_argument(format!(
-                "{}: push the object first",
-                UpdateFailure::MissingObject(r)
-            )),
-            f @ UpdateFailure::Refused(_) => Status::aborted(f.to_string()),
-            UpdateFailure::Git(e) => NodeError::from(e).into(),
+            FailureKind::MissingObject(_) => {
+                Status::invalid_argument(format!("{f}: push the object first"))
+            }
+            FailureKind::Refused(_) => Status::aborted(f.to_string()),
+            FailureKind::Unlockable(_) | FailureKind::Other => NodeError::from(f.git).into(),
         })
 }
 
@@ -281,23 +280,23 @@ pub async fn apply_deletions(
 ) -> Result<(), Status> {
     update::apply(git, repo, ctx, deletions)
         .await
-        .map_err(|f| match f {
-            UpdateFailure::Locked(r) => detail::status(
+        .map_err(|f| match &f.kind {
+            FailureKind::Locked(r) => detail::status(
                 Code::FailedPrecondition,
                 format!("cannot lock references: {r} is locked by another writer; retry later"),
                 "DeleteRefsError",
                 &DeleteRefsError {
                     error: Some(delete_refs_error::Error::ReferencesLocked(
                         ReferencesLockedError {
-                            refs: vec![r.into_bytes()],
+                            refs: vec![r.clone().into_bytes()],
                         },
                     )),
                 },
             ),
-            f @ (UpdateFailure::Mismatch(_) | UpdateFailure::Refused(_)) => {
+            FailureKind::Mismatch(_) | FailureKind::Refused(_) => {
                 Status::aborted(format!("{f}; retry"))
             }
-            f @ UpdateFailure::MissingObject(_) => Status::internal(f.to_string()),
-            UpdateFailure::Git(e) => NodeError::from(e).into(),
+            FailureKind::MissingObject(_) => Status::internal(f.to_string()),
+            FailureKind::Unlockable(_) | FailureKind::Other => NodeError::from(f.git).into(),
         })
 }
