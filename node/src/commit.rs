@@ -25,6 +25,7 @@ use tonic::{Code, Request, Response, Status};
 use super::catfile::{self, CatFile};
 use super::detail::status_with_detail;
 use super::error::NodeError;
+use super::refs::names;
 use super::storage::RepoPath;
 use crate::state::NodeState;
 
@@ -109,7 +110,7 @@ impl CommitService for CommitSvc {
     ) -> Result<Response<FindCommitResponse>, Status> {
         let req = request.into_inner();
         let repo = self.node.storages.existing(req.repository.as_ref())?;
-        let rev = catfile::validate_revision(&req.revision, "revision", false)?;
+        let rev = names::revision("revision", &req.revision)?;
         let mut cat = CatFile::start(&self.node.git, &repo)?;
         let mut commit = cat.commit(&rev).await?;
         if req.trailers
@@ -131,9 +132,8 @@ impl CommitService for CommitSvc {
     ) -> Result<Response<CommitIsAncestorResponse>, Status> {
         let req = request.into_inner();
         let repo = self.node.storages.existing(req.repository.as_ref())?;
-        let ancestor =
-            catfile::validate_revision(req.ancestor_id.as_bytes(), "ancestor_id", false)?;
-        let child = catfile::validate_revision(req.child_id.as_bytes(), "child_id", false)?;
+        let ancestor = names::revision("ancestor_id", req.ancestor_id.as_bytes())?;
+        let child = names::revision("child_id", req.child_id.as_bytes())?;
         let exit = self
             .node
             .git
@@ -162,7 +162,7 @@ impl CommitService for CommitSvc {
     ) -> Result<Response<BoxStream<TreeEntryResponse>>, Status> {
         let req = request.into_inner();
         let repo = self.node.storages.existing(req.repository.as_ref())?;
-        let rev = catfile::validate_revision(&req.revision, "revision", false)?;
+        let rev = names::revision("revision", &req.revision)?;
         if req.path.is_empty() {
             return Err(NodeError::invalid("empty path: name the tree entry to read").into());
         }
@@ -240,7 +240,7 @@ impl CommitService for CommitSvc {
     ) -> Result<Response<BoxStream<GetTreeEntriesResponse>>, Status> {
         let req = request.into_inner();
         let repo = self.node.storages.existing(req.repository.as_ref())?;
-        let rev = catfile::validate_revision(&req.revision, "revision", false)?;
+        let rev = names::revision("revision", &req.revision)?;
         if req.path.is_empty() {
             return Err(tree_error(
                 Code::InvalidArgument,
@@ -262,7 +262,7 @@ impl CommitService for CommitSvc {
                 code,
                 message,
                 get_tree_entries_error::Error::ResolveTree(ResolveRevisionError {
-                    revision: rev.clone().into_bytes(),
+                    revision: rev.as_bytes().to_vec(),
                 }),
             )
         };
@@ -396,7 +396,7 @@ impl CommitService for CommitSvc {
             if r == "--not" || r == "--all" {
                 cmd = cmd.arg(r);
             } else {
-                cmd = cmd.arg(catfile::validate_revision(r.as_bytes(), "revision", false)?);
+                cmd = cmd.arg(names::revision("revision", r.as_bytes())?);
             }
         }
         let (token, limit) = match &req.pagination_params {
@@ -512,11 +512,7 @@ impl CommitService for CommitSvc {
         }
         cmd = match (req.all, req.revision.is_empty()) {
             (true, true) => cmd.arg("--all"),
-            (false, false) => cmd.arg(catfile::validate_revision(
-                &req.revision,
-                "revision",
-                false,
-            )?),
+            (false, false) => cmd.arg(names::revision("revision", &req.revision)?),
             (true, false) => {
                 return Err(
                     NodeError::invalid("revision and all exclude each other: set one").into(),

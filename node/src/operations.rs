@@ -40,7 +40,7 @@ use super::catfile::{self, CatFile};
 use super::detail::status_with_detail;
 use super::error::NodeError;
 use super::git::Run;
-use super::refs::names::is_zero;
+use super::refs::names::{self, is_zero};
 use super::refs::update::{self, FailureKind, RefUpdate, UpdateFailure};
 use super::storage::{RepoPath, Storages};
 use super::tx::{WriteContext, WriteIn};
@@ -94,7 +94,7 @@ impl OperationService for OperationSvc {
         let repo = self.node.storages.existing(req.repository.as_ref())?;
         let name = non_empty(&req.branch_name, "branch_name")?;
         user(req.user.as_ref())?;
-        let start = catfile::validate_revision(&req.start_point, "start_point", false)?;
+        let start = names::revision("start_point", &req.start_point)?;
         let refname = format!("refs/heads/{name}");
         self.check_ref_format(&repo, &refname).await?;
         let mut cat = CatFile::start(&self.node.git, &repo)?;
@@ -179,7 +179,7 @@ impl OperationService for OperationSvc {
         let repo = self.node.storages.existing(req.repository.as_ref())?;
         let name = non_empty(&req.tag_name, "tag_name")?;
         let user = user(req.user.as_ref())?;
-        let target = catfile::validate_revision(&req.target_revision, "target_revision", false)?;
+        let target = names::revision("target_revision", &req.target_revision)?;
         if req.message.contains(&0) {
             return Err(NodeError::invalid("tag message contains a NUL byte").into());
         }

@@ -48,25 +48,32 @@ pub fn ref_name<'a>(what: &str, raw: &'a [u8]) -> Result<&'a str, NodeError> {
         })
 }
 
-/// A revision safe to hand to git as an argument: not empty, no option, no whitespace
-/// or control characters (Gitaly's revision rules).
+/// A revision safe to hand to git as an argument, by Gitaly's rule
+/// (`git.ValidateRevision`, without its options): not empty, no leading '-' (it would
+/// be an option), no NUL, no whitespace (space, tab, newline, carriage return), no ':'
+/// (a path-scoped revision) and no '\\'. The one validator every RPC uses.
 pub fn revision<'a>(what: &str, raw: &'a [u8]) -> Result<&'a str, NodeError> {
-    let text =
+    let rev =
         std::str::from_utf8(raw).map_err(|_| NodeError::invalid(format!("{what} is not UTF-8")))?;
-    if text.is_empty() {
-        return Err(NodeError::invalid(format!("empty {what}")));
+    let problem = if rev.starts_with('-') {
+        Some("can't start with '-'")
+    } else if rev.contains('\0') {
+        Some("can't contain NUL")
+    } else if rev.is_empty() {
+        Some("is empty")
+    } else if rev.contains([' ', '\t', '\n', '\r']) {
+        Some("can't contain whitespace")
+    } else if rev.contains(':') {
+        Some("can't contain ':'")
+    } else if rev.contains('\\') {
+        Some("can't contain '\\'")
+    } else {
+        None
+    };
+    match problem {
+        Some(p) => Err(NodeError::invalid(format!("{what} {rev:?} {p}"))),
+        None => Ok(rev),
     }
-    if text.starts_with('-') {
-        return Err(NodeError::invalid(format!(
-            "{what} {text:?} cannot start with '-'"
-        )));
-    }
-    if text.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(NodeError::invalid(format!(
-            "{what} {text:?} cannot contain whitespace or control characters"
-        )));
-    }
-    Ok(text)
 }
 
 /// Whether `oid` is a full hex object id of `len` characters.
@@ -162,10 +169,30 @@ mod tests {
         ] {
             assert!(!valid_ref_name(bad), "{bad}");
         }
-        assert!(revision("r", b"main~1").is_ok());
-        for bad in [&b""[..], b"--all", b"a b", b"a\nb", b"\xff"] {
+        for good in [
+            &b"main~1"[..],
+            b"refs/heads/a^{commit}",
+            b"HEAD@{1}",
+            b"a\x01b",
+        ] {
+            assert!(revision("r", good).is_ok(), "{good:?}");
+        }
+        for bad in [
+            &b""[..],
+            b"--all",
+            b"a b",
+            b"a\nb",
+            b"a\tb",
+            b"a\rb",
+            b"a\0b",
+            b"main:README",
+            b"a\\b",
+            b"\xff",
+        ] {
             assert!(revision("r", bad).is_err(), "{bad:?}");
         }
+        let e = revision("start_point", b"-x").unwrap_err().to_string();
+        assert_eq!(e, r#"start_point "-x" can't start with '-'"#);
         assert!(is_oid(&"a".repeat(40), 40));
         assert!(!is_oid(&"g".repeat(40), 40));
         assert!(is_zero(&"0".repeat(40)));
