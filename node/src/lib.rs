@@ -9,14 +9,15 @@
 //! Layout: one file per Gitaly service (`server`, `repository`, `refs`, `commit`,
 //! `blob`, `operations`, `smarthttp`, `ssh`), sharing the storage resolver
 //! ([`storage`]), the git runner ([`git`]), the transaction handling ([`tx`]), the
-//! per-repository lock ([`repolock`]), the error mapping ([`error`]), what every
-//! handler holds (`state`) and the streams between gRPC and git (`stream`). A new
-//! service is a new file plus one `add_service` line in [`serve`]; methods not
-//! implemented yet answer UNIMPLEMENTED. `push` puts a push's commands in one canonical
-//! order (with `refvote_pktline`), so every replica's receive-pack applies them alike.
+//! per-repository lock ([`repolock`]), the error mapping ([`error`]) and Gitaly's
+//! structured errors ([`detail`]), what every handler holds (`state`) and the streams
+//! between gRPC and git (`stream`). A new service is a new file plus one `add_service`
+//! line in [`serve`]; methods not implemented yet answer UNIMPLEMENTED. `push` puts a
+//! push's commands in one canonical order (with `refvote_pktline`), so every replica's
+//! receive-pack applies them alike.
 //!
-//! Modules import only downwards (`scripts/import-cycles.py` checks it): [`git`]
-//! imports nothing of this crate; [`error`] only `git`; [`storage`] only
+//! Modules import only downwards (`scripts/import-cycles.py` checks it): [`git`] and
+//! [`detail`] import nothing of this crate; [`error`] only `git`; [`storage`] only
 //! `error`; `repolock`, `catfile`, `push`, the ref helpers (`refs/names`, `objects`,
 //! `list`) and `repository/checksum` import those; [`tx`] imports `git`, `error` and
 //! the checksum; `refs/update`, `refs/write`, `repository/bundle` and

@@ -3,10 +3,9 @@
 //!
 //! The logic lives in submodules: [`names`] (validation, current values), [`update`]
 //! (the one update-ref run), [`write`] (the two write RPCs' rules and errors), [`list`]
-//! (streamed listings), [`objects`] (commits and tags), [`detail`] (typed error
-//! details).
+//! (streamed listings), [`objects`] (commits and tags); typed error details come from
+//! [`crate::detail`].
 
-pub(super) mod detail;
 mod list;
 pub(super) mod names;
 mod objects;
@@ -27,6 +26,7 @@ use refvote_proto::gitaly::{
 use tonic::codegen::BoxStream;
 use tonic::{Code, Request, Response, Status, Streaming};
 
+use super::detail;
 use super::error::NodeError;
 use super::storage::RepoPath;
 use super::tx::WriteContext;
@@ -178,10 +178,10 @@ impl RefService for RefSvc {
         )
         .await?;
         let Some(oid) = found.get(name) else {
-            return Err(detail::status(
+            return Err(detail::status_with_detail(
                 Code::NotFound,
                 format!("tag does not exist: {name}"),
-                "FindTagError",
+                "gitaly.FindTagError",
                 &FindTagError {
                     error: Some(find_tag_error::Error::TagNotFound(ReferenceNotFoundError {
                         reference_name: full.clone(),

@@ -10,9 +10,9 @@ use refvote_proto::gitaly::{
 };
 use tonic::{Code, Status};
 
-use super::detail;
 use super::names::{self, is_oid, is_zero};
 use super::update::{self, FailureKind, RefUpdate};
+use crate::detail;
 use crate::error::NodeError;
 use crate::git::Git;
 use crate::tx::WriteContext;
@@ -37,12 +37,12 @@ pub fn validate_updates(updates: &[Requested], oid_len: usize) -> Result<(), Sta
             .iter()
             .map(|r| String::from_utf8_lossy(r).into_owned())
             .collect();
-        return Err(detail::status(
+        return Err(detail::status_with_detail(
             Code::InvalidArgument,
             format!(
                 "invalid references {shown:?}: fully qualified ref names are needed, e.g. refs/heads/main (HEAD and symrefs cannot be changed here)"
             ),
-            "UpdateReferencesError",
+            "gitaly.UpdateReferencesError",
             &UpdateReferencesError {
                 error: Some(update_references_error::Error::InvalidFormat(
                     InvalidRefFormatError { refs: invalid },
@@ -115,12 +115,12 @@ pub async fn resolve_updates(
 }
 
 fn mismatch(name: &str, expected: &str, actual: &str) -> Status {
-    detail::status(
+    detail::status_with_detail(
         Code::Aborted,
         format!(
             "reference does not point to expected object: {name} is at {actual}, expected {expected}; read it again and retry"
         ),
-        "UpdateReferencesError",
+        "gitaly.UpdateReferencesError",
         &UpdateReferencesError {
             error: Some(update_references_error::Error::ReferenceStateMismatch(
                 ReferenceStateMismatchError {
@@ -143,10 +143,10 @@ pub async fn apply_updates(
     update::apply(git, repo, ctx, updates)
         .await
         .map_err(|f| match &f.kind {
-            FailureKind::Locked(r) => detail::status(
+            FailureKind::Locked(r) => detail::status_with_detail(
                 Code::Aborted,
                 format!("{f}; retry later"),
-                "UpdateReferencesError",
+                "gitaly.UpdateReferencesError",
                 &UpdateReferencesError {
                     error: Some(update_references_error::Error::ReferencesLocked(
                         ReferencesLockedError {
@@ -198,12 +198,12 @@ pub fn validate_deletions(refs: &[Vec<u8>], except_with_prefix: &[Vec<u8>]) -> R
             .iter()
             .map(|r| String::from_utf8_lossy(r).into_owned())
             .collect();
-        return Err(detail::status(
+        return Err(detail::status_with_detail(
             Code::InvalidArgument,
             format!(
                 "invalid references {shown:?}: fully qualified ref names are needed, e.g. refs/heads/old"
             ),
-            "DeleteRefsError",
+            "gitaly.DeleteRefsError",
             &DeleteRefsError {
                 error: Some(delete_refs_error::Error::InvalidFormat(
                     InvalidRefFormatError { refs: invalid },
@@ -281,10 +281,10 @@ pub async fn apply_deletions(
     update::apply(git, repo, ctx, deletions)
         .await
         .map_err(|f| match &f.kind {
-            FailureKind::Locked(r) => detail::status(
+            FailureKind::Locked(r) => detail::status_with_detail(
                 Code::FailedPrecondition,
                 format!("cannot lock references: {r} is locked by another writer; retry later"),
-                "DeleteRefsError",
+                "gitaly.DeleteRefsError",
                 &DeleteRefsError {
                     error: Some(delete_refs_error::Error::ReferencesLocked(
                         ReferencesLockedError {
