@@ -75,12 +75,7 @@ where
 {
     let ctx = WriteContext::from_metadata(&node.tx, metadata).await?;
     let result = work(ctx.clone()).await;
-    let detail = match &result {
-        Ok(_) => String::new(),
-        Err(s) => s.message().to_owned(),
-    };
-    ctx.finish(result.is_ok(), &detail).await;
-    result
+    ctx.settle(result).await
 }
 
 #[tonic::async_trait]

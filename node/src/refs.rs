@@ -259,12 +259,7 @@ impl RefService for RefSvc {
             write::apply_deletions(git, &repo.path, &ctx, &deletions).await
         }
         .await;
-        ctx.finish(
-            result.is_ok(),
-            result.as_ref().err().map_or("", |s| s.message()),
-        )
-        .await;
-        result?;
+        ctx.settle(result).await?;
         Ok(Response::new(DeleteRefsResponse {
             git_error: String::new(),
         }))
@@ -315,12 +310,7 @@ impl RefService for RefSvc {
             write::apply_updates(git, &repo.path, &ctx, &updates).await
         }
         .await;
-        ctx.finish(
-            result.is_ok(),
-            result.as_ref().err().map_or("", |s| s.message()),
-        )
-        .await;
-        result?;
+        ctx.settle(result).await?;
         Ok(Response::new(UpdateReferencesResponse {}))
     }
 }

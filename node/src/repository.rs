@@ -91,16 +91,14 @@ impl RepositoryService for RepositorySvc {
             }
         };
         let ctx = WriteContext::from_metadata(&self.node.tx, request.metadata()).await?;
-        if repo.path.exists() {
+        let result = if repo.path.exists() {
             // Refused inside the transaction: finalize hears it at once instead of
             // waiting for a voter that never reports.
-            let e = NodeError::RepositoryExists(repo.to_string());
-            ctx.finish(false, &e.to_string()).await;
-            return Err(e.into());
-        }
-        let result = self.create(&repo, &branch, object_format).await;
-        ctx.finish(result.is_ok(), &error_detail(&result)).await;
-        result?;
+            Err(NodeError::RepositoryExists(repo.to_string()))
+        } else {
+            self.create(&repo, &branch, object_format).await
+        };
+        ctx.settle(result).await?;
         tracing::info!("repository created");
         Ok(Response::new(CreateRepositoryResponse {}))
     }
@@ -117,8 +115,7 @@ impl RepositoryService for RepositorySvc {
         tracing::Span::current().record("repo", tracing::field::display(&repo));
         let ctx = WriteContext::from_metadata(&self.node.tx, request.metadata()).await?;
         let result = remove(&repo).await;
-        ctx.finish(result.is_ok(), &error_detail(&result)).await;
-        result?;
+        ctx.settle(result).await?;
         tracing::info!("repository removed");
         Ok(Response::new(RemoveRepositoryResponse {}))
     }
@@ -236,12 +233,7 @@ impl RepositoryService for RepositorySvc {
             self.write_ref_in(&repo, &ctx, name, revision, &req.old_revision)
                 .await
         };
-        ctx.finish(
-            result.is_ok(),
-            result.as_ref().err().map_or("", |s| s.message()),
-        )
-        .await;
-        result?;
+        ctx.settle(result).await?;
         Ok(Response::new(WriteRefResponse {}))
     }
 
@@ -289,16 +281,12 @@ impl RepositoryService for RepositorySvc {
         .await;
         let bundle = match received {
             Ok(b) => b,
-            Err(status) => {
-                ctx.finish(false, status.message()).await;
-                return Err(status);
-            }
+            Err(status) => return ctx.settle(Err(status)).await,
         };
         // Before any git run names the private copy: the checksum is of the final place.
         ctx.checksum_repository(&self.node.git, &repo.path);
         let result = self.create_from_bundle(&repo, &bundle.path, &ctx).await;
-        ctx.finish(result.is_ok(), &error_detail(&result)).await;
-        result?;
+        ctx.settle(result).await?;
         tracing::info!("repository created from a bundle");
         Ok(Response::new(CreateRepositoryFromBundleResponse {}))
     }
@@ -369,12 +357,7 @@ impl RepositoryService for RepositorySvc {
             Ok::<(), Status>(())
         }
         .await;
-        ctx.finish(
-            result.is_ok(),
-            result.as_ref().err().map_or("", |s| s.message()),
-        )
-        .await;
-        result?;
+        ctx.settle(result).await?;
         tracing::info!("repository replicated");
         Ok(Response::new(ReplicateRepositoryResponse {}))
     }
@@ -602,13 +585,6 @@ fn default_branch(requested: &[u8]) -> Result<String, NodeError> {
         )));
     }
     Ok(name.to_owned())
-}
-
-fn error_detail<T>(result: &Result<T, NodeError>) -> String {
-    match result {
-        Ok(_) => String::new(),
-        Err(e) => e.to_string(),
-    }
 }
 
 #[cfg(test)]
