@@ -18,11 +18,12 @@
 //!
 //! Modules import only downwards (`scripts/import-cycles.py` checks it): [`git`] and
 //! [`detail`] import nothing of this crate; [`error`] only `git`; [`storage`] only
-//! `error`; `repolock`, `catfile`, `push`, the ref helpers (`refs/names`, `objects`,
-//! `list`) and `repository/checksum` import those; [`tx`] imports `git`, `error` and
-//! the checksum; `refs/update`, `refs/write`, `repository/bundle` and
-//! `repository/replicate` add `tx`; `state` and `stream` sit on all of that; the
-//! services on everything below them; this file only wires the services together.
+//! `error`; `repolock`, `catfile`, the ref helpers (`refs/names`, `objects`, `list`)
+//! and `repository/checksum` import those; [`tx`] imports `git`, `error` and the
+//! checksum; `refs/update`, `refs/write`, `repository/bundle` and
+//! `repository/replicate` add `tx`; `state` and `stream` sit on all of that, `push`
+//! (what every receive-pack shares) on `state`; the services on everything below
+//! them; this file only wires the services together.
 //!
 //! It does not vote: the hook asks votingd's vote service, which decides in etcd; the
 //! node only settles its confirmations through it ([`tx::SettleVotes`]) before it

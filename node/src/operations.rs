@@ -123,18 +123,9 @@ impl OperationService for OperationSvc {
         let repo = self.node.storages.existing(req.repository.as_ref())?;
         let name = non_empty(&req.branch_name, "branch_name")?;
         user(req.user.as_ref())?;
-        let expected = expected_oid(&req.expected_old_oid)?;
-        let refname = format!("refs/heads/{name}");
-        self.check_ref_format(&repo, &refname).await?;
-        let Some(current) = self.ref_value(&repo, &refname).await? else {
-            return Err(Status::new(
-                Code::FailedPrecondition,
-                format!("branch not found: {name:?}"),
-            ));
-        };
-        // An all-zeros expected_old_oid checks nothing (`git update-ref -d REF 0000…`
-        // reads it so); the delete still names an explicit old value, the current one.
-        let old = expected.filter(|e| !is_zero(e)).unwrap_or(current);
+        let (refname, old) = self
+            .deletion(&repo, "branch", "refs/heads/", &name, &req.expected_old_oid)
+            .await?;
         in_transaction(&self.node, &metadata, |ctx| async move {
             if let Err(f) = self
                 .set_ref(&repo, &ctx, &refname, &old, &zero_oid(&old))
@@ -261,18 +252,9 @@ impl OperationService for OperationSvc {
         let repo = self.node.storages.existing(req.repository.as_ref())?;
         let name = non_empty(&req.tag_name, "tag_name")?;
         user(req.user.as_ref())?;
-        let expected = expected_oid(&req.expected_old_oid)?;
-        let refname = format!("refs/tags/{name}");
-        self.check_ref_format(&repo, &refname).await?;
-        let Some(current) = self.ref_value(&repo, &refname).await? else {
-            return Err(Status::new(
-                Code::FailedPrecondition,
-                format!("tag not found: {name:?}"),
-            ));
-        };
-        // An all-zeros expected_old_oid checks nothing (`git update-ref -d REF 0000…`
-        // reads it so); the delete still names an explicit old value, the current one.
-        let old = expected.filter(|e| !is_zero(e)).unwrap_or(current);
+        let (refname, old) = self
+            .deletion(&repo, "tag", "refs/tags/", &name, &req.expected_old_oid)
+            .await?;
         in_transaction(&self.node, &metadata, |ctx| async move {
             self.set_ref(&repo, &ctx, &refname, &old, &zero_oid(&old))
                 .await
@@ -318,6 +300,32 @@ struct CommitPlan {
 }
 
 impl OperationSvc {
+    /// What UserDeleteBranch and UserDeleteTag check before their transaction: the
+    /// ref (`prefix` + `name`, valid for git) must exist; the delete names an explicit
+    /// old value, the client's expected_old_oid or else the current one.
+    async fn deletion(
+        &self,
+        repo: &RepoPath,
+        what: &str,
+        prefix: &str,
+        name: &str,
+        expected_old_oid: &str,
+    ) -> Result<(String, String), Status> {
+        let expected = expected_oid(expected_old_oid)?;
+        let refname = format!("{prefix}{name}");
+        self.check_ref_format(repo, &refname).await?;
+        let Some(current) = self.ref_value(repo, &refname).await? else {
+            return Err(Status::new(
+                Code::FailedPrecondition,
+                format!("{what} not found: {name:?}"),
+            ));
+        };
+        // An all-zeros expected_old_oid checks nothing (`git update-ref -d REF 0000…`
+        // reads it so); the delete still names an explicit old value, the current one.
+        let old = expected.filter(|e| !is_zero(e)).unwrap_or(current);
+        Ok((refname, old))
+    }
+
     async fn plan_commit(&self, h: &UserCommitFilesRequestHeader) -> Result<CommitPlan, Status> {
         let repo = self.node.storages.existing(h.repository.as_ref())?;
         let user = user(h.user.as_ref())?;
