@@ -24,19 +24,19 @@ pub struct Requested {
     pub new: Vec<u8>,
 }
 
+/// The names among `refs` that are no fully qualified ref name git would accept, and
+/// how a message shows them.
+fn invalid_refs<'a>(refs: impl Iterator<Item = &'a [u8]>) -> (Vec<Vec<u8>>, Vec<String>) {
+    refs.filter(|n| !std::str::from_utf8(n).is_ok_and(names::valid_ref_name))
+        .map(|n| (n.to_vec(), String::from_utf8_lossy(n).into_owned()))
+        .unzip()
+}
+
 /// Checks UpdateReferences' input before anything runs: ref names, object ids, no ref
 /// twice, no symref. Invalid names carry an `InvalidRefFormatError` detail.
 pub fn validate_updates(updates: &[Requested], oid_len: usize) -> Result<(), Status> {
-    let invalid: Vec<Vec<u8>> = updates
-        .iter()
-        .filter(|u| names::ref_name("reference", &u.name).is_err())
-        .map(|u| u.name.clone())
-        .collect();
+    let (invalid, shown) = invalid_refs(updates.iter().map(|u| u.name.as_slice()));
     if !invalid.is_empty() {
-        let shown: Vec<String> = invalid
-            .iter()
-            .map(|r| String::from_utf8_lossy(r).into_owned())
-            .collect();
         return Err(detail::status_with_detail(
             Code::InvalidArgument,
             format!(
@@ -188,16 +188,8 @@ pub fn validate_deletions(refs: &[Vec<u8>], except_with_prefix: &[Vec<u8>]) -> R
         }
         _ => {}
     }
-    let invalid: Vec<Vec<u8>> = refs
-        .iter()
-        .filter(|r| names::ref_name("ref", r).is_err())
-        .cloned()
-        .collect();
+    let (invalid, shown) = invalid_refs(refs.iter().map(Vec::as_slice));
     if !invalid.is_empty() {
-        let shown: Vec<String> = invalid
-            .iter()
-            .map(|r| String::from_utf8_lossy(r).into_owned())
-            .collect();
         return Err(detail::status_with_detail(
             Code::InvalidArgument,
             format!(
