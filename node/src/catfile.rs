@@ -268,7 +268,6 @@ pub async fn trailers(
         .command(["interpret-trailers", "--parse"])
         .git_dir(&repo.path)
         .stdin(Box::pin(tokio_stream::once(Ok(input))))
-        .spawn()?
         .output(MAX_OBJECT as usize)
         .await?;
     exit.check()?;

@@ -141,11 +141,8 @@ impl CommitService for CommitSvc {
             .arg(&ancestor)
             .arg(&child)
             .git_dir(&repo.path)
-            .spawn()
-            .map_err(NodeError::from)?
-            .wait()
-            .await
-            .map_err(NodeError::from)?;
+            .status()
+            .await?;
         // Exit 1 is "no"; like Gitaly, a commit that does not exist (exit 128) is "no" too.
         let value = match exit.code() {
             Some(0) => true,
@@ -526,12 +523,7 @@ impl CommitService for CommitSvc {
         if !req.path.is_empty() {
             cmd = cmd.arg(utf8(&req.path, "path")?);
         }
-        let (out, exit) = cmd
-            .spawn()
-            .map_err(NodeError::from)?
-            .output(64)
-            .await
-            .map_err(NodeError::from)?;
+        let (out, exit) = cmd.output(64).await?;
         // Like Gitaly: a revision that does not resolve counts zero commits.
         let count = if exit.success() {
             String::from_utf8_lossy(&out).trim().parse().unwrap_or(0)
@@ -560,7 +552,7 @@ impl CommitSvc {
         if recursive {
             cmd = cmd.arg("-r").arg("-t");
         }
-        let (out, exit) = cmd.arg(tree).spawn()?.output(MAX_LISTING).await?;
+        let (out, exit) = cmd.arg(tree).output(MAX_LISTING).await?;
         exit.check()?;
         let prefix = if path.is_empty() {
             String::new()

@@ -305,6 +305,18 @@ impl Command {
         self
     }
 
+    /// Runs git to its end ([`Command::spawn`], then [`Run::wait`]), as
+    /// `std::process::Command::status` does: its exit, not judged.
+    pub async fn status(self) -> Result<Exit, GitError> {
+        self.spawn()?.wait().await
+    }
+
+    /// Runs git to its end and returns its stdout, at most `limit` bytes, and its exit
+    /// ([`Command::spawn`], then [`Run::output`]).
+    pub async fn output(self, limit: usize) -> Result<(Vec<u8>, Exit), GitError> {
+        self.spawn()?.output(limit).await
+    }
+
     /// Starts git under a supervisor task.
     pub fn spawn(self) -> Result<Run, GitError> {
         let Command {

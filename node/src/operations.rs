@@ -507,11 +507,8 @@ impl OperationSvc {
                 .git
                 .command(["merge-base", "--is-ancestor", current, &commit])
                 .git_dir(&repo.path)
-                .spawn()
-                .map_err(NodeError::from)?
-                .wait()
-                .await
-                .map_err(NodeError::from)?;
+                .status()
+                .await?;
             if !exit.success() {
                 return Err(Status::new(
                     Code::FailedPrecondition,
@@ -610,11 +607,8 @@ impl OperationSvc {
             .git
             .command(["ls-tree", "-r", "-z", "--full-tree", commit])
             .git_dir(&repo.path)
-            .spawn()
-            .map_err(NodeError::from)?
             .output(MAX_LISTING)
-            .await
-            .map_err(NodeError::from)?;
+            .await?;
         exit.check().map_err(NodeError::from)?;
         let mut files = BTreeMap::new();
         for record in out.split(|b| *b == 0).filter(|r| !r.is_empty()) {
@@ -651,12 +645,9 @@ impl OperationSvc {
             .git_dir(&repo.path)
             .env("GIT_INDEX_FILE", index_path.clone())
             .stdin(Box::pin(tokio_stream::once(Ok(input))))
-            .spawn()
-            .map_err(NodeError::from)?
-            .wait()
+            .status()
             .await
-            .and_then(|e| e.check())
-            .map_err(NodeError::from)?;
+            .and_then(|e| e.check())?;
         let run = self
             .node
             .git
@@ -675,11 +666,8 @@ impl OperationSvc {
             .git
             .command(["check-ref-format", refname])
             .git_dir(&repo.path)
-            .spawn()
-            .map_err(NodeError::from)?
-            .wait()
-            .await
-            .map_err(NodeError::from)?;
+            .status()
+            .await?;
         if !exit.success() {
             return Err(NodeError::invalid(format!(
                 "invalid ref name {refname:?}: see git check-ref-format(1)"
@@ -702,11 +690,8 @@ impl OperationSvc {
                 refname,
             ])
             .git_dir(&repo.path)
-            .spawn()
-            .map_err(NodeError::from)?
             .output(SMALL)
-            .await
-            .map_err(NodeError::from)?;
+            .await?;
         Ok(exit
             .success()
             .then(|| String::from_utf8_lossy(&out).trim().to_owned()))
@@ -718,11 +703,8 @@ impl OperationSvc {
             .git
             .command(args.iter().copied())
             .git_dir(&repo.path)
-            .spawn()
-            .map_err(NodeError::from)?
             .output(SMALL)
-            .await
-            .map_err(NodeError::from)?;
+            .await?;
         exit.check().map_err(NodeError::from)?;
         Ok(String::from_utf8_lossy(&out).trim().to_owned())
     }

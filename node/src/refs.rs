@@ -93,11 +93,8 @@ impl RefService for RefSvc {
             .command(["show-ref", "--verify", "--quiet"])
             .arg(name)
             .git_dir(&repo.path)
-            .spawn()
-            .map_err(NodeError::from)?
-            .wait()
-            .await
-            .map_err(NodeError::from)?;
+            .status()
+            .await?;
         let value = match exit.code() {
             Some(0) => true,
             Some(1) => false,
@@ -323,7 +320,6 @@ impl RefSvc {
             .git
             .command(["symbolic-ref", "--quiet", "HEAD"])
             .git_dir(&repo.path)
-            .spawn()?
             .output(SMALL_OUTPUT)
             .await?;
         match exit.code() {
@@ -366,7 +362,7 @@ impl RefSvc {
         for a in args {
             cmd = cmd.arg(*a);
         }
-        let (out, exit) = cmd.spawn()?.output(SMALL_OUTPUT).await?;
+        let (out, exit) = cmd.output(SMALL_OUTPUT).await?;
         exit.check()?;
         Ok(String::from_utf8_lossy(&out)
             .lines()

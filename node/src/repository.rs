@@ -182,12 +182,7 @@ impl RepositoryService for RepositorySvc {
         for r in &req.revisions {
             cmd = cmd.arg(names::revision("revision", r)?);
         }
-        let (out, exit) = cmd
-            .spawn()
-            .map_err(NodeError::from)?
-            .output(4096)
-            .await
-            .map_err(NodeError::from)?;
+        let (out, exit) = cmd.output(4096).await?;
         let base = if exit.success() {
             String::from_utf8_lossy(&out).trim().to_owned()
         } else {
@@ -385,8 +380,7 @@ impl RepositorySvc {
             .arg(format!("--initial-branch={branch}"))
             .arg(format!("--object-format={format}"))
             .arg(&tmp.0)
-            .spawn()?
-            .wait()
+            .status()
             .await?
             .check()?;
         let hooks = git.hooks_dir().to_owned();
@@ -399,8 +393,7 @@ impl RepositorySvc {
             git.command(["config", key])
                 .arg(value)
                 .git_dir(&tmp.0)
-                .spawn()?
-                .wait()
+                .status()
                 .await?
                 .check()?;
         }

@@ -90,7 +90,6 @@ pub async fn oid_len(git: &Git, repo: &Path) -> Result<usize, NodeError> {
     let (out, exit) = git
         .command(["rev-parse", "--show-object-format"])
         .git_dir(repo)
-        .spawn()?
         .output(SMALL)
         .await?;
     exit.check()?;
@@ -106,7 +105,6 @@ pub async fn resolve(git: &Git, repo: &Path, rev: &str) -> Result<Option<String>
         .command(["rev-parse", "--verify", "--quiet"])
         .arg(format!("{rev}^{{object}}"))
         .git_dir(repo)
-        .spawn()?
         .output(SMALL)
         .await?;
     match exit.code() {
