@@ -91,7 +91,7 @@ impl OperationService for OperationSvc {
         user(req.user.as_ref())?;
         let start = names::revision("start_point", &req.start_point)?;
         let refname = format!("refs/heads/{name}");
-        self.check_ref_format(&repo, &refname).await?;
+        Self::check_ref_format(&refname)?;
         let mut cat = CatFile::start(&self.node.git, &repo)?;
         let Some(commit) = cat.commit(&start).await? else {
             return Err(Status::new(
@@ -170,7 +170,7 @@ impl OperationService for OperationSvc {
             return Err(NodeError::invalid("tag message contains a NUL byte").into());
         }
         let refname = format!("refs/tags/{name}");
-        self.check_ref_format(&repo, &refname).await?;
+        Self::check_ref_format(&refname)?;
         let mut cat = CatFile::start(&self.node.git, &repo)?;
         let Some(object) = cat.header(&target).await? else {
             return Err(Status::new(
@@ -313,7 +313,7 @@ impl OperationSvc {
     ) -> Result<(String, String), Status> {
         let expected = expected_oid(expected_old_oid)?;
         let refname = format!("{prefix}{name}");
-        self.check_ref_format(repo, &refname).await?;
+        Self::check_ref_format(&refname)?;
         let Some(current) = self.ref_value(repo, &refname).await? else {
             return Err(Status::new(
                 Code::FailedPrecondition,
@@ -346,7 +346,7 @@ impl OperationSvc {
             .into());
         }
         let branch_ref = format!("refs/heads/{branch}");
-        self.check_ref_format(&repo, &branch_ref).await?;
+        Self::check_ref_format(&branch_ref)?;
         let expected = expected_oid(&h.expected_old_oid)?;
         let mut cat = CatFile::start(&self.node.git, &repo)?;
         let current = cat.header(&branch_ref).await?.map(|x| x.oid);
@@ -659,16 +659,10 @@ impl OperationSvc {
         oid_of(run).await
     }
 
-    /// `git check-ref-format`: git's own rules for a ref name.
-    async fn check_ref_format(&self, repo: &RepoPath, refname: &str) -> Result<(), Status> {
-        let exit = self
-            .node
-            .git
-            .command(["check-ref-format", refname])
-            .git_dir(&repo.path)
-            .status()
-            .await?;
-        if !exit.success() {
+    /// git's rules for a ref name (those of `git check-ref-format`, checked by
+    /// [`names::valid_ref_name`] without running git).
+    fn check_ref_format(refname: &str) -> Result<(), Status> {
+        if !names::valid_ref_name(refname) {
             return Err(NodeError::invalid(format!(
                 "invalid ref name {refname:?}: see git check-ref-format(1)"
             ))

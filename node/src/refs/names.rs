@@ -16,7 +16,6 @@ pub fn valid_branch_name(name: &str) -> bool {
     !name.is_empty()
         && !name.starts_with('-')
         && !name.ends_with('/')
-        && !name.ends_with(".lock")
         && !name.ends_with('.')
         && !name.contains("..")
         && !name.contains("@{")
@@ -27,7 +26,7 @@ pub fn valid_branch_name(name: &str) -> bool {
             .any(|c| c.is_ascii_control() || " ~^:?*[\\".contains(c))
         && name
             .split('/')
-            .all(|part| !part.is_empty() && !part.starts_with('.'))
+            .all(|part| !part.is_empty() && !part.starts_with('.') && !part.ends_with(".lock"))
 }
 
 /// A fully qualified ref name git would accept (`refs/...`, check-ref-format rules).
@@ -153,6 +152,45 @@ pub async fn current_values(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What `git check-ref-format` (2.47) answers for each name.
+    #[test]
+    fn ref_names_follow_check_ref_format() {
+        let git_says = [
+            ("refs/heads/a.lock/b", false),
+            ("refs/heads/a.lock", false),
+            ("refs/heads/-x", true),
+            ("refs/heads/a..b", false),
+            ("refs/heads/.a", false),
+            ("refs/heads/a/.b", false),
+            ("refs/heads/a.", false),
+            ("refs/heads/a@{b", false),
+            ("refs/heads/@", true),
+            ("refs/heads/a b", false),
+            ("refs/heads/a\\b", false),
+            ("refs/heads/a*", false),
+            ("refs/heads/a//b", false),
+            ("refs/heads/a/", false),
+            ("refs/heads/\u{e9}", true),
+            ("refs/heads/a~1", false),
+            ("refs/heads/a^", false),
+            ("refs/heads/a:b", false),
+            ("refs/heads/a?", false),
+            ("refs/heads/a[", false),
+            ("refs/heads/a\x7f", false),
+            ("refs/heads/@a", true),
+            ("refs/heads/a@", true),
+            ("refs/heads/.lock", false),
+            ("refs/heads/a.lock.b", true),
+            ("refs/x", true),
+            ("refs/heads/a/b.lock/c", false),
+            ("refs/heads/HEAD", true),
+            ("refs/heads/a..lock", false),
+        ];
+        for (name, valid) in git_says {
+            assert_eq!(valid_ref_name(name), valid, "{name:?}");
+        }
+    }
 
     #[test]
     fn names_and_revisions() {
