@@ -314,7 +314,8 @@ impl OperationSvc {
         let expected = expected_oid(expected_old_oid)?;
         let refname = format!("{prefix}{name}");
         Self::check_ref_format(&refname)?;
-        let Some(current) = self.ref_value(repo, &refname).await? else {
+        let Some(current) = names::current_value(&self.node.git, &repo.path, &refname).await?
+        else {
             return Err(Status::new(
                 Code::FailedPrecondition,
                 format!("{what} not found: {name:?}"),
@@ -669,26 +670,6 @@ impl OperationSvc {
             .into());
         }
         Ok(())
-    }
-
-    /// The object id `refname` holds, or `None`.
-    async fn ref_value(&self, repo: &RepoPath, refname: &str) -> Result<Option<String>, Status> {
-        let (out, exit) = self
-            .node
-            .git
-            .command([
-                "rev-parse",
-                "--verify",
-                "--quiet",
-                "--end-of-options",
-                refname,
-            ])
-            .git_dir(&repo.path)
-            .output(SMALL)
-            .await?;
-        Ok(exit
-            .success()
-            .then(|| String::from_utf8_lossy(&out).trim().to_owned()))
     }
 
     async fn git_text(&self, repo: &RepoPath, args: &[&str]) -> Result<String, Status> {

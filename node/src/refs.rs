@@ -131,16 +131,10 @@ impl RefService for RefSvc {
         let short = req.name.strip_prefix(b"refs/heads/").unwrap_or(&req.name);
         let full = [b"refs/heads/".as_slice(), short].concat();
         let name = names::ref_name("branch name", &full)?;
-        let found = names::current_values(
-            &self.node.git,
-            &repo.path,
-            &std::iter::once(name.to_owned()).collect(),
-        )
-        .await?;
-        let Some(oid) = found.get(name) else {
+        let Some(oid) = names::current_value(&self.node.git, &repo.path, name).await? else {
             return Ok(Response::new(FindBranchResponse { branch: None }));
         };
-        let commit = objects::read(&self.node.git, &repo.path, std::slice::from_ref(oid))
+        let commit = objects::read(&self.node.git, &repo.path, std::slice::from_ref(&oid))
             .await?
             .pop()
             .flatten();
@@ -168,13 +162,7 @@ impl RefService for RefSvc {
         }
         let full = [b"refs/tags/".as_slice(), &req.tag_name].concat();
         let name = names::ref_name("tag name", &full)?;
-        let found = names::current_values(
-            &self.node.git,
-            &repo.path,
-            &std::iter::once(name.to_owned()).collect(),
-        )
-        .await?;
-        let Some(oid) = found.get(name) else {
+        let Some(oid) = names::current_value(&self.node.git, &repo.path, name).await? else {
             return Err(detail::status_with_detail(
                 Code::NotFound,
                 format!("tag does not exist: {name}"),
@@ -198,7 +186,7 @@ impl RefService for RefSvc {
         Ok(Response::new(FindTagResponse {
             tag: Some(objects::tag(
                 &req.tag_name,
-                oid,
+                &oid,
                 obj.as_ref(),
                 target.as_ref(),
             )),

@@ -438,12 +438,8 @@ impl RepositorySvc {
             .await?
             .ok_or_else(|| NodeError::NotFound(format!("revision not found: {revision:?}")))?;
         let oid_len = new.len();
-        let found =
-            names::current_values(git, &repo.path, &std::iter::once(name.to_owned()).collect())
-                .await?;
-        let current = found
-            .get(name)
-            .cloned()
+        let current = names::current_value(git, &repo.path, name)
+            .await?
             .unwrap_or_else(|| "0".repeat(oid_len));
         let old = if old_revision.is_empty() {
             current.clone()

@@ -114,6 +114,18 @@ pub async fn resolve(git: &Git, repo: &Path, rev: &str) -> Result<Option<String>
     }
 }
 
+/// The current value of the ref `name`, or `None` if it does not exist. git walks
+/// only that ref's part of the namespace (`name` is its pattern: itself and anything
+/// below it), so the cost does not grow with the repository's other refs.
+pub async fn current_value(
+    git: &Git,
+    repo: &Path,
+    name: &str,
+) -> Result<Option<String>, NodeError> {
+    let names = HashSet::from([name.to_owned()]);
+    Ok(scan(git, repo, Some(name), &names).await?.remove(name))
+}
+
 /// The current values of the refs in `names` that exist. Streams `for-each-ref`, so
 /// the cost is one git run whatever the batch size.
 pub async fn current_values(
@@ -121,15 +133,28 @@ pub async fn current_values(
     repo: &Path,
     names: &HashSet<String>,
 ) -> Result<HashMap<String, String>, NodeError> {
-    let mut found = HashMap::new();
     if names.is_empty() {
-        return Ok(found);
+        return Ok(HashMap::new());
     }
     // One pass over every ref rather than one git run per name, and no argv limit.
-    let mut run = git
+    scan(git, repo, None, names).await
+}
+
+/// Streams `for-each-ref` (below `pattern`, if given) and keeps the refs in `names`.
+async fn scan(
+    git: &Git,
+    repo: &Path,
+    pattern: Option<&str>,
+    names: &HashSet<String>,
+) -> Result<HashMap<String, String>, NodeError> {
+    let mut found = HashMap::new();
+    let mut cmd = git
         .command(["for-each-ref", "--format=%(objectname) %(refname)"])
-        .git_dir(repo)
-        .spawn()?;
+        .git_dir(repo);
+    if let Some(p) = pattern {
+        cmd = cmd.arg(p);
+    }
+    let mut run = cmd.spawn()?;
     let mut partial = Vec::new();
     while let Some(chunk) = run.chunk().await {
         partial.extend_from_slice(&chunk?);
