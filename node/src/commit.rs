@@ -145,9 +145,8 @@ impl CommitService for CommitSvc {
             .await?;
         // Exit 1 is "no"; like Gitaly, a commit that does not exist (exit 128) is "no" too.
         let value = match exit.code() {
-            Some(0) => true,
-            Some(1) | Some(128) => false,
-            _ => return Err(NodeError::from(exit.into_error()).into()),
+            Some(128) => false,
+            _ => exit.answer()?,
         };
         Ok(Response::new(CommitIsAncestorResponse { value }))
     }

@@ -442,6 +442,17 @@ impl Exit {
         }
     }
 
+    /// For commands that answer a question with their exit status (`--verify
+    /// --quiet`, `--is-ancestor`, `symbolic-ref --quiet`): 0 is yes, 1 is no, anything
+    /// else is git failing.
+    pub fn answer(self) -> Result<bool, GitError> {
+        match self.code() {
+            Some(0) => Ok(true),
+            Some(1) => Ok(false),
+            _ => Err(self.into_error()),
+        }
+    }
+
     pub fn into_error(self) -> GitError {
         GitError::Failed {
             command: self.command,

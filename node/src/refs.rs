@@ -95,11 +95,7 @@ impl RefService for RefSvc {
             .git_dir(&repo.path)
             .status()
             .await?;
-        let value = match exit.code() {
-            Some(0) => true,
-            Some(1) => false,
-            _ => return Err(NodeError::from(exit.into_error()).into()),
-        };
+        let value = exit.answer()?;
         Ok(Response::new(RefExistsResponse { value }))
     }
 
@@ -310,11 +306,9 @@ impl RefSvc {
             .git_dir(&repo.path)
             .output(SMALL_OUTPUT)
             .await?;
-        match exit.code() {
-            Some(0) => Ok(Some(String::from_utf8_lossy(&out).trim().to_owned())),
-            Some(1) => Ok(None),
-            _ => Err(exit.into_error().into()),
-        }
+        Ok(exit
+            .answer()?
+            .then(|| String::from_utf8_lossy(&out).trim().to_owned()))
     }
 
     async fn default_branch(

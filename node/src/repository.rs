@@ -142,11 +142,7 @@ impl RepositoryService for RepositorySvc {
             .node
             .storages
             .existing(request.get_ref().repository.as_ref())?;
-        let path = repo.path.clone();
-        let size = tokio::task::spawn_blocking(move || info::size_kib(&path))
-            .await
-            .map_err(|e| NodeError::io("measuring the repository", std::io::Error::other(e)))?
-            .map_err(|e| NodeError::io(format!("measuring {}", repo.path.display()), e))?;
+        let size = measure(&repo, info::size_kib).await?;
         Ok(Response::new(RepositorySizeResponse { size }))
     }
 
@@ -159,11 +155,7 @@ impl RepositoryService for RepositorySvc {
             .node
             .storages
             .existing(request.get_ref().repository.as_ref())?;
-        let path = repo.path.clone();
-        let answer = tokio::task::spawn_blocking(move || info::info(&path))
-            .await
-            .map_err(|e| NodeError::io("measuring the repository", std::io::Error::other(e)))?
-            .map_err(|e| NodeError::io(format!("measuring {}", repo.path.display()), e))?;
+        let answer = measure(&repo, info::info).await?;
         Ok(Response::new(answer))
     }
 
@@ -471,6 +463,18 @@ impl RepositorySvc {
                 _ => Status::aborted(format!("{f}; retry")),
             })
     }
+}
+
+/// Runs `f` (a walk of the repository's files) off the async runtime.
+async fn measure<T: Send + 'static>(
+    repo: &RepoPath,
+    f: fn(&Path) -> std::io::Result<T>,
+) -> Result<T, NodeError> {
+    let path = repo.path.clone();
+    tokio::task::spawn_blocking(move || f(&path))
+        .await
+        .map_err(|e| NodeError::io("measuring the repository", std::io::Error::other(e)))?
+        .map_err(|e| NodeError::io(format!("measuring {}", repo.path.display()), e))
 }
 
 /// Moves a repository built in the private area to where clients see it.

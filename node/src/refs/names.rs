@@ -106,12 +106,10 @@ pub async fn resolve(git: &Git, repo: &Path, rev: &str) -> Result<Option<String>
         .git_dir(repo)
         .output(SMALL)
         .await?;
-    match exit.code() {
-        Some(0) => Ok(Some(String::from_utf8_lossy(&out).trim().to_owned())),
-        // --verify --quiet: 1 means "no such object"
-        Some(1) => Ok(None),
-        _ => Err(exit.into_error().into()),
-    }
+    // --verify --quiet: 1 means "no such object".
+    Ok(exit
+        .answer()?
+        .then(|| String::from_utf8_lossy(&out).trim().to_owned()))
 }
 
 /// The current value of the ref `name`, or `None` if it does not exist. git walks
