@@ -46,7 +46,7 @@ impl BlobService for BlobSvc {
         let repo = self.node.storages.existing(req.repository.as_ref())?;
         let oid = names::revision("oid", req.oid.as_bytes())?;
         let mut cat = CatFile::start(&self.node.git, &repo)?;
-        let header = match cat.header(&oid).await? {
+        let header = match cat.header(oid).await? {
             // Gitaly's answer for a missing blob: one empty message.
             None => {
                 return Ok(Response::new(Box::pin(tokio_stream::once(Ok(

@@ -112,7 +112,7 @@ impl CommitService for CommitSvc {
         let repo = self.node.storages.existing(req.repository.as_ref())?;
         let rev = names::revision("revision", &req.revision)?;
         let mut cat = CatFile::start(&self.node.git, &repo)?;
-        let mut commit = cat.commit(&rev).await?;
+        let mut commit = cat.commit(rev).await?;
         if req.trailers
             && let Some(c) = commit.as_mut()
         {
@@ -138,8 +138,8 @@ impl CommitService for CommitSvc {
             .node
             .git
             .command(["merge-base", "--is-ancestor", "--end-of-options"])
-            .arg(&ancestor)
-            .arg(&child)
+            .arg(ancestor)
+            .arg(child)
             .git_dir(&repo.path)
             .status()
             .await?;
@@ -173,7 +173,7 @@ impl CommitService for CommitSvc {
                 format!("tree entry not found: no {path:?} at revision {rev:?}"),
             )
         };
-        let Some(item) = lookup(&mut cat, &rev, &path).await? else {
+        let Some(item) = lookup(&mut cat, rev, &path).await? else {
             return Err(not_found());
         };
         let base = TreeEntryResponse {
@@ -288,7 +288,7 @@ impl CommitService for CommitSvc {
             }
         };
         let mut entries = self
-            .list_tree(&repo, &tree.oid, &path, &rev, req.recursive)
+            .list_tree(&repo, &tree.oid, &path, rev, req.recursive)
             .await?;
         if !req.recursive && !req.skip_flat_paths {
             for e in entries.iter_mut() {

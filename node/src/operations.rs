@@ -93,7 +93,7 @@ impl OperationService for OperationSvc {
         let refname = format!("refs/heads/{name}");
         Self::check_ref_format(&refname)?;
         let mut cat = CatFile::start(&self.node.git, &repo)?;
-        let Some(commit) = cat.commit(&start).await? else {
+        let Some(commit) = cat.commit(start).await? else {
             return Err(Status::new(
                 Code::FailedPrecondition,
                 format!("revspec '{start}' not found"),
@@ -172,7 +172,7 @@ impl OperationService for OperationSvc {
         let refname = format!("refs/tags/{name}");
         Self::check_ref_format(&refname)?;
         let mut cat = CatFile::start(&self.node.git, &repo)?;
-        let Some(object) = cat.header(&target).await? else {
+        let Some(object) = cat.header(target).await? else {
             return Err(Status::new(
                 Code::FailedPrecondition,
                 format!("revspec '{target}' not found"),
