@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use refvote_cluster::{RepoId, Store, StoreConfig};
+use refvote_cluster::{RepoId, Store};
 use refvote_proto::gitaly::Repository;
 use refvote_proto::gitaly::repository_service_client::RepositoryServiceClient;
 use tonic::transport::Channel;
@@ -104,13 +104,7 @@ impl ChaosCluster {
             rs.push(router);
             router_etcd.push(links);
         }
-        let store = Store::connect(&StoreConfig {
-            endpoints: etcd.endpoints(),
-            prefix: "/refvote/".into(),
-            request_timeout: Duration::from_secs(2),
-            tls: None,
-        })
-        .await?;
+        let store = etcd.store().await?;
         Ok(ChaosCluster {
             etcd,
             nodes: started,
