@@ -9,12 +9,15 @@
 //! `git mktag`), and must come out byte-identical on every replica, so nothing depends
 //! on the node's clock or config:
 //!
-//! - dates are the request's `timestamp`; when it is absent, the **fixed rule** is the
-//!   committer date of the parent commit (UserCommitFiles) or of the tagged commit
-//!   (UserCreateTag), or the Unix epoch when there is none. Routers should fill the
-//!   field in; the rule only keeps replicas agreeing when they do not;
-//! - the time zone is always `+0000` (the user's named zone would need a zone database
-//!   that could differ between hosts);
+//! - dates are the request's `timestamp`, which the router fills in with its own clock
+//!   when the client left it unset (Gitaly uses the current time), once for every
+//!   replica. A request that still has none (a node called directly) gets the **fixed
+//!   rule**: the committer date of the parent commit (UserCommitFiles) or of the tagged
+//!   commit (UserCreateTag), or the Unix epoch when there is none, always written in a
+//!   form git accepts (`@<seconds>`);
+//! - the time zone is the user's `timezone` as the router leaves it: the offset of the
+//!   user's zone at that time (`+0530`). A node keeps no zone database (it could differ
+//!   between hosts), so it takes only offsets and UTC, and refuses a zone name;
 //! - commits are never signed (`sign` is ignored: a signature would differ per host).
 
 use std::collections::BTreeMap;
@@ -195,22 +198,21 @@ impl OperationService for OperationSvc {
         }
         let target_commit = cat.commit(&object.oid).await?;
         let zero = zero_oid(&object.oid);
+        let (seconds, zone) = commit_time(
+            req.timestamp.as_ref(),
+            committer_seconds(target_commit.as_ref()),
+            user,
+        )?;
         in_transaction(&self.node, &metadata, |ctx| async move {
             let (id, tagger) = if req.message.is_empty() {
                 (object.oid.clone(), None)
             } else {
-                let seconds = req
-                    .timestamp
-                    .as_ref()
-                    .map(|t| t.seconds)
-                    .or_else(|| committer_seconds(target_commit.as_ref()))
-                    .unwrap_or(0);
                 let mut raw = format!(
                     "object {}\ntype {}\ntag {name}\ntagger ",
                     object.oid, object.kind
                 )
                 .into_bytes();
-                raw.extend(ident(user, seconds));
+                raw.extend(ident(user, seconds, &zone));
                 raw.extend(b"\n\n");
                 raw.extend(&req.message);
                 let id = self
@@ -221,7 +223,7 @@ impl OperationService for OperationSvc {
                     name: user.name.clone(),
                     email: user.email.clone(),
                     date: Some(prost_types::Timestamp { seconds, nanos: 0 }),
-                    timezone: b"+0000".to_vec(),
+                    timezone: zone.into_bytes(),
                 };
                 (id, Some(tagger))
             };
@@ -333,6 +335,8 @@ impl OperationSvc {
         if user.name.is_empty() || user.email.is_empty() {
             return Err(NodeError::invalid("user name and email must be set").into());
         }
+        // A zone the node cannot apply is refused before the transaction is joined.
+        fixed_offset(&user.timezone)?;
         let branch = non_empty(&h.branch_name, "branch_name")?;
         if h.commit_message.is_empty() {
             return Err(NodeError::invalid("empty commit_message").into());
@@ -457,12 +461,11 @@ impl OperationSvc {
         let tree = self.write_tree(repo, &files).await?;
         let h = &plan.header;
         let user = user(h.user.as_ref())?;
-        let seconds = h
-            .timestamp
-            .as_ref()
-            .map(|t| t.seconds)
-            .or_else(|| committer_seconds(plan.parent.as_ref()))
-            .unwrap_or(0);
+        let (seconds, zone) = commit_time(
+            h.timestamp.as_ref(),
+            committer_seconds(plan.parent.as_ref()),
+            user,
+        )?;
         let author = User {
             name: if h.commit_author_name.is_empty() {
                 user.name.clone()
@@ -485,7 +488,9 @@ impl OperationSvc {
         if let Some(p) = &plan.parent {
             cmd = cmd.arg("-p").arg(&p.id);
         }
-        let date = format!("{seconds} +0000");
+        // `@` marks the number as Unix seconds: git reads a bare number under 100000000
+        // as something else and refuses it ("invalid date format: 0 +0000").
+        let date = format!("@{seconds} {zone}");
         for (who, u) in [("AUTHOR", &author), ("COMMITTER", user)] {
             cmd = cmd
                 .env(&format!("GIT_{who}_NAME"), lossy(&u.name)?)
@@ -972,9 +977,48 @@ fn committer_seconds(commit: Option<&refvote_proto::gitaly::GitCommit>) -> Optio
     commit?.committer.as_ref()?.date.as_ref().map(|d| d.seconds)
 }
 
-/// `Name <email> <seconds> +0000`, without the characters git's ident format forbids
+/// The date of the objects a write creates, in Unix seconds, and the offset it is
+/// written in: the request's `timestamp`, else `fallback` (the fixed rule), else the
+/// epoch; the user's zone as the router resolved it.
+fn commit_time(
+    timestamp: Option<&prost_types::Timestamp>,
+    fallback: Option<i64>,
+    user: &User,
+) -> Result<(i64, String), Status> {
+    let seconds = timestamp.map(|t| t.seconds).or(fallback).unwrap_or(0);
+    if seconds < 0 {
+        return Err(NodeError::invalid(format!(
+            "timestamp {seconds} is before 1970: git cannot store such a date"
+        ))
+        .into());
+    }
+    Ok((seconds, fixed_offset(&user.timezone)?))
+}
+
+/// A zone as a node may apply it without a zone database: an offset (`+0530`,
+/// `-0800`) or UTC (empty, `UTC`, `Etc/UTC`). The router turns a user's named zone
+/// into its offset at the commit's time; a name that reaches a node is refused.
+fn fixed_offset(zone: &str) -> Result<String, Status> {
+    if matches!(zone, "" | "UTC" | "Etc/UTC") {
+        return Ok("+0000".into());
+    }
+    let b = zone.as_bytes();
+    let offset = b.len() == 5
+        && matches!(b[0], b'+' | b'-')
+        && b[1..].iter().all(u8::is_ascii_digit)
+        && b[3] < b'6';
+    if !offset {
+        return Err(NodeError::invalid(format!(
+            "time zone {zone:?} is not an offset: the router turns a user's zone into its offset (+HHMM) at the commit's time, as nodes keep no zone database; send the write through the router"
+        ))
+        .into());
+    }
+    Ok(zone.to_owned())
+}
+
+/// `Name <email> <seconds> <zone>`, without the characters git's ident format forbids
 /// (git's own commit-tree drops them the same way).
-fn ident(user: &User, seconds: i64) -> Vec<u8> {
+fn ident(user: &User, seconds: i64, zone: &str) -> Vec<u8> {
     let clean = |b: &[u8]| -> Vec<u8> {
         b.iter()
             .copied()
@@ -984,7 +1028,7 @@ fn ident(user: &User, seconds: i64) -> Vec<u8> {
     let mut out = clean(&user.name);
     out.extend(b" <");
     out.extend(clean(&user.email));
-    out.extend(format!("> {seconds} +0000").as_bytes());
+    out.extend(format!("> {seconds} {zone}").as_bytes());
     out
 }
 
@@ -1007,6 +1051,60 @@ mod tests {
                 stderr: stderr.into(),
             },
         }
+    }
+
+    #[test]
+    fn a_node_applies_offsets_and_refuses_zone_names() {
+        assert_eq!(fixed_offset("").unwrap(), "+0000");
+        assert_eq!(fixed_offset("UTC").unwrap(), "+0000");
+        assert_eq!(fixed_offset("+0530").unwrap(), "+0530");
+        assert_eq!(fixed_offset("-0800").unwrap(), "-0800");
+        for zone in ["Europe/Berlin", "+05:30", "+0590", "0530", "+053"] {
+            let e = fixed_offset(zone).unwrap_err();
+            assert_eq!(e.code(), Code::InvalidArgument, "{zone}");
+        }
+        assert!(
+            fixed_offset("Asia/Kolkata")
+                .unwrap_err()
+                .message()
+                .contains("through the router")
+        );
+    }
+
+    #[test]
+    fn a_write_without_a_time_gets_the_fixed_rule() {
+        let user = User {
+            timezone: "+0200".into(),
+            ..Default::default()
+        };
+        let at = prost_types::Timestamp {
+            seconds: 1_700_000_000,
+            nanos: 0,
+        };
+        assert_eq!(
+            commit_time(Some(&at), Some(5), &user).unwrap(),
+            (1_700_000_000, "+0200".to_owned())
+        );
+        assert_eq!(commit_time(None, Some(5), &user).unwrap().0, 5);
+        assert_eq!(commit_time(None, None, &user).unwrap().0, 0);
+        let before = prost_types::Timestamp {
+            seconds: -1,
+            nanos: 0,
+        };
+        assert_eq!(
+            commit_time(Some(&before), None, &user).unwrap_err().code(),
+            Code::InvalidArgument
+        );
+        let id = ident(
+            &User {
+                name: b"A <b>".to_vec(),
+                email: b"a@b".to_vec(),
+                ..Default::default()
+            },
+            7,
+            "-0330",
+        );
+        assert_eq!(id, b"A b <a@b> 7 -0330");
     }
 
     #[test]

@@ -54,13 +54,23 @@ pub enum LegResult {
         frames: Vec<Bytes>,
         status: Option<Status>,
     },
-    /// No usable answer: the call failed before one, or the router dropped it.
+    /// The node refused the call before any frame (its own status), or the router
+    /// itself failed.
     Failed(Status),
+    /// No answer from the node: it could not be reached, the connection to it broke,
+    /// or the router dropped the call (the replica could not keep up, or did not
+    /// answer long after another did, or its node lost its lease).
+    Unreached(Status),
 }
 
 impl LegResult {
     pub fn succeeded(&self) -> bool {
         matches!(self, LegResult::Answered { status: None, .. })
+    }
+
+    /// Whether the node itself ended the call, with success or its own refusal.
+    pub fn reached(&self) -> bool {
+        !matches!(self, LegResult::Unreached(_))
     }
 
     /// The status a client would see: OK, the node's error, or why the call failed.
@@ -70,9 +80,28 @@ impl LegResult {
             LegResult::Answered {
                 status: Some(s), ..
             }
-            | LegResult::Failed(s) => format!("{:?}: {}", s.code(), s.message()),
+            | LegResult::Failed(s)
+            | LegResult::Unreached(s) => format!("{:?}: {}", s.code(), s.message()),
         }
     }
+
+    /// Why the call ended, without the code: "ok" or the status message.
+    pub fn status_message(&self) -> String {
+        match self {
+            LegResult::Answered { status: None, .. } => "ok".into(),
+            LegResult::Answered {
+                status: Some(s), ..
+            }
+            | LegResult::Failed(s)
+            | LegResult::Unreached(s) => s.message().to_owned(),
+        }
+    }
+}
+
+/// A status the transport made up (the connection failed or broke) rather than one
+/// the node sent: only the transport's carry the error they came from.
+fn from_transport(status: &Status) -> bool {
+    std::error::Error::source(status).is_some()
 }
 
 /// A running replica call and the tee's side of it.
@@ -168,7 +197,7 @@ async fn collect(
                     let Some((i, joined)) = next else { break };
                     let result = match joined {
                         Ok(r) => r,
-                        Err(e) if e.is_cancelled() => LegResult::Failed(Status::unavailable(
+                        Err(e) if e.is_cancelled() => LegResult::Unreached(Status::unavailable(
                             "the router dropped the call: the replica could not keep up, or the client's stream broke",
                         )),
                         Err(e) => LegResult::Failed(Status::internal(format!(
@@ -204,7 +233,7 @@ async fn collect(
                 }
                 // Aborting drops the call, which resets it.
                 leg.task.abort();
-                LegResult::Failed(Status::unavailable(format!(
+                LegResult::Unreached(Status::unavailable(format!(
                     "node {} did not answer (its lease lapsed, or long after another replica answered); the router dropped the call",
                     leg.node
                 )))
@@ -295,7 +324,7 @@ async fn run_leg(
         // The node already bounded what it sends; the router bounds what it keeps.
         .max_decoding_message_size(usize::MAX);
     if let Err(e) = client.ready().await {
-        return LegResult::Failed(Status::unavailable(format!(
+        return LegResult::Unreached(Status::unavailable(format!(
             "cannot reach node {}: {e}",
             spec.node
         )));
@@ -303,6 +332,13 @@ async fn run_leg(
     let request = Request::from_parts(spec.metadata, Extensions::new(), outgoing);
     let response = match client.streaming(request, path, BytesCodec).await {
         Ok(r) => r,
+        Err(status) if from_transport(&status) => {
+            return LegResult::Unreached(Status::unavailable(format!(
+                "cannot reach node {}: {}",
+                spec.node,
+                status.message()
+            )));
+        }
         Err(status) => return LegResult::Failed(status),
     };
     let (metadata, mut stream, _) = response.into_parts();
@@ -327,6 +363,14 @@ async fn run_leg(
                     frames,
                     status: None,
                 };
+            }
+            // The connection broke before the node ended the call.
+            Err(status) if from_transport(&status) => {
+                return LegResult::Unreached(Status::unavailable(format!(
+                    "the call to node {} broke: {}",
+                    spec.node,
+                    status.message()
+                )));
             }
             Err(status) => {
                 return LegResult::Answered {

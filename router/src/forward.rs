@@ -26,13 +26,14 @@ use tonic::{Code, Extensions, Request, Response, Status, Streaming};
 use crate::codec::BytesCodec;
 use crate::fanout::{LegResult, LegSpec, fan_out};
 use crate::frame;
+use crate::outcome::{answer, non_voters, respond_with};
 use crate::pool::{NodeChannel, Pool};
 use crate::reads::{ReadError, ReadStats, Reads};
 use crate::registry::{Method, OpKind, Registry};
 use crate::respond::RouteError;
 
 /// Frames back to the client: the node's, unchanged, ending with its status.
-pub type Frames = Pin<Box<dyn Stream<Item = Result<Bytes, Status>> + Send>>;
+pub use crate::outcome::Frames;
 
 /// Frames to a node.
 type Outgoing = Pin<Box<dyn Stream<Item = Bytes> + Send>>;
@@ -195,9 +196,22 @@ impl Forwarder {
     async fn mutator(
         self: &Arc<Self>,
         repo: &RepoId,
-        call: Call<'_>,
+        mut call: Call<'_>,
     ) -> Result<Response<Frames>, RouteError> {
         let lease = (*self.lease.borrow()).ok_or(RouteError::NoLease)?;
+        // A write that creates objects gets its time once, here, so every replica
+        // builds the same ones (and a bad zone is refused before anything begins).
+        if let Some(stamp) = &call.method.stamp {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_err(|e| RouteError::Internal(format!("the router's clock: {e}")))?
+                .as_secs() as i64;
+            if let Some(first) =
+                crate::stamp::settle(&call.first, stamp, now).map_err(RouteError::Stamp)?
+            {
+                call.first = Bytes::from(first);
+            }
+        }
         // A creating call registers the repository first: placed, recorded create-only,
         // then created on every assigned node as a voted write like any other.
         let created = if creates_repository(&call.method.path) {
@@ -254,6 +268,13 @@ impl Forwarder {
                 Err(why) => unusable.push((node.clone(), why)),
             }
         }
+        // The assigned replicas nobody calls, for a refusal's reason.
+        let mut absent = unusable.clone();
+        if let Some(view) = &view {
+            absent.extend(non_voters(&view.record.assigned, &tx.voters, |n| {
+                view.live_nodes.contains_key(n)
+            }));
+        }
         let path = path_of(call.method)?;
         let rest = call.incoming.filter(|_| call.method.client_streaming);
         // The rest runs on its own task: a client that goes away must not leave the
@@ -303,7 +324,7 @@ impl Forwarder {
                         .await;
                 }
             }
-            answer(&tx, outcome, results)
+            answer(&tx, outcome, results, &absent)
         });
         task.await
             .map_err(|e| RouteError::Internal(format!("the write's task failed: {e}")))?
@@ -521,10 +542,11 @@ impl Forwarder {
         repo: &RepoId,
         mut call: Call<'_>,
     ) -> Result<Response<Frames>, RouteError> {
-        let view = self.reads.view(repo).await.map_err(|e| match e {
-            ReadError::NotRegistered(r) => RouteError::NotRegistered(r),
-            ReadError::Unconfirmed(why) => RouteError::ReadUnconfirmed(why),
-        })?;
+        let view = match self.reads.view(repo).await {
+            Ok(view) => view,
+            Err(ReadError::NotRegistered(r)) => return unregistered(call.method, r),
+            Err(ReadError::Unconfirmed(why)) => return Err(RouteError::ReadUnconfirmed(why)),
+        };
         let mut replicas = view.up_to_date_live();
         if replicas.is_empty() {
             return Err(RouteError::NoReplica {
@@ -620,6 +642,22 @@ impl Forwarder {
     }
 }
 
+/// A read of a repository etcd does not know, answered as Gitaly and Praefect answer
+/// one that does not exist: `RepositoryExists` says `exists: false` (Praefect answers
+/// it from its database the same way; Rails asks it before it creates or imports a
+/// project or touches a wiki), every other read is NOT_FOUND, the code Gitaly's
+/// repository validation gives (`HasLocalBranches`, `FindDefaultBranchName`,
+/// `RepositorySize`, `ObjectFormat`...), which Rails reads as "no repository".
+fn unregistered(method: &Method, repo: RepoId) -> Result<Response<Frames>, RouteError> {
+    if method.path != "/gitaly.RepositoryService/RepositoryExists" {
+        return Err(RouteError::NotRegistered(repo));
+    }
+    let absent = refvote_proto::gitaly::RepositoryExistsResponse { exists: false };
+    let frame = Bytes::from(prost::Message::encode_to_vec(&absent));
+    let frames: Frames = Box::pin(stream::once(async move { Ok(frame) }));
+    Ok(Response::new(frames))
+}
+
 /// The calls that create their target repository.
 fn creates_repository(path: &str) -> bool {
     matches!(
@@ -632,90 +670,6 @@ fn creates_repository(path: &str) -> bool {
 fn path_of(method: &Method) -> Result<http::uri::PathAndQuery, RouteError> {
     http::uri::PathAndQuery::try_from(method.path.as_str())
         .map_err(|e| RouteError::Internal(format!("method path {}: {e}", method.path)))
-}
-
-/// What the client hears once the transaction is finalized (DESIGN.md §2 step 7).
-fn answer(
-    tx: &TxRecord,
-    outcome: Result<refvote_cluster::records::TxOutcome, refvote_cluster::Error>,
-    results: Vec<(String, LegResult)>,
-) -> Result<Response<Frames>, RouteError> {
-    let summary = || {
-        results
-            .iter()
-            .map(|(n, r)| format!("{n}: {}", r.status_text()))
-            .collect::<Vec<_>>()
-            .join("; ")
-    };
-    let outcome = match outcome {
-        Ok(o) => o,
-        Err(e) => {
-            tracing::warn!(tx = %tx.id, error = %e, "finalize failed");
-            return Err(RouteError::OutcomeUnknown {
-                detail: format!("finalize failed: {e}; {}", summary()),
-            });
-        }
-    };
-    tracing::debug!(tx = %tx.id, ?outcome, "finalized");
-    if outcome.acknowledged {
-        // The answer comes from the winning side: a promoted replica when something
-        // committed, else any voter (nothing changed, e.g. git refused every ref).
-        let winner = |n: &String| !outcome.committed || outcome.promoted.contains(n);
-        let pick = results
-            .iter()
-            .position(|(n, r)| winner(n) && r.succeeded())
-            .or_else(|| {
-                results
-                    .iter()
-                    .position(|(n, r)| winner(n) && matches!(r, LegResult::Answered { .. }))
-            });
-        if let Some(i) = pick {
-            let (_, result) = results.into_iter().nth(i).expect("picked");
-            return respond_with(result);
-        }
-        return Err(RouteError::OutcomeUnknown {
-            detail: format!("no promoted replica's answer was kept; {}", summary()),
-        });
-    }
-    if !outcome.committed {
-        // Nothing changed anywhere. When every voter failed the same way (git refused
-        // the push alike everywhere), that failure is the truthful answer.
-        let mut texts = results.iter().map(|(_, r)| r.status_text());
-        let first = texts.next();
-        if first.is_some() && texts.all(|t| Some(&t) == first.as_ref()) {
-            let (_, result) = results.into_iter().next().expect("one result");
-            return respond_with(result);
-        }
-        return Err(RouteError::NotWritten {
-            repo: tx.repo.clone(),
-            detail: summary(),
-        });
-    }
-    Err(RouteError::OutcomeUnknown {
-        detail: format!(
-            "{} of {} needed replicas promoted; {}",
-            outcome.promoted.len(),
-            outcome.threshold,
-            summary()
-        ),
-    })
-}
-
-/// One replica's held-back answer, replayed to the client as the node sent it.
-fn respond_with(result: LegResult) -> Result<Response<Frames>, RouteError> {
-    match result {
-        LegResult::Answered {
-            metadata,
-            frames,
-            status,
-        } => {
-            let frames: Frames = Box::pin(stream::iter(
-                frames.into_iter().map(Ok).chain(status.map(Err)),
-            ));
-            Ok(Response::from_parts(metadata, frames, Extensions::new()))
-        }
-        LegResult::Failed(status) => Err(RouteError::Client(status)),
-    }
 }
 
 /// What one call carries from replica to replica.

@@ -41,7 +41,7 @@ pub fn rewrite_repository(
 }
 
 /// The bytes of the single message field at `path`, or `None` when it is absent.
-fn locate<'a>(buf: &'a [u8], path: &[u32]) -> Result<Option<&'a [u8]>, FrameError> {
+pub(crate) fn locate<'a>(buf: &'a [u8], path: &[u32]) -> Result<Option<&'a [u8]>, FrameError> {
     let Some((&first, rest)) = path.split_first() else {
         return Ok(Some(buf));
     };
@@ -61,7 +61,7 @@ fn locate<'a>(buf: &'a [u8], path: &[u32]) -> Result<Option<&'a [u8]>, FrameErro
 
 /// `buf` with the message field at `path` replaced by `new` (lengths re-encoded on the
 /// way up).
-fn replace(buf: &[u8], path: &[u32], new: &[u8]) -> Result<Vec<u8>, FrameError> {
+pub(crate) fn replace(buf: &[u8], path: &[u32], new: &[u8]) -> Result<Vec<u8>, FrameError> {
     let Some((&first, rest)) = path.split_first() else {
         return Ok(new.to_vec());
     };

@@ -3,9 +3,14 @@
 //! [`codec`]: the method [`registry`] (built from the `op_type` annotations in
 //! `proto/`) classifies it, the first [`frame`] names the target repository, etcd says
 //! which replicas may serve it, and the frames pass through unchanged apart from the
-//! storage name.
+//! storage name (and a write's time, below).
 //!
-//! Accessors, mutators (voted transactions) and maintenance fan-out are routed. Reads
+//! Accessors, mutators (voted transactions) and maintenance fan-out are routed. A
+//! write that creates commit or tag objects gets its time and the user's zone offset
+//! settled once by the router (`stamp`) before the fan-out; what the client hears
+//! once a write is finalized is decided in `outcome`. A read of a repository etcd
+//! does not know is answered as Gitaly answers one that does not exist
+//! (`RepositoryExists`: `exists: false`; everything else NOT_FOUND). Reads
 //! take their replicas from [`reads`]: a watched in-memory view of etcd plus one shared
 //! linearizable confirm round per batch of reads in flight. Writes are voted;
 //! repository creation places and registers the repository. With `http_listen_addr`,
@@ -31,12 +36,14 @@ pub mod frame;
 pub mod http;
 pub mod metrics;
 mod nodes;
+mod outcome;
 mod pool;
 pub mod reads;
 pub mod registry;
 pub mod repair;
 pub mod respond;
 pub mod server;
+mod stamp;
 mod wire;
 
 pub use config::Config;

@@ -18,6 +18,11 @@ const EXT_ADDITIONAL_REPOSITORY: u32 = 91236;
 
 /// The message type every target path ends at.
 const REPOSITORY_TYPE: &str = ".gitaly.Repository";
+/// The type of a write's commit or tag time, and of the user it writes for.
+const TIMESTAMP_TYPE: &str = ".google.protobuf.Timestamp";
+const USER_TYPE: &str = ".gitaly.User";
+/// The name every object-creating write gives its time field.
+const TIMESTAMP_FIELD: &str = "timestamp";
 
 /// How deep the search for a nested target repository goes.
 const MAX_DEPTH: usize = 4;
@@ -54,6 +59,21 @@ pub struct Method {
     pub additional: Option<Vec<u32>>,
     pub client_streaming: bool,
     pub server_streaming: bool,
+    /// Where a write that creates commit or tag objects carries their time, which the
+    /// router settles once for every replica ([`crate::stamp`]); `None` for every other
+    /// method.
+    pub stamp: Option<Stamp>,
+}
+
+/// Where the time of a write's new objects sits in its first request frame: the
+/// message at `at` (field numbers from the request; empty for the request itself)
+/// holds a `google.protobuf.Timestamp timestamp` field and the `User` fields whose
+/// time zone dates those objects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stamp {
+    pub at: Vec<u32>,
+    pub timestamp: u32,
+    pub users: Vec<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -77,11 +97,21 @@ pub struct Registry {
     methods: HashMap<String, Method>,
 }
 
+/// What the registry needs of one field.
+#[derive(Debug)]
+struct FieldType {
+    number: u32,
+    name: String,
+    /// The type name of a message field.
+    type_name: Option<String>,
+    target: bool,
+    additional: bool,
+}
+
 /// What the registry needs of one message type.
 #[derive(Debug, Default)]
 struct MessageType {
-    /// (field number, type name of a message field, target?, additional?)
-    fields: Vec<(u32, Option<String>, bool, bool)>,
+    fields: Vec<FieldType>,
     /// The field marked `repository`: where a wrapper message (an object pool) that is
     /// itself a target or additional repository keeps its `Repository`.
     repository: Option<u32>,
@@ -206,6 +236,11 @@ fn collect_messages(
             .find(|f| f.number == 3)
             .and_then(varint)
             .unwrap_or(0) as u32;
+        let field_name = ff
+            .iter()
+            .find(|f| f.number == 1)
+            .map(string)
+            .unwrap_or_default();
         // type 11 is TYPE_MESSAGE.
         let is_message = ff.iter().find(|f| f.number == 5).and_then(varint) == Some(11);
         let type_name = is_message.then(|| {
@@ -226,7 +261,13 @@ fn collect_messages(
         if repository {
             ty.repository = Some(number);
         }
-        ty.fields.push((number, type_name, target, additional));
+        ty.fields.push(FieldType {
+            number,
+            name: field_name,
+            type_name,
+            target,
+            additional,
+        });
     }
     for nested in fields.iter().filter(|f| f.number == 3).filter_map(bytes) {
         collect_messages(nested, &name, types)?;
@@ -254,19 +295,19 @@ fn find(
             let Some(ty) = types.get(name) else {
                 continue;
             };
-            for (number, nested, target, extra) in &ty.fields {
-                if (!additional && *target) || (additional && *extra) {
+            for field in &ty.fields {
+                if (!additional && field.target) || (additional && field.additional) {
                     let mut p = path.clone();
-                    p.push(*number);
-                    match nested.as_deref() {
+                    p.push(field.number);
+                    match field.type_name.as_deref() {
                         Some(REPOSITORY_TYPE) | None => {}
                         Some(wrapper) => p.push(types.get(wrapper)?.repository?),
                     }
                     return Some(p);
                 }
-                if let Some(nested) = nested {
+                if let Some(nested) = &field.type_name {
                     let mut p = path.clone();
-                    p.push(*number);
+                    p.push(field.number);
                     next.push((nested.clone(), p));
                 }
             }
@@ -274,6 +315,36 @@ fn find(
         queue = next;
     }
     None
+}
+
+/// Where a request carries the time of the objects it creates: the request itself or
+/// a message one field down (the header of a streamed request) with a `timestamp`
+/// field of type `google.protobuf.Timestamp`, as every Gitaly write that builds a
+/// commit or tag has (`UserCommitFiles`, `UserCreateTag`, merges, cherry-picks,
+/// reverts, squashes, rebases, `UserApplyPatch`, `ResolveConflicts`, ...).
+fn find_stamp(types: &BTreeMap<String, MessageType>, type_name: &str) -> Option<Stamp> {
+    let stamp_of = |ty: &MessageType, at: Vec<u32>| {
+        let timestamp = ty.fields.iter().find(|f| {
+            f.name == TIMESTAMP_FIELD && f.type_name.as_deref() == Some(TIMESTAMP_TYPE)
+        })?;
+        Some(Stamp {
+            at,
+            timestamp: timestamp.number,
+            users: ty
+                .fields
+                .iter()
+                .filter(|f| f.type_name.as_deref() == Some(USER_TYPE))
+                .map(|f| f.number)
+                .collect(),
+        })
+    };
+    let ty = types.get(type_name)?;
+    stamp_of(ty, Vec::new()).or_else(|| {
+        ty.fields.iter().find_map(|f| {
+            let nested = types.get(f.type_name.as_deref()?)?;
+            stamp_of(nested, vec![f.number])
+        })
+    })
 }
 
 fn classify(
@@ -318,6 +389,7 @@ fn classify(
                 additional: None,
                 client_streaming,
                 server_streaming,
+                stamp: None,
             });
         }
         return Err(RegistryError::Unannotated(path));
@@ -354,6 +426,11 @@ fn classify(
     if scope == Scope::Repository && target.is_none() {
         return Err(RegistryError::NoTarget(path));
     }
+    // Only a write creates objects whose time must agree across replicas.
+    let stamp = match kind {
+        OpKind::Mutator => find_stamp(types, &input),
+        _ => None,
+    };
     Ok(Method {
         path,
         kind: Some(kind),
@@ -362,6 +439,7 @@ fn classify(
         additional,
         client_streaming,
         server_streaming,
+        stamp,
     })
 }
 
@@ -462,6 +540,45 @@ mod tests {
         // The whole of every service GitLab's clients use is declared: 143 methods, the
         // plain upload-pack forms Gitaly has since removed included.
         assert_eq!(r.len(), 143, "{} methods", r.len());
+    }
+
+    /// Every write Gitaly dates with `SignatureFromRequest` (its time, else now, in the
+    /// user's zone) is found, with the users whose zone applies; reads and writes that
+    /// create no objects have nothing to settle.
+    #[test]
+    fn finds_where_each_write_carries_its_time() {
+        let r = Registry::gitaly().unwrap();
+        let stamp = |path: &str| r.get(path).unwrap().stamp.clone();
+        let at = |at: &[u32], timestamp: u32, users: &[u32]| {
+            Some(Stamp {
+                at: at.to_vec(),
+                timestamp,
+                users: users.to_vec(),
+            })
+        };
+        #[rustfmt::skip]
+        let rows: &[(&str, Option<Stamp>)] = &[
+            ("/gitaly.OperationService/UserCommitFiles", at(&[1], 11, &[2])),
+            ("/gitaly.OperationService/UserCreateTag", at(&[], 7, &[3])),
+            ("/gitaly.OperationService/UserMergeBranch", at(&[], 7, &[2])),
+            ("/gitaly.OperationService/UserMergeToRef", at(&[], 9, &[2])),
+            ("/gitaly.OperationService/UserRebaseToRef", at(&[], 9, &[2])),
+            ("/gitaly.OperationService/UserCherryPick", at(&[], 9, &[2])),
+            ("/gitaly.OperationService/UserRevert", at(&[], 9, &[2])),
+            ("/gitaly.OperationService/UserRebaseConfirmable", at(&[1], 9, &[2])),
+            // The squash's author keeps their own zone, as in Gitaly.
+            ("/gitaly.OperationService/UserSquash", at(&[], 9, &[2, 7])),
+            ("/gitaly.OperationService/UserApplyPatch", at(&[1], 4, &[2])),
+            ("/gitaly.OperationService/UserUpdateSubmodule", at(&[], 7, &[2])),
+            ("/gitaly.ConflictsService/ResolveConflicts", at(&[1], 9, &[8])),
+            ("/gitaly.OperationService/UserCreateBranch", None),
+            ("/gitaly.SmartHTTPService/PostReceivePack", None),
+            // Reads with times of their own (after/before) are not writes.
+            ("/gitaly.CommitService/ListCommits", None),
+        ];
+        for (path, want) in rows {
+            assert_eq!(&stamp(path), want, "{path}");
+        }
     }
 
     /// A descriptor set with one service whose only method is not annotated.

@@ -62,6 +62,23 @@ pub enum RouteError {
         "the write to {repo} changed nothing: its replicas failed differently ({detail}); retry"
     )]
     NotWritten { repo: RepoId, detail: String },
+    /// Too few voters could be reached to decide the write (a node died before its
+    /// lease ran out): the same kind of reason as a transaction refused for want of
+    /// up-to-date replicas, not a divergence.
+    #[error(
+        "cannot write to {repo}: not enough replicas answered: {answered} of {assigned} answered, {needed} needed; unreachable: {unreachable}"
+    )]
+    TooFewAnswered {
+        repo: RepoId,
+        answered: usize,
+        assigned: usize,
+        needed: usize,
+        unreachable: String,
+    },
+    /// The write's time or a user's zone could not be settled (Gitaly refuses the same
+    /// requests with INVALID_ARGUMENT).
+    #[error("cannot date the write's new objects")]
+    Stamp(#[source] crate::stamp::StampError),
     #[error("repository {0} already exists")]
     AlreadyExists(RepoId),
     #[error("cannot create {repo}")]
@@ -93,9 +110,10 @@ impl From<RouteError> for Status {
     fn from(e: RouteError) -> Status {
         let code = match &e {
             RouteError::UnknownMethod(_) | RouteError::NotYet { .. } => Code::Unimplemented,
-            RouteError::EmptyRequest(_) | RouteError::Frame { .. } | RouteError::Repo(_) => {
-                Code::InvalidArgument
-            }
+            RouteError::EmptyRequest(_)
+            | RouteError::Frame { .. }
+            | RouteError::Repo(_)
+            | RouteError::Stamp(_) => Code::InvalidArgument,
             RouteError::NotRegistered(_) => Code::NotFound,
             RouteError::AlreadyExists(_) => Code::AlreadyExists,
             RouteError::NoPlacement { .. } => Code::Unavailable,
@@ -106,7 +124,8 @@ impl From<RouteError> for Status {
             | RouteError::NoLease
             | RouteError::NoVote { .. }
             | RouteError::OutcomeUnknown { .. }
-            | RouteError::NotWritten { .. } => Code::Unavailable,
+            | RouteError::NotWritten { .. }
+            | RouteError::TooFewAnswered { .. } => Code::Unavailable,
             RouteError::Internal(_) => Code::Internal,
             RouteError::Client(s) => return s.clone(),
         };

@@ -62,9 +62,17 @@ impl Commands {
 /// The reason in a rejected ref's line: short, no newlines.
 pub(super) fn short_reason(status: &Status) -> String {
     let m = status.message();
-    if let Some(i) = m.find("not enough replicas are up to date: ") {
-        let rest = &m[i + "not enough replicas are up to date: ".len()..];
-        return format!("no quorum: {}", rest.lines().next().unwrap_or(rest));
+    // Too few replicas, whether etcd said so before the write began or the write found
+    // it out (a node died before its lease ran out): the counts, up to the details.
+    for lead in [
+        "not enough replicas are up to date: ",
+        "not enough replicas answered: ",
+    ] {
+        if let Some(i) = m.find(lead) {
+            let rest = &m[i + lead.len()..];
+            let counts = rest.split([';', '\n']).next().unwrap_or(rest);
+            return format!("no quorum: {counts}");
+        }
     }
     match status.code() {
         Code::NotFound => "repository not found".into(),
@@ -133,5 +141,14 @@ mod tests {
         assert!(report.ends_with(b"0000"));
         let c = Commands::parse(&command_section("side-band-64k", &["refs/heads/x"]));
         assert!(c.rejection(&status).is_none());
+    }
+
+    #[test]
+    fn a_dead_replica_is_a_missing_quorum_too() {
+        let status = Status::unavailable(
+            "cannot write to default/p.git: not enough replicas answered: 1 of 3 answered, 2 needed; \
+             unreachable: node1 (cannot reach node node1: connection refused)",
+        );
+        assert_eq!(short_reason(&status), "no quorum: 1 of 3 answered, 2 needed");
     }
 }
