@@ -118,12 +118,14 @@ struct Leg {
 /// Runs `path` on every replica in `legs`, teeing `rest` (the client's frames after
 /// the first, when the method streams them) to all of them, and returns how each call
 /// ended, in the order given. `gone(node)` says a node lost its etcd lease (see
-/// [`collect`]).
+/// [`collect`]); `unreached(node, why)` hears at once of each call that ends without
+/// the node's answer, so a write can settle without waiting for that replica.
 pub async fn fan_out(
     path: http::uri::PathAndQuery,
     legs: Vec<LegSpec>,
     rest: Option<Streaming<Bytes>>,
     gone: &(dyn Fn(&str) -> bool + Sync),
+    unreached: &(dyn Fn(&str, &str) + Sync),
 ) -> Vec<(String, LegResult)> {
     let started = Instant::now();
     let mut running: Vec<Leg> = legs
@@ -162,7 +164,7 @@ pub async fn fan_out(
         // Dropping the sender ends that replica's request stream cleanly.
         leg.frames = None;
     }
-    collect(running, started, gone).await
+    collect(running, started, gone, unreached).await
 }
 
 /// Waits for every replica's call to end, except that once one replica has answered
@@ -174,6 +176,7 @@ async fn collect(
     mut running: Vec<Leg>,
     started: Instant,
     gone: &(dyn Fn(&str) -> bool + Sync),
+    unreached: &(dyn Fn(&str, &str) + Sync),
 ) -> Vec<(String, LegResult)> {
     let nodes: Vec<String> = running.iter().map(|l| l.node.clone()).collect();
     let mut results: Vec<Option<LegResult>> = running.iter().map(|_| None).collect();
@@ -204,6 +207,9 @@ async fn collect(
                             "the call failed in the router: {e}"
                         ))),
                     };
+                    if let LegResult::Unreached(s) = &result {
+                        unreached(&nodes[i], s.message());
+                    }
                     if deadline.is_none() && result.succeeded() {
                         refvote_cluster::faults::reach(refvote_cluster::faults::AFTER_FIRST_ANSWER).await;
                         deadline = Some(Instant::now() + LAGGARD_LIMIT.max(2 * started.elapsed()));

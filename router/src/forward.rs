@@ -290,7 +290,19 @@ impl Forwarder {
                     tracing::warn!(tx = %tx.id, node, error = %e, "cannot record the voter failed");
                 }
             }
-            let results = fan_out(path, legs, rest, &|n| me.reads.node_gone(n)).await;
+            // A voter whose call ended unanswered (its node died before its lease ran
+            // out) is reported failed at once, as finalize would: the others' votes
+            // settle without waiting for it (DESIGN.md §2 "a failed RPC settles a key").
+            let report = |node: &str, why: &str| {
+                let (store, tx_id, by) = (store.clone(), tx.id.clone(), me.router_id.clone());
+                let (node, why) = (node.to_owned(), why.to_owned());
+                tokio::spawn(async move {
+                    if let Err(e) = store.fail_voter(&tx_id, &node, &by, &why).await {
+                        tracing::warn!(tx = %tx_id, node, error = %e, "cannot record the voter failed yet");
+                    }
+                });
+            };
+            let results = fan_out(path, legs, rest, &|n| me.reads.node_gone(n), &report).await;
             // Every voter that was not called or whose call failed: finalize reports
             // them failed (again, until it lands; create-only) so nobody waits for them.
             let failed: Vec<(String, String)> = unusable
@@ -488,7 +500,7 @@ impl Forwarder {
         }
         let path = path_of(call.method)?;
         let rest = call.incoming.filter(|_| call.method.client_streaming);
-        let results = fan_out(path, legs, rest, &|n| self.reads.node_gone(n)).await;
+        let results = fan_out(path, legs, rest, &|n| self.reads.node_gone(n), &|_, _| {}).await;
         let pick = results
             .iter()
             .position(|(_, r)| r.succeeded())

@@ -111,7 +111,11 @@ enum Refusal {
     Differently,
 }
 
-fn refusal(threshold: usize, results: &[(String, LegResult)], absent: &[(String, String)]) -> Refusal {
+fn refusal(
+    threshold: usize,
+    results: &[(String, LegResult)],
+    absent: &[(String, String)],
+) -> Refusal {
     let answered: Vec<usize> = (0..results.len())
         .filter(|&i| results[i].1.reached())
         .collect();
@@ -176,9 +180,7 @@ pub(crate) fn respond_with(result: LegResult) -> Result<Response<Frames>, RouteE
             ));
             Ok(Response::from_parts(metadata, frames, Extensions::new()))
         }
-        LegResult::Failed(status) | LegResult::Unreached(status) => {
-            Err(RouteError::Client(status))
-        }
+        LegResult::Failed(status) | LegResult::Unreached(status) => Err(RouteError::Client(status)),
     }
 }
 
@@ -206,8 +208,14 @@ mod tests {
     #[test]
     fn a_dead_voter_and_a_stopped_replica_are_too_few_not_a_divergence() {
         let results = [
-            leg("node1", unreached("cannot reach node node1: connection refused")),
-            leg("node3", answered(Some(Status::internal("git receive-pack failed")))),
+            leg(
+                "node1",
+                unreached("cannot reach node node1: connection refused"),
+            ),
+            leg(
+                "node3",
+                answered(Some(Status::internal("git receive-pack failed"))),
+            ),
         ];
         let absent = non_voters(
             &["node1".into(), "node2".into(), "node3".into()],
@@ -222,8 +230,14 @@ mod tests {
                 assert_eq!(answered, 1);
                 let names: Vec<&str> = unreachable.iter().map(|(n, _)| n.as_str()).collect();
                 assert_eq!(names, ["node1", "node2"]);
-                assert!(unreachable[0].1.contains("connection refused"), "{unreachable:?}");
-                assert!(unreachable[1].1.contains("holds no lease"), "{unreachable:?}");
+                assert!(
+                    unreachable[0].1.contains("connection refused"),
+                    "{unreachable:?}"
+                );
+                assert!(
+                    unreachable[1].1.contains("holds no lease"),
+                    "{unreachable:?}"
+                );
             }
             other => panic!("{other:?}"),
         }
@@ -242,15 +256,26 @@ mod tests {
     #[test]
     fn a_refusal_every_replica_that_answered_gave_is_the_answer() {
         let same = || answered(Some(Status::failed_precondition("branch is protected")));
-        let results = [leg("node1", same()), leg("node2", same()), leg("node3", same())];
+        let results = [
+            leg("node1", same()),
+            leg("node2", same()),
+            leg("node3", same()),
+        ];
         assert_eq!(refusal(2, &results, &[]), Refusal::Alike(0));
         // A majority refused alike; the unreachable one does not change their answer.
-        let results = [leg("node1", unreached("gone")), leg("node2", same()), leg("node3", same())];
+        let results = [
+            leg("node1", unreached("gone")),
+            leg("node2", same()),
+            leg("node3", same()),
+        ];
         assert_eq!(refusal(2, &results, &[]), Refusal::Alike(1));
         // A node's own refusal before any frame is an answer too.
         let refused = || LegResult::Failed(Status::invalid_argument("bad ref"));
         let results = [leg("node1", refused()), leg("node2", refused())];
-        assert_eq!(refusal(2, &results, &[("node3".into(), "x".into())]), Refusal::Alike(0));
+        assert_eq!(
+            refusal(2, &results, &[("node3".into(), "x".into())]),
+            Refusal::Alike(0)
+        );
     }
 
     #[test]
@@ -278,7 +303,10 @@ mod tests {
             reaped: false,
         };
         let results = vec![
-            leg("node1", unreached("cannot reach node node1: connection refused")),
+            leg(
+                "node1",
+                unreached("cannot reach node node1: connection refused"),
+            ),
             leg("node3", answered(None)),
         ];
         let absent = [("node2".to_owned(), "its node holds no lease".to_owned())];

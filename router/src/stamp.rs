@@ -55,8 +55,8 @@ pub fn settle(first: &[u8], stamp: &Stamp, now: i64) -> Result<Option<Vec<u8>>, 
         let Some(bytes) = merged(&fields, number)? else {
             continue;
         };
-        let mut user = User::decode(bytes.as_slice())
-            .map_err(|e| StampError::Decode(format!("user: {e}")))?;
+        let mut user =
+            User::decode(bytes.as_slice()).map_err(|e| StampError::Decode(format!("user: {e}")))?;
         user.timezone = offset(&user.timezone, seconds)?;
         users.push((number, user));
     }
@@ -169,10 +169,8 @@ mod tests {
                         user: user(zone),
                         branch_name: b"main".to_vec(),
                         commit_message: b"first".to_vec(),
-                        timestamp: timestamp.map(|seconds| prost_types::Timestamp {
-                            seconds,
-                            nanos: 0,
-                        }),
+                        timestamp: timestamp
+                            .map(|seconds| prost_types::Timestamp { seconds, nanos: 0 }),
                         ..Default::default()
                     },
                 ),

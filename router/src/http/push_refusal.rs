@@ -149,6 +149,9 @@ mod tests {
             "cannot write to default/p.git: not enough replicas answered: 1 of 3 answered, 2 needed; \
              unreachable: node1 (cannot reach node node1: connection refused)",
         );
-        assert_eq!(short_reason(&status), "no quorum: 1 of 3 answered, 2 needed");
+        assert_eq!(
+            short_reason(&status),
+            "no quorum: 1 of 3 answered, 2 needed"
+        );
     }
 }

@@ -382,8 +382,11 @@ async fn commit_file(
                         user: user(),
                         branch_name: GRPC_BRANCH.as_bytes().to_vec(),
                         commit_message: message.as_bytes().to_vec(),
-                        // As GitLab does: the client's clock, the same on every replica.
-                        timestamp: Some(prost_types::Timestamp { seconds, nanos: 0 }),
+                        // Half the time the client's clock; the other half none, as Rails'
+                        // web editor sends it: the router stamps its own, once for every
+                        // replica.
+                        timestamp: (i / 3 % 2 == 0)
+                            .then_some(prost_types::Timestamp { seconds, nanos: 0 }),
                         ..Default::default()
                     },
                 ),
