@@ -385,7 +385,8 @@ async fn commit_file(
                         // Half the time the client's clock; the other half none, as Rails'
                         // web editor sends it: the router stamps its own, once for every
                         // replica.
-                        timestamp: (i / 3 % 2 == 0)
+                        timestamp: (i / 3)
+                            .is_multiple_of(2)
                             .then_some(prost_types::Timestamp { seconds, nanos: 0 }),
                         ..Default::default()
                     },
