@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what refvote's build, demo and tests need on a Debian machine, if missing:
-# git, curl (the HTTP tests), etcd (Debian's etcd-server and etcd-client), protoc
+# git, curl (the HTTP tests), tzdata (the router resolves users' time zones), etcd (Debian's etcd-server and etcd-client), protoc
 # (protobuf-compiler), mkfs.ext4 and losetup (e2fsprogs, mount), Go with Debian's
 # packaged hashicorp-yamux and grpc-go sources (the sidechannel crate's interop test
 # builds a gitlab-shell-like client from them), and cargo-nextest.
@@ -17,6 +17,8 @@ command -v cc >/dev/null || need+=(gcc)
 # The power-cut scenario puts storage on ext4 on a loop device (and runs as root).
 command -v mkfs.ext4 >/dev/null || [ -x /usr/sbin/mkfs.ext4 ] || need+=(e2fsprogs)
 command -v losetup >/dev/null || [ -x /usr/sbin/losetup ] || need+=(mount)
+# The router reads users' time zones from the system's zone database.
+[ -d /usr/share/zoneinfo/Europe ] || need+=(tzdata)
 command -v go >/dev/null || need+=(golang-go)
 [ -d /usr/share/gocode/src/github.com/hashicorp/yamux ] || need+=(golang-github-hashicorp-yamux-dev)
 [ -d /usr/share/gocode/src/google.golang.org/grpc ] || need+=(golang-google-grpc-dev)
