@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Installs what refvote's build, demo and tests need on a Debian machine, if missing:
 # git, curl (the HTTP tests), tzdata (the router resolves users' time zones), etcd
-# (Debian's etcd-server and etcd-client), protoc (protobuf-compiler), mkfs.ext4 and losetup (e2fsprogs, mount), Go with Debian's
-# packaged hashicorp-yamux and grpc-go sources (the sidechannel crate's interop test
-# builds a gitlab-shell-like client from them), and cargo-nextest.
+# (Debian's etcd-server and etcd-client), protoc (protobuf-compiler), mkfs.ext4 and
+# losetup (e2fsprogs, mount), Go with Debian's packaged hashicorp-yamux and grpc-go
+# sources (the sidechannel crate's interop test builds a gitlab-shell-like client from
+# them), and cargo-nextest.
 # Idempotent; safe to run again.
 set -euo pipefail
 
