@@ -43,6 +43,7 @@ mod refs;
 pub mod repolock;
 mod repository;
 mod server;
+mod signature;
 mod smarthttp;
 mod ssh;
 mod state;

@@ -13,8 +13,7 @@
 //!   when the client left it unset (Gitaly uses the current time), once for every
 //!   replica. A request that still has none (a node called directly) gets the **fixed
 //!   rule**: the committer date of the parent commit (UserCommitFiles) or of the tagged
-//!   commit (UserCreateTag), or the Unix epoch when there is none, always written in a
-//!   form git accepts (`@<seconds>`);
+//!   commit (UserCreateTag), or the Unix epoch when there is none (`signature`);
 //! - the time zone is the user's `timezone` as the router leaves it: the offset of the
 //!   user's zone at that time (`+0530`). A node keeps no zone database (it could differ
 //!   between hosts), so it takes only offsets and UTC, and refuses a zone name;
@@ -45,6 +44,7 @@ use super::error::NodeError;
 use super::git::Run;
 use super::refs::names::{self, is_zero};
 use super::refs::update::{self, FailureKind, RefUpdate, UpdateFailure};
+use super::signature::{commit_time, fixed_offset, git_date, ident};
 use super::storage::{RepoPath, Storages};
 use super::tx::{WriteContext, WriteIn};
 use crate::state::NodeState;
@@ -488,9 +488,7 @@ impl OperationSvc {
         if let Some(p) = &plan.parent {
             cmd = cmd.arg("-p").arg(&p.id);
         }
-        // `@` marks the number as Unix seconds: git reads a bare number under 100000000
-        // as something else and refuses it ("invalid date format: 0 +0000").
-        let date = format!("@{seconds} {zone}");
+        let date = git_date(seconds, &zone);
         for (who, u) in [("AUTHOR", &author), ("COMMITTER", user)] {
             cmd = cmd
                 .env(&format!("GIT_{who}_NAME"), lossy(&u.name)?)
@@ -977,61 +975,6 @@ fn committer_seconds(commit: Option<&refvote_proto::gitaly::GitCommit>) -> Optio
     commit?.committer.as_ref()?.date.as_ref().map(|d| d.seconds)
 }
 
-/// The date of the objects a write creates, in Unix seconds, and the offset it is
-/// written in: the request's `timestamp`, else `fallback` (the fixed rule), else the
-/// epoch; the user's zone as the router resolved it.
-fn commit_time(
-    timestamp: Option<&prost_types::Timestamp>,
-    fallback: Option<i64>,
-    user: &User,
-) -> Result<(i64, String), Status> {
-    let seconds = timestamp.map(|t| t.seconds).or(fallback).unwrap_or(0);
-    if seconds < 0 {
-        return Err(NodeError::invalid(format!(
-            "timestamp {seconds} is before 1970: git cannot store such a date"
-        ))
-        .into());
-    }
-    Ok((seconds, fixed_offset(&user.timezone)?))
-}
-
-/// A zone as a node may apply it without a zone database: an offset (`+0530`,
-/// `-0800`) or UTC (empty, `UTC`, `Etc/UTC`). The router turns a user's named zone
-/// into its offset at the commit's time; a name that reaches a node is refused.
-fn fixed_offset(zone: &str) -> Result<String, Status> {
-    if matches!(zone, "" | "UTC" | "Etc/UTC") {
-        return Ok("+0000".into());
-    }
-    let b = zone.as_bytes();
-    let offset = b.len() == 5
-        && matches!(b[0], b'+' | b'-')
-        && b[1..].iter().all(u8::is_ascii_digit)
-        && b[3] < b'6';
-    if !offset {
-        return Err(NodeError::invalid(format!(
-            "time zone {zone:?} is not an offset: the router turns a user's zone into its offset (+HHMM) at the commit's time, as nodes keep no zone database; send the write through the router"
-        ))
-        .into());
-    }
-    Ok(zone.to_owned())
-}
-
-/// `Name <email> <seconds> <zone>`, without the characters git's ident format forbids
-/// (git's own commit-tree drops them the same way).
-fn ident(user: &User, seconds: i64, zone: &str) -> Vec<u8> {
-    let clean = |b: &[u8]| -> Vec<u8> {
-        b.iter()
-            .copied()
-            .filter(|c| !matches!(c, b'<' | b'>' | b'\n' | 0))
-            .collect()
-    };
-    let mut out = clean(&user.name);
-    out.extend(b" <");
-    out.extend(clean(&user.email));
-    out.extend(format!("> {seconds} {zone}").as_bytes());
-    out
-}
-
 fn lossy(b: &[u8]) -> Result<String, Status> {
     String::from_utf8(b.to_vec())
         .map_err(|_| NodeError::invalid("user name and email must be UTF-8").into())
@@ -1051,60 +994,6 @@ mod tests {
                 stderr: stderr.into(),
             },
         }
-    }
-
-    #[test]
-    fn a_node_applies_offsets_and_refuses_zone_names() {
-        assert_eq!(fixed_offset("").unwrap(), "+0000");
-        assert_eq!(fixed_offset("UTC").unwrap(), "+0000");
-        assert_eq!(fixed_offset("+0530").unwrap(), "+0530");
-        assert_eq!(fixed_offset("-0800").unwrap(), "-0800");
-        for zone in ["Europe/Berlin", "+05:30", "+0590", "0530", "+053"] {
-            let e = fixed_offset(zone).unwrap_err();
-            assert_eq!(e.code(), Code::InvalidArgument, "{zone}");
-        }
-        assert!(
-            fixed_offset("Asia/Kolkata")
-                .unwrap_err()
-                .message()
-                .contains("through the router")
-        );
-    }
-
-    #[test]
-    fn a_write_without_a_time_gets_the_fixed_rule() {
-        let user = User {
-            timezone: "+0200".into(),
-            ..Default::default()
-        };
-        let at = prost_types::Timestamp {
-            seconds: 1_700_000_000,
-            nanos: 0,
-        };
-        assert_eq!(
-            commit_time(Some(&at), Some(5), &user).unwrap(),
-            (1_700_000_000, "+0200".to_owned())
-        );
-        assert_eq!(commit_time(None, Some(5), &user).unwrap().0, 5);
-        assert_eq!(commit_time(None, None, &user).unwrap().0, 0);
-        let before = prost_types::Timestamp {
-            seconds: -1,
-            nanos: 0,
-        };
-        assert_eq!(
-            commit_time(Some(&before), None, &user).unwrap_err().code(),
-            Code::InvalidArgument
-        );
-        let id = ident(
-            &User {
-                name: b"A <b>".to_vec(),
-                email: b"a@b".to_vec(),
-                ..Default::default()
-            },
-            7,
-            "-0330",
-        );
-        assert_eq!(id, b"A b <a@b> 7 -0330");
     }
 
     #[test]

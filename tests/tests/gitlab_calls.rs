@@ -14,10 +14,11 @@ use refvote_proto::gitaly::ref_service_client::RefServiceClient;
 use refvote_proto::gitaly::repository_service_client::RepositoryServiceClient;
 use refvote_proto::gitaly::user_commit_files_action_header::ActionType;
 use refvote_proto::gitaly::{
-    CreateRepositoryRequest, FindDefaultBranchNameRequest, ObjectFormatRequest,
-    RepositoryExistsRequest, RepositorySizeRequest, User, UserCommitFilesAction,
-    UserCommitFilesActionHeader, UserCommitFilesRequest, UserCommitFilesRequestHeader,
-    UserCreateTagRequest, user_commit_files_action, user_commit_files_request,
+    CreateRepositoryRequest, FindDefaultBranchNameRequest, HasLocalBranchesRequest,
+    ObjectFormatRequest, RepositoryExistsRequest, RepositorySizeRequest, User,
+    UserCommitFilesAction, UserCommitFilesActionHeader, UserCommitFilesRequest,
+    UserCommitFilesRequestHeader, UserCreateTagRequest, user_commit_files_action,
+    user_commit_files_request,
 };
 use refvote_tests::cluster::Fixture;
 use refvote_tests::git;
@@ -88,6 +89,13 @@ async fn repository_exists_says_false_before_a_project_is_created_and_true_after
         .await
         .unwrap_err();
     assert_eq!(format.code(), Code::NotFound, "{format:?}");
+    let branches = repos
+        .has_local_branches(HasLocalBranchesRequest {
+            repository: repo("group/new.git"),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(branches.code(), Code::NotFound, "{branches:?}");
     let branch = RefServiceClient::new(ch.clone())
         .find_default_branch_name(FindDefaultBranchNameRequest {
             repository: repo("group/new.git"),
