@@ -32,15 +32,17 @@ pub fn chain(e: &dyn Error) -> String {
     s
 }
 
-/// The sidechannel could not be opened. Gitaly: `SSHUploadPackWithSidechannel`
-/// answers ABORTED (`internal/gitaly/service/ssh/upload_pack.go`);
-/// `PostUploadPackWithSidechannel` answers UNAVAILABLE when the connection failed
-/// (clients retry on it) and INTERNAL otherwise, for example a call that did not
-/// come on a backchannel connection (`internal/gitaly/service/smarthttp/upload_pack.go`).
+/// The sidechannel could not be opened. Gitaly (b229e9953e77):
+/// `SSHUploadPackWithSidechannel` answers INTERNAL ("opening sidechannel",
+/// `internal/gitaly/service/ssh/upload_pack.go`; older releases answered ABORTED,
+/// changed in Gitaly's cfd43d354); `PostUploadPackWithSidechannel` answers UNAVAILABLE
+/// when the connection failed (clients retry on it) and INTERNAL otherwise, for
+/// example a call that did not come on a backchannel connection
+/// (`internal/gitaly/service/smarthttp/upload_pack.go`).
 pub fn open_failed(rpc: FetchRpc, e: &OpenError) -> Status {
     let msg = format!("opening sidechannel: {}", chain(e));
     match rpc {
-        FetchRpc::SshUploadPack => Status::aborted(msg),
+        FetchRpc::SshUploadPack => Status::internal(msg),
         FetchRpc::PostUploadPack if e.is_retryable() => Status::unavailable(msg),
         FetchRpc::PostUploadPack => Status::internal(msg),
     }
@@ -99,11 +101,11 @@ mod tests {
         let plain = OpenError::NotMultiplexed;
         assert_eq!(
             open_failed(FetchRpc::SshUploadPack, &timeout).code(),
-            Code::Aborted
+            Code::Internal
         );
         assert_eq!(
             open_failed(FetchRpc::SshUploadPack, &plain).code(),
-            Code::Aborted
+            Code::Internal
         );
         assert_eq!(
             open_failed(FetchRpc::PostUploadPack, &timeout).code(),

@@ -169,7 +169,7 @@ async fn calls_without_a_backchannel_or_an_id_are_refused() {
     let mut over_yamux = HealthClient::new(client.channel());
     let plain = server.endpoint().connect().await.unwrap();
     let mut plain = HealthClient::new(plain);
-    for (rpc, code) in [("http", Code::Internal), ("ssh", Code::Aborted)] {
+    for (rpc, code) in [("http", Code::Internal), ("ssh", Code::Internal)] {
         let req = || {
             Request::new(HealthCheckRequest {
                 service: format!("echo:{rpc}"),
