@@ -90,7 +90,8 @@ impl Daemon {
         // Validated with the config; read again here (the token file may have moved).
         let invalid = |(key, reason)| StartError::Security { key, reason };
         let auth = config.auth.policy().map_err(invalid)?;
-        let server_tls = config.tls.server().map_err(invalid)?;
+        // The listener ends TLS itself (the backchannel magic travels inside it).
+        let server_tls = refvote_sidechannel::tls::acceptor(&config.tls).map_err(invalid)?;
         let client_tls = config.tls.client().map_err(invalid)?;
         let listener = bind_socket(&config)?;
         let incoming = if config.listen_addr.is_empty() {
@@ -172,6 +173,7 @@ impl Daemon {
                     locks,
                     secret: auth.as_ref().map(|a| a.secret.clone()),
                     client_tls,
+                    upload_pack_negotiation: config.upload_pack_negotiation(),
                 });
                 let listen = |source| StartError::Listen {
                     addr: config.listen_addr.clone(),
