@@ -132,7 +132,7 @@ pub(crate) async fn serve(
             }
         };
         if let Err(e) = writer.write_all(bytes).await {
-            return Err(status::transfer_failed(rpc, &e));
+            return Err(status::write_failed(rpc, &e));
         }
     }
     let exit = match run.wait().await {

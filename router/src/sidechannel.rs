@@ -177,6 +177,7 @@ pub(crate) async fn forward(
         Ok(c) => c,
         Err(why) => return Outcome::Refused(Status::unavailable(why)),
     };
+    let _in_flight = crate::metrics::SIDECHANNELS_IN_FLIGHT.track();
     let waiter = client.register();
     let mut metadata = metadata.clone();
     // The node must name the router's sidechannel, not the caller's.

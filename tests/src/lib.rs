@@ -2,7 +2,9 @@
 //! real git ([`git`]), every process started on loopback in its own temp dir and killed
 //! by pid when the test ends ([`proc`]). [`cluster`] puts them together for the voting
 //! core's integration tests and benchmarks. [`smarthttp`] lets a real git client push
-//! and clone through a node's gRPC service. [`local`] drives a whole cluster started
+//! and clone through a node's gRPC service; [`gitlab_client`] dials and fetches as
+//! gitlab-shell and workhorse do (backchannel, sidechannel), and [`workhorse`] puts a
+//! real git client's HTTP fetches through it. [`local`] drives a whole cluster started
 //! by `votingctl cluster up`, as a person would. [`tls`] issues test certificates.
 //! [`metrics`] scrapes a process's Prometheus endpoint. [`faultnet`] cuts links between
 //! processes, [`hold`] stops a process at an exact step, [`chaos`] is the fault suite.
@@ -14,6 +16,7 @@ pub mod cluster;
 pub mod etcd;
 pub mod faultnet;
 pub mod git;
+pub mod gitlab_client;
 pub mod grpc;
 pub mod hold;
 pub mod local;
@@ -23,3 +26,4 @@ pub mod proc;
 pub mod router;
 pub mod smarthttp;
 pub mod tls;
+pub mod workhorse;
