@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;
 
+use refvote_auth::AuthSettings;
 use refvote_cluster::RepoId;
 use refvote_proto::gitaly::praefect_info_service_client::PraefectInfoServiceClient;
 use refvote_proto::gitaly::remote_service_client::RemoteServiceClient;
@@ -47,15 +48,19 @@ const REPO: &str = "group/project.git";
 const NEGOTIATION_SECS: u64 = 2;
 const SECRET: &str = "sidechannel-test-secret";
 
-fn node_options(extra: &str) -> NodeOptions {
-    NodeOptions {
-        extra_config: format!(
-            "[timeout]\nupload_pack_negotiation_secs = {NEGOTIATION_SECS}\n{extra}"
-        ),
-        ..NodeOptions::default()
-    }
+fn node_options() -> NodeOptions {
+    NodeOptions::default()
+        .config(|c| c.timeout.upload_pack_negotiation_secs = NEGOTIATION_SECS)
 }
 
+/// `[auth] token = SECRET`.
+fn auth() -> AuthSettings {
+    AuthSettings {
+        token: Some(SECRET.into()),
+        token_file: None,
+        transitioning: false,
+    }
+}
 struct Setup {
     c: VoteCluster,
     router: Router,
@@ -211,7 +216,7 @@ async fn push_through(s: &Setup, tag: &str) -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gitlab_shell_and_workhorse_clone_and_fetch_through_the_router() -> anyhow::Result<()> {
-    let s = setup(node_options(""), RouterOptions::default()).await?;
+    let s = setup(node_options(), RouterOptions::default()).await?;
     let replica = s.c.node("node1").repo(REPO);
     let ssh = ssh_env(s.router.addr(), None, None);
     let client = GitlabClient::dial(s.router.addr(), None, None).await?;
@@ -334,14 +339,13 @@ async fn node1_channel(url: String) -> anyhow::Result<tonic::transport::Channel>
 async fn tls_and_tokens_cover_backchannel_and_plain_clients_on_one_port() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let ca = TestCa::new(&dir.path().join("ca"))?;
-    let auth = format!("[auth]\ntoken = {SECRET:?}\n");
-    let mut nodes = node_options(&auth);
+    let mut nodes = node_options().config(|c| c.auth = auth());
     nodes.tls = Some(ca.clone());
     let router_opts = RouterOptions {
         tls: Some(ca.clone()),
-        extra_config: auth.clone(),
         ..RouterOptions::default()
-    };
+    }
+    .config(|c| c.auth = auth());
     let s = setup(nodes, router_opts).await?;
     let replica = s.c.node("node1").repo(REPO);
     let root = s.c.path("clones");
@@ -489,7 +493,7 @@ fn git_left(c: &VoteCluster) -> Vec<(u32, String)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn misbehaving_sidechannel_clients_get_gitalys_codes_and_leave_nothing_running()
 -> anyhow::Result<()> {
-    let s = setup(node_options(""), RouterOptions::default()).await?;
+    let s = setup(node_options(), RouterOptions::default()).await?;
     let router = GitlabClient::dial(s.router.addr(), None, None).await?;
     let node = GitlabClient::dial(s.c.node("node2").grpc_addr(), None, None).await?;
     use Misbehaviour::*;
@@ -586,7 +590,7 @@ async fn misbehaving_sidechannel_clients_get_gitalys_codes_and_leave_nothing_run
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sidechannel_read_never_goes_to_an_outdated_replica() -> anyhow::Result<()> {
-    let s = setup(node_options(""), RouterOptions::default()).await?;
+    let s = setup(node_options(), RouterOptions::default()).await?;
     let node1 = s.c.node("node1").repo(REPO);
     let main = git::rev(&node1, "refs/heads/main").unwrap();
     git::git(&node1, &["update-ref", "refs/heads/only-on-node1", &main])?;
@@ -650,7 +654,7 @@ fn ready(r: &readiness_check_response::Result) -> Result<(), String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_router_answers_server_and_replica_calls_from_the_cluster() -> anyhow::Result<()> {
-    let mut s = setup(node_options(""), RouterOptions::default()).await?;
+    let mut s = setup(node_options(), RouterOptions::default()).await?;
     let ch = s.router.channel().await?;
     let mut server = ServerServiceClient::new(ch.clone());
     let git_version = git::git(&s.work.path, &["version"])?;
@@ -784,7 +788,7 @@ async fn the_router_answers_server_and_replica_calls_from_the_cluster() -> anyho
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn find_remote_repository_is_answered_by_a_live_node() -> anyhow::Result<()> {
-    let s = setup(node_options(""), RouterOptions::default()).await?;
+    let s = setup(node_options(), RouterOptions::default()).await?;
     let mut remote = RemoteServiceClient::new(s.router.channel().await?);
     let ask = |url: PathBuf| FindRemoteRepositoryRequest {
         remote: url.display().to_string(),
