@@ -49,8 +49,7 @@ const NEGOTIATION_SECS: u64 = 2;
 const SECRET: &str = "sidechannel-test-secret";
 
 fn node_options() -> NodeOptions {
-    NodeOptions::default()
-        .config(|c| c.timeout.upload_pack_negotiation_secs = NEGOTIATION_SECS)
+    NodeOptions::default().config(|c| c.timeout.upload_pack_negotiation_secs = NEGOTIATION_SECS)
 }
 
 /// `[auth] token = SECRET`.

@@ -40,7 +40,7 @@ fn repository(command: &str) -> anyhow::Result<String> {
 
 async fn run() -> anyhow::Result<()> {
     let command = std::env::args()
-        .last()
+        .next_back()
         .context("usage: ssh-sidechannel <host> <command>")?;
     let relative = repository(&command)?;
     let addr = std::env::var("REFVOTE_SSH_ADDR")
