@@ -66,7 +66,7 @@ use std::time::Duration;
 use refvote_auth::AuthLayer;
 use refvote_proto::gitaly;
 use refvote_sidechannel::tls::TlsAcceptor;
-use refvote_sidechannel::{ListenConfig, MuxIncoming};
+use refvote_sidechannel::{ListenConfig, ListenStats, MuxIncoming};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
@@ -156,15 +156,21 @@ fn routes(
 /// on the Unix socket `unix` if given (local clients, as Gitaly's `socket_path`), both
 /// for plain and backchannel connections. Both check tokens when `auth` says so; TCP
 /// serves TLS when `tls` is given (`refvote_sidechannel::tls::acceptor` of `[tls]`).
+/// Both listeners count the connections they accept in `connections`.
 pub fn serve(
     listener: TcpListener,
     unix: Option<tokio::net::UnixListener>,
     state: Arc<NodeState>,
     auth: Option<refvote_auth::AuthPolicy>,
     tls: Option<TlsAcceptor>,
+    connections: Arc<ListenStats>,
 ) -> std::io::Result<NodeServer> {
     let auth = AuthLayer::new(auth, format!("votingd node {}", state.name));
-    let incoming = MuxIncoming::new(listener, tls, ListenConfig::default())?;
+    let listen = ListenConfig {
+        stats: connections,
+        ..ListenConfig::default()
+    };
+    let incoming = MuxIncoming::new(listener, tls, listen.clone())?;
     let local_addr = incoming
         .local_addr()
         .ok_or_else(|| std::io::Error::other("the TCP listener has no address"))?;
@@ -189,7 +195,7 @@ pub fn serve(
     if let Some(listener) = unix {
         let local = routes(&state, &auth, health);
         let until = signal(stopped);
-        let incoming = MuxIncoming::unix(listener, ListenConfig::default());
+        let incoming = MuxIncoming::unix(listener, listen);
         tasks.push(tokio::spawn(async move {
             if let Err(e) = local.serve_with_incoming_shutdown(incoming, until).await {
                 tracing::error!(error = %e, "gRPC service on the Unix socket failed");

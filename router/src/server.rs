@@ -84,7 +84,11 @@ impl RouterServer {
         let addr = config.listen();
         let listener = refvote_sidechannel::listen::bind(addr)
             .map_err(|source| StartError::Bind { addr, source })?;
-        let incoming = MuxIncoming::new(listener, server_tls, ListenConfig::default())
+        let listen = ListenConfig {
+            stats: crate::metrics::CONNECTIONS.clone(),
+            ..ListenConfig::default()
+        };
+        let incoming = MuxIncoming::new(listener, server_tls, listen)
             .map_err(|source| StartError::Bind { addr, source })?;
         let addr = incoming.local_addr().unwrap_or(addr);
         let metrics_listener = match config.metrics() {

@@ -34,6 +34,7 @@ use refvote_tests::cluster::VoteCluster;
 use refvote_tests::git::{self, WorkRepo};
 use refvote_tests::gitlab_client::GitlabClient;
 use refvote_tests::grpc::repo;
+use refvote_tests::metrics::scrape;
 use refvote_tests::node::{NodeOptions, bin};
 use refvote_tests::proc::{descendants, wait_until};
 use refvote_tests::router::{Router, RouterOptions};
@@ -324,6 +325,23 @@ async fn gitlab_shell_and_workhorse_clone_and_fetch_through_the_router() -> anyh
             .into_inner()
             .exists;
         assert!(exists);
+    }
+
+    // Both ports counted both kinds of connection: the router's (this test's clients),
+    // node1's (the router's backchannel to it, ssh-sidechannel and the plain client).
+    let r = scrape(s.router.metrics_addr()).await?;
+    let n = scrape(node1.metrics_addr()).await?;
+    for (name, m, prefix) in [("router", &r, "refvote_router"), ("node1", &n, "votingd")] {
+        for kind in ["plain", "backchannel"] {
+            let key = format!("{prefix}_grpc_connections_total{{kind=\"{kind}\"}}");
+            assert!(
+                m.get(&key).copied().unwrap_or(0.0) >= 1.0,
+                "{name} {key}: {m:#?}"
+            );
+        }
+        // (The harness's readiness probe of the router is such a connection.)
+        let dropped = format!("{prefix}_grpc_connections_dropped_total");
+        assert!(m.contains_key(&dropped), "{name}: {m:#?}");
     }
     Ok(())
 }

@@ -104,6 +104,8 @@ impl Daemon {
             let addr = config.listen_addr.parse().expect("validated");
             Some(refvote_node::bind(addr).map_err(listen)?)
         };
+        // What the node's listeners accepted, for `/metrics`.
+        let connections = Arc::new(refvote_sidechannel::ListenStats::default());
         let metrics = match config.prometheus_listen_addr.as_str() {
             "" => None,
             addr => Some(
@@ -184,7 +186,17 @@ impl Daemon {
                 } else {
                     Some(bind_unix(&config, &config.socket_path)?)
                 };
-                Some(refvote_node::serve(incoming, unix, state, auth, server_tls).map_err(listen)?)
+                Some(
+                    refvote_node::serve(
+                        incoming,
+                        unix,
+                        state,
+                        auth,
+                        server_tls,
+                        connections.clone(),
+                    )
+                    .map_err(listen)?,
+                )
             }
             None => None,
         };
@@ -228,6 +240,7 @@ impl Daemon {
                 listener,
                 service.clone(),
                 session.subscribe(),
+                connections.clone(),
             ));
         }
         if config.vote.reaper {
