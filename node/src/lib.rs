@@ -6,8 +6,15 @@
 //! `[auth]` set every call (health excepted) must carry Gitaly's v2 token, on TCP and
 //! the Unix socket; with `[tls]` the TCP listener serves TLS only.
 //!
+//! Both listeners take plain HTTP/2 gRPC and Gitaly's backchannel (refvote-sidechannel:
+//! a connection that starts with `backchannel` runs yamux, gRPC on its first stream),
+//! which is how gitlab-shell, workhorse and the router dial; TLS is ended by that
+//! listener, before it tells the two apart. The fetch RPCs current clients call,
+//! `SSHUploadPackWithSidechannel` and `PostUploadPackWithSidechannel`, move their data
+//! over a sidechannel of such a connection ([`upload_pack`]).
+//!
 //! Layout: one file per Gitaly service (`server`, `repository`, `refs`, `commit`,
-//! `blob`, `operations`, `smarthttp`, `ssh`), sharing the storage resolver
+//! `blob`, `operations`, `remote`, `smarthttp`, `ssh`), sharing the storage resolver
 //! ([`storage`]), the git runner ([`git`]), the transaction handling ([`tx`]), the
 //! per-repository lock ([`repolock`]), the error mapping ([`error`]) and Gitaly's
 //! structured errors ([`detail`]), what every handler holds (`state`) and the streams
@@ -22,8 +29,8 @@
 //! and `repository/checksum` import those; [`tx`] imports `git`, `error` and the
 //! checksum; `refs/update`, `refs/write`, `repository/bundle` and
 //! `repository/replicate` add `tx`; `state` and `stream` sit on all of that, `push`
-//! (what every receive-pack shares) on `state`; the services on everything below
-//! them; this file only wires the services together.
+//! (what every receive-pack shares) on `state`; `upload_pack` on `git` alone; the
+//! services on everything below them; this file only wires the services together.
 //!
 //! It does not vote: the hook asks votingd's vote service, which decides in etcd; the
 //! node only settles its confirmations through it ([`tx::SettleVotes`]) before it
@@ -40,6 +47,7 @@ pub mod git;
 mod operations;
 mod push;
 mod refs;
+mod remote;
 pub mod repolock;
 mod repository;
 mod server;
@@ -50,6 +58,7 @@ mod state;
 pub mod storage;
 mod stream;
 pub mod tx;
+mod upload_pack;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -57,16 +66,19 @@ use std::time::Duration;
 
 use refvote_auth::AuthLayer;
 use refvote_proto::gitaly;
+use refvote_sidechannel::tls::TlsAcceptor;
+use refvote_sidechannel::{ListenConfig, ListenStats, MuxIncoming};
+use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
-use tonic::transport::server::TcpIncoming;
 
 pub use error::NodeError;
 pub use state::NodeState;
 
 /// Binds the service's TCP listener (before anything else starts, so a busy port fails
-/// start-up at once). Small gRPC frames must not wait for Nagle.
-pub fn bind(addr: SocketAddr) -> std::io::Result<TcpIncoming> {
-    Ok(TcpIncoming::bind(addr)?.with_nodelay(Some(true)))
+/// start-up at once). Accepted connections get TCP_NODELAY: small gRPC frames must not
+/// wait for Nagle.
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    refvote_sidechannel::listen::bind(addr)
 }
 
 /// The running service.
@@ -95,22 +107,15 @@ impl NodeServer {
 }
 
 /// Every implemented Gitaly service and the health service, routed, behind the token
-/// check (which lets health through).
+/// check (which lets health through). TLS is the listener's, not tonic's.
 fn routes(
     state: &Arc<NodeState>,
     auth: &AuthLayer,
-    tls: Option<tonic::transport::ServerTlsConfig>,
     health: tonic_health::pb::health_server::HealthServer<
         impl tonic_health::pb::health_server::Health,
     >,
-) -> std::io::Result<tonic::transport::server::Router<refvote_auth::server::Layered>> {
-    let mut builder = tonic::transport::Server::builder();
-    if let Some(tls) = tls {
-        builder = builder
-            .tls_config(tls)
-            .map_err(|e| std::io::Error::other(format!("TLS: {e}")))?;
-    }
-    Ok(builder
+) -> tonic::transport::server::Router<refvote_auth::server::Layered> {
+    tonic::transport::Server::builder()
         .layer(auth.clone())
         .add_service(health)
         .add_service(gitaly::server_service_server::ServerServiceServer::new(
@@ -142,28 +147,41 @@ fn routes(
         )
         .add_service(gitaly::ssh_service_server::SshServiceServer::new(
             ssh::SshSvc::new(state.clone()),
-        )))
+        ))
+        .add_service(gitaly::remote_service_server::RemoteServiceServer::new(
+            remote::RemoteSvc::new(state.clone()),
+        ))
 }
 
-/// Serves every implemented Gitaly service and the health service on `incoming`, and
-/// on the Unix socket `unix` if given (local clients, as Gitaly's `socket_path`).
-/// Both check tokens when `auth` says so; TCP serves TLS when `tls` is given.
+/// Serves every implemented Gitaly service and the health service on `listener`, and
+/// on the Unix socket `unix` if given (local clients, as Gitaly's `socket_path`), both
+/// for plain and backchannel connections. Both check tokens when `auth` says so; TCP
+/// serves TLS when `tls` is given (`refvote_sidechannel::tls::acceptor` of `[tls]`).
+/// Both listeners count the connections they accept in `connections`.
 pub fn serve(
-    incoming: TcpIncoming,
+    listener: TcpListener,
     unix: Option<tokio::net::UnixListener>,
     state: Arc<NodeState>,
     auth: Option<refvote_auth::AuthPolicy>,
-    tls: Option<tonic::transport::ServerTlsConfig>,
+    tls: Option<TlsAcceptor>,
+    connections: Arc<ListenStats>,
 ) -> std::io::Result<NodeServer> {
     let auth = AuthLayer::new(auth, format!("votingd node {}", state.name));
-    let local_addr = incoming.local_addr()?;
+    let listen = ListenConfig {
+        stats: connections,
+        ..ListenConfig::default()
+    };
+    let incoming = MuxIncoming::new(listener, tls, listen.clone())?;
+    let local_addr = incoming
+        .local_addr()
+        .ok_or_else(|| std::io::Error::other("the TCP listener has no address"))?;
     let (reporter, health) = tonic_health::server::health_reporter();
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let signal = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
     let mut tasks = Vec::new();
-    let tcp = routes(&state, &auth, tls, health.clone())?;
+    let tcp = routes(&state, &auth, health.clone());
     let until = signal(stopped.clone());
     tasks.push(tokio::spawn(async move {
         // The empty service name (the whole server) is SERVING from the start; name
@@ -176,9 +194,9 @@ pub fn serve(
         }
     }));
     if let Some(listener) = unix {
-        let local = routes(&state, &auth, None, health)?;
+        let local = routes(&state, &auth, health);
         let until = signal(stopped);
-        let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+        let incoming = MuxIncoming::unix(listener, listen);
         tasks.push(tokio::spawn(async move {
             if let Err(e) = local.serve_with_incoming_shutdown(incoming, until).await {
                 tracing::error!(error = %e, "gRPC service on the Unix socket failed");

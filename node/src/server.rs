@@ -1,11 +1,19 @@
-//! ServerService: what this node is and how its storages are doing.
+//! ServerService: what this node is and how its storages are doing: version and
+//! storage status (ServerInfo), free and used bytes per storage (DiskStatistics, from
+//! statvfs as Gitaly does), readiness (always ok on a node, as in Gitaly: the router
+//! runs the real checks), and the commit-signing key (none: nodes sign no commits, so
+//! the key is empty, as Gitaly answers without `git.signing_key`).
 
 use std::path::Path;
 use std::sync::Arc;
 
 use refvote_proto::gitaly::server_info_response::StorageStatus;
 use refvote_proto::gitaly::server_service_server::ServerService;
-use refvote_proto::gitaly::{ServerInfoRequest, ServerInfoResponse};
+use refvote_proto::gitaly::{
+    DiskStatisticsRequest, DiskStatisticsResponse, ReadinessCheckRequest, ReadinessCheckResponse,
+    ServerInfoRequest, ServerInfoResponse, ServerSignatureRequest, ServerSignatureResponse,
+    disk_statistics_response, readiness_check_response,
+};
 use tonic::{Request, Response, Status};
 
 use super::error::NodeError;
@@ -50,6 +58,70 @@ impl ServerService for ServerSvc {
             git_version,
             storage_statuses,
         }))
+    }
+
+    #[tracing::instrument(skip_all, fields(node = %self.node.name))]
+    async fn disk_statistics(
+        &self,
+        _request: Request<DiskStatisticsRequest>,
+    ) -> Result<Response<DiskStatisticsResponse>, Status> {
+        let storages: Vec<(String, std::path::PathBuf)> = self
+            .node
+            .storages
+            .names()
+            .map(|(n, p)| (n.to_owned(), p.to_owned()))
+            .collect();
+        let storage_statuses = tokio::task::spawn_blocking(move || {
+            storages
+                .iter()
+                .map(|(name, root)| disk_status(name, root))
+                .collect()
+        })
+        .await
+        .map_err(|e| Status::internal(format!("probing storages: {e}")))?;
+        Ok(Response::new(DiskStatisticsResponse { storage_statuses }))
+    }
+
+    async fn readiness_check(
+        &self,
+        _request: Request<ReadinessCheckRequest>,
+    ) -> Result<Response<ReadinessCheckResponse>, Status> {
+        Ok(Response::new(ReadinessCheckResponse {
+            result: Some(readiness_check_response::Result::OkResponse(
+                readiness_check_response::Ok {},
+            )),
+        }))
+    }
+
+    async fn server_signature(
+        &self,
+        _request: Request<ServerSignatureRequest>,
+    ) -> Result<Response<ServerSignatureResponse>, Status> {
+        Ok(Response::new(ServerSignatureResponse {
+            public_key: Vec::new(),
+        }))
+    }
+}
+
+/// Free and used bytes of the file system a storage is on; both 0 (as Gitaly
+/// answers) when it cannot be told.
+fn disk_status(name: &str, root: &Path) -> disk_statistics_response::StorageStatus {
+    match rustix::fs::statvfs(root) {
+        Ok(s) => {
+            let block = s.f_frsize as i64;
+            disk_statistics_response::StorageStatus {
+                storage_name: name.to_owned(),
+                available: s.f_bavail as i64 * block,
+                used: (s.f_blocks as i64 - s.f_bfree as i64) * block,
+            }
+        }
+        Err(e) => {
+            tracing::error!(storage = name, error = %e, "cannot read the storage's disk statistics");
+            disk_statistics_response::StorageStatus {
+                storage_name: name.to_owned(),
+                ..Default::default()
+            }
+        }
     }
 }
 

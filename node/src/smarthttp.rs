@@ -1,6 +1,11 @@
 //! SmartHTTPService: git's smart HTTP protocol, the bytes of `git upload-pack` and
 //! `git receive-pack --stateless-rpc` carried in gRPC streams with backpressure.
 //!
+//! PostUploadPackWithSidechannel, what workhorse calls for clone and fetch, moves the
+//! request body and the answer over a sidechannel ([`super::upload_pack`]) and answers
+//! with the negotiation statistics; as in Gitaly, the repository is checked before the
+//! sidechannel is opened.
+//!
 //! PostReceivePack is a push: inside a refvote transaction its one git run is the
 //! node's whole part, so the voter is recorded done when that git exits; it joins the
 //! transaction and its commands reach git in canonical order as every push does
@@ -12,8 +17,10 @@ use refvote_pktline::encode;
 use refvote_proto::gitaly::smart_http_service_server::SmartHttpService;
 use refvote_proto::gitaly::{
     InfoRefsRequest, InfoRefsResponse, PostReceivePackRequest, PostReceivePackResponse,
-    PostUploadPackRequest, PostUploadPackResponse,
+    PostUploadPackRequest, PostUploadPackResponse, PostUploadPackWithSidechannelRequest,
+    PostUploadPackWithSidechannelResponse,
 };
+use refvote_sidechannel::{FetchRpc, server as sidechannel, status as sidechannel_status};
 use tonic::codegen::BoxStream;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -100,6 +107,31 @@ impl SmartHttpService for SmartHttpSvc {
         Ok(Response::new(stdout_stream(run, None, |data| {
             PostUploadPackResponse { data }
         })))
+    }
+
+    #[tracing::instrument(skip_all, fields(node = %self.node.name))]
+    async fn post_upload_pack_with_sidechannel(
+        &self,
+        request: Request<PostUploadPackWithSidechannelRequest>,
+    ) -> Result<Response<PostUploadPackWithSidechannelResponse>, Status> {
+        let rpc = FetchRpc::PostUploadPack;
+        let req = request.get_ref();
+        let repo = self.node.storages.existing(req.repository.as_ref())?;
+        let cmd = self
+            .node
+            .git
+            .command(["upload-pack", "--stateless-rpc"])
+            .request_config(&req.git_config_options)?
+            .protocol(&req.git_protocol)?
+            .arg(&repo.path);
+        let sc = sidechannel::open(&request)
+            .await
+            .map_err(|e| sidechannel_status::open_failed(rpc, &e))?;
+        let stats =
+            super::upload_pack::serve(rpc, sc, cmd, self.node.upload_pack_negotiation).await?;
+        Ok(Response::new(PostUploadPackWithSidechannelResponse {
+            packfile_negotiation_statistics: Some(stats),
+        }))
     }
 
     #[tracing::instrument(skip_all, fields(node = %self.node.name))]

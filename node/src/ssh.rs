@@ -11,6 +11,10 @@
 //! - SSHUploadPack (clone, fetch) and SSHUploadArchive (`git archive --remote`) are
 //!   reads: a non-zero exit is only the exit status; the call itself succeeds, as
 //!   Gitaly answers it.
+//! - SSHUploadPackWithSidechannel, what gitlab-shell calls for clone and fetch, moves
+//!   the session over a sidechannel instead ([`super::upload_pack`]); its answer is the
+//!   negotiation statistics, and a failed git is a failed call. As in Gitaly, the
+//!   sidechannel is opened before the repository is looked up.
 
 use std::sync::Arc;
 
@@ -18,7 +22,9 @@ use refvote_proto::gitaly::ssh_service_server::SshService;
 use refvote_proto::gitaly::{
     ExitStatus, SshReceivePackRequest, SshReceivePackResponse, SshUploadArchiveRequest,
     SshUploadArchiveResponse, SshUploadPackRequest, SshUploadPackResponse,
+    SshUploadPackWithSidechannelRequest, SshUploadPackWithSidechannelResponse,
 };
+use refvote_sidechannel::{FetchRpc, server as sidechannel, status as sidechannel_status};
 use tokio::sync::mpsc;
 use tonic::codegen::BoxStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -145,6 +151,31 @@ impl SshService for SshSvc {
                 exit_status,
             }
         })))
+    }
+
+    #[tracing::instrument(skip_all, fields(node = %self.node.name))]
+    async fn ssh_upload_pack_with_sidechannel(
+        &self,
+        request: Request<SshUploadPackWithSidechannelRequest>,
+    ) -> Result<Response<SshUploadPackWithSidechannelResponse>, Status> {
+        let rpc = FetchRpc::SshUploadPack;
+        let sc = sidechannel::open(&request)
+            .await
+            .map_err(|e| sidechannel_status::open_failed(rpc, &e))?;
+        let req = request.into_inner();
+        let repo = self.node.storages.existing(req.repository.as_ref())?;
+        let cmd = self
+            .node
+            .git
+            .command(["upload-pack"])
+            .request_config(&req.git_config_options)?
+            .protocol(&req.git_protocol)?
+            .arg(&repo.path);
+        let stats =
+            super::upload_pack::serve(rpc, sc, cmd, self.node.upload_pack_negotiation).await?;
+        Ok(Response::new(SshUploadPackWithSidechannelResponse {
+            packfile_negotiation_statistics: Some(stats),
+        }))
     }
 
     #[tracing::instrument(skip_all, fields(node = %self.node.name))]

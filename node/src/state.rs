@@ -1,7 +1,8 @@
 //! What every RPC handler shares: the node's name, storages, git, transaction settings,
-//! repository locks and the credentials for calling another node.
+//! repository locks, the credentials for calling another node and the fetch deadline.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use refvote_auth::Secret;
 
@@ -23,4 +24,7 @@ pub struct NodeState {
     pub secret: Option<Arc<Secret>>,
     /// How a `tls://` node is reached (repair's source), from `[tls] ca_path`.
     pub client_tls: Option<tonic::transport::ClientTlsConfig>,
+    /// How long a fetching client has to end its negotiation with `done` before
+    /// upload-pack is stopped (`[timeout] upload_pack_negotiation_secs`).
+    pub upload_pack_negotiation: Duration,
 }

@@ -13,6 +13,9 @@
 //!   ref name), so every replica applies a push's commands alike.
 //! - [`report`]: the report-status git reads at the end of a push (`unpack ok`,
 //!   `ok <ref>`, `ng <ref> <reason>`), inside the side-band when one was negotiated.
+//! - [`negotiation`]: what a fetching client asks `git upload-pack` for (wants, haves,
+//!   capabilities, deepen, filter; Gitaly's negotiation statistics) and whether it
+//!   has sent `done`, read incrementally from the bytes on their way to git.
 //!
 //! It does no I/O: everything works on byte slices and `Vec<u8>`. The `tokio` feature
 //! adds two adapters (`canonicalize`, `read_canonical_section`) that stream a push
@@ -27,6 +30,7 @@ pub mod decode;
 pub mod encode;
 #[cfg(feature = "tokio")]
 mod io;
+pub mod negotiation;
 pub mod report;
 pub mod section;
 pub mod sideband;
@@ -36,6 +40,7 @@ pub use decode::{DecodeError, Header, Packet};
 pub use encode::EncodeError;
 #[cfg(feature = "tokio")]
 pub use io::{canonicalize, read_canonical_section};
+pub use negotiation::{Negotiation, NegotiationStats};
 pub use section::{Limits, PktError, SectionReader};
 
 /// git's `LARGE_PACKET_MAX`: the largest pkt-line, its 4 header bytes included.

@@ -35,6 +35,12 @@ pub struct Config {
     /// its own node.
     #[serde(default = "defaults::replication_factor")]
     pub replication_factor: usize,
+    /// The storage names GitLab is configured with for this cluster (its
+    /// `git_data_dirs` / `repositories.storages` keys pointing at the routers), as
+    /// Praefect's `[[virtual_storage]] name`. The router reports them in ServerInfo and
+    /// DiskStatistics; it routes repositories of any valid storage name either way.
+    #[serde(default = "defaults::virtual_storages")]
+    pub virtual_storages: Vec<String>,
     /// How long a write to a repository under an administrative lock (a repair's
     /// final catch-up, a replica being added) waits for the lock before it fails with
     /// UNAVAILABLE.
@@ -80,6 +86,9 @@ mod defaults {
     }
     pub fn replication_factor() -> usize {
         3
+    }
+    pub fn virtual_storages() -> Vec<String> {
+        vec!["default".into()]
     }
     pub fn lock_wait_ms() -> u64 {
         10_000
@@ -160,6 +169,16 @@ impl Config {
         }
         if self.replication_factor == 0 {
             return Err(invalid("replication_factor", "must be at least 1".into()));
+        }
+        if self.virtual_storages.is_empty() {
+            return Err(invalid(
+                "virtual_storages",
+                "must name at least one storage (default: [\"default\"])".into(),
+            ));
+        }
+        for name in &self.virtual_storages {
+            refvote_cluster::repo::validate_storage_name(name)
+                .map_err(|e| invalid("virtual_storages", format!("{name:?}: {e}")))?;
         }
         for (key, value) in [
             ("repair_interval_ms", self.repair_interval_ms),

@@ -3,9 +3,12 @@
 //! forward raw frames both ways. Nothing here knows a Gitaly message type.
 //!
 //! Accessors go to one up-to-date replica on a live node, retried on another when a
-//! replica says it cannot serve. Mutators run as a voted transaction on every voter
-//! (DESIGN.md §2), answered only after finalize. Maintenance calls go to every
-//! up-to-date replica without a transaction.
+//! replica says it cannot serve; those that carry a sidechannel (the fetch RPCs of
+//! gitlab-shell and workhorse) have it proxied ([`crate::sidechannel`]). Mutators run
+//! as a voted transaction on every voter (DESIGN.md §2), answered only after finalize.
+//! Maintenance calls go to every up-to-date replica without a transaction.
+//! Storage-scoped accessors (FindRemoteRepository) go to any live node, the storage
+//! name rewritten for it.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -14,7 +17,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt, stream};
-use refvote_cluster::records::TxRecord;
+use refvote_cluster::records::{NodeRecord, TxRecord};
 use refvote_cluster::repository::RepoView;
 use refvote_cluster::tx::Begin;
 use refvote_cluster::{RepoId, Store};
@@ -31,6 +34,7 @@ use crate::pool::{NodeChannel, Pool};
 use crate::reads::{ReadError, ReadStats, Reads};
 use crate::registry::{Method, OpKind, Registry};
 use crate::respond::RouteError;
+use crate::sidechannel::{self, Backchannels};
 
 /// Frames back to the client: the node's, unchanged, ending with its status.
 pub use crate::outcome::Frames;
@@ -66,6 +70,8 @@ pub struct Forwarder {
     lock_wait: Duration,
     /// Where reads learn their replicas: the watched view and the shared confirm.
     reads: Reads,
+    /// Backchannel connections to nodes, for calls that carry a sidechannel.
+    backchannels: Backchannels,
 }
 
 impl Forwarder {
@@ -87,7 +93,14 @@ impl Forwarder {
             lease,
             replication_factor,
             lock_wait: Duration::from_secs(10),
+            backchannels: Backchannels::new(None, None),
         }
+    }
+
+    /// How sidechannel calls reach nodes (signed, and over TLS to `tls://` nodes).
+    pub fn with_backchannels(mut self, backchannels: Backchannels) -> Forwarder {
+        self.backchannels = backchannels;
+        self
     }
 
     pub fn with_lock_wait(mut self, wait: Duration) -> Forwarder {
@@ -159,16 +172,26 @@ impl Forwarder {
         let kind = method
             .kind
             .ok_or_else(|| not_yet("the router answers this service itself, which is to come"))?;
-        let target = method
-            .target
-            .clone()
-            .ok_or_else(|| not_yet("storage-scoped calls are not routed yet"))?;
-        let (metadata, _, mut incoming) = req.into_parts();
+        let (metadata, extensions, mut incoming) = req.into_parts();
+        let sidechannel = match kind {
+            OpKind::Accessor => sidechannel::caller(&method.path, &metadata, &extensions)
+                .map_err(RouteError::Client)?,
+            _ => None,
+        };
         let first = incoming
             .message()
             .await
             .map_err(RouteError::Client)?
             .ok_or_else(|| RouteError::EmptyRequest(method.path.clone()))?;
+        let target = match (&method.target, &method.storage) {
+            (Some(target), _) => target.clone(),
+            (None, Some(storage)) if kind == OpKind::Accessor => {
+                return self
+                    .storage_accessor(method, storage, metadata, first)
+                    .await;
+            }
+            _ => return Err(not_yet("storage-scoped writes are not routed yet")),
+        };
         let wanted = frame::repository(&first, &target).map_err(|source| RouteError::Frame {
             method: method.path.clone(),
             source,
@@ -183,6 +206,7 @@ impl Forwarder {
             metadata,
             first,
             incoming: Some(incoming),
+            sidechannel,
         };
         match kind {
             OpKind::Accessor => self.accessor(&repo, call).await,
@@ -467,6 +491,75 @@ impl Forwarder {
         }
     }
 
+    /// A storage-scoped read (FindRemoteRepository): it reads no repository, so any live
+    /// node answers; the request's storage name becomes that node's storage. A node
+    /// that cannot be reached is left for the next.
+    async fn storage_accessor(
+        &self,
+        method: &Method,
+        storage_field: &[u32],
+        metadata: MetadataMap,
+        first: Bytes,
+    ) -> Result<Response<Frames>, RouteError> {
+        let frame_error = |source| RouteError::Frame {
+            method: method.path.clone(),
+            source,
+        };
+        let storage = frame::string(&first, storage_field).map_err(frame_error)?;
+        refvote_cluster::repo::validate_storage_name(&storage)?;
+        let keys = self.store.keys();
+        let (entries, _) =
+            self.store.get_prefix(&keys.nodes()).await.map_err(|e| {
+                RouteError::ReadUnconfirmed(format!("cannot list the live nodes: {e}"))
+            })?;
+        let mut nodes: Vec<NodeRecord> = entries
+            .iter()
+            .filter_map(|e| e.decode::<NodeRecord>().ok())
+            .filter(|n| !n.address.is_empty() && !n.storages.is_empty())
+            .collect();
+        if nodes.is_empty() {
+            return Err(RouteError::NoNode(format!(
+                "no storage node holds its lease, so none can answer {}",
+                method.path
+            )));
+        }
+        let start = self.turn.fetch_add(1, Ordering::Relaxed) % nodes.len();
+        nodes.rotate_left(start);
+        let path = path_of(method)?;
+        let mut failures = Vec::new();
+        for node in &nodes {
+            let channel = match self.pool.channel(&node.address) {
+                Ok(c) => c,
+                Err(why) => {
+                    failures.push(format!("{}: {why}", node.name));
+                    continue;
+                }
+            };
+            let rewritten = frame::rewrite_string(&first, storage_field, &node.storages[0])
+                .map_err(frame_error)?;
+            let outgoing: Outgoing = Box::pin(stream::once(async { Bytes::from(rewritten) }));
+            let request = Request::from_parts(metadata.clone(), Extensions::new(), outgoing);
+            let mut client =
+                tonic::client::Grpc::new(channel).max_decoding_message_size(usize::MAX);
+            if let Err(e) = client.ready().await {
+                failures.push(format!("{}: {e}", node.name));
+                continue;
+            }
+            match client.streaming(request, path.clone(), BytesCodec).await {
+                Ok(response) => {
+                    let (metadata, frames, extensions) = response.into_parts();
+                    let frames: Frames = Box::pin(frames);
+                    return Ok(Response::from_parts(metadata, frames, extensions));
+                }
+                Err(status) if status.code() == Code::Unavailable => {
+                    failures.push(format!("{}: {}", node.name, status.message()));
+                }
+                Err(status) => return Err(RouteError::Client(status)),
+            }
+        }
+        Err(RouteError::NoNode(failures.join("; ")))
+    }
+
     /// Maintenance: every up-to-date replica on a live node, no transaction (it changes
     /// no refs); the first success answers.
     async fn maintenance(
@@ -584,7 +677,9 @@ impl Forwarder {
                     tracing::info!(%repo, node, code = ?status.code(), message = status.message(), "replica refused a read; trying another");
                     failures.push(format!("{node}: {}", status.message()));
                 }
-                Attempt::Refused(status) => return Err(RouteError::Client(status)),
+                Attempt::Refused(status) | Attempt::Final(status) => {
+                    return Err(RouteError::Client(status));
+                }
                 Attempt::Unusable(why) => failures.push(format!("{node}: {why}")),
             }
         }
@@ -616,6 +711,27 @@ impl Forwarder {
             Ok(f) => Bytes::from(f),
             Err(e) => return Attempt::Unusable(e.to_string()),
         };
+        let path = match http::uri::PathAndQuery::try_from(call.method.path.as_str()) {
+            Ok(p) => p,
+            Err(e) => return Attempt::Unusable(e.to_string()),
+        };
+        if let Some(caller) = &call.sidechannel {
+            // Unary: the first frame is the whole request.
+            return match sidechannel::forward(
+                &self.backchannels,
+                &record.address,
+                path,
+                &call.metadata,
+                caller,
+                first,
+            )
+            .await
+            {
+                sidechannel::Outcome::Answer(r) => Attempt::Answer(r),
+                sidechannel::Outcome::Refused(s) => Attempt::Refused(s),
+                sidechannel::Outcome::Failed(s) => Attempt::Final(s),
+            };
+        }
         let outgoing: Outgoing = match call
             .incoming
             .take()
@@ -625,10 +741,6 @@ impl Forwarder {
             None => Box::pin(stream::once(async { first })),
         };
         let request = Request::from_parts(call.metadata.clone(), Extensions::new(), outgoing);
-        let path = match http::uri::PathAndQuery::try_from(call.method.path.as_str()) {
-            Ok(p) => p,
-            Err(e) => return Attempt::Unusable(e.to_string()),
-        };
         let mut client = tonic::client::Grpc::new(channel)
             // The node already bounded what it sends; the router passes it on.
             .max_decoding_message_size(usize::MAX);
@@ -692,12 +804,16 @@ struct Call<'a> {
     first: Bytes,
     /// The rest of the client's stream, until an attempt takes it.
     incoming: Option<Streaming<Bytes>>,
+    /// The caller's sidechannel, for a call that carries one.
+    sidechannel: Option<sidechannel::Caller>,
 }
 
 enum Attempt {
     Answer(Response<Frames>),
     /// The node answered with an error status before any frame.
     Refused(Status),
+    /// The call failed after it reached the client (a sidechannel in use): not retried.
+    Final(Status),
     /// The replica could not be tried (bad registration).
     Unusable(String),
 }

@@ -40,6 +40,32 @@ pub fn rewrite_repository(
     replace(frame, path, &repo.encode_to_vec())
 }
 
+/// The string field at `path` (a storage-scoped request's storage name); empty when
+/// it is absent, as protobuf reads it.
+pub fn string(frame: &[u8], path: &[u32]) -> Result<String, FrameError> {
+    let bytes = locate(frame, path)?.unwrap_or_default();
+    String::from_utf8(bytes.to_vec())
+        .map_err(|_| FrameError::Decode(format!("field {path:?} is not UTF-8")))
+}
+
+/// `frame` with the string field at `path` set to `value`; every other byte is kept.
+pub fn rewrite_string(frame: &[u8], path: &[u32], value: &str) -> Result<Vec<u8>, FrameError> {
+    string(frame, path)?;
+    match replace(frame, path, value.as_bytes()) {
+        // Absent (the empty string): appended.
+        Err(FrameError::Missing) => {
+            let (last, parents) = path.split_last().ok_or(FrameError::Missing)?;
+            if !parents.is_empty() {
+                return Err(FrameError::Missing);
+            }
+            let mut out = frame.to_vec();
+            wire::put_bytes_field(&mut out, *last, value.as_bytes());
+            Ok(out)
+        }
+        other => other,
+    }
+}
+
 /// The bytes of the single message field at `path`, or `None` when it is absent.
 pub(crate) fn locate<'a>(buf: &'a [u8], path: &[u32]) -> Result<Option<&'a [u8]>, FrameError> {
     let Some((&first, rest)) = path.split_first() else {
@@ -143,6 +169,34 @@ mod tests {
         };
         assert_eq!(h.repository.unwrap().storage_name, "s");
         assert_eq!(h.branch_name, b"main");
+    }
+
+    #[test]
+    fn rewrites_a_storage_name_and_keeps_the_rest() {
+        use refvote_proto::gitaly::FindRemoteRepositoryRequest;
+        let req = FindRemoteRepositoryRequest {
+            remote: "https://example.com/a.git".into(),
+            storage_name: "default".into(),
+        };
+        let frame = req.encode_to_vec();
+        assert_eq!(string(&frame, &[2]).unwrap(), "default");
+        let out = rewrite_string(&frame, &[2], "node-storage").unwrap();
+        let back = FindRemoteRepositoryRequest::decode(out.as_slice()).unwrap();
+        assert_eq!(back.storage_name, "node-storage");
+        assert_eq!(back.remote, req.remote);
+        // An absent storage reads as empty and is added.
+        let bare = FindRemoteRepositoryRequest {
+            remote: "x".into(),
+            storage_name: String::new(),
+        }
+        .encode_to_vec();
+        assert_eq!(string(&bare, &[2]).unwrap(), "");
+        let out = rewrite_string(&bare, &[2], "s").unwrap();
+        let back = FindRemoteRepositoryRequest::decode(out.as_slice()).unwrap();
+        assert_eq!(
+            (back.remote.as_str(), back.storage_name.as_str()),
+            ("x", "s")
+        );
     }
 
     #[test]

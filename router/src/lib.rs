@@ -22,8 +22,13 @@
 //! to nodes (copy, checksum, removal) live in one module, `nodes`. Every call passes
 //! Gitaly's token check first when `[auth]` is set (refvote-auth), and every call to a
 //! node carries the router's own token; listeners and node channels use TLS when
-//! `[tls]` says so. gRPC health (`grpc.health.v1`) is answered on the same port, and
-//! Prometheus [`metrics`] on their own. The router keeps no state of its
+//! `[tls]` says so. The port takes plain gRPC and Gitaly's backchannel connections
+//! alike; calls that carry a sidechannel (gitlab-shell's and workhorse's fetches) have
+//! it proxied to the node, Praefect's way (`sidechannel`). ServerService and
+//! PraefectInfoService are answered by the router itself from etcd and the nodes
+//! ([`intercepted`]), storage-scoped calls go to any live node. gRPC health
+//! (`grpc.health.v1`) is answered on the same port, and Prometheus [`metrics`] on
+//! their own. The router keeps no state of its
 //! own: everything lives in etcd.
 #![forbid(unsafe_code)]
 
@@ -34,6 +39,7 @@ mod fanout;
 pub mod forward;
 pub mod frame;
 pub mod http;
+pub mod intercepted;
 pub mod metrics;
 mod nodes;
 mod outcome;
@@ -43,6 +49,7 @@ pub mod registry;
 pub mod repair;
 pub mod respond;
 pub mod server;
+pub mod sidechannel;
 mod stamp;
 mod wire;
 

@@ -1,10 +1,11 @@
 //! The router's Prometheus metrics (`refvote_router_…`) on `prometheus_listen_addr`:
 //! calls by method and gRPC code with their latency, transactions in flight and their
-//! outcomes, replicas marked outdated, repair jobs waiting in etcd, the lease, etcd
+//! outcomes, sidechannel calls in flight, connections by kind (plain or backchannel), replicas marked outdated, repair jobs waiting in etcd, the lease, etcd
 //! errors.
 //!
 //! Counting is one line at each place: [`track`] wraps every response in
-//! `server.rs`; `forward.rs` holds [`TRANSACTIONS_IN_FLIGHT`] and calls [`finalized`].
+//! `server.rs`; `forward.rs` holds [`TRANSACTIONS_IN_FLIGHT`] and calls [`finalized`];
+//! `sidechannel.rs` holds [`SIDECHANNELS_IN_FLIGHT`]; the listener counts [`CONNECTIONS`].
 
 use std::pin::Pin;
 use std::sync::{Arc, LazyLock};
@@ -16,6 +17,7 @@ use etcd_client::GetOptions;
 use http_body::{Body, Frame, SizeHint};
 use refvote_cluster::Store;
 use refvote_cluster::records::TxOutcome;
+use refvote_sidechannel::ListenStats;
 use refvote_telemetry::metrics::{self, Counter, Family, Gauge, Histogram, LATENCY_BUCKETS, Text};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -30,6 +32,11 @@ pub static CALLS: LazyLock<Family<Counter>> =
 pub static CALL_SECONDS: LazyLock<Histogram> = LazyLock::new(|| Histogram::new(LATENCY_BUCKETS));
 /// Voted writes between their transaction's creation and the client's answer.
 pub static TRANSACTIONS_IN_FLIGHT: LazyLock<Gauge> = LazyLock::new(Gauge::default);
+/// Sidechannel calls between their registration on a node's connection and their end.
+pub static SIDECHANNELS_IN_FLIGHT: LazyLock<Gauge> = LazyLock::new(Gauge::default);
+/// Connections the gRPC listener accepted, by kind (`server.rs` hands it to the
+/// listener).
+pub static CONNECTIONS: LazyLock<Arc<ListenStats>> = LazyLock::new(Arc::default);
 pub static TRANSACTIONS: LazyLock<Family<Counter>> = LazyLock::new(|| Family::new(&["outcome"], 8));
 pub static MARKED_OUTDATED: LazyLock<Counter> = LazyLock::new(Counter::default);
 
@@ -195,6 +202,25 @@ async fn render(store: &Store, lease_held: bool) -> String {
         "refvote_router_transactions_in_flight",
         "Voted writes between their transaction's creation and the answer.",
         TRANSACTIONS_IN_FLIGHT.get(),
+    );
+    t.gauge(
+        "refvote_router_sidechannels_in_flight",
+        "Sidechannel calls (gitlab-shell's and workhorse's fetches) being proxied to a node.",
+        SIDECHANNELS_IN_FLIGHT.get(),
+    );
+    let (plain, backchannel, dropped) = CONNECTIONS.get();
+    t.counter_by(
+        "refvote_router_grpc_connections_total",
+        "Connections accepted on the gRPC port, by kind: plain (HTTP/2 gRPC: Rails, \
+         votingctl) or backchannel (Gitaly's yamux handshake: gitlab-shell, workhorse).",
+        "kind",
+        &[("plain", plain), ("backchannel", backchannel)],
+    );
+    t.counter(
+        "refvote_router_grpc_connections_dropped_total",
+        "Connections dropped before their handshake finished (TLS failed, closed early, \
+         or silent past the deadline).",
+        dropped,
     );
     for o in OUTCOMES {
         TRANSACTIONS.with(&[o]);

@@ -11,6 +11,7 @@ use crate::wire::{self, Field, Value};
 
 /// Extension numbers of `refvote/annotations.proto` (the same as Gitaly's lint.proto).
 const EXT_INTERCEPTED: u32 = 82302;
+const EXT_STORAGE: u32 = 91233;
 const EXT_OP_TYPE: u32 = 82303;
 const EXT_REPOSITORY: u32 = 91234;
 const EXT_TARGET_REPOSITORY: u32 = 91235;
@@ -57,6 +58,8 @@ pub struct Method {
     pub target: Option<Vec<u32>>,
     /// Likewise for a second repository the call reads (e.g. a fork source).
     pub additional: Option<Vec<u32>>,
+    /// For a storage-scoped method: the request's field (a string) marked `storage`.
+    pub storage: Option<Vec<u32>>,
     pub client_streaming: bool,
     pub server_streaming: bool,
     /// Where a write that creates commit or tag objects carries their time, which the
@@ -88,6 +91,8 @@ pub enum RegistryError {
     UnknownOp(String, u64),
     #[error("{0} is repository-scoped but its request has no field marked target_repository")]
     NoTarget(String),
+    #[error("{0} is storage-scoped but its request has no field marked storage")]
+    NoStorage(String),
     #[error("{method}: request type {type_name} is not in the descriptor set")]
     UnknownType { method: String, type_name: String },
 }
@@ -115,6 +120,8 @@ struct MessageType {
     /// The field marked `repository`: where a wrapper message (an object pool) that is
     /// itself a target or additional repository keeps its `Repository`.
     repository: Option<u32>,
+    /// The field marked `storage` (a storage-scoped request's storage name).
+    storage: Option<u32>,
 }
 
 fn bytes<'a>(f: &Field<'a>) -> Option<&'a [u8]> {
@@ -249,17 +256,21 @@ fn collect_messages(
                 .map(string)
                 .unwrap_or_default()
         });
-        let (target, additional, repository) =
+        let (target, additional, repository, storage) =
             match ff.iter().find(|f| f.number == 8).and_then(bytes) {
                 Some(opts) => (
                     flag(opts, EXT_TARGET_REPOSITORY)?,
                     flag(opts, EXT_ADDITIONAL_REPOSITORY)?,
                     flag(opts, EXT_REPOSITORY)?,
+                    flag(opts, EXT_STORAGE)?,
                 ),
-                None => (false, false, false),
+                None => (false, false, false, false),
             };
         if repository {
             ty.repository = Some(number);
+        }
+        if storage {
+            ty.storage = Some(number);
         }
         ty.fields.push(FieldType {
             number,
@@ -387,6 +398,7 @@ fn classify(
                 scope: Scope::Storage,
                 target: None,
                 additional: None,
+                storage: None,
                 client_streaming,
                 server_streaming,
                 stamp: None,
@@ -431,12 +443,23 @@ fn classify(
         OpKind::Mutator => find_stamp(types, &input),
         _ => None,
     };
+    // Gitaly marks the storage field of the request itself, never a nested one.
+    let storage = match scope {
+        Scope::Storage => Some(vec![
+            types
+                .get(&input)
+                .and_then(|t| t.storage)
+                .ok_or_else(|| RegistryError::NoStorage(path.clone()))?,
+        ]),
+        _ => None,
+    };
     Ok(Method {
         path,
         kind: Some(kind),
         scope,
         target,
         additional,
+        storage,
         client_streaming,
         server_streaming,
         stamp,
@@ -466,12 +489,18 @@ mod tests {
             r.get("/gitaly.ServerService/ServerInfo").unwrap().kind,
             None
         );
-        // Every repository-scoped method found its target.
+        // Every repository-scoped method found its target, every storage-scoped one its
+        // storage field.
         for m in r.methods() {
             if m.kind.is_some() && m.scope == Scope::Repository {
                 assert!(m.target.is_some(), "{}", m.path);
             }
+            if m.kind.is_some() && m.scope == Scope::Storage {
+                assert!(m.storage.is_some(), "{}", m.path);
+            }
         }
+        let m = r.get("/gitaly.RemoteService/FindRemoteRepository").unwrap();
+        assert_eq!(m.storage.as_deref(), Some(&[2][..]));
         assert!(r.len() >= 40, "{} methods", r.len());
     }
 

@@ -41,6 +41,9 @@ pub enum RouteError {
     ReadUnconfirmed(String),
     #[error("no replica of {repo} can serve reads: {detail}")]
     NoReplica { repo: RepoId, detail: String },
+    /// A storage-scoped call found no node to answer it.
+    #[error("no storage node can answer: {0}")]
+    NoNode(String),
     #[error(
         "this router holds no etcd lease (is etcd reachable?); writes are bound to one, retry shortly"
     )]
@@ -120,6 +123,7 @@ impl From<RouteError> for Status {
             RouteError::Etcd { source, .. } if source.is_unavailable() => Code::Unavailable,
             RouteError::Etcd { .. } => Code::Internal,
             RouteError::NoReplica { .. }
+            | RouteError::NoNode(_)
             | RouteError::ReadUnconfirmed(_)
             | RouteError::NoLease
             | RouteError::NoVote { .. }

@@ -1,6 +1,11 @@
 //! Starting and stopping the router: registry, etcd, listener, the catch-all
-//! service on top with refvote's admin service in front of it, and the background
-//! repair worker and reaper. Everything a test needs to run a router in-process.
+//! service on top with refvote's admin service and the services the router answers
+//! itself in front of it, and the background repair worker and reaper. Everything a
+//! test needs to run a router in-process.
+//!
+//! The listener takes plain HTTP/2 gRPC and Gitaly's backchannel connections on one
+//! port (refvote-sidechannel's multiplexed listener); it ends TLS itself, because the
+//! backchannel magic comes inside TLS.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -11,10 +16,10 @@ use refvote_auth::AuthLayer;
 use refvote_cluster::Store;
 use refvote_cluster::reaper::{self, ReaperConfig};
 use refvote_cluster::session::Session;
+use refvote_sidechannel::{ListenConfig, MuxIncoming};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic::codegen::http;
-use tonic::transport::server::TcpIncoming;
 
 use crate::config::Config;
 use crate::forward::Forwarder;
@@ -66,26 +71,26 @@ impl RouterServer {
         let registry = Registry::gitaly()?;
         let invalid = |(key, reason)| StartError::Security { key, reason };
         let auth = config.auth.policy().map_err(invalid)?;
-        let server_tls = config.tls.server().map_err(invalid)?;
+        let server_tls = refvote_sidechannel::tls::acceptor(&config.tls).map_err(invalid)?;
         let node_tls = config.tls.client().map_err(invalid)?;
-        // Every call passes the token check first, whatever answers it: serve every
-        // service (the forwarder, health, the router's own) through this builder.
-        let mut builder = tonic::transport::Server::builder();
-        if let Some(tls) = server_tls {
-            builder = builder.tls_config(tls).map_err(|e| StartError::Security {
-                key: "tls.certificate_path",
-                reason: e.to_string(),
-            })?;
-        }
-        let builder = builder.layer(AuthLayer::new(auth.clone(), "refvote-router"));
+        let node_tls_backchannel =
+            refvote_sidechannel::tls::connector(&config.tls).map_err(invalid)?;
+        // Every call passes the token check first, whatever answers it and whichever
+        // kind of connection it came on: serve every service (the forwarder, health,
+        // the router's own) through this builder.
+        let builder = tonic::transport::Server::builder()
+            .layer(AuthLayer::new(auth.clone(), "refvote-router"));
         let store = Store::connect(&config.etcd.store_config()).await?;
         let addr = config.listen();
-        let incoming = TcpIncoming::bind(addr)
-            .map_err(|source| StartError::Bind { addr, source })?
-            .with_nodelay(Some(true));
-        let addr = incoming
-            .local_addr()
+        let listener = refvote_sidechannel::listen::bind(addr)
             .map_err(|source| StartError::Bind { addr, source })?;
+        let listen = ListenConfig {
+            stats: crate::metrics::CONNECTIONS.clone(),
+            ..ListenConfig::default()
+        };
+        let incoming = MuxIncoming::new(listener, server_tls, listen)
+            .map_err(|source| StartError::Bind { addr, source })?;
+        let addr = incoming.local_addr().unwrap_or(addr);
         let metrics_listener = match config.metrics() {
             Some(addr) => Some(
                 refvote_telemetry::metrics::bind(addr)
@@ -136,6 +141,21 @@ impl RouterServer {
             )),
         ];
         let store_for_admin = store.clone();
+        let intercepted = crate::intercepted::Intercepted::new(
+            store.clone(),
+            node_pool.clone(),
+            config.router_id.clone(),
+            session.subscribe(),
+            config.virtual_storages.clone(),
+            config.replication_factor,
+        );
+        let server_service = refvote_proto::gitaly::server_service_server::ServerServiceServer::new(
+            intercepted.clone(),
+        );
+        let praefect_info =
+            refvote_proto::gitaly::praefect_info_service_server::PraefectInfoServiceServer::new(
+                intercepted,
+            );
         let metrics =
             metrics_listener.map(|l| crate::metrics::serve(l, store.clone(), session.subscribe()));
         let reads = Reads::start(store.clone(), config.stale_reads());
@@ -149,7 +169,11 @@ impl RouterServer {
                 reads,
             )
             .with_lock_wait(config.lock_wait())
-            .secure_calls_to_nodes(auth.as_ref().map(|a| a.secret.clone()), node_tls),
+            .secure_calls_to_nodes(auth.as_ref().map(|a| a.secret.clone()), node_tls)
+            .with_backchannels(crate::sidechannel::Backchannels::new(
+                auth.as_ref().map(|a| a.secret.clone()),
+                node_tls_backchannel,
+            )),
         );
         // refvote's own admin service answers its paths; everything else is Gitaly's.
         let admin = refvote_proto::admin::admin_service_server::AdminServiceServer::new(
@@ -175,6 +199,8 @@ impl RouterServer {
             let f = serving.clone();
             let mut admin = admin.clone();
             let mut health = health.clone();
+            let mut server_service = server_service.clone();
+            let mut praefect_info = praefect_info.clone();
             let (method, started) = (req.uri().path().to_owned(), std::time::Instant::now());
             async move {
                 let resp = if method.starts_with(crate::admin::PATH_PREFIX) {
@@ -182,6 +208,12 @@ impl RouterServer {
                     r
                 } else if method.starts_with("/grpc.health.v1.Health/") {
                     let Ok(r) = tower::Service::call(&mut health, req).await;
+                    r
+                } else if method.starts_with(crate::intercepted::SERVER_SERVICE) {
+                    let Ok(r) = tower::Service::call(&mut server_service, req).await;
+                    r
+                } else if method.starts_with(crate::intercepted::PRAEFECT_INFO_SERVICE) {
+                    let Ok(r) = tower::Service::call(&mut praefect_info, req).await;
                     r
                 } else {
                     f.handle(req).await

@@ -63,7 +63,7 @@ pub mod status;
 pub mod tls;
 
 pub use client::{BackchannelClient, ClientSidechannel, DialOptions, Registry, Waiter, dial};
-pub use listen::{ConnInfo, ListenConfig, MuxConn, MuxIncoming};
+pub use listen::{ConnInfo, ListenConfig, ListenStats, MuxConn, MuxIncoming};
 pub use proxy::proxy;
 pub use server::{METADATA_KEY, OpenError, ServerSidechannel};
 pub use status::FetchRpc;

@@ -14,6 +14,8 @@
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -37,6 +39,37 @@ pub struct ListenConfig {
     pub handshake_timeout: Duration,
     /// The yamux settings of backchannel sessions ([`mux::server_config`]).
     pub yamux: tokio_yamux::Config,
+    /// Where accepted connections are counted (shared by a server's listeners, read
+    /// by its `/metrics`).
+    pub stats: Arc<ListenStats>,
+}
+
+/// Connections a listener accepted, by kind: whether GitLab's clients reach this port
+/// with the backchannel handshake, and how many connections never finished one.
+#[derive(Debug, Default)]
+pub struct ListenStats {
+    /// Served as plain HTTP/2 gRPC.
+    pub plain: AtomicU64,
+    /// Started with `backchannel` and opened their gRPC stream.
+    pub backchannel: AtomicU64,
+    /// Dropped before either: TLS failed, the client closed early, or the handshake
+    /// did not finish within [`ListenConfig::handshake_timeout`].
+    pub dropped: AtomicU64,
+}
+
+impl ListenStats {
+    fn count(&self, counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// `(plain, backchannel, dropped)` now.
+    pub fn get(&self) -> (u64, u64, u64) {
+        (
+            self.plain.load(Ordering::Relaxed),
+            self.backchannel.load(Ordering::Relaxed),
+            self.dropped.load(Ordering::Relaxed),
+        )
+    }
 }
 
 impl std::fmt::Debug for ListenConfig {
@@ -57,6 +90,7 @@ impl Default for ListenConfig {
         ListenConfig {
             handshake_timeout: Duration::from_secs(10),
             yamux: mux::server_config(),
+            stats: Arc::default(),
         }
     }
 }
@@ -305,14 +339,21 @@ async fn accept_loop(
                 tokio::spawn(async move {
                     let deadline = config.handshake_timeout;
                     let handshake = handshake(io, peer, local, tls, &config);
+                    let stats = &config.stats;
                     match tokio::time::timeout(deadline, handshake).await {
                         Ok(Ok(conn)) => {
+                            stats.count(match conn.info.backchannel {
+                                Some(_) => &stats.backchannel,
+                                None => &stats.plain,
+                            });
                             let _ = tx.send(conn).await;
                         }
                         Ok(Err(e)) => {
+                            stats.count(&stats.dropped);
                             tracing::debug!(?peer, error = %e, "connection dropped during its handshake")
                         }
                         Err(_) => {
+                            stats.count(&stats.dropped);
                             tracing::debug!(
                                 ?peer,
                                 ?deadline,

@@ -16,7 +16,7 @@ use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::rustls::server::WebPkiClientVerifier;
 use tokio_rustls::rustls::{self, ClientConfig, RootCertStore, ServerConfig};
-use tokio_rustls::{TlsAcceptor, TlsConnector};
+pub use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 /// A bad `[tls]` setting: the key it is about and why (as `TlsSettings` reports).
 pub type Invalid = (&'static str, String);

@@ -5,8 +5,10 @@
 //! launcher's (`refvote_launcher`), as for `votingctl cluster`. [`cluster`] puts them
 //! together in the common shapes ([`cluster::Fixture`]: N nodes, routers, a seeded
 //! repository) for the integration tests and benchmarks. [`smarthttp`] lets a real git
-//! client push and clone through nodes' gRPC services with no router. [`local`] drives
-//! a whole cluster started by `votingctl cluster up`, as a person would. [`tls`] issues
+//! client push and clone through nodes' gRPC services with no router; [`gitlab_client`]
+//! dials and fetches as gitlab-shell and workhorse do (backchannel, sidechannel), and
+//! [`workhorse`] puts a real git client's HTTP fetches through it. [`local`] drives a
+//! whole cluster started by `votingctl cluster up`, as a person would. [`tls`] issues
 //! test certificates. [`metrics`] scrapes a process's Prometheus endpoint.
 //! [`faultnet`] cuts links between processes, [`hold`] stops a process at an exact
 //! step, [`chaos`] is the fault suite.
@@ -18,6 +20,7 @@ pub mod cluster;
 pub mod etcd;
 pub mod faultnet;
 pub mod git;
+pub mod gitlab_client;
 pub mod grpc;
 pub mod hold;
 pub mod local;
@@ -27,3 +30,4 @@ pub mod proc;
 pub mod router;
 pub mod smarthttp;
 pub mod tls;
+pub mod workhorse;

@@ -44,6 +44,54 @@ pub fn pid_exists(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
 
+/// Every live descendant of `pid` (children, their children, ...) with its command
+/// line, from `/proc` (Linux only); zombies are left out, they run nothing.
+pub fn descendants(pid: u32) -> Vec<(u32, String)> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    // pid → (parent, state)
+    let mut table = std::collections::HashMap::new();
+    for entry in dir.flatten() {
+        let Some(p) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // `pid (comm) state ppid ...`: comm may hold spaces and parentheses.
+        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+            continue;
+        };
+        let mut fields = rest.split_whitespace();
+        let state = fields.next().unwrap_or("?").to_owned();
+        let Some(ppid) = fields.next().and_then(|f| f.parse::<u32>().ok()) else {
+            continue;
+        };
+        table.insert(p, (ppid, state));
+    }
+    let mut out = Vec::new();
+    let mut frontier = vec![pid];
+    while let Some(parent) = frontier.pop() {
+        for (child, (ppid, state)) in &table {
+            if *ppid == parent {
+                frontier.push(*child);
+                if state != "Z" {
+                    let cmdline = std::fs::read(format!("/proc/{child}/cmdline"))
+                        .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
+                        .unwrap_or_default();
+                    out.push((*child, cmdline.trim().to_owned()));
+                }
+            }
+        }
+    }
+    out
+}
+
 /// A child process whose stdout and stderr go to `<log_dir>/<name>.log`.
 ///
 /// Dropping it sends SIGKILL and reaps the child, so a failing test never leaves

@@ -36,6 +36,9 @@ pub struct Config {
     pub prometheus_listen_addr: String,
     #[serde(default)]
     pub git: GitConfig,
+    /// Deadlines on what clients do (Gitaly's `[timeout]` section).
+    #[serde(default)]
+    pub timeout: TimeoutConfig,
     #[serde(default)]
     pub etcd: EtcdSettings,
     #[serde(default)]
@@ -101,6 +104,17 @@ pub struct GitConfig {
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
+pub struct TimeoutConfig {
+    /// How long a fetching client (`SSHUploadPackWithSidechannel`,
+    /// `PostUploadPackWithSidechannel`) may take to end its negotiation with `done`
+    /// before upload-pack is stopped with DEADLINE_EXCEEDED: an access check is only
+    /// good for so long. Gitaly's `upload_pack_negotiation` (default 10 minutes).
+    #[serde(default = "defaults::upload_pack_negotiation_secs")]
+    pub upload_pack_negotiation_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct Storage {
     pub name: String,
     pub path: PathBuf,
@@ -117,6 +131,9 @@ mod defaults {
     }
     pub fn git_timeout_secs() -> u64 {
         3600
+    }
+    pub fn upload_pack_negotiation_secs() -> u64 {
+        600
     }
     pub fn socket_path() -> PathBuf {
         "/run/refvote/vote.sock".into()
@@ -143,6 +160,14 @@ impl Default for GitConfig {
         GitConfig {
             bin_path: defaults::git_bin(),
             timeout_secs: defaults::git_timeout_secs(),
+        }
+    }
+}
+
+impl Default for TimeoutConfig {
+    fn default() -> Self {
+        TimeoutConfig {
+            upload_pack_negotiation_secs: defaults::upload_pack_negotiation_secs(),
         }
     }
 }
@@ -251,6 +276,12 @@ impl Config {
         if self.git.timeout_secs == 0 {
             return Err(invalid("git.timeout_secs", "must be at least 1".into()));
         }
+        if self.timeout.upload_pack_negotiation_secs == 0 {
+            return Err(invalid(
+                "timeout.upload_pack_negotiation_secs",
+                "must be at least 1".into(),
+            ));
+        }
         self.etcd
             .validate()
             .map_err(|(key, reason)| invalid(key, reason))?;
@@ -320,6 +351,11 @@ impl Config {
 
     pub fn git_timeout(&self) -> Duration {
         Duration::from_secs(self.git.timeout_secs)
+    }
+
+    /// `[timeout] upload_pack_negotiation_secs`.
+    pub fn upload_pack_negotiation(&self) -> Duration {
+        Duration::from_secs(self.timeout.upload_pack_negotiation_secs)
     }
 
     /// The node service's address as registered in etcd (`tcp://host:port`), or empty

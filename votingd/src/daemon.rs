@@ -90,7 +90,8 @@ impl Daemon {
         // Validated with the config; read again here (the token file may have moved).
         let invalid = |(key, reason)| StartError::Security { key, reason };
         let auth = config.auth.policy().map_err(invalid)?;
-        let server_tls = config.tls.server().map_err(invalid)?;
+        // The listener ends TLS itself (the backchannel magic travels inside it).
+        let server_tls = refvote_sidechannel::tls::acceptor(&config.tls).map_err(invalid)?;
         let client_tls = config.tls.client().map_err(invalid)?;
         let listener = bind_socket(&config)?;
         let incoming = if config.listen_addr.is_empty() {
@@ -103,6 +104,8 @@ impl Daemon {
             let addr = config.listen_addr.parse().expect("validated");
             Some(refvote_node::bind(addr).map_err(listen)?)
         };
+        // What the node's listeners accepted, for `/metrics`.
+        let connections = Arc::new(refvote_sidechannel::ListenStats::default());
         let metrics = match config.prometheus_listen_addr.as_str() {
             "" => None,
             addr => Some(
@@ -172,6 +175,7 @@ impl Daemon {
                     locks,
                     secret: auth.as_ref().map(|a| a.secret.clone()),
                     client_tls,
+                    upload_pack_negotiation: config.upload_pack_negotiation(),
                 });
                 let listen = |source| StartError::Listen {
                     addr: config.listen_addr.clone(),
@@ -182,7 +186,17 @@ impl Daemon {
                 } else {
                     Some(bind_unix(&config, &config.socket_path)?)
                 };
-                Some(refvote_node::serve(incoming, unix, state, auth, server_tls).map_err(listen)?)
+                Some(
+                    refvote_node::serve(
+                        incoming,
+                        unix,
+                        state,
+                        auth,
+                        server_tls,
+                        connections.clone(),
+                    )
+                    .map_err(listen)?,
+                )
             }
             None => None,
         };
@@ -226,6 +240,7 @@ impl Daemon {
                 listener,
                 service.clone(),
                 session.subscribe(),
+                connections.clone(),
             ));
         }
         if config.vote.reaper {

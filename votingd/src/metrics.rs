@@ -1,11 +1,13 @@
 //! votingd's Prometheus metrics (`votingd_…`) on `prometheus_listen_addr`: votes by
-//! outcome, vote latency, transactions in flight, the lease, etcd errors. Most values
-//! are the vote service's own counters (the latency histogram too), read at scrape
-//! time.
+//! outcome, vote latency, transactions in flight, the lease, etcd errors, and the
+//! node's gRPC connections by kind. Most values are the vote service's own counters
+//! (the latency histogram too), read at scrape time; the connections are the node
+//! listeners' counts.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use refvote_sidechannel::ListenStats;
 use refvote_telemetry::metrics::{self, Text};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -18,15 +20,16 @@ pub fn serve(
     listener: TcpListener,
     service: Arc<VoteService>,
     lease: watch::Receiver<Option<i64>>,
+    connections: Arc<ListenStats>,
 ) -> JoinHandle<()> {
     let render: metrics::Render = Arc::new(move || {
-        let text = render(&service, lease.borrow().is_some());
+        let text = render(&service, lease.borrow().is_some(), &connections);
         Box::pin(async move { text })
     });
     metrics::serve(listener, render)
 }
 
-fn render(service: &VoteService, lease_held: bool) -> String {
+fn render(service: &VoteService, lease_held: bool, connections: &ListenStats) -> String {
     let c = &service.counters;
     let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
     let mut t = Text::new();
@@ -73,6 +76,21 @@ fn render(service: &VoteService, lease_held: bool) -> String {
         "votingd_lease_held",
         "1 while the node holds its etcd lease (it may vote and serve), else 0.",
         i64::from(lease_held),
+    );
+    let (plain, backchannel, dropped) = connections.get();
+    t.counter_by(
+        "votingd_grpc_connections_total",
+        "Connections accepted on the node's gRPC listeners (TCP and the Unix socket), by \
+         kind: plain (HTTP/2 gRPC) or backchannel (Gitaly's yamux handshake: routers, \
+         gitlab-shell, workhorse).",
+        "kind",
+        &[("plain", plain), ("backchannel", backchannel)],
+    );
+    t.counter(
+        "votingd_grpc_connections_dropped_total",
+        "Connections dropped before their handshake finished (TLS failed, closed early, \
+         or silent past the deadline).",
+        dropped,
     );
     refvote_cluster::store::render_etcd_errors(&mut t, "votingd");
     t.finish()

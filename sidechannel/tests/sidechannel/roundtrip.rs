@@ -221,3 +221,41 @@ async fn silent_connections_are_dropped_at_the_deadline() {
     settles(baseline, "after the silent connection", || (0, 0)).await;
     server.stop().await;
 }
+
+/// The listener counts what it accepted by kind, and the connections it dropped
+/// before either kind's handshake finished.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listeners_count_connections_by_kind() {
+    let stats = std::sync::Arc::new(refvote_sidechannel::ListenStats::default());
+    let config = refvote_sidechannel::ListenConfig {
+        handshake_timeout: Duration::from_millis(300),
+        stats: stats.clone(),
+        ..Default::default()
+    };
+    let server = TestServer::start_with(None, config).await;
+    let plain = server.endpoint().connect().await.unwrap();
+    assert_eq!(
+        status(HealthClient::new(plain).check(check("")).await),
+        ServingStatus::Serving
+    );
+    let bc = dial(server.endpoint(), DialOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        status(HealthClient::new(bc.channel()).check(check("")).await),
+        ServingStatus::Serving
+    );
+    assert_eq!(stats.get(), (1, 1, 0));
+    // One that closes after 4 bytes, one that says nothing until the deadline.
+    let mut early = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    early.write_all(b"back").await.unwrap();
+    drop(early);
+    let _silent = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while stats.get().2 < 2 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(stats.get(), (1, 1, 2));
+    drop(bc);
+    server.stop().await;
+}
