@@ -191,6 +191,7 @@ impl Daemon {
             address,
             storages: config.storages.iter().map(|s| s.name.clone()).collect(),
             version: env!("CARGO_PKG_VERSION").to_string(),
+            gitlab_api: false,
         };
         let register_store = store.clone();
         let session = Session::start(store.clone(), config.lease_ttl(), move |lease| {
