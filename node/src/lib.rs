@@ -35,6 +35,7 @@ mod commit;
 pub mod detail;
 pub mod error;
 pub mod git;
+pub mod gitlab;
 mod operations;
 pub mod pktline;
 mod push;
@@ -140,7 +141,12 @@ fn routes(
         )
         .add_service(gitaly::ssh_service_server::SshServiceServer::new(
             ssh::SshSvc::new(state.clone()),
-        )))
+        ))
+        .add_service(
+            refvote_proto::node::node_service_server::NodeServiceServer::new(
+                gitlab::post::NodeSvc::new(state.gitlab.clone()),
+            ),
+        ))
 }
 
 /// Serves every implemented Gitaly service and the health service on `incoming`, and

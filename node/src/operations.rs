@@ -15,6 +15,10 @@
 //! - the time zone is always `+0000` (the user's named zone would need a zone database
 //!   that could differ between hosts);
 //! - commits are never signed (`sign` is ignored: a signature would differ per host).
+//!
+//! A call by a GitLab user inside a transaction GitLab's checks gate has its ref update
+//! checked first, as a push of that one change ([`crate::gitlab::operation`]); a
+//! refusal is Gitaly's structured error for the RPC, the same on every replica.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -41,6 +45,7 @@ use super::error::NodeError;
 use super::git::Run;
 use super::storage::{RepoPath, Storages};
 use super::tx::{WriteContext, WriteIn};
+use crate::gitlab::operation::{Op, refusal_status};
 use crate::state::NodeState;
 
 /// Bound on small git answers read whole (an object id, a ref name).
@@ -102,10 +107,20 @@ impl OperationService for OperationSvc {
             ));
         };
         let zero = zero_oid(&commit.id);
+        let mut hooks =
+            self.node
+                .gitlab
+                .operation(&metadata, req.repository.as_ref(), req.user.as_ref())?;
         in_transaction(&self.node, &metadata, |ctx| async move {
+            hooks.join(&ctx, &repo.path);
+            hooks
+                .check(&refname, &zero, &commit.id)
+                .await
+                .map_err(|r| refusal_status(Op::CreateBranch, &r))?;
             self.update_ref(&repo, &ctx, &refname, &commit.id, &zero)
                 .await
                 .map_err(|e| e.into_status(&refname))?;
+            hooks.committed(&refname, &zero, &commit.id);
             Ok(Response::new(UserCreateBranchResponse {
                 branch: Some(Branch {
                     name: name.into_bytes(),
@@ -135,7 +150,17 @@ impl OperationService for OperationSvc {
             ));
         };
         let old = expected.unwrap_or(current);
+        let mut hooks =
+            self.node
+                .gitlab
+                .operation(&metadata, req.repository.as_ref(), req.user.as_ref())?;
         in_transaction(&self.node, &metadata, |ctx| async move {
+            hooks.join(&ctx, &repo.path);
+            let zero = zero_oid(&old);
+            hooks
+                .check(&refname, &old, &zero)
+                .await
+                .map_err(|r| refusal_status(Op::DeleteBranch, &r))?;
             if let Err(e) = self.delete_ref(&repo, &ctx, &refname, &old).await {
                 let detail = UserDeleteBranchError {
                     error: Some(user_delete_branch_error::Error::ReferenceUpdate(
@@ -156,6 +181,7 @@ impl OperationService for OperationSvc {
                     other => other.into_status(&refname),
                 });
             }
+            hooks.committed(&refname, &old, &zero);
             Ok(Response::new(UserDeleteBranchResponse {}))
         })
         .await
@@ -200,7 +226,12 @@ impl OperationService for OperationSvc {
         }
         let target_commit = cat.commit(&object.oid).await?;
         let zero = zero_oid(&object.oid);
+        let mut hooks =
+            self.node
+                .gitlab
+                .operation(&metadata, req.repository.as_ref(), req.user.as_ref())?;
         in_transaction(&self.node, &metadata, |ctx| async move {
+            hooks.join(&ctx, &repo.path);
             let (id, tagger) = if req.message.is_empty() {
                 (object.oid.clone(), None)
             } else {
@@ -230,9 +261,14 @@ impl OperationService for OperationSvc {
                 };
                 (id, Some(tagger))
             };
+            hooks
+                .check(&refname, &zero, &id)
+                .await
+                .map_err(|r| refusal_status(Op::CreateTag, &r))?;
             self.update_ref(&repo, &ctx, &refname, &id, &zero)
                 .await
                 .map_err(|e| e.into_status(&refname))?;
+            hooks.committed(&refname, &zero, &id);
             Ok(Response::new(UserCreateTagResponse {
                 tag: Some(Tag {
                     name: name.into_bytes(),
@@ -267,10 +303,21 @@ impl OperationService for OperationSvc {
             ));
         };
         let old = expected.unwrap_or(current);
+        let mut hooks =
+            self.node
+                .gitlab
+                .operation(&metadata, req.repository.as_ref(), req.user.as_ref())?;
         in_transaction(&self.node, &metadata, |ctx| async move {
+            hooks.join(&ctx, &repo.path);
+            let zero = zero_oid(&old);
+            hooks
+                .check(&refname, &old, &zero)
+                .await
+                .map_err(|r| refusal_status(Op::DeleteTag, &r))?;
             self.delete_ref(&repo, &ctx, &refname, &old)
                 .await
                 .map_err(|e| e.into_status(&refname))?;
+            hooks.committed(&refname, &old, &zero);
             Ok(Response::new(UserDeleteTagResponse::default()))
         })
         .await
@@ -289,8 +336,14 @@ impl OperationService for OperationSvc {
             return Err(NodeError::invalid("the first message must be the header").into());
         };
         let plan = self.plan_commit(&header).await?;
+        let mut hooks = self.node.gitlab.operation(
+            &metadata,
+            header.repository.as_ref(),
+            header.user.as_ref(),
+        )?;
         in_transaction(&self.node, &metadata, |ctx| async move {
-            self.commit_files(plan, &ctx, stream)
+            hooks.join(&ctx, &plan.repo.path);
+            self.commit_files(plan, &ctx, &hooks, stream)
                 .await
                 .map(Response::new)
         })
@@ -393,6 +446,7 @@ impl OperationSvc {
         &self,
         plan: CommitPlan,
         ctx: &WriteContext,
+        hooks: &crate::gitlab::operation::OperationHooks,
         mut stream: Streaming<UserCommitFilesRequest>,
     ) -> Result<UserCommitFilesResponse, Status> {
         let repo = &plan.repo;
@@ -509,9 +563,14 @@ impl OperationSvc {
             }
         }
         let old = plan.old.clone().unwrap_or_else(|| zero_oid(&commit));
+        hooks
+            .check(&plan.branch_ref, &old, &commit)
+            .await
+            .map_err(|r| refusal_status(Op::CommitFiles, &r))?;
         self.update_ref(repo, ctx, &plan.branch_ref, &commit, &old)
             .await
             .map_err(|e| e.into_status(&plan.branch_ref))?;
+        hooks.committed(&plan.branch_ref, &old, &commit);
         Ok(UserCommitFilesResponse {
             branch_update: Some(OperationBranchUpdate {
                 commit_id: commit,

@@ -108,17 +108,27 @@ impl SmartHttpService for SmartHttpSvc {
         let repo = self.node.storages.existing(first.repository.as_ref())?;
         // Validate everything before joining the transaction: a refusal then costs
         // the other voters nothing.
-        let cmd = self
+        let mut cmd = self
             .node
             .git
             .command(["receive-pack", "--stateless-rpc"])
             .request_config(&first.git_config_options)?
             .protocol(&first.git_protocol)?
             .arg(&repo.path);
+        let gitlab =
+            self.node
+                .gitlab
+                .prepare(&metadata, !first.gl_id.is_empty(), |correlation| {
+                    refvote_gitlab::HookContext::from_post_receive_pack(&first, correlation)
+                })?;
         // The whole command section is read and checked before anything runs, so a
         // malformed push is refused without git or the transaction seeing it.
         let input = canonical_input(stream_input(first.data, stream, |m| m.data)).await?;
         let ctx = WriteContext::from_metadata(&self.node.tx, &metadata).await?;
+        if let (Some(prepared), Some(tx)) = (gitlab, ctx.transaction()) {
+            self.node.gitlab.register(prepared, tx, &repo.path);
+            cmd = self.node.gitlab.gated_command(cmd);
+        }
         ctx.checksum_repository(&self.node.git, &repo.path);
         let lock = self.node.locks.shared(&repo.path).await;
         let run = cmd

@@ -164,14 +164,21 @@ impl SshService for SshSvc {
             .into());
         }
         // Everything that can be refused is checked before joining the transaction.
-        let cmd = self
+        let mut cmd = self
             .node
             .git
             .command(["receive-pack"])
             .request_config(&first.git_config_options)?
             .protocol(&first.git_protocol)?
             .arg(&repo.path);
+        let gitlab = self.node.gitlab.prepare(&metadata, true, |correlation| {
+            refvote_gitlab::HookContext::from_ssh_receive_pack(&first, correlation)
+        })?;
         let ctx = WriteContext::from_metadata(&self.node.tx, &metadata).await?;
+        if let (Some(prepared), Some(tx)) = (gitlab, ctx.transaction()) {
+            self.node.gitlab.register(prepared, tx, &repo.path);
+            cmd = self.node.gitlab.gated_command(cmd);
+        }
         ctx.checksum_repository(&self.node.git, &repo.path);
         let lock = self.node.locks.shared(&repo.path).await;
         let run = cmd

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use refvote_auth::Secret;
 
 use crate::git::Git;
+use crate::gitlab::GitlabSide;
 use crate::repolock::RepoLocks;
 use crate::storage::Storages;
 use crate::tx::TxSettings;
@@ -23,4 +24,6 @@ pub struct NodeState {
     pub secret: Option<Arc<Secret>>,
     /// How a `tls://` node is reached (repair's source), from `[tls] ca_path`.
     pub client_tls: Option<tonic::transport::ClientTlsConfig>,
+    /// GitLab's checks and post-receive for calls by a GitLab user.
+    pub gitlab: Arc<GitlabSide>,
 }

@@ -7,7 +7,8 @@
 //! it, every service they call declared whole (matched to Gitaly b229e9953e77), which
 //! the storage node serves (methods it does not implement answer UNIMPLEMENTED) and the
 //! router forwards ([`gitaly`], package `gitaly`, tonic servers and clients), and its
-//! descriptor set; refvote's admin service the router serves ([`admin`]). The hook
+//! descriptor set; refvote's admin service the router serves ([`admin`]) and what a
+//! router calls on a node beyond Gitaly's protocol ([`node`]). The hook
 //! builds without that feature, so it stays free of an async runtime and a gRPC stack.
 #![forbid(unsafe_code)]
 
@@ -33,6 +34,14 @@ pub mod gitaly {
 pub mod admin {
     #![allow(clippy::all, clippy::pedantic)]
     include!(concat!(env!("OUT_DIR"), "/refvote.admin.rs"));
+}
+
+/// What a router calls on a storage node beyond Gitaly's protocol
+/// (`refvote/node.proto`, package `refvote.node`): GitLab's post-receive, once.
+#[cfg(feature = "grpc")]
+pub mod node {
+    #![allow(clippy::all, clippy::pedantic)]
+    include!(concat!(env!("OUT_DIR"), "/refvote.node.rs"));
 }
 
 /// The hook <-> votingd message (`refvote/hook.proto`).
