@@ -276,6 +276,12 @@ impl Command {
         self
     }
 
+    /// Sets several environment variables for git.
+    pub fn envs(mut self, vars: impl IntoIterator<Item = (String, String)>) -> Command {
+        self.env.extend(vars);
+        self
+    }
+
     /// Makes this a write: durability and no-maintenance config, the node's hooks, and
     /// `hook_env` for the hook; `kill` says what stopping it does.
     pub fn write(mut self, hook_env: Vec<(String, String)>, kill: KillPolicy) -> Command {

@@ -7,7 +7,9 @@
 //! the Unix socket; with `[tls]` the TCP listener serves TLS only.
 //!
 //! Layout: one file per Gitaly service (`server`, `repository`, `refs`, `commit`,
-//! `blob`, `operations`, `smarthttp`, `ssh`), sharing the storage resolver
+//! `blob`, `diff`, `operations`, `smarthttp`, `ssh`), plus refvote's own node service
+//! and GitLab's side of a call ([`gitlab`]: the checks once per transaction, the
+//! receive hooks of a gated push, post-receive once), sharing the storage resolver
 //! ([`storage`]), the git runner ([`git`]), the transaction handling ([`tx`]), the
 //! per-repository lock ([`repolock`]), the error mapping ([`error`]), what every
 //! handler holds (`state`) and the streams between gRPC and git (`stream`). A new
@@ -20,7 +22,8 @@
 //! `error`; `repolock`, `catfile`, `push`, the ref helpers (`refs/names`, `objects`,
 //! `list`) and `repository/checksum` import those; [`tx`] imports `git`, `error` and
 //! the checksum; `refs/update`, `refs/write`, `repository/bundle` and
-//! `repository/replicate` add `tx`; `state` and `stream` sit on all of that; the
+//! `repository/replicate` add `tx`; [`gitlab`] sits on `tx`, `git`, `error` and
+//! `detail`; `state` and `stream` sit on all of that; the
 //! services on everything below them; this file only wires the services together.
 //!
 //! It does not vote: the hook asks votingd's vote service, which decides in etcd; the
@@ -33,6 +36,7 @@ mod blob;
 mod catfile;
 mod commit;
 pub mod detail;
+mod diff;
 pub mod error;
 pub mod git;
 pub mod gitlab;
@@ -128,6 +132,9 @@ fn routes(
         ))
         .add_service(gitaly::blob_service_server::BlobServiceServer::new(
             blob::BlobSvc::new(state.clone()),
+        ))
+        .add_service(gitaly::diff_service_server::DiffServiceServer::new(
+            diff::DiffSvc::new(state.clone()),
         ))
         .add_service(
             gitaly::operation_service_server::OperationServiceServer::new(
