@@ -8,7 +8,6 @@ use refvote_proto::gitaly::{
 use tonic::codegen::BoxStream;
 use tonic::{Status, Streaming};
 
-use super::stream_from;
 use crate::catfile::{self, CatFile};
 use crate::error::NodeError;
 use crate::state::NodeState;
@@ -22,7 +21,9 @@ pub async fn check_objects_exist(
     };
     let repo = node.storages.existing(first.repository.as_ref())?;
     let mut cat = CatFile::start(&node.git, &repo)?;
-    Ok(stream_from(move |tx| async move {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let answers = tx.clone();
+    let work = async move {
         let mut next = Some(first);
         while let Some(req) = next {
             let mut revisions = Vec::with_capacity(req.revisions.len());
@@ -41,6 +42,12 @@ pub async fn check_objects_exist(
             }
             next = stream.message().await?;
         }
-        Ok(())
-    }))
+        Ok::<(), Status>(())
+    };
+    tokio::spawn(async move {
+        if let Err(status) = work.await {
+            let _ = answers.send(Err(status)).await;
+        }
+    });
+    Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
 }
