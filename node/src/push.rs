@@ -15,6 +15,10 @@ use tonic::Status;
 use tonic::codegen::Bytes;
 
 use super::error::NodeError;
+
+/// Pushes may carry push options (`git push -o`), which reach GitLab's hooks: every
+/// receive-pack runs with this, as Gitaly runs it.
+pub(super) const PUSH_OPTIONS: &str = "receive.advertisePushOptions=true";
 use super::git::Input;
 use crate::pktline::{self, Limits, PktError};
 

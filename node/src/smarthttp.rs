@@ -16,7 +16,7 @@ use tonic::codegen::BoxStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::error::NodeError;
-use super::push::canonical_input;
+use super::push::{PUSH_OPTIONS, canonical_input};
 use super::tx::{WriteContext, WriteIn};
 use crate::state::NodeState;
 use crate::stream::{first_message, stdout_stream, stream_input};
@@ -38,15 +38,16 @@ impl SmartHttpSvc {
         req: &InfoRefsRequest,
     ) -> Result<Response<BoxStream<InfoRefsResponse>>, Status> {
         let repo = self.node.storages.existing(req.repository.as_ref())?;
-        let run = self
+        let mut cmd = self
             .node
             .git
             .command([service, "--stateless-rpc", "--advertise-refs"])
             .request_config(&req.git_config_options)?
-            .protocol(&req.git_protocol)?
-            .arg(&repo.path)
-            .spawn()
-            .map_err(NodeError::from)?;
+            .protocol(&req.git_protocol)?;
+        if service == "receive-pack" {
+            cmd = cmd.internal_config(PUSH_OPTIONS);
+        }
+        let run = cmd.arg(&repo.path).spawn().map_err(NodeError::from)?;
         let prefix = (!req.git_protocol.contains("version=2")).then(|| {
             let line = format!("# service=git-{service}\n");
             format!("{:04x}{line}0000", line.len() + 4).into_bytes()
@@ -112,6 +113,7 @@ impl SmartHttpService for SmartHttpSvc {
             .node
             .git
             .command(["receive-pack", "--stateless-rpc"])
+            .internal_config(PUSH_OPTIONS)
             .request_config(&first.git_config_options)?
             .protocol(&first.git_protocol)?
             .arg(&repo.path);

@@ -168,6 +168,7 @@ impl SshService for SshSvc {
             .node
             .git
             .command(["receive-pack"])
+            .internal_config(super::push::PUSH_OPTIONS)
             .request_config(&first.git_config_options)?
             .protocol(&first.git_protocol)?
             .arg(&repo.path);

@@ -203,13 +203,11 @@ impl GitlabSide {
         self.calls.lock().expect("poisoned").remove(tx);
     }
 
-    /// Makes `cmd` (a receive-pack) run in the gated hooks directory, with push
-    /// options passed to the hooks (as Gitaly runs it) and a hook deadline beyond the
-    /// verdict's wait.
+    /// Makes `cmd` (a receive-pack) run in the gated hooks directory, with a hook
+    /// deadline beyond the verdict's wait.
     pub fn gated_command(&self, cmd: Command) -> Command {
         let deadline = self.wait_for_verdict() + Duration::from_secs(30);
         cmd.hooks(&self.config.hooks_dir)
-            .internal_config("receive.advertisePushOptions=true")
             .env(
                 contract::ENV_HOOK_DEADLINE_MS,
                 deadline.as_millis().to_string(),
