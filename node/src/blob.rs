@@ -17,6 +17,7 @@ use tonic::{Request, Response, Status};
 use super::catfile::{self, CatFile, TreeItem};
 use super::commit::{MODE_SUBMODULE, MODE_TREE, lookup, send_data, stream_from};
 use super::error::NodeError;
+use super::refs::names;
 use crate::state::NodeState;
 
 pub struct BlobSvc {
@@ -69,9 +70,9 @@ impl BlobService for BlobSvc {
     ) -> Result<Response<BoxStream<GetBlobResponse>>, Status> {
         let req = request.into_inner();
         let repo = self.node.storages.existing(req.repository.as_ref())?;
-        let oid = catfile::validate_revision(req.oid.as_bytes(), "oid", false)?;
+        let oid = names::revision("oid", req.oid.as_bytes())?;
         let mut cat = CatFile::start(&self.node.git, &repo)?;
-        let header = match cat.header(&oid).await? {
+        let header = match cat.header(oid).await? {
             // Gitaly's answer for a missing blob: one empty message.
             None => {
                 return Ok(Response::new(Box::pin(tokio_stream::once(Ok(
@@ -113,7 +114,7 @@ impl BlobService for BlobSvc {
         let repo = self.node.storages.existing(req.repository.as_ref())?;
         let mut pairs = Vec::with_capacity(req.revision_paths.len());
         for rp in &req.revision_paths {
-            let rev = catfile::validate_revision(rp.revision.as_bytes(), "revision", false)?;
+            let rev = names::revision("revision", rp.revision.as_bytes())?.to_owned();
             let path = if rp.path.is_empty() {
                 String::new()
             } else {

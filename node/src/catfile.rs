@@ -1,6 +1,6 @@
 //! Reading objects through one long-lived `git cat-file --batch` per call, and the
-//! object parsing the commit, blob and operation services share (commits, trees,
-//! revision and path validation).
+//! object parsing the commit, blob and operation services share (commits, trees, tree
+//! path validation; revisions are checked by `refs::names::revision`).
 //!
 //! One process answers every lookup of a call, so listing a hundred commits costs one
 //! fork, not a hundred. Contents are read in bounded pieces: a blob is streamed to the
@@ -269,7 +269,6 @@ pub async fn trailers(
         .command(["interpret-trailers", "--parse"])
         .git_dir(&repo.path)
         .stdin(Box::pin(tokio_stream::once(Ok(input))))
-        .spawn()?
         .output(MAX_OBJECT as usize)
         .await?;
     exit.check()?;
@@ -283,34 +282,6 @@ pub async fn trailers(
             })
         })
         .collect())
-}
-
-/// Gitaly's revision rules: not empty, no leading '-' (it would be an option), no
-/// whitespace, NUL or ':' (a path-scoped revision) unless `allow_path` is set.
-pub fn validate_revision(
-    revision: &[u8],
-    what: &str,
-    allow_path: bool,
-) -> Result<String, NodeError> {
-    let rev = std::str::from_utf8(revision)
-        .map_err(|_| NodeError::invalid(format!("{what} is not UTF-8")))?;
-    let problem = if rev.is_empty() {
-        Some("is empty")
-    } else if rev.starts_with('-') {
-        Some("can't start with '-'")
-    } else if rev.contains(|c: char| c.is_whitespace()) {
-        Some("can't contain whitespace")
-    } else if rev.contains('\0') {
-        Some("can't contain NUL")
-    } else if !allow_path && rev.contains(':') {
-        Some("can't contain ':'")
-    } else {
-        None
-    };
-    match problem {
-        Some(p) => Err(NodeError::invalid(format!("{what} {rev:?} {p}"))),
-        None => Ok(rev.to_owned()),
-    }
 }
 
 /// A full object id (40 or 64 hex digits).
@@ -407,11 +378,12 @@ gpgsig -----BEGIN SSH SIGNATURE-----\n abc\n -----END SSH SIGNATURE-----\n\
 
     #[test]
     fn revisions_and_paths_are_checked() {
-        assert!(validate_revision(b"main", "revision", false).is_ok());
+        // Revisions are checked by the node's one validator (refs::names::revision).
+        use crate::refs::names::revision;
+        assert!(revision("revision", b"main").is_ok());
         for bad in [&b""[..], b"-x", b"a b", b"a:b"] {
-            assert!(validate_revision(bad, "revision", false).is_err());
+            assert!(revision("revision", bad).is_err());
         }
-        assert!(validate_revision(b"main:README", "revision", true).is_ok());
         assert_eq!(validate_tree_path(b"a/b/", "path").unwrap(), "a/b");
         for bad in [&b"../x"[..], b"a/../b", b"/etc", b"a//b", b"./a"] {
             assert!(validate_tree_path(bad, "path").is_err(), "{bad:?}");

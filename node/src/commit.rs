@@ -27,6 +27,7 @@ use tonic::{Code, Request, Response, Status, Streaming};
 use super::catfile::{self, CatFile};
 use super::detail::status_with_detail;
 use super::error::NodeError;
+use super::refs::names;
 use super::storage::RepoPath;
 use crate::state::NodeState;
 
@@ -121,9 +122,9 @@ impl CommitService for CommitSvc {
     ) -> Result<Response<FindCommitResponse>, Status> {
         let req = request.into_inner();
         let repo = self.node.storages.existing(req.repository.as_ref())?;
-        let rev = catfile::validate_revision(&req.revision, "revision", false)?;
+        let rev = names::revision("revision", &req.revision)?;
         let mut cat = CatFile::start(&self.node.git, &repo)?;
-        let mut commit = cat.commit(&rev).await?;
+        let mut commit = cat.commit(rev).await?;
         if req.trailers
             && let Some(c) = commit.as_mut()
         {
@@ -143,27 +144,22 @@ impl CommitService for CommitSvc {
     ) -> Result<Response<CommitIsAncestorResponse>, Status> {
         let req = request.into_inner();
         let repo = self.node.storages.existing(req.repository.as_ref())?;
-        let ancestor =
-            catfile::validate_revision(req.ancestor_id.as_bytes(), "ancestor_id", false)?;
-        let child = catfile::validate_revision(req.child_id.as_bytes(), "child_id", false)?;
+        let ancestor = names::revision("ancestor_id", req.ancestor_id.as_bytes())?;
+        let child = names::revision("child_id", req.child_id.as_bytes())?;
         let exit = self
             .node
             .git
             .command(["merge-base", "--is-ancestor", "--end-of-options"])
-            .arg(&ancestor)
-            .arg(&child)
+            .arg(ancestor)
+            .arg(child)
             .git_dir(&repo.path)
             .envs(repo.object_env())
-            .spawn()
-            .map_err(NodeError::from)?
-            .wait()
-            .await
-            .map_err(NodeError::from)?;
+            .status()
+            .await?;
         // Exit 1 is "no"; like Gitaly, a commit that does not exist (exit 128) is "no" too.
         let value = match exit.code() {
-            Some(0) => true,
-            Some(1) | Some(128) => false,
-            _ => return Err(NodeError::from(exit.into_error()).into()),
+            Some(128) => false,
+            _ => exit.answer()?,
         };
         Ok(Response::new(CommitIsAncestorResponse { value }))
     }
@@ -175,7 +171,7 @@ impl CommitService for CommitSvc {
     ) -> Result<Response<BoxStream<TreeEntryResponse>>, Status> {
         let req = request.into_inner();
         let repo = self.node.storages.existing(req.repository.as_ref())?;
-        let rev = catfile::validate_revision(&req.revision, "revision", false)?;
+        let rev = names::revision("revision", &req.revision)?;
         if req.path.is_empty() {
             return Err(NodeError::invalid("empty path: name the tree entry to read").into());
         }
@@ -190,7 +186,7 @@ impl CommitService for CommitSvc {
                 format!("tree entry not found: no {path:?} at revision {rev:?}"),
             )
         };
-        let Some(item) = lookup(&mut cat, &rev, &path).await? else {
+        let Some(item) = lookup(&mut cat, rev, &path).await? else {
             return Err(not_found());
         };
         let base = TreeEntryResponse {
@@ -253,7 +249,7 @@ impl CommitService for CommitSvc {
     ) -> Result<Response<BoxStream<GetTreeEntriesResponse>>, Status> {
         let req = request.into_inner();
         let repo = self.node.storages.existing(req.repository.as_ref())?;
-        let rev = catfile::validate_revision(&req.revision, "revision", false)?;
+        let rev = names::revision("revision", &req.revision)?;
         if req.path.is_empty() {
             return Err(tree_error(
                 Code::InvalidArgument,
@@ -275,7 +271,7 @@ impl CommitService for CommitSvc {
                 code,
                 message,
                 get_tree_entries_error::Error::ResolveTree(ResolveRevisionError {
-                    revision: rev.clone().into_bytes(),
+                    revision: rev.as_bytes().to_vec(),
                 }),
             )
         };
@@ -305,7 +301,7 @@ impl CommitService for CommitSvc {
             }
         };
         let mut entries = self
-            .list_tree(&repo, &tree.oid, &path, &rev, req.recursive)
+            .list_tree(&repo, &tree.oid, &path, rev, req.recursive)
             .await?;
         if !req.recursive && !req.skip_flat_paths {
             for e in entries.iter_mut() {
@@ -414,7 +410,7 @@ impl CommitService for CommitSvc {
             if r == "--not" || r == "--all" {
                 cmd = cmd.arg(r);
             } else {
-                cmd = cmd.arg(catfile::validate_revision(r.as_bytes(), "revision", false)?);
+                cmd = cmd.arg(names::revision("revision", r.as_bytes())?);
             }
         }
         let (token, limit) = match &req.pagination_params {
@@ -531,11 +527,7 @@ impl CommitService for CommitSvc {
         }
         cmd = match (req.all, req.revision.is_empty()) {
             (true, true) => cmd.arg("--all"),
-            (false, false) => cmd.arg(catfile::validate_revision(
-                &req.revision,
-                "revision",
-                false,
-            )?),
+            (false, false) => cmd.arg(names::revision("revision", &req.revision)?),
             (true, false) => {
                 return Err(
                     NodeError::invalid("revision and all exclude each other: set one").into(),
@@ -549,12 +541,7 @@ impl CommitService for CommitSvc {
         if !req.path.is_empty() {
             cmd = cmd.arg(utf8(&req.path, "path")?);
         }
-        let (out, exit) = cmd
-            .spawn()
-            .map_err(NodeError::from)?
-            .output(64)
-            .await
-            .map_err(NodeError::from)?;
+        let (out, exit) = cmd.output(64).await?;
         // Like Gitaly: a revision that does not resolve counts zero commits.
         let count = if exit.success() {
             String::from_utf8_lossy(&out).trim().parse().unwrap_or(0)
@@ -584,7 +571,7 @@ impl CommitSvc {
         if recursive {
             cmd = cmd.arg("-r").arg("-t");
         }
-        let (out, exit) = cmd.arg(tree).spawn()?.output(MAX_LISTING).await?;
+        let (out, exit) = cmd.arg(tree).output(MAX_LISTING).await?;
         exit.check()?;
         let prefix = if path.is_empty() {
             String::new()

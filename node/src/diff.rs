@@ -13,7 +13,7 @@ use refvote_proto::gitaly::{
 use tonic::codegen::BoxStream;
 use tonic::{Request, Response, Status};
 
-use super::catfile::{self, CatFile};
+use super::catfile::CatFile;
 use super::commit::stream_from;
 use super::error::NodeError;
 use crate::state::NodeState;
@@ -165,7 +165,7 @@ impl DiffService for DiffSvc {
         // Every revision resolved first, to its object of the right type.
         let mut cat = CatFile::start(&self.node.git, &repo)?;
         let mut resolve = async |rev: &str, kind: &str, what: &str| -> Result<String, Status> {
-            let rev = catfile::validate_revision(rev.as_bytes(), what, false)?;
+            let rev = crate::refs::names::revision(what, rev.as_bytes())?;
             match cat.header(&format!("{rev}^{{{kind}}}")).await? {
                 Some(h) => Ok(h.oid),
                 None => Err(Status::not_found(format!(

@@ -1,7 +1,8 @@
 //! OperationService: branch and tag creation and deletion, and commits built from file
 //! actions, on behalf of a GitLab user.
 //!
-//! Every ref change is one `git update-ref` with an explicit old value, run inside the
+//! Every ref change is one `git update-ref` with an explicit old value (the node's one
+//! ref-write path, `refs::update`, with its one reading of git's failures), run inside the
 //! caller's refvote transaction exactly like a push (DESIGN.md §2): the hook votes it,
 //! and a replica whose ref drifted votes differently. Objects are built without a
 //! worktree (`git hash-object`, a private index, `git write-tree`, `git commit-tree`,
@@ -43,6 +44,8 @@ use super::catfile::{self, CatFile};
 use super::detail::status_with_detail;
 use super::error::NodeError;
 use super::git::Run;
+use super::refs::names::{self, is_zero};
+use super::refs::update::{self, FailureKind, RefUpdate, UpdateFailure};
 use super::storage::{RepoPath, Storages};
 use super::tx::{WriteContext, WriteIn};
 use crate::gitlab::operation::{Op, refusal_status};
@@ -77,12 +80,7 @@ where
 {
     let ctx = WriteContext::from_metadata(&node.tx, metadata).await?;
     let result = work(ctx.clone()).await;
-    let detail = match &result {
-        Ok(_) => String::new(),
-        Err(s) => s.message().to_owned(),
-    };
-    ctx.finish(result.is_ok(), &detail).await;
-    result
+    ctx.settle(result).await
 }
 
 #[tonic::async_trait]
@@ -96,11 +94,11 @@ impl OperationService for OperationSvc {
         let repo = self.node.storages.existing(req.repository.as_ref())?;
         let name = non_empty(&req.branch_name, "branch_name")?;
         user(req.user.as_ref())?;
-        let start = catfile::validate_revision(&req.start_point, "start_point", false)?;
+        let start = names::revision("start_point", &req.start_point)?;
         let refname = format!("refs/heads/{name}");
-        self.check_ref_format(&repo, &refname).await?;
+        Self::check_ref_format(&refname)?;
         let mut cat = CatFile::start(&self.node.git, &repo)?;
-        let Some(commit) = cat.commit(&start).await? else {
+        let Some(commit) = cat.commit(start).await? else {
             return Err(Status::new(
                 Code::FailedPrecondition,
                 format!("revspec '{start}' not found"),
@@ -117,9 +115,9 @@ impl OperationService for OperationSvc {
                 .check(&refname, &zero, &commit.id)
                 .await
                 .map_err(|r| refusal_status(Op::CreateBranch, &r))?;
-            self.update_ref(&repo, &ctx, &refname, &commit.id, &zero)
+            self.set_ref(&repo, &ctx, &refname, &zero, &commit.id)
                 .await
-                .map_err(|e| e.into_status(&refname))?;
+                .map_err(|f| ref_status(f, &refname))?;
             hooks.committed(&refname, &zero, &commit.id);
             Ok(Response::new(UserCreateBranchResponse {
                 branch: Some(Branch {
@@ -140,16 +138,9 @@ impl OperationService for OperationSvc {
         let repo = self.node.storages.existing(req.repository.as_ref())?;
         let name = non_empty(&req.branch_name, "branch_name")?;
         user(req.user.as_ref())?;
-        let expected = expected_oid(&req.expected_old_oid)?;
-        let refname = format!("refs/heads/{name}");
-        self.check_ref_format(&repo, &refname).await?;
-        let Some(current) = self.ref_value(&repo, &refname).await? else {
-            return Err(Status::new(
-                Code::FailedPrecondition,
-                format!("branch not found: {name:?}"),
-            ));
-        };
-        let old = expected.unwrap_or(current);
+        let (refname, old) = self
+            .deletion(&repo, "branch", "refs/heads/", &name, &req.expected_old_oid)
+            .await?;
         let mut hooks =
             self.node
                 .gitlab
@@ -161,7 +152,7 @@ impl OperationService for OperationSvc {
                 .check(&refname, &old, &zero)
                 .await
                 .map_err(|r| refusal_status(Op::DeleteBranch, &r))?;
-            if let Err(e) = self.delete_ref(&repo, &ctx, &refname, &old).await {
+            if let Err(f) = self.set_ref(&repo, &ctx, &refname, &old, &zero).await {
                 let detail = UserDeleteBranchError {
                     error: Some(user_delete_branch_error::Error::ReferenceUpdate(
                         ReferenceUpdateError {
@@ -171,14 +162,15 @@ impl OperationService for OperationSvc {
                         },
                     )),
                 };
-                return Err(match e {
-                    RefError::Conflict(msg) => status_with_detail(
+                return Err(if is_conflict(&f.kind) {
+                    status_with_detail(
                         Code::FailedPrecondition,
-                        format!("deleting {refname}: {msg}"),
+                        format!("deleting {refname}: {}", f.stderr()),
                         "gitaly.UserDeleteBranchError",
                         &detail,
-                    ),
-                    other => other.into_status(&refname),
+                    )
+                } else {
+                    ref_status(f, &refname)
                 });
             }
             hooks.committed(&refname, &old, &zero);
@@ -196,14 +188,14 @@ impl OperationService for OperationSvc {
         let repo = self.node.storages.existing(req.repository.as_ref())?;
         let name = non_empty(&req.tag_name, "tag_name")?;
         let user = user(req.user.as_ref())?;
-        let target = catfile::validate_revision(&req.target_revision, "target_revision", false)?;
+        let target = names::revision("target_revision", &req.target_revision)?;
         if req.message.contains(&0) {
             return Err(NodeError::invalid("tag message contains a NUL byte").into());
         }
         let refname = format!("refs/tags/{name}");
-        self.check_ref_format(&repo, &refname).await?;
+        Self::check_ref_format(&refname)?;
         let mut cat = CatFile::start(&self.node.git, &repo)?;
-        let Some(object) = cat.header(&target).await? else {
+        let Some(object) = cat.header(target).await? else {
             return Err(Status::new(
                 Code::FailedPrecondition,
                 format!("revspec '{target}' not found"),
@@ -265,9 +257,9 @@ impl OperationService for OperationSvc {
                 .check(&refname, &zero, &id)
                 .await
                 .map_err(|r| refusal_status(Op::CreateTag, &r))?;
-            self.update_ref(&repo, &ctx, &refname, &id, &zero)
+            self.set_ref(&repo, &ctx, &refname, &zero, &id)
                 .await
-                .map_err(|e| e.into_status(&refname))?;
+                .map_err(|f| ref_status(f, &refname))?;
             hooks.committed(&refname, &zero, &id);
             Ok(Response::new(UserCreateTagResponse {
                 tag: Some(Tag {
@@ -293,16 +285,9 @@ impl OperationService for OperationSvc {
         let repo = self.node.storages.existing(req.repository.as_ref())?;
         let name = non_empty(&req.tag_name, "tag_name")?;
         user(req.user.as_ref())?;
-        let expected = expected_oid(&req.expected_old_oid)?;
-        let refname = format!("refs/tags/{name}");
-        self.check_ref_format(&repo, &refname).await?;
-        let Some(current) = self.ref_value(&repo, &refname).await? else {
-            return Err(Status::new(
-                Code::FailedPrecondition,
-                format!("tag not found: {name:?}"),
-            ));
-        };
-        let old = expected.unwrap_or(current);
+        let (refname, old) = self
+            .deletion(&repo, "tag", "refs/tags/", &name, &req.expected_old_oid)
+            .await?;
         let mut hooks =
             self.node
                 .gitlab
@@ -314,9 +299,9 @@ impl OperationService for OperationSvc {
                 .check(&refname, &old, &zero)
                 .await
                 .map_err(|r| refusal_status(Op::DeleteTag, &r))?;
-            self.delete_ref(&repo, &ctx, &refname, &old)
+            self.set_ref(&repo, &ctx, &refname, &old, &zero)
                 .await
-                .map_err(|e| e.into_status(&refname))?;
+                .map_err(|f| ref_status(f, &refname))?;
             hooks.committed(&refname, &old, &zero);
             Ok(Response::new(UserDeleteTagResponse::default()))
         })
@@ -365,6 +350,33 @@ struct CommitPlan {
 }
 
 impl OperationSvc {
+    /// What UserDeleteBranch and UserDeleteTag check before their transaction: the
+    /// ref (`prefix` + `name`, valid for git) must exist; the delete names an explicit
+    /// old value, the client's expected_old_oid or else the current one.
+    async fn deletion(
+        &self,
+        repo: &RepoPath,
+        what: &str,
+        prefix: &str,
+        name: &str,
+        expected_old_oid: &str,
+    ) -> Result<(String, String), Status> {
+        let expected = expected_oid(expected_old_oid)?;
+        let refname = format!("{prefix}{name}");
+        Self::check_ref_format(&refname)?;
+        let Some(current) = names::current_value(&self.node.git, &repo.path, &refname).await?
+        else {
+            return Err(Status::new(
+                Code::FailedPrecondition,
+                format!("{what} not found: {name:?}"),
+            ));
+        };
+        // An all-zeros expected_old_oid checks nothing (`git update-ref -d REF 0000…`
+        // reads it so); the delete still names an explicit old value, the current one.
+        let old = expected.filter(|e| !is_zero(e)).unwrap_or(current);
+        Ok((refname, old))
+    }
+
     async fn plan_commit(&self, h: &UserCommitFilesRequestHeader) -> Result<CommitPlan, Status> {
         let repo = self.node.storages.existing(h.repository.as_ref())?;
         let user = user(h.user.as_ref())?;
@@ -385,7 +397,7 @@ impl OperationSvc {
             .into());
         }
         let branch_ref = format!("refs/heads/{branch}");
-        self.check_ref_format(&repo, &branch_ref).await?;
+        Self::check_ref_format(&branch_ref)?;
         let expected = expected_oid(&h.expected_old_oid)?;
         let mut cat = CatFile::start(&self.node.git, &repo)?;
         let current = cat.header(&branch_ref).await?.map(|x| x.oid);
@@ -547,11 +559,8 @@ impl OperationSvc {
                 .git
                 .command(["merge-base", "--is-ancestor", current, &commit])
                 .git_dir(&repo.path)
-                .spawn()
-                .map_err(NodeError::from)?
-                .wait()
-                .await
-                .map_err(NodeError::from)?;
+                .status()
+                .await?;
             if !exit.success() {
                 return Err(Status::new(
                     Code::FailedPrecondition,
@@ -567,9 +576,9 @@ impl OperationSvc {
             .check(&plan.branch_ref, &old, &commit)
             .await
             .map_err(|r| refusal_status(Op::CommitFiles, &r))?;
-        self.update_ref(repo, ctx, &plan.branch_ref, &commit, &old)
+        self.set_ref(repo, ctx, &plan.branch_ref, &old, &commit)
             .await
-            .map_err(|e| e.into_status(&plan.branch_ref))?;
+            .map_err(|f| ref_status(f, &plan.branch_ref))?;
         hooks.committed(&plan.branch_ref, &old, &commit);
         Ok(UserCommitFilesResponse {
             branch_update: Some(OperationBranchUpdate {
@@ -655,11 +664,8 @@ impl OperationSvc {
             .git
             .command(["ls-tree", "-r", "-z", "--full-tree", commit])
             .git_dir(&repo.path)
-            .spawn()
-            .map_err(NodeError::from)?
             .output(MAX_LISTING)
-            .await
-            .map_err(NodeError::from)?;
+            .await?;
         exit.check().map_err(NodeError::from)?;
         let mut files = BTreeMap::new();
         for record in out.split(|b| *b == 0).filter(|r| !r.is_empty()) {
@@ -696,12 +702,9 @@ impl OperationSvc {
             .git_dir(&repo.path)
             .env("GIT_INDEX_FILE", index_path.clone())
             .stdin(Box::pin(tokio_stream::once(Ok(input))))
-            .spawn()
-            .map_err(NodeError::from)?
-            .wait()
+            .status()
             .await
-            .and_then(|e| e.check())
-            .map_err(NodeError::from)?;
+            .and_then(|e| e.check())?;
         let run = self
             .node
             .git
@@ -713,19 +716,10 @@ impl OperationSvc {
         oid_of(run).await
     }
 
-    /// `git check-ref-format`: git's own rules for a ref name.
-    async fn check_ref_format(&self, repo: &RepoPath, refname: &str) -> Result<(), Status> {
-        let exit = self
-            .node
-            .git
-            .command(["check-ref-format", refname])
-            .git_dir(&repo.path)
-            .spawn()
-            .map_err(NodeError::from)?
-            .wait()
-            .await
-            .map_err(NodeError::from)?;
-        if !exit.success() {
+    /// git's rules for a ref name (those of `git check-ref-format`, checked by
+    /// [`names::valid_ref_name`] without running git).
+    fn check_ref_format(refname: &str) -> Result<(), Status> {
+        if !names::valid_ref_name(refname) {
             return Err(NodeError::invalid(format!(
                 "invalid ref name {refname:?}: see git check-ref-format(1)"
             ))
@@ -734,40 +728,14 @@ impl OperationSvc {
         Ok(())
     }
 
-    /// The object id `refname` holds, or `None`.
-    async fn ref_value(&self, repo: &RepoPath, refname: &str) -> Result<Option<String>, Status> {
-        let (out, exit) = self
-            .node
-            .git
-            .command([
-                "rev-parse",
-                "--verify",
-                "--quiet",
-                "--end-of-options",
-                refname,
-            ])
-            .git_dir(&repo.path)
-            .spawn()
-            .map_err(NodeError::from)?
-            .output(SMALL)
-            .await
-            .map_err(NodeError::from)?;
-        Ok(exit
-            .success()
-            .then(|| String::from_utf8_lossy(&out).trim().to_owned()))
-    }
-
     async fn git_text(&self, repo: &RepoPath, args: &[&str]) -> Result<String, Status> {
         let (out, exit) = self
             .node
             .git
             .command(args.iter().copied())
             .git_dir(&repo.path)
-            .spawn()
-            .map_err(NodeError::from)?
             .output(SMALL)
-            .await
-            .map_err(NodeError::from)?;
+            .await?;
         exit.check().map_err(NodeError::from)?;
         Ok(String::from_utf8_lossy(&out).trim().to_owned())
     }
@@ -793,95 +761,52 @@ impl OperationSvc {
             .map_err(|s| NodeError::invalid(s.message().to_owned()))
     }
 
-    async fn update_ref(
+    /// Moves `refname` from `old` to `new` (all zeros: must not exist, or delete) through
+    /// [`update::apply`], the one path every ref write of the node takes.
+    async fn set_ref(
         &self,
         repo: &RepoPath,
         ctx: &WriteContext,
         refname: &str,
+        old: &str,
         new: &str,
-        old: &str,
-    ) -> Result<(), RefError> {
-        self.run_update_ref(
-            repo,
-            ctx,
-            &["update-ref", "-m", "refvote", refname, new, old],
-        )
-        .await
-    }
-
-    async fn delete_ref(
-        &self,
-        repo: &RepoPath,
-        ctx: &WriteContext,
-        refname: &str,
-        old: &str,
-    ) -> Result<(), RefError> {
-        self.run_update_ref(
-            repo,
-            ctx,
-            &["update-ref", "-m", "refvote", "-d", refname, old],
-        )
-        .await
-    }
-
-    async fn run_update_ref(
-        &self,
-        repo: &RepoPath,
-        ctx: &WriteContext,
-        args: &[&str],
-    ) -> Result<(), RefError> {
-        let exit = self
-            .node
-            .git
-            .command(args.iter().copied())
-            .git_dir(&repo.path)
-            .write_in(ctx)
-            .spawn()
-            .map_err(|e| RefError::Other(e.into()))?
-            .wait()
-            .await
-            .map_err(|e| RefError::Other(e.into()))?;
-        if exit.success() {
-            return Ok(());
-        }
-        let stderr = exit.stderr.trim().to_owned();
-        Err(if stderr.contains("hook") || stderr.contains("refvote") {
-            RefError::Vote(stderr)
-        } else if stderr.contains("expected")
-            || stderr.contains("already exists")
-            || stderr.contains("cannot lock ref")
-            || stderr.contains("unable to resolve reference")
-        {
-            RefError::Conflict(stderr)
-        } else {
-            RefError::Other(exit.into_error().into())
-        })
+    ) -> Result<(), UpdateFailure> {
+        let u = RefUpdate {
+            name: refname.to_owned(),
+            old: old.to_owned(),
+            new: new.to_owned(),
+        };
+        update::apply(&self.node.git, &repo.path, ctx, &[u]).await
     }
 }
 
-/// Why a ref update failed.
-enum RefError {
-    /// The refvote vote refused it (the replicas disagreed or could not vote).
-    Vote(String),
-    /// The ref did not hold the old value the update named.
-    Conflict(String),
-    Other(NodeError),
+/// The ref lost a race: it moved, is locked, or something is in the way of its path.
+fn is_conflict(kind: &FailureKind) -> bool {
+    matches!(
+        kind,
+        FailureKind::Locked(_) | FailureKind::Mismatch(_) | FailureKind::Unlockable(_)
+    )
 }
 
-impl RefError {
-    fn into_status(self, refname: &str) -> Status {
-        match self {
-            // What Gitaly returns when its transaction vote fails.
-            RefError::Vote(msg) => Status::new(
-                Code::Aborted,
-                format!("updating {refname} was refused by the replicas' vote: {msg}"),
+/// How these RPCs answer a ref update that failed; git's own words follow.
+fn ref_status(f: UpdateFailure, refname: &str) -> Status {
+    match &f.kind {
+        // What Gitaly returns when its transaction vote fails.
+        FailureKind::Refused(_) => Status::new(
+            Code::Aborted,
+            format!(
+                "updating {refname} was refused by the replicas' vote: {}",
+                f.stderr()
             ),
-            RefError::Conflict(msg) => Status::new(
-                Code::FailedPrecondition,
-                format!("Could not update {refname}. Please refresh and try again: {msg}"),
+        ),
+        kind if is_conflict(kind) => Status::new(
+            Code::FailedPrecondition,
+            format!(
+                "Could not update {refname}. Please refresh and try again: {}",
+                f.stderr()
             ),
-            RefError::Other(e) => e.into(),
-        }
+        ),
+        _ => NodeError::from(f.git).into(),
     }
 }
 
@@ -1122,4 +1047,57 @@ fn ident(user: &User, seconds: i64) -> Vec<u8> {
 fn lossy(b: &[u8]) -> Result<String, Status> {
     String::from_utf8(b.to_vec())
         .map_err(|_| NodeError::invalid("user name and email must be UTF-8").into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::git::GitError;
+
+    fn failure(kind: FailureKind, stderr: &str) -> UpdateFailure {
+        UpdateFailure {
+            kind,
+            git: GitError::Failed {
+                command: "update-ref".into(),
+                status: "exit status: 128".into(),
+                stderr: stderr.into(),
+            },
+        }
+    }
+
+    #[test]
+    fn ref_failures_answer_as_gitaly() {
+        let s = ref_status(
+            failure(
+                FailureKind::Refused("refvote: update rejected".into()),
+                "refvote: update rejected\nfatal: ref updates aborted by hook",
+            ),
+            "refs/heads/a",
+        );
+        assert_eq!(s.code(), Code::Aborted);
+        assert_eq!(
+            s.message(),
+            "updating refs/heads/a was refused by the replicas' vote: refvote: update rejected\nfatal: ref updates aborted by hook"
+        );
+        for kind in [
+            FailureKind::Locked("refs/heads/a".into()),
+            FailureKind::Mismatch("refs/heads/a".into()),
+            FailureKind::Unlockable("refs/heads/a".into()),
+        ] {
+            let s = ref_status(failure(kind, "fatal: cannot lock ref"), "refs/heads/a");
+            assert_eq!(s.code(), Code::FailedPrecondition);
+            assert_eq!(
+                s.message(),
+                "Could not update refs/heads/a. Please refresh and try again: fatal: cannot lock ref"
+            );
+        }
+        for kind in [
+            FailureKind::MissingObject("refs/heads/a".into()),
+            FailureKind::Other,
+        ] {
+            let s = ref_status(failure(kind, "fatal: odd"), "refs/heads/a");
+            assert_eq!(s.code(), Code::Internal, "{s:?}");
+            assert!(s.message().contains("fatal: odd"), "{s:?}");
+        }
+    }
 }

@@ -3,10 +3,9 @@
 //!
 //! The logic lives in submodules: [`names`] (validation, current values), [`update`]
 //! (the one update-ref run), [`write`] (the two write RPCs' rules and errors), [`list`]
-//! (streamed listings), [`objects`] (commits and tags), [`detail`] (typed error
-//! details).
+//! (streamed listings), [`objects`] (commits and tags); typed error details come from
+//! [`crate::detail`].
 
-pub(super) mod detail;
 mod list;
 pub(super) mod names;
 mod objects;
@@ -27,6 +26,7 @@ use refvote_proto::gitaly::{
 use tonic::codegen::BoxStream;
 use tonic::{Code, Request, Response, Status, Streaming};
 
+use super::detail;
 use super::error::NodeError;
 use super::storage::RepoPath;
 use super::tx::WriteContext;
@@ -93,16 +93,9 @@ impl RefService for RefSvc {
             .command(["show-ref", "--verify", "--quiet"])
             .arg(name)
             .git_dir(&repo.path)
-            .spawn()
-            .map_err(NodeError::from)?
-            .wait()
-            .await
-            .map_err(NodeError::from)?;
-        let value = match exit.code() {
-            Some(0) => true,
-            Some(1) => false,
-            _ => return Err(NodeError::from(exit.into_error()).into()),
-        };
+            .status()
+            .await?;
+        let value = exit.answer()?;
         Ok(Response::new(RefExistsResponse { value }))
     }
 
@@ -134,16 +127,10 @@ impl RefService for RefSvc {
         let short = req.name.strip_prefix(b"refs/heads/").unwrap_or(&req.name);
         let full = [b"refs/heads/".as_slice(), short].concat();
         let name = names::ref_name("branch name", &full)?;
-        let found = names::current_values(
-            &self.node.git,
-            &repo.path,
-            &std::iter::once(name.to_owned()).collect(),
-        )
-        .await?;
-        let Some(oid) = found.get(name) else {
+        let Some(oid) = names::current_value(&self.node.git, &repo.path, name).await? else {
             return Ok(Response::new(FindBranchResponse { branch: None }));
         };
-        let commit = objects::read(&self.node.git, &repo.path, std::slice::from_ref(oid))
+        let commit = objects::read(&self.node.git, &repo.path, std::slice::from_ref(&oid))
             .await?
             .pop()
             .flatten();
@@ -171,17 +158,11 @@ impl RefService for RefSvc {
         }
         let full = [b"refs/tags/".as_slice(), &req.tag_name].concat();
         let name = names::ref_name("tag name", &full)?;
-        let found = names::current_values(
-            &self.node.git,
-            &repo.path,
-            &std::iter::once(name.to_owned()).collect(),
-        )
-        .await?;
-        let Some(oid) = found.get(name) else {
-            return Err(detail::status(
+        let Some(oid) = names::current_value(&self.node.git, &repo.path, name).await? else {
+            return Err(detail::status_with_detail(
                 Code::NotFound,
                 format!("tag does not exist: {name}"),
-                "FindTagError",
+                "gitaly.FindTagError",
                 &FindTagError {
                     error: Some(find_tag_error::Error::TagNotFound(ReferenceNotFoundError {
                         reference_name: full.clone(),
@@ -201,7 +182,7 @@ impl RefService for RefSvc {
         Ok(Response::new(FindTagResponse {
             tag: Some(objects::tag(
                 &req.tag_name,
-                oid,
+                &oid,
                 obj.as_ref(),
                 target.as_ref(),
             )),
@@ -259,12 +240,7 @@ impl RefService for RefSvc {
             write::apply_deletions(git, &repo.path, &ctx, &deletions).await
         }
         .await;
-        ctx.finish(
-            result.is_ok(),
-            result.as_ref().err().map_or("", |s| s.message()),
-        )
-        .await;
-        result?;
+        ctx.settle(result).await?;
         Ok(Response::new(DeleteRefsResponse {
             git_error: String::new(),
         }))
@@ -315,12 +291,7 @@ impl RefService for RefSvc {
             write::apply_updates(git, &repo.path, &ctx, &updates).await
         }
         .await;
-        ctx.finish(
-            result.is_ok(),
-            result.as_ref().err().map_or("", |s| s.message()),
-        )
-        .await;
-        result?;
+        ctx.settle(result).await?;
         Ok(Response::new(UpdateReferencesResponse {}))
     }
 }
@@ -333,14 +304,11 @@ impl RefSvc {
             .git
             .command(["symbolic-ref", "--quiet", "HEAD"])
             .git_dir(&repo.path)
-            .spawn()?
             .output(SMALL_OUTPUT)
             .await?;
-        match exit.code() {
-            Some(0) => Ok(Some(String::from_utf8_lossy(&out).trim().to_owned())),
-            Some(1) => Ok(None),
-            _ => Err(exit.into_error().into()),
-        }
+        Ok(exit
+            .answer()?
+            .then(|| String::from_utf8_lossy(&out).trim().to_owned()))
     }
 
     async fn default_branch(
@@ -376,7 +344,7 @@ impl RefSvc {
         for a in args {
             cmd = cmd.arg(*a);
         }
-        let (out, exit) = cmd.spawn()?.output(SMALL_OUTPUT).await?;
+        let (out, exit) = cmd.output(SMALL_OUTPUT).await?;
         exit.check()?;
         Ok(String::from_utf8_lossy(&out)
             .lines()

@@ -32,7 +32,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::error::NodeError;
 use super::refs::names;
-use super::refs::update::{self, RefUpdate, UpdateFailure};
+use super::refs::update::{self, FailureKind, RefUpdate};
 use super::storage::{RepoPath, Storages, TempDir, is_repository};
 use super::tx::WriteContext;
 
@@ -91,16 +91,14 @@ impl RepositoryService for RepositorySvc {
             }
         };
         let ctx = WriteContext::from_metadata(&self.node.tx, request.metadata()).await?;
-        if repo.path.exists() {
+        let result = if repo.path.exists() {
             // Refused inside the transaction: finalize hears it at once instead of
             // waiting for a voter that never reports.
-            let e = NodeError::RepositoryExists(repo.to_string());
-            ctx.finish(false, &e.to_string()).await;
-            return Err(e.into());
-        }
-        let result = self.create(&repo, &branch, object_format).await;
-        ctx.finish(result.is_ok(), &error_detail(&result)).await;
-        result?;
+            Err(NodeError::RepositoryExists(repo.to_string()))
+        } else {
+            self.create(&repo, &branch, object_format).await
+        };
+        ctx.settle(result).await?;
         tracing::info!("repository created");
         Ok(Response::new(CreateRepositoryResponse {}))
     }
@@ -117,8 +115,7 @@ impl RepositoryService for RepositorySvc {
         tracing::Span::current().record("repo", tracing::field::display(&repo));
         let ctx = WriteContext::from_metadata(&self.node.tx, request.metadata()).await?;
         let result = remove(&repo).await;
-        ctx.finish(result.is_ok(), &error_detail(&result)).await;
-        result?;
+        ctx.settle(result).await?;
         tracing::info!("repository removed");
         Ok(Response::new(RemoveRepositoryResponse {}))
     }
@@ -145,11 +142,7 @@ impl RepositoryService for RepositorySvc {
             .node
             .storages
             .existing(request.get_ref().repository.as_ref())?;
-        let path = repo.path.clone();
-        let size = tokio::task::spawn_blocking(move || info::size_kib(&path))
-            .await
-            .map_err(|e| NodeError::io("measuring the repository", std::io::Error::other(e)))?
-            .map_err(|e| NodeError::io(format!("measuring {}", repo.path.display()), e))?;
+        let size = measure(&repo, info::size_kib).await?;
         Ok(Response::new(RepositorySizeResponse { size }))
     }
 
@@ -162,11 +155,7 @@ impl RepositoryService for RepositorySvc {
             .node
             .storages
             .existing(request.get_ref().repository.as_ref())?;
-        let path = repo.path.clone();
-        let answer = tokio::task::spawn_blocking(move || info::info(&path))
-            .await
-            .map_err(|e| NodeError::io("measuring the repository", std::io::Error::other(e)))?
-            .map_err(|e| NodeError::io(format!("measuring {}", repo.path.display()), e))?;
+        let answer = measure(&repo, info::info).await?;
         Ok(Response::new(answer))
     }
 
@@ -185,12 +174,7 @@ impl RepositoryService for RepositorySvc {
         for r in &req.revisions {
             cmd = cmd.arg(names::revision("revision", r)?);
         }
-        let (out, exit) = cmd
-            .spawn()
-            .map_err(NodeError::from)?
-            .output(4096)
-            .await
-            .map_err(NodeError::from)?;
+        let (out, exit) = cmd.output(4096).await?;
         let base = if exit.success() {
             String::from_utf8_lossy(&out).trim().to_owned()
         } else {
@@ -236,12 +220,7 @@ impl RepositoryService for RepositorySvc {
             self.write_ref_in(&repo, &ctx, name, revision, &req.old_revision)
                 .await
         };
-        ctx.finish(
-            result.is_ok(),
-            result.as_ref().err().map_or("", |s| s.message()),
-        )
-        .await;
-        result?;
+        ctx.settle(result).await?;
         Ok(Response::new(WriteRefResponse {}))
     }
 
@@ -289,16 +268,12 @@ impl RepositoryService for RepositorySvc {
         .await;
         let bundle = match received {
             Ok(b) => b,
-            Err(status) => {
-                ctx.finish(false, status.message()).await;
-                return Err(status);
-            }
+            Err(status) => return ctx.settle(Err(status)).await,
         };
         // Before any git run names the private copy: the checksum is of the final place.
         ctx.checksum_repository(&self.node.git, &repo.path);
         let result = self.create_from_bundle(&repo, &bundle.path, &ctx).await;
-        ctx.finish(result.is_ok(), &error_detail(&result)).await;
-        result?;
+        ctx.settle(result).await?;
         tracing::info!("repository created from a bundle");
         Ok(Response::new(CreateRepositoryFromBundleResponse {}))
     }
@@ -369,12 +344,7 @@ impl RepositoryService for RepositorySvc {
             Ok::<(), Status>(())
         }
         .await;
-        ctx.finish(
-            result.is_ok(),
-            result.as_ref().err().map_or("", |s| s.message()),
-        )
-        .await;
-        result?;
+        ctx.settle(result).await?;
         tracing::info!("repository replicated");
         Ok(Response::new(ReplicateRepositoryResponse {}))
     }
@@ -402,8 +372,7 @@ impl RepositorySvc {
             .arg(format!("--initial-branch={branch}"))
             .arg(format!("--object-format={format}"))
             .arg(&tmp.0)
-            .spawn()?
-            .wait()
+            .status()
             .await?
             .check()?;
         let hooks = git.hooks_dir().to_owned();
@@ -416,8 +385,7 @@ impl RepositorySvc {
             git.command(["config", key])
                 .arg(value)
                 .git_dir(&tmp.0)
-                .spawn()?
-                .wait()
+                .status()
                 .await?
                 .check()?;
         }
@@ -462,12 +430,8 @@ impl RepositorySvc {
             .await?
             .ok_or_else(|| NodeError::NotFound(format!("revision not found: {revision:?}")))?;
         let oid_len = new.len();
-        let found =
-            names::current_values(git, &repo.path, &std::iter::once(name.to_owned()).collect())
-                .await?;
-        let current = found
-            .get(name)
-            .cloned()
+        let current = names::current_value(git, &repo.path, name)
+            .await?
             .unwrap_or_else(|| "0".repeat(oid_len));
         let old = if old_revision.is_empty() {
             current.clone()
@@ -494,11 +458,23 @@ impl RepositorySvc {
         };
         update::apply(git, &repo.path, ctx, &[u])
             .await
-            .map_err(|f| match f {
-                UpdateFailure::Git(e) => NodeError::from(e).into(),
-                f => Status::aborted(format!("{f}; retry")),
+            .map_err(|f| match f.kind {
+                FailureKind::Unlockable(_) | FailureKind::Other => NodeError::from(f.git).into(),
+                _ => Status::aborted(format!("{f}; retry")),
             })
     }
+}
+
+/// Runs `f` (a walk of the repository's files) off the async runtime.
+async fn measure<T: Send + 'static>(
+    repo: &RepoPath,
+    f: fn(&Path) -> std::io::Result<T>,
+) -> Result<T, NodeError> {
+    let path = repo.path.clone();
+    tokio::task::spawn_blocking(move || f(&path))
+        .await
+        .map_err(|e| NodeError::io("measuring the repository", std::io::Error::other(e)))?
+        .map_err(|e| NodeError::io(format!("measuring {}", repo.path.display()), e))
 }
 
 /// Moves a repository built in the private area to where clients see it.
@@ -602,13 +578,6 @@ fn default_branch(requested: &[u8]) -> Result<String, NodeError> {
         )));
     }
     Ok(name.to_owned())
-}
-
-fn error_detail<T>(result: &Result<T, NodeError>) -> String {
-    match result {
-        Ok(_) => String::new(),
-        Err(e) => e.to_string(),
-    }
 }
 
 #[cfg(test)]

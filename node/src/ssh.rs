@@ -25,8 +25,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::error::NodeError;
 use super::git::{Exit, Output, Run};
-use super::push::canonical_input_lazy;
-use super::tx::{WriteContext, WriteIn};
+use super::push::{self, canonical_input_lazy};
 use crate::state::NodeState;
 use crate::stream::{first_message, stream_input};
 
@@ -164,28 +163,19 @@ impl SshService for SshSvc {
             .into());
         }
         // Everything that can be refused is checked before joining the transaction.
-        let mut cmd = self
+        let cmd = self
             .node
             .git
             .command(["receive-pack"])
-            .internal_config(super::push::PUSH_OPTIONS)
+            .internal_config(push::PUSH_OPTIONS)
             .request_config(&first.git_config_options)?
             .protocol(&first.git_protocol)?
             .arg(&repo.path);
         let gitlab = self.node.gitlab.prepare(&metadata, true, |correlation| {
             refvote_gitlab::HookContext::from_ssh_receive_pack(&first, correlation)
         })?;
-        let ctx = WriteContext::from_metadata(&self.node.tx, &metadata).await?;
-        if let (Some(prepared), Some(tx)) = (gitlab, ctx.transaction()) {
-            self.node.gitlab.register(prepared, tx, &repo.path);
-            cmd = self.node.gitlab.gated_command(cmd);
-        }
-        ctx.checksum_repository(&self.node.git, &repo.path);
-        let lock = self.node.locks.shared(&repo.path).await;
-        let run = cmd
-            .write_in(&ctx)
-            .hold(lock)
-            .finish_transaction_on_exit(&ctx)
+        let run = push::join(&self.node, &metadata, cmd, &repo.path, gitlab)
+            .await?
             .stdin(canonical_input_lazy(stream_input(
                 first.stdin,
                 stream,

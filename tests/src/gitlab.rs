@@ -179,12 +179,14 @@ impl GitlabApi {
         *self.responder.lock().unwrap() = responder;
     }
 
-    /// The `[gitlab]` section of a node calling this stand-in.
-    pub fn node_config(&self) -> String {
-        format!(
-            "[gitlab]\nurl = {:?}\nsecret_file = {:?}\n",
-            self.url, self.secret_file
-        )
+    /// Points a node's `[gitlab]` section at this stand-in (for
+    /// [`crate::node::NodeOptions::config`]).
+    pub fn configure(&self) -> impl Fn(&mut votingd::Config) + Send + Sync + 'static {
+        let (url, secret_file) = (self.url.clone(), self.secret_file.clone());
+        move |c| {
+            c.gitlab.url = url.clone();
+            c.gitlab.secret_file = Some(secret_file.clone());
+        }
     }
 
     pub fn requests(&self) -> Vec<Recorded> {

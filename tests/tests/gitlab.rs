@@ -4,33 +4,22 @@
 //! git's smart HTTP the way workhorse sends it, and over SSHReceivePack the way
 //! gitlab-shell does) is checked once and post-received once, not once per replica; a
 //! refusal by GitLab or by a custom hook refuses on every replica with its message on
-//! the pusher's screen; Rails' callbacks during `/allowed` read the push's quarantine;
-//! the designated voter killed during `/allowed` never lets the others commit;
-//! `/post_receive` failures leave the push standing, retried and logged; operations by
-//! a user run the same checks and answer Gitaly's structured errors.
+//! the pusher's screen and moves no ref anywhere; the designated voter killed during
+//! `/allowed` never lets the others commit.
 
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use refvote_cluster::RepoId;
-use refvote_proto::gitaly::commit_service_client::CommitServiceClient;
-use refvote_proto::gitaly::operation_service_client::OperationServiceClient;
-use refvote_proto::gitaly::{
-    AccessCheckError, CheckObjectsExistRequest, ListCommitsRequest, Repository, User,
-    UserCommitFilesError, UserCommitFilesRequest, UserCommitFilesRequestHeader,
-    UserCreateBranchRequest, UserCreateTagError, UserCreateTagRequest, UserDeleteBranchError,
-    UserDeleteBranchRequest, custom_hook_error, user_commit_files_action,
-    user_commit_files_action_header, user_commit_files_request, user_create_tag_error,
-    user_delete_branch_error,
-};
-use refvote_tests::cluster::VoteCluster;
+use refvote_tests::cluster::{Fixture, VoteCluster};
 use refvote_tests::git::{self, WorkRepo};
-use refvote_tests::gitlab::{GitlabApi, MESSAGE, Recorded, Reply, Responder, allowing, respond};
+use refvote_tests::gitlab::{GitlabApi, MESSAGE, Reply, Responder, allowing, respond};
 use refvote_tests::node::{NodeOptions, bin};
-use refvote_tests::router::Router;
 use refvote_tests::smarthttp::{GitHttpProxy, GitlabIdentity, Target};
 use serde_json::json;
-use tonic::Code;
+use tokio::sync::Notify;
 
 const RELATIVE: &str = "@hashed/ab/cd/project.git";
 const GL_REPOSITORY: &str = "project-42";
@@ -40,32 +29,30 @@ const PROJECT_PATH: &str = "group/project";
 /// every replica (pushed outside refvote, so GitLab saw nothing yet).
 struct Setup {
     c: VoteCluster,
-    router: Router,
     api: GitlabApi,
     work: WorkRepo,
     repo: RepoId,
     _api_dir: tempfile::TempDir,
 }
 
-async fn setup_with(responder: Responder, node_config: &str) -> anyhow::Result<Setup> {
+async fn setup_with(
+    responder: Responder,
+    edit: impl Fn(&mut votingd::Config) + Send + Sync + 'static,
+) -> anyhow::Result<Setup> {
     let api_dir = tempfile::tempdir()?;
     let api = GitlabApi::start(api_dir.path(), responder).await?;
-    let opts = NodeOptions {
-        extra_config: format!("{}{node_config}", api.node_config()),
-        ..NodeOptions::default()
-    };
-    let c = VoteCluster::start_with(3, 1, opts).await?;
-    let repo = c.create_repo(RELATIVE).await?;
+    let opts = NodeOptions::default().config(api.configure()).config(edit);
+    let c = Fixture::nodes(3)
+        .node_options(opts)
+        .seeded(RELATIVE)
+        .router()
+        .start()
+        .await?;
+    let repo = c.repo_id(RELATIVE);
+    // The work repository the seed pushed `main` from.
     let work = c.work("w")?;
-    work.commit("main", "first")?;
-    for n in &c.nodes {
-        let out = git::push(&work.path, &n.repo(RELATIVE), &["main"], &[]).await?;
-        anyhow::ensure!(out.status.success(), "{out:?}");
-    }
-    let router = Router::start("router1", c.dir.path(), &c.etcd.endpoints()).await?;
     Ok(Setup {
         c,
-        router,
         api,
         work,
         repo,
@@ -74,7 +61,7 @@ async fn setup_with(responder: Responder, node_config: &str) -> anyhow::Result<S
 }
 
 async fn setup(responder: Responder) -> anyhow::Result<Setup> {
-    setup_with(responder, "").await
+    setup_with(responder, |_| {}).await
 }
 
 impl Setup {
@@ -82,7 +69,7 @@ impl Setup {
     async fn http(&self, gl_id: &str) -> anyhow::Result<GitHttpProxy> {
         GitHttpProxy::start_as(
             vec![Target {
-                url: self.router.grpc_url(),
+                url: self.c.routers[0].grpc_url(),
                 storage: "default".into(),
                 transaction: None,
             }],
@@ -97,9 +84,13 @@ impl Setup {
     }
 
     /// `git push` through `proxy`; git's output.
-    async fn push(&self, proxy: &GitHttpProxy, args: &[&str]) -> anyhow::Result<std::process::Output> {
+    async fn push(
+        &self,
+        proxy: &GitHttpProxy,
+        args: &[&str],
+    ) -> anyhow::Result<std::process::Output> {
         let url = proxy.url(RELATIVE);
-        git::push(&self.work.path, std::path::Path::new(&url), args, &[]).await
+        git::push(&self.work.path, Path::new(&url), args, &[]).await
     }
 
     /// Where `refname` points on every node.
@@ -111,20 +102,20 @@ impl Setup {
             .collect()
     }
 
-    fn repository(&self) -> Option<Repository> {
-        Some(Repository {
-            storage_name: "default".into(),
-            relative_path: RELATIVE.into(),
-            gl_repository: GL_REPOSITORY.into(),
-            gl_project_path: PROJECT_PATH.into(),
-            ..Default::default()
-        })
-    }
-
     /// Every replica up to date at the repository's generation.
     async fn all_up_to_date(&self) -> anyhow::Result<bool> {
         let view = self.c.store.repo_view(&self.repo).await?;
         Ok(view.up_to_date_live().len() == 3)
+    }
+
+    /// The nodes' and the router's last log lines, for a failure message.
+    fn logs(&mut self) -> String {
+        let mut out = String::new();
+        for n in &self.c.nodes {
+            out.push_str(&format!("--- {}\n{}\n", n.name, n.log_tail(30)));
+        }
+        out.push_str(&format!("--- router\n{}", self.c.routers[0].log_tail(30)));
+        out
     }
 }
 
@@ -182,7 +173,10 @@ async fn a_push_over_http_by_a_gitlab_user_is_checked_once_and_post_received_onc
     let env: serde_json::Value = serde_json::from_str(body["env"].as_str().unwrap())?;
     let objects = env["GIT_OBJECT_DIRECTORY_RELATIVE"].as_str().unwrap();
     assert!(objects.starts_with("objects/incoming-"), "{env}");
-    assert_eq!(env["GIT_ALTERNATE_OBJECT_DIRECTORIES_RELATIVE"], json!(["objects"]));
+    assert_eq!(
+        env["GIT_ALTERNATE_OBJECT_DIRECTORIES_RELATIVE"],
+        json!(["objects"])
+    );
 
     let pre = s.api.calls("pre_receive");
     assert_eq!(pre.len(), 1);
@@ -205,5 +199,238 @@ async fn a_push_over_http_by_a_gitlab_user_is_checked_once_and_post_received_onc
         .map(|r| r.header("x-request-id").unwrap_or_default().to_owned())
         .collect();
     assert_eq!(ids.len(), 1, "{ids:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_over_ssh_receive_pack_is_checked_once_with_protocol_ssh() -> anyhow::Result<()> {
+    let mut s = setup(respond(allowing)).await?;
+    let old = git::rev(&s.work.path, "refs/heads/main").unwrap();
+    let new = s.work.commit("main", "over ssh")?;
+    // git's SSH transport turned into SSHReceivePack calls to the router, as
+    // gitlab-shell makes them after its own /allowed for the user's key.
+    let out = tokio::process::Command::new("git")
+        .current_dir(&s.work.path)
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_SSH_COMMAND", bin("ssh-grpc"))
+        .env("GIT_SSH_VARIANT", "simple")
+        .env("REFVOTE_SSH_TARGETS", s.c.routers[0].grpc_url())
+        .env("REFVOTE_SSH_GL_ID", "key-12")
+        .env("REFVOTE_SSH_GL_USERNAME", "jane")
+        .env("REFVOTE_SSH_GL_REPOSITORY", GL_REPOSITORY)
+        .env("REFVOTE_SSH_GL_PROJECT_PATH", PROJECT_PATH)
+        .args([
+            "push",
+            "--porcelain",
+            &format!("ssh://gitlab/{RELATIVE}"),
+            "main",
+        ])
+        .kill_on_drop(true)
+        .output()
+        .await?;
+    assert!(out.status.success(), "{}\n{}", text(&out), s.logs());
+    assert_eq!(s.revs("refs/heads/main"), vec![Some(new.clone()); 3]);
+    assert!(s.all_up_to_date().await?);
+
+    let allowed = s.api.calls("allowed");
+    assert_eq!(allowed.len(), 1, "/allowed once, not once per replica");
+    allowed[0].assert_jwt();
+    let body = allowed[0].json();
+    assert_eq!(body["protocol"], "ssh");
+    assert_eq!(body["key_id"], "12");
+    assert_eq!(body["changes"], line(&old, &new, "refs/heads/main"));
+    assert_eq!(body["gl_repository"], GL_REPOSITORY);
+    assert_eq!(s.api.calls("pre_receive").len(), 1);
+    let post = s.api.calls("post_receive");
+    assert_eq!(post.len(), 1, "/post_receive once, not once per replica");
+    assert_eq!(post[0].json()["identifier"], "key-12");
+    assert_eq!(
+        post[0].json()["changes"],
+        line(&old, &new, "refs/heads/main")
+    );
+    Ok(())
+}
+
+/// Rails' answer to a push onto a protected branch.
+const PROTECTED: &str = "You are not allowed to push code to protected branches on this project.";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_gitlab_refuses_is_refused_on_every_replica_with_its_message() -> anyhow::Result<()>
+{
+    let s = setup(respond(|r| match r.path.as_str() {
+        // What Rails answers for a ForbiddenError (401, so the message is shown).
+        "/api/v4/internal/allowed" => {
+            Reply::json(401, json!({"status": false, "message": PROTECTED}))
+        }
+        _ => allowing(r),
+    }))
+    .await?;
+    let before = s.revs("refs/heads/main");
+    let new = s.work.commit("main", "not allowed")?;
+    let proxy = s.http("user-7").await?;
+    let out = s.push(&proxy, &["main"]).await?;
+    assert!(!out.status.success(), "{}", text(&out));
+    // One line on the pusher's screen, GitLab's, as with Gitaly.
+    let shown = format!("remote: GitLab: {PROTECTED}");
+    assert_eq!(
+        text(&out).matches(&shown).count(),
+        1,
+        "{shown:?} once in:\n{}",
+        text(&out)
+    );
+    assert!(
+        text(&out).contains("pre-receive hook declined"),
+        "{}",
+        text(&out)
+    );
+    // Nothing written on any replica: the ref, and the new commit's objects.
+    assert_eq!(s.revs("refs/heads/main"), before);
+    for n in &s.c.nodes {
+        assert!(
+            git::git(&n.repo(RELATIVE), &["cat-file", "-e", &new]).is_err(),
+            "{} holds the refused commit",
+            n.name
+        );
+    }
+    assert!(
+        s.all_up_to_date().await?,
+        "a refusal leaves every replica up to date"
+    );
+    assert_eq!(
+        s.api.calls("allowed").len(),
+        1,
+        "checked once, by one voter"
+    );
+    assert_eq!(s.api.calls("pre_receive").len(), 0);
+    assert_eq!(s.api.calls("post_receive").len(), 0);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_custom_pre_receive_hook_that_refuses_refuses_on_every_replica() -> anyhow::Result<()> {
+    // A global custom hook on every node (Gitaly's `[hooks] custom_hooks_dir`): it logs
+    // where it ran (only the designated voter runs it) and refuses.
+    let hooks = tempfile::tempdir()?;
+    let ran = hooks.path().join("ran");
+    let dir = hooks.path().join("global").join("pre-receive.d");
+    std::fs::create_dir_all(&dir)?;
+    let script = dir.join("freeze");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\necho \"$GL_ID $GL_REPOSITORY $GL_PROTOCOL $(cat)\" >> {ran:?}\necho 'the repository is frozen' >&2\nexit 1\n"
+        ),
+    )?;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755))?;
+    let global = hooks.path().join("global");
+    let s = setup_with(respond(allowing), move |c| {
+        c.hooks.custom_hooks_dir = Some(global.clone());
+    })
+    .await?;
+    let before = s.revs("refs/heads/main");
+    let old = before[0].clone().unwrap();
+    let new = s.work.commit("main", "frozen")?;
+    let proxy = s.http("user-7").await?;
+    let out = s.push(&proxy, &["main"]).await?;
+    assert!(!out.status.success(), "{}", text(&out));
+    assert_eq!(
+        text(&out)
+            .matches("remote: the repository is frozen")
+            .count(),
+        1,
+        "{}",
+        text(&out)
+    );
+    assert_eq!(s.revs("refs/heads/main"), before);
+    assert!(s.all_up_to_date().await?);
+    // Run once, on one voter, with GitLab's environment and the changes on stdin.
+    let log = std::fs::read_to_string(&ran)?;
+    assert_eq!(
+        log,
+        format!(
+            "user-7 {GL_REPOSITORY} http {}",
+            line(&old, &new, "refs/heads/main")
+        ),
+    );
+    // /allowed came first and allowed; /pre_receive never came, /post_receive neither.
+    assert_eq!(s.api.calls("allowed").len(), 1);
+    assert_eq!(s.api.calls("pre_receive").len(), 0);
+    assert_eq!(s.api.calls("post_receive").len(), 0);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_designated_voter_killed_during_allowed_never_lets_the_others_commit()
+-> anyhow::Result<()> {
+    // /allowed is held until the test has killed the voter that called it.
+    let arrived = Arc::new(Notify::new());
+    let release = Arc::new(Notify::new());
+    let (a, r) = (arrived.clone(), release.clone());
+    let responder: Responder = Arc::new(move |req| {
+        let (a, r) = (a.clone(), r.clone());
+        Box::pin(async move {
+            if req.path == "/api/v4/internal/allowed" {
+                a.notify_one();
+                let _ = tokio::time::timeout(Duration::from_secs(60), r.notified()).await;
+            }
+            allowing(&req)
+        })
+    });
+    let mut s = setup(responder).await?;
+    let before = s.revs("refs/heads/main");
+    let new = s.work.commit("main", "unchecked")?;
+    let proxy = s.http("user-7").await?;
+    let url = proxy.url(RELATIVE);
+    let work = s.work.path.clone();
+    let push = tokio::spawn(async move { git::push(&work, Path::new(&url), &["main"], &[]).await });
+    tokio::time::timeout(Duration::from_secs(60), arrived.notified())
+        .await
+        .map_err(|_| anyhow::anyhow!("/allowed never came\n{}", s.logs()))?;
+    // The designated voter, as the transaction records it.
+    let open = s.c.store.gated_open_transactions(&s.repo).await?;
+    assert_eq!(open.len(), 1, "{open:?}");
+    let designated = open[0].designated.clone().expect("a gated transaction");
+    let victim =
+        s.c.nodes
+            .iter()
+            .position(|n| n.name == designated)
+            .expect("a node of the cluster");
+    s.c.nodes[victim].kill()?;
+    release.notify_one();
+    let out = tokio::time::timeout(Duration::from_secs(90), push)
+        .await
+        .map_err(|_| anyhow::anyhow!("the push never ended\n{}", s.logs()))???;
+    assert!(!out.status.success(), "{}\n{}", text(&out), s.logs());
+    // No replica holds the unchecked update: neither the ref nor the objects on the
+    // survivors, which agree with each other (nothing visible, nothing diverged).
+    let after = s.revs("refs/heads/main");
+    for (i, n) in s.c.nodes.iter().enumerate() {
+        assert_eq!(after[i], before[i], "{} moved main", n.name);
+        if i != victim {
+            assert!(
+                git::git(&n.repo(RELATIVE), &["cat-file", "-e", &new]).is_err(),
+                "{} holds the unchecked commit",
+                n.name
+            );
+        }
+    }
+    // Whatever the verdict became, it is no allow.
+    let tx = &open[0].id;
+    if let Some(v) = s.c.store.verdict(tx).await? {
+        assert!(!v.allow, "{v:?}");
+    }
+    assert_eq!(s.api.calls("post_receive").len(), 0);
+    // The survivors are still up to date: no write reached them.
+    let view = s.c.store.repo_view(&s.repo).await?;
+    let up: Vec<String> = view.up_to_date_live();
+    for (i, n) in s.c.nodes.iter().enumerate() {
+        if i != victim {
+            assert!(up.contains(&n.name), "{} not up to date: {up:?}", n.name);
+        }
+    }
+    // And the next push, with the designated voter back, goes through.
+    s.c.nodes[victim].launch().await?;
+    let out = s.push(&proxy, &["main"]).await?;
+    assert!(out.status.success(), "{}\n{}", text(&out), s.logs());
     Ok(())
 }

@@ -9,7 +9,7 @@ use refvote_proto::gitaly::{
 use tonic::Status;
 use tonic::codegen::BoxStream;
 
-use crate::catfile::{self, CatFile};
+use crate::catfile::CatFile;
 use crate::commit::{DATA_CHUNK, stream_from};
 use crate::error::NodeError;
 use crate::git::Run;
@@ -169,11 +169,7 @@ pub fn list_lfs_pointers(
         if r == "--not" || r == "--all" {
             cmd = cmd.arg(r);
         } else {
-            cmd = cmd.arg(catfile::validate_revision(
-                r.as_bytes(),
-                "revisions",
-                false,
-            )?);
+            cmd = cmd.arg(crate::refs::names::revision("revisions", r.as_bytes())?);
         }
     }
     let mut run = cmd.arg("--").spawn().map_err(NodeError::from)?;

@@ -8,7 +8,7 @@ use refvote_proto::gitaly::{
 use tonic::codegen::BoxStream;
 use tonic::{Status, Streaming};
 
-use crate::catfile::{self, CatFile};
+use crate::catfile::CatFile;
 use crate::error::NodeError;
 use crate::state::NodeState;
 
@@ -28,7 +28,7 @@ pub async fn check_objects_exist(
         while let Some(req) = next {
             let mut revisions = Vec::with_capacity(req.revisions.len());
             for name in req.revisions {
-                let rev = catfile::validate_revision(&name, "revision", false)
+                let rev = crate::refs::names::revision("revision", &name)
                     .map_err(|e| Status::invalid_argument(format!("invalid revision: {e}")))?;
                 let exists = cat.header(&rev).await?.is_some();
                 revisions.push(check_objects_exist_response::RevisionExistence { name, exists });

@@ -207,11 +207,10 @@ impl GitlabSide {
     /// deadline beyond the verdict's wait.
     pub fn gated_command(&self, cmd: Command) -> Command {
         let deadline = self.wait_for_verdict() + Duration::from_secs(30);
-        cmd.hooks(&self.config.hooks_dir)
-            .env(
-                contract::ENV_HOOK_DEADLINE_MS,
-                deadline.as_millis().to_string(),
-            )
+        cmd.hooks(&self.config.hooks_dir).env(
+            contract::ENV_HOOK_DEADLINE_MS,
+            deadline.as_millis().to_string(),
+        )
     }
 
     /// How long a voter that does not run the checks waits for their verdict.
