@@ -7,8 +7,9 @@
 //! A request may name a push's quarantine (`git_object_directory`,
 //! `git_alternate_object_directories`): Rails does while GitLab checks a push, to see
 //! its new objects. It is accepted only inside the repository's own quarantine area
-//! (`objects/incoming-<name>`, alternates at `objects` or below) and only while that
-//! directory exists on this replica; readers of objects run git with it
+//! (receive-pack's `objects/tmp_objdir-incoming-<name>`, `objects/incoming-<name>`
+//! with older git; alternates at `objects` or below) and only while that directory
+//! exists on this replica; readers of objects run git with it
 //! ([`RepoPath::object_env`]).
 
 use std::collections::BTreeMap;

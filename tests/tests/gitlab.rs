@@ -1,11 +1,14 @@
 //! GitLab's hooks inside the vote (DESIGN.md §8), against a real etcd, three real
 //! votingd nodes, a real router, real git, and a real HTTP server standing in for
 //! GitLab's internal API that asserts what it receives: a push by a GitLab user (over
-//! git's smart HTTP the way workhorse sends it, and over SSHReceivePack the way
-//! gitlab-shell does) is checked once and post-received once, not once per replica; a
-//! refusal by GitLab or by a custom hook refuses on every replica with its message on
-//! the pusher's screen and moves no ref anywhere; the designated voter killed during
-//! `/allowed` never lets the others commit.
+//! git's smart HTTP the way workhorse sends it) is checked once and post-received once,
+//! not once per replica; Rails' callbacks during `/allowed` read the push's quarantine
+//! on the designated voter; a refusal by GitLab or by a custom hook refuses on every
+//! replica with its message on the pusher's screen and moves no ref anywhere; the
+//! designated voter killed during `/allowed` never lets the others commit.
+//!
+//! Not here: SSHReceivePack through the router (the router holds a write's answers
+//! until its outcome, so an interactive SSH push never sees the ref advertisement).
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -13,10 +16,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use refvote_cluster::RepoId;
+use refvote_proto::gitaly::commit_service_client::CommitServiceClient;
+use refvote_proto::gitaly::{CheckObjectsExistRequest, Repository};
 use refvote_tests::cluster::{Fixture, VoteCluster};
 use refvote_tests::git::{self, WorkRepo};
 use refvote_tests::gitlab::{GitlabApi, MESSAGE, Reply, Responder, allowing, respond};
-use refvote_tests::node::{NodeOptions, bin};
+use refvote_tests::node::NodeOptions;
 use refvote_tests::smarthttp::{GitHttpProxy, GitlabIdentity, Target};
 use serde_json::json;
 use tokio::sync::Notify;
@@ -172,7 +177,12 @@ async fn a_push_over_http_by_a_gitlab_user_is_checked_once_and_post_received_onc
     // The quarantine the check ran in, relative to the repository.
     let env: serde_json::Value = serde_json::from_str(body["env"].as_str().unwrap())?;
     let objects = env["GIT_OBJECT_DIRECTORY_RELATIVE"].as_str().unwrap();
-    assert!(objects.starts_with("objects/incoming-"), "{env}");
+    // git's receive-pack quarantine (`tmp_objdir-incoming-…` since git 2.35).
+    assert!(
+        objects.starts_with("objects/tmp_objdir-incoming-")
+            || objects.starts_with("objects/incoming-"),
+        "{env}"
+    );
     assert_eq!(
         env["GIT_ALTERNATE_OBJECT_DIRECTORIES_RELATIVE"],
         json!(["objects"])
@@ -202,52 +212,137 @@ async fn a_push_over_http_by_a_gitlab_user_is_checked_once_and_post_received_onc
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_push_over_ssh_receive_pack_is_checked_once_with_protocol_ssh() -> anyhow::Result<()> {
-    let mut s = setup(respond(allowing)).await?;
-    let old = git::rev(&s.work.path, "refs/heads/main").unwrap();
-    let new = s.work.commit("main", "over ssh")?;
-    // git's SSH transport turned into SSHReceivePack calls to the router, as
-    // gitlab-shell makes them after its own /allowed for the user's key.
-    let out = tokio::process::Command::new("git")
-        .current_dir(&s.work.path)
-        .env("GIT_CONFIG_NOSYSTEM", "1")
-        .env("GIT_SSH_COMMAND", bin("ssh-grpc"))
-        .env("GIT_SSH_VARIANT", "simple")
-        .env("REFVOTE_SSH_TARGETS", s.c.routers[0].grpc_url())
-        .env("REFVOTE_SSH_GL_ID", "key-12")
-        .env("REFVOTE_SSH_GL_USERNAME", "jane")
-        .env("REFVOTE_SSH_GL_REPOSITORY", GL_REPOSITORY)
-        .env("REFVOTE_SSH_GL_PROJECT_PATH", PROJECT_PATH)
-        .args([
-            "push",
-            "--porcelain",
-            &format!("ssh://gitlab/{RELATIVE}"),
-            "main",
-        ])
-        .kill_on_drop(true)
-        .output()
-        .await?;
-    assert!(out.status.success(), "{}\n{}", text(&out), s.logs());
-    assert_eq!(s.revs("refs/heads/main"), vec![Some(new.clone()); 3]);
-    assert!(s.all_up_to_date().await?);
+/// What one Rails-style CheckObjectsExist call answered: whether the pushed commit
+/// exists, or the gRPC code.
+type Seen = Result<bool, tonic::Code>;
 
-    let allowed = s.api.calls("allowed");
-    assert_eq!(allowed.len(), 1, "/allowed once, not once per replica");
-    allowed[0].assert_jwt();
-    let body = allowed[0].json();
-    assert_eq!(body["protocol"], "ssh");
-    assert_eq!(body["key_id"], "12");
-    assert_eq!(body["changes"], line(&old, &new, "refs/heads/main"));
-    assert_eq!(body["gl_repository"], GL_REPOSITORY);
-    assert_eq!(s.api.calls("pre_receive").len(), 1);
-    let post = s.api.calls("post_receive");
-    assert_eq!(post.len(), 1, "/post_receive once, not once per replica");
-    assert_eq!(post[0].json()["identifier"], "key-12");
-    assert_eq!(
-        post[0].json()["changes"],
-        line(&old, &new, "refs/heads/main")
+/// CheckObjectsExist of `commit` at `url`, reading `quarantine` when given, as Rails
+/// calls it while it checks a push.
+async fn exists(url: &str, quarantine: Option<&str>, commit: &str) -> Seen {
+    let channel = tonic::transport::Endpoint::from_shared(url.to_owned())
+        .map_err(|_| tonic::Code::InvalidArgument)?
+        .connect()
+        .await
+        .map_err(|_| tonic::Code::Unavailable)?;
+    let request = CheckObjectsExistRequest {
+        repository: Some(Repository {
+            storage_name: "default".into(),
+            relative_path: RELATIVE.into(),
+            gl_repository: GL_REPOSITORY.into(),
+            git_object_directory: quarantine.unwrap_or_default().into(),
+            git_alternate_object_directories: if quarantine.is_some() {
+                vec!["objects".into()]
+            } else {
+                Vec::new()
+            },
+            ..Default::default()
+        }),
+        revisions: vec![commit.as_bytes().to_vec()],
+    };
+    let mut answers = CommitServiceClient::new(channel)
+        .check_objects_exist(tokio_stream::iter([request]))
+        .await
+        .map_err(|s| s.code())?
+        .into_inner();
+    let mut found = None;
+    while let Some(r) = answers.message().await.map_err(|s| s.code())? {
+        found = r.revisions.first().map(|r| r.exists).or(found);
+    }
+    found.ok_or(tonic::Code::Internal)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rails_callbacks_during_allowed_read_the_quarantine_of_the_designated_voter()
+-> anyhow::Result<()> {
+    let mut s = setup(respond(allowing)).await?;
+    let router = s.c.routers[0].grpc_url();
+    let nodes: Vec<(String, String)> =
+        s.c.nodes
+            .iter()
+            .map(|n| (n.name.clone(), n.grpc_url()))
+            .collect();
+    let (store, repo) = (s.c.store.clone(), s.repo.clone());
+    // (through the router with the quarantine, through the router without it, the
+    // designated voter, each node straight with the quarantine)
+    type Calls = (Seen, Seen, String, Vec<(String, Seen)>);
+    let seen: Arc<std::sync::Mutex<Option<Calls>>> = Arc::default();
+    let record = seen.clone();
+    s.api.set_responder(Arc::new(move |req| {
+        let (router, nodes, store, repo, record) = (
+            router.clone(),
+            nodes.clone(),
+            store.clone(),
+            repo.clone(),
+            record.clone(),
+        );
+        Box::pin(async move {
+            if req.path == "/api/v4/internal/allowed" {
+                let body = req.json();
+                let env: serde_json::Value =
+                    serde_json::from_str(body["env"].as_str().unwrap_or("{}")).unwrap_or_default();
+                let quarantine = env["GIT_OBJECT_DIRECTORY_RELATIVE"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned();
+                let changes = body["changes"].as_str().unwrap_or_default().to_owned();
+                let commit = changes.split(' ').nth(1).unwrap_or_default().to_owned();
+                let routed = exists(&router, Some(&quarantine), &commit).await;
+                let plain = exists(&router, None, &commit).await;
+                let designated = store
+                    .gated_open_transactions(&repo)
+                    .await
+                    .ok()
+                    .and_then(|open| open.first().and_then(|t| t.designated.clone()))
+                    .unwrap_or_default();
+                let mut straight = Vec::new();
+                for (name, url) in &nodes {
+                    straight.push((name.clone(), exists(url, Some(&quarantine), &commit).await));
+                }
+                *record.lock().unwrap() = Some((routed, plain, designated, straight));
+            }
+            allowing(&req)
+        })
+    }));
+    let new = s.work.commit("main", "checked by rails")?;
+    let proxy = s.http("user-7").await?;
+    let out = s.push(&proxy, &["main"]).await?;
+    assert!(
+        out.status.success(),
+        "{}
+{}",
+        text(&out),
+        s.logs()
     );
+    assert_eq!(s.revs("refs/heads/main"), vec![Some(new.clone()); 3]);
+    let (routed, plain, designated, straight) =
+        seen.lock().unwrap().take().expect("/allowed was called");
+    // Routed to the voter that holds the quarantine, the new commit is seen there...
+    assert_eq!(routed, Ok(true), "through the router, with the quarantine");
+    // ...and nowhere else before the push is applied.
+    assert_eq!(
+        plain,
+        Ok(false),
+        "through the router, without the quarantine"
+    );
+    for (name, answer) in straight {
+        if name == designated {
+            assert_eq!(answer, Ok(true), "{name}, the designated voter");
+        } else {
+            // Another replica has a quarantine of its own under another name.
+            assert_eq!(answer, Err(tonic::Code::NotFound), "{name}");
+        }
+    }
+    // Once the push is over, no open push holds a quarantine: the router says so.
+    let after = exists(
+        &s.c.routers[0].grpc_url(),
+        Some("objects/tmp_objdir-incoming-gone"),
+        &new,
+    )
+    .await;
+    assert_eq!(after, Err(tonic::Code::FailedPrecondition));
+    // A node refuses a quarantine outside the repository's own area.
+    let outside = exists(&s.c.nodes[0].grpc_url(), Some("../other.git/objects"), &new).await;
+    assert_eq!(outside, Err(tonic::Code::InvalidArgument));
     Ok(())
 }
 
