@@ -30,7 +30,7 @@ pub async fn check_objects_exist(
             for name in req.revisions {
                 let rev = crate::refs::names::revision("revision", &name)
                     .map_err(|e| Status::invalid_argument(format!("invalid revision: {e}")))?;
-                let exists = cat.header(&rev).await?.is_some();
+                let exists = cat.header(rev).await?.is_some();
                 revisions.push(check_objects_exist_response::RevisionExistence { name, exists });
             }
             if tx
