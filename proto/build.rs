@@ -56,4 +56,12 @@ fn gitaly() {
         .build_client(true)
         .compile_protos(&["refvote/admin.proto"], &["."])
         .expect("compiling refvote/admin.proto");
+
+    // What routers call on nodes beyond Gitaly's protocol (post-receive, once).
+    println!("cargo:rerun-if-changed=refvote/node.proto");
+    tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(true)
+        .compile_protos(&["refvote/node.proto"], &["."])
+        .expect("compiling refvote/node.proto");
 }

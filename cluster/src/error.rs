@@ -60,6 +60,14 @@ pub enum Error {
     TooFewNodes { live: usize, needed: usize },
     #[error("{0}")]
     Invalid(String),
+    /// A call gated by GitLab's checks found voters that disagree on calling GitLab.
+    #[error(
+        "GitLab's internal API is configured on {with:?} but not on {without:?}: configure [gitlab] alike on every storage node"
+    )]
+    MixedGitlab {
+        with: Vec<String>,
+        without: Vec<String>,
+    },
 }
 
 /// Who holds a repository's administrative lock, for the writer it turns away.

@@ -16,6 +16,8 @@
 //! | `tx/<id>/decided/<key>` | [`Decision`](crate::records::Decision), created once |
 //! | `tx/<id>/confirmed/<key>/<voter>` | empty |
 //! | `tx/<id>/done/<voter>` | [`DoneRecord`](crate::records::DoneRecord) |
+//! | `tx/<id>/verdict` | [`VerdictRecord`](crate::records::VerdictRecord), created once (gated transactions) |
+//! | `postreceive/<id>` | who runs GitLab's post-receive of a committed transaction, on the asking router's lease |
 //! | `txrepo/<repo>/<id>` | empty: index of a repository's open transactions |
 //! | `outcomes/<id>` | [`TxOutcome`](crate::records::TxOutcome), on the finalizer's lease |
 //! | `jobs/repair/<repo>/<node>` | [`JobRecord`](crate::records::JobRecord) |
@@ -136,6 +138,17 @@ impl Keys {
 
     pub fn all_done(&self, tx: &str) -> String {
         format!("{}done/", self.tx(tx))
+    }
+
+    /// GitLab's verdict in a gated transaction.
+    pub fn verdict(&self, tx: &str) -> String {
+        format!("{}verdict", self.tx(tx))
+    }
+
+    /// The claim on running GitLab's post-receive for a transaction: outside its
+    /// prefix, so it outlives the transaction's end.
+    pub fn post_receive(&self, tx: &str) -> String {
+        format!("{}postreceive/{tx}", self.prefix)
     }
 
     pub fn txrepo_all(&self) -> String {

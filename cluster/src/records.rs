@@ -18,6 +18,11 @@ pub struct NodeRecord {
     pub storages: Vec<String>,
     #[serde(default)]
     pub version: String,
+    /// The node calls GitLab's internal API when it runs GitLab's checks (its
+    /// `[gitlab] url` is set). A transaction gated by GitLab's checks needs every voter
+    /// to agree on it, or the check would depend on which voter is designated.
+    #[serde(default)]
+    pub gitlab_api: bool,
 }
 
 /// `repos/<repo>`. Its threshold ([`RepoRecord::threshold`]) is a quorum rule and
@@ -97,6 +102,11 @@ pub struct TxRecord {
     /// changes nothing in a repository removed (and perhaps re-created) meanwhile.
     #[serde(default)]
     pub repo_create_revision: i64,
+    /// The voter that runs GitLab's checks (DESIGN.md §8), when the call carries a
+    /// GitLab user: no key of the transaction commits without its allow verdict
+    /// (`tx/<id>/verdict`). `None`: the transaction is not gated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub designated: Option<String>,
 }
 
 /// `tx/<id>/votes/<key>/<voter>`.
@@ -129,6 +139,24 @@ impl Decision {
     pub fn is_commit(&self) -> bool {
         self.hash.is_some()
     }
+}
+
+/// `tx/<id>/verdict`: the outcome of GitLab's checks in a gated transaction, created
+/// once, by the designated voter (allow or deny) or, when that voter can give none any
+/// more, by whoever sees it first (a deny, the fence).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerdictRecord {
+    pub allow: bool,
+    /// Who wrote it: the designated voter, or the voter or finalizer that fenced it.
+    pub by: String,
+    /// For a deny: what every replica shows the pusher.
+    #[serde(default)]
+    pub message: String,
+    /// What the checks produced, for the replicas to replay (GitLab's refusal, the
+    /// refs update hooks refused, the output shown, the changes checked): the node's
+    /// format, opaque to this crate.
+    #[serde(default)]
+    pub detail: serde_json::Value,
 }
 
 /// `tx/<id>/done/<voter>`: git finished on that voter (or the caller saw it fail).

@@ -137,8 +137,9 @@ impl ObjectDirectories {
     }
 
     /// Whether these directories are a receive-pack quarantine of the repository
-    /// itself: the object directory is `objects/incoming-<name>` (git's
-    /// `tmp_objdir`), each alternate is `objects` or below it, and nothing climbs out
+    /// itself: the object directory is git's `tmp_objdir` for receive-pack,
+    /// `objects/tmp_objdir-incoming-<name>` (git 2.35 and later) or
+    /// `objects/incoming-<name>` (older git), each alternate is `objects` or below it, and nothing climbs out
     /// with `..` or starts at `/`. A node accepts a Rails callback's quarantine only
     /// when this holds.
     pub fn check_inside_repository(&self) -> Result<(), ContextError> {
@@ -151,7 +152,8 @@ impl ObjectDirectories {
         };
         let objects = &self.object_directory;
         let name = objects
-            .strip_prefix("objects/incoming-")
+            .strip_prefix("objects/tmp_objdir-incoming-")
+            .or_else(|| objects.strip_prefix("objects/incoming-"))
             .ok_or_else(|| outside(objects))?;
         if name.is_empty()
             || !name
@@ -588,6 +590,8 @@ mod tests {
         for (o, a) in [
             ("objects", &["objects"][..]),
             ("objects/incoming-", &["objects"]),
+            ("objects/tmp_objdir-incoming-", &["objects"]),
+            ("objects/tmp_objdir-other-a", &["objects"]),
             ("objects/incoming-a/../../x", &["objects"]),
             ("../other.git/objects/incoming-a", &["objects"]),
             ("/tmp/objects/incoming-a", &["objects"]),
@@ -601,6 +605,10 @@ mod tests {
             );
         }
         d("objects/incoming-Q_9-z", &["objects", "objects/pack"])
+            .check_inside_repository()
+            .unwrap();
+        // What git 2.47's receive-pack names it.
+        d("objects/tmp_objdir-incoming-QGRzmX", &["objects"])
             .check_inside_repository()
             .unwrap();
     }

@@ -134,6 +134,12 @@ pub enum Verdict {
     Deny { refusal: Refusal },
 }
 
+impl Verdict {
+    pub fn is_allow(&self) -> bool {
+        matches!(self, Verdict::Allow)
+    }
+}
+
 impl From<Result<(), Refusal>> for Verdict {
     fn from(r: Result<(), Refusal>) -> Verdict {
         match r {

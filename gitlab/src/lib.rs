@@ -39,6 +39,6 @@ pub mod wire;
 pub use api::{ApiError, Call, Client};
 pub use changes::{Change, Changes};
 pub use context::{GlId, HookContext, ObjectDirectories, Protocol};
-pub use custom::{CustomHookError, CustomHooks, HookKind, OutputSink};
+pub use custom::{Collect, CustomHookError, CustomHooks, HookKind, OutputSink};
 pub use hooks::{GitlabHooks, PostReceiveError, Refusal, RetryPolicy, Verdict};
 pub use settings::{ApiConfig, GitlabSettings, HooksSettings, InvalidSetting};

@@ -21,6 +21,13 @@
 //!   hook. It says `require_transaction = true|false` for updates with no refvote
 //!   context; votingd writes it at start-up.
 //!
+//! The same binary is git's `pre-receive`, `update` and `post-receive` hook (votingd
+//! links it under those names in the hooks directory of transactions GitLab's checks
+//! gate, DESIGN.md §8): it passes the hook's input (stdin, arguments, the quarantine and
+//! push options from its environment) to votingd in one request, prints the answer's
+//! stdout and stderr, and exits with its code. Outside a refvote transaction those
+//! hooks do nothing (exit 0).
+//!
 //! It does not decide anything itself: the decision is votingd's and etcd's.
 #![forbid(unsafe_code)]
 
@@ -32,8 +39,13 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use prost::Message;
-use refvote_proto::contract::{ENV_MAINTENANCE, ENV_SOCKET, ENV_TX, ENV_VOTER, MAINTENANCE_ON};
-use refvote_proto::hook::{self, Phase, Request, Response, Vote, request, response};
+use refvote_proto::contract::{
+    ENV_HOOK_DEADLINE_MS, ENV_MAINTENANCE, ENV_SOCKET, ENV_TX, ENV_VOTER, MAINTENANCE_ON,
+};
+use refvote_proto::hook::{
+    self, MAX_PUSH_OPTIONS, Phase, RECEIVE_HOOK_ENV, ReceiveHook, Request, Response, Vote,
+    receive_hook, request, response,
+};
 
 const DEFAULT_DEADLINE: Duration = Duration::from_secs(120);
 /// Largest stdin accepted: git sends one line per ref, ~100 bytes each.
@@ -54,6 +66,24 @@ fn main() {
 fn run(started: Instant) -> Result<i32, String> {
     let mut args = std::env::args_os();
     let argv0 = args.next().map(PathBuf::from);
+    let name = argv0
+        .as_deref()
+        .and_then(|p| p.file_name())
+        .and_then(|n| n.to_str())
+        .unwrap_or_default();
+    let kind = match name {
+        "pre-receive" => Some(receive_hook::Kind::PreReceive),
+        "update" => Some(receive_hook::Kind::Update),
+        "post-receive" => Some(receive_hook::Kind::PostReceive),
+        _ => None,
+    };
+    if let Some(kind) = kind {
+        let args = args
+            .map(|a| a.into_string())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| "the hook's arguments are not UTF-8".to_string())?;
+        return receive(kind, args, started);
+    }
     let phase = match args.next().as_ref().and_then(|a| a.to_str()) {
         Some("prepared") => Phase::Prepared,
         Some("committed") => Phase::Committed,
@@ -90,11 +120,7 @@ fn run(started: Instant) -> Result<i32, String> {
     }
     let voter = env(ENV_VOTER)?;
     let socket = env(ENV_SOCKET)?;
-    let deadline = std::env::var("REFVOTE_HOOK_DEADLINE_MS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .map(Duration::from_millis)
-        .unwrap_or(DEFAULT_DEADLINE);
+    let deadline = deadline();
 
     let vote = Vote {
         phase: phase as i32,
@@ -122,7 +148,7 @@ fn run(started: Instant) -> Result<i32, String> {
         (Phase::Prepared, Ok(response::Kind::Error(e))) => {
             Err(format!("update rejected: {}", e.message))
         }
-        (Phase::Prepared, Ok(response::Kind::StatusJson(_))) => {
+        (Phase::Prepared, Ok(response::Kind::StatusJson(_) | response::Kind::HookAnswer(_))) => {
             Err("update rejected: votingd sent an unexpected answer".into())
         }
         (Phase::Prepared, Err(e)) => Err(format!("update rejected: {e}")),
@@ -145,6 +171,86 @@ fn run(started: Instant) -> Result<i32, String> {
             Ok(0)
         }
         (_, Ok(_)) => Ok(0),
+    }
+}
+
+/// The hook's overall deadline.
+fn deadline() -> Duration {
+    std::env::var(ENV_HOOK_DEADLINE_MS)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map(Duration::from_millis)
+        .unwrap_or(DEFAULT_DEADLINE)
+}
+
+/// git's `pre-receive`, `update` or `post-receive` hook: one request to votingd with
+/// the hook's input; its answer printed; its exit code returned.
+fn receive(kind: receive_hook::Kind, args: Vec<String>, started: Instant) -> Result<i32, String> {
+    if std::env::var_os(ENV_MAINTENANCE).is_some_and(|v| v == MAINTENANCE_ON) {
+        return Ok(0);
+    }
+    let Some(tx) = std::env::var_os(ENV_TX) else {
+        // Not inside a refvote transaction: nothing to check here.
+        return Ok(0);
+    };
+    let transaction = tx
+        .into_string()
+        .map_err(|_| format!("{ENV_TX} is not UTF-8"))?;
+    let mut stdin = Vec::new();
+    if kind != receive_hook::Kind::Update {
+        std::io::stdin()
+            .take(MAX_STDIN + 1)
+            .read_to_end(&mut stdin)
+            .map_err(|e| format!("cannot read the ref updates from stdin: {e}"))?;
+        if stdin.len() as u64 > MAX_STDIN {
+            return Err(format!(
+                "push rejected: more than {MAX_STDIN} bytes of ref updates"
+            ));
+        }
+    }
+    let voter = env(ENV_VOTER)?;
+    let socket = env(ENV_SOCKET)?;
+    let mut passed: std::collections::HashMap<String, String> = RECEIVE_HOOK_ENV
+        .iter()
+        .filter_map(|k| std::env::var(k).ok().map(|v| (k.to_string(), v)))
+        .collect();
+    let options = passed
+        .get("GIT_PUSH_OPTION_COUNT")
+        .and_then(|c| c.parse::<usize>().ok())
+        .unwrap_or(0)
+        .min(MAX_PUSH_OPTIONS);
+    for i in 0..options {
+        let key = format!("GIT_PUSH_OPTION_{i}");
+        if let Ok(v) = std::env::var(&key) {
+            passed.insert(key, v);
+        }
+    }
+    let request = Request {
+        kind: Some(request::Kind::ReceiveHook(ReceiveHook {
+            kind: kind as i32,
+            transaction,
+            voter,
+            stdin,
+            args,
+            env: passed,
+        })),
+    };
+    match exchange(&socket, &request, started + deadline()) {
+        Ok(response::Kind::HookAnswer(a)) => {
+            // git passes both streams to the pusher; a closed pipe changes nothing.
+            let _ = std::io::stdout().write_all(&a.stdout);
+            let _ = std::io::stdout().flush();
+            let _ = std::io::stderr().write_all(&a.stderr);
+            Ok(a.exit_code)
+        }
+        Ok(response::Kind::Error(e)) => Err(format!("push rejected: {}", e.message)),
+        Ok(_) => Err("push rejected: votingd sent an unexpected answer".into()),
+        Err(e) if kind == receive_hook::Kind::PostReceive => {
+            // The update is done; git ignores post-receive's status. Say what was lost.
+            eprintln!("refvote: warning: could not report the updated refs: {e}");
+            Ok(0)
+        }
+        Err(e) => Err(format!("push rejected: {e}")),
     }
 }
 

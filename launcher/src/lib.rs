@@ -31,7 +31,8 @@ pub mod ready;
 
 pub use host::{find_binary, free_ports, on_path};
 pub use local::{
-    ENV_FILE, LAYOUT_FILE, Layout, STOP_GRACE, UpOptions, down, read_env, start, stop, up,
+    ENV_FILE, GitlabOptions, LAYOUT_FILE, Layout, STOP_GRACE, UpOptions, down, read_env, start,
+    stop, up,
 };
 pub use member::{Kind, Member};
 pub use process::alive;

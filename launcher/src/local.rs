@@ -50,6 +50,31 @@ pub struct UpOptions {
     pub host: Ipv4Addr,
     /// How long each stage (etcd, nodes, router) may take to become healthy.
     pub timeout: Duration,
+    /// GitLab's internal API every node calls (`[gitlab]`), if any.
+    pub gitlab: Option<GitlabOptions>,
+}
+
+/// `--gitlab-url URL --gitlab-secret-file FILE`: written into every node's `[gitlab]`.
+#[derive(Debug, Clone)]
+pub struct GitlabOptions {
+    pub url: String,
+    pub secret_file: PathBuf,
+}
+
+impl GitlabOptions {
+    /// The `[gitlab]` section, checked as votingd will check it (the error names the
+    /// option's key).
+    pub fn settings(&self) -> anyhow::Result<refvote_gitlab::GitlabSettings> {
+        let settings = refvote_gitlab::GitlabSettings {
+            url: self.url.clone(),
+            secret_file: Some(self.secret_file.clone()),
+            ..Default::default()
+        };
+        settings
+            .resolve()
+            .map_err(|e| anyhow::anyhow!("--gitlab-url/--gitlab-secret-file: {e}"))?;
+        Ok(settings)
+    }
 }
 
 /// `DIR/cluster.json`.
@@ -136,6 +161,9 @@ pub fn up(opts: &UpOptions, out: &mut dyn Write) -> anyhow::Result<Layout> {
                 "{} is not empty and holds no cluster ({LAYOUT_FILE} is missing); use a new or empty --dir",
                 dir.display()
             );
+        }
+        if let Some(g) = &opts.gitlab {
+            g.settings()?;
         }
         let layout = create(&dir, opts)?;
         std::fs::write(
@@ -434,8 +462,12 @@ fn create(dir: &Path, opts: &UpOptions) -> anyhow::Result<Layout> {
             lease_ttl_secs: LEASE_TTL_SECS,
             hook: hook.clone(),
         };
+        let mut config = spec.config();
+        if let Some(g) = &opts.gitlab {
+            config.gitlab = g.settings()?;
+        }
         spec.write(
-            &spec.config(),
+            &config,
             "A local cluster's node, written by `votingctl cluster up`.",
         )?;
         let upper = name.to_uppercase();

@@ -1,11 +1,15 @@
 //! BlobService: blob contents streamed out of one `git cat-file --batch` in bounded
-//! chunks, never held whole.
+//! chunks, never held whole; the listings Rails reads during GitLab's checks of a push
+//! ([`listing`]).
+
+mod listing;
 
 use std::sync::Arc;
 
 use refvote_proto::gitaly::blob_service_server::BlobService;
 use refvote_proto::gitaly::{
-    GetBlobRequest, GetBlobResponse, GetBlobsRequest, GetBlobsResponse, ObjectType,
+    GetBlobRequest, GetBlobResponse, GetBlobsRequest, GetBlobsResponse, ListAllBlobsRequest,
+    ListAllBlobsResponse, ListLfsPointersRequest, ListLfsPointersResponse, ObjectType,
 };
 use tonic::codegen::BoxStream;
 use tonic::{Request, Response, Status};
@@ -37,6 +41,28 @@ fn read_limit(limit: i64, size: u64) -> u64 {
 
 #[tonic::async_trait]
 impl BlobService for BlobSvc {
+    #[tracing::instrument(skip_all, fields(node = %self.node.name))]
+    async fn list_all_blobs(
+        &self,
+        request: Request<ListAllBlobsRequest>,
+    ) -> Result<Response<BoxStream<ListAllBlobsResponse>>, Status> {
+        Ok(Response::new(listing::list_all_blobs(
+            &self.node,
+            request.into_inner(),
+        )?))
+    }
+
+    #[tracing::instrument(skip_all, fields(node = %self.node.name))]
+    async fn list_lfs_pointers(
+        &self,
+        request: Request<ListLfsPointersRequest>,
+    ) -> Result<Response<BoxStream<ListLfsPointersResponse>>, Status> {
+        Ok(Response::new(listing::list_lfs_pointers(
+            &self.node,
+            request.into_inner(),
+        )?))
+    }
+
     #[tracing::instrument(skip_all, fields(node = %self.node.name))]
     async fn get_blob(
         &self,

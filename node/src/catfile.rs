@@ -42,6 +42,7 @@ impl CatFile {
         let run = git
             .command(["cat-file", "--batch"])
             .git_dir(&repo.path)
+            .envs(repo.object_env())
             .stdin(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
             .spawn()?;
         Ok(CatFile {

@@ -4,23 +4,25 @@
 //! Where Gitaly answers a missing object with an empty answer rather than an error
 //! (FindCommit, CommitIsAncestor, CountCommits), so do we: GitLab relies on it.
 //! Malformed input (an option-like revision, a path that climbs out of the tree) is
-//! INVALID_ARGUMENT before git runs.
+//! INVALID_ARGUMENT before git runs. CheckObjectsExist is in [`exist`].
+
+mod exist;
 
 use std::sync::Arc;
 
 use base64::Engine;
 use refvote_proto::gitaly::commit_service_server::CommitService;
 use refvote_proto::gitaly::{
-    CommitIsAncestorRequest, CommitIsAncestorResponse, CountCommitsRequest, CountCommitsResponse,
-    FindCommitRequest, FindCommitResponse, GetTreeEntriesError, GetTreeEntriesRequest,
-    GetTreeEntriesResponse, GitCommit, ListCommitsRequest, ListCommitsResponse, PaginationCursor,
-    PathError, ResolveRevisionError, TreeEntry, TreeEntryRequest, TreeEntryResponse,
-    get_tree_entries_error, get_tree_entries_request, list_commits_request, path_error, tree_entry,
-    tree_entry_response,
+    CheckObjectsExistRequest, CheckObjectsExistResponse, CommitIsAncestorRequest,
+    CommitIsAncestorResponse, CountCommitsRequest, CountCommitsResponse, FindCommitRequest,
+    FindCommitResponse, GetTreeEntriesError, GetTreeEntriesRequest, GetTreeEntriesResponse,
+    GitCommit, ListCommitsRequest, ListCommitsResponse, PaginationCursor, PathError,
+    ResolveRevisionError, TreeEntry, TreeEntryRequest, TreeEntryResponse, get_tree_entries_error,
+    get_tree_entries_request, list_commits_request, path_error, tree_entry, tree_entry_response,
 };
 use tokio::sync::mpsc;
 use tonic::codegen::BoxStream;
-use tonic::{Code, Request, Response, Status};
+use tonic::{Code, Request, Response, Status, Streaming};
 
 use super::catfile::{self, CatFile};
 use super::detail::status_with_detail;
@@ -104,6 +106,16 @@ pub(super) async fn send_data<T>(
 #[tonic::async_trait]
 impl CommitService for CommitSvc {
     #[tracing::instrument(skip_all, fields(node = %self.node.name))]
+    async fn check_objects_exist(
+        &self,
+        request: Request<Streaming<CheckObjectsExistRequest>>,
+    ) -> Result<Response<BoxStream<CheckObjectsExistResponse>>, Status> {
+        Ok(Response::new(
+            exist::check_objects_exist(&self.node, request.into_inner()).await?,
+        ))
+    }
+
+    #[tracing::instrument(skip_all, fields(node = %self.node.name))]
     async fn find_commit(
         &self,
         request: Request<FindCommitRequest>,
@@ -141,6 +153,7 @@ impl CommitService for CommitSvc {
             .arg(ancestor)
             .arg(child)
             .git_dir(&repo.path)
+            .envs(repo.object_env())
             .status()
             .await?;
         // Exit 1 is "no"; like Gitaly, a commit that does not exist (exit 128) is "no" too.
@@ -350,7 +363,12 @@ impl CommitService for CommitSvc {
         if req.revisions.is_empty() {
             return Err(NodeError::invalid("missing revisions: name at least one").into());
         }
-        let mut cmd = self.node.git.command(["rev-list"]).git_dir(&repo.path);
+        let mut cmd = self
+            .node
+            .git
+            .command(["rev-list"])
+            .git_dir(&repo.path)
+            .envs(repo.object_env());
         match list_commits_request::Order::try_from(req.order) {
             Ok(list_commits_request::Order::None) => {}
             Ok(list_commits_request::Order::Topo) => cmd = cmd.arg("--topo-order"),
@@ -486,7 +504,8 @@ impl CommitService for CommitSvc {
             .node
             .git
             .command(["rev-list", "--count"])
-            .git_dir(&repo.path);
+            .git_dir(&repo.path)
+            .envs(repo.object_env());
         if req
             .global_options
             .as_ref()
@@ -547,7 +566,8 @@ impl CommitSvc {
             .node
             .git
             .command(["ls-tree", "-z", "--full-tree"])
-            .git_dir(&repo.path);
+            .git_dir(&repo.path)
+            .envs(repo.object_env());
         if recursive {
             cmd = cmd.arg("-r").arg("-t");
         }

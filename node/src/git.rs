@@ -172,6 +172,8 @@ impl Git {
             args: args.into_iter().map(Into::into).collect(),
             env: Vec::new(),
             write: None,
+            hooks: None,
+            internal_config: Vec::new(),
             kill: KillPolicy::Kill,
             on_exit: None,
             input: None,
@@ -201,6 +203,10 @@ pub struct Command {
     env: Vec<(String, String)>,
     /// For a write: the hook's environment.
     write: Option<Vec<(String, String)>>,
+    /// For a write: a hooks directory in place of the node's own.
+    hooks: Option<PathBuf>,
+    /// `-c` options of the node's own, after every other.
+    internal_config: Vec<String>,
     kill: KillPolicy,
     on_exit: Option<OnExit>,
     input: Option<Input>,
@@ -270,11 +276,30 @@ impl Command {
         self
     }
 
+    /// Sets several environment variables for git.
+    pub fn envs(mut self, vars: impl IntoIterator<Item = (String, String)>) -> Command {
+        self.env.extend(vars);
+        self
+    }
+
     /// Makes this a write: durability and no-maintenance config, the node's hooks, and
     /// `hook_env` for the hook; `kill` says what stopping it does.
     pub fn write(mut self, hook_env: Vec<(String, String)>, kill: KillPolicy) -> Command {
         self.write = Some(hook_env);
         self.kill = kill;
+        self
+    }
+
+    /// For a write: runs the hooks in `dir` instead of the node's own (a transaction
+    /// GitLab's checks gate uses a directory with git's receive hooks too).
+    pub fn hooks(mut self, dir: &Path) -> Command {
+        self.hooks = Some(dir.to_owned());
+        self
+    }
+
+    /// A `-c key=value` the node itself sets (never a request's), applied last.
+    pub fn internal_config(mut self, option: &str) -> Command {
+        self.internal_config.push(option.to_owned());
         self
     }
 
@@ -326,6 +351,8 @@ impl Command {
             args,
             env,
             write,
+            hooks,
+            internal_config,
             kill,
             on_exit,
             input,
@@ -352,10 +379,13 @@ impl Command {
             for c in WRITE_CONFIG {
                 cmd.arg("-c").arg(c);
             }
-            let mut hooks = OsString::from("core.hooksPath=");
-            hooks.push(&git.hooks_dir);
-            cmd.arg("-c").arg(hooks);
+            let mut path = OsString::from("core.hooksPath=");
+            path.push(hooks.as_deref().unwrap_or(&git.hooks_dir));
+            cmd.arg("-c").arg(path);
             cmd.envs(hook_env);
+        }
+        for c in &internal_config {
+            cmd.arg("-c").arg(c);
         }
         if let Some(dir) = &git_dir {
             let mut flag = OsString::from("--git-dir=");

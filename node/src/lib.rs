@@ -14,7 +14,9 @@
 //! over a sidechannel of such a connection ([`upload_pack`]).
 //!
 //! Layout: one file per Gitaly service (`server`, `repository`, `refs`, `commit`,
-//! `blob`, `operations`, `remote`, `smarthttp`, `ssh`), sharing the storage resolver
+//! `blob`, `diff`, `operations`, `remote`, `smarthttp`, `ssh`), plus refvote's own node
+//! service and GitLab's side of a call ([`gitlab`]: the checks once per transaction, the
+//! receive hooks of a gated push, post-receive once), sharing the storage resolver
 //! ([`storage`]), the git runner ([`git`]), the transaction handling ([`tx`]), the
 //! per-repository lock ([`repolock`]), the error mapping ([`error`]) and Gitaly's
 //! structured errors ([`detail`]), what every handler holds (`state`) and the streams
@@ -28,9 +30,10 @@
 //! `error`; `repolock`, `catfile`, the ref helpers (`refs/names`, `objects`, `list`)
 //! and `repository/checksum` import those; [`tx`] imports `git`, `error` and the
 //! checksum; `refs/update`, `refs/write`, `repository/bundle` and
-//! `repository/replicate` add `tx`; `state` and `stream` sit on all of that, `push`
-//! (what every receive-pack shares) on `state`; `upload_pack` on `git` alone; the
-//! services on everything below them; this file only wires the services together.
+//! `repository/replicate` add `tx`; [`gitlab`] sits on `tx`, `git`, `error` and
+//! `detail`; `state` and `stream` sit on all of that, `push` (what every receive-pack
+//! shares) on `state`; `upload_pack` on `git` alone; the services on everything below
+//! them; this file only wires the services together.
 //!
 //! It does not vote: the hook asks votingd's vote service, which decides in etcd; the
 //! node only settles its confirmations through it ([`tx::SettleVotes`]) before it
@@ -42,8 +45,10 @@ mod blob;
 mod catfile;
 mod commit;
 pub mod detail;
+mod diff;
 pub mod error;
 pub mod git;
+pub mod gitlab;
 mod operations;
 mod push;
 mod refs;
@@ -135,6 +140,9 @@ fn routes(
         .add_service(gitaly::blob_service_server::BlobServiceServer::new(
             blob::BlobSvc::new(state.clone()),
         ))
+        .add_service(gitaly::diff_service_server::DiffServiceServer::new(
+            diff::DiffSvc::new(state.clone()),
+        ))
         .add_service(
             gitaly::operation_service_server::OperationServiceServer::new(
                 operations::OperationSvc::new(state.clone()),
@@ -151,6 +159,11 @@ fn routes(
         .add_service(gitaly::remote_service_server::RemoteServiceServer::new(
             remote::RemoteSvc::new(state.clone()),
         ))
+        .add_service(
+            refvote_proto::node::node_service_server::NodeServiceServer::new(
+                gitlab::post::NodeSvc::new(state.gitlab.clone()),
+            ),
+        )
 }
 
 /// Serves every implemented Gitaly service and the health service on `listener`, and

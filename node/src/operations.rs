@@ -18,6 +18,10 @@
 //!   user's zone at that time (`+0530`). A node keeps no zone database (it could differ
 //!   between hosts), so it takes only offsets and UTC, and refuses a zone name;
 //! - commits are never signed (`sign` is ignored: a signature would differ per host).
+//!
+//! A call by a GitLab user inside a transaction GitLab's checks gate has its ref update
+//! checked first, as a push of that one change ([`crate::gitlab::operation`]); a
+//! refusal is Gitaly's structured error for the RPC, the same on every replica.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -47,6 +51,7 @@ use super::refs::update::{self, FailureKind, RefUpdate, UpdateFailure};
 use super::signature::{commit_time, fixed_offset, git_date, ident};
 use super::storage::{RepoPath, Storages};
 use super::tx::{WriteContext, WriteIn};
+use crate::gitlab::operation::{Op, refusal_status};
 use crate::state::NodeState;
 
 /// Bound on small git answers read whole (an object id, a ref name).
@@ -103,10 +108,20 @@ impl OperationService for OperationSvc {
             ));
         };
         let zero = zero_oid(&commit.id);
+        let mut hooks =
+            self.node
+                .gitlab
+                .operation(&metadata, req.repository.as_ref(), req.user.as_ref())?;
         in_transaction(&self.node, &metadata, |ctx| async move {
+            hooks.join(&ctx, &repo.path);
+            hooks
+                .check(&refname, &zero, &commit.id)
+                .await
+                .map_err(|r| refusal_status(Op::CreateBranch, &r))?;
             self.set_ref(&repo, &ctx, &refname, &zero, &commit.id)
                 .await
                 .map_err(|f| ref_status(f, &refname))?;
+            hooks.committed(&refname, &zero, &commit.id);
             Ok(Response::new(UserCreateBranchResponse {
                 branch: Some(Branch {
                     name: name.into_bytes(),
@@ -129,11 +144,18 @@ impl OperationService for OperationSvc {
         let (refname, old) = self
             .deletion(&repo, "branch", "refs/heads/", &name, &req.expected_old_oid)
             .await?;
+        let mut hooks =
+            self.node
+                .gitlab
+                .operation(&metadata, req.repository.as_ref(), req.user.as_ref())?;
         in_transaction(&self.node, &metadata, |ctx| async move {
-            if let Err(f) = self
-                .set_ref(&repo, &ctx, &refname, &old, &zero_oid(&old))
+            hooks.join(&ctx, &repo.path);
+            let zero = zero_oid(&old);
+            hooks
+                .check(&refname, &old, &zero)
                 .await
-            {
+                .map_err(|r| refusal_status(Op::DeleteBranch, &r))?;
+            if let Err(f) = self.set_ref(&repo, &ctx, &refname, &old, &zero).await {
                 let detail = UserDeleteBranchError {
                     error: Some(user_delete_branch_error::Error::ReferenceUpdate(
                         ReferenceUpdateError {
@@ -154,6 +176,7 @@ impl OperationService for OperationSvc {
                     ref_status(f, &refname)
                 });
             }
+            hooks.committed(&refname, &old, &zero);
             Ok(Response::new(UserDeleteBranchResponse {}))
         })
         .await
@@ -203,7 +226,12 @@ impl OperationService for OperationSvc {
             committer_seconds(target_commit.as_ref()),
             user,
         )?;
+        let mut hooks =
+            self.node
+                .gitlab
+                .operation(&metadata, req.repository.as_ref(), req.user.as_ref())?;
         in_transaction(&self.node, &metadata, |ctx| async move {
+            hooks.join(&ctx, &repo.path);
             let (id, tagger) = if req.message.is_empty() {
                 (object.oid.clone(), None)
             } else {
@@ -227,9 +255,14 @@ impl OperationService for OperationSvc {
                 };
                 (id, Some(tagger))
             };
+            hooks
+                .check(&refname, &zero, &id)
+                .await
+                .map_err(|r| refusal_status(Op::CreateTag, &r))?;
             self.set_ref(&repo, &ctx, &refname, &zero, &id)
                 .await
                 .map_err(|f| ref_status(f, &refname))?;
+            hooks.committed(&refname, &zero, &id);
             Ok(Response::new(UserCreateTagResponse {
                 tag: Some(Tag {
                     name: name.into_bytes(),
@@ -257,10 +290,21 @@ impl OperationService for OperationSvc {
         let (refname, old) = self
             .deletion(&repo, "tag", "refs/tags/", &name, &req.expected_old_oid)
             .await?;
+        let mut hooks =
+            self.node
+                .gitlab
+                .operation(&metadata, req.repository.as_ref(), req.user.as_ref())?;
         in_transaction(&self.node, &metadata, |ctx| async move {
-            self.set_ref(&repo, &ctx, &refname, &old, &zero_oid(&old))
+            hooks.join(&ctx, &repo.path);
+            let zero = zero_oid(&old);
+            hooks
+                .check(&refname, &old, &zero)
+                .await
+                .map_err(|r| refusal_status(Op::DeleteTag, &r))?;
+            self.set_ref(&repo, &ctx, &refname, &old, &zero)
                 .await
                 .map_err(|f| ref_status(f, &refname))?;
+            hooks.committed(&refname, &old, &zero);
             Ok(Response::new(UserDeleteTagResponse::default()))
         })
         .await
@@ -279,8 +323,14 @@ impl OperationService for OperationSvc {
             return Err(NodeError::invalid("the first message must be the header").into());
         };
         let plan = self.plan_commit(&header).await?;
+        let mut hooks = self.node.gitlab.operation(
+            &metadata,
+            header.repository.as_ref(),
+            header.user.as_ref(),
+        )?;
         in_transaction(&self.node, &metadata, |ctx| async move {
-            self.commit_files(plan, &ctx, stream)
+            hooks.join(&ctx, &plan.repo.path);
+            self.commit_files(plan, &ctx, &hooks, stream)
                 .await
                 .map(Response::new)
         })
@@ -412,6 +462,7 @@ impl OperationSvc {
         &self,
         plan: CommitPlan,
         ctx: &WriteContext,
+        hooks: &crate::gitlab::operation::OperationHooks,
         mut stream: Streaming<UserCommitFilesRequest>,
     ) -> Result<UserCommitFilesResponse, Status> {
         let repo = &plan.repo;
@@ -524,9 +575,14 @@ impl OperationSvc {
             }
         }
         let old = plan.old.clone().unwrap_or_else(|| zero_oid(&commit));
+        hooks
+            .check(&plan.branch_ref, &old, &commit)
+            .await
+            .map_err(|r| refusal_status(Op::CommitFiles, &r))?;
         self.set_ref(repo, ctx, &plan.branch_ref, &old, &commit)
             .await
             .map_err(|f| ref_status(f, &plan.branch_ref))?;
+        hooks.committed(&plan.branch_ref, &old, &commit);
         Ok(UserCommitFilesResponse {
             branch_update: Some(OperationBranchUpdate {
                 commit_id: commit,

@@ -20,8 +20,13 @@ use tonic::metadata::MetadataMap;
 
 use super::error::NodeError;
 use super::git::{Command, Input};
+use super::gitlab::Prepared;
 use super::tx::{WriteContext, WriteIn};
 use crate::state::NodeState;
+
+/// Pushes may carry push options (`git push -o`), which reach GitLab's hooks: every
+/// receive-pack runs with this, as Gitaly runs it.
+pub(super) const PUSH_OPTIONS: &str = "receive.advertisePushOptions=true";
 
 /// Reads the command section of a receive-pack request from `input` and returns the
 /// whole request with that section in canonical order; the rest (push options,
@@ -77,14 +82,21 @@ pub(super) fn canonical_input_lazy(input: Input) -> Input {
 /// holds the repository's shared lock while git runs (maintenance and repair wait),
 /// and its exit records the voter done, since this one git run is the node's whole
 /// part. Call it once everything that can be refused has been checked: a refusal then
-/// costs the other voters nothing.
+/// costs the other voters nothing. A push gated by GitLab's checks (`gitlab`, from
+/// [`crate::gitlab::GitlabSide::prepare`]) is registered under its transaction and
+/// runs with the gated hooks.
 pub(super) async fn join(
     node: &NodeState,
     metadata: &MetadataMap,
-    cmd: Command,
+    mut cmd: Command,
     repo: &Path,
+    gitlab: Option<Prepared>,
 ) -> Result<Command, Status> {
     let ctx = WriteContext::from_metadata(&node.tx, metadata).await?;
+    if let (Some(prepared), Some(tx)) = (gitlab, ctx.transaction()) {
+        node.gitlab.register(prepared, tx, repo);
+        cmd = node.gitlab.gated_command(cmd);
+    }
     ctx.checksum_repository(&node.git, repo);
     let lock = node.locks.shared(repo).await;
     Ok(cmd

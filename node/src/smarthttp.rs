@@ -25,7 +25,7 @@ use tonic::codegen::BoxStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::error::NodeError;
-use super::push::{self, canonical_input};
+use super::push::{self, PUSH_OPTIONS, canonical_input};
 use crate::state::NodeState;
 use crate::stream::{first_message, stdout_stream, stream_input};
 
@@ -46,15 +46,16 @@ impl SmartHttpSvc {
         req: &InfoRefsRequest,
     ) -> Result<Response<BoxStream<InfoRefsResponse>>, Status> {
         let repo = self.node.storages.existing(req.repository.as_ref())?;
-        let run = self
+        let mut cmd = self
             .node
             .git
             .command([service, "--stateless-rpc", "--advertise-refs"])
             .request_config(&req.git_config_options)?
-            .protocol(&req.git_protocol)?
-            .arg(&repo.path)
-            .spawn()
-            .map_err(NodeError::from)?;
+            .protocol(&req.git_protocol)?;
+        if service == "receive-pack" {
+            cmd = cmd.internal_config(PUSH_OPTIONS);
+        }
+        let run = cmd.arg(&repo.path).spawn().map_err(NodeError::from)?;
         let prefix = (!req.git_protocol.contains("version=2")).then(|| {
             let mut out = Vec::new();
             encode::text(&mut out, &format!("# service=git-{service}"))
@@ -142,17 +143,26 @@ impl SmartHttpService for SmartHttpSvc {
         let (metadata, _, mut stream) = request.into_parts();
         let first = first_message(&mut stream).await?;
         let repo = self.node.storages.existing(first.repository.as_ref())?;
+        // Validate everything before joining the transaction: a refusal then costs
+        // the other voters nothing.
         let cmd = self
             .node
             .git
             .command(["receive-pack", "--stateless-rpc"])
+            .internal_config(PUSH_OPTIONS)
             .request_config(&first.git_config_options)?
             .protocol(&first.git_protocol)?
             .arg(&repo.path);
+        let gitlab =
+            self.node
+                .gitlab
+                .prepare(&metadata, !first.gl_id.is_empty(), |correlation| {
+                    refvote_gitlab::HookContext::from_post_receive_pack(&first, correlation)
+                })?;
         // The whole command section is read and checked before anything runs, so a
         // malformed push is refused without git or the transaction seeing it.
         let input = canonical_input(stream_input(first.data, stream, |m| m.data)).await?;
-        let run = push::join(&self.node, &metadata, cmd, &repo.path)
+        let run = push::join(&self.node, &metadata, cmd, &repo.path, gitlab)
             .await?
             .stdin(input)
             .spawn()

@@ -198,10 +198,14 @@ impl SshService for SshSvc {
             .node
             .git
             .command(["receive-pack"])
+            .internal_config(push::PUSH_OPTIONS)
             .request_config(&first.git_config_options)?
             .protocol(&first.git_protocol)?
             .arg(&repo.path);
-        let run = push::join(&self.node, &metadata, cmd, &repo.path)
+        let gitlab = self.node.gitlab.prepare(&metadata, true, |correlation| {
+            refvote_gitlab::HookContext::from_ssh_receive_pack(&first, correlation)
+        })?;
+        let run = push::join(&self.node, &metadata, cmd, &repo.path, gitlab)
             .await?
             .stdin(canonical_input_lazy(stream_input(
                 first.stdin,

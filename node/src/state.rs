@@ -7,6 +7,7 @@ use std::time::Duration;
 use refvote_auth::Secret;
 
 use crate::git::Git;
+use crate::gitlab::GitlabSide;
 use crate::repolock::RepoLocks;
 use crate::storage::Storages;
 use crate::tx::TxSettings;
@@ -27,4 +28,6 @@ pub struct NodeState {
     /// How long a fetching client has to end its negotiation with `done` before
     /// upload-pack is stopped (`[timeout] upload_pack_negotiation_secs`).
     pub upload_pack_negotiation: Duration,
+    /// GitLab's checks and post-receive for calls by a GitLab user.
+    pub gitlab: Arc<GitlabSide>,
 }

@@ -3,6 +3,14 @@
 //!
 //! Each storage keeps a private area, `+refvote/` (Gitaly keeps `+gitaly/`), for
 //! repositories being created or removed; clients cannot name paths inside it.
+//!
+//! A request may name a push's quarantine (`git_object_directory`,
+//! `git_alternate_object_directories`): Rails does while GitLab checks a push, to see
+//! its new objects. It is accepted only inside the repository's own quarantine area
+//! (receive-pack's `objects/tmp_objdir-incoming-<name>`, `objects/incoming-<name>`
+//! with older git; alternates at `objects` or below) and only while that directory
+//! exists on this replica; readers of objects run git with it
+//! ([`RepoPath::object_env`]).
 
 use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
@@ -29,6 +37,36 @@ pub struct RepoPath {
     pub root: PathBuf,
     /// `root` joined with `relative`; may not exist yet.
     pub path: PathBuf,
+    /// The push quarantine the request names, if any.
+    pub quarantine: Option<Quarantine>,
+}
+
+/// A push's quarantine on this replica, as git's environment names it.
+#[derive(Debug, Clone)]
+pub struct Quarantine {
+    /// `GIT_OBJECT_DIRECTORY`: the quarantine directory.
+    pub objects: PathBuf,
+    /// `GIT_ALTERNATE_OBJECT_DIRECTORIES`: the repository's own object directories.
+    pub alternates: String,
+}
+
+impl RepoPath {
+    /// The environment git reads the request's objects with: the quarantine, if any.
+    pub fn object_env(&self) -> Vec<(String, String)> {
+        match &self.quarantine {
+            Some(q) => vec![
+                (
+                    "GIT_OBJECT_DIRECTORY".into(),
+                    q.objects.to_string_lossy().into_owned(),
+                ),
+                (
+                    "GIT_ALTERNATE_OBJECT_DIRECTORIES".into(),
+                    q.alternates.clone(),
+                ),
+            ],
+            None => Vec::new(),
+        }
+    }
 }
 
 impl std::fmt::Display for RepoPath {
@@ -85,15 +123,6 @@ impl Storages {
     /// somewhere outside the storage.
     pub fn resolve(&self, repo: Option<&Repository>) -> Result<RepoPath, NodeError> {
         let repo = repo.ok_or_else(|| NodeError::invalid("repository not set"))?;
-        if !repo.git_object_directory.is_empty()
-            || !repo.git_alternate_object_directories.is_empty()
-        {
-            // Gitaly uses these for quarantined pushes its own hooks started; this node
-            // has no such quarantine, so a caller setting them is confused.
-            return Err(NodeError::invalid(
-                "git_object_directory and git_alternate_object_directories are not supported by this node; leave them empty",
-            ));
-        }
         let root = self.root(&repo.storage_name)?;
         let relative = repo.relative_path.as_str();
         refvote_cluster::repo::validate_relative_path(relative).map_err(|e| {
@@ -109,11 +138,13 @@ impl Storages {
         }
         let path = root.join(relative.trim_end_matches('/'));
         check_symlinks(root, &path, relative)?;
+        let quarantine = quarantine(repo, &path)?;
         Ok(RepoPath {
             storage: repo.storage_name.clone(),
             relative: relative.to_owned(),
             root: root.to_owned(),
             path,
+            quarantine,
         })
     }
 
@@ -125,6 +156,40 @@ impl Storages {
         }
         Ok(r)
     }
+}
+
+/// The quarantine `repo` names for the repository at `path`, checked: inside the
+/// repository's quarantine area (else INVALID_ARGUMENT) and present on this replica
+/// (else NOT_FOUND: another replica holds it, and the router tries the next).
+fn quarantine(repo: &Repository, path: &Path) -> Result<Option<Quarantine>, NodeError> {
+    if repo.git_object_directory.is_empty() && repo.git_alternate_object_directories.is_empty() {
+        return Ok(None);
+    }
+    let dirs = refvote_gitlab::ObjectDirectories {
+        object_directory: repo.git_object_directory.clone(),
+        alternate_object_directories: repo.git_alternate_object_directories.clone(),
+    };
+    dirs.check_inside_repository().map_err(|e| {
+        NodeError::invalid(format!(
+            "{e}: git_object_directory must be objects/incoming-<name> and every alternate objects or below it"
+        ))
+    })?;
+    let (objects, alternates) = dirs.absolute(path);
+    if !objects.is_dir() {
+        return Err(NodeError::NotFound(format!(
+            "quarantine directory {} not found on this replica",
+            dirs.object_directory
+        )));
+    }
+    let alternates = if dirs.alternate_object_directories.is_empty() {
+        path.join("objects").to_string_lossy().into_owned()
+    } else {
+        alternates
+    };
+    Ok(Some(Quarantine {
+        objects,
+        alternates,
+    }))
 }
 
 /// The longest existing prefix of `path` must canonicalize to somewhere inside `root`:
@@ -183,6 +248,49 @@ mod tests {
 
     fn code(r: Result<RepoPath, NodeError>) -> Code {
         tonic::Status::from(r.unwrap_err()).code()
+    }
+
+    #[test]
+    fn a_quarantine_is_accepted_only_inside_the_repository_and_while_it_exists() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = storages(dir.path());
+        let root = s.root("default").unwrap().to_owned();
+        std::fs::create_dir_all(root.join("p.git/objects/incoming-Ab1")).unwrap();
+        let with = |objects: &str, alternates: &[&str]| Repository {
+            git_object_directory: objects.into(),
+            git_alternate_object_directories: alternates.iter().map(|a| a.to_string()).collect(),
+            ..repo("default", "p.git")
+        };
+        let r = s
+            .resolve(Some(&with("objects/incoming-Ab1", &["objects"])))
+            .unwrap();
+        let env = r.object_env();
+        assert_eq!(env[0].0, "GIT_OBJECT_DIRECTORY");
+        assert!(env[0].1.ends_with("p.git/objects/incoming-Ab1"), "{env:?}");
+        assert!(env[1].1.ends_with("p.git/objects"), "{env:?}");
+        assert!(
+            s.resolve(Some(&repo("default", "p.git")))
+                .unwrap()
+                .object_env()
+                .is_empty()
+        );
+        assert_eq!(
+            code(s.resolve(Some(&with("objects/incoming-Other", &["objects"])))),
+            Code::NotFound,
+            "another replica's quarantine"
+        );
+        for (o, a) in [
+            ("../q.git/objects/incoming-Ab1", &["objects"][..]),
+            ("objects", &["objects"]),
+            ("objects/incoming-Ab1", &["/srv/objects"]),
+            ("", &["objects"]),
+        ] {
+            assert_eq!(
+                code(s.resolve(Some(&with(o, a)))),
+                Code::InvalidArgument,
+                "{o} {a:?}"
+            );
+        }
     }
 
     #[test]

@@ -179,6 +179,14 @@ impl WriteContext {
         }
     }
 
+    /// The transaction this write votes in, if any.
+    pub fn transaction(&self) -> Option<&str> {
+        match self {
+            WriteContext::Transaction(v) => Some(&v.tx),
+            WriteContext::Untracked | WriteContext::Maintenance => None,
+        }
+    }
+
     /// Whether git must be left to finish on cancel (its hook may have voted).
     pub fn in_transaction(&self) -> bool {
         matches!(self, WriteContext::Transaction(_))

@@ -1,9 +1,9 @@
 //! The wire contract between refvote's parts that is not a protobuf message, defined
 //! once: the gRPC metadata key by which the router names a transaction to a node
 //! ([`TX_METADATA`]), what a transaction id may look like ([`is_transaction_id`]),
-//! and the environment through which the node hands a transaction to git's
-//! `reference-transaction` hook ([`ENV_TX`], [`ENV_VOTER`], [`ENV_SOCKET`],
-//! [`ENV_MAINTENANCE`]). Plain constants and functions: the hook uses them without a
+//! the voter GitLab's checks run on ([`DESIGNATED_METADATA`]), and the environment
+//! through which the node hands a transaction to git's hooks ([`ENV_TX`],
+//! [`ENV_VOTER`], [`ENV_SOCKET`], [`ENV_MAINTENANCE`], [`ENV_HOOK_DEADLINE_MS`]). Plain constants and functions: the hook uses them without a
 //! gRPC stack.
 
 use std::path::Path;
@@ -12,6 +12,15 @@ use std::path::Path;
 /// router sets it on every call it forwards inside a transaction; the node joins that
 /// transaction (value: the transaction id).
 pub const TX_METADATA: &str = "refvote-transaction";
+
+/// The request metadata key naming, in a transaction GitLab's checks gate, the voter
+/// designated to run them (the router sets it beside [`TX_METADATA`], from the
+/// transaction's record). Absent: the transaction is not gated.
+pub const DESIGNATED_METADATA: &str = "refvote-gitlab-designated";
+
+/// The hook's environment: its overall deadline in milliseconds (default 120000). The
+/// node raises it for the receive hooks of a gated transaction, which wait for GitLab.
+pub const ENV_HOOK_DEADLINE_MS: &str = "REFVOTE_HOOK_DEADLINE_MS";
 
 /// Longest transaction id a node or votingd accepts (the router's ids are far shorter).
 pub const MAX_TRANSACTION_ID: usize = 128;

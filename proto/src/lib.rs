@@ -7,7 +7,8 @@
 //! it, every service they call declared whole (matched to Gitaly b229e9953e77), which
 //! the storage node serves (methods it does not implement answer UNIMPLEMENTED) and the
 //! router forwards ([`gitaly`], package `gitaly`, tonic servers and clients), and its
-//! descriptor set; refvote's admin service the router serves ([`admin`]). The hook
+//! descriptor set; refvote's admin service the router serves ([`admin`]) and what a
+//! router calls on a node beyond Gitaly's protocol ([`node`]). The hook
 //! builds without that feature, so it stays free of an async runtime and a gRPC stack.
 #![forbid(unsafe_code)]
 
@@ -35,13 +36,23 @@ pub mod admin {
     include!(concat!(env!("OUT_DIR"), "/refvote.admin.rs"));
 }
 
+/// What a router calls on a storage node beyond Gitaly's protocol
+/// (`refvote/node.proto`, package `refvote.node`): GitLab's post-receive, once.
+#[cfg(feature = "grpc")]
+pub mod node {
+    #![allow(clippy::all, clippy::pedantic)]
+    include!(concat!(env!("OUT_DIR"), "/refvote.node.rs"));
+}
+
 /// The hook <-> votingd message (`refvote/hook.proto`).
 pub mod hook {
     include!(concat!(env!("OUT_DIR"), "/refvote.hook.rs"));
 
-    /// Largest frame either side accepts. A hook request is a few hundred bytes; a
-    /// status document a few KiB. Anything larger is a bug or an attack.
-    pub const MAX_FRAME: usize = 64 * 1024;
+    /// Largest frame either side accepts. A vote is a few hundred bytes, a status
+    /// document a few KiB; a receive hook carries a push's ref lines (about 100 bytes a
+    /// ref) and its answer the output of GitLab's checks. Anything larger is a bug or an
+    /// attack.
+    pub const MAX_FRAME: usize = 8 * 1024 * 1024;
 
     /// Encodes `msg` as one frame: a 4-byte big-endian length, then the message.
     pub fn encode_frame<M: prost::Message>(msg: &M) -> Vec<u8> {
@@ -116,10 +127,99 @@ pub mod hook {
         }
     }
 
+    /// Environment variables a receive hook passes on ([`ReceiveHook::env`]): the
+    /// quarantine, and push options up to this many.
+    pub const RECEIVE_HOOK_ENV: &[&str] = &[
+        "GIT_OBJECT_DIRECTORY",
+        "GIT_ALTERNATE_OBJECT_DIRECTORIES",
+        "GIT_QUARANTINE_PATH",
+        "GIT_PUSH_OPTION_COUNT",
+    ];
+    /// Most push options a receive hook passes on (`GIT_PUSH_OPTION_<n>`, n below it).
+    pub const MAX_PUSH_OPTIONS: usize = 256;
+
+    impl ReceiveHook {
+        /// Checks what every receive hook request must have right: a known kind, a
+        /// well-formed transaction id, three arguments for `update`, and only the
+        /// environment variables the hook passes on.
+        pub fn check(&self) -> Result<receive_hook::Kind, (error::Code, String)> {
+            use receive_hook::Kind;
+            let invalid = |m: String| (error::Code::InvalidArgument, m);
+            let kind = Kind::try_from(self.kind).unwrap_or(Kind::Unspecified);
+            if kind == Kind::Unspecified {
+                return Err(invalid(format!("unknown receive hook {}", self.kind)));
+            }
+            if !crate::contract::is_transaction_id(&self.transaction) {
+                return Err(invalid(format!(
+                    "malformed transaction id {:?}",
+                    self.transaction
+                )));
+            }
+            if kind == Kind::Update && self.args.len() != 3 {
+                return Err(invalid(format!(
+                    "the update hook takes 3 arguments (ref, old, new), got {}",
+                    self.args.len()
+                )));
+            }
+            for key in self.env.keys() {
+                let option = key
+                    .strip_prefix("GIT_PUSH_OPTION_")
+                    .and_then(|n| n.parse::<usize>().ok())
+                    .is_some_and(|n| n < MAX_PUSH_OPTIONS);
+                if !option && !RECEIVE_HOOK_ENV.contains(&key.as_str()) {
+                    return Err(invalid(format!(
+                        "environment variable {key:?} is not passed by the hook"
+                    )));
+                }
+            }
+            Ok(kind)
+        }
+    }
+
     #[cfg(test)]
     mod tests {
         use super::*;
         use prost::Message;
+
+        #[test]
+        fn receive_hook_requests_are_checked() {
+            use receive_hook::Kind;
+            let ok = ReceiveHook {
+                kind: Kind::Update as i32,
+                transaction: "t1".into(),
+                voter: "node1".into(),
+                stdin: Vec::new(),
+                args: vec!["refs/heads/main".into(), "0".repeat(40), "1".repeat(40)],
+                env: [("GIT_PUSH_OPTION_0".to_string(), "ci.skip".to_string())].into(),
+            };
+            assert_eq!(ok.check(), Ok(Kind::Update));
+            let bad = |f: fn(&mut ReceiveHook)| {
+                let mut r = ok.clone();
+                f(&mut r);
+                r.check().unwrap_err().0
+            };
+            assert_eq!(bad(|r| r.kind = 9), error::Code::InvalidArgument);
+            assert_eq!(
+                bad(|r| r.transaction = "a/b".into()),
+                error::Code::InvalidArgument
+            );
+            assert_eq!(
+                bad(|r| r.args.pop().map(drop).unwrap_or(())),
+                error::Code::InvalidArgument
+            );
+            assert_eq!(
+                bad(|r| {
+                    r.env.insert("LD_PRELOAD".into(), "x".into());
+                }),
+                error::Code::InvalidArgument
+            );
+            assert_eq!(
+                bad(|r| {
+                    r.env.insert("GIT_PUSH_OPTION_999".into(), "x".into());
+                }),
+                error::Code::InvalidArgument
+            );
+        }
 
         #[test]
         fn frame_round_trip() {

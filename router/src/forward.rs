@@ -4,8 +4,11 @@
 //!
 //! Accessors go to one up-to-date replica on a live node, retried on another when a
 //! replica says it cannot serve; those that carry a sidechannel (the fetch RPCs of
-//! gitlab-shell and workhorse) have it proxied ([`crate::sidechannel`]). Mutators run
-//! as a voted transaction on every voter (DESIGN.md §2), answered only after finalize.
+//! gitlab-shell and workhorse) have it proxied ([`crate::sidechannel`]); one that reads
+//! a push's quarantine goes to the voter running that push's GitLab checks
+//! ([`crate::gitlab`]). Mutators run as a voted transaction on every voter (DESIGN.md
+//! §2), answered only after finalize; one by a GitLab user is gated by GitLab's checks
+//! (DESIGN.md §8) and, once acknowledged, gets post-receive's output in its answer.
 //! Maintenance calls go to every up-to-date replica without a transaction.
 //! Storage-scoped accessors (FindRemoteRepository) go to any live node, the storage
 //! name rewritten for it.
@@ -29,6 +32,7 @@ use tonic::{Code, Extensions, Request, Response, Status, Streaming};
 use crate::codec::BytesCodec;
 use crate::fanout::{LegResult, LegSpec, fan_out};
 use crate::frame;
+use crate::gitlab::{self, Quarantine};
 use crate::outcome::{answer, non_voters, respond_with};
 use crate::pool::{NodeChannel, Pool};
 use crate::reads::{ReadError, ReadStats, Reads};
@@ -108,13 +112,24 @@ impl Forwarder {
         self
     }
 
-    /// Begins a transaction; while an administrative operation (a repair's catch-up, a
-    /// replica being added) holds the repository's lock, waits up to `lock_wait` for it.
-    async fn begin(&self, repo: &RepoId, begin: &Begin) -> refvote_cluster::Result<TxRecord> {
+    /// Begins a transaction (`gated` by GitLab's checks or not); while an administrative
+    /// operation (a repair's catch-up, a replica being added) holds the repository's
+    /// lock, waits up to `lock_wait` for it.
+    async fn begin(
+        &self,
+        repo: &RepoId,
+        begin: &Begin,
+        gated: bool,
+    ) -> refvote_cluster::Result<TxRecord> {
         let deadline = tokio::time::Instant::now() + self.lock_wait;
         let mut tick = Duration::from_millis(10);
         loop {
-            match self.store.begin(repo, begin).await {
+            let attempt = if gated {
+                self.store.begin_gated(repo, begin).await
+            } else {
+                self.store.begin(repo, begin).await
+            };
+            match attempt {
                 Err(refvote_cluster::Error::Locked(_))
                     if tokio::time::Instant::now() < deadline =>
                 {
@@ -200,6 +215,10 @@ impl Forwarder {
         // of etcd keys and away from every node.
         let repo = RepoId::new(&wanted.storage_name, &wanted.relative_path)?;
         tracing::debug!(%repo, ?kind, "routing");
+        let quarantine = gitlab::quarantine(&wanted, &metadata);
+        if kind != OpKind::Accessor && matches!(quarantine, Quarantine::Directory(_)) {
+            return Err(RouteError::QuarantinedWrite(method.path.clone()));
+        }
         let call = Call {
             method,
             target: &target,
@@ -209,7 +228,7 @@ impl Forwarder {
             sidechannel,
         };
         match kind {
-            OpKind::Accessor => self.accessor(&repo, call).await,
+            OpKind::Accessor => self.accessor(&repo, call, quarantine).await,
             OpKind::Mutator => self.mutator(&repo, call).await,
             OpKind::Maintenance => self.maintenance(&repo, call).await,
         }
@@ -247,7 +266,8 @@ impl Forwarder {
             creator: self.router_id.clone(),
             lease,
         };
-        let tx = self.begin(repo, &begin).await;
+        let gated = gitlab::gated(&call.method.path, &call.first);
+        let tx = self.begin(repo, &begin, gated).await;
         if tx.is_ok() {
             refvote_cluster::faults::reach(refvote_cluster::faults::AFTER_BEGIN).await;
         }
@@ -262,6 +282,10 @@ impl Forwarder {
                 }
             }
             refvote_cluster::Error::UnknownRepo(r) => RouteError::NotRegistered(r),
+            e @ refvote_cluster::Error::MixedGitlab { .. } => RouteError::Gitlab {
+                repo: repo.clone(),
+                source: e,
+            },
             source => RouteError::Etcd {
                 repo: repo.clone(),
                 source,
@@ -275,6 +299,11 @@ impl Forwarder {
         let value = tonic::metadata::MetadataValue::try_from(tx.id.as_str())
             .map_err(|e| RouteError::Internal(format!("transaction id as metadata: {e}")))?;
         metadata.insert(TX_METADATA, value);
+        if let Some(designated) = &tx.designated {
+            let value = tonic::metadata::MetadataValue::try_from(designated.as_str())
+                .map_err(|e| RouteError::Internal(format!("voter name as metadata: {e}")))?;
+            metadata.insert(refvote_proto::contract::DESIGNATED_METADATA, value);
+        }
         let mut legs = Vec::new();
         let mut unusable = Vec::new();
         for node in &tx.voters {
@@ -300,6 +329,7 @@ impl Forwarder {
             }));
         }
         let path = path_of(call.method)?;
+        let method_path = call.method.path.clone();
         let rest = call.incoming.filter(|_| call.method.client_streaming);
         // The rest runs on its own task: a client that goes away must not leave the
         // transaction unfinalized (its voters would wait, and it would hold the
@@ -341,6 +371,21 @@ impl Forwarder {
                 .collect();
             let outcome = me.finalize(&tx, lease, &failed).await;
             crate::metrics::finalized(&outcome);
+            // GitLab's post-receive, once, for a gated write acknowledged as committed.
+            let mut output = Vec::new();
+            if let Ok(o) = &outcome
+                && tx.designated.is_some()
+                && o.acknowledged
+                && o.committed
+            {
+                output = gitlab::run_post_receive(&me.pool, view.as_ref(), &tx, o, lease).await;
+                let (store, id) = (store.clone(), tx.id.clone());
+                tokio::spawn(async move {
+                    if let Err(e) = store.release_post_receive(&id).await {
+                        tracing::debug!(tx = %id, error = %e, "cannot delete the post-receive claim; it goes with this router's lease");
+                    }
+                });
+            }
             if outcome.is_err() {
                 // The client hears "outcome unknown"; the transaction must still end, or
                 // it blocks repairs and locks of the repository for as long as this
@@ -360,7 +405,7 @@ impl Forwarder {
                         .await;
                 }
             }
-            answer(&tx, outcome, results, &absent)
+            answer(&tx, outcome, results, &absent, &method_path, &output)
         });
         task.await
             .map_err(|e| RouteError::Internal(format!("the write's task failed: {e}")))?
@@ -646,12 +691,27 @@ impl Forwarder {
         &self,
         repo: &RepoId,
         mut call: Call<'_>,
+        quarantine: Quarantine,
     ) -> Result<Response<Frames>, RouteError> {
         let view = match self.reads.view(repo).await {
             Ok(view) => view,
             Err(ReadError::NotRegistered(r)) => return unregistered(call.method, r),
             Err(ReadError::Unconfirmed(why)) => return Err(RouteError::ReadUnconfirmed(why)),
         };
+        if quarantine != Quarantine::None {
+            let holders = self.quarantine_holders(repo, &view).await?;
+            if !holders.is_empty() {
+                return self.pinned(repo, &view, call, holders).await;
+            }
+            if let Quarantine::Directory(dir) = quarantine {
+                return Err(RouteError::NoQuarantine {
+                    repo: repo.clone(),
+                    dir,
+                });
+            }
+            // primary-only with no open push: any up-to-date replica has every write
+            // acknowledged so far.
+        }
         let mut replicas = view.up_to_date_live();
         if replicas.is_empty() {
             return Err(RouteError::NoReplica {
@@ -675,6 +735,57 @@ impl Forwarder {
                 Attempt::Answer(r) => return Ok(r),
                 Attempt::Refused(status) if !last && retryable(status.code()) => {
                     tracing::info!(%repo, node, code = ?status.code(), message = status.message(), "replica refused a read; trying another");
+                    failures.push(format!("{node}: {}", status.message()));
+                }
+                Attempt::Refused(status) | Attempt::Final(status) => {
+                    return Err(RouteError::Client(status));
+                }
+                Attempt::Unusable(why) => failures.push(format!("{node}: {why}")),
+            }
+        }
+        Err(RouteError::NoReplica {
+            repo: repo.clone(),
+            detail: failures.join("; "),
+        })
+    }
+
+    /// The voters running GitLab's checks of `repo`'s open pushes: where reads of a
+    /// push's quarantine go (one linearizable read of the open transactions).
+    async fn quarantine_holders(
+        &self,
+        repo: &RepoId,
+        view: &RepoView,
+    ) -> Result<Vec<String>, RouteError> {
+        let open = self
+            .store
+            .gated_open_transactions(repo)
+            .await
+            .map_err(|source| RouteError::Etcd {
+                repo: repo.clone(),
+                source,
+            })?;
+        Ok(gitlab::quarantine_holders(&open, view))
+    }
+
+    /// An accessor that must run on one of `holders` (in order): the next is tried
+    /// when one does not hold the quarantine (NOT_FOUND) or cannot serve.
+    async fn pinned(
+        &self,
+        repo: &RepoId,
+        view: &RepoView,
+        mut call: Call<'_>,
+        holders: Vec<String>,
+    ) -> Result<Response<Frames>, RouteError> {
+        let replayable = !call.method.client_streaming;
+        let mut failures = Vec::new();
+        for (i, node) in holders.iter().enumerate() {
+            let last = i + 1 == holders.len() || !replayable;
+            match self.attempt(view, node, &mut call).await {
+                Attempt::Answer(r) => return Ok(r),
+                Attempt::Refused(status)
+                    if !last && (retryable(status.code()) || status.code() == Code::NotFound) =>
+                {
+                    tracing::info!(%repo, node, code = ?status.code(), message = status.message(), "quarantine not on this replica; trying the next");
                     failures.push(format!("{node}: {}", status.message()));
                 }
                 Attempt::Refused(status) | Attempt::Final(status) => {

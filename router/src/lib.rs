@@ -13,7 +13,10 @@
 //! (`RepositoryExists`: `exists: false`; everything else NOT_FOUND). Reads
 //! take their replicas from [`reads`]: a watched in-memory view of etcd plus one shared
 //! linearizable confirm round per batch of reads in flight. Writes are voted;
-//! repository creation places and registers the repository. With `http_listen_addr`,
+//! repository creation places and registers the repository; a write by a GitLab user
+//! is gated by GitLab's checks on one designated voter, gets post-receive's output in
+//! its answer, and reads of a push's quarantine go to that voter ([`gitlab`]). With
+//! `http_listen_addr`,
 //! plain git clients clone, fetch and push over smart HTTP ([`http`]), each request
 //! turned into the Gitaly call and passed through the same handler. Every router also
 //! runs the [`repair`] worker (outdated replicas copied from an up-to-date one) and the
@@ -38,6 +41,7 @@ pub mod config;
 mod fanout;
 pub mod forward;
 pub mod frame;
+pub mod gitlab;
 pub mod http;
 pub mod intercepted;
 pub mod metrics;

@@ -26,6 +26,8 @@ pub(crate) fn answer(
     outcome: Result<TxOutcome, refvote_cluster::Error>,
     results: Vec<(String, LegResult)>,
     absent: &[(String, String)],
+    path: &str,
+    output: &[u8],
 ) -> Result<Response<Frames>, RouteError> {
     let summary = || summary(&results);
     let outcome = match outcome {
@@ -51,7 +53,10 @@ pub(crate) fn answer(
                     .position(|(n, r)| winner(n) && matches!(r, LegResult::Answered { .. }))
             });
         if let Some(i) = pick {
-            let (_, result) = results.into_iter().nth(i).expect("picked");
+            let (_, mut result) = results.into_iter().nth(i).expect("picked");
+            if let LegResult::Answered { frames, .. } = &mut result {
+                *frames = crate::gitlab::insert_output(path, std::mem::take(frames), output);
+            }
             return respond_with(result);
         }
         return Err(RouteError::OutcomeUnknown {
@@ -290,6 +295,7 @@ mod tests {
             creator: "r1".into(),
             voter_leases: Default::default(),
             repo_create_revision: 1,
+            designated: None,
         };
         let outcome = TxOutcome {
             id: "t1".into(),
@@ -310,7 +316,7 @@ mod tests {
             leg("node3", answered(None)),
         ];
         let absent = [("node2".to_owned(), "its node holds no lease".to_owned())];
-        let Err(err) = answer(&tx, Ok(outcome), results, &absent) else {
+        let Err(err) = answer(&tx, Ok(outcome), results, &absent, "/gitaly.SmartHTTPService/PostReceivePack", &[]) else {
             panic!("a refused write answered")
         };
         let status = Status::from(err);

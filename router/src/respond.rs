@@ -92,6 +92,23 @@ pub enum RouteError {
     },
     #[error("the router failed: {0}")]
     Internal(String),
+    /// A write naming a push quarantine: only reads may.
+    #[error(
+        "{0}: git_object_directory names a push's quarantine, which only reads may use; leave it empty"
+    )]
+    QuarantinedWrite(String),
+    /// A read of a quarantine no open push of the repository holds.
+    #[error(
+        "no open push of {repo} holds quarantine {dir}: quarantine directories are only valid while GitLab checks a push"
+    )]
+    NoQuarantine { repo: RepoId, dir: String },
+    /// A write GitLab's checks gate cannot begin (the voters disagree on [gitlab]).
+    #[error("cannot write to {repo}")]
+    Gitlab {
+        repo: RepoId,
+        #[source]
+        source: refvote_cluster::Error,
+    },
     /// Reading the client's own request stream failed.
     #[error("reading the request failed")]
     Client(#[source] Status),
@@ -131,6 +148,8 @@ impl From<RouteError> for Status {
             | RouteError::NotWritten { .. }
             | RouteError::TooFewAnswered { .. } => Code::Unavailable,
             RouteError::Internal(_) => Code::Internal,
+            RouteError::QuarantinedWrite(_) => Code::InvalidArgument,
+            RouteError::NoQuarantine { .. } | RouteError::Gitlab { .. } => Code::FailedPrecondition,
             RouteError::Client(s) => return s.clone(),
         };
         Status::new(code, chain(&e))

@@ -11,7 +11,8 @@
 //! whole cluster started by `votingctl cluster up`, as a person would. [`tls`] issues
 //! test certificates. [`metrics`] scrapes a process's Prometheus endpoint.
 //! [`faultnet`] cuts links between processes, [`hold`] stops a process at an exact
-//! step, [`chaos`] is the fault suite.
+//! step, [`chaos`] is the fault suite. [`gitlab`] stands in for GitLab's internal API
+//! (a real HTTP server).
 //!
 //! Nothing here mocks etcd or git; there is no in-process shortcut to a node.
 
@@ -21,6 +22,7 @@ pub mod etcd;
 pub mod faultnet;
 pub mod git;
 pub mod gitlab_client;
+pub mod gitlab;
 pub mod grpc;
 pub mod hold;
 pub mod local;

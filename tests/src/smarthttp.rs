@@ -42,6 +42,16 @@ pub struct Target {
     pub transaction: Option<String>,
 }
 
+/// Who pushes, as workhorse tells Gitaly after Rails authorised the request: the
+/// `gl_*` fields of PostReceivePack and of its repository.
+#[derive(Debug, Clone)]
+pub struct GitlabIdentity {
+    pub gl_id: String,
+    pub gl_username: String,
+    pub gl_repository: String,
+    pub gl_project_path: String,
+}
+
 pub struct GitHttpProxy {
     addr: SocketAddr,
     task: tokio::task::JoinHandle<()>,
@@ -63,6 +73,23 @@ impl GitHttpProxy {
         targets: Vec<Target>,
         secret: Option<Arc<Secret>>,
     ) -> anyhow::Result<GitHttpProxy> {
+        GitHttpProxy::start_with(targets, secret, None).await
+    }
+
+    /// [`GitHttpProxy::start`] as workhorse does it for GitLab: every call names the
+    /// pusher `identity`.
+    pub async fn start_as(
+        targets: Vec<Target>,
+        identity: GitlabIdentity,
+    ) -> anyhow::Result<GitHttpProxy> {
+        GitHttpProxy::start_with(targets, None, Some(Arc::new(identity))).await
+    }
+
+    async fn start_with(
+        targets: Vec<Target>,
+        secret: Option<Arc<Secret>>,
+        identity: Identity,
+    ) -> anyhow::Result<GitHttpProxy> {
         anyhow::ensure!(!targets.is_empty(), "the proxy needs at least one target");
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
@@ -70,8 +97,9 @@ impl GitHttpProxy {
             while let Ok((conn, _)) = listener.accept().await {
                 let targets = targets.clone();
                 let secret = secret.clone();
+                let identity = identity.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = serve(conn, &targets, &secret).await {
+                    if let Err(e) = serve(conn, &targets, &secret, &identity).await {
                         eprintln!("test git proxy: {e:#}");
                     }
                 });
@@ -95,6 +123,7 @@ struct HttpRequest {
 }
 
 type Secretly = Option<Arc<Secret>>;
+type Identity = Option<Arc<GitlabIdentity>>;
 
 /// A SmartHTTP client for `url`, signing its calls when `secret` is set.
 async fn client(
@@ -108,10 +137,15 @@ async fn client(
     )))
 }
 
-async fn serve(conn: TcpStream, targets: &[Target], secret: &Secretly) -> anyhow::Result<()> {
+async fn serve(
+    conn: TcpStream,
+    targets: &[Target],
+    secret: &Secretly,
+    identity: &Identity,
+) -> anyhow::Result<()> {
     let mut conn = BufReader::new(conn);
     let req = read_request(&mut conn).await?;
-    let (status, content_type, body) = match handle(&req, targets, secret).await {
+    let (status, content_type, body) = match handle(&req, targets, secret, identity).await {
         Ok((ct, body)) => ("200 OK", ct, body),
         Err(e) => (
             "500 Internal Server Error",
@@ -187,6 +221,7 @@ async fn handle(
     req: &HttpRequest,
     targets: &[Target],
     secret: &Secretly,
+    identity: &Identity,
 ) -> anyhow::Result<(String, Vec<u8>)> {
     let first = &targets[0];
     if req.method == "GET" && req.path.ends_with("/info/refs") {
@@ -200,7 +235,7 @@ async fn handle(
             .find_map(|kv| kv.strip_prefix("service="))
             .context("info/refs without ?service= (dumb HTTP is not supported)")?;
         let request = InfoRefsRequest {
-            repository: Some(repository(first, relative)),
+            repository: Some(repository(first, relative, identity)),
             git_config_options: Vec::new(),
             git_protocol: req.git_protocol.clone(),
         };
@@ -227,7 +262,7 @@ async fn handle(
                 ..Default::default()
             })
             .collect();
-        messages[0].repository = Some(repository(first, relative));
+        messages[0].repository = Some(repository(first, relative, identity));
         messages[0].git_protocol = req.git_protocol.clone();
         let mut client = client(&first.url, secret).await?;
         let mut stream = client
@@ -248,7 +283,7 @@ async fn handle(
         // Every target gets the same bytes, concurrently, as the router tees them.
         let calls = targets
             .iter()
-            .map(|t| receive_pack(t, relative, req, secret));
+            .map(|t| receive_pack(t, relative, req, secret, identity));
         let results = futures::future::join_all(calls).await;
         let mut bodies = Vec::new();
         for r in results {
@@ -267,6 +302,7 @@ async fn receive_pack(
     relative: &str,
     req: &HttpRequest,
     secret: &Secretly,
+    identity: &Identity,
 ) -> anyhow::Result<Vec<u8>> {
     let mut messages: Vec<PostReceivePackRequest> = chunks(&req.body)
         .map(|data| PostReceivePackRequest {
@@ -274,8 +310,13 @@ async fn receive_pack(
             ..Default::default()
         })
         .collect();
-    messages[0].repository = Some(repository(t, relative));
+    messages[0].repository = Some(repository(t, relative, identity));
     messages[0].git_protocol = req.git_protocol.clone();
+    if let Some(id) = identity {
+        messages[0].gl_id = id.gl_id.clone();
+        messages[0].gl_username = id.gl_username.clone();
+        messages[0].gl_repository = id.gl_repository.clone();
+    }
     let mut request = tonic::Request::new(tokio_stream::iter(messages));
     if let Some(tx) = &t.transaction {
         request.metadata_mut().insert(
@@ -292,10 +333,16 @@ async fn receive_pack(
     Ok(body)
 }
 
-fn repository(t: &Target, relative: &str) -> Repository {
+fn repository(t: &Target, relative: &str, identity: &Identity) -> Repository {
+    let (gl_repository, gl_project_path) = identity
+        .as_ref()
+        .map(|i| (i.gl_repository.clone(), i.gl_project_path.clone()))
+        .unwrap_or_default();
     Repository {
         storage_name: t.storage.clone(),
         relative_path: relative.to_owned(),
+        gl_repository,
+        gl_project_path,
         ..Default::default()
     }
 }

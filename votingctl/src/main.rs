@@ -150,6 +150,13 @@ enum ClusterAction {
         /// Seconds each stage (etcd, nodes, router) may take to become healthy.
         #[arg(long, default_value_t = 60)]
         timeout: u64,
+        /// GitLab's URL (its internal API is below it): written into every node's
+        /// `[gitlab] url`, so pushes and operations by a GitLab user are checked there.
+        #[arg(long, requires = "gitlab_secret_file")]
+        gitlab_url: Option<String>,
+        /// The file holding GitLab's shared secret (`[gitlab] secret_file`).
+        #[arg(long, requires = "gitlab_url")]
+        gitlab_secret_file: Option<PathBuf>,
     },
     /// Stop every process of the cluster in DIR (SIGTERM, then SIGKILL after 10 s).
     Down {
@@ -193,7 +200,16 @@ fn cluster(action: ClusterAction) -> anyhow::Result<i32> {
             etcd_members,
             host,
             timeout,
+            gitlab_url,
+            gitlab_secret_file,
         } => {
+            let gitlab = gitlab_url
+                .zip(gitlab_secret_file)
+                .map(|(url, secret_file)| refvote_launcher::GitlabOptions {
+                    url,
+                    // Absolute, since the nodes do not run in this directory.
+                    secret_file: std::path::absolute(&secret_file).unwrap_or(secret_file),
+                });
             refvote_launcher::up(
                 &UpOptions {
                     dir,
@@ -201,6 +217,7 @@ fn cluster(action: ClusterAction) -> anyhow::Result<i32> {
                     etcd_members,
                     host,
                     timeout: Duration::from_secs(timeout),
+                    gitlab,
                 },
                 out,
             )?;

@@ -20,7 +20,9 @@ pub fn status(socket: &Path) -> anyhow::Result<Status> {
     match call(socket, &request, Duration::from_secs(10))? {
         response::Kind::StatusJson(json) => Ok(serde_json::from_str(&json)?),
         response::Kind::Error(e) => anyhow::bail!("votingd refused: {}", e.message),
-        response::Kind::Decision(_) => anyhow::bail!("votingd sent an unexpected answer"),
+        response::Kind::Decision(_) | response::Kind::HookAnswer(_) => {
+            anyhow::bail!("votingd sent an unexpected answer")
+        }
     }
 }
 

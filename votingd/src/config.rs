@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use refvote_auth::{AuthSettings, TlsSettings};
 use refvote_cluster::settings::{ConfigError, EtcdSettings, check_name, load_toml, parse_toml};
+use refvote_gitlab::{GitlabSettings, HooksSettings};
 use serde::{Deserialize, Serialize};
 
 /// Where the refvote-node package installs the hook.
@@ -51,6 +52,14 @@ pub struct Config {
     /// client certificates, and the CA other `tls://` nodes are checked against.
     #[serde(default)]
     pub tls: TlsSettings,
+    /// GitLab's internal API (Gitaly's `[gitlab]` and `[gitlab.http-settings]`): called
+    /// by this node when it is the voter designated to check a push or an operation by
+    /// a GitLab user, and for post-receive. No `url`: no GitLab (custom hooks only).
+    #[serde(default)]
+    pub gitlab: GitlabSettings,
+    /// Custom server hooks (Gitaly's `[hooks]`), run where GitLab's checks run.
+    #[serde(default)]
+    pub hooks: HooksSettings,
     /// Local storages: name → directory. Repositories live below them.
     #[serde(default, rename = "storage")]
     pub storages: Vec<Storage>,
@@ -87,6 +96,11 @@ pub struct VoteConfig {
     pub reaper: bool,
     #[serde(default = "defaults::reaper_interval_ms")]
     pub reaper_interval_ms: u64,
+    /// Longest GitLab's checks of one push may take on the voter that runs them
+    /// (`/allowed`, custom hooks, `/pre_receive`); then the push is refused. The other
+    /// voters wait 10 s longer for the verdict.
+    #[serde(default = "defaults::verdict_timeout_ms")]
+    pub verdict_timeout_ms: u64,
 }
 
 /// How the node service runs git.
@@ -153,6 +167,9 @@ mod defaults {
     pub fn reaper_interval_ms() -> u64 {
         1000
     }
+    pub fn verdict_timeout_ms() -> u64 {
+        180_000
+    }
 }
 
 impl Default for GitConfig {
@@ -184,6 +201,7 @@ impl Default for VoteConfig {
             require_transaction: false,
             reaper: true,
             reaper_interval_ms: defaults::reaper_interval_ms(),
+            verdict_timeout_ms: defaults::verdict_timeout_ms(),
         }
     }
 }
@@ -315,6 +333,18 @@ impl Config {
         if !self.vote.hooks_dir.is_absolute() {
             return Err(invalid("vote.hooks_dir", "must be an absolute path".into()));
         }
+        self.gitlab
+            .resolve()
+            .map_err(|e| invalid(e.key, e.reason))?;
+        self.hooks
+            .validate()
+            .map_err(|e| invalid(e.key, e.reason))?;
+        if self.vote.verdict_timeout_ms < 1000 {
+            return Err(invalid(
+                "vote.verdict_timeout_ms",
+                "must be at least 1000: GitLab's checks make HTTP calls".into(),
+            ));
+        }
         let mut names = std::collections::BTreeSet::new();
         for s in &self.storages {
             refvote_cluster::repo::validate_storage_name(&s.name)
@@ -347,6 +377,10 @@ impl Config {
 
     pub fn vote_timeout(&self) -> Duration {
         Duration::from_millis(self.vote.vote_timeout_ms)
+    }
+
+    pub fn verdict_timeout(&self) -> Duration {
+        Duration::from_millis(self.vote.verdict_timeout_ms)
     }
 
     pub fn git_timeout(&self) -> Duration {
@@ -442,6 +476,29 @@ mod tests {
         assert!(e.contains("storage.path"), "{e}");
         let e = parse("node_name = \"n\"\n[auth]\ntoken = \"\"\n").unwrap_err();
         assert!(e.contains("auth.token"), "{e}");
+    }
+
+    #[test]
+    fn gitlab_sections_are_checked_and_name_the_key() {
+        let c = parse("node_name = \"n1\"\n").unwrap();
+        assert!(!c.gitlab.is_enabled());
+        assert_eq!(c.vote.verdict_timeout_ms, 180_000);
+        let e =
+            parse("node_name = \"n1\"\n[gitlab]\nurl = \"http://127.0.0.1:8080\"\n").unwrap_err();
+        assert!(e.contains("gitlab.secret_file"), "{e}");
+        let e =
+            parse("node_name = \"n1\"\n[gitlab]\nurl = \"ftp://x\"\nsecret = \"s\"\n").unwrap_err();
+        assert!(e.contains("gitlab.url"), "{e}");
+        let e = parse("node_name = \"n1\"\n[hooks]\ncustom_hooks_dir = \"rel\"\n").unwrap_err();
+        assert!(e.contains("hooks.custom_hooks_dir"), "{e}");
+        let e = parse("node_name = \"n1\"\n[vote]\nverdict_timeout_ms = 5\n").unwrap_err();
+        assert!(e.contains("vote.verdict_timeout_ms"), "{e}");
+        let c = parse(
+            "node_name = \"n1\"\n[gitlab]\nurl = \"http://127.0.0.1:8080\"\nsecret = \"s\"\n[gitlab.http-settings]\nread_timeout = 5\n",
+        )
+        .unwrap();
+        assert!(c.gitlab.is_enabled());
+        assert_eq!(c.gitlab.http_settings.read_timeout, 5);
     }
 
     #[test]

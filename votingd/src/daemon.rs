@@ -60,6 +60,9 @@ pub enum StartError {
     /// `[auth]` or `[tls]` could not be set up (a file changed since validation).
     #[error("{key}: {reason}")]
     Security { key: &'static str, reason: String },
+    /// `[gitlab]` could not be set up (a file changed since validation).
+    #[error("{0}")]
+    Gitlab(String),
 }
 
 /// Nothing else holds a repository lock at start-up; this only bounds a surprise.
@@ -150,11 +153,15 @@ impl Daemon {
                 .unwrap_or_else(|_| config.registered_address()),
             _ => config.registered_address(),
         };
-        let service = Arc::new(VoteService::new(
-            config.node_name.clone(),
-            store.clone(),
-            config.vote_timeout(),
-        ));
+        let gitlab = Arc::new(gitlab_side(&config, store.clone())?);
+        let service = Arc::new(
+            VoteService::new(
+                config.node_name.clone(),
+                store.clone(),
+                config.vote_timeout(),
+            )
+            .with_gitlab(gitlab.clone()),
+        );
         let node_server = match incoming {
             Some(incoming) => {
                 let state = Arc::new(NodeState {
@@ -176,6 +183,7 @@ impl Daemon {
                     secret: auth.as_ref().map(|a| a.secret.clone()),
                     client_tls,
                     upload_pack_negotiation: config.upload_pack_negotiation(),
+                    gitlab,
                 });
                 let listen = |source| StartError::Listen {
                     addr: config.listen_addr.clone(),
@@ -205,6 +213,7 @@ impl Daemon {
             address,
             storages: config.storages.iter().map(|s| s.name.clone()).collect(),
             version: env!("CARGO_PKG_VERSION").to_string(),
+            gitlab_api: config.gitlab.is_enabled(),
         };
         let register_store = store.clone();
         let session = Session::start(store.clone(), config.lease_ttl(), move |lease| {
@@ -319,6 +328,50 @@ impl Daemon {
         session.close().await;
         tracing::info!("votingd stopped");
     }
+}
+
+/// GitLab's side of this node, from `[gitlab]`, `[hooks]` and `vote.verdict_timeout_ms`.
+fn gitlab_side(
+    config: &Config,
+    store: Store,
+) -> Result<refvote_node::gitlab::GitlabSide, StartError> {
+    use refvote_gitlab::{Client, CustomHooks, GitlabHooks, RetryPolicy};
+    let api = config
+        .gitlab
+        .resolve()
+        .map_err(|e| StartError::Gitlab(e.to_string()))?
+        .map(|api| Client::new(&api, concat!("refvote/", env!("CARGO_PKG_VERSION"))))
+        .transpose()
+        .map_err(|e| StartError::Gitlab(format!("gitlab: {e}")))?;
+    let hooks = GitlabHooks::new(
+        api,
+        CustomHooks::new(&config.hooks),
+        git_path(&config.git.bin_path),
+    );
+    Ok(refvote_node::gitlab::GitlabSide::new(
+        refvote_node::gitlab::GitlabConfig {
+            hooks,
+            api: config.gitlab.is_enabled(),
+            verdict_timeout: config.verdict_timeout(),
+            retry: RetryPolicy::default(),
+            hooks_dir: hooks::gated_dir(&config.vote.hooks_dir),
+        },
+        store,
+        config.node_name.clone(),
+    ))
+}
+
+/// `bin` as a path custom hooks can find git by: a bare name looked up in `PATH`.
+fn git_path(bin: &Path) -> std::path::PathBuf {
+    if bin.components().count() > 1 {
+        return bin.to_owned();
+    }
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|dir| dir.join(bin))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| bin.to_owned())
 }
 
 async fn connect(config: &Config) -> Result<Store, StartError> {

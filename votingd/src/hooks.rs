@@ -1,5 +1,8 @@
 //! The hooks directory every repository's `core.hooksPath` points to: votingd links the
-//! hook binary into it and writes the hook's config beside it at start-up.
+//! hook binary into it and writes the hook's config beside it at start-up. Below it,
+//! [`GATED_DIR`] holds the same binary also as git's receive hooks, for the pushes
+//! GitLab's checks gate (the node points those runs there; others never pay for a hook
+//! they do not need).
 
 use std::path::{Path, PathBuf};
 
@@ -7,6 +10,15 @@ use std::path::{Path, PathBuf};
 pub const HOOK_NAME: &str = "reference-transaction";
 /// The hook's config, read only for updates with no refvote context.
 pub const HOOK_CONF: &str = "refvote-hook.conf";
+/// The hooks directory of gated pushes, inside the hooks directory.
+pub const GATED_DIR: &str = "gitlab";
+/// git's receive hooks, which the binary also is in [`GATED_DIR`].
+pub const RECEIVE_HOOKS: &[&str] = &["pre-receive", "update", "post-receive"];
+
+/// The hooks directory of gated pushes for the hooks directory `dir`.
+pub fn gated_dir(dir: &Path) -> PathBuf {
+    dir.join(GATED_DIR)
+}
 
 /// Makes `dir/reference-transaction` point at `binary` and writes the hook config.
 pub fn install(dir: &Path, binary: &Path, require_transaction: bool) -> std::io::Result<()> {
@@ -20,30 +32,51 @@ pub fn install(dir: &Path, binary: &Path, require_transaction: bool) -> std::io:
             ),
         ));
     }
-    let link = dir.join(HOOK_NAME);
+    let gated = gated_dir(dir);
+    std::fs::create_dir_all(&gated)?;
+    link(dir, HOOK_NAME, binary)?;
+    write_conf(dir, require_transaction)?;
+    for name in std::iter::once(HOOK_NAME).chain(RECEIVE_HOOKS.iter().copied()) {
+        link(&gated, name, binary)?;
+    }
+    write_conf(&gated, require_transaction)
+}
+
+/// Makes `dir/name` a symlink to `binary`.
+fn link(dir: &Path, name: &str, binary: &Path) -> std::io::Result<()> {
+    let link = dir.join(name);
     let current = std::fs::read_link(&link).ok();
     if current.as_deref() != Some(binary) {
         // Replace atomically: a push running right now sees the old or the new hook.
-        let tmp = dir.join(format!(".{HOOK_NAME}.{}", std::process::id()));
+        let tmp = dir.join(format!(".{name}.{}", std::process::id()));
         let _ = std::fs::remove_file(&tmp);
         std::os::unix::fs::symlink(binary, &tmp)?;
         std::fs::rename(&tmp, &link)?;
     }
+    Ok(())
+}
+
+fn write_conf(dir: &Path, require_transaction: bool) -> std::io::Result<()> {
     let conf = format!(
         "# Written by votingd at start-up; edit votingd's config instead.\n\
          require_transaction = {require_transaction}\n"
     );
     let tmp = dir.join(format!(".{HOOK_CONF}.{}", std::process::id()));
     std::fs::write(&tmp, conf)?;
-    std::fs::rename(&tmp, dir.join(HOOK_CONF))?;
-    Ok(())
+    std::fs::rename(&tmp, dir.join(HOOK_CONF))
 }
 
-/// Whether the hook in `dir` is in place and executable.
+/// Whether the hook in `dir` is in place and executable, also as the receive hooks of
+/// gated pushes.
 pub fn installed(dir: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(dir.join(HOOK_NAME))
-        .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    let executable = |p: PathBuf| {
+        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    executable(dir.join(HOOK_NAME))
+        && RECEIVE_HOOKS
+            .iter()
+            .all(|h| executable(gated_dir(dir).join(h)))
 }
 
 /// Repositories found under a storage, and how many point `core.hooksPath` at `hooks`.

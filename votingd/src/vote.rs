@@ -1,6 +1,8 @@
 //! The vote service: answers the hook over votingd's Unix socket. Each connection is
 //! one hook call and runs in its own task, so votes of concurrent transactions never
-//! wait behind one another; the etcd side is in `refvote_cluster::tx`.
+//! wait behind one another; the etcd side is in `refvote_cluster::tx`. The receive
+//! hooks of a push GitLab's checks gate are answered by the node's GitLab side
+//! (`refvote_node::gitlab`).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -64,6 +66,8 @@ pub struct VoteService {
     node: String,
     store: Store,
     vote_timeout: Duration,
+    /// Answers the receive hooks of gated pushes.
+    gitlab: Option<Arc<refvote_node::gitlab::GitlabSide>>,
     txs: Mutex<HashMap<String, TxLocal>>,
     pub counters: Counters,
 }
@@ -77,8 +81,37 @@ impl VoteService {
             node,
             store,
             vote_timeout,
+            gitlab: None,
             txs: Mutex::new(HashMap::new()),
             counters: Counters::default(),
+        }
+    }
+
+    /// Answers the receive hooks of gated pushes through `side`.
+    pub fn with_gitlab(mut self, side: Arc<refvote_node::gitlab::GitlabSide>) -> VoteService {
+        self.gitlab = Some(side);
+        self
+    }
+
+    /// Answers one receive hook of a gated push.
+    pub async fn receive_hook(&self, req: hook::ReceiveHook) -> Response {
+        let answer = match &self.gitlab {
+            Some(side) => side.receive_hook(req).await,
+            None => Err((
+                Code::FailedPrecondition,
+                "this votingd runs no node service, so no push GitLab's checks gate".into(),
+            )),
+        };
+        match answer {
+            Ok(a) => Response {
+                kind: Some(response::Kind::HookAnswer(a)),
+            },
+            Err((code, message)) => {
+                self.counters
+                    .rejected_requests
+                    .fetch_add(1, Ordering::Relaxed);
+                error(code, message)
+            }
         }
     }
 
@@ -436,6 +469,7 @@ async fn connection(
         }
         Ok(Ok(request)) => match request.kind {
             Some(request::Kind::Vote(v)) => service.vote(v).await,
+            Some(request::Kind::ReceiveHook(r)) => service.receive_hook(r).await,
             Some(request::Kind::Status(_)) => Response {
                 kind: Some(response::Kind::StatusJson(status().await)),
             },

@@ -37,6 +37,7 @@ pub fn transaction(view: &RepoView, id: &str, creator: &str) -> Result<TxRecord>
         creator: creator.to_owned(),
         voter_leases,
         repo_create_revision: view.record_entry.create_revision,
+        designated: None,
     })
 }
 
@@ -71,6 +72,7 @@ mod tests {
                     address: String::new(),
                     storages: Vec::new(),
                     version: String::new(),
+                    gitlab_api: false,
                 };
                 let e = entry(n, encode(&node), lease);
                 (n.to_owned(), (node, e))

@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use crate::quorum::{self, KeyState, VoterReport};
 use crate::records::{
     Decision, DoneRecord, JobRecord, ReplicaRecord, ReplicaState, RepoRecord, TxOutcome, TxRecord,
+    VerdictRecord,
 };
 
 /// A transaction's keys, as read at one revision.
@@ -24,13 +25,19 @@ pub struct TxState {
     pub started: BTreeSet<String>,
     /// The creator's lease holds.
     pub alive: bool,
+    /// GitLab's verdict, in a gated transaction.
+    pub verdict: Option<VerdictRecord>,
 }
 
 impl TxState {
     /// Every decided key: the stored aborts, and the keys where threshold voters voted
-    /// one hash (commits need no write of their own).
+    /// one hash (commits need no write of their own) — in a gated transaction only
+    /// under an allow verdict.
     pub fn decisions(&self, record: &TxRecord) -> BTreeMap<String, Decision> {
         let mut out = self.aborted.clone();
+        if !super::verdict::gate(record, self.verdict.as_ref()).lets_commit() {
+            return out;
+        }
         for (key, state) in &self.votes {
             if out.contains_key(key) {
                 continue;
@@ -556,6 +563,36 @@ mod tests {
             assert_eq!(rep.repair_epoch, 4, "kept");
             assert!(w.job.is_none());
         }
+    }
+
+    #[test]
+    fn a_gated_transaction_commits_only_under_an_allow_verdict() {
+        let gated = |verdict: Option<bool>| {
+            let mut state = all_confirmed();
+            state.verdict = verdict.map(|allow| VerdictRecord {
+                allow,
+                by: "b".into(),
+                message: String::new(),
+                detail: serde_json::Value::Null,
+            });
+            let mut f = Fixture::new(state);
+            f.record.designated = Some("b".into());
+            f
+        };
+        let c = gated(Some(true)).changes();
+        assert!(c.outcome.committed && c.outcome.acknowledged);
+        assert_eq!(c.outcome.promoted, ["a", "b", "c"]);
+        // No verdict or a deny: threshold votes (even confirmed ones) commit nothing;
+        // the keys are aborted.
+        for verdict in [None, Some(false)] {
+            let s = gated(verdict).settle();
+            assert_eq!(s.aborts.len(), 1, "{verdict:?}");
+            let c = s.changes.expect("the repository is there");
+            assert!(!c.outcome.committed, "{verdict:?}");
+            assert_eq!(c.repo, None);
+        }
+        // The same votes in a transaction that is not gated commit, verdict or not.
+        assert!(Fixture::new(all_confirmed()).changes().outcome.committed);
     }
 
     #[test]

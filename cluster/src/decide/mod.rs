@@ -10,6 +10,8 @@
 //!   is outdated, the new generation, and what the client may be told.
 //! - [`repair`]: what a claim marks, what a finished copy and a failed attempt
 //!   record, and how long a failed job waits.
+//! - [`verdict`]: GitLab's checks in a transaction: who runs them, what their verdict
+//!   lets commit, and when a waiting voter fences the one that ran them.
 //!
 //! It does not build etcd keys or compares: the callers do, from the same reads.
 
@@ -18,6 +20,7 @@ use crate::records::TxRecord;
 pub mod begin;
 pub mod finalize;
 pub mod repair;
+pub mod verdict;
 pub mod vote;
 
 /// Whether `voter`'s node, whose registration holds lease `now` (`None`: not
@@ -56,6 +59,7 @@ pub(crate) mod fixtures {
                 .map(|(v, l)| (v.to_owned(), l))
                 .collect(),
             repo_create_revision: 10,
+            designated: None,
         }
     }
 

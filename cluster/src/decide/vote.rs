@@ -8,7 +8,9 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use crate::error::Error;
 use crate::quorum::{self, KeyState};
-use crate::records::{Decision, TxRecord};
+use crate::records::{Decision, TxRecord, VerdictRecord};
+
+use super::verdict::{self, Gate};
 
 /// What is known about one vote key of one transaction: read at one revision, then
 /// kept current from a watch, so a waiting vote never re-reads.
@@ -27,6 +29,8 @@ pub struct KeyView {
     pub key: KeyState,
     /// A stored abort decision (`decided/<key>`; commits are never written).
     pub aborted: Option<Decision>,
+    /// GitLab's verdict, in a gated transaction ([`verdict`]).
+    pub verdict: Option<VerdictRecord>,
 }
 
 impl KeyView {
@@ -102,13 +106,17 @@ pub enum Next {
     /// No hash can reach threshold any more: write this abort (create-only, and only
     /// while no new vote arrived), then adopt whatever is stored.
     Abort(Decision),
+    /// The transaction is gated and its designated voter can give no verdict any more:
+    /// write this deny (create-only), then evaluate again.
+    Fence(VerdictRecord),
     /// A majority is still possible: wait for anything that can change this.
     Wait,
     /// The transaction is gone (finalized meanwhile).
     Gone,
 }
 
-/// The next step of `voter` on the key `view` shows.
+/// The next step of `voter` on the key `view` shows. In a gated transaction a key
+/// commits only under an allow verdict, and a deny is every key's abort.
 pub fn next(view: &KeyView, voter: &str) -> Next {
     if let Some(d) = &view.aborted {
         return Next::Adopt(d.clone());
@@ -116,6 +124,16 @@ pub fn next(view: &KeyView, voter: &str) -> Next {
     let Some(record) = &view.record else {
         return Next::Gone;
     };
+    let gate = verdict::gate(record, view.verdict.as_ref());
+    match gate {
+        Gate::Deny(v) => return Next::Adopt(verdict::denied(record, v)),
+        Gate::Waiting => {
+            if let Some(why) = verdict::designated_gone(view) {
+                return Next::Fence(verdict::fence(record, voter, &why));
+            }
+        }
+        Gate::Open | Gate::Allow => {}
+    }
     match quorum::evaluate(
         &record.voters,
         record.threshold,
@@ -124,7 +142,9 @@ pub fn next(view: &KeyView, voter: &str) -> Next {
         &view.finished(),
         voter,
     ) {
-        Some(d) if d.is_commit() => Next::Commit(d),
+        Some(d) if d.is_commit() && gate.lets_commit() => Next::Commit(d),
+        // Threshold votes without the verdict: no update commits unchecked.
+        Some(d) if d.is_commit() => Next::Wait,
         Some(d) => Next::Abort(d),
         None => Next::Wait,
     }
@@ -145,6 +165,7 @@ mod tests {
             node_leases: leases(),
             key: KeyState::default(),
             aborted: None,
+            verdict: None,
         }
     }
 
@@ -312,6 +333,83 @@ mod tests {
             panic!()
         };
         assert_eq!(d.agreed, 1);
+    }
+
+    fn gated(view: KeyView, verdict: Option<VerdictRecord>) -> KeyView {
+        let record = view.record.clone().map(|r| TxRecord {
+            designated: Some("b".into()),
+            ..r
+        });
+        KeyView {
+            record,
+            verdict,
+            ..view
+        }
+    }
+
+    fn verdict_of(allow: bool) -> VerdictRecord {
+        VerdictRecord {
+            allow,
+            by: "b".into(),
+            message: if allow {
+                String::new()
+            } else {
+                "GitLab: no".into()
+            },
+            detail: serde_json::Value::Null,
+        }
+    }
+
+    #[test]
+    fn a_gated_key_commits_only_under_an_allow_verdict() {
+        let votes = [("a", "h1"), ("b", "h1")];
+        let waiting = gated(voted(view(), &votes), None);
+        assert_eq!(
+            next(&waiting, "a"),
+            Next::Wait,
+            "threshold votes, no verdict"
+        );
+        let allowed = gated(voted(view(), &votes), Some(verdict_of(true)));
+        assert!(matches!(next(&allowed, "a"), Next::Commit(_)));
+        // A key no hash can win still aborts while waiting.
+        let split = gated(
+            voted(view(), &[("a", "h1"), ("b", "h2"), ("c", "h3")]),
+            None,
+        );
+        assert!(matches!(next(&split, "a"), Next::Abort(_)));
+    }
+
+    #[test]
+    fn a_deny_verdict_aborts_every_key_without_a_write() {
+        let denied = gated(
+            voted(view(), &[("a", "h1"), ("b", "h1")]),
+            Some(verdict_of(false)),
+        );
+        let Next::Adopt(d) = next(&denied, "a") else {
+            panic!("{:?}", next(&denied, "a"))
+        };
+        assert_eq!((d.hash, d.reason.as_str()), (None, "GitLab: no"));
+        // A stored abort still comes first.
+        let mut aborted = denied.clone();
+        aborted.aborted = Some(abort(1));
+        assert_eq!(next(&aborted, "a"), Next::Adopt(abort(1)));
+    }
+
+    #[test]
+    fn a_gated_voter_fences_a_designated_voter_that_can_give_no_verdict() {
+        let mut v = gated(voted(view(), &[("a", "h1"), ("c", "h1")]), None);
+        v.done.insert("b".into());
+        let Next::Fence(f) = next(&v, "a") else {
+            panic!("{:?}", next(&v, "a"))
+        };
+        assert!(!f.allow);
+        assert_eq!(f.by, "a");
+        // Once the verdict is there, it decides.
+        v.verdict = Some(verdict_of(true));
+        assert!(
+            matches!(next(&v, "a"), Next::Commit(_)),
+            "an allow that won the race stands"
+        );
     }
 
     #[test]

@@ -378,5 +378,8 @@ pub(crate) fn tx_state(keys: &Keys, record: &TxRecord, entries: &[Entry]) -> Res
         .into_keys()
         .collect();
     state.alive = entries.iter().any(|e| e.key == keys.tx_alive(&record.id));
+    if let Some(e) = entries.iter().find(|e| e.key == keys.verdict(&record.id)) {
+        state.verdict = Some(e.decode()?);
+    }
     Ok(state)
 }

@@ -4,6 +4,7 @@
 //! reads and the writes are pure functions in [`crate::decide`].
 
 pub(crate) mod finalize;
+mod gate;
 mod vote;
 
 use std::time::Duration;
@@ -12,6 +13,7 @@ use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp};
 use tokio::time::Instant;
 
 use crate::decide::begin;
+use crate::decide::verdict;
 use crate::error::{Error, Result};
 use crate::records::{DoneRecord, TxRecord};
 use crate::repo::RepoId;
@@ -33,11 +35,25 @@ impl Store {
     /// txn compares everything the choice relied on (repository, voters' replicas and
     /// nodes, the admin lock's absence).
     pub async fn begin(&self, repo: &RepoId, opts: &Begin) -> Result<TxRecord> {
+        self.begin_with(repo, opts, false).await
+    }
+
+    /// [`Store::begin`] for a call GitLab's checks gate (it carries a GitLab user): one
+    /// voter is designated to run them, and no key commits without its allow verdict
+    /// (DESIGN.md §8). Refused when the voters disagree on calling GitLab's API.
+    pub async fn begin_gated(&self, repo: &RepoId, opts: &Begin) -> Result<TxRecord> {
+        self.begin_with(repo, opts, true).await
+    }
+
+    async fn begin_with(&self, repo: &RepoId, opts: &Begin, gated: bool) -> Result<TxRecord> {
         let keys = self.keys();
         for _ in 0..ATTEMPTS {
             let view = self.repo_view(repo).await?;
             let id = uuid::Uuid::new_v4().simple().to_string();
-            let record = begin::transaction(&view, &id, &opts.creator)?;
+            let mut record = begin::transaction(&view, &id, &opts.creator)?;
+            if gated {
+                record = verdict::gated(&view, record)?;
+            }
             let (voters, threshold) = (&record.voters, record.threshold);
             let mut cmp = vec![
                 Compare::mod_revision(
@@ -75,7 +91,7 @@ impl Store {
             let txn = Txn::new().when(cmp).and_then(ops);
             match self.txn(txn).await {
                 Ok(resp) if resp.succeeded() => {
-                    tracing::debug!(tx = %id, %repo, ?voters, threshold, "transaction created");
+                    tracing::debug!(tx = %id, %repo, ?voters, threshold, designated = ?record.designated, "transaction created");
                     return Ok(record);
                 }
                 Ok(_) => {}

@@ -10,7 +10,7 @@ use crate::decide::vote::{self, KeyView, Next};
 use crate::error::{Error, Result};
 use crate::keys::Keys;
 use crate::quorum::KeyState;
-use crate::records::{Decision, TxRecord, VoteRecord};
+use crate::records::{Decision, TxRecord, VerdictRecord, VoteRecord};
 use crate::store::{Entry, Store, by_tail, encode, get_op, get_prefix_op, ranges, revision};
 
 /// Aborts a spawned task when dropped (a vote that needs no watch cancels its opening).
@@ -25,14 +25,14 @@ impl<T> Drop for AbortOnDrop<T> {
 /// One vote key's [`KeyView`] and the revision it is current at: built from one read,
 /// then kept current from the watch's events, so a waiting vote never re-reads.
 #[derive(Debug)]
-struct KeySnapshot {
-    revision: i64,
-    view: KeyView,
+pub(crate) struct KeySnapshot {
+    pub(crate) revision: i64,
+    pub(crate) view: KeyView,
 }
 
 impl KeySnapshot {
     /// Applies one watch event; returns whether it can change the evaluation.
-    fn apply(
+    pub(crate) fn apply(
         &mut self,
         keys: &Keys,
         tx: &str,
@@ -61,6 +61,15 @@ impl KeySnapshot {
                         })?,
                     );
             }
+        } else if k == keys.verdict(tx) {
+            if put {
+                let v: VerdictRecord =
+                    serde_json::from_slice(kv.value()).map_err(|source| Error::Corrupt {
+                        key: k.clone(),
+                        source,
+                    })?;
+                self.view.verdict = Some(v);
+            }
         } else if let Some(voter) = k.strip_prefix(&keys.all_done(tx)) {
             self.view.done.insert(voter.to_owned());
         } else if let Some(voter) = k.strip_prefix(&keys.all_started(tx)) {
@@ -86,7 +95,8 @@ impl KeySnapshot {
 }
 impl Store {
     /// The reads that evaluate one key, in one transaction: the record, the alive
-    /// marker, the votes on the key, its decision, done and started voters, the nodes.
+    /// marker, the votes on the key, its decision, done and started voters, the nodes,
+    /// GitLab's verdict.
     fn key_reads(&self, tx: &str, key: &str) -> Vec<TxnOp> {
         let keys = self.keys();
         vec![
@@ -97,6 +107,7 @@ impl Store {
             get_prefix_op(&keys.all_done(tx)),
             get_prefix_op(&keys.all_started(tx)),
             get_prefix_op(&keys.nodes()),
+            get_op(&keys.verdict(tx)),
         ]
     }
 
@@ -115,6 +126,10 @@ impl Store {
             Some(e) => Some(e.decode()?),
             None => None,
         };
+        let verdict = match r[7].first() {
+            Some(e) => Some(e.decode()?),
+            None => None,
+        };
         let view = KeyView {
             record,
             alive: !r[1].is_empty(),
@@ -126,6 +141,7 @@ impl Store {
                 .collect(),
             key: state,
             aborted,
+            verdict,
         };
         Ok(KeySnapshot {
             revision: rev,
@@ -133,7 +149,7 @@ impl Store {
         })
     }
 
-    async fn read_key(&self, tx: &str, key: &str) -> Result<KeySnapshot> {
+    pub(crate) async fn read_key(&self, tx: &str, key: &str) -> Result<KeySnapshot> {
         let resp = self
             .txn(Txn::new().and_then(self.key_reads(tx, key)))
             .await?;
@@ -144,7 +160,7 @@ impl Store {
     /// starts at the current revision, which keeps it in etcd's "synced" group (a watch
     /// that starts in the past is caught up by a loop that runs only every 100 ms).
     /// Returns the stream and the revision it starts after.
-    async fn vote_watch(
+    pub(crate) async fn vote_watch(
         &self,
         tx: &str,
     ) -> Result<(etcd_client::WatchStream, i64, Vec<etcd_client::Event>)> {
@@ -243,8 +259,8 @@ impl Store {
                 );
                 return Ok((d, record));
             }
-            // Aborting or waiting: once the watch is open.
-            Next::Abort(_) | Next::Wait | Next::Gone => {}
+            // Aborting, fencing or waiting: once the watch is open.
+            Next::Abort(_) | Next::Fence(_) | Next::Wait | Next::Gone => {}
         }
         let watch = match (&mut watcher.0).await {
             Ok(r) => r,
@@ -286,6 +302,13 @@ impl Store {
                         return Ok((d, record));
                     }
                     // A vote arrived meanwhile: evaluate again with it.
+                    snap = self.read_key(tx, key).await?;
+                    continue;
+                }
+                Next::Fence(v) => {
+                    // The designated voter can give no verdict: whatever is stored now
+                    // (this deny, or a verdict that landed first) decides.
+                    self.fence_verdict(&record, &v).await?;
                     snap = self.read_key(tx, key).await?;
                     continue;
                 }

@@ -404,6 +404,7 @@ mod tests {
             address: format!("tcp://{name}:1"),
             storages: vec!["default".into()],
             version: "0".into(),
+            gitlab_api: false,
         }
     }
 

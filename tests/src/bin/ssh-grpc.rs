@@ -9,6 +9,9 @@
 //! - `REFVOTE_SSH_STORAGE` (default `default`), `REFVOTE_SSH_TX` (sent as the
 //!   `refvote-transaction` metadata on pushes), `GIT_PROTOCOL` (passed on as
 //!   `git_protocol`, as sshd does with `SendEnv`).
+//! - Who pushes, as gitlab-shell names them after `/allowed`: `REFVOTE_SSH_GL_ID`
+//!   (default `user-1`), `REFVOTE_SSH_GL_USERNAME` (`test`), `REFVOTE_SSH_GL_REPOSITORY`
+//!   (`project-1`), `REFVOTE_SSH_GL_PROJECT_PATH` (empty).
 //!
 //! Exit status: git's exit status on the first target; 128 with a message on stderr if
 //! any call fails.
@@ -51,7 +54,8 @@ impl Call {
         Some(Repository {
             storage_name: self.storage.clone(),
             relative_path: self.relative.clone(),
-            gl_repository: "project-1".into(),
+            gl_repository: var("REFVOTE_SSH_GL_REPOSITORY", "project-1"),
+            gl_project_path: var("REFVOTE_SSH_GL_PROJECT_PATH", ""),
             ..Default::default()
         })
     }
@@ -88,9 +92,9 @@ impl Call {
             "git-receive-pack" => {
                 let first = SshReceivePackRequest {
                     repository: self.repository(),
-                    gl_id: "user-1".into(),
-                    gl_username: "test".into(),
-                    gl_repository: "project-1".into(),
+                    gl_id: var("REFVOTE_SSH_GL_ID", "user-1"),
+                    gl_username: var("REFVOTE_SSH_GL_USERNAME", "test"),
+                    gl_repository: var("REFVOTE_SSH_GL_REPOSITORY", "project-1"),
                     git_protocol: self.protocol.clone(),
                     ..Default::default()
                 };
@@ -138,6 +142,11 @@ impl Call {
             other => bail!("unsupported service {other}"),
         })
     }
+}
+
+/// The environment variable `name`, or `default`.
+fn var(name: &str, default: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| default.to_owned())
 }
 
 /// `git-upload-pack '/group/p.git'` → (`git-upload-pack`, `group/p.git`).
