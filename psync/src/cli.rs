@@ -178,17 +178,12 @@ pub fn finish(ctx: &Context, summary: &Summary) -> i32 {
             "{}",
             serde_json::to_string_pretty(summary).expect("serializable")
         ),
-        Mode::Lines => {
-            if let Some(e) = &summary.error {
-                eprintln!("partition-sync {}: {e}", summary.role.as_str());
-            }
-            println!("{}", summary.line());
+        Mode::Lines | Mode::Quiet if summary.error.is_some() => {
+            let e = summary.error.as_deref().unwrap_or_default();
+            eprintln!("partition-sync {}: {e}", summary.role.as_str());
         }
-        Mode::Quiet => {
-            if let Some(e) = &summary.error {
-                eprintln!("partition-sync {}: {e}", summary.role.as_str());
-            }
-        }
+        Mode::Lines => println!("{}", summary.line()),
+        Mode::Quiet => {}
     }
     if !summary.dry_run
         && let Err(e) = metrics::record(&ctx.config.cache_dir, &ctx.config.metrics_dir, summary)

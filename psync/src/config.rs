@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::crypto::{Cipher, MasterKey};
 use crate::naming::{self, Layout};
@@ -32,7 +32,7 @@ pub enum Role {
     Consume,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SyncConfig {
     /// Local mirrors, temporary bundles and run status.
@@ -60,14 +60,14 @@ fn default_git_timeout() -> u64 {
     3600
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum StoreKind {
     S3,
     Local,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreConfig {
     #[serde(default = "default_kind")]
@@ -140,7 +140,7 @@ fn default_request_timeout() -> u64 {
     600
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct EncryptionConfig {
     #[serde(default = "default_cipher")]
@@ -155,7 +155,7 @@ fn default_cipher() -> Cipher {
     Cipher::Aes256Gcm
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct KeyConfig {
     /// A label recorded with each object (e.g. `2026-01`); not secret.
@@ -164,7 +164,7 @@ pub struct KeyConfig {
     pub file: PathBuf,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RepositoriesConfig {
     /// Exact relative paths (`group/project.git`).
@@ -183,7 +183,7 @@ fn default_refs() -> Vec<String> {
     vec!["refs/*".into()]
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SourceConfig {
     /// Base URL the repositories are read from, the relative path appended: the source
@@ -191,7 +191,7 @@ pub struct SourceConfig {
     pub url: String,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TargetKind {
     /// Any git remote, by push.
@@ -200,7 +200,7 @@ pub enum TargetKind {
     Refvote,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TargetConfig {
     pub kind: TargetKind,
@@ -229,7 +229,7 @@ fn default_virtual_storage() -> String {
 }
 
 /// S3 credentials as the credentials file holds them.
-#[derive(Clone, Deserialize)]
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Credentials {
     pub access_key_id: String,

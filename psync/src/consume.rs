@@ -127,9 +127,12 @@ async fn consume_inner<T: Target>(
     if applied.is_none() {
         applied = adopt(ctx, target, repository).await?;
     }
-    let offset = applied
-        .as_ref()
-        .map(|a| ctx.layout.manifest(repository, a.sequence));
+    // List from the applied sequence on (it stays in the listing, so a bucket that
+    // lost it shows as one the target is ahead of).
+    let offset = applied.as_ref().map(|a| {
+        ctx.layout
+            .manifest(repository, a.sequence.saturating_sub(1))
+    });
     let listed = ctx.list_repository(repository, offset.as_deref()).await?;
     let latest = listed
         .listing

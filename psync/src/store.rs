@@ -29,7 +29,7 @@ use crate::config::{ConfigError, StoreConfig, StoreKind};
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error(
-        "cannot use {store}: {op} {key} failed after retries: {cause}; check that the endpoint answers and the bucket exists"
+        "cannot use {store}: {op} {key:?} failed after retries: {cause}; check that the endpoint answers and the bucket exists"
     )]
     Unavailable {
         store: String,
