@@ -320,26 +320,7 @@ pub async fn consume_into<T: Target>(ctx: &Context, target: &T, only: &[String])
 }
 
 fn prepare_list(common: &CommonArgs) -> Result<(Context, ()), Refused> {
-    let config =
-        SyncConfig::parse(
-            &std::fs::read_to_string(&common.config).map_err(|e| Refused {
-                code: report::EXIT_CONFIG,
-                message: format!("{}: cannot read: {e}", common.config.display()),
-            })?,
-        )?;
-    // Listing needs the bucket only: validate as a consumer would, minus [target].
-    let mut check = config.clone();
-    if check.target.is_none() {
-        check.target = Some(crate::config::TargetConfig {
-            kind: TargetKind::Git,
-            url: "/".into(),
-            state_file: None,
-            node_config: None,
-            router: None,
-            virtual_storage: String::new(),
-        });
-    }
-    check.validate(ConfigRole::Consume)?;
+    let config = SyncConfig::load(&common.config, ConfigRole::Inspect)?;
     let keys = Keys::load(&config.encryption, false)?;
     let bucket = Bucket::open(&config.store)?;
     let ctx = Context {

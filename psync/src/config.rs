@@ -1,6 +1,6 @@
 //! `sync.toml`: one file for both sides (the producer reads `[source]`, the consumer
 //! `[target]`), validated before anything is touched, with errors that name the key.
-//! `install/partition-sync.toml` documents every key with its default.
+//! `partition-sync.toml` beside this crate documents every key with its default.
 
 use std::path::{Path, PathBuf};
 
@@ -30,6 +30,8 @@ fn bad(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
 pub enum Role {
     Produce,
     Consume,
+    /// Reading the bucket only (`list`): the store and the keys.
+    Inspect,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -256,10 +258,9 @@ impl SyncConfig {
 
     pub fn parse(text: &str) -> Result<SyncConfig, ConfigError> {
         toml::from_str(text).map_err(|e| {
-            let span = e.span();
-            let key = span
-                .and_then(|s| text.get(..s.start))
-                .map(|before| format!("line {}", before.lines().count().max(1)))
+            let key = e
+                .span()
+                .map(|s| key_at(text, s.start))
                 .unwrap_or_else(|| "sync.toml".into());
             bad(key, e.message().to_owned())
         })
@@ -302,6 +303,7 @@ impl SyncConfig {
                     return Err(bad("source.url", "empty"));
                 }
             }
+            Role::Inspect => {}
             Role::Consume => {
                 let target = self
                     .target
@@ -340,6 +342,30 @@ impl SyncConfig {
             .as_ref()
             .and_then(|t| t.state_file.clone())
             .unwrap_or_else(|| self.cache_dir.join("consumer-state.json"))
+    }
+}
+
+/// The dotted key of the line holding byte `offset` of a TOML text (its table's
+/// header and the name before `=`), for parse errors; `line N` when there is none.
+fn key_at(text: &str, offset: usize) -> String {
+    let before = &text[..offset.min(text.len())];
+    let line_no = before.matches('\n').count() + 1;
+    let line = text.lines().nth(line_no - 1).unwrap_or_default();
+    let table = before
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_owned());
+    match line.split_once('=') {
+        Some((name, _)) if !line.trim_start().starts_with('[') => {
+            let name = name.trim();
+            match table {
+                Some(t) => format!("{t}.{name}"),
+                None => name.to_owned(),
+            }
+        }
+        _ => format!("line {line_no}"),
     }
 }
 
@@ -531,6 +557,24 @@ mod tests {
     }
 
     #[test]
+    fn the_documented_example_is_valid() {
+        let c = SyncConfig::parse(include_str!("../partition-sync.toml")).unwrap();
+        c.validate(Role::Produce).unwrap();
+        c.validate(Role::Consume).unwrap();
+        // The documented defaults are the code's.
+        let d = SyncConfig::parse(BASE).unwrap();
+        assert_eq!(c.store.part_size_mib, d.store.part_size_mib);
+        assert_eq!(c.store.upload_concurrency, d.store.upload_concurrency);
+        assert_eq!(c.store.retries, d.store.retries);
+        assert_eq!(c.store.retry_timeout_secs, d.store.retry_timeout_secs);
+        assert_eq!(c.store.request_timeout_secs, d.store.request_timeout_secs);
+        assert_eq!(c.store.connect_timeout_secs, d.store.connect_timeout_secs);
+        assert_eq!(c.cache_dir, d.cache_dir);
+        assert_eq!(c.git_timeout_secs, d.git_timeout_secs);
+        assert_eq!(c.repositories.refs, d.repositories.refs);
+    }
+
+    #[test]
     fn errors_name_the_key() {
         let cases: &[(&str, (&str, &str), Role, &str)] = &[
             (
@@ -588,7 +632,14 @@ mod tests {
             ("bucket = \"sync\"", "bucket = \"sync\"\nbukket = 1"),
         ))
         .unwrap_err();
-        assert!(err.reason.contains("bukket"), "{err}");
+        assert_eq!(err.key, "store.bukket", "{err}");
+        let err = SyncConfig::parse(&with(
+            "",
+            ("[encryption]", "[encryption]\ncipher = \"rot13\""),
+        ))
+        .unwrap_err();
+        assert_eq!(err.key, "encryption.cipher", "{err}");
+        assert!(err.reason.contains("chacha20-poly1305"), "{err}");
     }
 
     #[test]

@@ -88,8 +88,8 @@ impl MasterKey {
 
 /// The AEAD an object is sealed with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
-#[serde(rename_all = "kebab-case")]
 pub enum Cipher {
+    #[serde(rename = "aes-256-gcm")]
     Aes256Gcm,
     #[serde(rename = "chacha20-poly1305")]
     ChaCha20Poly1305,

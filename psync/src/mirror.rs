@@ -48,23 +48,11 @@ impl Mirror {
                 ],
             )
             .await?;
-            // Bundles are applied and pushed from here; no gc may prune what a later
-            // bundle's prerequisites need while a run works.
-            let m = Mirror {
-                path: path.to_owned(),
-                git: git.clone(),
-            };
-            m.run(["config", "gc.auto", "0"]).await?;
-            return Ok(m);
         }
         Ok(Mirror {
             path: path.to_owned(),
             git: git.clone(),
         })
-    }
-
-    async fn run<const N: usize>(&self, args: [&str; N]) -> Result<(), GitError> {
-        self.git.run(Some(&self.path), args).await
     }
 
     async fn output(&self, args: &[&str], stdin: Option<Vec<u8>>) -> Result<String, GitError> {
