@@ -109,9 +109,14 @@ impl Target for GitTarget {
         if let Some(path) = self.local_path(repository)
             && !path.join("objects").is_dir()
         {
-            Mirror::open_or_init(&self.git, &path).await?;
+            Mirror::open_or_init(&self.git, &path, &manifest.object_format).await?;
         }
-        let local = Mirror::open_or_init(&self.git, &self.mirror_path(repository)).await?;
+        let local = Mirror::open_or_init(
+            &self.git,
+            &self.mirror_path(repository),
+            &manifest.object_format,
+        )
+        .await?;
         if manifest.kind() == Kind::Incremental {
             // The bundle's prerequisites are what the target holds: make sure the
             // mirror has them (a no-op when it kept them from the last run).
@@ -138,7 +143,7 @@ impl Target for GitTarget {
         if let (Some(path), Some(head)) = (self.local_path(repository), &refs.head)
             && refs.refs.contains_key(head)
         {
-            Mirror::open_or_init(&self.git, &path)
+            Mirror::open_or_init(&self.git, &path, &manifest.object_format)
                 .await?
                 .set_head(head)
                 .await?;

@@ -29,8 +29,13 @@ pub struct Walk {
 }
 
 impl Mirror {
-    /// Opens the bare repository at `path`, creating an empty one if missing.
-    pub async fn open_or_init(git: &Git, path: &Path) -> Result<Mirror, GitError> {
+    /// Opens the bare repository at `path`, creating an empty one of `object_format`
+    /// (`sha1`, `sha256`) if missing.
+    pub async fn open_or_init(
+        git: &Git,
+        path: &Path,
+        object_format: &str,
+    ) -> Result<Mirror, GitError> {
         if !path.join("objects").is_dir() {
             if let Some(parent) = path.parent() {
                 std::fs::create_dir_all(parent).map_err(|source| GitError::Io {
@@ -38,16 +43,57 @@ impl Mirror {
                     source,
                 })?;
             }
+            let format = format!("--object-format={object_format}");
             git.run(
                 None,
                 [
                     "init".as_ref(),
                     "--bare".as_ref(),
                     "--quiet".as_ref(),
+                    format.as_ref(),
                     path.as_os_str(),
                 ],
             )
             .await?;
+        }
+        Ok(Mirror {
+            path: path.to_owned(),
+            git: git.clone(),
+        })
+    }
+
+    /// Opens the mirror of `url` at `path`, cloning it (`git clone --mirror`, which
+    /// takes the source's object format) if missing. The clone goes to a temporary
+    /// name first, so a run cut short leaves no half mirror behind.
+    pub async fn open_or_clone(git: &Git, url: &str, path: &Path) -> Result<Mirror, GitError> {
+        if !path.join("objects").is_dir() {
+            let io = |source| GitError::Io {
+                command: "clone".into(),
+                source,
+            };
+            let parent = path.parent().expect("a mirror path has a parent");
+            std::fs::create_dir_all(parent).map_err(io)?;
+            let tmp = parent.join(format!(
+                ".{}.cloning",
+                path.file_name()
+                    .and_then(|n| n.to_str())
+                    .unwrap_or("mirror")
+            ));
+            if tmp.exists() {
+                std::fs::remove_dir_all(&tmp).map_err(io)?;
+            }
+            git.run(
+                None,
+                [
+                    "clone".as_ref(),
+                    "--mirror".as_ref(),
+                    "--quiet".as_ref(),
+                    url.as_ref(),
+                    tmp.as_os_str(),
+                ],
+            )
+            .await?;
+            std::fs::rename(&tmp, path).map_err(io)?;
         }
         Ok(Mirror {
             path: path.to_owned(),

@@ -83,10 +83,10 @@ async fn produce_repository(
     force_full: bool,
 ) -> Result<RepoReport, SyncError> {
     ctx.progress.at(repository, "fetching");
-    let mirror = Mirror::open_or_init(&ctx.git, &ctx.mirror_path("source", repository)).await?;
-    mirror
-        .fetch_from(&catalog::join_url(source, repository), &ctx.patterns, true)
-        .await?;
+    let url = catalog::join_url(source, repository);
+    let mirror =
+        Mirror::open_or_clone(&ctx.git, &url, &ctx.mirror_path("source", repository)).await?;
+    mirror.fetch_from(&url, &ctx.patterns, true).await?;
     let current = mirror.refs(&ctx.patterns).await?;
 
     ctx.progress.at(repository, "reading the bucket");

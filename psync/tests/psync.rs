@@ -581,3 +581,60 @@ fn manifests_are_created_only_once() {
         });
     }
 }
+
+#[test]
+fn sha256_repositories_travel_as_v3_bundles() {
+    let f = Fixture::local();
+    let mut w = f.source_of_format(REPO, "sha256");
+    w.commit_random("a.bin", 3000, "one");
+    w.push(&["main"]);
+    let p = f.write_config("produce.toml", &f.config("produce"));
+    let c = f.write_config("consume.toml", &f.config("consume"));
+    let run = f.produce(&p, &[]);
+    assert_eq!(run.repo(REPO)["kind"], "full");
+    let data = keys(&f)
+        .into_iter()
+        .find(|k| k.ends_with("/bundle"))
+        .unwrap();
+    let layout = refvote_psync::naming::Layout::new("to-isolated").unwrap();
+    match layout.parse(&data) {
+        Some(refvote_psync::naming::Entry::Data(h)) => {
+            assert_eq!(h.format, refvote_psync::naming::BundleFormat::V3, "{h:?}")
+        }
+        other => panic!("{data}: {other:?}"),
+    }
+    // The target does not exist yet: it is created with the source's object format.
+    f.consume(&c);
+    let target = f.target_dir.join(REPO);
+    assert_eq!(
+        f.git(&target, &["rev-parse", "--show-object-format"])
+            .trim(),
+        "sha256"
+    );
+    w.commit_random("b.bin", 3000, "two");
+    w.push(&["main"]);
+    f.produce(&p, &[]);
+    f.consume(&c);
+    assert_eq!(f.refs(&target), f.refs(&f.source_dir.join(REPO)));
+    assert_eq!(f.refs(&target)["refs/heads/main"].len(), 64);
+}
+
+#[test]
+fn one_run_per_role_at_a_time() {
+    let f = Fixture::local();
+    let c = f.write_config("consume.toml", &f.config("consume"));
+    std::fs::create_dir_all(f.path("consume-cache")).unwrap();
+    let lock = std::fs::File::create(f.path("consume-cache/consume.lock")).unwrap();
+    rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).unwrap();
+    let run = f.psync(&["consume", "--config", c.to_str().unwrap()], &[]);
+    assert_eq!(run.code, Some(75), "{run:?}");
+    assert!(
+        run.stderr
+            .contains("another partition-sync consume is running"),
+        "{}",
+        run.stderr
+    );
+    drop(lock);
+    let run = f.psync(&["consume", "--config", c.to_str().unwrap()], &[]);
+    assert_eq!(run.code, Some(0), "{run:?}");
+}

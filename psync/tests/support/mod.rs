@@ -195,9 +195,22 @@ impl Fixture {
 
     /// Creates the bare source repository `repository` and a working clone of it.
     pub fn source(&self, repository: &str) -> Work {
+        self.source_of_format(repository, "sha1")
+    }
+
+    /// [`Fixture::source`] with the object format `format` (`sha1`, `sha256`).
+    pub fn source_of_format(&self, repository: &str, format: &str) -> Work {
         let bare = self.source_dir.join(repository);
         std::fs::create_dir_all(&bare).unwrap();
-        self.git(&bare, &["init", "--bare", "--quiet"]);
+        self.git(
+            &bare,
+            &[
+                "init",
+                "--bare",
+                "--quiet",
+                &format!("--object-format={format}"),
+            ],
+        );
         let dir = self.path(&format!("work-{}", repository.replace('/', "_")));
         self.git(
             self.tmp.path(),
