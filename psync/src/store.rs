@@ -184,12 +184,20 @@ impl Bucket {
                 key,
                 cause: source.to_string(),
             },
-            other => StoreError::Unavailable {
-                store,
-                op,
-                key,
-                cause: chain(&other),
-            },
+            other => {
+                let mut cause = chain(&other);
+                if cause.contains("certificate") {
+                    cause.push_str(
+                        " (if the endpoint's certificate comes from a private CA, set store.ca_file)",
+                    );
+                }
+                StoreError::Unavailable {
+                    store,
+                    op,
+                    key,
+                    cause,
+                }
+            }
         }
     }
 

@@ -638,3 +638,29 @@ fn one_run_per_role_at_a_time() {
     let run = f.psync(&["consume", "--config", c.to_str().unwrap()], &[]);
     assert_eq!(run.code, Some(0), "{run:?}");
 }
+
+#[test]
+fn s3_over_tls_is_checked_against_the_configured_ca() {
+    let (f, ca) = Fixture::s3_tls();
+    let mut w = f.source(REPO);
+    w.commit_random("a.bin", 3000, "one");
+    w.push(&["main"]);
+    let https = f.weed.as_ref().unwrap().https_endpoint.clone().unwrap();
+    let with_ca = |role: &str, ca: Option<&std::path::Path>| {
+        let mut c = f.config(role);
+        c.store.endpoint = https.clone();
+        c.store.ca_file = ca.map(|p| p.to_owned());
+        c
+    };
+    // Without the CA the endpoint's certificate is not trusted: refused, clearly.
+    let p = f.write_config("untrusted.toml", &with_ca("produce", None));
+    let run = f.psync(&["produce", "--config", p.to_str().unwrap()], &[]);
+    assert_eq!(run.code, Some(69), "{run:?}");
+    assert!(run.stderr.contains("set store.ca_file"), "{}", run.stderr);
+    let p = f.write_config("produce.toml", &with_ca("produce", Some(&ca)));
+    let c = f.write_config("consume.toml", &with_ca("consume", Some(&ca)));
+    f.produce(&p, &[]);
+    f.consume(&c);
+    let target = f.target_dir.join(REPO);
+    assert_eq!(f.refs(&target), f.refs(&f.source_dir.join(REPO)));
+}

@@ -6,6 +6,7 @@
 //! binary, so crash points can kill a real process.
 
 pub mod seaweed;
+pub mod tls;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -59,6 +60,15 @@ impl Fixture {
         let mut f = Fixture::bare();
         f.weed = Some(Seaweed::start(f.tmp.path()));
         f
+    }
+
+    /// A fixture whose bucket is SeaweedFS serving S3 over TLS too, with a certificate
+    /// from a private CA (returned).
+    pub fn s3_tls() -> (Fixture, PathBuf) {
+        let mut f = Fixture::bare();
+        let (ca, cert, key) = tls::ca_and_server(&f.tmp.path().join("ca"));
+        f.weed = Some(Seaweed::start_with_tls(f.tmp.path(), Some((&cert, &key))));
+        (f, ca)
     }
 
     /// A fixture whose bucket is a local directory.

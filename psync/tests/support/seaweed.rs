@@ -14,6 +14,8 @@ pub const BUCKET: &str = "sync";
 pub struct Seaweed {
     child: Child,
     pub endpoint: String,
+    /// The S3 API over TLS, when started with a certificate.
+    pub https_endpoint: Option<String>,
     log: PathBuf,
 }
 
@@ -63,9 +65,15 @@ fn admin_ports(avoid: &[u16]) -> (u16, u16) {
 impl Seaweed {
     /// Starts SeaweedFS in `dir` with bucket [`BUCKET`]; waits until it serves it.
     pub fn start(dir: &Path) -> Seaweed {
+        Seaweed::start_with_tls(dir, None)
+    }
+
+    /// [`Seaweed::start`], also serving the S3 API over TLS with `tls` (certificate
+    /// and key files) when given.
+    pub fn start_with_tls(dir: &Path, tls: Option<(&Path, &Path)>) -> Seaweed {
         let mut last = String::new();
         for attempt in 0..3 {
-            match Seaweed::try_start(&dir.join(format!("weed-{attempt}"))) {
+            match Seaweed::try_start(&dir.join(format!("weed-{attempt}")), tls) {
                 Ok(s) => return s,
                 Err(e) => last = e,
             }
@@ -73,7 +81,7 @@ impl Seaweed {
         panic!("SeaweedFS did not start: {last}");
     }
 
-    fn try_start(dir: &Path) -> Result<Seaweed, String> {
+    fn try_start(dir: &Path, tls: Option<(&Path, &Path)>) -> Result<Seaweed, String> {
         std::fs::create_dir_all(dir.join("data")).unwrap();
         let iam = serde_json::json!({
             "identities": [{
@@ -84,7 +92,7 @@ impl Seaweed {
         });
         let iam_path = dir.join("iam.json");
         std::fs::write(&iam_path, iam.to_string()).unwrap();
-        let p = free_ports(11);
+        let p = free_ports(12);
         let (admin, admin_grpc) = admin_ports(&p);
         let s3 = p[6];
         let log = dir.join("weed.log");
@@ -116,6 +124,13 @@ impl Seaweed {
             format!("-s3.localSocket={}", dir.join("s3.sock").display()),
             format!("-filer.localSocket={}", dir.join("filer.sock").display()),
         ];
+        let mut args = args;
+        let https_endpoint = tls.map(|(cert, key)| {
+            args.push(format!("-s3.port.https={}", p[11]));
+            args.push(format!("-s3.cert.file={}", cert.display()));
+            args.push(format!("-s3.key.file={}", key.display()));
+            format!("https://127.0.0.1:{}", p[11])
+        });
         let child = Command::new(weed_binary())
             .args(&args)
             .stdin(Stdio::null())
@@ -126,6 +141,7 @@ impl Seaweed {
         let mut s = Seaweed {
             child,
             endpoint: format!("http://127.0.0.1:{s3}"),
+            https_endpoint,
             log,
         };
         // Ready when the bucket answers a signed listing (creating it right after
