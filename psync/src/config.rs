@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::crypto::{Cipher, MasterKey};
+use crate::crypto::Cipher;
 use crate::naming::{self, Layout};
 use crate::refs::RefPatterns;
 
@@ -491,33 +491,6 @@ impl EncryptionConfig {
             )),
         }
     }
-
-    /// Reads every key file. A key file others can read is refused.
-    pub fn load_keys(&self) -> Result<Vec<MasterKey>, ConfigError> {
-        self.keys
-            .iter()
-            .enumerate()
-            .map(|(i, k)| {
-                let key = format!("encryption.keys[{i}].file");
-                let meta = std::fs::metadata(&k.file)
-                    .map_err(|e| bad(&key, format!("cannot read {}: {e}", k.file.display())))?;
-                use std::os::unix::fs::PermissionsExt;
-                if meta.permissions().mode() & 0o004 != 0 {
-                    return Err(bad(
-                        &key,
-                        format!(
-                            "{} is readable by everyone; chmod 600 it (or 640 for a group)",
-                            k.file.display()
-                        ),
-                    ));
-                }
-                let text = std::fs::read_to_string(&k.file)
-                    .map_err(|e| bad(&key, format!("cannot read {}: {e}", k.file.display())))?;
-                MasterKey::parse(k.id.clone(), &text)
-                    .map_err(|e| bad(&key, format!("{}: {e}", k.file.display())))
-            })
-            .collect()
-    }
 }
 
 #[cfg(test)]
@@ -654,26 +627,5 @@ mod tests {
             c.validate(Role::Produce).unwrap_err().key,
             "encryption.key_id"
         );
-    }
-
-    #[test]
-    fn key_files_must_be_private() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("k.key");
-        std::fs::write(&file, MasterKey::generate_hex()).unwrap();
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
-        let enc = EncryptionConfig {
-            cipher: Cipher::Aes256Gcm,
-            key_id: None,
-            keys: vec![KeyConfig {
-                id: "k".into(),
-                file: file.clone(),
-            }],
-        };
-        let err = enc.load_keys().unwrap_err();
-        assert!(err.reason.contains("chmod 600"), "{err}");
-        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
-        assert_eq!(enc.load_keys().unwrap()[0].id, "k");
     }
 }
