@@ -1,6 +1,6 @@
-//! Generates the hook message always and, with the `grpc` feature, the Gitaly subset
-//! (messages, tonic servers and clients) plus a descriptor set the router reads the
-//! `op_type` annotations from, and refvote's admin service.
+//! Generates the hook message always and, with the `grpc` feature, the Gitaly protocol
+//! GitLab's clients use (messages, tonic servers and clients) plus a descriptor set the
+//! router reads the `op_type` annotations from, and refvote's admin service.
 
 fn main() {
     println!("cargo:rerun-if-changed=refvote/hook.proto");
@@ -19,11 +19,18 @@ fn gitaly() {
         "gitaly/shared.proto",
         "gitaly/errors.proto",
         "gitaly/server.proto",
+        "gitaly/praefect.proto",
         "gitaly/repository.proto",
         "gitaly/ref.proto",
         "gitaly/commit.proto",
         "gitaly/blob.proto",
+        "gitaly/diff.proto",
+        "gitaly/conflicts.proto",
+        "gitaly/analysis.proto",
         "gitaly/operations.proto",
+        "gitaly/remote.proto",
+        "gitaly/cleanup.proto",
+        "gitaly/objectpool.proto",
         "gitaly/smarthttp.proto",
         "gitaly/ssh.proto",
     ];

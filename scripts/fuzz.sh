@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Fuzzes refvote's parsers of untrusted bytes with cargo-fuzz (libFuzzer), each target
-# for a bounded time: the hook's stdin parser, the hook<->votingd frame, and the
-# router's first-frame parsing and rewrite. Usage: bash scripts/fuzz.sh [SECONDS] [TARGET...]
+# for a bounded time: the hook's stdin parser, the hook<->votingd frame, the router's
+# first-frame parsing and rewrite, and a push's command section as the node reads it
+# (refvote-pktline). Usage: bash scripts/fuzz.sh [SECONDS] [TARGET...]
 # (default 20 s per target, every target). A crash stops the run, prints the input and
 # leaves it under fuzz/artifacts/<target>/; replay it with
 #   cargo fuzz run -s none -O <target> fuzz/artifacts/<target>/<file>   (from fuzz/)
@@ -11,7 +12,7 @@ seconds="${1:-20}"
 shift || true
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-  targets=(hook_stdin hook_message router_frame)
+  targets=(hook_stdin hook_message router_frame pktline_section)
 fi
 if ! cargo fuzz --version >/dev/null 2>&1; then
   echo "installing cargo-fuzz (once)"

@@ -16,11 +16,11 @@ for tool in deb generate-rpm; do
 done
 
 echo "package: building release binaries"
-cargo build --release --locked -p refvote-hook -p votingd -p refvote-router --bins
+cargo build --release --locked -p refvote-hook -p votingd -p votingctl -p refvote-router --bins
 
 # Both tools take the binaries from target/package-stage/ (the crates' metadata says
 # so): the release builds without debug info, symbols kept for backtraces. The node
-# package holds binaries of two crates, which neither tool would build by itself.
+# package holds binaries of three crates, which neither tool would build by itself.
 release="$(cargo metadata --format-version 1 --no-deps | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')/release"
 stage=target/package-stage
 out=target/packages

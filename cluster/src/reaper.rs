@@ -14,12 +14,11 @@ use std::time::{Duration, Instant};
 use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp};
 use tokio::sync::watch;
 
-use crate::error::{Error, Result};
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::quorum::{self, KeyState};
+use crate::error::{Error, Result};
 use crate::records::TxRecord;
-use crate::store::{Store, by_tail, get_op, ranges};
+use crate::store::{Store, get_op, ranges};
 
 #[derive(Debug, Clone)]
 pub struct ReaperConfig {
@@ -156,41 +155,13 @@ async fn give_up_on_silent_voters(
 async fn reap(store: &Store, record: &TxRecord, lease: i64, by: &str) -> Result<()> {
     let keys = store.keys();
     let (entries, _) = store.get_prefix(&keys.tx(&record.id)).await?;
-    let mut votes: BTreeMap<String, KeyState> = BTreeMap::new();
-    for (tail, e) in by_tail(&entries, &keys.all_votes(&record.id)) {
-        if let Some((key, voter)) = tail.rsplit_once('/') {
-            let v: crate::records::VoteRecord = e.decode()?;
-            votes
-                .entry(key.to_owned())
-                .or_default()
-                .votes
-                .insert(voter.to_owned(), v.hash);
-        }
-    }
-    let aborted: BTreeSet<String> = by_tail(&entries, &keys.all_decided(&record.id))
-        .into_keys()
-        .collect();
-    let none = BTreeSet::new();
-    for (key, state) in &votes {
-        let committed = quorum::evaluate(
-            &record.voters,
-            record.threshold,
-            record.assigned,
-            state,
-            &none,
-            by,
-        )
-        .is_some_and(|d| d.is_commit());
-        if committed || aborted.contains(key) {
-            continue;
-        }
-        let most = quorum::most_votes(state);
-        let mut decision = quorum::abort(most, record.threshold, record.assigned, by);
+    let state = crate::tx::finalize::tx_state(keys, record, &entries)?;
+    for (key, mut decision) in state.undecided(record, by) {
         decision.reason = format!("{}; transaction abandoned by its router", decision.reason);
         // Fenced by the reaper role; a vote that lands first wins (the next scan sees it).
         let fence = Compare::lease(keys.reaper(), CompareOp::Equal, lease);
         store
-            .abort_key(record, key, state, decision, Some(fence))
+            .abort_key(record, &key, &state.votes[&key], decision, Some(fence))
             .await?;
     }
     store.try_finalize(&record.id, by, lease).await?;

@@ -20,7 +20,8 @@ pub struct NodeRecord {
     pub version: String,
 }
 
-/// `repos/<repo>`.
+/// `repos/<repo>`. Its threshold ([`RepoRecord::threshold`]) is a quorum rule and
+/// lives with the others in [`crate::quorum`], which builds on these records.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RepoRecord {
     pub repo: RepoId,
@@ -32,13 +33,6 @@ pub struct RepoRecord {
     /// Checksum of the repository when it was created.
     #[serde(default)]
     pub creation_checksum: String,
-}
-
-impl RepoRecord {
-    /// Votes needed to commit: a majority of the assigned replicas, whatever is alive.
-    pub fn threshold(&self) -> usize {
-        crate::quorum::threshold(self.assigned.len())
-    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -69,6 +63,18 @@ impl ReplicaRecord {
     /// Up to date exactly when the record says so and it is at the repository's generation.
     pub fn is_up_to_date(&self, repo: &RepoRecord) -> bool {
         self.state == ReplicaState::UpToDate && self.generation == repo.generation
+    }
+
+    /// The record marked outdated for `reason` if it was up to date; otherwise as it is
+    /// (an outdated or repairing replica keeps its state and why). Its generation stays:
+    /// it still holds what it held.
+    pub fn outdated(&self, reason: &str) -> ReplicaRecord {
+        let mut rep = self.clone();
+        if rep.state == ReplicaState::UpToDate {
+            rep.state = ReplicaState::Outdated;
+            rep.reason = reason.to_owned();
+        }
+        rep
     }
 }
 

@@ -4,16 +4,17 @@
 //! business; this module only guarantees that a copy made from an older state can
 //! never be recorded as current.
 
-use std::time::Duration;
-
 use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp};
 
+use crate::decide::repair::{claimed, copied, failed_attempt, unmarked};
 use crate::error::{Error, Result};
 use crate::lock::RepoLock;
-use crate::records::{JobRecord, ReplicaRecord, ReplicaState, now_unix_ms};
+use crate::records::{JobRecord, ReplicaRecord, now_unix_ms};
 use crate::repo::RepoId;
 use crate::repository::RepoView;
 use crate::store::{Entry, Store, by_tail, encode, get_op, get_prefix_op, ranges};
+
+pub use crate::decide::repair::backoff;
 
 /// A job as listed, with who works on it right now.
 #[derive(Debug, Clone)]
@@ -140,15 +141,13 @@ impl Store {
             Some(PutOptions::new().with_lease(lease)),
         )];
         if let Some((replica, entry)) = &plan.target
-            && replica.state != ReplicaState::UpToDate
+            && let Some(marked) = claimed(replica)
         {
             cmp.push(Compare::mod_revision(
                 keys.replica(repo, node),
                 CompareOp::Equal,
                 entry.mod_revision,
             ));
-            let mut marked = replica.clone();
-            marked.state = ReplicaState::Repairing;
             ops.push(TxnOp::put(keys.replica(repo, node), encode(&marked), None));
         }
         ops.push(get_op(&key));
@@ -212,7 +211,9 @@ impl Store {
         let keys = self.keys();
         let repo = &claim.repo;
         let node = &claim.node;
-        let (Some(job), Some((replica, replica_entry))) = (&plan.job, &plan.target) else {
+        // A plan that found no job (finished or dropped meanwhile) or no target record
+        // has nothing to record, nor anything to compare.
+        let (Some(job), Some((target, replica_entry))) = (&plan.job, &plan.target) else {
             return Ok(Finish::Moved);
         };
         let mut cmp = vec![
@@ -246,14 +247,7 @@ impl Store {
         // outdated again at once ("missed transaction"). Under the lock, drained, this
         // holds by itself.
         cmp.push(Compare::create_revision(keys.txrepo(repo), CompareOp::Equal, 0).with_prefix());
-        let record = ReplicaRecord {
-            node: node.clone(),
-            generation: plan.generation(),
-            state: ReplicaState::UpToDate,
-            repair_epoch: replica.repair_epoch + 1,
-            checksum: checksum.to_owned(),
-            reason: String::new(),
-        };
+        let record = copied(Some(target), node, plan.generation(), checksum);
         let txn = Txn::new().when(cmp).and_then([
             TxnOp::put(keys.replica(repo, node), encode(&record), None),
             TxnOp::delete(keys.repair_job(repo, node), None),
@@ -294,12 +288,10 @@ impl Store {
             let Some(entry) = self.get(&key).await? else {
                 return Ok(());
             };
-            let mut replica: ReplicaRecord = entry.decode()?;
-            if replica.state != ReplicaState::Repairing {
+            let replica: ReplicaRecord = entry.decode()?;
+            let Some(replica) = unmarked(&replica, error) else {
                 return Ok(());
-            }
-            replica.state = ReplicaState::Outdated;
-            replica.reason = format!("repair failed: {error}");
+            };
             let txn = Txn::new()
                 .when([Compare::mod_revision(
                     key.as_str(),
@@ -337,12 +329,8 @@ impl Store {
             let Some(entry) = self.get(&key).await? else {
                 break;
             };
-            let mut job: JobRecord = entry.decode()?;
-            let now = now_unix_ms();
-            job.attempts += 1;
-            job.last_error = error.to_owned();
-            job.last_attempt_unix_ms = now;
-            job.not_before_unix_ms = now + backoff(job.attempts).as_millis() as u64;
+            let job: JobRecord = entry.decode()?;
+            let job = failed_attempt(&job, error, now_unix_ms());
             let txn = Txn::new()
                 .when([Compare::mod_revision(
                     key.as_str(),
@@ -359,14 +347,6 @@ impl Store {
         self.release_claim(claim).await?;
         Err(Error::Contention(8))
     }
-}
-
-/// Back-off after `attempts` failures: 0.5 s doubling up to 8 s. Short on purpose:
-/// most failures are the target or source being unreachable for a while (cheap to
-/// retry), and a replica should be back soon after its node is reachable again.
-pub fn backoff(attempts: u32) -> Duration {
-    let factor = 1u64 << attempts.saturating_sub(1).min(6);
-    (Duration::from_millis(500) * factor as u32).min(Duration::from_secs(8))
 }
 
 #[cfg(test)]
@@ -400,14 +380,5 @@ mod tests {
         assert!(!at(Some(30)).is_due(9_999), "registered before the failure");
         assert!(at(Some(51)).is_due(9_999), "registered again after it");
         assert!(at(None).is_due(10_000), "back-off over");
-    }
-
-    #[test]
-    fn backoff_doubles_up_to_a_bound() {
-        assert_eq!(backoff(1), Duration::from_millis(500));
-        assert_eq!(backoff(2), Duration::from_secs(1));
-        assert_eq!(backoff(4), Duration::from_secs(4));
-        assert_eq!(backoff(5), Duration::from_secs(8));
-        assert_eq!(backoff(40), Duration::from_secs(8));
     }
 }

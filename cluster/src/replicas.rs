@@ -7,9 +7,10 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use etcd_client::{Compare, CompareOp, DeleteOptions, Txn, TxnOp};
 
+use crate::decide::repair::copied;
 use crate::error::{Error, Result};
 use crate::lock::RepoLock;
-use crate::records::{ReplicaRecord, ReplicaState, RepoRecord};
+use crate::records::RepoRecord;
 use crate::repository::RepoView;
 use crate::store::{Store, by_tail, encode, get_prefix_op, ranges};
 
@@ -59,32 +60,17 @@ impl Store {
             ops.push(TxnOp::put(keys.repo(repo), encode(&record), None));
         }
         for (node, checksum) in &change.current {
-            let epoch = match view.replicas.get(node) {
-                Some((r, e)) => {
-                    cmp.push(Compare::mod_revision(
-                        keys.replica(repo, node),
-                        CompareOp::Equal,
-                        e.mod_revision,
-                    ));
-                    r.repair_epoch + 1
-                }
-                None => {
-                    cmp.push(Compare::create_revision(
-                        keys.replica(repo, node),
-                        CompareOp::Equal,
-                        0,
-                    ));
-                    0
-                }
-            };
-            let record = ReplicaRecord {
-                node: node.clone(),
-                generation: view.record.generation,
-                state: ReplicaState::UpToDate,
-                repair_epoch: epoch,
-                checksum: checksum.clone(),
-                reason: String::new(),
-            };
+            let previous = view.replicas.get(node);
+            cmp.push(match previous {
+                Some((_, e)) => Compare::mod_revision(
+                    keys.replica(repo, node),
+                    CompareOp::Equal,
+                    e.mod_revision,
+                ),
+                None => Compare::create_revision(keys.replica(repo, node), CompareOp::Equal, 0),
+            });
+            let previous = previous.map(|(r, _)| r);
+            let record = copied(previous, node, view.record.generation, checksum);
             ops.push(TxnOp::put(keys.replica(repo, node), encode(&record), None));
             ops.push(TxnOp::delete(keys.repair_job(repo, node), None));
         }

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use etcd_client::{Compare, CompareOp, Txn, TxnOp};
 
 use crate::error::{Error, Result};
-use crate::records::{NodeRecord, ReplicaRecord, ReplicaState, RepoRecord};
+use crate::records::{JobRecord, NodeRecord, ReplicaRecord, ReplicaState, RepoRecord};
 use crate::repo::RepoId;
 use crate::store::{Entry, Store, by_tail, encode, get_op, get_prefix_op, ranges, revision};
 
@@ -52,36 +52,15 @@ impl Store {
         assigned: &[String],
         checksum: &str,
     ) -> Result<RepoRecord> {
-        if assigned.is_empty() {
-            return Err(Error::Invalid(
-                "a repository needs at least one replica".into(),
-            ));
-        }
-        let mut unique = assigned.to_vec();
-        unique.sort();
-        unique.dedup();
-        if unique.len() != assigned.len() {
-            return Err(Error::Invalid("two replicas may not share a node".into()));
-        }
+        let (record, replicas) = new_repository(repo, assigned, checksum)?;
         let keys = self.keys();
-        let record = RepoRecord {
-            repo: repo.clone(),
-            assigned: assigned.to_vec(),
-            replication_factor: assigned.len() as u32,
-            generation: 0,
-            creation_checksum: checksum.to_owned(),
-        };
         let mut ops = vec![TxnOp::put(keys.repo(repo), encode(&record), None)];
-        for node in assigned {
-            let replica = ReplicaRecord {
-                node: node.clone(),
-                generation: 0,
-                state: ReplicaState::UpToDate,
-                repair_epoch: 0,
-                checksum: checksum.to_owned(),
-                reason: String::new(),
-            };
-            ops.push(TxnOp::put(keys.replica(repo, node), encode(&replica), None));
+        for replica in &replicas {
+            ops.push(TxnOp::put(
+                keys.replica(repo, &replica.node),
+                encode(replica),
+                None,
+            ));
         }
         let txn = Txn::new()
             .when([Compare::create_revision(
@@ -236,13 +215,12 @@ impl Store {
             let Some(entry) = self.get(&key).await? else {
                 return Ok(());
             };
-            let mut replica: ReplicaRecord = entry.decode()?;
+            let replica: ReplicaRecord = entry.decode()?;
             if replica.state != ReplicaState::UpToDate {
                 return Ok(());
             }
-            replica.state = ReplicaState::Outdated;
-            replica.reason = reason.to_owned();
-            let job = crate::records::JobRecord::new(
+            let replica = replica.outdated(reason);
+            let job = JobRecord::new(
                 repo.clone(),
                 node.to_owned(),
                 replica.generation,
@@ -256,7 +234,7 @@ impl Store {
                 )])
                 .and_then([
                     TxnOp::put(key.as_str(), encode(&replica), None),
-                    crate::tx::put_job_if_absent(self.keys(), &job),
+                    put_job_if_absent(self.keys(), &job),
                 ]);
             if self.txn(txn).await?.succeeded() {
                 return Ok(());
@@ -292,6 +270,57 @@ impl Store {
     }
 }
 
+/// Creates the repair job unless one exists: an existing job keeps its attempts and
+/// back-off, and a worker's claim on it stays valid.
+pub(crate) fn put_job_if_absent(keys: &crate::keys::Keys, job: &JobRecord) -> TxnOp {
+    let key = keys.repair_job(&job.repo, &job.node);
+    TxnOp::txn(
+        Txn::new()
+            .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(key.as_str(), encode(job), None)]),
+    )
+}
+
+/// The records of a new repository on `assigned` (placement order) whose replicas all
+/// start up to date at generation 0 with the repository's `checksum`. Refused without
+/// a replica, or with two on one node.
+pub fn new_repository(
+    repo: &RepoId,
+    assigned: &[String],
+    checksum: &str,
+) -> Result<(RepoRecord, Vec<ReplicaRecord>)> {
+    if assigned.is_empty() {
+        return Err(Error::Invalid(
+            "a repository needs at least one replica".into(),
+        ));
+    }
+    let mut unique = assigned.to_vec();
+    unique.sort();
+    unique.dedup();
+    if unique.len() != assigned.len() {
+        return Err(Error::Invalid("two replicas may not share a node".into()));
+    }
+    let record = RepoRecord {
+        repo: repo.clone(),
+        assigned: assigned.to_vec(),
+        replication_factor: assigned.len() as u32,
+        generation: 0,
+        creation_checksum: checksum.to_owned(),
+    };
+    let replicas = assigned
+        .iter()
+        .map(|node| ReplicaRecord {
+            node: node.clone(),
+            generation: 0,
+            state: ReplicaState::UpToDate,
+            repair_epoch: 0,
+            checksum: checksum.to_owned(),
+            reason: String::new(),
+        })
+        .collect();
+    Ok((record, replicas))
+}
+
 /// The `factor` least loaded nodes of `load` (node → repositories it holds), ties by
 /// name.
 pub fn place(load: &BTreeMap<String, usize>, factor: usize) -> Result<Vec<String>> {
@@ -313,6 +342,29 @@ pub fn place(load: &BTreeMap<String, usize>, factor: usize) -> Result<Vec<String
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_new_repository_starts_every_replica_up_to_date_at_generation_0() {
+        let repo = RepoId::new("default", "a.git").unwrap();
+        let nodes = ["n2".to_string(), "n1".to_string()];
+        let (record, replicas) = new_repository(&repo, &nodes, "sum").unwrap();
+        assert_eq!(record.assigned, nodes, "placement order kept");
+        assert_eq!((record.replication_factor, record.generation), (2, 0));
+        assert_eq!(record.creation_checksum, "sum");
+        assert_eq!(replicas.len(), 2);
+        for (r, node) in replicas.iter().zip(&nodes) {
+            assert!(r.is_up_to_date(&record));
+            assert_eq!(
+                (&r.node, r.checksum.as_str(), r.repair_epoch),
+                (node, "sum", 0)
+            );
+        }
+        let e = new_repository(&repo, &[], "").unwrap_err().to_string();
+        assert!(e.contains("at least one replica"), "{e}");
+        let twice = ["n1".to_string(), "n2".to_string(), "n1".to_string()];
+        let e = new_repository(&repo, &twice, "").unwrap_err().to_string();
+        assert!(e.contains("may not share a node"), "{e}");
+    }
 
     #[test]
     fn placement_takes_the_least_loaded_nodes_ties_by_name() {

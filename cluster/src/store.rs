@@ -1,21 +1,40 @@
 //! A thin layer over the etcd client: every request bounded by a timeout and moved to
 //! another endpoint when one cannot serve, and helpers
-//! to read records out of range and transaction responses.
+//! to read records out of range and transaction responses. The requests that failed
+//! are counted ([`ETCD_ERRORS`]) for whichever process runs the store.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use etcd_client::{
     Client, ConnectOptions, GetOptions, GetResponse, KeyValue, Txn, TxnOp, TxnOpResponse,
     TxnResponse,
 };
+use refvote_telemetry::metrics::{Counter, Family, Text};
 use serde::de::DeserializeOwned;
 
 use crate::error::{Error, Result};
 use crate::keys::Keys;
+
+/// etcd requests that failed, by kind (`timeout`, `unavailable`, `other`), counted by
+/// [`Store`] for whichever process it runs in.
+pub static ETCD_ERRORS: LazyLock<Family<Counter>> = LazyLock::new(|| Family::new(&["kind"], 8));
+
+/// Writes [`ETCD_ERRORS`] as `<prefix>_etcd_errors_total`, every kind present from the
+/// first scrape.
+pub fn render_etcd_errors(t: &mut Text, prefix: &str) {
+    for kind in ["timeout", "unavailable", "other"] {
+        ETCD_ERRORS.with(&[kind]);
+    }
+    t.counter_family(
+        &format!("{prefix}_etcd_errors_total"),
+        "etcd requests that failed, by kind.",
+        &ETCD_ERRORS,
+    );
+}
 
 /// How to reach etcd.
 #[derive(Debug, Clone)]
@@ -200,7 +219,7 @@ impl Store {
             match tokio::time::timeout_at(deadline, op(client)).await {
                 Ok(Ok(v)) => return Ok(v),
                 Ok(Err(e)) if is_endpoint_failure(&e) => {
-                    crate::metrics::ETCD_ERRORS.with(&["unavailable"]).inc();
+                    ETCD_ERRORS.with(&["unavailable"]).inc();
                     tracing::debug!(endpoint = i, attempt, error = %e, "etcd endpoint failed; trying the next");
                     self.rotate(i);
                     last = Some(e);
@@ -215,11 +234,11 @@ impl Store {
                     }
                 }
                 Ok(Err(e)) => {
-                    crate::metrics::ETCD_ERRORS.with(&["other"]).inc();
+                    ETCD_ERRORS.with(&["other"]).inc();
                     return Err(e.into());
                 }
                 Err(_) => {
-                    crate::metrics::ETCD_ERRORS.with(&["timeout"]).inc();
+                    ETCD_ERRORS.with(&["timeout"]).inc();
                     self.rotate(i);
                     return Err(Error::Timeout(self.inner.timeout));
                 }

@@ -10,7 +10,7 @@
 //! abort the update at `prepared` (git ignores the status of later phases). On abort it
 //! prints one line saying why; the pusher sees it.
 //!
-//! Environment (set by votingd when it runs git):
+//! Environment (set by votingd when it runs git; the names are `refvote_proto::contract`'s):
 //! - `REFVOTE_TX`: the refvote transaction id; absent for updates outside refvote.
 //! - `REFVOTE_VOTER`: the node name this replica votes as.
 //! - `REFVOTE_SOCKET`: votingd's vote socket.
@@ -32,6 +32,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use prost::Message;
+use refvote_proto::contract::{ENV_MAINTENANCE, ENV_SOCKET, ENV_TX, ENV_VOTER, MAINTENANCE_ON};
 use refvote_proto::hook::{self, Phase, Request, Response, Vote, request, response};
 
 const DEFAULT_DEADLINE: Duration = Duration::from_secs(120);
@@ -72,23 +73,23 @@ fn run(started: Instant) -> Result<i32, String> {
         ));
     }
 
-    if std::env::var_os("REFVOTE_MAINTENANCE").is_some_and(|v| v == "1") {
+    if std::env::var_os(ENV_MAINTENANCE).is_some_and(|v| v == MAINTENANCE_ON) {
         return Ok(0);
     }
-    let Some(tx) = std::env::var_os("REFVOTE_TX") else {
+    let Some(tx) = std::env::var_os(ENV_TX) else {
         return outside_refvote(phase, argv0);
     };
     let tx = tx
         .into_string()
-        .map_err(|_| "REFVOTE_TX is not UTF-8".to_string())?;
+        .map_err(|_| format!("{ENV_TX} is not UTF-8"))?;
     let update = input::parse(&stdin).map_err(|e| format!("update rejected: {e}"))?;
     if update.is_packed_refs_side() {
         // git's packed-refs half of a deletion: replicas that packed their refs at
         // different times see it or not, so it is never voted.
         return Ok(0);
     }
-    let voter = env("REFVOTE_VOTER")?;
-    let socket = env("REFVOTE_SOCKET")?;
+    let voter = env(ENV_VOTER)?;
+    let socket = env(ENV_SOCKET)?;
     let deadline = std::env::var("REFVOTE_HOOK_DEADLINE_MS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -171,7 +172,7 @@ fn outside_refvote(phase: Phase, argv0: Option<PathBuf>) -> Result<i32, String> 
 }
 
 fn env(name: &str) -> Result<String, String> {
-    std::env::var(name).map_err(|_| format!("{name} is not set; votingd sets it with REFVOTE_TX"))
+    std::env::var(name).map_err(|_| format!("{name} is not set; votingd sets it with {ENV_TX}"))
 }
 
 /// Sends one request and reads one response, all before `deadline`.

@@ -1,11 +1,17 @@
 //! refvote's wire definitions, generated from the `.proto` files in this folder.
 //!
 //! Always: the message between the `reference-transaction` hook and votingd ([`hook`])
-//! and its framing. With the `grpc` feature: the Gitaly subset the storage node serves
-//! and the router forwards ([`gitaly`], package `gitaly`, tonic servers and clients), and
-//! its descriptor set; refvote's admin service the router serves ([`admin`]). The hook builds without that feature, so it stays free of an
-//! async runtime and a gRPC stack.
+//! and its framing, and the rest of the wire contract between the parts
+//! ([`contract`]: the transaction metadata key, the transaction-id rule, the hook's
+//! environment). With the `grpc` feature: Gitaly's protocol as GitLab's clients use
+//! it, every service they call declared whole (matched to Gitaly b229e9953e77), which
+//! the storage node serves (methods it does not implement answer UNIMPLEMENTED) and the
+//! router forwards ([`gitaly`], package `gitaly`, tonic servers and clients), and its
+//! descriptor set; refvote's admin service the router serves ([`admin`]). The hook
+//! builds without that feature, so it stays free of an async runtime and a gRPC stack.
 #![forbid(unsafe_code)]
+
+pub mod contract;
 
 /// Gitaly's protocol as we serve it (`gitaly/*.proto`, `refvote/annotations.proto`):
 /// messages, `*_server` and `*_client` modules for every service.
@@ -78,9 +84,6 @@ pub mod hook {
         <Request as prost::Message>::decode(body).map_err(|e| format!("malformed request: {e}"))
     }
 
-    /// Longest transaction id a vote may carry (the router's ids are far shorter).
-    pub const MAX_TRANSACTION_ID: usize = 128;
-
     impl Vote {
         /// Checks the fields every vote must have right, whoever receives it: a known
         /// phase, a well-formed transaction id, a 32-hex-digit key base and a SHA-256
@@ -94,12 +97,7 @@ pub mod hook {
                 ));
             }
             let id = &self.transaction;
-            let id_ok = !id.is_empty()
-                && id.len() <= MAX_TRANSACTION_ID
-                && id
-                    .bytes()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_'));
-            if !id_ok {
+            if !crate::contract::is_transaction_id(id) {
                 return Err((
                     error::Code::InvalidArgument,
                     format!("malformed transaction id {id:?}"),

@@ -24,13 +24,11 @@ use refvote_proto::admin::{
     RemoveRepositoryReplicasResponse, RemoveRepositoryRequest, RemoveRepositoryResponse, Replica,
     RepositoryName, SynchronizeRepositoryReplicasRequest, SynchronizeRepositoryReplicasResponse,
 };
-use refvote_proto::gitaly::repository_service_client::RepositoryServiceClient;
-use refvote_proto::gitaly::{RemoveRepositoryRequest as NodeRemoveRequest, Repository};
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
+use crate::nodes::{self, NodeError, checksum, replicate};
 use crate::pool::Pool;
-use crate::repair::{RepairError, checksum, replicate};
 
 /// The path prefix of the admin service's methods.
 pub const PATH_PREFIX: &str = "/refvote.admin.AdminService/";
@@ -132,38 +130,6 @@ impl Admin {
             sums.insert(target.clone(), sum);
         }
         Ok(sums)
-    }
-
-    /// Deletes `node`'s copy on disk; `false` if the node could not do it.
-    async fn remove_on_disk(&self, view: &RepoView, node: &str) -> bool {
-        let Some((record, _)) = view.live_nodes.get(node) else {
-            return false;
-        };
-        let (Some(storage), Ok(channel)) =
-            (record.storages.first(), self.pool.channel(&record.address))
-        else {
-            return false;
-        };
-        let mut request = Request::new(NodeRemoveRequest {
-            repository: Some(Repository {
-                storage_name: storage.clone(),
-                relative_path: view.record.repo.relative_path.clone(),
-                ..Default::default()
-            }),
-        });
-        request.set_timeout(Duration::from_secs(60));
-        match RepositoryServiceClient::new(channel)
-            .remove_repository(request)
-            .await
-        {
-            Ok(_) => true,
-            // Already gone is what was wanted.
-            Err(s) if s.code() == tonic::Code::NotFound => true,
-            Err(s) => {
-                tracing::warn!(repo = %view.record.repo, node, status = %s, "cannot remove the copy on disk");
-                false
-            }
-        }
     }
 
     async fn replicas(&self, repo: &RepoId) -> Result<Vec<Replica>, Status> {
@@ -329,7 +295,7 @@ impl AdminService for Admin {
         // The records are gone, so nothing routes to these copies any more.
         let mut left_on_disk = Vec::new();
         for node in &removed {
-            if !self.remove_on_disk(&view, node).await {
+            if !nodes::remove(&self.pool, &view, node).await {
                 left_on_disk.push(node.clone());
             }
         }
@@ -453,7 +419,7 @@ impl AdminService for Admin {
                 // Still under the lock: a re-creation waits until the copies are gone.
                 let (mut removed, mut left) = (Vec::new(), Vec::new());
                 for node in &view.record.assigned {
-                    if self.remove_on_disk(&view, node).await {
+                    if nodes::remove(&self.pool, &view, node).await {
                         removed.push(node.clone());
                     } else {
                         left.push(node.clone());
@@ -539,7 +505,7 @@ fn fenced(result: refvote_cluster::Result<bool>) -> Result<(), Status> {
     }
 }
 
-fn repair_status(target: &str, e: RepairError) -> Status {
+fn repair_status(target: &str, e: NodeError) -> Status {
     Status::unavailable(format!("copying the repository to {target}: {e}"))
 }
 

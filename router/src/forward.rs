@@ -37,9 +37,9 @@ pub type Frames = Pin<Box<dyn Stream<Item = Result<Bytes, Status>> + Send>>;
 /// Frames to a node.
 type Outgoing = Pin<Box<dyn Stream<Item = Bytes> + Send>>;
 
-/// The request metadata key naming the transaction a node votes in (votingd's
-/// `TX_METADATA`).
-pub const TX_METADATA: &str = "refvote-transaction";
+/// The request metadata key naming the transaction a node votes in (refvote's wire
+/// contract, defined in `refvote_proto`).
+pub use refvote_proto::contract::TX_METADATA;
 
 /// How long finalize waits for the voters that answered to report done, and for their
 /// pending confirmations in other open transactions of the repository (each ends as
@@ -299,7 +299,7 @@ impl Forwarder {
                 if let Ok(o) = &outcome
                     && o.acknowledged
                 {
-                    crate::repair::record_creation_checksum(&store, &me.pool, &tx.repo, rev, o)
+                    crate::nodes::record_creation_checksum(&store, &me.pool, &tx.repo, rev, o)
                         .await;
                 }
             }

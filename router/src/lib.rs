@@ -13,7 +13,8 @@
 //! turned into the Gitaly call and passed through the same handler. Every router also
 //! runs the [`repair`] worker (outdated replicas copied from an up-to-date one) and the
 //! reaper (transactions whose router died), and serves refvote's [`admin`] service
-//! (replicas of a repository, their synchronization, removal). Every call passes
+//! (replicas of a repository, their synchronization, removal); the calls these make
+//! to nodes (copy, checksum, removal) live in one module, `nodes`. Every call passes
 //! Gitaly's token check first when `[auth]` is set (refvote-auth), and every call to a
 //! node carries the router's own token; listeners and node channels use TLS when
 //! `[tls]` says so. gRPC health (`grpc.health.v1`) is answered on the same port, and
@@ -29,6 +30,7 @@ pub mod forward;
 pub mod frame;
 pub mod http;
 pub mod metrics;
+mod nodes;
 mod pool;
 pub mod reads;
 pub mod registry;

@@ -37,7 +37,7 @@ async fn main() {
         println!("{}: ok", args.config.display());
         return;
     }
-    refvote_cluster::logging::init();
+    refvote_telemetry::logging::init();
     let server = match RouterServer::start(&config).await {
         Ok(s) => s,
         Err(e) => {

@@ -15,8 +15,8 @@ use bytes::Bytes;
 use etcd_client::GetOptions;
 use http_body::{Body, Frame, SizeHint};
 use refvote_cluster::Store;
-use refvote_cluster::metrics::{self, Counter, Family, Gauge, Histogram, LATENCY_BUCKETS, Text};
 use refvote_cluster::records::TxOutcome;
+use refvote_telemetry::metrics::{self, Counter, Family, Gauge, Histogram, LATENCY_BUCKETS, Text};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -224,6 +224,6 @@ async fn render(store: &Store, lease_held: bool) -> String {
         "1 while the router holds its etcd lease (it may start writes), else 0.",
         i64::from(lease_held),
     );
-    t.etcd_errors("refvote_router");
+    refvote_cluster::store::render_etcd_errors(&mut t, "refvote_router");
     t.finish()
 }

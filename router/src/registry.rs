@@ -12,8 +12,12 @@ use crate::wire::{self, Field, Value};
 /// Extension numbers of `refvote/annotations.proto` (the same as Gitaly's lint.proto).
 const EXT_INTERCEPTED: u32 = 82302;
 const EXT_OP_TYPE: u32 = 82303;
+const EXT_REPOSITORY: u32 = 91234;
 const EXT_TARGET_REPOSITORY: u32 = 91235;
 const EXT_ADDITIONAL_REPOSITORY: u32 = 91236;
+
+/// The message type every target path ends at.
+const REPOSITORY_TYPE: &str = ".gitaly.Repository";
 
 /// How deep the search for a nested target repository goes.
 const MAX_DEPTH: usize = 4;
@@ -43,7 +47,8 @@ pub struct Method {
     /// `None` for methods of an intercepted service, which the router answers itself.
     pub kind: Option<OpKind>,
     pub scope: Scope,
-    /// Field numbers from the request down to the target `Repository` message.
+    /// Field numbers from the request down to the target `Repository` message (through
+    /// a wrapper such as an object pool, whose inner field is marked `repository`).
     pub target: Option<Vec<u32>>,
     /// Likewise for a second repository the call reads (e.g. a fork source).
     pub additional: Option<Vec<u32>>,
@@ -77,6 +82,9 @@ pub struct Registry {
 struct MessageType {
     /// (field number, type name of a message field, target?, additional?)
     fields: Vec<(u32, Option<String>, bool, bool)>,
+    /// The field marked `repository`: where a wrapper message (an object pool) that is
+    /// itself a target or additional repository keeps its `Repository`.
+    repository: Option<u32>,
 }
 
 fn bytes<'a>(f: &Field<'a>) -> Option<&'a [u8]> {
@@ -206,13 +214,18 @@ fn collect_messages(
                 .map(string)
                 .unwrap_or_default()
         });
-        let (target, additional) = match ff.iter().find(|f| f.number == 8).and_then(bytes) {
-            Some(opts) => (
-                flag(opts, EXT_TARGET_REPOSITORY)?,
-                flag(opts, EXT_ADDITIONAL_REPOSITORY)?,
-            ),
-            None => (false, false),
-        };
+        let (target, additional, repository) =
+            match ff.iter().find(|f| f.number == 8).and_then(bytes) {
+                Some(opts) => (
+                    flag(opts, EXT_TARGET_REPOSITORY)?,
+                    flag(opts, EXT_ADDITIONAL_REPOSITORY)?,
+                    flag(opts, EXT_REPOSITORY)?,
+                ),
+                None => (false, false, false),
+            };
+        if repository {
+            ty.repository = Some(number);
+        }
         ty.fields.push((number, type_name, target, additional));
     }
     for nested in fields.iter().filter(|f| f.number == 3).filter_map(bytes) {
@@ -224,7 +237,10 @@ fn collect_messages(
 
 /// The path of field numbers to the field marked `target_repository` (or, with
 /// `additional`, `additional_repository`), searching nested message fields
-/// breadth-first, as Gitaly does for requests whose repository sits in a header.
+/// breadth-first, as Gitaly does for requests whose repository sits in a header. When
+/// the marked field is not a `Repository` but a wrapper (an `ObjectPool`), the path
+/// goes on to the wrapper's field marked `repository`; a wrapper without one has no
+/// usable path.
 fn find(
     types: &BTreeMap<String, MessageType>,
     type_name: &str,
@@ -234,11 +250,18 @@ fn find(
     for _ in 0..MAX_DEPTH {
         let mut next = Vec::new();
         for (name, path) in &queue {
-            let ty = types.get(name)?;
+            // A type outside the set (none today) holds no target; keep searching.
+            let Some(ty) = types.get(name) else {
+                continue;
+            };
             for (number, nested, target, extra) in &ty.fields {
                 if (!additional && *target) || (additional && *extra) {
                     let mut p = path.clone();
                     p.push(*number);
+                    match nested.as_deref() {
+                        Some(REPOSITORY_TYPE) | None => {}
+                        Some(wrapper) => p.push(types.get(wrapper)?.repository?),
+                    }
                     return Some(p);
                 }
                 if let Some(nested) = nested {
@@ -372,6 +395,73 @@ mod tests {
             }
         }
         assert!(r.len() >= 40, "{} methods", r.len());
+    }
+
+    /// A sample of methods classified as Gitaly's own protos classify them (read from
+    /// Gitaly b229e9953e77, master of 2026-05-27): the registry must agree on kind, scope,
+    /// streaming shape and where the target and additional repositories sit.
+    #[test]
+    fn classifies_as_gitaly_does() {
+        use OpKind::{Accessor, Maintenance, Mutator};
+        let r = Registry::gitaly().unwrap();
+        // (path, kind, scope, target, additional, client streaming, server streaming)
+        type Row = (
+            &'static str,
+            Option<OpKind>,
+            Scope,
+            Option<&'static [u32]>,
+            Option<&'static [u32]>,
+            bool,
+            bool,
+        );
+        #[rustfmt::skip]
+        let rows: &[Row] = &[
+            // Two-phase merge: a bidi stream whose first frame names the repository.
+            ("/gitaly.OperationService/UserMergeBranch", Some(Mutator), Scope::Repository, Some(&[1]), None, true, true),
+            // The rebase's repository sits in the header of its first frame.
+            ("/gitaly.OperationService/UserRebaseConfirmable", Some(Mutator), Scope::Repository, Some(&[1, 1]), None, true, true),
+            ("/gitaly.OperationService/UserApplyPatch", Some(Mutator), Scope::Repository, Some(&[1, 1]), None, true, false),
+            ("/gitaly.OperationService/UserSquash", Some(Mutator), Scope::Repository, Some(&[1]), None, false, false),
+            ("/gitaly.RepositoryService/GetArchive", Some(Accessor), Scope::Repository, Some(&[1]), None, false, true),
+            ("/gitaly.RepositoryService/OptimizeRepository", Some(Maintenance), Scope::Repository, Some(&[1]), None, false, false),
+            ("/gitaly.RepositoryService/PruneUnreachableObjects", Some(Maintenance), Scope::Repository, Some(&[1]), None, false, false),
+            // The fork's source is deliberately not annotated: the node calls the
+            // source's server with it unchanged.
+            ("/gitaly.RepositoryService/CreateFork", Some(Mutator), Scope::Repository, Some(&[1]), None, false, false),
+            // Storage-scoped: no repository, a storage name instead.
+            ("/gitaly.RemoteService/FindRemoteRepository", Some(Accessor), Scope::Storage, None, None, false, false),
+            // Pushes to a remote only: an accessor of the local repository.
+            ("/gitaly.RemoteService/UpdateRemoteMirror", Some(Accessor), Scope::Repository, Some(&[1]), None, true, false),
+            // Writes a language cache into the repository, so Gitaly calls it a mutator.
+            ("/gitaly.CommitService/CommitLanguages", Some(Mutator), Scope::Repository, Some(&[1]), None, false, false),
+            ("/gitaly.CommitService/CheckObjectsExist", Some(Accessor), Scope::Repository, Some(&[1]), None, true, true),
+            ("/gitaly.DiffService/FindChangedPaths", Some(Accessor), Scope::Repository, Some(&[1]), None, false, true),
+            ("/gitaly.AnalysisService/CheckBlobsGenerated", Some(Accessor), Scope::Repository, Some(&[1]), None, true, true),
+            ("/gitaly.ConflictsService/ResolveConflicts", Some(Mutator), Scope::Repository, Some(&[1, 1]), None, true, false),
+            ("/gitaly.CleanupService/RewriteHistory", Some(Mutator), Scope::Repository, Some(&[1]), None, true, false),
+            // Object pools: the pool is reached through its inner `repository` field.
+            ("/gitaly.ObjectPoolService/CreateObjectPool", Some(Mutator), Scope::Repository, Some(&[1, 1]), Some(&[2]), false, false),
+            ("/gitaly.ObjectPoolService/LinkRepositoryToObjectPool", Some(Mutator), Scope::Repository, Some(&[2]), Some(&[1, 1]), false, false),
+            ("/gitaly.ObjectPoolService/FetchIntoObjectPool", Some(Mutator), Scope::Repository, Some(&[2, 1]), Some(&[1]), false, false),
+            ("/gitaly.ObjectPoolService/GetObjectPool", Some(Accessor), Scope::Repository, Some(&[1]), None, false, false),
+            ("/gitaly.SSHService/SSHUploadPackWithSidechannel", Some(Accessor), Scope::Repository, Some(&[1]), None, false, false),
+            // Intercepted services: the router answers them itself.
+            ("/gitaly.ServerService/ReadinessCheck", None, Scope::Storage, None, None, false, false),
+            ("/gitaly.PraefectInfoService/RepositoryReplicas", None, Scope::Storage, None, None, false, false),
+        ];
+        for &(path, kind, scope, target, additional, cs, ss) in rows {
+            let m = r
+                .get(path)
+                .unwrap_or_else(|| panic!("{path} is not declared"));
+            assert_eq!(m.kind, kind, "{path}");
+            assert_eq!(m.scope, scope, "{path}");
+            assert_eq!(m.target.as_deref(), target, "{path}");
+            assert_eq!(m.additional.as_deref(), additional, "{path}");
+            assert_eq!((m.client_streaming, m.server_streaming), (cs, ss), "{path}");
+        }
+        // The whole of every service GitLab's clients use is declared: 143 methods, the
+        // plain upload-pack forms Gitaly has since removed included.
+        assert_eq!(r.len(), 143, "{} methods", r.len());
     }
 
     /// A descriptor set with one service whose only method is not annotated.

@@ -13,22 +13,14 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use base64::Engine;
 use refvote_cluster::Store;
 use refvote_cluster::lock::RepoLock;
 use refvote_cluster::records::now_unix_ms;
 use refvote_cluster::repair::{Claim, Finish, RepairJob, RepairPlan};
-use refvote_cluster::repository::RepoView;
-use refvote_proto::gitaly::repository_service_client::RepositoryServiceClient;
-use refvote_proto::gitaly::{CalculateChecksumRequest, ReplicateRepositoryRequest, Repository};
 use tokio::sync::watch;
-use tonic::metadata::MetadataValue;
 
+use crate::nodes::{NodeError, checksum, replicate};
 use crate::pool::Pool;
-
-/// The request metadata key naming where the source storage is served (votingd's
-/// `SERVERS_METADATA`, Gitaly's name).
-pub const SERVERS_METADATA: &str = "gitaly-servers";
 
 #[derive(Debug, Clone)]
 pub struct RepairConfig {
@@ -65,17 +57,8 @@ impl RepairConfig {
 pub(crate) enum RepairError {
     #[error("no up-to-date replica on a live node to copy from")]
     NoSource,
-    #[error("copy from {source_node} failed: {status}")]
-    Copy { source_node: String, status: String },
-    /// The target refused the copy as a concurrency conflict (ABORTED): e.g. the
-    /// source's refs moved while it bundled them. The next try, at worst the locked
-    /// one, copies again.
-    #[error("copy from {source_node} overtaken by writes: {status}")]
-    Overtaken { source_node: String, status: String },
-    #[error("checksum after the copy failed: {0}")]
-    Checksum(String),
-    #[error("{0}")]
-    Node(String),
+    #[error(transparent)]
+    Node(#[from] NodeError),
     #[error("etcd: {0}")]
     Etcd(#[from] refvote_cluster::Error),
     #[error("writes kept moving the repository even under its lock")]
@@ -248,7 +231,7 @@ impl Worker {
                 return Ok(());
             }
             let checksum = match self.copy(&plan, claim, self.config.copy_timeout).await {
-                Err(e @ RepairError::Overtaken { .. }) => {
+                Err(e @ RepairError::Node(NodeError::Overtaken { .. })) => {
                     tracing::info!(try_ = i + 1, error = %e, "the copy was overtaken by writes; again");
                     continue;
                 }
@@ -341,123 +324,6 @@ impl Worker {
             &claim.repo.relative_path,
         )
         .await
-    }
-}
-
-/// A node's address and the storage it keeps replicas in.
-fn node_of<'a>(view: &'a RepoView, node: &str) -> Result<(&'a str, &'a str), RepairError> {
-    let (record, _) = view
-        .live_nodes
-        .get(node)
-        .ok_or_else(|| RepairError::Node(format!("node {node} is not live")))?;
-    let storage = record
-        .storages
-        .first()
-        .ok_or_else(|| RepairError::Node(format!("node {node} registers no storage")))?;
-    Ok((&record.address, storage))
-}
-
-fn repository(storage: &str, relative: &str) -> Repository {
-    Repository {
-        storage_name: storage.to_owned(),
-        relative_path: relative.to_owned(),
-        ..Default::default()
-    }
-}
-
-/// `ReplicateRepository` on `target` from `source`, bounded by `timeout` (dropping the
-/// call cancels it; the node then kills its git processes).
-pub(crate) async fn replicate(
-    pool: &Pool,
-    view: &RepoView,
-    source: &str,
-    target: &str,
-    relative: &str,
-    timeout: Duration,
-) -> Result<(), RepairError> {
-    let (target_addr, target_storage) = node_of(view, target)?;
-    let (source_addr, source_storage) = node_of(view, source)?;
-    let channel = pool.channel(target_addr).map_err(RepairError::Node)?;
-    let mut request = tonic::Request::new(ReplicateRepositoryRequest {
-        repository: Some(repository(target_storage, relative)),
-        source: Some(repository(source_storage, relative)),
-    });
-    let servers = serde_json::json!({ source_storage: { "address": source_addr } });
-    let value = base64::engine::general_purpose::STANDARD.encode(servers.to_string());
-    request.metadata_mut().insert(
-        SERVERS_METADATA,
-        MetadataValue::try_from(value).map_err(|e| RepairError::Node(e.to_string()))?,
-    );
-    request.set_timeout(timeout);
-    let mut client = RepositoryServiceClient::new(channel);
-    match tokio::time::timeout(timeout, client.replicate_repository(request)).await {
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err(status)) if status.code() == tonic::Code::Aborted => Err(RepairError::Overtaken {
-            source_node: source.to_owned(),
-            status: status.message().to_owned(),
-        }),
-        Ok(Err(status)) => Err(RepairError::Copy {
-            source_node: source.to_owned(),
-            status: format!("{:?}: {}", status.code(), status.message()),
-        }),
-        Err(_) => Err(RepairError::Copy {
-            source_node: source.to_owned(),
-            status: format!("no answer within {timeout:?}"),
-        }),
-    }
-}
-
-/// `CalculateChecksum` of `node`'s replica.
-pub(crate) async fn checksum(
-    pool: &Pool,
-    view: &RepoView,
-    node: &str,
-    relative: &str,
-) -> Result<String, RepairError> {
-    let (addr, storage) = node_of(view, node)?;
-    let channel = pool.channel(addr).map_err(RepairError::Node)?;
-    let mut request = tonic::Request::new(CalculateChecksumRequest {
-        repository: Some(repository(storage, relative)),
-    });
-    request.set_timeout(Duration::from_secs(60));
-    RepositoryServiceClient::new(channel)
-        .calculate_checksum(request)
-        .await
-        .map(|r| r.into_inner().checksum)
-        .map_err(|s| RepairError::Checksum(format!("{}: {:?}: {}", node, s.code(), s.message())))
-}
-
-/// Records a just-created repository's checksum (DESIGN.md §3 `repos/`), taken from a
-/// replica the creation promoted; kept only if no write landed meanwhile.
-pub(crate) async fn record_creation_checksum(
-    store: &Store,
-    pool: &Pool,
-    repo: &refvote_cluster::RepoId,
-    create_revision: i64,
-    outcome: &refvote_cluster::records::TxOutcome,
-) {
-    let result = async {
-        let view = store.repo_view(repo).await?;
-        let up = view.up_to_date_live();
-        let node = if outcome.committed {
-            outcome.promoted.first()
-        } else {
-            up.first()
-        }
-        .cloned()
-        .ok_or_else(|| RepairError::Node("no replica to take the checksum from".into()))?;
-        let sum = checksum(pool, &view, &node, &repo.relative_path).await?;
-        let recorded = store
-            .set_creation_checksum(repo, create_revision, outcome.generation, &sum)
-            .await?;
-        Ok::<_, RepairError>((sum, recorded))
-    }
-    .await;
-    match result {
-        Ok((sum, true)) => tracing::debug!(%repo, checksum = %sum, "creation checksum recorded"),
-        Ok((_, false)) => {
-            tracing::info!(%repo, "the repository changed before its creation checksum was recorded")
-        }
-        Err(e) => tracing::warn!(%repo, error = %e, "cannot record the creation checksum"),
+        .map_err(RepairError::from)
     }
 }

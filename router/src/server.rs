@@ -88,7 +88,7 @@ impl RouterServer {
             .map_err(|source| StartError::Bind { addr, source })?;
         let metrics_listener = match config.metrics() {
             Some(addr) => Some(
-                refvote_cluster::metrics::bind(addr)
+                refvote_telemetry::metrics::bind(addr)
                     .await
                     .map_err(|source| StartError::MetricsBind { addr, source })?,
             ),

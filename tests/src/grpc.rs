@@ -34,7 +34,7 @@ pub async fn channel(node: &Node) -> Channel {
 pub fn with_tx<T>(message: T, tx: &str) -> tonic::Request<T> {
     let mut r = tonic::Request::new(message);
     r.metadata_mut().insert(
-        "refvote-transaction",
+        refvote_proto::contract::TX_METADATA,
         MetadataValue::try_from(tx).expect("a transaction id is ASCII"),
     );
     r

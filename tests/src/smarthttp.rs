@@ -1,7 +1,15 @@
-//! A test transport for real git clients: a tiny HTTP/1.1 server that turns git's smart
-//! HTTP requests into the node service's SmartHTTPService calls, the way the router's
-//! HTTP front will. A push goes to every target with the same bytes (each with the
-//! refvote transaction in metadata, if one is set); a fetch or clone goes to the first.
+//! A test transport for real git clients straight to storage nodes: a tiny HTTP/1.1
+//! server that turns git's smart HTTP requests into the node service's
+//! SmartHTTPService calls. A push goes to every target with the same bytes (each with
+//! the refvote transaction in metadata, if one is set); a fetch or clone goes to the
+//! first.
+//!
+//! Tests that have a router push through the router's own HTTP port
+//! (`Router::http_url`). This bridge is for what that cannot do: pushing to nodes with
+//! no router in between, inside a transaction the test runs itself (`tests/node.rs`,
+//! `tests/node_ssh.rs`), and a git client whose calls reach a router as gRPC
+//! (`tests/metrics.rs` counts the router's gRPC calls, which its HTTP port, calling
+//! its handler in-process, does not add to).
 //!
 //! It buffers each request and response (test repositories are small), answers one
 //! request per connection, and refuses gzip-encoded request bodies with a clear error
@@ -270,9 +278,10 @@ async fn receive_pack(
     messages[0].git_protocol = req.git_protocol.clone();
     let mut request = tonic::Request::new(tokio_stream::iter(messages));
     if let Some(tx) = &t.transaction {
-        request
-            .metadata_mut()
-            .insert("refvote-transaction", MetadataValue::try_from(tx.as_str())?);
+        request.metadata_mut().insert(
+            refvote_proto::contract::TX_METADATA,
+            MetadataValue::try_from(tx.as_str())?,
+        );
     }
     let mut client = client(&t.url, secret).await?;
     let mut stream = client.post_receive_pack(request).await?.into_inner();

@@ -20,9 +20,9 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+use refvote_launcher::alive;
 use refvote_tests::git::{self, WorkRepo, rev};
 use refvote_tests::local::{LocalCluster, git_in};
-use votingd::local_cluster::alive;
 
 fn text_of(out: &Output) -> String {
     format!(

@@ -3,6 +3,7 @@
 //! mutators inside refvote transactions.
 
 use refvote_cluster::RepoId;
+use refvote_node::detail::detail_of;
 use refvote_proto::gitaly::blob_service_client::BlobServiceClient;
 use refvote_proto::gitaly::commit_service_client::CommitServiceClient;
 use refvote_proto::gitaly::get_blobs_request::RevisionPath;
@@ -26,7 +27,6 @@ use refvote_tests::git::{self, WorkRepo, rev};
 use refvote_tests::grpc::{channel, repo};
 use tonic::Code;
 use tonic::metadata::MetadataValue;
-use votingd::node::detail::detail_of;
 
 /// Every message of a server stream, or the status that ended it.
 async fn collect<T>(
@@ -978,7 +978,7 @@ async fn user_commit_files_in_a_three_voter_transaction_is_identical_everywhere(
                 ];
                 let mut request = tonic::Request::new(tokio_stream::iter(msgs));
                 request.metadata_mut().insert(
-                    "refvote-transaction",
+                    refvote_proto::contract::TX_METADATA,
                     MetadataValue::try_from(tx.as_str()).unwrap(),
                 );
                 OperationServiceClient::new(channel(n).await)
@@ -1021,7 +1021,7 @@ async fn user_commit_files_in_a_three_voter_transaction_is_identical_everywhere(
                 timestamp: None,
             });
             request.metadata_mut().insert(
-                "refvote-transaction",
+                refvote_proto::contract::TX_METADATA,
                 MetadataValue::try_from(tx.as_str()).unwrap(),
             );
             OperationServiceClient::new(channel(n).await)

@@ -471,7 +471,7 @@ fn run_hook(phase: &str, stdin: &[u8], env: &[(String, String)]) -> std::process
     use std::io::Write;
     let mut cmd = std::process::Command::new(refvote_tests::node::bin("reference-transaction"));
     cmd.arg(phase)
-        .env_remove("REFVOTE_TX")
+        .env_remove(refvote_proto::contract::ENV_TX)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
@@ -630,7 +630,7 @@ async fn require_transaction_refuses_updates_outside_refvote_but_not_maintenance
     );
     assert!(rev(&node.repo("strict.git"), "main").is_none());
     // A run votingd marks as its own (repair, maintenance) passes.
-    let marked = [("REFVOTE_MAINTENANCE".to_string(), "1".to_string())];
+    let marked = refvote_proto::contract::maintenance_env();
     let out = git::push(&work.path, &node.repo("strict.git"), &["main"], &marked).await?;
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(rev(&node.repo("strict.git"), "main").unwrap(), head);

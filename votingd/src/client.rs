@@ -1,4 +1,6 @@
-//! A synchronous client for votingd's socket, for votingctl and tests.
+//! A synchronous client for votingd's socket (its [`Status`] document), for votingctl,
+//! the local-cluster launcher and tests: here, beside the document it reads, so each
+//! of them can use it without depending on the others.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;

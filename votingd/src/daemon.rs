@@ -11,15 +11,15 @@ use refvote_cluster::Store;
 use refvote_cluster::reaper::{self, ReaperConfig};
 use refvote_cluster::records::NodeRecord;
 use refvote_cluster::session::Session;
+use refvote_node::git::Git;
+use refvote_node::storage::Storages;
+use refvote_node::tx::TxSettings;
+use refvote_node::{NodeServer, NodeState};
 use tokio::net::UnixListener;
 use tokio::task::JoinHandle;
 
 use crate::config::Config;
 use crate::hooks;
-use crate::node::git::Git;
-use crate::node::storage::Storages;
-use crate::node::tx::TxSettings;
-use crate::node::{self, NodeServer, NodeState};
 use crate::status::{self, Status};
 use crate::vote::{self, VoteService};
 
@@ -101,12 +101,12 @@ impl Daemon {
                 source,
             };
             let addr = config.listen_addr.parse().expect("validated");
-            Some(node::bind(addr).map_err(listen)?)
+            Some(refvote_node::bind(addr).map_err(listen)?)
         };
         let metrics = match config.prometheus_listen_addr.as_str() {
             "" => None,
             addr => Some(
-                refvote_cluster::metrics::bind(addr.parse().expect("validated"))
+                refvote_telemetry::metrics::bind(addr.parse().expect("validated"))
                     .await
                     .map_err(|source| StartError::MetricsListen {
                         addr: addr.to_owned(),
@@ -114,8 +114,14 @@ impl Daemon {
                     })?,
             ),
         };
-        let storages = Storages::open(&config.storages).map_err(StartError::Storages)?;
-        let locks = node::repolock::RepoLocks::default();
+        let storages = Storages::open(
+            config
+                .storages
+                .iter()
+                .map(|s| (s.name.as_str(), s.path.as_path())),
+        )
+        .map_err(StartError::Storages)?;
+        let locks = refvote_node::repolock::RepoLocks::default();
         // A crash (SIGKILL, power loss) leaves git's ref locks behind, and each one
         // fails every later update of its refs on this replica. Nothing runs git yet.
         for (name, root) in storages.names() {
@@ -176,7 +182,7 @@ impl Daemon {
                 } else {
                     Some(bind_unix(&config, &config.socket_path)?)
                 };
-                Some(node::serve(incoming, unix, state, auth, server_tls).map_err(listen)?)
+                Some(refvote_node::serve(incoming, unix, state, auth, server_tls).map_err(listen)?)
             }
             None => None,
         };

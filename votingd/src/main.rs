@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use votingd::{Config, Daemon, logging};
+use votingd::{Config, Daemon};
 
 #[derive(Parser)]
 #[command(
@@ -35,7 +35,7 @@ async fn main() {
         println!("{}: ok", args.config.display());
         return;
     }
-    logging::init();
+    refvote_telemetry::logging::init();
     let daemon = match Daemon::start(config).await {
         Ok(d) => d,
         Err(e) => {

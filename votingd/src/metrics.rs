@@ -1,20 +1,17 @@
 //! votingd's Prometheus metrics (`votingd_…`) on `prometheus_listen_addr`: votes by
 //! outcome, vote latency, transactions in flight, the lease, etcd errors. Most values
-//! are the vote service's own counters, read at scrape time; only the latency
-//! histogram is kept here.
+//! are the vote service's own counters (the latency histogram too), read at scrape
+//! time.
 
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, LazyLock};
 
-use refvote_cluster::metrics::{self, Histogram, LATENCY_BUCKETS, Text};
+use refvote_telemetry::metrics::{self, Text};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::vote::VoteService;
-
-/// From a `prepared` vote's arrival to its decision, whatever the outcome.
-pub static VOTE_SECONDS: LazyLock<Histogram> = LazyLock::new(|| Histogram::new(LATENCY_BUCKETS));
 
 /// Serves `/metrics` on `listener` until the task is aborted.
 pub fn serve(
@@ -50,7 +47,7 @@ fn render(service: &VoteService, lease_held: bool) -> String {
     t.histogram(
         "votingd_vote_duration_seconds",
         "Time from a vote's arrival to its decision.",
-        &VOTE_SECONDS,
+        &c.vote_seconds,
     );
     t.counter(
         "votingd_confirmations_total",
@@ -77,6 +74,6 @@ fn render(service: &VoteService, lease_held: bool) -> String {
         "1 while the node holds its etcd lease (it may vote and serve), else 0.",
         i64::from(lease_held),
     );
-    t.etcd_errors("votingd");
+    refvote_cluster::store::render_etcd_errors(&mut t, "votingd");
     t.finish()
 }

@@ -3,6 +3,8 @@
 //! wait behind one another; the etcd side is in `refvote_cluster::tx`.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -13,6 +15,7 @@ use refvote_cluster::{Store, faults};
 use refvote_proto::hook::{
     self, Decision, Phase, Request, Response, Vote, error::Code, request, response,
 };
+use refvote_telemetry::metrics::Histogram;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 
@@ -32,6 +35,8 @@ pub struct Counters {
     pub confirms: AtomicU64,
     pub rejected_requests: AtomicU64,
     pub votes_waiting: AtomicU64,
+    /// From a `prepared` vote's arrival to its decision, whatever the outcome.
+    pub vote_seconds: Histogram,
 }
 
 /// What this votingd remembers about a transaction between hook calls.
@@ -162,7 +167,9 @@ impl VoteService {
             .cast_vote(&v.transaction, &self.node, &key, &vote, self.vote_timeout)
             .await;
         self.counters.votes_waiting.fetch_sub(1, Ordering::Relaxed);
-        crate::metrics::VOTE_SECONDS.observe_duration(started.elapsed());
+        self.counters
+            .vote_seconds
+            .observe_duration(started.elapsed());
         if result.is_ok() {
             faults::reach(faults::AFTER_DECISION).await;
         }
@@ -349,6 +356,17 @@ impl VoteService {
             commit: true,
             message: String::new(),
         })
+    }
+}
+
+/// The node service settles this node's confirmations through the vote service before
+/// it reports itself done.
+impl refvote_node::tx::SettleVotes for VoteService {
+    fn settle<'a>(
+        &'a self,
+        tx: &'a str,
+    ) -> Pin<Box<dyn Future<Output = Result<(), ClusterError>> + Send + 'a>> {
+        Box::pin(VoteService::settle(self, tx))
     }
 }
 

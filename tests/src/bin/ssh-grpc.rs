@@ -100,9 +100,10 @@ impl Call {
                 });
                 let mut request = tonic::Request::new(tokio_stream::once(first).chain(rest));
                 if let Some(tx) = &self.tx {
-                    request
-                        .metadata_mut()
-                        .insert("refvote-transaction", MetadataValue::try_from(tx.as_str())?);
+                    request.metadata_mut().insert(
+                        refvote_proto::contract::TX_METADATA,
+                        MetadataValue::try_from(tx.as_str())?,
+                    );
                 }
                 let stream = client.ssh_receive_pack(request).await?.into_inner();
                 Box::pin(stream.map(|r| {

@@ -35,7 +35,7 @@ async fn hook(phase: &str, stdin: &[u8], env: &[(String, String)]) -> anyhow::Re
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
-        .env_remove("REFVOTE_TX");
+        .env_remove(refvote_proto::contract::ENV_TX);
     for (k, v) in env {
         cmd.env(k, v);
     }

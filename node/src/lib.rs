@@ -1,0 +1,193 @@
+//! refvote-node: the storage node's Gitaly-compatible gRPC service. Gitaly's RPCs
+//! (package `gitaly`) are answered by running real git on this node's storages, plus
+//! the standard gRPC health service. The router forwards clients' calls here
+//! unchanged, with the refvote transaction in request metadata ([`tx`]): the node
+//! joins it, runs git with the hook's environment, and reports itself done. With
+//! `[auth]` set every call (health excepted) must carry Gitaly's v2 token, on TCP and
+//! the Unix socket; with `[tls]` the TCP listener serves TLS only.
+//!
+//! Layout: one file per Gitaly service (`server`, `repository`, `refs`, `commit`,
+//! `blob`, `operations`, `smarthttp`, `ssh`), sharing the storage resolver
+//! ([`storage`]), the git runner ([`git`]), the transaction handling ([`tx`]), the
+//! per-repository lock ([`repolock`]), the error mapping ([`error`]) and Gitaly's
+//! structured errors ([`detail`]), what every handler holds (`state`) and the streams
+//! between gRPC and git (`stream`). A new service is a new file plus one `add_service`
+//! line in [`serve`]; methods not implemented yet answer UNIMPLEMENTED. `push` puts a
+//! push's commands in one canonical order (with `refvote_pktline`), so every replica's
+//! receive-pack applies them alike.
+//!
+//! Modules import only downwards (`scripts/import-cycles.py` checks it): [`git`] and
+//! [`detail`] import nothing of this crate; [`error`] only `git`; [`storage`] only
+//! `error`; `repolock`, `catfile`, the ref helpers (`refs/names`, `objects`, `list`)
+//! and `repository/checksum` import those; [`tx`] imports `git`, `error` and the
+//! checksum; `refs/update`, `refs/write`, `repository/bundle` and
+//! `repository/replicate` add `tx`; `state` and `stream` sit on all of that, `push`
+//! (what every receive-pack shares) on `state`; the services on everything below
+//! them; this file only wires the services together.
+//!
+//! It does not vote: the hook asks votingd's vote service, which decides in etcd; the
+//! node only settles its confirmations through it ([`tx::SettleVotes`]) before it
+//! reports done. It does not hold the node's etcd lease, read its config file or
+//! install the hook; votingd does, and builds [`NodeState`] from its config.
+#![forbid(unsafe_code)]
+
+mod blob;
+mod catfile;
+mod commit;
+pub mod detail;
+pub mod error;
+pub mod git;
+mod operations;
+mod push;
+mod refs;
+pub mod repolock;
+mod repository;
+mod server;
+mod smarthttp;
+mod ssh;
+mod state;
+pub mod storage;
+mod stream;
+pub mod tx;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use refvote_auth::AuthLayer;
+use refvote_proto::gitaly;
+use tokio::task::JoinHandle;
+use tonic::transport::server::TcpIncoming;
+
+pub use error::NodeError;
+pub use state::NodeState;
+
+/// Binds the service's TCP listener (before anything else starts, so a busy port fails
+/// start-up at once). Small gRPC frames must not wait for Nagle.
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpIncoming> {
+    Ok(TcpIncoming::bind(addr)?.with_nodelay(Some(true)))
+}
+
+/// The running service.
+pub struct NodeServer {
+    local_addr: SocketAddr,
+    stop: tokio::sync::watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl NodeServer {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Stops accepting calls and gives running ones up to `drain` to finish.
+    pub async fn shutdown(self, drain: Duration) {
+        let _ = self.stop.send(true);
+        let deadline = tokio::time::Instant::now() + drain;
+        for mut task in self.tasks {
+            if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
+                tracing::warn!("gRPC calls still running after {drain:?}; stopping them");
+                task.abort();
+            }
+        }
+    }
+}
+
+/// Every implemented Gitaly service and the health service, routed, behind the token
+/// check (which lets health through).
+fn routes(
+    state: &Arc<NodeState>,
+    auth: &AuthLayer,
+    tls: Option<tonic::transport::ServerTlsConfig>,
+    health: tonic_health::pb::health_server::HealthServer<
+        impl tonic_health::pb::health_server::Health,
+    >,
+) -> std::io::Result<tonic::transport::server::Router<refvote_auth::server::Layered>> {
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder
+            .tls_config(tls)
+            .map_err(|e| std::io::Error::other(format!("TLS: {e}")))?;
+    }
+    Ok(builder
+        .layer(auth.clone())
+        .add_service(health)
+        .add_service(gitaly::server_service_server::ServerServiceServer::new(
+            server::ServerSvc::new(state.clone()),
+        ))
+        .add_service(
+            gitaly::repository_service_server::RepositoryServiceServer::new(
+                repository::RepositorySvc::new(state.clone()),
+            ),
+        )
+        .add_service(gitaly::ref_service_server::RefServiceServer::new(
+            refs::RefSvc::new(state.clone()),
+        ))
+        .add_service(gitaly::commit_service_server::CommitServiceServer::new(
+            commit::CommitSvc::new(state.clone()),
+        ))
+        .add_service(gitaly::blob_service_server::BlobServiceServer::new(
+            blob::BlobSvc::new(state.clone()),
+        ))
+        .add_service(
+            gitaly::operation_service_server::OperationServiceServer::new(
+                operations::OperationSvc::new(state.clone()),
+            ),
+        )
+        .add_service(
+            gitaly::smart_http_service_server::SmartHttpServiceServer::new(
+                smarthttp::SmartHttpSvc::new(state.clone()),
+            ),
+        )
+        .add_service(gitaly::ssh_service_server::SshServiceServer::new(
+            ssh::SshSvc::new(state.clone()),
+        )))
+}
+
+/// Serves every implemented Gitaly service and the health service on `incoming`, and
+/// on the Unix socket `unix` if given (local clients, as Gitaly's `socket_path`).
+/// Both check tokens when `auth` says so; TCP serves TLS when `tls` is given.
+pub fn serve(
+    incoming: TcpIncoming,
+    unix: Option<tokio::net::UnixListener>,
+    state: Arc<NodeState>,
+    auth: Option<refvote_auth::AuthPolicy>,
+    tls: Option<tonic::transport::ServerTlsConfig>,
+) -> std::io::Result<NodeServer> {
+    let auth = AuthLayer::new(auth, format!("votingd node {}", state.name));
+    let local_addr = incoming.local_addr()?;
+    let (reporter, health) = tonic_health::server::health_reporter();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let signal = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let mut tasks = Vec::new();
+    let tcp = routes(&state, &auth, tls, health.clone())?;
+    let until = signal(stopped.clone());
+    tasks.push(tokio::spawn(async move {
+        // The empty service name (the whole server) is SERVING from the start; name
+        // the Gitaly services too, for probes that ask for one.
+        reporter
+            .set_serving::<gitaly::server_service_server::ServerServiceServer<server::ServerSvc>>()
+            .await;
+        if let Err(e) = tcp.serve_with_incoming_shutdown(incoming, until).await {
+            tracing::error!(error = %e, "gRPC service failed");
+        }
+    }));
+    if let Some(listener) = unix {
+        let local = routes(&state, &auth, None, health)?;
+        let until = signal(stopped);
+        let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = local.serve_with_incoming_shutdown(incoming, until).await {
+                tracing::error!(error = %e, "gRPC service on the Unix socket failed");
+            }
+        }));
+    }
+    tracing::info!(%local_addr, node = %state.name, "gRPC service listening");
+    Ok(NodeServer {
+        local_addr,
+        stop,
+        tasks,
+    })
+}

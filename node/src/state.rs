@@ -1,0 +1,26 @@
+//! What every RPC handler shares: the node's name, storages, git, transaction settings,
+//! repository locks and the credentials for calling another node.
+
+use std::sync::Arc;
+
+use refvote_auth::Secret;
+
+use crate::git::Git;
+use crate::repolock::RepoLocks;
+use crate::storage::Storages;
+use crate::tx::TxSettings;
+
+/// What every RPC handler shares.
+pub struct NodeState {
+    pub name: String,
+    pub storages: Storages,
+    pub git: Git,
+    pub tx: TxSettings,
+    /// Orders ref-writing git runs against maintenance and repair.
+    pub locks: RepoLocks,
+    /// The `[auth]` secret: checked on every call (see [`crate::serve`]) and used to sign
+    /// calls to another node (repair's source).
+    pub secret: Option<Arc<Secret>>,
+    /// How a `tls://` node is reached (repair's source), from `[tls] ca_path`.
+    pub client_tls: Option<tonic::transport::ClientTlsConfig>,
+}

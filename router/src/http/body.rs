@@ -1,0 +1,190 @@
+//! The request body, read chunk by chunk (gunzipped if need be), and the gRPC request
+//! stream made of it: the first message carries the repository, the others data.
+
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::{Stream, StreamExt, stream};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use refvote_proto::gitaly::{PostReceivePackRequest, PostUploadPackRequest};
+use tokio::sync::{Mutex, watch};
+use tonic::Status;
+
+/// Largest gRPC message built from a request body.
+pub(super) const MESSAGE: usize = 32 * 1024;
+
+/// One gRPC message frame: no compression, 4-byte big-endian length, the message.
+pub(super) fn grpc_frame<M: prost::Message>(m: &M) -> Bytes {
+    let len = m.encoded_len();
+    let mut buf = BytesMut::with_capacity(5 + len);
+    buf.extend_from_slice(&[0]);
+    buf.extend_from_slice(&(len as u32).to_be_bytes());
+    m.encode(&mut buf).expect("BytesMut grows");
+    buf.freeze()
+}
+
+/// The gRPC request stream: `first` (repository, options) carrying the first piece of
+/// `head`, then the rest of `head` and of the HTTP body as data messages of at most
+/// [`MESSAGE`] bytes. A body that breaks ends the stream with an error, never cleanly,
+/// so no node takes a truncated push for a whole one.
+pub(super) fn request_stream<M, F>(
+    mut first: M,
+    head: Bytes,
+    body: Arc<Mutex<BodyReader>>,
+    data: F,
+) -> impl Stream<Item = Result<Bytes, Status>> + Send + 'static
+where
+    M: prost::Message + Send + 'static,
+    F: Fn(Bytes) -> M + Send + Sync + 'static,
+    M: WithData,
+{
+    let mut head_pieces = split(head);
+    if !head_pieces.is_empty() {
+        first.set_data(head_pieces.remove(0));
+    }
+    let data = Arc::new(data);
+    let first_frame = grpc_frame(&first);
+    let d = data.clone();
+    let head_frames = stream::iter(head_pieces.into_iter().map(move |p| Ok(grpc_frame(&d(p)))));
+    let rest = stream::unfold(body, |body| async move {
+        let next = body.lock().await.next().await;
+        match next {
+            Ok(Some(chunk)) => Some((Ok(chunk), body)),
+            Ok(None) => None,
+            Err(e) => Some((
+                Err(Status::invalid_argument(format!(
+                    "reading the HTTP request failed: {e}"
+                ))),
+                body,
+            )),
+        }
+    })
+    .flat_map(move |r: Result<Bytes, Status>| {
+        let data = data.clone();
+        let frames: Vec<Result<Bytes, Status>> = match r {
+            Ok(chunk) => split(chunk)
+                .into_iter()
+                .map(|p| Ok(grpc_frame(&data(p))))
+                .collect(),
+            Err(s) => vec![Err(s)],
+        };
+        stream::iter(frames)
+    });
+    stream::once(async move { Ok(first_frame) })
+        .chain(head_frames)
+        .chain(rest)
+        // After an error nothing more is read: the call is broken.
+        .scan(false, |broken, item| {
+            let out = if *broken {
+                None
+            } else {
+                *broken = item.is_err();
+                Some(item)
+            };
+            std::future::ready(out)
+        })
+}
+
+/// Request messages whose first carries data too.
+pub(super) trait WithData {
+    fn set_data(&mut self, data: Bytes);
+}
+
+impl WithData for PostUploadPackRequest {
+    fn set_data(&mut self, data: Bytes) {
+        self.data = data.to_vec();
+    }
+}
+
+impl WithData for PostReceivePackRequest {
+    fn set_data(&mut self, data: Bytes) {
+        self.data = data.to_vec();
+    }
+}
+
+pub(super) fn split(mut b: Bytes) -> Vec<Bytes> {
+    let mut out = Vec::new();
+    while b.len() > MESSAGE {
+        out.push(b.split_to(MESSAGE));
+    }
+    if !b.is_empty() {
+        out.push(b);
+    }
+    out
+}
+
+/// The request body, decompressed if it was gzipped, read chunk by chunk.
+pub(super) struct BodyReader {
+    body: Option<Incoming>,
+    gunzip: Option<flate2::write::GzDecoder<Vec<u8>>>,
+    /// Why reading failed, for the answer.
+    pub(super) error: Option<String>,
+    /// Set once reading failed: a call still waiting on the rest of the body is cut off
+    /// (a node would otherwise wait for input that never comes).
+    pub(super) broken: watch::Sender<bool>,
+}
+
+impl BodyReader {
+    pub(super) fn new(body: Incoming, gzip: bool) -> BodyReader {
+        BodyReader {
+            body: Some(body),
+            gunzip: gzip.then(|| flate2::write::GzDecoder::new(Vec::new())),
+            error: None,
+            broken: watch::channel(false).0,
+        }
+    }
+
+    /// The next non-empty chunk, `None` at the end.
+    pub(super) async fn next(&mut self) -> Result<Option<Bytes>, String> {
+        use std::io::Write;
+        if let Some(e) = &self.error {
+            return Err(e.clone());
+        }
+        loop {
+            let Some(body) = self.body.as_mut() else {
+                return Ok(None);
+            };
+            let frame = match body.frame().await {
+                None => {
+                    self.body = None;
+                    let Some(gz) = self.gunzip.take() else {
+                        return Ok(None);
+                    };
+                    let rest = gz
+                        .finish()
+                        .map_err(|e| self.fail(format!("the gzip request body is invalid: {e}")))?;
+                    return Ok((!rest.is_empty()).then(|| Bytes::from(rest)));
+                }
+                Some(Err(e)) => {
+                    return Err(self.fail(format!("the request body broke off: {e}")));
+                }
+                Some(Ok(frame)) => frame,
+            };
+            let Ok(data) = frame.into_data() else {
+                continue; // trailers
+            };
+            match self.gunzip.as_mut() {
+                None if data.is_empty() => continue,
+                None => return Ok(Some(data)),
+                Some(gz) => {
+                    if let Err(e) = gz.write_all(&data) {
+                        return Err(self.fail(format!("the gzip request body is invalid: {e}")));
+                    }
+                    let out = std::mem::take(gz.get_mut());
+                    if !out.is_empty() {
+                        return Ok(Some(Bytes::from(out)));
+                    }
+                }
+            }
+        }
+    }
+
+    fn fail(&mut self, e: String) -> String {
+        self.body = None;
+        self.gunzip = None;
+        self.error = Some(e.clone());
+        self.broken.send_replace(true);
+        e
+    }
+}
