@@ -235,9 +235,64 @@ pub fn producer_repositories(
     Ok(only.to_vec())
 }
 
+/// What `votingctl partition-sync` adds to a run: the source cluster's registry and
+/// credentials, and the refvote target. This crate talks to neither etcd nor gRPC;
+/// [`Standalone`] (the `refvote-psync` binary) has none of it.
+#[allow(async_fn_in_trait)]
+pub trait Cluster {
+    /// Before a producer run with `[source] node_config`: the registered repositories
+    /// of the source cluster (for `repositories.prefixes`), and whatever `ctx.git`
+    /// needs to read through its router.
+    async fn source(&self, ctx: &mut Context) -> Result<Vec<String>, Refused>;
+
+    /// Runs the consumer into the refvote target the config names; the exit status.
+    async fn consume(&self, ctx: &mut Context, only: &[String]) -> Result<i32, Refused>;
+}
+
+/// No cluster client: sources are read as plain git URLs or directories, and refvote
+/// targets are refused with a pointer to `votingctl`.
+pub struct Standalone;
+
+impl Cluster for Standalone {
+    async fn source(&self, _: &mut Context) -> Result<Vec<String>, Refused> {
+        Err(Refused {
+            code: report::EXIT_CONFIG,
+            message: "source.node_config: the source cluster's registry is read by `votingctl partition-sync produce`".into(),
+        })
+    }
+
+    async fn consume(&self, _: &mut Context, _: &[String]) -> Result<i32, Refused> {
+        Err(Refused {
+            code: report::EXIT_CONFIG,
+            message: "target.kind: \"refvote\" targets are consumed by `votingctl partition-sync consume`".into(),
+        })
+    }
+}
+
+/// Logs to stderr: warnings by default (a timer's journal), `RUST_LOG` otherwise; the
+/// TLS verifier's own error lines are left out (the run's error says the same with
+/// what to do about it); plain text off a terminal.
+pub fn init_logging() {
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+                tracing_subscriber::EnvFilter::new("warn,rustls_platform_verifier=off")
+            }),
+        )
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .init();
+}
+
 /// Runs a command; returns the exit status. Targets of kind `refvote` need
 /// `votingctl partition-sync`, which brings the cluster client.
 pub fn run(command: Command) -> i32 {
+    run_with(command, &Standalone)
+}
+
+/// [`run`] with a cluster client.
+pub fn run_with(command: Command, cluster: &impl Cluster) -> i32 {
     if let Command::Keygen = command {
         println!("{}", MasterKey::generate_hex());
         return 0;
@@ -254,7 +309,7 @@ pub fn run(command: Command) -> i32 {
         }
     };
     runtime.block_on(async {
-        match execute(command).await {
+        match execute(command, cluster).await {
             Ok(code) => code,
             Err(r) => {
                 eprintln!("partition-sync: {}", r.message);
@@ -264,12 +319,17 @@ pub fn run(command: Command) -> i32 {
     })
 }
 
-async fn execute(command: Command) -> Result<i32, Refused> {
+async fn execute(command: Command, cluster: &impl Cluster) -> Result<i32, Refused> {
     match command {
         Command::Keygen => Ok(0),
         Command::Produce(args) => {
-            let (ctx, _lock) = prepare(&args.common, Role::Produce)?;
-            let repositories = producer_repositories(&ctx.config, None, &args.repositories)?;
+            let (mut ctx, _lock) = prepare(&args.common, Role::Produce)?;
+            let source = ctx.config.source.as_ref().expect("validated");
+            let found = match source.node_config {
+                Some(_) => Some(cluster.source(&mut ctx).await?),
+                None => None,
+            };
+            let repositories = producer_repositories(&ctx.config, found, &args.repositories)?;
             for f in &args.full {
                 if !repositories.contains(f) {
                     return Err(Refused {
@@ -287,7 +347,7 @@ async fn execute(command: Command) -> Result<i32, Refused> {
             Ok(finish(&ctx, &summary))
         }
         Command::Consume(args) => {
-            let (ctx, _lock) = prepare(&args.common, Role::Consume)?;
+            let (mut ctx, _lock) = prepare(&args.common, Role::Consume)?;
             let target = ctx.config.target.clone().expect("validated");
             match target.kind {
                 TargetKind::Git => {
@@ -300,10 +360,7 @@ async fn execute(command: Command) -> Result<i32, Refused> {
                     );
                     Ok(consume_into(&ctx, &t, &args.repositories).await)
                 }
-                TargetKind::Refvote => Err(Refused {
-                    code: report::EXIT_CONFIG,
-                    message: "target.kind: \"refvote\" targets are consumed by `votingctl partition-sync consume`".into(),
-                }),
+                TargetKind::Refvote => cluster.consume(&mut ctx, &args.repositories).await,
             }
         }
         Command::List(common) => {

@@ -191,6 +191,15 @@ pub struct SourceConfig {
     /// Base URL the repositories are read from, the relative path appended: the source
     /// cluster's router (`http://router:8080/`), or a directory (`file:///srv/git/`).
     pub url: String,
+    /// A source-cluster node's votingd.toml: with it, `votingctl partition-sync
+    /// produce` resolves `repositories.prefixes` against the cluster's registry in etcd
+    /// and authenticates to the router with the cluster's `[auth]` secret.
+    #[serde(default)]
+    pub node_config: Option<PathBuf>,
+    /// With `node_config`: the virtual storage whose registry is read (the one the
+    /// router's git HTTP serves).
+    #[serde(default = "default_virtual_storage")]
+    pub virtual_storage: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -206,16 +215,18 @@ pub enum TargetKind {
 #[serde(deny_unknown_fields)]
 pub struct TargetConfig {
     pub kind: TargetKind,
-    /// `kind = "git"`: base URL pushed to, the relative path appended
+    /// Base URL pushed to, the relative path appended. `kind = "git"`: any remote
     /// (`https://gitlab.isolated/`, `ssh://git@host/`, `file:///srv/mirror/`, or a
-    /// directory, where missing repositories are created).
+    /// directory, where missing repositories are created). `kind = "refvote"`: the
+    /// target cluster's router, its git HTTP (`http://router.isolated:8080/`).
     #[serde(default)]
     pub url: String,
     /// `kind = "git"`: which sequence each repository is at; default
     /// `<cache_dir>/consumer-state.json`.
     #[serde(default)]
     pub state_file: Option<PathBuf>,
-    /// `kind = "refvote"`: a node's votingd.toml (its `[etcd]`, `[auth]`, `[tls]`).
+    /// `kind = "refvote"`: a node's votingd.toml (its `[etcd]`, `[auth]`, `[tls]`);
+    /// the record of what was applied is kept in that etcd.
     #[serde(default)]
     pub node_config: Option<PathBuf>,
     /// `kind = "refvote"`: a router's gRPC address; default: one registered in etcd.
@@ -313,12 +324,22 @@ impl SyncConfig {
                     TargetKind::Git if target.url.is_empty() => {
                         return Err(bad("target.url", "a git target needs the base URL"));
                     }
-                    TargetKind::Refvote
-                        if target.node_config.is_none() && target.router.is_none() =>
-                    {
+                    TargetKind::Refvote if target.url.is_empty() => {
+                        return Err(bad(
+                            "target.url",
+                            "a refvote target needs its router's git HTTP base URL, e.g. \"http://router:8080/\"",
+                        ));
+                    }
+                    TargetKind::Refvote if target.node_config.is_none() => {
                         return Err(bad(
                             "target.node_config",
-                            "a refvote target needs a node's votingd.toml (or target.router)",
+                            "a refvote target needs a node's votingd.toml (its etcd keeps the record of what was applied)",
+                        ));
+                    }
+                    TargetKind::Refvote if target.virtual_storage != "default" => {
+                        return Err(bad(
+                            "target.virtual_storage",
+                            "the router's git HTTP serves the virtual storage \"default\" only",
                         ));
                     }
                     _ => {}
@@ -613,6 +634,25 @@ mod tests {
         .unwrap_err();
         assert_eq!(err.key, "encryption.cipher", "{err}");
         assert!(err.reason.contains("chacha20-poly1305"), "{err}");
+    }
+
+    #[test]
+    fn a_refvote_target_needs_its_router_and_a_node_config() {
+        let refvote = |target: &str| {
+            let text = BASE.replace(
+                "kind = \"git\"\n        url = \"file:///srv/mirror/\"",
+                target,
+            );
+            SyncConfig::parse(&text).unwrap().validate(Role::Consume)
+        };
+        let ok = "kind = \"refvote\"\nurl = \"http://r:8080/\"\nnode_config = \"/etc/refvote/votingd.toml\"";
+        refvote(ok).unwrap();
+        let no_url = "kind = \"refvote\"\nnode_config = \"/etc/refvote/votingd.toml\"";
+        assert_eq!(refvote(no_url).unwrap_err().key, "target.url");
+        let no_node = "kind = \"refvote\"\nurl = \"http://r:8080/\"";
+        assert_eq!(refvote(no_node).unwrap_err().key, "target.node_config");
+        let storage = format!("{ok}\nvirtual_storage = \"other\"");
+        assert_eq!(refvote(&storage).unwrap_err().key, "target.virtual_storage");
     }
 
     #[test]

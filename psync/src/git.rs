@@ -50,6 +50,9 @@ pub enum GitError {
 pub struct Git {
     pub bin: PathBuf,
     pub timeout: Duration,
+    /// An `Authorization` header for every HTTP request of a run (a refvote router
+    /// with `[auth]`), made fresh for each run.
+    pub authorization: Option<Authorization>,
 }
 
 impl Default for Git {
@@ -57,7 +60,19 @@ impl Default for Git {
         Git {
             bin: "git".into(),
             timeout: Duration::from_secs(3600),
+            authorization: None,
         }
+    }
+}
+
+/// Makes the value of an `Authorization` header (`Bearer v2.…`); called once per git
+/// run, so time-limited tokens stay fresh. Never printed.
+#[derive(Clone)]
+pub struct Authorization(pub std::sync::Arc<dyn Fn() -> String + Send + Sync>);
+
+impl std::fmt::Debug for Authorization {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Authorization(..)")
     }
 }
 
@@ -98,6 +113,16 @@ impl Git {
         }
         if let Some(dir) = git_dir {
             cmd.arg("--git-dir").arg(dir);
+        }
+        // Through the environment, not `-c`: the header is a credential, and a
+        // process's arguments are visible to every user of the host.
+        if let Some(auth) = &self.authorization {
+            cmd.env("GIT_CONFIG_COUNT", "1")
+                .env("GIT_CONFIG_KEY_0", "http.extraHeader")
+                .env(
+                    "GIT_CONFIG_VALUE_0",
+                    format!("Authorization: {}", (auth.0)()),
+                );
         }
         cmd.args(&args)
             .env("GIT_TERMINAL_PROMPT", "0")
@@ -301,6 +326,23 @@ mod tests {
         assert!(err.to_string().contains("rev-parse"), "{err}");
         let out = git.output(None, ["--version"], None).await.unwrap();
         assert!(out.starts_with("git version"), "{out}");
+    }
+
+    #[tokio::test]
+    async fn the_authorization_header_reaches_git_through_its_environment() {
+        let git = Git {
+            authorization: Some(Authorization(std::sync::Arc::new(|| "Bearer t".into()))),
+            ..Git::default()
+        };
+        let out = git
+            .output(None, ["config", "--get", "http.extraHeader"], None)
+            .await
+            .unwrap();
+        assert_eq!(out.trim(), "Authorization: Bearer t");
+        assert_eq!(
+            format!("{:?}", git.authorization),
+            "Some(Authorization(..))"
+        );
     }
 
     #[tokio::test]

@@ -26,7 +26,8 @@ use crate::state::FileState;
 pub struct GitTarget {
     base: String,
     local: Option<PathBuf>,
-    state: FileState,
+    /// `None` for a remote whose record is kept elsewhere (a refvote cluster's etcd).
+    state: Option<FileState>,
     mirrors: PathBuf,
     git: Git,
     patterns: RefPatterns,
@@ -43,13 +44,48 @@ impl GitTarget {
         patterns: RefPatterns,
     ) -> GitTarget {
         GitTarget {
+            state: Some(FileState::new(state)),
+            ..GitTarget::remote(base, mirrors, git, patterns)
+        }
+    }
+
+    /// Pushes to `base` + relative path, with no state file: for a caller that keeps
+    /// the record itself (a refvote target: in its etcd) and asks this one only for
+    /// `current`, `fingerprint` and `apply`.
+    pub fn remote(base: &str, mirrors: &Path, git: Git, patterns: RefPatterns) -> GitTarget {
+        GitTarget {
             base: base.to_owned(),
             local: catalog::local_dir(base),
-            state: FileState::new(state),
+            state: None,
             mirrors: mirrors.to_owned(),
             git,
             patterns,
         }
+    }
+
+    /// Fetches an applied `bundle` into the local mirror of `repository` as well, so the
+    /// next incremental apply fetches only what is new from the target (after the
+    /// target got the sequence some other way, e.g. `CreateRepositoryFromBundle`).
+    pub async fn keep_locally(
+        &self,
+        repository: &str,
+        manifest: &Manifest,
+        bundle: &Path,
+    ) -> Result<(), SyncError> {
+        let local = Mirror::open_or_init(
+            &self.git,
+            &self.mirror_path(repository),
+            &manifest.object_format,
+        )
+        .await?;
+        local.fetch_bundle(bundle, &self.patterns).await?;
+        Ok(())
+    }
+
+    fn state(&self) -> Result<&FileState, SyncError> {
+        self.state
+            .as_ref()
+            .ok_or_else(|| SyncError::Target(format!("{} keeps no state file", self.describe())))
     }
 
     fn url(&self, repository: &str) -> String {
@@ -77,7 +113,7 @@ impl Target for GitTarget {
     }
 
     async fn applied(&self, repository: &str) -> Result<Option<Applied>, SyncError> {
-        self.state.applied(repository)
+        self.state()?.applied(repository)
     }
 
     async fn current(&self, repository: &str) -> Result<Option<String>, SyncError> {
@@ -152,6 +188,6 @@ impl Target for GitTarget {
     }
 
     async fn record(&self, repository: &str, applied: &Applied) -> Result<(), SyncError> {
-        self.state.record(repository, applied, now())
+        self.state()?.record(repository, applied, now())
     }
 }

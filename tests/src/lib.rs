@@ -8,6 +8,7 @@
 //! client push and clone through nodes' gRPC services with no router. [`local`] drives
 //! a whole cluster started by `votingctl cluster up`, as a person would. [`tls`] issues
 //! test certificates. [`metrics`] scrapes a process's Prometheus endpoint.
+//! [`seaweed`] runs a real S3-compatible server (SeaweedFS) for partition sync.
 //! [`faultnet`] cuts links between processes, [`hold`] stops a process at an exact
 //! step, [`chaos`] is the fault suite.
 //!
@@ -25,5 +26,6 @@ pub mod metrics;
 pub mod node;
 pub mod proc;
 pub mod router;
+pub mod seaweed;
 pub mod smarthttp;
 pub mod tls;

@@ -20,7 +20,7 @@
 //! range, printed as Markdown for BENCHMARKS.md.
 
 mod generate;
-#[path = "../../tests/support/seaweed.rs"]
+#[path = "../../../tests/src/seaweed.rs"]
 #[allow(dead_code)]
 mod seaweed;
 

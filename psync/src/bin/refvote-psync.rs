@@ -3,8 +3,6 @@
 //! same commands as `votingctl partition-sync`.
 #![forbid(unsafe_code)]
 
-use std::io::IsTerminal;
-
 use clap::Parser;
 
 #[derive(Parser)]
@@ -19,16 +17,6 @@ struct Args {
 
 fn main() {
     let args = Args::parse();
-    // Warnings by default (a timer's journal); the TLS verifier's own error lines are
-    // left out: the run's error says the same with what to do about it.
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-                tracing_subscriber::EnvFilter::new("warn,rustls_platform_verifier=off")
-            }),
-        )
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .init();
+    refvote_psync::cli::init_logging();
     std::process::exit(refvote_psync::cli::run(args.command));
 }

@@ -5,6 +5,9 @@
 //! rendered from the real config type. Runs go through the real `refvote-psync`
 //! binary, so crash points can kill a real process.
 
+// The S3 server is the cluster harness's (`refvote_tests::seaweed`); this crate
+// cannot depend on the harness, which would build all of refvote for its tests.
+#[path = "../../../tests/src/seaweed.rs"]
 pub mod seaweed;
 pub mod tls;
 
