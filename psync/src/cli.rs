@@ -1,4 +1,4 @@
-//! The command line: `produce`, `consume`, `list` and `keygen`, as `votingctl
+//! The command line: `produce`, `consume`, `list`, `keygen` and `check`, as `votingctl
 //! partition-sync` and the `refvote-psync` binary offer them. Parses nothing itself
 //! beyond the arguments: the config is validated first (exit 64 naming the key), one
 //! run per role and cache dir at a time (a lock file), then the run, its output in the
@@ -34,6 +34,13 @@ pub enum Command {
     List(CommonArgs),
     /// Print a new random key for a key file (64 hex digits; keep it at mode 600).
     Keygen,
+    /// Check the configuration for every side it has (`[source]`: the producer,
+    /// `[target]`: the consumer) and exit; 64 naming the key when it is wrong. Reads
+    /// no key file and touches neither the bucket nor git.
+    Check {
+        #[arg(long, short, default_value = "/etc/refvote/partition-sync.toml")]
+        config: PathBuf,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -293,9 +300,24 @@ pub fn run(command: Command) -> i32 {
 
 /// [`run`] with a cluster client.
 pub fn run_with(command: Command, cluster: &impl Cluster) -> i32 {
-    if let Command::Keygen = command {
-        println!("{}", MasterKey::generate_hex());
-        return 0;
+    match &command {
+        Command::Keygen => {
+            println!("{}", MasterKey::generate_hex());
+            return 0;
+        }
+        Command::Check { config } => {
+            return match check(config) {
+                Ok(roles) => {
+                    println!("{}: valid for {roles}", config.display());
+                    0
+                }
+                Err(r) => {
+                    eprintln!("partition-sync: {}", r.message);
+                    r.code
+                }
+            };
+        }
+        _ => {}
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -319,9 +341,27 @@ pub fn run_with(command: Command, cluster: &impl Cluster) -> i32 {
     })
 }
 
+/// Validates `path` for each side it configures; names them.
+fn check(path: &Path) -> Result<String, Refused> {
+    let config = SyncConfig::load(path, ConfigRole::Inspect)?;
+    let mut roles = Vec::new();
+    if config.source.is_some() {
+        config.validate(ConfigRole::Produce)?;
+        roles.push("produce");
+    }
+    if config.target.is_some() {
+        config.validate(ConfigRole::Consume)?;
+        roles.push("consume");
+    }
+    if roles.is_empty() {
+        roles.push("list");
+    }
+    Ok(roles.join(" and "))
+}
+
 async fn execute(command: Command, cluster: &impl Cluster) -> Result<i32, Refused> {
     match command {
-        Command::Keygen => Ok(0),
+        Command::Keygen | Command::Check { .. } => Ok(0),
         Command::Produce(args) => {
             let (mut ctx, _lock) = prepare(&args.common, Role::Produce)?;
             let source = ctx.config.source.as_ref().expect("validated");
@@ -391,4 +431,29 @@ fn prepare_list(common: &CommonArgs) -> Result<(Context, ()), Refused> {
         dry_run: true,
     };
     Ok((ctx, ()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn check_names_the_sides_a_config_has_and_the_bad_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sync.toml");
+        let example = include_str!("../partition-sync.toml");
+        std::fs::write(&path, example).unwrap();
+        assert_eq!(check(&path).unwrap(), "produce and consume");
+        std::fs::write(
+            &path,
+            example.replace("part_size_mib = 16", "part_size_mib = 1"),
+        )
+        .unwrap();
+        let r = check(&path).unwrap_err();
+        assert_eq!(r.code, report::EXIT_CONFIG);
+        assert!(r.message.contains("store.part_size_mib"), "{}", r.message);
+        let producer_only = example.replace("[target]\n", "[x]\n");
+        std::fs::write(&path, producer_only.split("[x]").next().unwrap()).unwrap();
+        assert_eq!(check(&path).unwrap(), "produce");
+    }
 }
