@@ -13,9 +13,10 @@
 //! also resolves repository prefixes against a source cluster's registry.
 //!
 //! What it does not do: run a daemon (a timer starts each run), talk to etcd or
-//! gRPC (the refvote side plugs in through [`consume::Target`]), garbage-collect old
-//! sequences from the bucket, or carry anything but refs and objects (no issues,
-//! wikis as separate repositories are just more repositories).
+//! gRPC (the refvote side plugs in through [`consume::Target`] and [`cli::Cluster`];
+//! of refvote's shared model it uses only the pure checksum and the fault points),
+//! garbage-collect old sequences from the bucket, or carry anything but refs and
+//! objects (no issues; wikis as separate repositories are just more repositories).
 #![forbid(unsafe_code)]
 
 pub mod bundle;

@@ -5,11 +5,12 @@
 
 use std::collections::BTreeMap;
 
+use refvote_cluster::checksum::Checksum;
 use serde::{Deserialize, Serialize};
-use sha1::Digest;
+use sha2::Digest;
 
 /// Gitaly's checksum of a repository with no counted ref (an empty, valid one).
-pub const EMPTY_CHECKSUM: &str = "0000000000000000000000000000000000000000";
+pub use refvote_cluster::checksum::EMPTY as EMPTY_CHECKSUM;
 
 /// Refs by name, and where HEAD points.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -58,40 +59,18 @@ impl RefSet {
         }
     }
 
-    /// Gitaly's `CalculateChecksum` of a repository holding exactly these refs: every
-    /// `show-ref --head` line (`<oid> <name>`) matching Gitaly's unanchored pattern is
-    /// hashed with SHA-1, the digests XORed, printed as a big-endian number without
-    /// leading zeros; [`EMPTY_CHECKSUM`] when no line counts.
+    /// Gitaly's `CalculateChecksum` of a repository holding exactly these refs (and
+    /// HEAD): the `show-ref --head` lines it would have, folded as the node folds a
+    /// replica's ([`refvote_cluster::checksum`]).
     pub fn checksum(&self) -> String {
-        let mut acc: Option<[u8; 20]> = None;
-        let mut add = |line: String| {
-            if !COUNTED.iter().any(|p| line.contains(p)) {
-                return;
-            }
-            let digest: [u8; 20] = sha1::Sha1::digest(line.as_bytes()).into();
-            let a = acc.get_or_insert([0; 20]);
-            for (x, d) in a.iter_mut().zip(digest) {
-                *x ^= d;
-            }
-        };
+        let mut sum = Checksum::default();
         if let Some(oid) = self.head_oid() {
-            add(format!("{oid} HEAD"));
+            sum.add_line(format!("{oid} HEAD").as_bytes());
         }
         for (name, oid) in &self.refs {
-            add(format!("{oid} {name}"));
+            sum.add_line(format!("{oid} {name}").as_bytes());
         }
-        match acc {
-            None => EMPTY_CHECKSUM.to_owned(),
-            Some(a) => {
-                let hex = hex::encode(a);
-                let trimmed = hex.trim_start_matches('0');
-                if trimmed.is_empty() {
-                    "0".to_owned()
-                } else {
-                    trimmed.to_owned()
-                }
-            }
-        }
+        sum.finish().unwrap_or_else(|| EMPTY_CHECKSUM.to_owned())
     }
 
     /// SHA-256 over the sorted `<oid> <name>` lines: equal exactly when the refs are
@@ -115,17 +94,6 @@ impl RefSet {
         v
     }
 }
-
-/// The namespaces Gitaly's checksum counts, matched anywhere in the line.
-const COUNTED: &[&str] = &[
-    "HEAD",
-    "refs/heads/",
-    "refs/tags/",
-    "refs/keep-around/",
-    "refs/merge-requests/",
-    "refs/environments/",
-    "refs/notes/",
-];
 
 pub fn is_oid(s: &str) -> bool {
     (s.len() == 40 || s.len() == 64) && s.bytes().all(|b| b.is_ascii_hexdigit())

@@ -11,6 +11,17 @@ pub const ACCESS_KEY: &str = "psynctestaccess";
 pub const SECRET_KEY: &str = "psynctestsecretkey0123456789";
 pub const BUCKET: &str = "sync";
 
+/// Writes a partition-sync credentials file (`store.credentials_file`) holding the
+/// test server's keys; returns `path`.
+pub fn write_credentials(path: &Path) -> PathBuf {
+    std::fs::write(
+        path,
+        format!("access_key_id = \"{ACCESS_KEY}\"\nsecret_access_key = \"{SECRET_KEY}\"\n"),
+    )
+    .expect("write the credentials file");
+    path.to_owned()
+}
+
 pub struct Seaweed {
     child: Child,
     pub endpoint: String,

@@ -69,15 +69,7 @@ impl Sync {
         let key = dir.path().join("k1.key");
         std::fs::write(&key, MasterKey::generate_hex())?;
         set_private(&key)?;
-        let creds = dir.path().join("s3.toml");
-        std::fs::write(
-            &creds,
-            format!(
-                "access_key_id = \"{}\"\nsecret_access_key = \"{}\"\n",
-                seaweed::ACCESS_KEY,
-                seaweed::SECRET_KEY
-            ),
-        )?;
+        let creds = seaweed::write_credentials(&dir.path().join("s3.toml"));
         let mut c = SyncConfig::parse(
             r#"
             [store]

@@ -360,13 +360,7 @@ fn cluster_view(config: &std::path::Path, skip: bool) -> Option<View> {
     if skip {
         return None;
     }
-    let target = Target {
-        config: config.to_owned(),
-        etcd: None,
-        prefix: String::new(),
-        router: None,
-        json: false,
-    };
+    let target = Target::from_config(config);
     Some(operate_value(async || {
         tokio::time::timeout(Duration::from_secs(10), async {
             let c = Ctl::connect(&target).await?;

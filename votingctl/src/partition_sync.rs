@@ -62,17 +62,12 @@ impl cli::Cluster for Clusters {
 
 /// Connects to the cluster a votingd.toml names (its etcd, `[auth]` and `[tls]`).
 async fn connect(config: &std::path::Path, key: &str) -> Result<Ctl, Refused> {
-    let target = Target {
-        config: config.to_owned(),
-        etcd: None,
-        prefix: String::new(),
-        router: None,
-        json: false,
-    };
-    Ctl::connect(&target).await.map_err(|e| Refused {
-        code: report::EXIT_UNAVAILABLE,
-        message: format!("{key}: {e:#}"),
-    })
+    Ctl::connect(&Target::from_config(config))
+        .await
+        .map_err(|e| Refused {
+            code: report::EXIT_UNAVAILABLE,
+            message: format!("{key}: {e:#}"),
+        })
 }
 
 /// The header git sends to a router with `[auth]`: a fresh v2 token per git run.

@@ -125,16 +125,7 @@ impl Bench {
         .unwrap();
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
-        let creds = run_dir.path().join("creds.toml");
-        std::fs::write(
-            &creds,
-            format!(
-                "access_key_id = \"{}\"\nsecret_access_key = \"{}\"\n",
-                seaweed::ACCESS_KEY,
-                seaweed::SECRET_KEY
-            ),
-        )
-        .unwrap();
+        let creds = seaweed::write_credentials(&run_dir.path().join("creds.toml"));
         let config = |cache: &str| {
             let mut c = SyncConfig::parse(
                 "[store]\nbucket = \"x\"\n[encryption]\nkeys = [{ id = \"k\", file = \"/k\" }]\n[repositories]\npaths = [\"bench/repo.git\"]\n[source]\nurl = \"/\"\n[target]\nkind = \"git\"\nurl = \"/\"\n",

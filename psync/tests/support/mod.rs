@@ -141,16 +141,7 @@ impl Fixture {
                 c.store.kind = StoreKind::S3;
                 c.store.endpoint = w.endpoint.clone();
                 c.store.bucket = seaweed::BUCKET.into();
-                let creds = self.path("s3-credentials.toml");
-                std::fs::write(
-                    &creds,
-                    format!(
-                        "access_key_id = \"{}\"\nsecret_access_key = \"{}\"\n",
-                        seaweed::ACCESS_KEY,
-                        seaweed::SECRET_KEY
-                    ),
-                )
-                .unwrap();
+                let creds = seaweed::write_credentials(&self.path("s3-credentials.toml"));
                 c.store.credentials_file = Some(creds);
             }
             None => {

@@ -29,6 +29,7 @@ use refvote_proto::gitaly::{
 use refvote_psync::consume::Target;
 use refvote_psync::context::now;
 use refvote_psync::error::SyncError;
+use refvote_psync::fault;
 use refvote_psync::git_target::GitTarget;
 use refvote_psync::manifest::Manifest;
 use refvote_psync::plan::Applied;
@@ -129,6 +130,7 @@ impl ClusterTarget {
         bundle: &Path,
     ) -> Result<(), SyncError> {
         let mut client = self.client().await?;
+        fault::point(fault::BEFORE_APPLY);
         let result = if manifest.refs.refs.is_empty() {
             let branch = manifest
                 .refs
