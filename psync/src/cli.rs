@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::catalog;
-use crate::config::{ConfigError, Role as ConfigRole, SyncConfig, TargetKind};
+use crate::config::{Role as ConfigRole, SyncConfig, TargetKind};
 use crate::consume::{self, Target};
 use crate::context::Context;
 use crate::crypto::MasterKey;
@@ -18,6 +18,7 @@ use crate::keys::Keys;
 use crate::metrics;
 use crate::produce;
 use crate::progress::{Mode, Progress};
+pub use crate::report::Refused;
 use crate::report::{self, Role, Summary};
 use crate::store::Bucket;
 
@@ -77,22 +78,6 @@ pub struct ConsumeArgs {
     pub common: CommonArgs,
     /// Only these repositories.
     pub repositories: Vec<String>,
-}
-
-/// A refused start: the exit status and what to say.
-#[derive(Debug)]
-pub struct Refused {
-    pub code: i32,
-    pub message: String,
-}
-
-impl From<ConfigError> for Refused {
-    fn from(e: ConfigError) -> Refused {
-        Refused {
-            code: report::EXIT_CONFIG,
-            message: format!("configuration: {e}"),
-        }
-    }
 }
 
 /// Exit status when another run of the same role holds the cache dir.

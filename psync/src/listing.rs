@@ -4,10 +4,9 @@
 
 use serde::Serialize;
 
-use crate::cli::Refused;
 use crate::context::Context;
 use crate::naming::{Entry, Kind};
-use crate::report::{self, human_bytes};
+use crate::report::{self, Refused, human_bytes};
 
 #[derive(Debug, Serialize)]
 struct Row {

@@ -9,6 +9,7 @@
 
 use serde::Serialize;
 
+use crate::config::ConfigError;
 use crate::error::{Class, SyncError};
 use crate::naming::Kind;
 
@@ -215,6 +216,22 @@ pub fn human_bytes(n: u64) -> String {
         format!("{n} B")
     } else {
         format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// A refused start: the exit status and what to say.
+#[derive(Debug)]
+pub struct Refused {
+    pub code: i32,
+    pub message: String,
+}
+
+impl From<ConfigError> for Refused {
+    fn from(e: ConfigError) -> Refused {
+        Refused {
+            code: EXIT_CONFIG,
+            message: format!("configuration: {e}"),
+        }
     }
 }
 
