@@ -5,7 +5,8 @@
 # the post-install step); the installed binaries run and the example configs pass
 # --check-config while a bad one fails naming the key; the installed votingd runs
 # against a throwaway etcd with the packaged hook; the post-install step created
-# the git user and refvote's directories and started nothing; the systemd units pass
+# the git user and refvote's directories and started nothing; the systemd units (the
+# partition-sync timers too) pass
 # `systemd-analyze verify` where it exists; `rpm -qlp` lists each .rpm (Debian's rpm
 # package is installed if missing). What it installed is purged at the end unless
 # KEEP_INSTALLED=1 (the git user it may have created stays).
@@ -26,6 +27,11 @@ node_files=(
   /usr/lib/systemd/system/votingd.service
   /usr/share/refvote/votingd.toml.example
   /usr/share/refvote/README.md
+  /usr/lib/systemd/system/refvote-partition-sync-produce.service
+  /usr/lib/systemd/system/refvote-partition-sync-produce.timer
+  /usr/lib/systemd/system/refvote-partition-sync-consume.service
+  /usr/lib/systemd/system/refvote-partition-sync-consume.timer
+  /usr/share/refvote/partition-sync.toml.example
 )
 router_files=(
   /usr/bin/refvote-router
@@ -76,7 +82,7 @@ if $root; then
   [ "$(stat -c %U /var/lib/refvote)" = git ] || fail "/var/lib/refvote is not owned by git"
   ok "post-install: git user and group, /etc/refvote, /var/lib/refvote"
   if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
-    for unit in votingd refvote-router; do
+    for unit in votingd refvote-router refvote-partition-sync-produce.timer refvote-partition-sync-consume.timer; do
       if systemctl is-enabled --quiet "$unit" || systemctl is-active --quiet "$unit"; then
         fail "$unit is enabled or running right after install"
       fi
@@ -94,6 +100,8 @@ fi
 # --- the binaries run, the examples are valid, a bad config names the key ---
 "$prefix/usr/bin/votingd" --version | grep -q '^votingd ' || fail "votingd --version"
 "$prefix/usr/bin/votingctl" --help >/dev/null || fail "votingctl --help"
+"$prefix/usr/bin/votingctl" partition-sync check --config "$prefix/usr/share/refvote/partition-sync.toml.example" >/dev/null \
+  || fail "votingctl partition-sync rejects its example config"
 "$prefix/usr/bin/refvote-router" --version | grep -q '^refvote-router ' || fail "refvote-router --version"
 printf '' | "$prefix/usr/lib/refvote/reference-transaction" committed \
   || fail "the hook refuses an update outside refvote"
@@ -112,8 +120,13 @@ printf 'replication_factor = 0\n' >"$bad"
 set +e
 msg=$("$prefix/usr/bin/refvote-router" --check-config --config "$bad" 2>&1); code=$?
 set -e
-rm -f "$bad"
 [ "$code" -eq 64 ] && grep -q replication_factor <<<"$msg" || fail "refvote-router on a bad config: exit $code, $msg"
+sed 's/^part_size_mib = 16$/part_size_mib = 1/' "$prefix/usr/share/refvote/partition-sync.toml.example" >"$bad"
+set +e
+msg=$("$prefix/usr/bin/votingctl" partition-sync check --config "$bad" 2>&1); code=$?
+set -e
+rm -f "$bad"
+[ "$code" -eq 64 ] && grep -q store.part_size_mib <<<"$msg" || fail "partition-sync on a bad config: exit $code, $msg"
 ok "binaries run; example configs valid; bad configs exit 64 naming the key"
 
 # --- the installed votingd runs: against a throwaway etcd on loopback, it links the
@@ -177,9 +190,11 @@ if command -v systemd-analyze >/dev/null; then
   if $root; then
     # It only warns about unknown keys (exit 0); any word from it fails the check.
     verify=$(systemd-analyze verify /usr/lib/systemd/system/votingd.service \
-      /usr/lib/systemd/system/refvote-router.service 2>&1) || fail "systemd-analyze verify: $verify"
+      /usr/lib/systemd/system/refvote-router.service \
+      /usr/lib/systemd/system/refvote-partition-sync-{produce,consume}.{service,timer} 2>&1) \
+      || fail "systemd-analyze verify: $verify"
     [ -z "$verify" ] || fail "systemd-analyze verify warns: $verify"
-    ok "systemd-analyze verify: both units, no warnings"
+    ok "systemd-analyze verify: all six units, no warnings"
   else
     echo "check-packages: skipped systemd-analyze verify: the units name /usr/bin binaries, installed only as root"
   fi

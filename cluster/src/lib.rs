@@ -2,7 +2,8 @@
 //! ([`records`]), the quorum rules ([`quorum`]) and the transaction protocol built on
 //! them ([`tx`], [`repository`], [`reaper`], [`session`]), the repair jobs' claims and
 //! fenced completion ([`repair`]), the administrative write lock ([`lock`]) and the
-//! replica-set changes made under it ([`replicas`]). The router, votingd and
+//! replica-set changes made under it ([`replicas`]), and Gitaly's repository checksum
+//! ([`checksum`]). The router, votingd and
 //! votingctl all go through this crate, so they can never disagree on a key or a rule.
 //! It also holds the `[etcd]` config section both daemons read ([`settings`]) and the
 //! etcd client wrapper ([`store`]), which counts failed etcd requests.
@@ -12,6 +13,7 @@
 //! `[etcd] ca_path` is set), always with the compares a step relies on.
 #![forbid(unsafe_code)]
 
+pub mod checksum;
 pub mod decide;
 pub mod error;
 pub mod faults;

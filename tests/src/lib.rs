@@ -10,6 +10,7 @@
 //! [`workhorse`] puts a real git client's HTTP fetches through it. [`local`] drives a
 //! whole cluster started by `votingctl cluster up`, as a person would. [`tls`] issues
 //! test certificates. [`metrics`] scrapes a process's Prometheus endpoint.
+//! [`seaweed`] runs a real S3-compatible server (SeaweedFS) for partition sync.
 //! [`faultnet`] cuts links between processes, [`hold`] stops a process at an exact
 //! step, [`chaos`] is the fault suite. [`gitlab`] stands in for GitLab's internal API
 //! (a real HTTP server).
@@ -30,6 +31,7 @@ pub mod metrics;
 pub mod node;
 pub mod proc;
 pub mod router;
+pub mod seaweed;
 pub mod smarthttp;
 pub mod tls;
 pub mod workhorse;

@@ -236,3 +236,48 @@ fn both_daemons_refuse_to_start_on_a_bad_config_naming_the_key() {
         );
     }
 }
+
+/// The partition-sync pairs: each timer starts its own service, which runs its role
+/// once, quiet, as git, hardened, with the config checked first and only once it
+/// exists; a run that finds the previous one still going (exit 75) is no failure.
+#[test]
+fn the_partition_sync_timers_start_one_quiet_run_of_their_role() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../install");
+    let config = "/etc/refvote/partition-sync.toml";
+    for role in ["produce", "consume"] {
+        let unit = format!("refvote-partition-sync-{role}.service");
+        let text = std::fs::read_to_string(dir.join(&unit)).unwrap();
+        let lines: Vec<&str> = text.lines().map(str::trim).collect();
+        for want in [
+            "Type=oneshot".to_owned(),
+            "User=git".to_owned(),
+            "Group=git".to_owned(),
+            "NoNewPrivileges=yes".to_owned(),
+            "ProtectSystem=strict".to_owned(),
+            "ProtectHome=yes".to_owned(),
+            "PrivateTmp=yes".to_owned(),
+            "CapabilityBoundingSet=".to_owned(),
+            "ReadWritePaths=/var/lib/refvote".to_owned(),
+            "SuccessExitStatus=75".to_owned(),
+            format!("ConditionPathExists={config}"),
+            format!("ExecStartPre=/usr/bin/votingctl partition-sync check --config {config}"),
+            format!("ExecStart=/usr/bin/votingctl partition-sync {role} --quiet --config {config}"),
+        ] {
+            assert!(lines.contains(&want.as_str()), "{unit} lacks {want}");
+        }
+        let timer = format!("refvote-partition-sync-{role}.timer");
+        let text = std::fs::read_to_string(dir.join(&timer)).unwrap();
+        let lines: Vec<&str> = text.lines().map(str::trim).collect();
+        for want in [
+            format!("Unit={unit}"),
+            "Persistent=true".to_owned(),
+            "WantedBy=timers.target".to_owned(),
+        ] {
+            assert!(lines.contains(&want.as_str()), "{timer} lacks {want}");
+        }
+        assert!(
+            lines.iter().any(|l| l.starts_with("OnCalendar=")),
+            "{timer} has no schedule"
+        );
+    }
+}

@@ -44,6 +44,20 @@ pub struct Target {
     pub json: bool,
 }
 
+impl Target {
+    /// The cluster a node's votingd.toml names (its etcd, `[auth]` and `[tls]`), with
+    /// no router chosen and table output.
+    pub fn from_config(config: &std::path::Path) -> Target {
+        Target {
+            config: config.to_owned(),
+            etcd: None,
+            prefix: String::new(),
+            router: None,
+            json: false,
+        }
+    }
+}
+
 /// A connected cluster.
 pub struct Ctl {
     pub store: Store,

@@ -5,7 +5,9 @@
 //! cluster and opens the connections; [`repos`] lists repositories and data loss;
 //! [`replicas`] calls a router's admin service; [`data`] verifies checksums, accepts
 //! data loss and tracks repositories found on disk; [`view`] is the cluster section of
-//! `votingctl status`. `votingctl status` reads the node's own health over its vote
+//! `votingctl status`; [`partition_sync`] is `votingctl partition-sync` (the crate
+//! `refvote-psync`, with the source cluster's registry and a refvote target).
+//! `votingctl status` reads the node's own health over its vote
 //! socket (`votingd::client`); `votingctl cluster` runs a local cluster through
 //! `refvote-launcher`.
 //!
@@ -19,6 +21,7 @@
 
 pub mod connect;
 pub mod data;
+pub mod partition_sync;
 pub mod replicas;
 pub mod repos;
 pub mod view;

@@ -4,7 +4,8 @@
 //! healthy. `votingctl cluster up|down|
 //! stop|start` runs a whole cluster on this machine ([`refvote_launcher`]). The
 //! operator commands (`repos list`, `replicas`, `verify`, `dataloss`,
-//! `accept-dataloss`, `track`) talk to etcd, routers and nodes (this crate's library).
+//! `accept-dataloss`, `track`) talk to etcd, routers and nodes (this crate's library);
+//! `partition-sync produce|consume|list|keygen` carries repositories between clusters.
 #![forbid(unsafe_code)]
 
 use std::net::Ipv4Addr;
@@ -92,6 +93,14 @@ enum Command {
         nodes: Vec<String>,
         #[command(flatten)]
         target: Target,
+    },
+    /// Partition sync: carry chosen repositories through S3-compatible object
+    /// storage, encrypted and incremental, from this cluster to another refvote
+    /// cluster (voted in through its router) or any git remote.
+    #[command(name = "partition-sync")]
+    PartitionSync {
+        #[command(subcommand)]
+        command: refvote_psync::cli::Command,
     },
     /// A complete local cluster on loopback: etcd, votingd nodes and a router.
     Cluster {
@@ -248,6 +257,13 @@ fn operate(
 fn run(args: Args) -> anyhow::Result<i32> {
     match args.command {
         Command::Cluster { action } => cluster(action),
+        Command::PartitionSync { command } => {
+            refvote_psync::cli::init_logging();
+            Ok(refvote_psync::cli::run_with(
+                command,
+                &votingctl::partition_sync::Clusters,
+            ))
+        }
         Command::Repos { action, target } => match action {
             ReposAction::List => operate(&target, async |c| votingctl::repos::list(c).await),
         },
@@ -361,13 +377,7 @@ fn cluster_view(config: &std::path::Path, skip: bool) -> Option<View> {
     if skip {
         return None;
     }
-    let target = Target {
-        config: config.to_owned(),
-        etcd: None,
-        prefix: String::new(),
-        router: None,
-        json: false,
-    };
+    let target = Target::from_config(config);
     Some(operate_value(async || {
         tokio::time::timeout(Duration::from_secs(10), async {
             let c = Ctl::connect(&target).await?;

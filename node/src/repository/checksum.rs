@@ -1,67 +1,15 @@
-//! Gitaly's repository checksum: one value that two replicas share exactly when their
-//! well-known refs and HEAD agree. It must match Gitaly's bit for bit, so operators can
-//! compare a refvote replica with a Gitaly one, and so it is computed the same way:
-//! each `git show-ref --head` line (`<oid> <refname>`, no newline) that matches the
-//! unanchored pattern `HEAD|(refs/(heads|tags|keep-around|merge-requests|environments|notes)/)`
-//! is hashed with SHA-1 (also in SHA-256 repositories), the digests are XORed, and the
-//! result is printed as the hex of a big-endian number without leading zeros.
+//! Gitaly's repository checksum of a replica on disk: `git show-ref --head` read as a
+//! stream and folded line by line into [`refvote_cluster::checksum::Checksum`], which
+//! says what counts and how (bit for bit Gitaly's, so operators can compare a refvote
+//! replica with a Gitaly one).
 
 use std::path::Path;
 
-use sha1::{Digest, Sha1};
+use refvote_cluster::checksum::{Checksum, EMPTY};
 
 use crate::error::NodeError;
 use crate::git::Git;
 use crate::storage::is_repository;
-
-/// What an empty but valid repository reports.
-pub const EMPTY: &str = "0000000000000000000000000000000000000000";
-
-/// The ref namespaces Gitaly counts, matched anywhere in the line like its regexp.
-const COUNTED: &[&str] = &[
-    "HEAD",
-    "refs/heads/",
-    "refs/tags/",
-    "refs/keep-around/",
-    "refs/merge-requests/",
-    "refs/environments/",
-    "refs/notes/",
-];
-
-/// The running XOR of the counted lines' digests.
-#[derive(Default)]
-struct Checksum {
-    acc: Option<[u8; 20]>,
-}
-
-impl Checksum {
-    fn add_line(&mut self, line: &[u8]) {
-        if !COUNTED
-            .iter()
-            .any(|p| line.windows(p.len()).any(|w| w == p.as_bytes()))
-        {
-            return;
-        }
-        let digest: [u8; 20] = Sha1::digest(line).into();
-        let acc = self.acc.get_or_insert([0; 20]);
-        for (a, d) in acc.iter_mut().zip(digest) {
-            *a ^= d;
-        }
-    }
-
-    /// Hex of the big-endian number (Go's `big.Int.Text(16)`): no leading zeros, "0"
-    /// for zero. `None` when no line was counted.
-    fn finish(self) -> Option<String> {
-        let acc = self.acc?;
-        let hex = hex::encode(acc);
-        let trimmed = hex.trim_start_matches('0');
-        Some(if trimmed.is_empty() {
-            "0".into()
-        } else {
-            trimmed.to_owned()
-        })
-    }
-}
 
 /// The checksum of the repository at `path`. Reads `git show-ref` as a stream, so a
 /// repository with millions of refs costs no memory.
@@ -93,34 +41,5 @@ pub async fn calculate(git: &Git, path: &Path) -> Result<String, NodeError> {
             "not a git repository: {}",
             path.display()
         ))),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn xor_of_counted_lines_without_leading_zeros() {
-        let mut s = Checksum::default();
-        s.add_line(b"1111111111111111111111111111111111111111 refs/remotes/origin/x");
-        assert_eq!(s.finish(), None, "refs/remotes is not counted");
-
-        let line = b"1111111111111111111111111111111111111111 refs/heads/main";
-        let mut s = Checksum::default();
-        s.add_line(line);
-        let one = hex::encode(Sha1::digest(line));
-        assert_eq!(s.finish().unwrap(), one.trim_start_matches('0'));
-
-        // The same line twice cancels out: zero prints as "0", like Go's big.Int.
-        let mut s = Checksum::default();
-        s.add_line(line);
-        s.add_line(line);
-        assert_eq!(s.finish().unwrap(), "0");
-
-        // Unanchored like Gitaly's regexp: a remote's HEAD counts.
-        let mut s = Checksum::default();
-        s.add_line(b"1111111111111111111111111111111111111111 refs/remotes/origin/HEAD");
-        assert!(s.finish().is_some());
     }
 }
