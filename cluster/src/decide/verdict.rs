@@ -34,9 +34,10 @@ pub fn designate(id: &str, voters: &[String]) -> Option<String> {
 }
 
 /// `record` (as [`super::begin::transaction`] chose it from `view`) gated by GitLab's
-/// checks: one voter designated. Refused when the voters disagree on whether they call
-/// GitLab's API ([`Error::MixedGitlab`]): which voter is designated would then decide
-/// whether the update is checked at all.
+/// checks: one voter designated, when the voters call GitLab's API. Refused when the
+/// voters disagree on whether they do ([`Error::MixedGitlab`]): which voter is
+/// designated would then decide whether the update is checked at all. When none does,
+/// there is nothing to check with: the record stays ungated, as without a GitLab user.
 pub fn gated(view: &RepoView, mut record: TxRecord) -> Result<TxRecord> {
     let (with, without): (Vec<String>, Vec<String>) = record
         .voters
@@ -46,7 +47,9 @@ pub fn gated(view: &RepoView, mut record: TxRecord) -> Result<TxRecord> {
     if !with.is_empty() && !without.is_empty() {
         return Err(Error::MixedGitlab { with, without });
     }
-    record.designated = designate(&record.id, &record.voters);
+    if !with.is_empty() {
+        record.designated = designate(&record.id, &record.voters);
+    }
     Ok(record)
 }
 
@@ -257,7 +260,7 @@ mod tests {
             record(),
         )
         .unwrap();
-        assert!(r.designated.is_some(), "custom hooks only: still gated");
+        assert_eq!(r.designated, None, "no voter calls GitLab: not gated");
         let e = gated(
             &repo_view(&[("a", true), ("b", false), ("c", true)]),
             record(),
