@@ -23,6 +23,11 @@
 //! `repository/replicate` add `tx`; `state` and `stream` sit on all of that; the
 //! services on everything below them; this file only wires the services together.
 //!
+//! Reads go through the read engine ([`engine`]): long-lived `git cat-file` processes
+//! pooled per repository, checked for freshness before reuse, with [`object`]'s
+//! parsers (commits, tags, trees as Gitaly presents them; no I/O). `object` imports
+//! nothing of this crate; `engine` imports `git`, `error`, `storage` and `object`.
+//!
 //! It does not vote: the hook asks votingd's vote service, which decides in etcd; the
 //! node only settles its confirmations through it ([`tx::SettleVotes`]) before it
 //! reports done. It does not hold the node's etcd lease, read its config file or
@@ -33,8 +38,10 @@ mod blob;
 mod catfile;
 mod commit;
 pub mod detail;
+pub mod engine;
 pub mod error;
 pub mod git;
+pub mod object;
 mod operations;
 pub mod pktline;
 mod push;

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use refvote_auth::Secret;
 
+use crate::engine::ReadEngine;
 use crate::git::Git;
 use crate::repolock::RepoLocks;
 use crate::storage::Storages;
@@ -15,6 +16,8 @@ pub struct NodeState {
     pub name: String,
     pub storages: Storages,
     pub git: Git,
+    /// Object lookups through pooled `git cat-file` processes.
+    pub reads: ReadEngine,
     pub tx: TxSettings,
     /// Orders ref-writing git runs against maintenance and repair.
     pub locks: RepoLocks,
