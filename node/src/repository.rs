@@ -14,6 +14,8 @@ pub(super) mod checksum;
 mod info;
 mod replicate;
 
+pub(crate) use info::hash_len;
+
 use std::path::Path;
 use std::sync::Arc;
 
@@ -21,7 +23,9 @@ use refvote_proto::gitaly::repository_service_server::RepositoryService;
 use refvote_proto::gitaly::{
     CalculateChecksumRequest, CalculateChecksumResponse, CreateBundleRequest, CreateBundleResponse,
     CreateRepositoryFromBundleRequest, CreateRepositoryFromBundleResponse, CreateRepositoryRequest,
-    CreateRepositoryResponse, FindMergeBaseRequest, FindMergeBaseResponse, ObjectFormat,
+    CreateRepositoryResponse, FindMergeBaseRequest, FindMergeBaseResponse,
+    GetObjectDirectorySizeRequest, GetObjectDirectorySizeResponse, HasLocalBranchesRequest,
+    HasLocalBranchesResponse, ObjectFormat, ObjectFormatRequest, ObjectFormatResponse,
     RemoveRepositoryRequest, RemoveRepositoryResponse, ReplicateRepositoryRequest,
     ReplicateRepositoryResponse, RepositoryExistsRequest, RepositoryExistsResponse,
     RepositoryInfoRequest, RepositoryInfoResponse, RepositorySizeRequest, RepositorySizeResponse,
@@ -40,6 +44,15 @@ use super::tx::WriteContext;
 const REPAIR_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 use crate::state::NodeState;
 use crate::stream::{first_message, stdout_stream};
+
+/// [`info::size_kib`] off the async workers.
+async fn blocking_size(dir: std::path::PathBuf) -> Result<i64, Status> {
+    let shown = dir.display().to_string();
+    tokio::task::spawn_blocking(move || info::size_kib(&dir))
+        .await
+        .map_err(|e| NodeError::io("measuring the repository", std::io::Error::other(e)))?
+        .map_err(|e| NodeError::io(format!("measuring {shown}"), e).into())
+}
 
 pub struct RepositorySvc {
     node: Arc<NodeState>,
@@ -117,6 +130,7 @@ impl RepositoryService for RepositorySvc {
         tracing::Span::current().record("repo", tracing::field::display(&repo));
         let ctx = WriteContext::from_metadata(&self.node.tx, request.metadata()).await?;
         let result = remove(&repo).await;
+        self.node.reads.evict(&repo.path);
         ctx.finish(result.is_ok(), &error_detail(&result)).await;
         result?;
         tracing::info!("repository removed");
@@ -136,6 +150,7 @@ impl RepositoryService for RepositorySvc {
         Ok(Response::new(CalculateChecksumResponse { checksum }))
     }
 
+    /// KiB of every file of the repository.
     #[tracing::instrument(skip_all, fields(node = %self.node.name))]
     async fn repository_size(
         &self,
@@ -145,12 +160,22 @@ impl RepositoryService for RepositorySvc {
             .node
             .storages
             .existing(request.get_ref().repository.as_ref())?;
-        let path = repo.path.clone();
-        let size = tokio::task::spawn_blocking(move || info::size_kib(&path))
-            .await
-            .map_err(|e| NodeError::io("measuring the repository", std::io::Error::other(e)))?
-            .map_err(|e| NodeError::io(format!("measuring {}", repo.path.display()), e))?;
+        let size = blocking_size(repo.path.clone()).await?;
         Ok(Response::new(RepositorySizeResponse { size }))
+    }
+
+    /// KiB of the repository's object directory.
+    #[tracing::instrument(skip_all, fields(node = %self.node.name))]
+    async fn get_object_directory_size(
+        &self,
+        request: Request<GetObjectDirectorySizeRequest>,
+    ) -> Result<Response<GetObjectDirectorySizeResponse>, Status> {
+        let repo = self
+            .node
+            .storages
+            .existing(request.get_ref().repository.as_ref())?;
+        let size = blocking_size(repo.path.join("objects")).await?;
+        Ok(Response::new(GetObjectDirectorySizeResponse { size }))
     }
 
     #[tracing::instrument(skip_all, fields(node = %self.node.name))]
@@ -162,12 +187,62 @@ impl RepositoryService for RepositorySvc {
             .node
             .storages
             .existing(request.get_ref().repository.as_ref())?;
-        let path = repo.path.clone();
-        let answer = tokio::task::spawn_blocking(move || info::info(&path))
+        let (path, relative) = (repo.path.clone(), repo.relative.clone());
+        let answer = tokio::task::spawn_blocking(move || info::info(&path, &relative))
             .await
             .map_err(|e| NodeError::io("measuring the repository", std::io::Error::other(e)))?
             .map_err(|e| NodeError::io(format!("measuring {}", repo.path.display()), e))?;
         Ok(Response::new(answer))
+    }
+
+    /// Whether any branch exists (`git for-each-ref --count=1 refs/heads/`).
+    #[tracing::instrument(skip_all, fields(node = %self.node.name))]
+    async fn has_local_branches(
+        &self,
+        request: Request<HasLocalBranchesRequest>,
+    ) -> Result<Response<HasLocalBranchesResponse>, Status> {
+        let repo = self
+            .node
+            .storages
+            .existing(request.get_ref().repository.as_ref())?;
+        let (out, exit) = self
+            .node
+            .git
+            .command([
+                "for-each-ref",
+                "--count=1",
+                "--format=%(refname)",
+                "refs/heads/",
+            ])
+            .git_dir(&repo.path)
+            .spawn()
+            .map_err(NodeError::from)?
+            .output(64 * 1024)
+            .await
+            .map_err(NodeError::from)?;
+        exit.check().map_err(NodeError::from)?;
+        Ok(Response::new(HasLocalBranchesResponse {
+            value: !out.trim_ascii().is_empty(),
+        }))
+    }
+
+    /// SHA-1 or SHA-256, from the repository's config.
+    #[tracing::instrument(skip_all, fields(node = %self.node.name))]
+    async fn object_format(
+        &self,
+        request: Request<ObjectFormatRequest>,
+    ) -> Result<Response<ObjectFormatResponse>, Status> {
+        let repo = self
+            .node
+            .storages
+            .existing(request.get_ref().repository.as_ref())?;
+        let format = match hash_len(&repo.path) {
+            64 => ObjectFormat::Sha256,
+            _ => ObjectFormat::Sha1,
+        };
+        Ok(Response::new(ObjectFormatResponse {
+            format: format as i32,
+        }))
     }
 
     /// Gitaly answers an empty base when git finds none or cannot resolve a revision.
@@ -369,6 +444,8 @@ impl RepositoryService for RepositorySvc {
             Ok::<(), Status>(())
         }
         .await;
+        // What the pool's processes hold of the old state goes with it.
+        self.node.reads.evict(&target.path);
         ctx.finish(
             result.is_ok(),
             result.as_ref().err().map_or("", |s| s.message()),

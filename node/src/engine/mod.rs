@@ -482,7 +482,8 @@ impl Reader {
     }
 
     /// Many objects, whole, in order, [`WINDOW`] per round trip; each at most `limit`
-    /// bytes. For commits and tags, not for blobs of any size.
+    /// bytes. For commits and tags, not for blobs of any size. A name git could not
+    /// be asked for (empty, NUL) names nothing.
     pub async fn objects(
         &mut self,
         names: &[String],
@@ -490,11 +491,20 @@ impl Reader {
     ) -> Result<Vec<Option<Object>>, NodeError> {
         let mut out = Vec::with_capacity(names.len());
         for window in names.chunks(WINDOW) {
-            let asks: Vec<(Ask, &str)> =
-                window.iter().map(|n| (Ask::Contents, n.as_str())).collect();
+            let asks: Vec<(Ask, &str)> = window
+                .iter()
+                .filter(|n| process::askable(n))
+                .map(|n| (Ask::Contents, n.as_str()))
+                .collect();
             let p = self.process();
-            p.request(&asks).await?;
-            for _ in window {
+            if !asks.is_empty() {
+                p.request(&asks).await?;
+            }
+            for name in window {
+                if !process::askable(name) {
+                    out.push(None);
+                    continue;
+                }
                 let Some(info) = p.answer(Ask::Contents).await? else {
                     out.push(None);
                     continue;
@@ -513,11 +523,21 @@ impl Reader {
     pub async fn infos(&mut self, names: &[String]) -> Result<Vec<Option<ObjectInfo>>, NodeError> {
         let mut out = Vec::with_capacity(names.len());
         for window in names.chunks(WINDOW) {
-            let asks: Vec<(Ask, &str)> = window.iter().map(|n| (Ask::Info, n.as_str())).collect();
+            let asks: Vec<(Ask, &str)> = window
+                .iter()
+                .filter(|n| process::askable(n))
+                .map(|n| (Ask::Info, n.as_str()))
+                .collect();
             let p = self.process();
-            p.request(&asks).await?;
-            for _ in window {
-                out.push(p.answer(Ask::Info).await?);
+            if !asks.is_empty() {
+                p.request(&asks).await?;
+            }
+            for name in window {
+                if process::askable(name) {
+                    out.push(p.answer(Ask::Info).await?);
+                } else {
+                    out.push(None);
+                }
             }
         }
         Ok(out)

@@ -302,8 +302,13 @@ fn parse_header(header: &[u8]) -> Option<ObjectInfo> {
     })
 }
 
+/// Whether `name` can be sent to git at all.
+pub fn askable(name: &str) -> bool {
+    !name.is_empty() && name.len() <= MAX_NAME && !name.contains('\0')
+}
+
 fn check_name(name: &str) -> Result<(), NodeError> {
-    if name.is_empty() || name.len() > MAX_NAME || name.contains('\0') {
+    if !askable(name) {
         return Err(NodeError::invalid(format!(
             "object name {:?} is empty, longer than {MAX_NAME} bytes or contains NUL",
             name.chars().take(80).collect::<String>()
