@@ -7,7 +7,7 @@
 //! - [`api`]: the internal API client (`/allowed`, `/pre_receive`, `/post_receive`,
 //!   `/check`) on reqwest with rustls (ring) or a Unix socket, signing each request
 //!   with the `Gitlab-Shell-Api-Request` JWT ([`jwt`]); [`wire`] reads the answers
-//!   as Gitaly does, apart from I/O.
+//!   as Gitaly does, apart from I/O; [`call`] names the calls and their failures.
 //! - [`custom`]: custom server hooks — Gitaly's layout and order, environment,
 //!   stdin and arguments, output streamed, a deadline that kills the process group.
 //! - [`hooks`]: the three hooks in Gitaly's sequence (pre-receive: `/allowed`,
@@ -26,6 +26,7 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod call;
 pub mod changes;
 pub mod context;
 pub mod custom;

@@ -10,7 +10,7 @@
 
 use serde::Deserialize;
 
-use crate::api::{ApiError, Call};
+use crate::call::{ApiError, Call};
 use crate::messages::PostReceiveMessage;
 
 /// An answer as received.

@@ -1,6 +1,6 @@
 //! Reading objects through one `git cat-file --batch` of a call's own, for the
 //! operation service (its writes read objects as written, without the mailmap the read
-//! engine applies), and the revision validation those use.
+//! engine applies); revisions are checked by `refs::names::revision`.
 //!
 //! One process answers every lookup of a call, so listing a hundred commits costs one
 //! fork, not a hundred. Reads go through the read engine ([`crate::engine`]) instead.
@@ -179,34 +179,6 @@ pub fn parse_commit(oid: &str, data: &[u8]) -> GitCommit {
     crate::object::parse_commit(oid, data).commit
 }
 
-/// Gitaly's revision rules: not empty, no leading '-' (it would be an option), no
-/// whitespace, NUL or ':' (a path-scoped revision) unless `allow_path` is set.
-pub fn validate_revision(
-    revision: &[u8],
-    what: &str,
-    allow_path: bool,
-) -> Result<String, NodeError> {
-    let rev = std::str::from_utf8(revision)
-        .map_err(|_| NodeError::invalid(format!("{what} is not UTF-8")))?;
-    let problem = if rev.is_empty() {
-        Some("is empty")
-    } else if rev.starts_with('-') {
-        Some("can't start with '-'")
-    } else if rev.contains(|c: char| c.is_whitespace()) {
-        Some("can't contain whitespace")
-    } else if rev.contains('\0') {
-        Some("can't contain NUL")
-    } else if !allow_path && rev.contains(':') {
-        Some("can't contain ':'")
-    } else {
-        None
-    };
-    match problem {
-        Some(p) => Err(NodeError::invalid(format!("{what} {rev:?} {p}"))),
-        None => Ok(rev.to_owned()),
-    }
-}
-
 /// A full object id (40 or 64 hex digits).
 pub fn is_object_id(s: &str) -> bool {
     (s.len() == 40 || s.len() == 64) && s.bytes().all(|b| b.is_ascii_hexdigit())
@@ -243,11 +215,12 @@ gpgsig -----BEGIN SSH SIGNATURE-----\n abc\n -----END SSH SIGNATURE-----\n\
 
     #[test]
     fn revisions_and_paths_are_checked() {
-        assert!(validate_revision(b"main", "revision", false).is_ok());
+        // Revisions are checked by the node's one validator (refs::names::revision).
+        use crate::refs::names::revision;
+        assert!(revision("revision", b"main").is_ok());
         for bad in [&b""[..], b"-x", b"a b", b"a:b"] {
-            assert!(validate_revision(bad, "revision", false).is_err());
+            assert!(revision("revision", bad).is_err());
         }
-        assert!(validate_revision(b"main:README", "revision", true).is_ok());
         // Tree paths: only the canonical form of a path can name an entry (Gitaly).
         use crate::commit::tree::entry_path;
         assert_eq!(entry_path("a/b"), Some(("a", "b")));

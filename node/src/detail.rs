@@ -46,3 +46,31 @@ pub fn detail_of<M: Message + Default>(status: &Status, type_name: &str) -> Opti
         .find(|a| a.type_url.ends_with(&format!("/{type_name}")))
         .and_then(|a| M::decode(a.value.as_slice()).ok())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use refvote_proto::gitaly::{FindTagError, ReferenceNotFoundError, find_tag_error};
+
+    #[test]
+    fn detail_round_trips() {
+        let d = FindTagError {
+            error: Some(find_tag_error::Error::TagNotFound(ReferenceNotFoundError {
+                reference_name: b"refs/tags/v1".to_vec(),
+            })),
+        };
+        let s = status_with_detail(
+            Code::NotFound,
+            "tag does not exist",
+            "gitaly.FindTagError",
+            &d,
+        );
+        assert_eq!(s.code(), Code::NotFound);
+        assert_eq!(s.message(), "tag does not exist");
+        assert_eq!(
+            detail_of::<FindTagError>(&s, "gitaly.FindTagError"),
+            Some(d)
+        );
+        assert_eq!(detail_of::<FindTagError>(&s, "gitaly.OtherError"), None);
+    }
+}

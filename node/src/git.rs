@@ -353,6 +353,18 @@ impl Command {
         self
     }
 
+    /// Runs git to its end ([`Command::spawn`], then [`Run::wait`]), as
+    /// `std::process::Command::status` does: its exit, not judged.
+    pub async fn status(self) -> Result<Exit, GitError> {
+        self.spawn()?.wait().await
+    }
+
+    /// Runs git to its end and returns its stdout, at most `limit` bytes, and its exit
+    /// ([`Command::spawn`], then [`Run::output`]).
+    pub async fn output(self, limit: usize) -> Result<(Vec<u8>, Exit), GitError> {
+        self.spawn()?.output(limit).await
+    }
+
     /// Starts git under a supervisor task.
     pub fn spawn(self) -> Result<Run, GitError> {
         let Command {
@@ -468,6 +480,17 @@ impl Exit {
             Ok(self)
         } else {
             Err(self.into_error())
+        }
+    }
+
+    /// For commands that answer a question with their exit status (`--verify
+    /// --quiet`, `--is-ancestor`, `symbolic-ref --quiet`): 0 is yes, 1 is no, anything
+    /// else is git failing.
+    pub fn answer(self) -> Result<bool, GitError> {
+        match self.code() {
+            Some(0) => Ok(true),
+            Some(1) => Ok(false),
+            _ => Err(self.into_error()),
         }
     }
 

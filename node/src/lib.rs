@@ -9,19 +9,21 @@
 //! Layout: one file per Gitaly service (`server`, `repository`, `refs`, `commit`,
 //! `blob`, `operations`, `smarthttp`, `ssh`), sharing the storage resolver
 //! ([`storage`]), the git runner ([`git`]), the transaction handling ([`tx`]), the
-//! per-repository lock ([`repolock`]), the error mapping ([`error`]), what every
-//! handler holds (`state`) and the streams between gRPC and git (`stream`). A new
-//! service is a new file plus one `add_service` line in [`serve`]; methods not
-//! implemented yet answer UNIMPLEMENTED. [`pktline`] puts a push's commands in one
-//! canonical order, so every replica's receive-pack applies them alike.
+//! per-repository lock ([`repolock`]), the error mapping ([`error`]) and Gitaly's
+//! structured errors ([`detail`]), what every handler holds (`state`) and the streams
+//! between gRPC and git (`stream`). A new service is a new file plus one `add_service`
+//! line in [`serve`]; methods not implemented yet answer UNIMPLEMENTED. `push` puts a
+//! push's commands in one canonical order (with `refvote_pktline`), so every replica's
+//! receive-pack applies them alike.
 //!
 //! Modules import only downwards (`scripts/import-cycles.py` checks it): [`git`] and
-//! [`pktline`] import nothing of this crate; [`error`] only `git`; [`storage`] only
-//! `error`; `repolock`, `catfile`, `push`, the ref helpers (`refs/names`, `objects`,
-//! `list`) and `repository/checksum` import those; [`tx`] imports `git`, `error` and
-//! the checksum; `refs/update`, `refs/write`, `repository/bundle` and
-//! `repository/replicate` add `tx`; `state` and `stream` sit on all of that; the
-//! services on everything below them; this file only wires the services together.
+//! [`detail`] import nothing of this crate; [`error`] only `git`; [`storage`] only
+//! `error`; `repolock`, `catfile`, the ref helpers (`refs/names`, `objects`, `list`)
+//! and `repository/checksum` import those; [`tx`] imports `git`, `error` and the
+//! checksum; `refs/update`, `refs/write`, `repository/bundle` and
+//! `repository/replicate` add `tx`; `state` and `stream` sit on all of that, `push`
+//! (what every receive-pack shares) on `state`; the services on everything below
+//! them; this file only wires the services together.
 //!
 //! Reads go through the read engine ([`engine`]): long-lived `git cat-file` processes
 //! pooled per repository, checked for freshness before reuse, with [`object`]'s
@@ -43,7 +45,6 @@ pub mod error;
 pub mod git;
 pub mod object;
 mod operations;
-pub mod pktline;
 mod push;
 mod records;
 mod refs;

@@ -1,7 +1,8 @@
 //! OperationService: branch and tag creation and deletion, and commits built from file
 //! actions, on behalf of a GitLab user.
 //!
-//! Every ref change is one `git update-ref` with an explicit old value, run inside the
+//! Every ref change is one `git update-ref` with an explicit old value (the node's one
+//! ref-write path, `refs::update`, with its one reading of git's failures), run inside the
 //! caller's refvote transaction exactly like a push (DESIGN.md §2): the hook votes it,
 //! and a replica whose ref drifted votes differently. Objects are built without a
 //! worktree (`git hash-object`, a private index, `git write-tree`, `git commit-tree`,
@@ -39,6 +40,8 @@ use super::catfile::{self, CatFile};
 use super::detail::status_with_detail;
 use super::error::NodeError;
 use super::git::Run;
+use super::refs::names::{self, is_zero};
+use super::refs::update::{self, FailureKind, RefUpdate, UpdateFailure};
 use super::storage::{RepoPath, Storages};
 use super::tx::{WriteContext, WriteIn};
 use crate::state::NodeState;
@@ -72,12 +75,7 @@ where
 {
     let ctx = WriteContext::from_metadata(&node.tx, metadata).await?;
     let result = work(ctx.clone()).await;
-    let detail = match &result {
-        Ok(_) => String::new(),
-        Err(s) => s.message().to_owned(),
-    };
-    ctx.finish(result.is_ok(), &detail).await;
-    result
+    ctx.settle(result).await
 }
 
 #[tonic::async_trait]
@@ -91,11 +89,11 @@ impl OperationService for OperationSvc {
         let repo = self.node.storages.existing(req.repository.as_ref())?;
         let name = non_empty(&req.branch_name, "branch_name")?;
         user(req.user.as_ref())?;
-        let start = catfile::validate_revision(&req.start_point, "start_point", false)?;
+        let start = names::revision("start_point", &req.start_point)?;
         let refname = format!("refs/heads/{name}");
-        self.check_ref_format(&repo, &refname).await?;
+        Self::check_ref_format(&refname)?;
         let mut cat = CatFile::start(&self.node.git, &repo)?;
-        let Some(commit) = cat.commit(&start).await? else {
+        let Some(commit) = cat.commit(start).await? else {
             return Err(Status::new(
                 Code::FailedPrecondition,
                 format!("revspec '{start}' not found"),
@@ -103,9 +101,9 @@ impl OperationService for OperationSvc {
         };
         let zero = zero_oid(&commit.id);
         in_transaction(&self.node, &metadata, |ctx| async move {
-            self.update_ref(&repo, &ctx, &refname, &commit.id, &zero)
+            self.set_ref(&repo, &ctx, &refname, &zero, &commit.id)
                 .await
-                .map_err(|e| e.into_status(&refname))?;
+                .map_err(|f| ref_status(f, &refname))?;
             Ok(Response::new(UserCreateBranchResponse {
                 branch: Some(Branch {
                     name: name.into_bytes(),
@@ -125,18 +123,14 @@ impl OperationService for OperationSvc {
         let repo = self.node.storages.existing(req.repository.as_ref())?;
         let name = non_empty(&req.branch_name, "branch_name")?;
         user(req.user.as_ref())?;
-        let expected = expected_oid(&req.expected_old_oid)?;
-        let refname = format!("refs/heads/{name}");
-        self.check_ref_format(&repo, &refname).await?;
-        let Some(current) = self.ref_value(&repo, &refname).await? else {
-            return Err(Status::new(
-                Code::FailedPrecondition,
-                format!("branch not found: {name:?}"),
-            ));
-        };
-        let old = expected.unwrap_or(current);
+        let (refname, old) = self
+            .deletion(&repo, "branch", "refs/heads/", &name, &req.expected_old_oid)
+            .await?;
         in_transaction(&self.node, &metadata, |ctx| async move {
-            if let Err(e) = self.delete_ref(&repo, &ctx, &refname, &old).await {
+            if let Err(f) = self
+                .set_ref(&repo, &ctx, &refname, &old, &zero_oid(&old))
+                .await
+            {
                 let detail = UserDeleteBranchError {
                     error: Some(user_delete_branch_error::Error::ReferenceUpdate(
                         ReferenceUpdateError {
@@ -146,14 +140,15 @@ impl OperationService for OperationSvc {
                         },
                     )),
                 };
-                return Err(match e {
-                    RefError::Conflict(msg) => status_with_detail(
+                return Err(if is_conflict(&f.kind) {
+                    status_with_detail(
                         Code::FailedPrecondition,
-                        format!("deleting {refname}: {msg}"),
+                        format!("deleting {refname}: {}", f.stderr()),
                         "gitaly.UserDeleteBranchError",
                         &detail,
-                    ),
-                    other => other.into_status(&refname),
+                    )
+                } else {
+                    ref_status(f, &refname)
                 });
             }
             Ok(Response::new(UserDeleteBranchResponse {}))
@@ -170,14 +165,14 @@ impl OperationService for OperationSvc {
         let repo = self.node.storages.existing(req.repository.as_ref())?;
         let name = non_empty(&req.tag_name, "tag_name")?;
         let user = user(req.user.as_ref())?;
-        let target = catfile::validate_revision(&req.target_revision, "target_revision", false)?;
+        let target = names::revision("target_revision", &req.target_revision)?;
         if req.message.contains(&0) {
             return Err(NodeError::invalid("tag message contains a NUL byte").into());
         }
         let refname = format!("refs/tags/{name}");
-        self.check_ref_format(&repo, &refname).await?;
+        Self::check_ref_format(&refname)?;
         let mut cat = CatFile::start(&self.node.git, &repo)?;
-        let Some(object) = cat.header(&target).await? else {
+        let Some(object) = cat.header(target).await? else {
             return Err(Status::new(
                 Code::FailedPrecondition,
                 format!("revspec '{target}' not found"),
@@ -230,9 +225,9 @@ impl OperationService for OperationSvc {
                 };
                 (id, Some(tagger))
             };
-            self.update_ref(&repo, &ctx, &refname, &id, &zero)
+            self.set_ref(&repo, &ctx, &refname, &zero, &id)
                 .await
-                .map_err(|e| e.into_status(&refname))?;
+                .map_err(|f| ref_status(f, &refname))?;
             Ok(Response::new(UserCreateTagResponse {
                 tag: Some(Tag {
                     name: name.into_bytes(),
@@ -257,20 +252,13 @@ impl OperationService for OperationSvc {
         let repo = self.node.storages.existing(req.repository.as_ref())?;
         let name = non_empty(&req.tag_name, "tag_name")?;
         user(req.user.as_ref())?;
-        let expected = expected_oid(&req.expected_old_oid)?;
-        let refname = format!("refs/tags/{name}");
-        self.check_ref_format(&repo, &refname).await?;
-        let Some(current) = self.ref_value(&repo, &refname).await? else {
-            return Err(Status::new(
-                Code::FailedPrecondition,
-                format!("tag not found: {name:?}"),
-            ));
-        };
-        let old = expected.unwrap_or(current);
+        let (refname, old) = self
+            .deletion(&repo, "tag", "refs/tags/", &name, &req.expected_old_oid)
+            .await?;
         in_transaction(&self.node, &metadata, |ctx| async move {
-            self.delete_ref(&repo, &ctx, &refname, &old)
+            self.set_ref(&repo, &ctx, &refname, &old, &zero_oid(&old))
                 .await
-                .map_err(|e| e.into_status(&refname))?;
+                .map_err(|f| ref_status(f, &refname))?;
             Ok(Response::new(UserDeleteTagResponse::default()))
         })
         .await
@@ -312,6 +300,33 @@ struct CommitPlan {
 }
 
 impl OperationSvc {
+    /// What UserDeleteBranch and UserDeleteTag check before their transaction: the
+    /// ref (`prefix` + `name`, valid for git) must exist; the delete names an explicit
+    /// old value, the client's expected_old_oid or else the current one.
+    async fn deletion(
+        &self,
+        repo: &RepoPath,
+        what: &str,
+        prefix: &str,
+        name: &str,
+        expected_old_oid: &str,
+    ) -> Result<(String, String), Status> {
+        let expected = expected_oid(expected_old_oid)?;
+        let refname = format!("{prefix}{name}");
+        Self::check_ref_format(&refname)?;
+        let Some(current) = names::current_value(&self.node.git, &repo.path, &refname).await?
+        else {
+            return Err(Status::new(
+                Code::FailedPrecondition,
+                format!("{what} not found: {name:?}"),
+            ));
+        };
+        // An all-zeros expected_old_oid checks nothing (`git update-ref -d REF 0000…`
+        // reads it so); the delete still names an explicit old value, the current one.
+        let old = expected.filter(|e| !is_zero(e)).unwrap_or(current);
+        Ok((refname, old))
+    }
+
     async fn plan_commit(&self, h: &UserCommitFilesRequestHeader) -> Result<CommitPlan, Status> {
         let repo = self.node.storages.existing(h.repository.as_ref())?;
         let user = user(h.user.as_ref())?;
@@ -332,7 +347,7 @@ impl OperationSvc {
             .into());
         }
         let branch_ref = format!("refs/heads/{branch}");
-        self.check_ref_format(&repo, &branch_ref).await?;
+        Self::check_ref_format(&branch_ref)?;
         let expected = expected_oid(&h.expected_old_oid)?;
         let mut cat = CatFile::start(&self.node.git, &repo)?;
         let current = cat.header(&branch_ref).await?.map(|x| x.oid);
@@ -493,11 +508,8 @@ impl OperationSvc {
                 .git
                 .command(["merge-base", "--is-ancestor", current, &commit])
                 .git_dir(&repo.path)
-                .spawn()
-                .map_err(NodeError::from)?
-                .wait()
-                .await
-                .map_err(NodeError::from)?;
+                .status()
+                .await?;
             if !exit.success() {
                 return Err(Status::new(
                     Code::FailedPrecondition,
@@ -509,9 +521,9 @@ impl OperationSvc {
             }
         }
         let old = plan.old.clone().unwrap_or_else(|| zero_oid(&commit));
-        self.update_ref(repo, ctx, &plan.branch_ref, &commit, &old)
+        self.set_ref(repo, ctx, &plan.branch_ref, &old, &commit)
             .await
-            .map_err(|e| e.into_status(&plan.branch_ref))?;
+            .map_err(|f| ref_status(f, &plan.branch_ref))?;
         Ok(UserCommitFilesResponse {
             branch_update: Some(OperationBranchUpdate {
                 commit_id: commit,
@@ -596,11 +608,8 @@ impl OperationSvc {
             .git
             .command(["ls-tree", "-r", "-z", "--full-tree", commit])
             .git_dir(&repo.path)
-            .spawn()
-            .map_err(NodeError::from)?
             .output(MAX_LISTING)
-            .await
-            .map_err(NodeError::from)?;
+            .await?;
         exit.check().map_err(NodeError::from)?;
         let mut files = BTreeMap::new();
         for record in out.split(|b| *b == 0).filter(|r| !r.is_empty()) {
@@ -637,12 +646,9 @@ impl OperationSvc {
             .git_dir(&repo.path)
             .env("GIT_INDEX_FILE", index_path.clone())
             .stdin(Box::pin(tokio_stream::once(Ok(input))))
-            .spawn()
-            .map_err(NodeError::from)?
-            .wait()
+            .status()
             .await
-            .and_then(|e| e.check())
-            .map_err(NodeError::from)?;
+            .and_then(|e| e.check())?;
         let run = self
             .node
             .git
@@ -654,19 +660,10 @@ impl OperationSvc {
         oid_of(run).await
     }
 
-    /// `git check-ref-format`: git's own rules for a ref name.
-    async fn check_ref_format(&self, repo: &RepoPath, refname: &str) -> Result<(), Status> {
-        let exit = self
-            .node
-            .git
-            .command(["check-ref-format", refname])
-            .git_dir(&repo.path)
-            .spawn()
-            .map_err(NodeError::from)?
-            .wait()
-            .await
-            .map_err(NodeError::from)?;
-        if !exit.success() {
+    /// git's rules for a ref name (those of `git check-ref-format`, checked by
+    /// [`names::valid_ref_name`] without running git).
+    fn check_ref_format(refname: &str) -> Result<(), Status> {
+        if !names::valid_ref_name(refname) {
             return Err(NodeError::invalid(format!(
                 "invalid ref name {refname:?}: see git check-ref-format(1)"
             ))
@@ -675,40 +672,14 @@ impl OperationSvc {
         Ok(())
     }
 
-    /// The object id `refname` holds, or `None`.
-    async fn ref_value(&self, repo: &RepoPath, refname: &str) -> Result<Option<String>, Status> {
-        let (out, exit) = self
-            .node
-            .git
-            .command([
-                "rev-parse",
-                "--verify",
-                "--quiet",
-                "--end-of-options",
-                refname,
-            ])
-            .git_dir(&repo.path)
-            .spawn()
-            .map_err(NodeError::from)?
-            .output(SMALL)
-            .await
-            .map_err(NodeError::from)?;
-        Ok(exit
-            .success()
-            .then(|| String::from_utf8_lossy(&out).trim().to_owned()))
-    }
-
     async fn git_text(&self, repo: &RepoPath, args: &[&str]) -> Result<String, Status> {
         let (out, exit) = self
             .node
             .git
             .command(args.iter().copied())
             .git_dir(&repo.path)
-            .spawn()
-            .map_err(NodeError::from)?
             .output(SMALL)
-            .await
-            .map_err(NodeError::from)?;
+            .await?;
         exit.check().map_err(NodeError::from)?;
         Ok(String::from_utf8_lossy(&out).trim().to_owned())
     }
@@ -734,95 +705,52 @@ impl OperationSvc {
             .map_err(|s| NodeError::invalid(s.message().to_owned()))
     }
 
-    async fn update_ref(
+    /// Moves `refname` from `old` to `new` (all zeros: must not exist, or delete) through
+    /// [`update::apply`], the one path every ref write of the node takes.
+    async fn set_ref(
         &self,
         repo: &RepoPath,
         ctx: &WriteContext,
         refname: &str,
+        old: &str,
         new: &str,
-        old: &str,
-    ) -> Result<(), RefError> {
-        self.run_update_ref(
-            repo,
-            ctx,
-            &["update-ref", "-m", "refvote", refname, new, old],
-        )
-        .await
-    }
-
-    async fn delete_ref(
-        &self,
-        repo: &RepoPath,
-        ctx: &WriteContext,
-        refname: &str,
-        old: &str,
-    ) -> Result<(), RefError> {
-        self.run_update_ref(
-            repo,
-            ctx,
-            &["update-ref", "-m", "refvote", "-d", refname, old],
-        )
-        .await
-    }
-
-    async fn run_update_ref(
-        &self,
-        repo: &RepoPath,
-        ctx: &WriteContext,
-        args: &[&str],
-    ) -> Result<(), RefError> {
-        let exit = self
-            .node
-            .git
-            .command(args.iter().copied())
-            .git_dir(&repo.path)
-            .write_in(ctx)
-            .spawn()
-            .map_err(|e| RefError::Other(e.into()))?
-            .wait()
-            .await
-            .map_err(|e| RefError::Other(e.into()))?;
-        if exit.success() {
-            return Ok(());
-        }
-        let stderr = exit.stderr.trim().to_owned();
-        Err(if stderr.contains("hook") || stderr.contains("refvote") {
-            RefError::Vote(stderr)
-        } else if stderr.contains("expected")
-            || stderr.contains("already exists")
-            || stderr.contains("cannot lock ref")
-            || stderr.contains("unable to resolve reference")
-        {
-            RefError::Conflict(stderr)
-        } else {
-            RefError::Other(exit.into_error().into())
-        })
+    ) -> Result<(), UpdateFailure> {
+        let u = RefUpdate {
+            name: refname.to_owned(),
+            old: old.to_owned(),
+            new: new.to_owned(),
+        };
+        update::apply(&self.node.git, &repo.path, ctx, &[u]).await
     }
 }
 
-/// Why a ref update failed.
-enum RefError {
-    /// The refvote vote refused it (the replicas disagreed or could not vote).
-    Vote(String),
-    /// The ref did not hold the old value the update named.
-    Conflict(String),
-    Other(NodeError),
+/// The ref lost a race: it moved, is locked, or something is in the way of its path.
+fn is_conflict(kind: &FailureKind) -> bool {
+    matches!(
+        kind,
+        FailureKind::Locked(_) | FailureKind::Mismatch(_) | FailureKind::Unlockable(_)
+    )
 }
 
-impl RefError {
-    fn into_status(self, refname: &str) -> Status {
-        match self {
-            // What Gitaly returns when its transaction vote fails.
-            RefError::Vote(msg) => Status::new(
-                Code::Aborted,
-                format!("updating {refname} was refused by the replicas' vote: {msg}"),
+/// How these RPCs answer a ref update that failed; git's own words follow.
+fn ref_status(f: UpdateFailure, refname: &str) -> Status {
+    match &f.kind {
+        // What Gitaly returns when its transaction vote fails.
+        FailureKind::Refused(_) => Status::new(
+            Code::Aborted,
+            format!(
+                "updating {refname} was refused by the replicas' vote: {}",
+                f.stderr()
             ),
-            RefError::Conflict(msg) => Status::new(
-                Code::FailedPrecondition,
-                format!("Could not update {refname}. Please refresh and try again: {msg}"),
+        ),
+        kind if is_conflict(kind) => Status::new(
+            Code::FailedPrecondition,
+            format!(
+                "Could not update {refname}. Please refresh and try again: {}",
+                f.stderr()
             ),
-            RefError::Other(e) => e.into(),
-        }
+        ),
+        _ => NodeError::from(f.git).into(),
     }
 }
 
@@ -1063,4 +991,57 @@ fn ident(user: &User, seconds: i64) -> Vec<u8> {
 fn lossy(b: &[u8]) -> Result<String, Status> {
     String::from_utf8(b.to_vec())
         .map_err(|_| NodeError::invalid("user name and email must be UTF-8").into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::git::GitError;
+
+    fn failure(kind: FailureKind, stderr: &str) -> UpdateFailure {
+        UpdateFailure {
+            kind,
+            git: GitError::Failed {
+                command: "update-ref".into(),
+                status: "exit status: 128".into(),
+                stderr: stderr.into(),
+            },
+        }
+    }
+
+    #[test]
+    fn ref_failures_answer_as_gitaly() {
+        let s = ref_status(
+            failure(
+                FailureKind::Refused("refvote: update rejected".into()),
+                "refvote: update rejected\nfatal: ref updates aborted by hook",
+            ),
+            "refs/heads/a",
+        );
+        assert_eq!(s.code(), Code::Aborted);
+        assert_eq!(
+            s.message(),
+            "updating refs/heads/a was refused by the replicas' vote: refvote: update rejected\nfatal: ref updates aborted by hook"
+        );
+        for kind in [
+            FailureKind::Locked("refs/heads/a".into()),
+            FailureKind::Mismatch("refs/heads/a".into()),
+            FailureKind::Unlockable("refs/heads/a".into()),
+        ] {
+            let s = ref_status(failure(kind, "fatal: cannot lock ref"), "refs/heads/a");
+            assert_eq!(s.code(), Code::FailedPrecondition);
+            assert_eq!(
+                s.message(),
+                "Could not update refs/heads/a. Please refresh and try again: fatal: cannot lock ref"
+            );
+        }
+        for kind in [
+            FailureKind::MissingObject("refs/heads/a".into()),
+            FailureKind::Other,
+        ] {
+            let s = ref_status(failure(kind, "fatal: odd"), "refs/heads/a");
+            assert_eq!(s.code(), Code::Internal, "{s:?}");
+            assert!(s.message().contains("fatal: odd"), "{s:?}");
+        }
+    }
 }

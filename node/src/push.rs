@@ -1,6 +1,7 @@
 //! What every `git receive-pack` the node runs for a client shares: the push's
-//! commands reach git in one canonical order ([`crate::pktline`]), whatever order the
-//! client sent them in.
+//! commands reach git in one canonical order ([`refvote_pktline`]), whatever order the
+//! client sent them in, and the run joins the push's transaction the same way
+//! ([`join`]).
 //!
 //! Why: in a non-atomic push git runs one ref transaction per command, in arrival
 //! order, and blocks at each `prepared` until the replicas agree on that key. Every
@@ -8,15 +9,19 @@
 //! has not reached yet.
 
 use std::io;
+use std::path::Path;
 
+use refvote_pktline::{self as pktline, Limits, PktError};
 use tokio_stream::StreamExt;
 use tokio_util::io::StreamReader;
 use tonic::Status;
 use tonic::codegen::Bytes;
+use tonic::metadata::MetadataMap;
 
 use super::error::NodeError;
-use super::git::Input;
-use crate::pktline::{self, Limits, PktError};
+use super::git::{Command, Input};
+use super::tx::{WriteContext, WriteIn};
+use crate::state::NodeState;
 
 /// Reads the command section of a receive-pack request from `input` and returns the
 /// whole request with that section in canonical order; the rest (push options,
@@ -65,6 +70,27 @@ pub(super) fn canonical_input_lazy(input: Input) -> Input {
         })
         .flatten(),
     )
+}
+
+/// Makes `cmd`, a `git receive-pack` of the repository at `repo`, this node's part of
+/// the push's transaction (from `metadata`): the checksum after it is of `repo`, it
+/// holds the repository's shared lock while git runs (maintenance and repair wait),
+/// and its exit records the voter done, since this one git run is the node's whole
+/// part. Call it once everything that can be refused has been checked: a refusal then
+/// costs the other voters nothing.
+pub(super) async fn join(
+    node: &NodeState,
+    metadata: &MetadataMap,
+    cmd: Command,
+    repo: &Path,
+) -> Result<Command, Status> {
+    let ctx = WriteContext::from_metadata(&node.tx, metadata).await?;
+    ctx.checksum_repository(&node.git, repo);
+    let lock = node.locks.shared(repo).await;
+    Ok(cmd
+        .write_in(&ctx)
+        .hold(lock)
+        .finish_transaction_on_exit(&ctx))
 }
 
 /// Gets back the client's status from an I/O error [`canonical_input`] wrapped it in.

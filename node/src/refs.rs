@@ -5,11 +5,10 @@
 //! The logic lives in submodules: [`names`] (validation, current values), [`head`]
 //! (HEAD and the default branch), [`branches`] and [`tags`] (listings and lookups),
 //! [`update`] (the one update-ref run), [`write`] (the two write RPCs' rules and
-//! errors), [`list`] (ListRefs), [`detail`] (typed error details). Lookups of single
+//! errors), [`list`] (ListRefs); typed error details come from [`crate::detail`]. Lookups of single
 //! refs and objects go through the read engine; listings are `git for-each-ref`.
 
 mod branches;
-pub(super) mod detail;
 pub(crate) mod head;
 mod list;
 pub(super) mod names;
@@ -145,18 +144,12 @@ impl RefService for RefSvc {
         let short = req.name.strip_prefix(b"refs/heads/").unwrap_or(&req.name);
         let full = [b"refs/heads/".as_slice(), short].concat();
         let name = names::ref_name("branch name", &full)?;
-        let found = names::current_values(
-            &self.node.git,
-            &repo.path,
-            &std::iter::once(name.to_owned()).collect(),
-        )
-        .await?;
-        let Some(oid) = found.get(name) else {
+        let Some(oid) = names::current_value(&self.node.git, &repo.path, name).await? else {
             return Ok(Response::new(FindBranchResponse { branch: None }));
         };
         let mut reader = self.node.reads.reader(&repo).await?;
         let commit = reader
-            .commits(std::slice::from_ref(oid))
+            .commits(std::slice::from_ref(&oid))
             .await?
             .pop()
             .flatten();
@@ -269,12 +262,7 @@ impl RefService for RefSvc {
             write::apply_deletions(git, &repo.path, &ctx, &deletions).await
         }
         .await;
-        ctx.finish(
-            result.is_ok(),
-            result.as_ref().err().map_or("", |s| s.message()),
-        )
-        .await;
-        result?;
+        ctx.settle(result).await?;
         Ok(Response::new(DeleteRefsResponse {
             git_error: String::new(),
         }))
@@ -325,12 +313,7 @@ impl RefService for RefSvc {
             write::apply_updates(git, &repo.path, &ctx, &updates).await
         }
         .await;
-        ctx.finish(
-            result.is_ok(),
-            result.as_ref().err().map_or("", |s| s.message()),
-        )
-        .await;
-        result?;
+        ctx.settle(result).await?;
         Ok(Response::new(UpdateReferencesResponse {}))
     }
 }

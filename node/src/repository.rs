@@ -36,7 +36,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::error::NodeError;
 use super::refs::names;
-use super::refs::update::{self, RefUpdate, UpdateFailure};
+use super::refs::update::{self, FailureKind, RefUpdate};
 use super::storage::{RepoPath, Storages, TempDir, is_repository};
 use super::tx::WriteContext;
 
@@ -44,15 +44,6 @@ use super::tx::WriteContext;
 const REPAIR_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 use crate::state::NodeState;
 use crate::stream::{first_message, stdout_stream};
-
-/// [`info::size_kib`] off the async workers.
-async fn blocking_size(dir: std::path::PathBuf) -> Result<i64, Status> {
-    let shown = dir.display().to_string();
-    tokio::task::spawn_blocking(move || info::size_kib(&dir))
-        .await
-        .map_err(|e| NodeError::io("measuring the repository", std::io::Error::other(e)))?
-        .map_err(|e| NodeError::io(format!("measuring {shown}"), e).into())
-}
 
 pub struct RepositorySvc {
     node: Arc<NodeState>,
@@ -104,16 +95,14 @@ impl RepositoryService for RepositorySvc {
             }
         };
         let ctx = WriteContext::from_metadata(&self.node.tx, request.metadata()).await?;
-        if repo.path.exists() {
+        let result = if repo.path.exists() {
             // Refused inside the transaction: finalize hears it at once instead of
             // waiting for a voter that never reports.
-            let e = NodeError::RepositoryExists(repo.to_string());
-            ctx.finish(false, &e.to_string()).await;
-            return Err(e.into());
-        }
-        let result = self.create(&repo, &branch, object_format).await;
-        ctx.finish(result.is_ok(), &error_detail(&result)).await;
-        result?;
+            Err(NodeError::RepositoryExists(repo.to_string()))
+        } else {
+            self.create(&repo, &branch, object_format).await
+        };
+        ctx.settle(result).await?;
         tracing::info!("repository created");
         Ok(Response::new(CreateRepositoryResponse {}))
     }
@@ -131,8 +120,7 @@ impl RepositoryService for RepositorySvc {
         let ctx = WriteContext::from_metadata(&self.node.tx, request.metadata()).await?;
         let result = remove(&repo).await;
         self.node.reads.evict(&repo.path);
-        ctx.finish(result.is_ok(), &error_detail(&result)).await;
-        result?;
+        ctx.settle(result).await?;
         tracing::info!("repository removed");
         Ok(Response::new(RemoveRepositoryResponse {}))
     }
@@ -150,7 +138,6 @@ impl RepositoryService for RepositorySvc {
         Ok(Response::new(CalculateChecksumResponse { checksum }))
     }
 
-    /// KiB of every file of the repository.
     #[tracing::instrument(skip_all, fields(node = %self.node.name))]
     async fn repository_size(
         &self,
@@ -160,8 +147,22 @@ impl RepositoryService for RepositorySvc {
             .node
             .storages
             .existing(request.get_ref().repository.as_ref())?;
-        let size = blocking_size(repo.path.clone()).await?;
+        let size = measure(&repo, info::size_kib).await?;
         Ok(Response::new(RepositorySizeResponse { size }))
+    }
+
+    #[tracing::instrument(skip_all, fields(node = %self.node.name))]
+    async fn repository_info(
+        &self,
+        request: Request<RepositoryInfoRequest>,
+    ) -> Result<Response<RepositoryInfoResponse>, Status> {
+        let repo = self
+            .node
+            .storages
+            .existing(request.get_ref().repository.as_ref())?;
+        let relative = repo.relative.clone();
+        let answer = measure(&repo, move |path| info::info(path, &relative)).await?;
+        Ok(Response::new(answer))
     }
 
     /// KiB of the repository's object directory.
@@ -174,25 +175,8 @@ impl RepositoryService for RepositorySvc {
             .node
             .storages
             .existing(request.get_ref().repository.as_ref())?;
-        let size = blocking_size(repo.path.join("objects")).await?;
+        let size = measure(&repo, |path| info::size_kib(&path.join("objects"))).await?;
         Ok(Response::new(GetObjectDirectorySizeResponse { size }))
-    }
-
-    #[tracing::instrument(skip_all, fields(node = %self.node.name))]
-    async fn repository_info(
-        &self,
-        request: Request<RepositoryInfoRequest>,
-    ) -> Result<Response<RepositoryInfoResponse>, Status> {
-        let repo = self
-            .node
-            .storages
-            .existing(request.get_ref().repository.as_ref())?;
-        let (path, relative) = (repo.path.clone(), repo.relative.clone());
-        let answer = tokio::task::spawn_blocking(move || info::info(&path, &relative))
-            .await
-            .map_err(|e| NodeError::io("measuring the repository", std::io::Error::other(e)))?
-            .map_err(|e| NodeError::io(format!("measuring {}", repo.path.display()), e))?;
-        Ok(Response::new(answer))
     }
 
     /// Whether any branch exists (`git for-each-ref --count=1 refs/heads/`).
@@ -215,8 +199,6 @@ impl RepositoryService for RepositorySvc {
                 "refs/heads/",
             ])
             .git_dir(&repo.path)
-            .spawn()
-            .map_err(NodeError::from)?
             .output(64 * 1024)
             .await
             .map_err(NodeError::from)?;
@@ -260,12 +242,7 @@ impl RepositoryService for RepositorySvc {
         for r in &req.revisions {
             cmd = cmd.arg(names::revision("revision", r)?);
         }
-        let (out, exit) = cmd
-            .spawn()
-            .map_err(NodeError::from)?
-            .output(4096)
-            .await
-            .map_err(NodeError::from)?;
+        let (out, exit) = cmd.output(4096).await?;
         let base = if exit.success() {
             String::from_utf8_lossy(&out).trim().to_owned()
         } else {
@@ -311,12 +288,7 @@ impl RepositoryService for RepositorySvc {
             self.write_ref_in(&repo, &ctx, name, revision, &req.old_revision)
                 .await
         };
-        ctx.finish(
-            result.is_ok(),
-            result.as_ref().err().map_or("", |s| s.message()),
-        )
-        .await;
-        result?;
+        ctx.settle(result).await?;
         Ok(Response::new(WriteRefResponse {}))
     }
 
@@ -364,16 +336,12 @@ impl RepositoryService for RepositorySvc {
         .await;
         let bundle = match received {
             Ok(b) => b,
-            Err(status) => {
-                ctx.finish(false, status.message()).await;
-                return Err(status);
-            }
+            Err(status) => return ctx.settle(Err(status)).await,
         };
         // Before any git run names the private copy: the checksum is of the final place.
         ctx.checksum_repository(&self.node.git, &repo.path);
         let result = self.create_from_bundle(&repo, &bundle.path, &ctx).await;
-        ctx.finish(result.is_ok(), &error_detail(&result)).await;
-        result?;
+        ctx.settle(result).await?;
         tracing::info!("repository created from a bundle");
         Ok(Response::new(CreateRepositoryFromBundleResponse {}))
     }
@@ -446,12 +414,7 @@ impl RepositoryService for RepositorySvc {
         .await;
         // What the pool's processes hold of the old state goes with it.
         self.node.reads.evict(&target.path);
-        ctx.finish(
-            result.is_ok(),
-            result.as_ref().err().map_or("", |s| s.message()),
-        )
-        .await;
-        result?;
+        ctx.settle(result).await?;
         tracing::info!("repository replicated");
         Ok(Response::new(ReplicateRepositoryResponse {}))
     }
@@ -479,8 +442,7 @@ impl RepositorySvc {
             .arg(format!("--initial-branch={branch}"))
             .arg(format!("--object-format={format}"))
             .arg(&tmp.0)
-            .spawn()?
-            .wait()
+            .status()
             .await?
             .check()?;
         let hooks = git.hooks_dir().to_owned();
@@ -493,8 +455,7 @@ impl RepositorySvc {
             git.command(["config", key])
                 .arg(value)
                 .git_dir(&tmp.0)
-                .spawn()?
-                .wait()
+                .status()
                 .await?
                 .check()?;
         }
@@ -539,12 +500,8 @@ impl RepositorySvc {
             .await?
             .ok_or_else(|| NodeError::NotFound(format!("revision not found: {revision:?}")))?;
         let oid_len = new.len();
-        let found =
-            names::current_values(git, &repo.path, &std::iter::once(name.to_owned()).collect())
-                .await?;
-        let current = found
-            .get(name)
-            .cloned()
+        let current = names::current_value(git, &repo.path, name)
+            .await?
             .unwrap_or_else(|| "0".repeat(oid_len));
         let old = if old_revision.is_empty() {
             current.clone()
@@ -571,11 +528,23 @@ impl RepositorySvc {
         };
         update::apply(git, &repo.path, ctx, &[u])
             .await
-            .map_err(|f| match f {
-                UpdateFailure::Git(e) => NodeError::from(e).into(),
-                f => Status::aborted(format!("{f}; retry")),
+            .map_err(|f| match f.kind {
+                FailureKind::Unlockable(_) | FailureKind::Other => NodeError::from(f.git).into(),
+                _ => Status::aborted(format!("{f}; retry")),
             })
     }
+}
+
+/// Runs `f` (a walk of the repository's files) off the async runtime.
+async fn measure<T: Send + 'static>(
+    repo: &RepoPath,
+    f: impl FnOnce(&Path) -> std::io::Result<T> + Send + 'static,
+) -> Result<T, NodeError> {
+    let path = repo.path.clone();
+    tokio::task::spawn_blocking(move || f(&path))
+        .await
+        .map_err(|e| NodeError::io("measuring the repository", std::io::Error::other(e)))?
+        .map_err(|e| NodeError::io(format!("measuring {}", repo.path.display()), e))
 }
 
 /// Moves a repository built in the private area to where clients see it.
@@ -679,13 +648,6 @@ fn default_branch(requested: &[u8]) -> Result<String, NodeError> {
         )));
     }
     Ok(name.to_owned())
-}
-
-fn error_detail<T>(result: &Result<T, NodeError>) -> String {
-    match result {
-        Ok(_) => String::new(),
-        Err(e) => e.to_string(),
-    }
 }
 
 #[cfg(test)]

@@ -2,11 +2,13 @@
 //! `git receive-pack --stateless-rpc` carried in gRPC streams with backpressure.
 //!
 //! PostReceivePack is a push: inside a refvote transaction its one git run is the
-//! node's whole part, so the voter is recorded done when that git exits. Its commands
-//! reach git in canonical order ([`super::push`]).
+//! node's whole part, so the voter is recorded done when that git exits; it joins the
+//! transaction and its commands reach git in canonical order as every push does
+//! ([`super::push`]).
 
 use std::sync::Arc;
 
+use refvote_pktline::encode;
 use refvote_proto::gitaly::smart_http_service_server::SmartHttpService;
 use refvote_proto::gitaly::{
     InfoRefsRequest, InfoRefsResponse, PostReceivePackRequest, PostReceivePackResponse,
@@ -16,8 +18,7 @@ use tonic::codegen::BoxStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::error::NodeError;
-use super::push::canonical_input;
-use super::tx::{WriteContext, WriteIn};
+use super::push::{self, canonical_input};
 use crate::state::NodeState;
 use crate::stream::{first_message, stdout_stream, stream_input};
 
@@ -48,8 +49,11 @@ impl SmartHttpSvc {
             .spawn()
             .map_err(NodeError::from)?;
         let prefix = (!req.git_protocol.contains("version=2")).then(|| {
-            let line = format!("# service=git-{service}\n");
-            format!("{:04x}{line}0000", line.len() + 4).into_bytes()
+            let mut out = Vec::new();
+            encode::text(&mut out, &format!("# service=git-{service}"))
+                .expect("a service name fits in a pkt-line");
+            encode::flush(&mut out);
+            out
         });
         Ok(Response::new(stdout_stream(run, prefix, |data| {
             InfoRefsResponse { data }
@@ -106,8 +110,6 @@ impl SmartHttpService for SmartHttpSvc {
         let (metadata, _, mut stream) = request.into_parts();
         let first = first_message(&mut stream).await?;
         let repo = self.node.storages.existing(first.repository.as_ref())?;
-        // Validate everything before joining the transaction: a refusal then costs
-        // the other voters nothing.
         let cmd = self
             .node
             .git
@@ -118,13 +120,8 @@ impl SmartHttpService for SmartHttpSvc {
         // The whole command section is read and checked before anything runs, so a
         // malformed push is refused without git or the transaction seeing it.
         let input = canonical_input(stream_input(first.data, stream, |m| m.data)).await?;
-        let ctx = WriteContext::from_metadata(&self.node.tx, &metadata).await?;
-        ctx.checksum_repository(&self.node.git, &repo.path);
-        let lock = self.node.locks.shared(&repo.path).await;
-        let run = cmd
-            .write_in(&ctx)
-            .hold(lock)
-            .finish_transaction_on_exit(&ctx)
+        let run = push::join(&self.node, &metadata, cmd, &repo.path)
+            .await?
             .stdin(input)
             .spawn()
             .map_err(NodeError::from)?;

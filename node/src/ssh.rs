@@ -25,8 +25,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::error::NodeError;
 use super::git::{Exit, Output, Run};
-use super::push::canonical_input_lazy;
-use super::tx::{WriteContext, WriteIn};
+use super::push::{self, canonical_input_lazy};
 use crate::state::NodeState;
 use crate::stream::{first_message, stream_input};
 
@@ -171,13 +170,8 @@ impl SshService for SshSvc {
             .request_config(&first.git_config_options)?
             .protocol(&first.git_protocol)?
             .arg(&repo.path);
-        let ctx = WriteContext::from_metadata(&self.node.tx, &metadata).await?;
-        ctx.checksum_repository(&self.node.git, &repo.path);
-        let lock = self.node.locks.shared(&repo.path).await;
-        let run = cmd
-            .write_in(&ctx)
-            .hold(lock)
-            .finish_transaction_on_exit(&ctx)
+        let run = push::join(&self.node, &metadata, cmd, &repo.path)
+            .await?
             .stdin(canonical_input_lazy(stream_input(
                 first.stdin,
                 stream,

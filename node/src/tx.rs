@@ -23,6 +23,7 @@ use std::time::Duration;
 
 use refvote_cluster::Store;
 use refvote_proto::contract;
+use tonic::Status;
 use tonic::metadata::MetadataMap;
 
 use super::error::NodeError;
@@ -188,6 +189,35 @@ impl WriteContext {
         if let WriteContext::Transaction(v) = self {
             v.finish(ok, detail).await;
         }
+    }
+
+    /// Records `result` as the outcome of this node's work ([`WriteContext::finish`],
+    /// a failure with its [`FailureDetail`]) and hands it back: the last step of every
+    /// write handler whose work is more than one git run.
+    pub async fn settle<T, E: FailureDetail>(&self, result: Result<T, E>) -> Result<T, E> {
+        let detail = match &result {
+            Ok(_) => String::new(),
+            Err(e) => e.failure_detail(),
+        };
+        self.finish(result.is_ok(), &detail).await;
+        result
+    }
+}
+
+/// What a failed write records as the detail of its `done`.
+pub trait FailureDetail {
+    fn failure_detail(&self) -> String;
+}
+
+impl FailureDetail for Status {
+    fn failure_detail(&self) -> String {
+        self.message().to_owned()
+    }
+}
+
+impl FailureDetail for NodeError {
+    fn failure_detail(&self) -> String {
+        self.to_string()
     }
 }
 

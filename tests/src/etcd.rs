@@ -2,18 +2,21 @@
 //! loopback address ([`loopback_ip`]) with free ports, data dirs and logs under a temp
 //! dir the [`Etcd`] owns, and every member killed by pid when the [`Etcd`] is dropped.
 //!
-//! Members run with `--heartbeat-interval 50 --election-timeout 500` so elections take
+//! The members' flags are the launcher's (`refvote_launcher::etcd`, as for `votingctl
+//! cluster`), with `--heartbeat-interval 50 --election-timeout 500` so elections take
 //! well under a second. [`Etcd::restart`] reuses the member's data dir, ports and the
 //! original `--initial-cluster-state new` flags: with an existing data dir etcd 3.4
 //! ignores the initial-cluster flags and rejoins from its WAL.
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use etcd_client::{Client, ConnectOptions};
+use refvote_cluster::settings::EtcdSettings;
+use refvote_cluster::{Store, StoreConfig};
+use refvote_launcher::etcd::{EtcdPlan, EtcdServerTls};
 
 use crate::proc::{Proc, free_ports, log_tail, loopback_ip, wait_for};
 use crate::tls::TestCa;
@@ -29,18 +32,14 @@ const PROBE_KEY: &str = "refvote-harness-probe";
 
 struct Member {
     name: String,
-    client_port: u16,
-    peer_port: u16,
-    data_dir: PathBuf,
     proc: Option<Proc>,
 }
 
 /// A running etcd cluster. See the module docs.
 pub struct Etcd {
-    ip: Ipv4Addr,
+    plan: EtcdPlan,
     /// Serve clients over TLS with certificates from this CA (peers stay plaintext).
     tls: Option<EtcdTlsFiles>,
-    token: String,
     members: Vec<Member>,
     log_dir: PathBuf,
     // Declared last so it is removed after the members are killed (Drop kills them first anyway).
@@ -117,20 +116,27 @@ impl Etcd {
             .prefix("refvote-etcd-")
             .tempdir()
             .context("creating etcd temp dir")?;
-        let ports = free_ports(ip, 2 * n)?;
-        let members = (0..n)
-            .map(|i| Member {
-                name: format!("m{}", i + 1),
-                client_port: ports[2 * i],
-                peer_port: ports[2 * i + 1],
-                data_dir: dir.path().join(format!("m{}", i + 1)),
-                proc: None,
-            })
+        let names: Vec<String> = (1..=n).map(|i| format!("m{i}")).collect();
+        let mut plan = EtcdPlan::new(
+            ip,
+            &names,
+            &free_ports(ip, 2 * n)?,
+            |name| dir.path().join(name),
+            format!("refvote-test-{}", uuid::Uuid::new_v4()),
+        );
+        plan.timing = Some((50, 500));
+        plan.tls = tls.as_ref().map(|t| EtcdServerTls {
+            cert: t.cert.clone(),
+            key: t.key.clone(),
+            ca: t.ca.clone(),
+        });
+        let members = names
+            .into_iter()
+            .map(|name| Member { name, proc: None })
             .collect();
         let mut etcd = Etcd {
-            ip,
+            plan,
             tls,
-            token: format!("refvote-test-{}", uuid::Uuid::new_v4()),
             members,
             log_dir: dir.path().join("logs"),
             dir,
@@ -141,69 +147,13 @@ impl Etcd {
         Ok(etcd)
     }
 
-    fn initial_cluster(&self) -> String {
-        self.members
-            .iter()
-            .map(|m| format!("{}=http://{}:{}", m.name, self.ip, m.peer_port))
-            .collect::<Vec<_>>()
-            .join(",")
-    }
-
-    fn command(&self, i: usize) -> Command {
-        let m = &self.members[i];
-        let client_url = self.endpoint(i);
-        let peer_url = format!("http://{}:{}", self.ip, m.peer_port);
-        let mut cmd = Command::new("etcd");
-        // etcd reads ETCD_* variables as flags; do not let the environment leak in.
-        for (k, _) in std::env::vars_os() {
-            if k.to_string_lossy().starts_with("ETCD_") {
-                cmd.env_remove(k);
-            }
-        }
-        cmd.arg("--name")
-            .arg(&m.name)
-            .arg("--data-dir")
-            .arg(&m.data_dir)
-            .args(["--listen-client-urls", &client_url])
-            .args(["--advertise-client-urls", &client_url])
-            .args(["--listen-peer-urls", &peer_url])
-            .args(["--initial-advertise-peer-urls", &peer_url])
-            .args(["--initial-cluster", &self.initial_cluster()])
-            .args(["--initial-cluster-state", "new"])
-            .args(["--initial-cluster-token", &self.token])
-            .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
-            .args(["--logger=zap", "--log-level=warn", "--log-outputs=stderr"]);
-        if let Some(tls) = &self.tls {
-            cmd.arg("--cert-file")
-                .arg(&tls.cert)
-                .arg("--key-file")
-                .arg(&tls.key)
-                .arg("--trusted-ca-file")
-                .arg(&tls.ca)
-                .arg("--client-cert-auth");
-        }
-        cmd
-    }
-
     /// The TLS files clients use (`None` for a plaintext cluster).
     pub fn tls(&self) -> Option<&EtcdTlsFiles> {
         self.tls.as_ref()
     }
 
-    /// The `[etcd]` keys that make a router or node reach this cluster over TLS
-    /// (empty for a plaintext one).
-    pub fn tls_config(&self) -> String {
-        match &self.tls {
-            Some(t) => format!(
-                "ca_path = {:?}\ncertificate_path = {:?}\nkey_path = {:?}\n",
-                t.ca, t.client_cert, t.client_key
-            ),
-            None => String::new(),
-        }
-    }
-
     fn spawn_member(&mut self, i: usize) -> anyhow::Result<()> {
-        let cmd = self.command(i);
+        let cmd = self.plan.member(i, Path::new("etcd")).command();
         let proc = Proc::spawn(&self.members[i].name, cmd, &self.log_dir)?;
         self.members[i].proc = Some(proc);
         Ok(())
@@ -234,24 +184,23 @@ impl Etcd {
 
     /// The loopback address every member listens on.
     pub fn ip(&self) -> Ipv4Addr {
-        self.ip
+        self.plan.ip
     }
 
     /// `http://ip:port` of every member's client URL, in member order.
     pub fn endpoints(&self) -> Vec<String> {
-        (0..self.members.len()).map(|i| self.endpoint(i)).collect()
+        self.plan.endpoints()
     }
 
     /// `http://ip:port` (`https://` with TLS) of member `i`'s client URL. Panics if
     /// `i` is out of range.
     pub fn endpoint(&self, i: usize) -> String {
-        let scheme = if self.tls.is_some() { "https" } else { "http" };
-        format!("{scheme}://{}:{}", self.ip, self.members[i].client_port)
+        self.plan.endpoint(i)
     }
 
     /// `http://ip:port` of member `i`'s peer URL. Panics if `i` is out of range.
     pub fn peer_url(&self, i: usize) -> String {
-        format!("http://{}:{}", self.ip, self.members[i].peer_port)
+        self.plan.peer_url(i)
     }
 
     /// Member `i`'s etcd `--name` (`m1`, `m2`, ...). Panics if `i` is out of range.
@@ -261,7 +210,7 @@ impl Etcd {
 
     /// Member `i`'s data dir. Panics if `i` is out of range.
     pub fn data_dir(&self, i: usize) -> &Path {
-        &self.members[i].data_dir
+        &self.plan.members[i].data_dir
     }
 
     /// The pid of member `i` if it has a process that has not been reaped.
@@ -416,6 +365,18 @@ impl Etcd {
         connect(&self.endpoints()).await
     }
 
+    /// refvote's view of this etcd (the default prefix, a 2 s request timeout), as the
+    /// router and votingd connect.
+    pub async fn store(&self) -> anyhow::Result<Store> {
+        Ok(Store::connect(&StoreConfig {
+            endpoints: self.endpoints(),
+            prefix: "/refvote/".into(),
+            request_timeout: Duration::from_secs(2),
+            tls: None,
+        })
+        .await?)
+    }
+
     /// A client for member `i` only, with the same timeouts as [`Etcd::client`].
     pub async fn member_client(&self, i: usize) -> anyhow::Result<Client> {
         self.member(i)?;
@@ -505,4 +466,13 @@ pub struct EtcdTlsFiles {
     pub key: PathBuf,
     pub client_cert: PathBuf,
     pub client_key: PathBuf,
+}
+
+impl EtcdTlsFiles {
+    /// Sets the `[etcd]` keys that make a router or node reach this cluster over TLS.
+    pub fn apply(&self, etcd: &mut EtcdSettings) {
+        etcd.ca_path = Some(self.ca.clone());
+        etcd.certificate_path = Some(self.client_cert.clone());
+        etcd.key_path = Some(self.client_key.clone());
+    }
 }

@@ -1,11 +1,15 @@
 //! refvote's cluster harness: real etcd ([`etcd`]), real votingd processes ([`node`]),
-//! real git ([`git`]), every process started on loopback in its own temp dir and killed
-//! by pid when the test ends ([`proc`]). [`cluster`] puts them together for the voting
-//! core's integration tests and benchmarks. [`smarthttp`] lets a real git client push
-//! and clone through a node's gRPC service. [`local`] drives a whole cluster started
-//! by `votingctl cluster up`, as a person would. [`tls`] issues test certificates.
-//! [`metrics`] scrapes a process's Prometheus endpoint. [`faultnet`] cuts links between
-//! processes, [`hold`] stops a process at an exact step, [`chaos`] is the fault suite.
+//! real routers ([`router`]), real git ([`git`]), every process started on loopback in
+//! its own temp dir and killed by pid when the test ends ([`proc`]). Their command
+//! lines, config files (the real config types, serialized) and health checks are the
+//! launcher's (`refvote_launcher`), as for `votingctl cluster`. [`cluster`] puts them
+//! together in the common shapes ([`cluster::Fixture`]: N nodes, routers, a seeded
+//! repository) for the integration tests and benchmarks. [`smarthttp`] lets a real git
+//! client push and clone through nodes' gRPC services with no router. [`local`] drives
+//! a whole cluster started by `votingctl cluster up`, as a person would. [`tls`] issues
+//! test certificates. [`metrics`] scrapes a process's Prometheus endpoint.
+//! [`faultnet`] cuts links between processes, [`hold`] stops a process at an exact
+//! step, [`chaos`] is the fault suite.
 //!
 //! Nothing here mocks etcd or git; there is no in-process shortcut to a node.
 

@@ -11,7 +11,7 @@ use std::process::{Command, Output};
 use std::sync::Mutex;
 
 use anyhow::{Context, bail};
-use refvote_launcher::{self as local_cluster, Layout};
+use refvote_launcher::{self as local_cluster, Layout, process};
 
 use crate::node::bin;
 use crate::proc::loopback_ip;
@@ -154,11 +154,9 @@ impl Drop for LocalCluster {
         let _ = self.down();
         // Belt and braces: anything `down` left running dies now, if its command line
         // still names this cluster's directory (so a reused pid is never touched).
-        let dir = self.dir.display().to_string();
         for (_, pid) in self.seen_pids() {
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            if local_cluster::alive(pid) && String::from_utf8_lossy(&cmdline).contains(&dir) {
-                let _ = crate::proc::send_signal(pid, libc::SIGKILL);
+            if process::alive(pid) && process::cmdline_names(pid, &self.dir) {
+                let _ = process::signal(pid, process::Signal::KILL);
             }
         }
     }

@@ -1,13 +1,18 @@
 //! A real votingd process with its own directory: config, storage, hooks, socket, log.
+//! The directory, the config (a `votingd::Config`, serialized) and the command are the
+//! launcher's, as in a local cluster; the process is a child of the test.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use refvote_auth::TlsSettings;
+use refvote_launcher::Member;
+use refvote_launcher::config::NodeSpec;
 
-use crate::proc::{Proc, free_port, free_ports, loopback_ip, wait_until};
+use crate::proc::{Proc, free_port, free_ports, loopback_ip, wait_for};
 use crate::tls::TestCa;
 
 /// Where the workspace's binaries are: `$REFVOTE_BIN_DIR` if set, else next to the
@@ -35,6 +40,32 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// A change a test makes to a generated config before it is written (an `[auth]`
+/// section, another git, etcd's TLS files...).
+pub struct Edit<T>(Arc<dyn Fn(&mut T) + Send + Sync>);
+
+impl<T> Edit<T> {
+    pub fn new(f: impl Fn(&mut T) + Send + Sync + 'static) -> Edit<T> {
+        Edit(Arc::new(f))
+    }
+
+    pub fn apply(&self, config: &mut T) {
+        (self.0)(config)
+    }
+}
+
+impl<T> Clone for Edit<T> {
+    fn clone(&self) -> Self {
+        Edit(self.0.clone())
+    }
+}
+
+impl<T> std::fmt::Debug for Edit<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Edit(..)")
+    }
+}
+
 /// Settings a test may change; the rest of the config is derived.
 #[derive(Debug, Clone)]
 pub struct NodeOptions {
@@ -50,12 +81,19 @@ pub struct NodeOptions {
     pub advertise_addr: Option<SocketAddr>,
     /// Whether votingd runs the reaper (tests of the routers' reaper turn it off).
     pub reaper: bool,
-    /// TOML appended to the generated config (sections such as `[auth]`).
-    pub extra_config: String,
-    /// Lines added to the `[etcd]` section (e.g. [`crate::etcd::Etcd::tls_config`]).
-    pub etcd_config: String,
+    /// Applied last to the generated config, in order ([`NodeOptions::config`]).
+    pub edits: Vec<Edit<votingd::Config>>,
     /// Serve TLS with a certificate from this CA (and trust it for other nodes).
     pub tls: Option<TestCa>,
+}
+
+impl NodeOptions {
+    /// These options, and `f` applied to the generated config (an `[auth]` section,
+    /// another git, etcd's TLS files...).
+    pub fn config(mut self, f: impl Fn(&mut votingd::Config) + Send + Sync + 'static) -> Self {
+        self.edits.push(Edit::new(f));
+        self
+    }
 }
 
 impl Default for NodeOptions {
@@ -69,8 +107,7 @@ impl Default for NodeOptions {
             grpc_addr: None,
             advertise_addr: None,
             reaper: true,
-            extra_config: String::new(),
-            etcd_config: String::new(),
+            edits: Vec::new(),
             tls: None,
         }
     }
@@ -83,6 +120,8 @@ pub struct Node {
     pub hooks: PathBuf,
     pub socket: PathBuf,
     pub config: PathBuf,
+    /// How the launcher starts it (`--config`, its vote socket as the health check).
+    member: Member,
     /// The node's gRPC service (a free port on a random loopback address).
     grpc: SocketAddr,
     /// The CA of the node's TLS certificate, when it serves TLS.
@@ -95,67 +134,57 @@ pub struct Node {
 }
 
 impl Node {
-    /// Writes the node's config under `root/<name>` and starts votingd; waits until it
-    /// holds its lease.
+    /// Writes the node's config under `root/<name>` (the launcher's layout, as in a
+    /// local cluster) and starts votingd; waits until it holds its lease.
     pub async fn start(
         name: &str,
         root: &Path,
         endpoints: &[String],
         opts: &NodeOptions,
     ) -> anyhow::Result<Node> {
-        let dir = root.join(name);
-        let storage = dir.join("storage");
-        let hooks = dir.join("hooks");
-        std::fs::create_dir_all(&storage)?;
-        let socket = dir.join("vote.sock");
-        let config = dir.join("votingd.toml");
         let ip = loopback_ip();
         let grpc = match opts.grpc_addr {
             Some(addr) => addr,
             None => SocketAddr::from((ip, free_port(ip)?)),
         };
-        let advertise = opts
-            .advertise_addr
-            .map(|a| format!("advertise_addr = \"{a}\"\n"))
-            .unwrap_or_default();
         let metrics = SocketAddr::from((ip, other_port(ip, grpc.port())?));
-        let endpoints = endpoints
-            .iter()
-            .map(|e| format!("{e:?}"))
-            .collect::<Vec<_>>()
-            .join(", ");
-        std::fs::write(
+        let spec = NodeSpec {
+            name: name.to_owned(),
+            home: root.join(name),
+            listen: grpc,
+            etcd: endpoints.to_vec(),
+            lease_ttl_secs: opts.lease_ttl_secs,
+            hook: bin("reference-transaction"),
+        };
+        let mut config = spec.config();
+        config.advertise_addr = opts
+            .advertise_addr
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        config.prometheus_listen_addr = metrics.to_string();
+        config.etcd.request_timeout_ms = opts.request_timeout_ms;
+        config.vote.vote_timeout_ms = opts.vote_timeout_ms;
+        config.vote.require_transaction = opts.require_transaction;
+        config.vote.reaper = opts.reaper;
+        config.vote.reaper_interval_ms = opts.reaper_interval_ms;
+        if let Some(ca) = &opts.tls {
+            config.tls = tls_settings(ca, name, ip.into())?;
+        }
+        for edit in &opts.edits {
+            edit.apply(&mut config);
+        }
+        spec.write(
             &config,
-            format!(
-                "node_name = {name:?}\nlisten_addr = \"{grpc}\"\n{advertise}socket_path = {:?}\n\
-                 prometheus_listen_addr = \"{metrics}\"\n\
-                 [etcd]\nendpoints = [{endpoints}]\nprefix = \"/refvote/\"\nlease_ttl_secs = {}\nrequest_timeout_ms = {}\n{}\
-                 [vote]\nsocket_path = {:?}\nhooks_dir = {:?}\nvote_timeout_ms = {}\nrequire_transaction = {}\n\
-                 reaper = {}\nreaper_interval_ms = {}\nhook_binary = {:?}\n\
-                 [[storage]]\nname = \"default\"\npath = {:?}\n{}{}",
-                dir.join("gitaly.sock"),
-                opts.lease_ttl_secs,
-                opts.request_timeout_ms,
-                opts.etcd_config,
-                socket,
-                hooks,
-                opts.vote_timeout_ms,
-                opts.require_transaction,
-                opts.reaper,
-                opts.reaper_interval_ms,
-                bin("reference-transaction"),
-                storage,
-                tls_config(opts.tls.as_ref(), name, ip.into())?,
-                opts.extra_config,
-            ),
+            &format!("test node {name}, written by the harness"),
         )?;
         let mut node = Node {
             name: name.to_owned(),
-            dir,
-            storage,
-            hooks,
-            socket,
-            config,
+            dir: spec.home.clone(),
+            storage: spec.storage(),
+            hooks: spec.hooks(),
+            socket: spec.vote_socket(),
+            config: spec.config_file(),
+            member: spec.member(&bin("votingd")),
             grpc,
             tls: opts.tls.clone(),
             metrics,
@@ -168,29 +197,17 @@ impl Node {
 
     /// (Re)starts the process with the same config and data.
     pub async fn launch(&mut self) -> anyhow::Result<()> {
-        let mut cmd = Command::new(bin("votingd"));
-        cmd.arg("--config").arg(&self.config).env(
+        let mut cmd = self.member.command();
+        cmd.env(
             "RUST_LOG",
             std::env::var("REFVOTE_NODE_LOG")
                 .unwrap_or_else(|_| "info,refvote_cluster=debug".into()),
         );
         cmd.envs(self.env.iter().cloned());
         self.proc = Some(Proc::spawn(&self.name, cmd, &self.dir)?);
-        let socket = self.socket.clone();
-        let result = wait_until(
-            &format!("{} holds its lease", self.name),
-            Duration::from_secs(20),
-            || {
-                let socket = socket.clone();
-                async move {
-                    votingd::client::status(&socket)
-                        .map(|s| s.lease.held)
-                        .unwrap_or(false)
-                }
-            },
-        )
-        .await;
-        result.with_context(|| format!("votingd {} log:\n{}", self.name, self.log_tail(30)))
+        wait_ready(&self.member, Duration::from_secs(20))
+            .await
+            .with_context(|| format!("votingd {} log:\n{}", self.name, self.log_tail(30)))
     }
 
     /// Where the node's Gitaly-compatible gRPC service listens.
@@ -265,17 +282,24 @@ impl Node {
     }
 }
 
-/// The `[tls]` section for a server `name` at `ip` with a certificate from `ca`
-/// (empty without one).
-pub fn tls_config(ca: Option<&TestCa>, name: &str, ip: std::net::IpAddr) -> anyhow::Result<String> {
-    let Some(ca) = ca else {
-        return Ok(String::new());
-    };
+/// The `[tls]` section of a server `name` at `ip` with a certificate from `ca`, which
+/// it also trusts for the `tls://` nodes it calls.
+pub fn tls_settings(ca: &TestCa, name: &str, ip: std::net::IpAddr) -> anyhow::Result<TlsSettings> {
     let (cert, key) = ca.issue(name, ip)?;
-    Ok(format!(
-        "[tls]\ncertificate_path = {cert:?}\nkey_path = {key:?}\nca_path = {:?}\n",
-        ca.cert
-    ))
+    Ok(TlsSettings {
+        certificate_path: Some(cert),
+        key_path: Some(key),
+        client_ca_path: None,
+        ca_path: Some(ca.cert.clone()),
+    })
+}
+
+/// Polls the launcher's health check of `member` until it passes, at most `timeout`.
+pub(crate) async fn wait_ready(member: &Member, timeout: Duration) -> anyhow::Result<()> {
+    wait_for(&format!("{} is healthy", member.name), timeout, || async {
+        refvote_launcher::check(&member.ready).map_err(|e| anyhow::anyhow!(e))
+    })
+    .await
 }
 
 /// A free port on `ip` other than `taken`.

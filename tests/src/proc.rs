@@ -1,20 +1,25 @@
 //! Child processes for the cluster harness: random loopback addresses, free ports,
 //! a [`Proc`] that logs to a file and is killed by pid when dropped, and polling
 //! helpers ([`wait_until`], [`wait_for`]) so tests never synchronise with bare sleeps.
+//! Starting, signalling and log files are the launcher's (`refvote_launcher::process`),
+//! as for `votingctl cluster`; what is the harness's own is that every process is a
+//! child of the test and dies with it.
 //!
 //! Every test process picks its own address in 127.0.0.0/8 ([`loopback_ip`]), so test
 //! binaries running in parallel do not race each other for the same ports.
 
 use std::fmt;
-use std::fs::{File, OpenOptions};
 use std::future::Future;
-use std::io::Write;
-use std::net::{Ipv4Addr, SocketAddrV4, TcpListener};
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use refvote_launcher::process::{self, Signal};
+
+pub use refvote_launcher::free_ports;
+pub use refvote_launcher::process::log_tail;
 
 /// How often [`wait_until`], [`wait_for`] and [`Proc::terminate`] poll.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(20);
@@ -34,38 +39,9 @@ pub fn free_port(ip: Ipv4Addr) -> anyhow::Result<u16> {
     Ok(free_ports(ip, 1)?[0])
 }
 
-/// `n` distinct ports on `ip` that were free a moment ago. All listeners are held until
-/// every port is chosen, so the kernel cannot hand out the same port twice.
-pub fn free_ports(ip: Ipv4Addr, n: usize) -> anyhow::Result<Vec<u16>> {
-    let listeners = (0..n)
-        .map(|_| {
-            TcpListener::bind(SocketAddrV4::new(ip, 0))
-                .with_context(|| format!("binding {ip}:0 to find a free port"))
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    listeners
-        .iter()
-        .map(|l| Ok(l.local_addr()?.port()))
-        .collect()
-}
-
 /// Whether `/proc/<pid>` exists (a live or zombie process; Linux only).
 pub fn pid_exists(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
-}
-
-/// Sends `sig` to `pid`. The only `unsafe` in the harness.
-pub(crate) fn send_signal(pid: u32, sig: libc::c_int) -> std::io::Result<()> {
-    let pid = libc::pid_t::try_from(pid).map_err(std::io::Error::other)?;
-    // SAFETY: kill(2) has no memory-safety preconditions; callers only pass the pid of a
-    // child they have not reaped yet (so it cannot have been reused by another process),
-    // or one whose command line they just checked (`local::LocalCluster`'s drop).
-    let rc = unsafe { libc::kill(pid, sig) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
 }
 
 /// A child process whose stdout and stderr go to `<log_dir>/<name>.log`.
@@ -91,23 +67,9 @@ impl fmt::Debug for Proc {
 impl Proc {
     /// Spawns `cmd` with stdin from /dev/null and stdout+stderr appended to
     /// `<log_dir>/<name>.log` (appending, so a restarted process keeps the earlier log).
-    pub fn spawn(name: &str, mut cmd: Command, log_dir: &Path) -> anyhow::Result<Proc> {
-        std::fs::create_dir_all(log_dir)
-            .with_context(|| format!("creating log dir {}", log_dir.display()))?;
+    pub fn spawn(name: &str, cmd: Command, log_dir: &Path) -> anyhow::Result<Proc> {
         let log_path = log_dir.join(format!("{name}.log"));
-        let mut log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .with_context(|| format!("opening {}", log_path.display()))?;
-        writeln!(log, "=== harness: spawning {name}: {cmd:?}")?;
-        let stderr: File = log.try_clone()?;
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::from(log))
-            .stderr(Stdio::from(stderr));
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("spawning {name}: {cmd:?}"))?;
+        let child = process::spawn_logged(name, cmd, &log_path, "harness", false)?;
         Ok(Proc {
             name: name.to_owned(),
             child,
@@ -144,13 +106,13 @@ impl Proc {
 
     /// Sends `sig` unless the child was already reaped (then its pid may belong to
     /// someone else). Returns whether the signal was sent.
-    fn signal(&mut self, sig: libc::c_int) -> anyhow::Result<bool> {
+    fn signal(&mut self, sig: Signal) -> anyhow::Result<bool> {
         if self.try_status()?.is_some() {
             return Ok(false);
         }
         // Not reaped yet, so the pid is still ours (at worst a zombie).
-        send_signal(self.pid(), sig)
-            .with_context(|| format!("kill({}, {sig}) for {}", self.pid(), self.name))?;
+        process::signal(self.pid(), sig)
+            .with_context(|| format!("kill({}, {sig:?}) for {}", self.pid(), self.name))?;
         Ok(true)
     }
 
@@ -172,9 +134,9 @@ impl Proc {
     /// SIGTERM (plus SIGCONT, in case it is paused), wait up to `timeout`, then SIGKILL
     /// and wait. Blocks the calling thread. Returns the exit status.
     pub fn terminate(&mut self, timeout: Duration) -> anyhow::Result<ExitStatus> {
-        if self.signal(libc::SIGTERM)? {
+        if self.signal(Signal::TERM)? {
             // A stopped process keeps SIGTERM pending until it is continued.
-            self.signal(libc::SIGCONT)?;
+            self.signal(Signal::CONT)?;
         }
         if let Some(status) = self.wait_timeout(timeout)? {
             return Ok(status);
@@ -184,7 +146,7 @@ impl Proc {
 
     /// SIGKILL and wait. Returns the exit status.
     pub fn kill(&mut self) -> anyhow::Result<ExitStatus> {
-        self.signal(libc::SIGKILL)?;
+        self.signal(Signal::KILL)?;
         self.child
             .wait()
             .with_context(|| format!("waiting for {} (pid {})", self.name, self.pid()))
@@ -192,7 +154,7 @@ impl Proc {
 
     /// SIGSTOP: the process freezes (its sockets stay open but nothing answers).
     pub fn pause(&mut self) -> anyhow::Result<()> {
-        if !self.signal(libc::SIGSTOP)? {
+        if !self.signal(Signal::STOP)? {
             bail!("cannot pause {}: it has exited", self.name);
         }
         Ok(())
@@ -200,7 +162,7 @@ impl Proc {
 
     /// SIGCONT: undo [`Proc::pause`].
     pub fn resume(&mut self) -> anyhow::Result<()> {
-        if !self.signal(libc::SIGCONT)? {
+        if !self.signal(Signal::CONT)? {
             bail!("cannot resume {}: it has exited", self.name);
         }
         Ok(())
@@ -216,18 +178,6 @@ impl Drop for Proc {
     fn drop(&mut self) {
         // Best effort: nothing useful to do with an error while dropping.
         let _ = self.kill();
-    }
-}
-
-/// The last `n` lines of the file at `path` (lossy UTF-8), or a note saying why not.
-pub fn log_tail(path: &Path, n: usize) -> String {
-    match std::fs::read(path) {
-        Ok(bytes) => {
-            let text = String::from_utf8_lossy(&bytes);
-            let lines: Vec<&str> = text.lines().collect();
-            lines[lines.len().saturating_sub(n)..].join("\n")
-        }
-        Err(e) => format!("(cannot read {}: {e})", path.display()),
     }
 }
 

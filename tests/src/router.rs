@@ -1,22 +1,27 @@
 //! A real `refvote-router` process with its own directory, config and log, listening
-//! on a free port of a random loopback address.
+//! on a free port of a random loopback address. The config (a
+//! `refvote_router::Config`, serialized) and the command are the launcher's, as in a
+//! local cluster; the process is a child of the test.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use anyhow::Context;
+use refvote_launcher::Member;
+use refvote_launcher::config::RouterSpec;
 use tonic::transport::Channel;
 
-use crate::node::{bin, tls_config};
-use crate::proc::{Proc, free_port, loopback_ip, wait_until};
+use crate::node::{Edit, bin, tls_settings, wait_ready};
+use crate::proc::{Proc, free_port, loopback_ip};
 use crate::tls::TestCa;
 
 pub struct Router {
     pub name: String,
     pub dir: PathBuf,
     pub config: PathBuf,
+    /// How the launcher starts it (`--config`, its ports as the health check).
+    member: Member,
     addr: SocketAddr,
     /// git smart HTTP, when started with [`RouterOptions::http`].
     http: Option<SocketAddr>,
@@ -32,18 +37,34 @@ pub struct Router {
 /// Settings a test may add to a router's generated config.
 #[derive(Debug, Clone, Default)]
 pub struct RouterOptions {
-    /// TOML appended to the config (sections such as `[auth]`).
-    pub extra_config: String,
-    /// Lines added to the `[etcd]` section (e.g. [`crate::etcd::Etcd::tls_config`]).
-    pub etcd_config: String,
     /// Serve TLS with a certificate from this CA (and trust it for `tls://` nodes).
     pub tls: Option<TestCa>,
     /// Serve git smart HTTP on a free port too (`http_listen_addr`).
     pub http: bool,
     /// Replicas of a repository created through this router (default 3).
     pub replication_factor: Option<usize>,
-    /// Top-level TOML settings added as they are (e.g. `allow_stale_reads = true`).
-    pub top_level: String,
+    /// Applied last to the generated config, in order ([`RouterOptions::config`]).
+    pub edits: Vec<Edit<refvote_router::Config>>,
+}
+
+impl RouterOptions {
+    /// The defaults, and git smart HTTP served.
+    pub fn http() -> RouterOptions {
+        RouterOptions {
+            http: true,
+            ..RouterOptions::default()
+        }
+    }
+
+    /// These options, and `f` applied to the generated config (`[auth]`, stale reads,
+    /// etcd's TLS files...).
+    pub fn config(
+        mut self,
+        f: impl Fn(&mut refvote_router::Config) + Send + Sync + 'static,
+    ) -> Self {
+        self.edits.push(Edit::new(f));
+        self
+    }
 }
 
 impl Router {
@@ -53,49 +74,49 @@ impl Router {
         Router::start_with(name, root, endpoints, &RouterOptions::default()).await
     }
 
-    /// [`Router::start`] with `opts` added to the config.
+    /// [`Router::start`] with `opts` applied to the config.
     pub async fn start_with(
         name: &str,
         root: &Path,
         endpoints: &[String],
         opts: &RouterOptions,
     ) -> anyhow::Result<Router> {
-        let dir = root.join(name);
-        std::fs::create_dir_all(&dir)?;
         let ip = loopback_ip();
         let addr = SocketAddr::from((ip, free_port(ip)?));
         let metrics = SocketAddr::from((ip, crate::node::other_port(ip, addr.port())?));
-        let endpoints = endpoints
-            .iter()
-            .map(|e| format!("{e:?}"))
-            .collect::<Vec<_>>()
-            .join(", ");
         let http = match opts.http {
             true => Some(SocketAddr::from((ip, free_port(ip)?))),
             false => None,
         };
-        let mut http_line = http
-            .map(|a| format!("http_listen_addr = \"{a}\"\n"))
-            .unwrap_or_default();
+        let spec = RouterSpec {
+            name: name.to_owned(),
+            home: root.join(name),
+            listen: addr,
+            http,
+            etcd: endpoints.to_vec(),
+            lease_ttl_secs: 3,
+        };
+        let mut config = spec.config();
+        config.prometheus_listen_addr = metrics.to_string();
+        config.etcd.request_timeout_ms = 1000;
         if let Some(n) = opts.replication_factor {
-            http_line.push_str(&format!("replication_factor = {n}\n"));
+            config.replication_factor = n;
         }
-        let config = dir.join("router.toml");
-        std::fs::write(
+        if let Some(ca) = &opts.tls {
+            config.tls = tls_settings(ca, name, ip.into())?;
+        }
+        for edit in &opts.edits {
+            edit.apply(&mut config);
+        }
+        spec.write(
             &config,
-            format!(
-                "router_id = {name:?}\nlisten_addr = \"{addr}\"\n{http_line}{}\nprometheus_listen_addr = \"{metrics}\"\n\
-                 [etcd]\nendpoints = [{endpoints}]\nprefix = \"/refvote/\"\nlease_ttl_secs = 3\nrequest_timeout_ms = 1000\n{}{}{}",
-                opts.top_level,
-                opts.etcd_config,
-                tls_config(opts.tls.as_ref(), name, ip.into())?,
-                opts.extra_config,
-            ),
+            &format!("test router {name}, written by the harness"),
         )?;
         let mut router = Router {
             name: name.to_owned(),
-            dir,
-            config,
+            dir: spec.home.clone(),
+            config: spec.config_file(),
+            member: spec.member(&bin("refvote-router")),
             addr,
             http,
             tls: opts.tls.clone(),
@@ -109,22 +130,17 @@ impl Router {
 
     /// (Re)starts the process with the same config.
     pub async fn launch(&mut self) -> anyhow::Result<()> {
-        let mut cmd = Command::new(bin("refvote-router"));
-        cmd.arg("--config").arg(&self.config).env(
+        let mut cmd = self.member.command();
+        cmd.env(
             "RUST_LOG",
             std::env::var("REFVOTE_ROUTER_LOG")
                 .unwrap_or_else(|_| "info,refvote_router=debug".into()),
         );
         cmd.envs(self.env.iter().cloned());
         self.proc = Some(Proc::spawn(&self.name, cmd, &self.dir)?);
-        let addr = self.addr;
-        let result = wait_until(
-            &format!("{} listens on {addr}", self.name),
-            Duration::from_secs(20),
-            || async move { tokio::net::TcpStream::connect(addr).await.is_ok() },
-        )
-        .await;
-        result.with_context(|| format!("router {} log:\n{}", self.name, self.log_tail(30)))
+        wait_ready(&self.member, Duration::from_secs(20))
+            .await
+            .with_context(|| format!("router {} log:\n{}", self.name, self.log_tail(30)))
     }
 
     /// The git smart HTTP URL of `relative` (with [`RouterOptions::http`]).

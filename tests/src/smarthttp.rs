@@ -1,7 +1,15 @@
-//! A test transport for real git clients: a tiny HTTP/1.1 server that turns git's smart
-//! HTTP requests into the node service's SmartHTTPService calls, the way the router's
-//! HTTP front will. A push goes to every target with the same bytes (each with the
-//! refvote transaction in metadata, if one is set); a fetch or clone goes to the first.
+//! A test transport for real git clients straight to storage nodes: a tiny HTTP/1.1
+//! server that turns git's smart HTTP requests into the node service's
+//! SmartHTTPService calls. A push goes to every target with the same bytes (each with
+//! the refvote transaction in metadata, if one is set); a fetch or clone goes to the
+//! first.
+//!
+//! Tests that have a router push through the router's own HTTP port
+//! (`Router::http_url`). This bridge is for what that cannot do: pushing to nodes with
+//! no router in between, inside a transaction the test runs itself (`tests/node.rs`,
+//! `tests/node_ssh.rs`), and a git client whose calls reach a router as gRPC
+//! (`tests/metrics.rs` counts the router's gRPC calls, which its HTTP port, calling
+//! its handler in-process, does not add to).
 //!
 //! It buffers each request and response (test repositories are small), answers one
 //! request per connection, and refuses gzip-encoded request bodies with a clear error

@@ -15,14 +15,12 @@ use refvote_proto::admin::{
 };
 use refvote_proto::gitaly::ref_service_client::RefServiceClient;
 use refvote_proto::gitaly::repository_service_client::RepositoryServiceClient;
-use refvote_proto::gitaly::{CalculateChecksumRequest, CreateRepositoryRequest, RefExistsRequest};
-use refvote_tests::cluster::VoteCluster;
+use refvote_proto::gitaly::{CalculateChecksumRequest, RefExistsRequest};
+use refvote_tests::cluster::Fixture;
 use refvote_tests::git;
 use refvote_tests::grpc::{channel, repo};
 use refvote_tests::node::Node;
 use refvote_tests::proc::wait_until;
-use refvote_tests::router::Router;
-use refvote_tests::smarthttp::{GitHttpProxy, Target};
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -31,42 +29,6 @@ fn name(relative: &str) -> Option<RepositoryName> {
         virtual_storage: "default".into(),
         relative_path: relative.into(),
     })
-}
-
-async fn http_via(router: &Router) -> anyhow::Result<GitHttpProxy> {
-    GitHttpProxy::start(vec![Target {
-        url: router.grpc_url(),
-        storage: "default".into(),
-        transaction: None,
-    }])
-    .await
-}
-
-/// Creates `relative` through the router (placed on three nodes) and pushes `main`.
-async fn create_and_push(
-    c: &VoteCluster,
-    router: &Router,
-    http: &GitHttpProxy,
-    relative: &str,
-) -> anyhow::Result<String> {
-    RepositoryServiceClient::new(router.channel().await?)
-        .create_repository(CreateRepositoryRequest {
-            repository: repo(relative),
-            default_branch: b"main".to_vec(),
-            ..Default::default()
-        })
-        .await?;
-    let work = c.work(&format!("seed-{}", uuid::Uuid::new_v4().simple()))?;
-    let head = work.commit("main", "first")?;
-    let out = git::push(
-        &work.path,
-        std::path::Path::new(&http.url(relative)),
-        &["main"],
-        &[],
-    )
-    .await?;
-    anyhow::ensure!(out.status.success(), "{out:?}\n{}", router.log_tail(30));
-    Ok(head)
 }
 
 async fn node_checksum(node: &Node, relative: &str) -> anyhow::Result<String> {
@@ -98,12 +60,11 @@ async fn get(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_listed_removed_added_back_and_the_repository_removed_and_recreated()
 -> anyhow::Result<()> {
-    let c = VoteCluster::start(3, 1).await?;
-    let router = Router::start("router1", c.dir.path(), &c.etcd.endpoints()).await?;
-    let http = http_via(&router).await?;
+    let c = Fixture::nodes(3).router().start().await?;
+    let router = &c.routers[0];
     let ch = router.channel().await?;
     let mut admin = AdminServiceClient::new(ch.clone());
-    create_and_push(&c, &router, &http, "a.git").await?;
+    c.create_and_push(router, "a.git").await?;
 
     // Listed, with the creation checksum (an empty repository's) recorded.
     let got = admin
@@ -207,14 +168,14 @@ async fn replicas_listed_removed_added_back_and_the_repository_removed_and_recre
             "fetch",
             "--quiet",
             "--update-head-ok",
-            &http.url("a.git"),
+            &router.http_url("a.git"),
             "main:main",
         ],
     )?;
     let second = work.commit("main", "second")?;
     let out = git::push(
         &work.path,
-        std::path::Path::new(&http.url("a.git")),
+        std::path::Path::new(&router.http_url("a.git")),
         &["main"],
         &[],
     )
@@ -290,19 +251,18 @@ async fn replicas_listed_removed_added_back_and_the_repository_removed_and_recre
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound, "{err:?}");
-    create_and_push(&c, &router, &http, "a.git").await?;
+    c.create_and_push(router, "a.git").await?;
     assert_eq!(get(&ch, "a.git").await?.len(), 3);
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_added_while_pushes_run_holds_every_acknowledged_push() -> anyhow::Result<()> {
-    let c = VoteCluster::start(4, 1).await?;
-    let router = Router::start("router1", c.dir.path(), &c.etcd.endpoints()).await?;
-    let http = http_via(&router).await?;
+    let c = Fixture::nodes(4).router().start().await?;
+    let router = &c.routers[0];
     let ch = router.channel().await?;
-    create_and_push(&c, &router, &http, "p.git").await?;
-    let url = http.url("p.git");
+    c.create_and_push(router, "p.git").await?;
+    let url = router.http_url("p.git");
     let work = c.work("w")?;
     git::git(
         &work.path,
@@ -386,13 +346,12 @@ async fn a_replica_added_while_pushes_run_holds_every_acknowledged_push() -> any
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn synchronize_brings_a_replica_diverged_on_disk_back_to_the_majority() -> anyhow::Result<()>
 {
-    let c = VoteCluster::start(3, 1).await?;
-    let router = Router::start("router1", c.dir.path(), &c.etcd.endpoints()).await?;
-    let http = http_via(&router).await?;
+    let c = Fixture::nodes(3).router().start().await?;
+    let router = &c.routers[0];
     let ch = router.channel().await?;
-    let first = create_and_push(&c, &router, &http, "s.git").await?;
+    let (_, first) = c.create_and_push(router, "s.git").await?;
     let work = c.work("w")?;
-    let url = http.url("s.git");
+    let url = router.http_url("s.git");
     git::git(
         &work.path,
         &["fetch", "--quiet", "--update-head-ok", &url, "main:main"],

@@ -2,7 +2,8 @@
 //! (DESIGN.md §6): with Gitaly's v2 token configured on the router and the nodes, a
 //! call without a valid token is refused with UNAUTHENTICATED by the router and never
 //! reaches a node, a node refuses unsigned calls made to it directly, and a correct
-//! token lets a repository be created, pushed to with real git and read back; the
+//! token lets a repository be created and read back (real git pushing to it over the
+//! router's HTTP port with the secret as its password); the
 //! router signs its calls to nodes with its own token (a transitioning router passes a
 //! client's bad token on to nobody). With TLS, the router and nodes speak only TLS, a
 //! client trusting the CA is served, a plaintext client fails, nodes asking for client
@@ -14,7 +15,7 @@ use std::path::Path;
 use base64::Engine;
 use std::time::{Duration, SystemTime};
 
-use refvote_auth::Secret;
+use refvote_auth::{AuthSettings, Secret};
 use refvote_cluster::RepoId;
 use refvote_proto::gitaly::ref_service_client::RefServiceClient;
 use refvote_proto::gitaly::repository_service_client::RepositoryServiceClient;
@@ -28,7 +29,6 @@ use refvote_tests::git;
 use refvote_tests::grpc::repo;
 use refvote_tests::node::{Node, NodeOptions};
 use refvote_tests::router::{Router, RouterOptions};
-use refvote_tests::smarthttp::{GitHttpProxy, Target};
 use refvote_tests::tls::TestCa;
 use tonic::Code;
 use tonic::metadata::MetadataValue;
@@ -37,8 +37,13 @@ use tonic::transport::Channel;
 const SECRET: &str = "shared-secret-for-tests";
 const REFUSED: &str = "unauthenticated call refused";
 
-fn auth_section(extra: &str) -> String {
-    format!("[auth]\ntoken = {SECRET:?}\n{extra}")
+/// The `[auth]` section with the shared secret.
+fn auth(transitioning: bool) -> AuthSettings {
+    AuthSettings {
+        token: Some(SECRET.into()),
+        token_file: None,
+        transitioning,
+    }
 }
 
 /// `message` with `authorization: <value>` (none when `None`).
@@ -98,21 +103,14 @@ async fn with_auth_only_valid_tokens_get_through_and_the_router_signs_for_nodes(
     let c = VoteCluster::start_with(
         3,
         1,
-        NodeOptions {
-            extra_config: auth_section(""),
-            ..NodeOptions::default()
-        },
+        NodeOptions::default().config(|c| c.auth = auth(false)),
     )
     .await?;
     let router = Router::start_with(
         "router1",
         c.dir.path(),
         &c.etcd.endpoints(),
-        &RouterOptions {
-            extra_config: auth_section(""),
-            http: true,
-            ..RouterOptions::default()
-        },
+        &RouterOptions::http().config(|c| c.auth = auth(false)),
     )
     .await?;
     let ch = router.channel().await?;
@@ -145,18 +143,11 @@ async fn with_auth_only_valid_tokens_get_through_and_the_router_signs_for_nodes(
     for n in &c.nodes {
         assert!(n.repo("auth/new.git").join("HEAD").exists(), "{}", n.name);
     }
-    let http = GitHttpProxy::start_signed(
-        vec![Target {
-            url: router.grpc_url(),
-            storage: "default".into(),
-            transaction: None,
-        }],
-        Some(std::sync::Arc::new(Secret::new(SECRET).unwrap())),
-    )
-    .await?;
+    // Pushed through the router's own git HTTP port, the secret as the password.
+    let plain = router.http_url("auth/new.git");
+    let url = plain.replace("http://", &format!("http://git:{SECRET}@"));
     let work = c.work("w")?;
     let head = work.commit("main", "first")?;
-    let url = http.url("auth/new.git");
     let out = git::push(&work.path, Path::new(&url), &["main"], &[]).await?;
     assert!(
         out.status.success(),
@@ -191,19 +182,8 @@ async fn with_auth_only_valid_tokens_get_through_and_the_router_signs_for_nodes(
         git::rev(&clone, "refs/remotes/origin/main"),
         Some(head.clone())
     );
-    // A git client without the token gets nowhere.
-    let unsigned = GitHttpProxy::start(vec![Target {
-        url: router.grpc_url(),
-        storage: "default".into(),
-        transaction: None,
-    }])
-    .await?;
-    let out = git::git(c.dir.path(), &["ls-remote", &unsigned.url("auth/new.git")]);
-    assert!(out.is_err(), "{out:?}");
-
-    // The router's own git HTTP port: 401 without credentials or with a wrong
-    // password, before any call reaches a node; the secret as the password works.
-    let plain = router.http_url("auth/new.git");
+    // A git client without the token gets nowhere: 401 without credentials or with a
+    // wrong password, before any call reaches a node; the secret as the password works.
     let no_prompt = |args: &[&str]| {
         std::process::Command::new("git")
             .env("GIT_TERMINAL_PROMPT", "0")
@@ -220,8 +200,7 @@ async fn with_auth_only_valid_tokens_get_through_and_the_router_signs_for_nodes(
         !out.status.success() && stderr.contains("Authentication failed"),
         "{stderr}"
     );
-    let right = plain.replace("http://", &format!("http://git:{SECRET}@"));
-    let out = no_prompt(&["ls-remote", &right])?;
+    let out = no_prompt(&["ls-remote", &url])?;
     assert!(out.status.success(), "{out:?}");
     assert!(
         String::from_utf8_lossy(&out.stdout).contains(&head),
@@ -301,10 +280,7 @@ async fn with_auth_only_valid_tokens_get_through_and_the_router_signs_for_nodes(
         "router2",
         c.dir.path(),
         &c.etcd.endpoints(),
-        &RouterOptions {
-            extra_config: auth_section("transitioning = true\n"),
-            ..RouterOptions::default()
-        },
+        &RouterOptions::default().config(|c| c.auth = auth(true)),
     )
     .await?;
     let ch2 = transitioning.channel().await?;
@@ -351,11 +327,16 @@ async fn with_tls_the_router_and_nodes_serve_only_tls() -> anyhow::Result<()> {
         3,
         1,
         NodeOptions {
-            // Still in the [tls] section the harness writes, then [auth].
-            extra_config: format!("client_ca_path = {:?}\n{}", ca.cert, auth_section("")),
             tls: Some(ca.clone()),
             ..NodeOptions::default()
-        },
+        }
+        .config({
+            let client_ca = ca.cert.clone();
+            move |c| {
+                c.tls.client_ca_path = Some(client_ca.clone());
+                c.auth = auth(false);
+            }
+        }),
     )
     .await?;
     // The nodes register TLS addresses, so the router must use TLS to reach them.
@@ -373,10 +354,10 @@ async fn with_tls_the_router_and_nodes_serve_only_tls() -> anyhow::Result<()> {
         c.dir.path(),
         &c.etcd.endpoints(),
         &RouterOptions {
-            extra_config: auth_section(""),
             tls: Some(ca.clone()),
             ..RouterOptions::default()
-        },
+        }
+        .config(|c| c.auth = auth(false)),
     )
     .await?;
     // A client trusting the CA: a repository created on every node over TLS, then
@@ -509,10 +490,13 @@ async fn with_client_ca_the_router_wants_a_client_certificate() -> anyhow::Resul
         c.dir.path(),
         &c.etcd.endpoints(),
         &RouterOptions {
-            extra_config: format!("client_ca_path = {:?}\n", ca.cert),
             tls: Some(ca.clone()),
             ..RouterOptions::default()
-        },
+        }
+        .config({
+            let client_ca = ca.cert.clone();
+            move |c| c.tls.client_ca_path = Some(client_ca.clone())
+        }),
     )
     .await?;
     let ask = |ch: Channel| async move {
@@ -549,10 +533,11 @@ async fn routers_and_nodes_reach_etcd_over_tls() -> anyhow::Result<()> {
     let ca = TestCa::new(&dir.path().join("ca"))?;
     let etcd = Etcd::start_tls(1, &ca).await?;
     assert!(etcd.endpoints()[0].starts_with("https://"));
-    let opts = NodeOptions {
-        etcd_config: etcd.tls_config(),
-        ..NodeOptions::default()
-    };
+    let tls = etcd.tls().expect("a TLS etcd").clone();
+    let opts = NodeOptions::default().config({
+        let tls = tls.clone();
+        move |c| tls.apply(&mut c.etcd)
+    });
     // Each node starts only once it holds its etcd lease, over TLS.
     let mut nodes = Vec::new();
     for i in 1..=3 {
@@ -562,10 +547,7 @@ async fn routers_and_nodes_reach_etcd_over_tls() -> anyhow::Result<()> {
         "router1",
         dir.path(),
         &etcd.endpoints(),
-        &RouterOptions {
-            etcd_config: etcd.tls_config(),
-            ..RouterOptions::default()
-        },
+        &RouterOptions::default().config(move |c| tls.apply(&mut c.etcd)),
     )
     .await?;
     // Placement reads the nodes from etcd, registration and the vote go through it.

@@ -506,10 +506,10 @@ async fn a_repair_never_applies_a_bundle_that_lacks_a_ref_the_source_has() -> an
         "leaky",
         c.dir.path(),
         &c.etcd.endpoints(),
-        &NodeOptions {
-            extra_config: format!("[git]\nbin_path = {:?}\n", wrapper),
-            ..NodeOptions::default()
-        },
+        &NodeOptions::default().config({
+            let wrapper = wrapper.clone();
+            move |c| c.git.bin_path = wrapper.clone()
+        }),
     )
     .await?;
     let rel = "g/moving.git";

@@ -21,37 +21,13 @@ use refvote_proto::gitaly::ref_service_client::RefServiceClient;
 use refvote_proto::gitaly::repository_service_client::RepositoryServiceClient;
 use refvote_proto::gitaly::smart_http_service_client::SmartHttpServiceClient;
 use refvote_proto::gitaly::{CalculateChecksumRequest, PostReceivePackRequest, RefExistsRequest};
-use refvote_tests::cluster::VoteCluster;
+use refvote_tests::cluster::{Fixture, VoteCluster};
 use refvote_tests::git;
 use refvote_tests::grpc::{channel, repo};
 use refvote_tests::node::{NodeOptions, bin};
 use refvote_tests::proc::wait_until;
-use refvote_tests::router::Router;
-use refvote_tests::smarthttp::{GitHttpProxy, Target};
+use refvote_tests::router::{Router, RouterOptions};
 use tonic::Code;
-
-/// Three nodes with `relative` on each (with `main`), registered, and one router.
-async fn cluster_with_repo(relative: &str) -> anyhow::Result<(VoteCluster, Router, RepoId)> {
-    let c = VoteCluster::start(3, 1).await?;
-    let id = c.create_repo(relative).await?;
-    let work = c.work("seed")?;
-    work.commit("main", "first")?;
-    for n in &c.nodes {
-        let out = git::push(&work.path, &n.repo(relative), &["main"], &[]).await?;
-        anyhow::ensure!(out.status.success(), "{out:?}");
-    }
-    let router = Router::start("router1", c.dir.path(), &c.etcd.endpoints()).await?;
-    Ok((c, router, id))
-}
-
-async fn http_via(router: &Router) -> anyhow::Result<GitHttpProxy> {
-    GitHttpProxy::start(vec![Target {
-        url: router.grpc_url(),
-        storage: "default".into(),
-        transaction: None,
-    }])
-    .await
-}
 
 /// Each node's CalculateChecksum of `relative`, asked of the node directly.
 async fn checksums(c: &VoteCluster, relative: &str) -> anyhow::Result<Vec<String>> {
@@ -81,9 +57,9 @@ async fn up_to_date(c: &VoteCluster, id: &RepoId, node: &str) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_node_is_repaired_automatically_while_pushes_continue() -> anyhow::Result<()> {
-    let (mut c, router, id) = cluster_with_repo("p.git").await?;
-    let http = http_via(&router).await?;
-    let url = http.url("p.git");
+    let mut c = Fixture::nodes(3).seeded("p.git").router().start().await?;
+    let (router, id) = (c.routers.remove(0), c.repo_id("p.git"));
+    let url = router.http_url("p.git");
     let work = c.work("w")?;
     let stop = Arc::new(AtomicBool::new(false));
     let acked = std::cell::RefCell::new(Vec::<(String, String)>::new());
@@ -186,7 +162,8 @@ async fn a_killed_node_is_repaired_automatically_while_pushes_continue() -> anyh
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_two_nodes_killed_writes_fail_fast_and_reads_go_on() -> anyhow::Result<()> {
-    let (mut c, router, id) = cluster_with_repo("p.git").await?;
+    let mut c = Fixture::nodes(3).seeded("p.git").router().start().await?;
+    let (router, id) = (&c.routers[0], c.repo_id("p.git"));
     c.nodes[1].kill()?;
     c.nodes[2].kill()?;
     // Once their leases lapse (3 s), nobody can count them live.
@@ -417,14 +394,14 @@ async fn a_router_reaps_a_transaction_whose_creator_died() -> anyhow::Result<()>
 /// then fail UNAVAILABLE naming the operation; once it is released they go through.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_wait_for_a_locked_repository_then_fail_saying_who_holds_it() -> anyhow::Result<()> {
-    let (c, mut router, id) = cluster_with_repo("p.git").await?;
-    // A short wait for this test: the setting goes before the [etcd] table.
-    router.stop()?;
-    let config = std::fs::read_to_string(&router.config)?;
-    std::fs::write(&router.config, format!("lock_wait_ms = 1500\n{config}"))?;
-    router.launch().await?;
-    let http = http_via(&router).await?;
-    let url = http.url("p.git");
+    // A short wait for this test.
+    let c = Fixture::nodes(3)
+        .seeded("p.git")
+        .router_with(RouterOptions::default().config(|c| c.lock_wait_ms = 1500))
+        .start()
+        .await?;
+    let (router, id) = (&c.routers[0], c.repo_id("p.git"));
+    let url = router.http_url("p.git");
     let work = c.work("w")?;
     git::git(
         &work.path,
@@ -523,32 +500,27 @@ async fn a_repair_that_loses_etcd_after_its_copy_is_taken_again() -> anyhow::Res
     use refvote_tests::hold::Hold;
 
     let relative = "cut.git";
-    let mut c = VoteCluster::start(3, 1).await?;
-    let id = c.create_repo(relative).await?;
-    let work = c.work("seed")?;
-    work.commit("main", "first")?;
-    for n in &c.nodes {
-        let out = git::push(&work.path, &n.repo(relative), &["main"], &[]).await?;
-        anyhow::ensure!(out.status.success(), "{out:?}");
-    }
+    let mut c = Fixture::nodes(3).seeded(relative).start().await?;
+    let id = c.repo_id(relative);
+    let work = c.work("w")?;
     let etcd_addr = c.etcd.endpoints()[0]
         .trim_start_matches("http://")
         .parse()?;
     let link = Link::start("router1->etcd", etcd_addr).await?;
-    let router = Router::start(
+    let router = Router::start_with(
         "router1",
         c.dir.path(),
         &[format!("http://{}", link.addr())],
+        &RouterOptions::http(),
     )
     .await?;
-    let http = http_via(&router).await?;
 
     // node3 misses a push: outdated, with a repair job nobody takes while it is down.
     c.nodes[2].stop()?;
     work.commit("next", "second")?;
     let out = git::push(
         &work.path,
-        std::path::Path::new(&http.url(relative)),
+        std::path::Path::new(&router.http_url(relative)),
         &["next"],
         &[],
     )

@@ -18,37 +18,13 @@ use refvote_proto::gitaly::smart_http_service_client::SmartHttpServiceClient;
 use refvote_proto::gitaly::{
     CalculateChecksumRequest, CreateRepositoryFromBundleRequest, CreateRepositoryRequest,
     FindBranchRequest, FindDefaultBranchNameRequest, PostReceivePackRequest, RefExistsRequest,
-    Repository, RepositoryExistsRequest, User, UserCreateBranchRequest,
+    RepositoryExistsRequest, User, UserCreateBranchRequest,
 };
-use refvote_tests::cluster::VoteCluster;
+use refvote_tests::cluster::{Fixture, VoteCluster};
 use refvote_tests::git;
-use refvote_tests::router::Router;
-use refvote_tests::smarthttp::{GitHttpProxy, Target};
+use refvote_tests::grpc::repo;
 use tonic::Code;
 use tonic::transport::Channel;
-
-fn repo(relative: &str) -> Option<Repository> {
-    Some(Repository {
-        storage_name: "default".into(),
-        relative_path: relative.into(),
-        ..Default::default()
-    })
-}
-
-/// A cluster of three nodes and one router, with `relative` created on every node,
-/// `main` pushed to each replica, and the repository registered in etcd.
-async fn cluster_with_repo(relative: &str) -> anyhow::Result<(VoteCluster, Router, RepoId)> {
-    let c = VoteCluster::start(3, 1).await?;
-    let id = c.create_repo(relative).await?;
-    let work = c.work("w")?;
-    work.commit("main", "first")?;
-    for n in &c.nodes {
-        let out = git::push(&work.path, &n.repo(relative), &["main"], &[]).await?;
-        anyhow::ensure!(out.status.success(), "{out:?}");
-    }
-    let router = Router::start("router1", c.dir.path(), &c.etcd.endpoints()).await?;
-    Ok((c, router, id))
-}
 
 async fn ref_exists(ch: &Channel, relative: &str, name: &str) -> Result<bool, tonic::Status> {
     Ok(RefServiceClient::new(ch.clone())
@@ -63,7 +39,12 @@ async fn ref_exists(ch: &Channel, relative: &str, name: &str) -> Result<bool, to
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn accessors_are_answered_through_the_router() -> anyhow::Result<()> {
-    let (_c, router, _) = cluster_with_repo("group/p.git").await?;
+    let c = Fixture::nodes(3)
+        .seeded("group/p.git")
+        .router()
+        .start()
+        .await?;
+    let router = &c.routers[0];
     let ch = router.channel().await?;
 
     let exists = RepositoryServiceClient::new(ch.clone())
@@ -94,7 +75,8 @@ async fn accessors_are_answered_through_the_router() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_calls_get_clear_codes_and_the_router_keeps_serving() -> anyhow::Result<()> {
-    let (_c, router, _) = cluster_with_repo("p.git").await?;
+    let c = Fixture::nodes(3).seeded("p.git").router().start().await?;
+    let router = &c.routers[0];
     let ch = router.channel().await?;
 
     // A method refvote does not serve.
@@ -151,7 +133,9 @@ async fn bad_calls_get_clear_codes_and_the_router_keeps_serving() -> anyhow::Res
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_spread_over_replicas_and_never_go_to_an_outdated_one() -> anyhow::Result<()> {
-    let (c, router, id) = cluster_with_repo("p.git").await?;
+    let c = Fixture::nodes(3).seeded("p.git").router().start().await?;
+    let router = &c.routers[0];
+    let id = c.repo_id("p.git");
     let ch = router.channel().await?;
     // A ref only node1's replica has: a read that sees it went to node1.
     let main = git::rev(&c.node("node1").repo("p.git"), "refs/heads/main").unwrap();
@@ -180,7 +164,8 @@ async fn reads_spread_over_replicas_and_never_go_to_an_outdated_one() -> anyhow:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_fails_over_from_a_dead_node_to_another_replica() -> anyhow::Result<()> {
-    let (mut c, router, _) = cluster_with_repo("p.git").await?;
+    let mut c = Fixture::nodes(3).seeded("p.git").router().start().await?;
+    let router = &c.routers[0];
     let ch = router.channel().await?;
     // Killed, its lease still counts it live for a few seconds: the router tries it,
     // gets UNAVAILABLE, and must answer from another replica.
@@ -227,17 +212,6 @@ fn a_bad_config_exits_64_naming_the_key() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A git smart-HTTP front whose every call goes to the router: info/refs is an
-/// accessor, git-receive-pack the mutator, git-upload-pack an accessor.
-async fn http_via(router: &Router) -> anyhow::Result<GitHttpProxy> {
-    GitHttpProxy::start(vec![Target {
-        url: router.grpc_url(),
-        storage: "default".into(),
-        transaction: None,
-    }])
-    .await
-}
-
 /// Every replica's `main`, in node order.
 fn mains(c: &VoteCluster, relative: &str) -> Vec<Option<String>> {
     c.nodes
@@ -248,7 +222,13 @@ fn mains(c: &VoteCluster, relative: &str) -> Vec<Option<String>> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_git_push_through_the_router_commits_on_every_replica() -> anyhow::Result<()> {
-    let (c, router, id) = cluster_with_repo("group/p.git").await?;
+    let c = Fixture::nodes(3)
+        .seeded("group/p.git")
+        .router()
+        .start()
+        .await?;
+    let router = &c.routers[0];
+    let id = c.repo_id("group/p.git");
     // The router's transactions hang on its lease, registered under routers/<id> (the
     // registration follows the lease grant; the router may listen a moment before).
     let key = c.store.keys().router("router1");
@@ -261,11 +241,10 @@ async fn a_git_push_through_the_router_commits_on_every_replica() -> anyhow::Res
         },
     )
     .await?;
-    let http = http_via(&router).await?;
     let work = c.work("w")?;
     let new = work.commit("main", "second")?;
 
-    let url = http.url("group/p.git");
+    let url = router.http_url("group/p.git");
     let out = git::push(&work.path, std::path::Path::new(&url), &["main"], &[]).await?;
     assert!(
         out.status.success(),
@@ -292,7 +271,9 @@ async fn a_git_push_through_the_router_commits_on_every_replica() -> anyhow::Res
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_quorum_a_write_fails_fast_saying_how_many_are_up() -> anyhow::Result<()> {
-    let (mut c, router, id) = cluster_with_repo("p.git").await?;
+    let mut c = Fixture::nodes(3).seeded("p.git").router().start().await?;
+    let router = &c.routers[0];
+    let id = c.repo_id("p.git");
     let before = mains(&c, "p.git");
     c.nodes[1].kill()?;
     c.nodes[2].kill()?;
@@ -330,7 +311,9 @@ async fn without_a_quorum_a_write_fails_fast_saying_how_many_are_up() -> anyhow:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_push_git_rejects_comes_back_with_gits_reason_and_changes_nothing() -> anyhow::Result<()>
 {
-    let (c, router, id) = cluster_with_repo("p.git").await?;
+    let c = Fixture::nodes(3).seeded("p.git").router().start().await?;
+    let router = &c.routers[0];
+    let id = c.repo_id("p.git");
     // Every replica refuses non-fast-forward updates, as a protected branch would.
     for n in &c.nodes {
         git::git(
@@ -339,11 +322,10 @@ async fn a_push_git_rejects_comes_back_with_gits_reason_and_changes_nothing() ->
         )?;
     }
     let before = mains(&c, "p.git");
-    let http = http_via(&router).await?;
     // A history that does not contain what the replicas have.
     let other = c.work("other")?;
     other.commit("main", "unrelated")?;
-    let url = http.url("p.git");
+    let url = router.http_url("p.git");
     let out = git::push(
         &other.path,
         std::path::Path::new(&url),
@@ -371,14 +353,15 @@ async fn a_push_git_rejects_comes_back_with_gits_reason_and_changes_nothing() ->
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_one_node_killed_a_push_succeeds_and_its_replica_is_outdated() -> anyhow::Result<()> {
-    let (mut c, router, id) = cluster_with_repo("p.git").await?;
-    let http = http_via(&router).await?;
+    let mut c = Fixture::nodes(3).seeded("p.git").router().start().await?;
+    let router = &c.routers[0];
+    let id = c.repo_id("p.git");
     let work = c.work("w")?;
     let new = work.commit("main", "second")?;
     // Killed while its lease still counts it live: it is a voter whose call fails, and
     // the others must not wait on it beyond its lease.
     c.nodes[2].kill()?;
-    let url = http.url("p.git");
+    let url = router.http_url("p.git");
     let started = std::time::Instant::now();
     let out = git::push(&work.path, std::path::Path::new(&url), &["main"], &[]).await?;
     assert!(
@@ -414,17 +397,15 @@ async fn a_killed_node_does_not_hold_up_a_push_while_its_lease_lasts() -> anyhow
         lease_ttl_secs: 60,
         ..Default::default()
     };
-    let mut c = VoteCluster::start_with(3, 1, opts).await?;
-    let id = c.create_repo("p.git").await?;
+    let mut c = Fixture::nodes(3)
+        .node_options(opts)
+        .seeded("p.git")
+        .router()
+        .start()
+        .await?;
+    let (router, id) = (&c.routers[0], c.repo_id("p.git"));
     let work = c.work("w")?;
-    work.commit("main", "first")?;
-    for n in &c.nodes {
-        let out = git::push(&work.path, &n.repo("p.git"), &["main"], &[]).await?;
-        anyhow::ensure!(out.status.success(), "{out:?}");
-    }
-    let router = Router::start("router1", c.dir.path(), &c.etcd.endpoints()).await?;
-    let http = http_via(&router).await?;
-    let url = http.url("p.git");
+    let url = router.http_url("p.git");
     c.nodes[2].kill()?;
     for round in 0..3 {
         let new = work.commit("main", &format!("after the kill {round}"))?;
@@ -460,7 +441,9 @@ async fn a_killed_node_does_not_hold_up_a_push_while_its_lease_lasts() -> anyhow
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_unary_mutator_is_voted_and_a_refusal_alike_everywhere_comes_back_as_is()
 -> anyhow::Result<()> {
-    let (c, router, id) = cluster_with_repo("p.git").await?;
+    let c = Fixture::nodes(3).seeded("p.git").router().start().await?;
+    let router = &c.routers[0];
+    let id = c.repo_id("p.git");
     let ch = router.channel().await?;
     let mut ops = OperationServiceClient::new(ch.clone());
     let create = || UserCreateBranchRequest {
@@ -504,8 +487,8 @@ fn create_request(relative: &str) -> CreateRepositoryRequest {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn create_repository_through_the_router_places_it_on_three_of_four_nodes()
 -> anyhow::Result<()> {
-    let c = VoteCluster::start(4, 1).await?;
-    let router = Router::start("router1", c.dir.path(), &c.etcd.endpoints()).await?;
+    let c = Fixture::nodes(4).router().start().await?;
+    let router = &c.routers[0];
     let ch = router.channel().await?;
     let mut repos = RepositoryServiceClient::new(ch.clone());
     repos.create_repository(create_request("a.git")).await?;
@@ -536,10 +519,9 @@ async fn create_repository_through_the_router_places_it_on_three_of_four_nodes()
     assert_eq!(on("a.git"), ["node1", "node2", "node3"]);
 
     // A push and a clone through the router.
-    let http = http_via(&router).await?;
     let work = c.work("w")?;
     let new = work.commit("main", "first")?;
-    let url = http.url("a.git");
+    let url = router.http_url("a.git");
     let out = git::push(&work.path, std::path::Path::new(&url), &["main"], &[]).await?;
     assert!(
         out.status.success(),
@@ -567,8 +549,8 @@ async fn create_repository_through_the_router_places_it_on_three_of_four_nodes()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn create_repository_with_fewer_live_nodes_than_replicas_is_unavailable() -> anyhow::Result<()>
 {
-    let c = VoteCluster::start(2, 1).await?;
-    let router = Router::start("router1", c.dir.path(), &c.etcd.endpoints()).await?;
+    let c = Fixture::nodes(2).router().start().await?;
+    let router = &c.routers[0];
     let ch = router.channel().await?;
     let err = RepositoryServiceClient::new(ch)
         .create_repository(create_request("a.git"))
@@ -579,13 +561,6 @@ async fn create_repository_with_fewer_live_nodes_than_replicas_is_unavailable() 
     let id = RepoId::new("default", "a.git")?;
     assert!(c.store.get(&c.store.keys().repo(&id)).await?.is_none());
     Ok(())
-}
-
-/// [`cluster_with_repo`] plus a second router: the two share nothing but etcd.
-async fn two_routers(relative: &str) -> anyhow::Result<(VoteCluster, [Router; 2], RepoId)> {
-    let (c, router1, id) = cluster_with_repo(relative).await?;
-    let router2 = Router::start("router2", c.dir.path(), &c.etcd.endpoints()).await?;
-    Ok((c, [router1, router2], id))
 }
 
 /// Every replica is up to date at the repository's generation, with one checksum, and
@@ -614,11 +589,17 @@ async fn replicas_level(c: &VoteCluster, id: &RepoId, relative: &str) -> anyhow:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_push_acknowledged_by_one_router_is_read_at_once_through_the_other() -> anyhow::Result<()>
 {
-    let (c, [r1, r2], id) = two_routers("p.git").await?;
-    let http = http_via(&r1).await?;
+    let c = Fixture::nodes(3)
+        .seeded("p.git")
+        .router()
+        .router()
+        .start()
+        .await?;
+    let [r1, r2] = [&c.routers[0], &c.routers[1]];
+    let id = c.repo_id("p.git");
     let ch2 = r2.channel().await?;
     let work = c.work("w")?;
-    let url = http.url("p.git");
+    let url = r1.http_url("p.git");
     for i in 0..5 {
         let branch = format!("b{i}");
         let new = work.commit(&branch, "x")?;
@@ -648,8 +629,13 @@ const CONCURRENT_PUSHES: usize = 32;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_pushes_to_different_branches_through_two_routers_all_succeed()
 -> anyhow::Result<()> {
-    let (c, routers, id) = two_routers("p.git").await?;
-    let https = [http_via(&routers[0]).await?, http_via(&routers[1]).await?];
+    let c = Fixture::nodes(3)
+        .seeded("p.git")
+        .router()
+        .router()
+        .start()
+        .await?;
+    let (routers, id) = (&c.routers, c.repo_id("p.git"));
     let work = c.work("w")?;
     let mut want = Vec::new();
     for i in 0..CONCURRENT_PUSHES {
@@ -659,7 +645,7 @@ async fn concurrent_pushes_to_different_branches_through_two_routers_all_succeed
     }
     let started = std::time::Instant::now();
     let pushes = want.iter().enumerate().map(|(i, (branch, _))| {
-        let url = https[i % 2].url("p.git");
+        let url = routers[i % 2].http_url("p.git");
         let work = work.path.clone();
         let branch = branch.clone();
         async move { git::push(&work, std::path::Path::new(&url), &[&branch], &[]).await }
@@ -692,8 +678,13 @@ async fn concurrent_pushes_to_different_branches_through_two_routers_all_succeed
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_concurrent_pushes_to_one_branch_through_two_routers_one_wins_everywhere()
 -> anyhow::Result<()> {
-    let (c, routers, id) = two_routers("p.git").await?;
-    let https = [http_via(&routers[0]).await?, http_via(&routers[1]).await?];
+    let c = Fixture::nodes(3)
+        .seeded("p.git")
+        .router()
+        .router()
+        .start()
+        .await?;
+    let (routers, id) = (&c.routers, c.repo_id("p.git"));
     // Both start from the replicas' main and add a different commit.
     let main = mains(&c, "p.git")[0].clone().unwrap();
     let mut works = Vec::new();
@@ -710,7 +701,7 @@ async fn two_concurrent_pushes_to_one_branch_through_two_routers_one_wins_everyw
         works.push(w);
     }
     let pushes = (0..2).map(|i| {
-        let url = https[i].url("p.git");
+        let url = routers[i].http_url("p.git");
         let work = works[i].path.clone();
         async move { git::push(&work, std::path::Path::new(&url), &["main"], &[]).await }
     });
@@ -745,8 +736,8 @@ async fn two_concurrent_pushes_to_one_branch_through_two_routers_one_wins_everyw
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn create_repository_from_bundle_through_the_router_lands_on_every_replica()
 -> anyhow::Result<()> {
-    let c = VoteCluster::start(3, 1).await?;
-    let router = Router::start("router1", c.dir.path(), &c.etcd.endpoints()).await?;
+    let c = Fixture::nodes(3).router().start().await?;
+    let router = &c.routers[0];
     let work = c.work("w")?;
     let main = work.commit("main", "first")?;
     let bundle = c.path("b.bundle");
@@ -790,12 +781,12 @@ async fn create_repository_from_bundle_through_the_router_lands_on_every_replica
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_creation_every_node_refuses_leaves_no_registration() -> anyhow::Result<()> {
-    let c = VoteCluster::start(3, 1).await?;
+    let c = Fixture::nodes(3).router().start().await?;
+    let router = &c.routers[0];
     // On disk everywhere, unknown to etcd: every node refuses to create it.
     for n in &c.nodes {
         git::init_bare(&n.repo("orphan.git"), &n.hooks)?;
     }
-    let router = Router::start("router1", c.dir.path(), &c.etcd.endpoints()).await?;
     let started = std::time::Instant::now();
     let err = RepositoryServiceClient::new(router.channel().await?)
         .create_repository(create_request("orphan.git"))
@@ -851,9 +842,8 @@ async fn a_creation_every_node_refuses_leaves_no_registration() -> anyhow::Resul
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_repository_created_through_two_routers_at_once_exists_once() -> anyhow::Result<()> {
-    let c = VoteCluster::start(3, 1).await?;
-    let r1 = Router::start("router1", c.dir.path(), &c.etcd.endpoints()).await?;
-    let r2 = Router::start("router2", c.dir.path(), &c.etcd.endpoints()).await?;
+    let c = Fixture::nodes(3).router().router().start().await?;
+    let [r1, r2] = [&c.routers[0], &c.routers[1]];
     let mut a = RepositoryServiceClient::new(r1.channel().await?);
     let mut b = RepositoryServiceClient::new(r2.channel().await?);
     let (x, y) = tokio::join!(

@@ -20,43 +20,23 @@ use std::time::{Duration, Instant};
 use refvote_cluster::records::{ReplicaRecord, ReplicaState};
 use refvote_cluster::store::encode;
 use refvote_cluster::{RepoId, Store};
+use refvote_launcher::config::RouterSpec;
 use refvote_proto::gitaly::commit_service_client::CommitServiceClient;
 use refvote_proto::gitaly::ref_service_client::RefServiceClient;
 use refvote_proto::gitaly::smart_http_service_client::SmartHttpServiceClient;
 use refvote_proto::gitaly::update_references_request::Update;
 use refvote_proto::gitaly::{
     FindCommitRequest, FindDefaultBranchNameRequest, ListRefsRequest, PostReceivePackRequest,
-    PostUploadPackRequest, RefExistsRequest, Repository, UpdateReferencesRequest,
+    PostUploadPackRequest, RefExistsRequest, UpdateReferencesRequest,
 };
-use refvote_router::{Config, RouterServer};
-use refvote_tests::cluster::VoteCluster;
+use refvote_router::RouterServer;
+use refvote_tests::cluster::{Fixture, VoteCluster};
 use refvote_tests::git;
+use refvote_tests::grpc::repo;
 use refvote_tests::proc::wait_until;
 use refvote_tests::router::{Router, RouterOptions};
-use refvote_tests::smarthttp::{GitHttpProxy, Target};
 use tonic::Code;
 use tonic::transport::Channel;
-
-fn repo(relative: &str) -> Option<Repository> {
-    Some(Repository {
-        storage_name: "default".into(),
-        relative_path: relative.into(),
-        ..Default::default()
-    })
-}
-
-/// Three nodes with `relative` created, `main` pushed to every replica, registered.
-async fn cluster_with_repo(relative: &str) -> anyhow::Result<(VoteCluster, RepoId)> {
-    let c = VoteCluster::start(3, 1).await?;
-    let id = c.create_repo(relative).await?;
-    let work = c.work("w")?;
-    work.commit("main", "first")?;
-    for n in &c.nodes {
-        let out = git::push(&work.path, &n.repo(relative), &["main"], &[]).await?;
-        anyhow::ensure!(out.status.success(), "{out:?}");
-    }
-    Ok((c, id))
-}
 
 async fn ref_exists(ch: &Channel, relative: &str, name: &str) -> Result<bool, tonic::Status> {
     Ok(RefServiceClient::new(ch.clone())
@@ -76,22 +56,19 @@ async fn channel(url: String) -> anyhow::Result<Channel> {
         .await?)
 }
 
-/// A router in this process, so the test can read its counters.
+/// A router in this process, so the test can read its counters: the launcher's
+/// config, as a router process gets it.
 async fn in_process_router(c: &VoteCluster) -> anyhow::Result<RouterServer> {
-    let endpoints = c
-        .etcd
-        .endpoints()
-        .iter()
-        .map(|e| format!("{e:?}"))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let config = Config::parse(
-        &format!(
-            "router_id = \"inproc\"\nlisten_addr = \"127.0.0.1:0\"\n\
-             [etcd]\nendpoints = [{endpoints}]\nlease_ttl_secs = 3\nrequest_timeout_ms = 1000\n"
-        ),
-        Path::new("router.toml"),
-    )?;
+    let spec = RouterSpec {
+        name: "inproc".into(),
+        home: c.path("inproc"),
+        listen: "127.0.0.1:0".parse()?,
+        http: None,
+        etcd: c.etcd.endpoints(),
+        lease_ttl_secs: 3,
+    };
+    let mut config = spec.config();
+    config.etcd.request_timeout_ms = 1000;
     Ok(RouterServer::start(&config).await?)
 }
 
@@ -121,7 +98,8 @@ async fn set_replica_state(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_reads_share_etcd_round_trips_and_never_miss_a_replica_change()
 -> anyhow::Result<()> {
-    let (c, id) = cluster_with_repo("p.git").await?;
+    let c = Fixture::nodes(3).seeded("p.git").start().await?;
+    let id = c.repo_id("p.git");
     // A ref each node's replica alone has: a read that sees it went to that node.
     let main = git::rev(&c.node("node1").repo("p.git"), "refs/heads/main").unwrap();
     for n in &c.nodes {
@@ -178,16 +156,16 @@ async fn concurrent_reads_share_etcd_round_trips_and_never_miss_a_replica_change
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_etcd_stopped_reads_fail_unavailable_in_bounded_time_unless_stale_reads_are_allowed()
 -> anyhow::Result<()> {
-    let (mut c, _) = cluster_with_repo("p.git").await?;
+    let mut c = Fixture::nodes(3).seeded("p.git").start().await?;
     let strict = Router::start("strict", c.dir.path(), &c.etcd.endpoints()).await?;
     let stale = Router::start_with(
         "stale",
         c.dir.path(),
         &c.etcd.endpoints(),
-        &RouterOptions {
-            top_level: "allow_stale_reads = true\nmax_stale_read_secs = 10".into(),
-            ..RouterOptions::default()
-        },
+        &RouterOptions::default().config(|c| {
+            c.allow_stale_reads = true;
+            c.max_stale_read_secs = 10;
+        }),
     )
     .await?;
     let (strict_ch, stale_ch) = (strict.channel().await?, stale.channel().await?);
@@ -241,16 +219,6 @@ async fn with_etcd_stopped_reads_fail_unavailable_in_bounded_time_unless_stale_r
         .await?;
     }
     Ok(())
-}
-
-/// A git smart-HTTP front whose every call goes to `router`.
-async fn http_via(router: &Router) -> anyhow::Result<GitHttpProxy> {
-    GitHttpProxy::start(vec![Target {
-        url: router.grpc_url(),
-        storage: "default".into(),
-        transaction: None,
-    }])
-    .await
 }
 
 /// Commits `size` bytes of incompressible data on `branch`.
@@ -344,12 +312,11 @@ async fn majority_or_nowhere(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_voter_paused_mid_push_is_dropped_and_the_push_succeeds_on_the_other_two()
 -> anyhow::Result<()> {
-    let (mut c, id) = cluster_with_repo("p.git").await?;
-    let router = Router::start("router1", c.dir.path(), &c.etcd.endpoints()).await?;
-    let http = http_via(&router).await?;
+    let mut c = Fixture::nodes(3).seeded("p.git").router().start().await?;
+    let (router, id) = (&c.routers[0], c.repo_id("p.git"));
     let work = c.work("w")?;
     let new = big_commit(&work, "big", 8 << 20, 1)?;
-    let url = http.url("p.git");
+    let url = router.http_url("p.git");
     let path = work.path.clone();
     let started = Instant::now();
     let push = tokio::spawn(async move { git::push(&path, Path::new(&url), &["big"], &[]).await });
@@ -427,8 +394,8 @@ fn receive_pack_body(work: &Path, old: &str, new: &str, refname: &str) -> anyhow
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_breaks_its_push_stream_leaves_nothing_and_the_router_keeps_serving()
 -> anyhow::Result<()> {
-    let (c, id) = cluster_with_repo("p.git").await?;
-    let router = Router::start("router1", c.dir.path(), &c.etcd.endpoints()).await?;
+    let c = Fixture::nodes(3).seeded("p.git").router().start().await?;
+    let (router, id) = (&c.routers[0], c.repo_id("p.git"));
     let ch = router.channel().await?;
     let work = c.work("w")?;
     // The same work repository that pushed `main` to every replica.
@@ -472,8 +439,13 @@ async fn a_client_that_breaks_its_push_stream_leaves_nothing_and_the_router_keep
     assert_eq!(view.up_to_date_live(), c.node_names(), "{view:?}");
 
     // The router keeps serving: a whole push of the same update goes through.
-    let http = http_via(&router).await?;
-    let out = git::push(&work.path, Path::new(&http.url("p.git")), &["broken"], &[]).await?;
+    let out = git::push(
+        &work.path,
+        Path::new(&router.http_url("p.git")),
+        &["broken"],
+        &[],
+    )
+    .await?;
     assert!(out.status.success(), "{out:?}\n{}", router.log_tail(40));
     assert!(ref_exists(&ch, "p.git", "refs/heads/broken").await?);
     Ok(())
@@ -489,7 +461,7 @@ fn outcome<T: std::fmt::Debug>(r: Result<T, tonic::Status>) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_call_kind_passes_through_with_the_nodes_status_unchanged() -> anyhow::Result<()> {
-    let (c, _) = cluster_with_repo("p.git").await?;
+    let c = Fixture::nodes(3).seeded("p.git").start().await?;
     // A commit whose subject alone is over gRPC's default 4 MiB message limit.
     let work = c.work("w")?;
     git::git(&work.path, &["checkout", "--quiet", "main"])?;
@@ -691,8 +663,15 @@ async fn a_router_killed_right_after_creating_the_transaction_leaves_nothing() -
 /// Pushes through router1 and SIGKILLs it at each kill point in `points`; after the
 /// reaper finalized, checks [`majority_or_nowhere`] through router2.
 async fn kill_router_mid_push(points: &[usize]) -> anyhow::Result<()> {
-    let (mut c, id) = cluster_with_repo("p.git").await?;
-    let mut r1 = Router::start("router1", c.dir.path(), &c.etcd.endpoints()).await?;
+    let mut c = Fixture::nodes(3).seeded("p.git").start().await?;
+    let id = c.repo_id("p.git");
+    let mut r1 = Router::start_with(
+        "router1",
+        c.dir.path(),
+        &c.etcd.endpoints(),
+        &RouterOptions::http(),
+    )
+    .await?;
     let r2 = Router::start("router2", c.dir.path(), &c.etcd.endpoints()).await?;
     let ch2 = r2.channel().await?;
     let work = c.work("w")?;
@@ -706,8 +685,7 @@ async fn kill_router_mid_push(points: &[usize]) -> anyhow::Result<()> {
         let branch = format!("k{i}");
         // Under git's 1 MiB http.postBuffer: one PostReceivePack, no probe request first.
         big_commit(&work, &branch, 256 << 10, 10 + i as u64)?;
-        let http = http_via(&r1).await?;
-        let (path, url, b) = (work.path.clone(), http.url("p.git"), branch.clone());
+        let (path, url, b) = (work.path.clone(), r1.http_url("p.git"), branch.clone());
         let push = tokio::spawn(async move { git::push(&path, Path::new(&url), &[&b], &[]).await });
         let tx = open_transaction(&c.store, &id, Duration::from_secs(20)).await?;
         let (prefix, wanted) = match i {
@@ -770,13 +748,19 @@ async fn kill_router_mid_push(points: &[usize]) -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_finalize_is_retried_until_the_transaction_ends() -> anyhow::Result<()> {
     use refvote_cluster::faults;
-    let (c, id) = cluster_with_repo("p.git").await?;
-    let mut router = Router::start("router1", c.dir.path(), &c.etcd.endpoints()).await?;
+    let c = Fixture::nodes(3).seeded("p.git").start().await?;
+    let id = c.repo_id("p.git");
+    let mut router = Router::start_with(
+        "router1",
+        c.dir.path(),
+        &c.etcd.endpoints(),
+        &RouterOptions::http(),
+    )
+    .await?;
     router.stop()?;
     router.env = vec![(faults::ENV.into(), faults::FAIL_FINALIZE.into())];
     router.launch().await?;
-    let http = http_via(&router).await?;
-    let url = http.url("p.git");
+    let url = router.http_url("p.git");
     let work = c.work("w")?;
     let first = work.commit("f", "one")?;
     let out = git::push(&work.path, Path::new(&url), &["f"], &[]).await?;

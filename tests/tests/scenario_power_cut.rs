@@ -25,7 +25,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
-use refvote_cluster::{RepoId, Store, StoreConfig};
+use refvote_cluster::RepoId;
 use refvote_proto::gitaly::ref_service_client::RefServiceClient;
 use refvote_proto::gitaly::repository_service_client::RepositoryServiceClient;
 use refvote_proto::gitaly::{CreateRepositoryRequest, FindBranchRequest, Repository};
@@ -324,13 +324,7 @@ async fn an_acknowledged_ref_survives_a_power_cut_on_two_replicas() -> anyhow::R
         },
     )
     .await?;
-    let store = Store::connect(&StoreConfig {
-        endpoints: etcd.endpoints(),
-        prefix: "/refvote/".into(),
-        request_timeout: Duration::from_secs(2),
-        tls: None,
-    })
-    .await?;
+    let store = etcd.store().await?;
     let repository = Repository {
         storage_name: "default".into(),
         relative_path: REPO.into(),

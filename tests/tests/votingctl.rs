@@ -10,15 +10,13 @@ use std::path::Path;
 use std::process::Output;
 use std::time::Duration;
 
+use refvote_proto::gitaly::CalculateChecksumRequest;
 use refvote_proto::gitaly::repository_service_client::RepositoryServiceClient;
-use refvote_proto::gitaly::{CalculateChecksumRequest, CreateRepositoryRequest};
-use refvote_tests::cluster::VoteCluster;
+use refvote_tests::cluster::Fixture;
 use refvote_tests::git;
 use refvote_tests::grpc::{channel, repo};
 use refvote_tests::node::{Node, bin};
 use refvote_tests::proc::wait_until;
-use refvote_tests::router::Router;
-use refvote_tests::smarthttp::{GitHttpProxy, Target};
 use serde_json::Value;
 
 struct Ctl {
@@ -70,26 +68,6 @@ fn text(out: &Output) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     )
-}
-
-async fn create_and_push(
-    c: &VoteCluster,
-    router: &Router,
-    http: &GitHttpProxy,
-    relative: &str,
-) -> anyhow::Result<git::WorkRepo> {
-    RepositoryServiceClient::new(router.channel().await?)
-        .create_repository(CreateRepositoryRequest {
-            repository: repo(relative),
-            default_branch: b"main".to_vec(),
-            ..Default::default()
-        })
-        .await?;
-    let work = c.work(&format!("w-{}", uuid::Uuid::new_v4().simple()))?;
-    work.commit("main", "first")?;
-    let out = git::push(&work.path, Path::new(&http.url(relative)), &["main"], &[]).await?;
-    anyhow::ensure!(out.status.success(), "{out:?}\n{}", router.log_tail(30));
-    Ok(work)
 }
 
 async fn node_checksum(node: &Node, relative: &str) -> anyhow::Result<String> {
@@ -161,18 +139,12 @@ fn change_on_disk(repo: &Path) -> anyhow::Result<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_commands_against_a_real_cluster() -> anyhow::Result<()> {
-    let mut c = VoteCluster::start(3, 1).await?;
-    let router = Router::start("router1", c.dir.path(), &c.etcd.endpoints()).await?;
-    let http = GitHttpProxy::start(vec![Target {
-        url: router.grpc_url(),
-        storage: "default".into(),
-        transaction: None,
-    }])
-    .await?;
+    let mut c = Fixture::nodes(3).router().start().await?;
+    let router = &c.routers[0];
     let ctl = Ctl {
         etcd: c.etcd.endpoints().join(","),
     };
-    create_and_push(&c, &router, &http, "a.git").await?;
+    c.create_and_push(router, "a.git").await?;
 
     // repos list: table and JSON.
     let out = ctl.run(&["repos", "list"]).await?;
@@ -349,7 +321,13 @@ async fn operator_commands_against_a_real_cluster() -> anyhow::Result<()> {
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("every copy matches"), "{}", text(&out));
     seed.commit("main", "after tracking")?;
-    let out = git::push(&seed.path, Path::new(&http.url("two.git")), &["main"], &[]).await?;
+    let out = git::push(
+        &seed.path,
+        Path::new(&router.http_url("two.git")),
+        &["main"],
+        &[],
+    )
+    .await?;
     assert!(out.status.success(), "{out:?}");
 
     // Bad input: clear messages, non-zero exits, nothing changed.
@@ -398,10 +376,10 @@ async fn operator_commands_against_a_real_cluster() -> anyhow::Result<()> {
 
     // dataloss: node1 misses a push, then the two that have it go down and node1 comes
     // back: its replica is the only live one and it is outdated.
-    let dwork = create_and_push(&c, &router, &http, "d.git").await?;
+    let (dwork, _) = c.create_and_push(router, "d.git").await?;
     c.nodes[0].kill()?;
     dwork.commit("main", "only on node2 and node3")?;
-    let url = http.url("d.git");
+    let url = router.http_url("d.git");
     wait_until(
         "a push without node1 succeeds",
         Duration::from_secs(30),

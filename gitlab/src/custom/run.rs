@@ -13,7 +13,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 
-use super::{CAPTURE_LIMIT, CustomHookError, HookExit, Invocation, OutputSink};
+use super::hook::{CAPTURE_LIMIT, CustomHookError, HookExit, Invocation, OutputSink};
 
 /// How long a hook that exited may keep its pipes open (a daemonised grandchild)
 /// before we stop reading them.

@@ -16,7 +16,6 @@ pub fn valid_branch_name(name: &str) -> bool {
     !name.is_empty()
         && !name.starts_with('-')
         && !name.ends_with('/')
-        && !name.ends_with(".lock")
         && !name.ends_with('.')
         && !name.contains("..")
         && !name.contains("@{")
@@ -27,7 +26,7 @@ pub fn valid_branch_name(name: &str) -> bool {
             .any(|c| c.is_ascii_control() || " ~^:?*[\\".contains(c))
         && name
             .split('/')
-            .all(|part| !part.is_empty() && !part.starts_with('.'))
+            .all(|part| !part.is_empty() && !part.starts_with('.') && !part.ends_with(".lock"))
 }
 
 /// A fully qualified ref name git would accept (`refs/...`, check-ref-format rules).
@@ -48,25 +47,32 @@ pub fn ref_name<'a>(what: &str, raw: &'a [u8]) -> Result<&'a str, NodeError> {
         })
 }
 
-/// A revision safe to hand to git as an argument: not empty, no option, no whitespace
-/// or control characters (Gitaly's revision rules).
+/// A revision safe to hand to git as an argument, by Gitaly's rule
+/// (`git.ValidateRevision`, without its options): not empty, no leading '-' (it would
+/// be an option), no NUL, no whitespace (space, tab, newline, carriage return), no ':'
+/// (a path-scoped revision) and no '\\'. The one validator every RPC uses.
 pub fn revision<'a>(what: &str, raw: &'a [u8]) -> Result<&'a str, NodeError> {
-    let text =
+    let rev =
         std::str::from_utf8(raw).map_err(|_| NodeError::invalid(format!("{what} is not UTF-8")))?;
-    if text.is_empty() {
-        return Err(NodeError::invalid(format!("empty {what}")));
+    let problem = if rev.starts_with('-') {
+        Some("can't start with '-'")
+    } else if rev.contains('\0') {
+        Some("can't contain NUL")
+    } else if rev.is_empty() {
+        Some("is empty")
+    } else if rev.contains([' ', '\t', '\n', '\r']) {
+        Some("can't contain whitespace")
+    } else if rev.contains(':') {
+        Some("can't contain ':'")
+    } else if rev.contains('\\') {
+        Some("can't contain '\\'")
+    } else {
+        None
+    };
+    match problem {
+        Some(p) => Err(NodeError::invalid(format!("{what} {rev:?} {p}"))),
+        None => Ok(rev),
     }
-    if text.starts_with('-') {
-        return Err(NodeError::invalid(format!(
-            "{what} {text:?} cannot start with '-'"
-        )));
-    }
-    if text.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(NodeError::invalid(format!(
-            "{what} {text:?} cannot contain whitespace or control characters"
-        )));
-    }
-    Ok(text)
 }
 
 /// Whether `oid` is a full hex object id of `len` characters.
@@ -83,7 +89,6 @@ pub async fn oid_len(git: &Git, repo: &Path) -> Result<usize, NodeError> {
     let (out, exit) = git
         .command(["rev-parse", "--show-object-format"])
         .git_dir(repo)
-        .spawn()?
         .output(SMALL)
         .await?;
     exit.check()?;
@@ -99,15 +104,24 @@ pub async fn resolve(git: &Git, repo: &Path, rev: &str) -> Result<Option<String>
         .command(["rev-parse", "--verify", "--quiet"])
         .arg(format!("{rev}^{{object}}"))
         .git_dir(repo)
-        .spawn()?
         .output(SMALL)
         .await?;
-    match exit.code() {
-        Some(0) => Ok(Some(String::from_utf8_lossy(&out).trim().to_owned())),
-        // --verify --quiet: 1 means "no such object"
-        Some(1) => Ok(None),
-        _ => Err(exit.into_error().into()),
-    }
+    // --verify --quiet: 1 means "no such object".
+    Ok(exit
+        .answer()?
+        .then(|| String::from_utf8_lossy(&out).trim().to_owned()))
+}
+
+/// The current value of the ref `name`, or `None` if it does not exist. git walks
+/// only that ref's part of the namespace (`name` is its pattern: itself and anything
+/// below it), so the cost does not grow with the repository's other refs.
+pub async fn current_value(
+    git: &Git,
+    repo: &Path,
+    name: &str,
+) -> Result<Option<String>, NodeError> {
+    let names = HashSet::from([name.to_owned()]);
+    Ok(scan(git, repo, Some(name), &names).await?.remove(name))
 }
 
 /// The current values of the refs in `names` that exist. Streams `for-each-ref`, so
@@ -117,15 +131,28 @@ pub async fn current_values(
     repo: &Path,
     names: &HashSet<String>,
 ) -> Result<HashMap<String, String>, NodeError> {
-    let mut found = HashMap::new();
     if names.is_empty() {
-        return Ok(found);
+        return Ok(HashMap::new());
     }
     // One pass over every ref rather than one git run per name, and no argv limit.
-    let mut run = git
+    scan(git, repo, None, names).await
+}
+
+/// Streams `for-each-ref` (below `pattern`, if given) and keeps the refs in `names`.
+async fn scan(
+    git: &Git,
+    repo: &Path,
+    pattern: Option<&str>,
+    names: &HashSet<String>,
+) -> Result<HashMap<String, String>, NodeError> {
+    let mut found = HashMap::new();
+    let mut cmd = git
         .command(["for-each-ref", "--format=%(objectname) %(refname)"])
-        .git_dir(repo)
-        .spawn()?;
+        .git_dir(repo);
+    if let Some(p) = pattern {
+        cmd = cmd.arg(p);
+    }
+    let mut run = cmd.spawn()?;
     let mut partial = Vec::new();
     while let Some(chunk) = run.chunk().await {
         partial.extend_from_slice(&chunk?);
@@ -189,6 +216,45 @@ pub fn path_revision_or_pseudo(raw: &[u8]) -> Result<&str, NodeError> {
 mod tests {
     use super::*;
 
+    /// What `git check-ref-format` (2.47) answers for each name.
+    #[test]
+    fn ref_names_follow_check_ref_format() {
+        let git_says = [
+            ("refs/heads/a.lock/b", false),
+            ("refs/heads/a.lock", false),
+            ("refs/heads/-x", true),
+            ("refs/heads/a..b", false),
+            ("refs/heads/.a", false),
+            ("refs/heads/a/.b", false),
+            ("refs/heads/a.", false),
+            ("refs/heads/a@{b", false),
+            ("refs/heads/@", true),
+            ("refs/heads/a b", false),
+            ("refs/heads/a\\b", false),
+            ("refs/heads/a*", false),
+            ("refs/heads/a//b", false),
+            ("refs/heads/a/", false),
+            ("refs/heads/\u{e9}", true),
+            ("refs/heads/a~1", false),
+            ("refs/heads/a^", false),
+            ("refs/heads/a:b", false),
+            ("refs/heads/a?", false),
+            ("refs/heads/a[", false),
+            ("refs/heads/a\x7f", false),
+            ("refs/heads/@a", true),
+            ("refs/heads/a@", true),
+            ("refs/heads/.lock", false),
+            ("refs/heads/a.lock.b", true),
+            ("refs/x", true),
+            ("refs/heads/a/b.lock/c", false),
+            ("refs/heads/HEAD", true),
+            ("refs/heads/a..lock", false),
+        ];
+        for (name, valid) in git_says {
+            assert_eq!(valid_ref_name(name), valid, "{name:?}");
+        }
+    }
+
     #[test]
     fn names_and_revisions() {
         assert!(valid_ref_name("refs/heads/main"));
@@ -202,10 +268,30 @@ mod tests {
         ] {
             assert!(!valid_ref_name(bad), "{bad}");
         }
-        assert!(revision("r", b"main~1").is_ok());
-        for bad in [&b""[..], b"--all", b"a b", b"a\nb", b"\xff"] {
+        for good in [
+            &b"main~1"[..],
+            b"refs/heads/a^{commit}",
+            b"HEAD@{1}",
+            b"a\x01b",
+        ] {
+            assert!(revision("r", good).is_ok(), "{good:?}");
+        }
+        for bad in [
+            &b""[..],
+            b"--all",
+            b"a b",
+            b"a\nb",
+            b"a\tb",
+            b"a\rb",
+            b"a\0b",
+            b"main:README",
+            b"a\\b",
+            b"\xff",
+        ] {
             assert!(revision("r", bad).is_err(), "{bad:?}");
         }
+        let e = revision("start_point", b"-x").unwrap_err().to_string();
+        assert_eq!(e, r#"start_point "-x" can't start with '-'"#);
         assert!(is_oid(&"a".repeat(40), 40));
         assert!(!is_oid(&"g".repeat(40), 40));
         assert!(is_zero(&"0".repeat(40)));

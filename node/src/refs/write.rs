@@ -10,9 +10,9 @@ use refvote_proto::gitaly::{
 };
 use tonic::{Code, Status};
 
-use super::detail;
 use super::names::{self, is_oid, is_zero};
-use super::update::{self, RefUpdate, UpdateFailure};
+use super::update::{self, FailureKind, RefUpdate};
+use crate::detail;
 use crate::error::NodeError;
 use crate::git::Git;
 use crate::tx::WriteContext;
@@ -24,25 +24,25 @@ pub struct Requested {
     pub new: Vec<u8>,
 }
 
+/// The names among `refs` that are no fully qualified ref name git would accept, and
+/// how a message shows them.
+fn invalid_refs<'a>(refs: impl Iterator<Item = &'a [u8]>) -> (Vec<Vec<u8>>, Vec<String>) {
+    refs.filter(|n| !std::str::from_utf8(n).is_ok_and(names::valid_ref_name))
+        .map(|n| (n.to_vec(), String::from_utf8_lossy(n).into_owned()))
+        .unzip()
+}
+
 /// Checks UpdateReferences' input before anything runs: ref names, object ids, no ref
 /// twice, no symref. Invalid names carry an `InvalidRefFormatError` detail.
 pub fn validate_updates(updates: &[Requested], oid_len: usize) -> Result<(), Status> {
-    let invalid: Vec<Vec<u8>> = updates
-        .iter()
-        .filter(|u| names::ref_name("reference", &u.name).is_err())
-        .map(|u| u.name.clone())
-        .collect();
+    let (invalid, shown) = invalid_refs(updates.iter().map(|u| u.name.as_slice()));
     if !invalid.is_empty() {
-        let shown: Vec<String> = invalid
-            .iter()
-            .map(|r| String::from_utf8_lossy(r).into_owned())
-            .collect();
-        return Err(detail::status(
+        return Err(detail::status_with_detail(
             Code::InvalidArgument,
             format!(
                 "invalid references {shown:?}: fully qualified ref names are needed, e.g. refs/heads/main (HEAD and symrefs cannot be changed here)"
             ),
-            "UpdateReferencesError",
+            "gitaly.UpdateReferencesError",
             &UpdateReferencesError {
                 error: Some(update_references_error::Error::InvalidFormat(
                     InvalidRefFormatError { refs: invalid },
@@ -115,12 +115,12 @@ pub async fn resolve_updates(
 }
 
 fn mismatch(name: &str, expected: &str, actual: &str) -> Status {
-    detail::status(
+    detail::status_with_detail(
         Code::Aborted,
         format!(
             "reference does not point to expected object: {name} is at {actual}, expected {expected}; read it again and retry"
         ),
-        "UpdateReferencesError",
+        "gitaly.UpdateReferencesError",
         &UpdateReferencesError {
             error: Some(update_references_error::Error::ReferenceStateMismatch(
                 ReferenceStateMismatchError {
@@ -142,33 +142,32 @@ pub async fn apply_updates(
 ) -> Result<(), Status> {
     update::apply(git, repo, ctx, updates)
         .await
-        .map_err(|f| match f {
-            UpdateFailure::Locked(r) => detail::status(
+        .map_err(|f| match &f.kind {
+            FailureKind::Locked(r) => detail::status_with_detail(
                 Code::Aborted,
-                format!("{}; retry later", UpdateFailure::Locked(r.clone())),
-                "UpdateReferencesError",
+                format!("{f}; retry later"),
+                "gitaly.UpdateReferencesError",
                 &UpdateReferencesError {
                     error: Some(update_references_error::Error::ReferencesLocked(
                         ReferencesLockedError {
-                            refs: vec![r.into_bytes()],
+                            refs: vec![r.clone().into_bytes()],
                         },
                     )),
                 },
             ),
-            UpdateFailure::Mismatch(r) => {
+            FailureKind::Mismatch(r) => {
                 let expected = updates
                     .iter()
-                    .find(|u| u.name == r)
+                    .find(|u| u.name == *r)
                     .map(|u| u.old.clone())
                     .unwrap_or_default();
-                mismatch(&r, &expected, "a newer value")
+                mismatch(r, &expected, "a newer value")
             }
-            UpdateFailure::MissingObject(r) => Status::invalid_argument(format!(
-                "{}: push the object first",
-                UpdateFailure::MissingObject(r)
-            )),
-            f @ UpdateFailure::Refused(_) => Status::aborted(f.to_string()),
-            UpdateFailure::Git(e) => NodeError::from(e).into(),
+            FailureKind::MissingObject(_) => {
+                Status::invalid_argument(format!("{f}: push the object first"))
+            }
+            FailureKind::Refused(_) => Status::aborted(f.to_string()),
+            FailureKind::Unlockable(_) | FailureKind::Other => NodeError::from(f.git).into(),
         })
 }
 
@@ -189,22 +188,14 @@ pub fn validate_deletions(refs: &[Vec<u8>], except_with_prefix: &[Vec<u8>]) -> R
         }
         _ => {}
     }
-    let invalid: Vec<Vec<u8>> = refs
-        .iter()
-        .filter(|r| names::ref_name("ref", r).is_err())
-        .cloned()
-        .collect();
+    let (invalid, shown) = invalid_refs(refs.iter().map(Vec::as_slice));
     if !invalid.is_empty() {
-        let shown: Vec<String> = invalid
-            .iter()
-            .map(|r| String::from_utf8_lossy(r).into_owned())
-            .collect();
-        return Err(detail::status(
+        return Err(detail::status_with_detail(
             Code::InvalidArgument,
             format!(
                 "invalid references {shown:?}: fully qualified ref names are needed, e.g. refs/heads/old"
             ),
-            "DeleteRefsError",
+            "gitaly.DeleteRefsError",
             &DeleteRefsError {
                 error: Some(delete_refs_error::Error::InvalidFormat(
                     InvalidRefFormatError { refs: invalid },
@@ -281,23 +272,23 @@ pub async fn apply_deletions(
 ) -> Result<(), Status> {
     update::apply(git, repo, ctx, deletions)
         .await
-        .map_err(|f| match f {
-            UpdateFailure::Locked(r) => detail::status(
+        .map_err(|f| match &f.kind {
+            FailureKind::Locked(r) => detail::status_with_detail(
                 Code::FailedPrecondition,
                 format!("cannot lock references: {r} is locked by another writer; retry later"),
-                "DeleteRefsError",
+                "gitaly.DeleteRefsError",
                 &DeleteRefsError {
                     error: Some(delete_refs_error::Error::ReferencesLocked(
                         ReferencesLockedError {
-                            refs: vec![r.into_bytes()],
+                            refs: vec![r.clone().into_bytes()],
                         },
                     )),
                 },
             ),
-            f @ (UpdateFailure::Mismatch(_) | UpdateFailure::Refused(_)) => {
+            FailureKind::Mismatch(_) | FailureKind::Refused(_) => {
                 Status::aborted(format!("{f}; retry"))
             }
-            f @ UpdateFailure::MissingObject(_) => Status::internal(f.to_string()),
-            UpdateFailure::Git(e) => NodeError::from(e).into(),
+            FailureKind::MissingObject(_) => Status::internal(f.to_string()),
+            FailureKind::Unlockable(_) | FailureKind::Other => NodeError::from(f.git).into(),
         })
 }

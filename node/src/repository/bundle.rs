@@ -19,7 +19,6 @@ pub async fn ensure_not_empty(git: &Git, repo: &Path) -> Result<(), NodeError> {
     let (out, exit) = git
         .command(["for-each-ref", "--count=1", "--format=%(refname)"])
         .git_dir(repo)
-        .spawn()?
         .output(4096)
         .await?;
     exit.check()?;
@@ -82,7 +81,6 @@ pub async fn heads(git: &Git, bundle: &Path) -> Result<Vec<(String, String)>, No
     let (out, exit) = git
         .command(["bundle", "list-heads"])
         .arg(bundle)
-        .spawn()?
         .output(64 << 20)
         .await?;
     if !exit.success() {
@@ -139,8 +137,7 @@ pub async fn fetch(
     }
     cmd.arg(bundle)
         .arg("+refs/*:refs/*")
-        .spawn()?
-        .wait()
+        .status()
         .await?
         .check()?;
     Ok(())

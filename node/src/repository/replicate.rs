@@ -292,7 +292,6 @@ async fn delete_all_refs(git: &Git, repo: &Path) -> Result<(), NodeError> {
     let (out, exit) = git
         .command(["for-each-ref", "--format=%(objectname) %(refname)"])
         .git_dir(repo)
-        .spawn()?
         .output(256 << 20)
         .await?;
     exit.check()?;
@@ -329,7 +328,6 @@ pub async fn set_head_with(
     let (out, _) = git
         .command(["symbolic-ref", "--quiet", "HEAD"])
         .git_dir(repo)
-        .spawn()?
         .output(4096)
         .await?;
     if String::from_utf8_lossy(&out).trim() == head {
@@ -339,8 +337,7 @@ pub async fn set_head_with(
         .arg(head)
         .git_dir(repo)
         .write_in(ctx)
-        .spawn()?
-        .wait()
+        .status()
         .await?
         .check()?;
     Ok(())

@@ -10,7 +10,7 @@ use tokio::sync::watch;
 use tonic::Status;
 use tonic::codec::Streaming;
 
-use super::{BoxError, ResponseBody};
+use super::respond::{BoxError, ResponseBody};
 
 /// The HTTP response body from a gRPC answer: waits for the first message (or the
 /// status) before anything is sent, so an error before any data is still an HTTP

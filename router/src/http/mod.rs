@@ -44,24 +44,18 @@ mod upload_pack;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use bytes::Bytes;
-use http_body_util::combinators::UnsyncBoxBody;
 use refvote_proto::gitaly::Repository;
 use tokio::sync::{Mutex, watch};
-use tonic::codegen::http;
 
 use crate::forward::Forwarder;
 use body::BodyReader;
+use respond::Response;
 use route::Route;
 
 pub use listener::HttpServer;
 
 /// The virtual storage plain git clients address (DESIGN.md §7).
 pub const VIRTUAL_STORAGE: &str = "default";
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
-type ResponseBody = UnsyncBoxBody<Bytes, BoxError>;
-type Response = http::Response<ResponseBody>;
 
 /// What one request carries into the gRPC call.
 struct Request {

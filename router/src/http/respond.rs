@@ -1,14 +1,20 @@
-//! HTTP answers other than git's own: refusals as `text/plain` (git prints them as
-//! `remote: …`) with the status a gRPC code maps to, and git's content types.
+//! HTTP answers: the response type every handler returns, refusals as `text/plain`
+//! (git prints them as `remote: …`) with the status a gRPC code maps to, and git's
+//! content types.
 
 use std::convert::Infallible;
 
 use bytes::Bytes;
+use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
 use tonic::codegen::http::{self, HeaderValue, StatusCode, header};
 use tonic::{Code, Status};
 
-use super::{Response, ResponseBody};
+/// What every HTTP answer here is: a boxed body, so git's streamed answers and the
+/// refusals share one type.
+pub(super) type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub(super) type ResponseBody = UnsyncBoxBody<Bytes, BoxError>;
+pub(super) type Response = http::Response<ResponseBody>;
 
 /// A refusal before or instead of a gRPC answer.
 #[derive(Debug)]

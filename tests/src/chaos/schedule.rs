@@ -9,8 +9,9 @@ use std::time::Duration;
 
 use refvote_cluster::faults;
 
+use super::cluster::ChaosCluster;
 use super::history::{FaultEvent, History};
-use super::{ChaosCluster, Rng};
+use super::rng::Rng;
 use crate::faultnet::LinkState;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -161,7 +162,7 @@ pub async fn run(
 
 /// Whether every replica of the workload's repository is up to date on a live node.
 async fn all_up_to_date(cluster: &ChaosCluster) -> bool {
-    let Ok(repo) = refvote_cluster::RepoId::new("default", super::REPO) else {
+    let Ok(repo) = refvote_cluster::RepoId::new("default", super::workload::REPO) else {
         return false;
     };
     match cluster.store.repo_view(&repo).await {

@@ -17,13 +17,25 @@ use std::time::{Duration, Instant};
 use refvote_proto::gitaly::operation_service_client::OperationServiceClient;
 use refvote_proto::gitaly::ref_service_client::RefServiceClient;
 use refvote_proto::gitaly::{
-    FindBranchRequest, User, UserCreateBranchRequest, UserDeleteBranchRequest,
+    FindBranchRequest, Repository, User, UserCreateBranchRequest, UserDeleteBranchRequest,
 };
 use tonic::transport::Channel;
 
 use super::history::{History, Op, OpKind, Outcome};
-use super::{Rng, repository};
+use super::rng::Rng;
 use crate::git::WorkRepo;
+
+/// The relative path every workload client uses.
+pub const REPO: &str = "chaos/project.git";
+
+/// The workload's repository as clients name it.
+pub fn repository() -> Repository {
+    Repository {
+        storage_name: "default".into(),
+        relative_path: REPO.into(),
+        ..Default::default()
+    }
+}
 
 /// The branch writers race on.
 pub const RACE: &str = "race";
