@@ -33,6 +33,7 @@ mod blob;
 mod catfile;
 mod commit;
 pub mod detail;
+mod diff;
 pub mod error;
 pub mod git;
 mod operations;
@@ -127,6 +128,9 @@ fn routes(
         ))
         .add_service(gitaly::blob_service_server::BlobServiceServer::new(
             blob::BlobSvc::new(state.clone()),
+        ))
+        .add_service(gitaly::diff_service_server::DiffServiceServer::new(
+            diff::DiffSvc::new(state.clone()),
         ))
         .add_service(
             gitaly::operation_service_server::OperationServiceServer::new(
