@@ -11,12 +11,13 @@ use std::sync::Arc;
 use base64::Engine;
 use refvote_proto::gitaly::commit_service_server::CommitService;
 use refvote_proto::gitaly::{
-    CommitIsAncestorRequest, CommitIsAncestorResponse, CountCommitsRequest, CountCommitsResponse,
-    FindCommitRequest, FindCommitResponse, GetTreeEntriesError, GetTreeEntriesRequest,
-    GetTreeEntriesResponse, GitCommit, ListCommitsRequest, ListCommitsResponse, PaginationCursor,
-    PathError, ResolveRevisionError, TreeEntry, TreeEntryRequest, TreeEntryResponse,
-    get_tree_entries_error, get_tree_entries_request, list_commits_request, path_error, tree_entry,
-    tree_entry_response,
+    CommitIsAncestorRequest, CommitIsAncestorResponse, CommitLanguagesRequest,
+    CommitLanguagesResponse, CountCommitsRequest, CountCommitsResponse, FindCommitRequest,
+    FindCommitResponse, GetTreeEntriesError, GetTreeEntriesRequest, GetTreeEntriesResponse,
+    GitCommit, ListCommitsRequest, ListCommitsResponse, PaginationCursor, PathError,
+    RawBlameRequest, RawBlameResponse, ResolveRevisionError, TreeEntry, TreeEntryRequest,
+    TreeEntryResponse, get_tree_entries_error, get_tree_entries_request, list_commits_request,
+    path_error, tree_entry, tree_entry_response,
 };
 use tokio::sync::mpsc;
 use tonic::codegen::BoxStream;
@@ -543,6 +544,22 @@ impl CommitService for CommitSvc {
             0
         };
         Ok(Response::new(CountCommitsResponse { count }))
+    }
+
+    #[tracing::instrument(skip_all, fields(node = %self.node.name))]
+    async fn raw_blame(
+        &self,
+        request: Request<RawBlameRequest>,
+    ) -> Result<Response<BoxStream<RawBlameResponse>>, Status> {
+        crate::blame::raw_blame(&self.node, request.into_inner()).await
+    }
+
+    #[tracing::instrument(skip_all, fields(node = %self.node.name))]
+    async fn commit_languages(
+        &self,
+        request: Request<CommitLanguagesRequest>,
+    ) -> Result<Response<CommitLanguagesResponse>, Status> {
+        crate::languages::commit_languages(&self.node, request).await
     }
 }
 

@@ -29,6 +29,8 @@
 //! install the hook; votingd does, and builds [`NodeState`] from its config.
 #![forbid(unsafe_code)]
 
+mod attributes;
+mod blame;
 mod blob;
 mod catfile;
 mod commit;
@@ -36,6 +38,8 @@ pub mod detail;
 mod diff;
 pub mod error;
 pub mod git;
+mod languages;
+mod linguist;
 mod operations;
 pub mod pktline;
 mod push;
