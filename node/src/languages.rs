@@ -161,7 +161,7 @@ async fn count_file(
     let Some(_) = cat.header(oid).await? else {
         return Ok(None);
     };
-    let content = cat.read(SNIFF).await?;
+    let content = crate::analysis::read_prefix(cat, SNIFF).await?;
     let generated =
         flag("linguist-generated").unwrap_or_else(|| linguist::is_generated(path, &content));
     if generated {

@@ -21,11 +21,14 @@ use refvote_proto::gitaly::repository_service_server::RepositoryService;
 use refvote_proto::gitaly::{
     CalculateChecksumRequest, CalculateChecksumResponse, CreateBundleRequest, CreateBundleResponse,
     CreateRepositoryFromBundleRequest, CreateRepositoryFromBundleResponse, CreateRepositoryRequest,
-    CreateRepositoryResponse, FindMergeBaseRequest, FindMergeBaseResponse, ObjectFormat,
+    CreateRepositoryResponse, FindLicenseRequest, FindLicenseResponse, FindMergeBaseRequest,
+    FindMergeBaseResponse, GetArchiveRequest, GetArchiveResponse, GetFileAttributesRequest,
+    GetFileAttributesResponse, GetSnapshotRequest, GetSnapshotResponse, ObjectFormat,
     RemoveRepositoryRequest, RemoveRepositoryResponse, ReplicateRepositoryRequest,
     ReplicateRepositoryResponse, RepositoryExistsRequest, RepositoryExistsResponse,
     RepositoryInfoRequest, RepositoryInfoResponse, RepositorySizeRequest, RepositorySizeResponse,
-    WriteRefRequest, WriteRefResponse,
+    SearchFilesByContentRequest, SearchFilesByContentResponse, SearchFilesByNameRequest,
+    SearchFilesByNameResponse, WriteRefRequest, WriteRefResponse,
 };
 use tonic::codegen::BoxStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -377,6 +380,54 @@ impl RepositoryService for RepositorySvc {
         result?;
         tracing::info!("repository replicated");
         Ok(Response::new(ReplicateRepositoryResponse {}))
+    }
+
+    #[tracing::instrument(skip_all, fields(node = %self.node.name))]
+    async fn get_archive(
+        &self,
+        request: Request<GetArchiveRequest>,
+    ) -> Result<Response<BoxStream<GetArchiveResponse>>, Status> {
+        crate::archive::get_archive(&self.node, request.into_inner()).await
+    }
+
+    #[tracing::instrument(skip_all, fields(node = %self.node.name))]
+    async fn get_snapshot(
+        &self,
+        request: Request<GetSnapshotRequest>,
+    ) -> Result<Response<BoxStream<GetSnapshotResponse>>, Status> {
+        crate::snapshot::get_snapshot(&self.node, request.into_inner()).await
+    }
+
+    #[tracing::instrument(skip_all, fields(node = %self.node.name))]
+    async fn find_license(
+        &self,
+        request: Request<FindLicenseRequest>,
+    ) -> Result<Response<FindLicenseResponse>, Status> {
+        crate::license::find_license(&self.node, request.into_inner()).await
+    }
+
+    #[tracing::instrument(skip_all, fields(node = %self.node.name))]
+    async fn get_file_attributes(
+        &self,
+        request: Request<GetFileAttributesRequest>,
+    ) -> Result<Response<GetFileAttributesResponse>, Status> {
+        crate::attributes::get_file_attributes(&self.node, request.into_inner()).await
+    }
+
+    #[tracing::instrument(skip_all, fields(node = %self.node.name))]
+    async fn search_files_by_name(
+        &self,
+        request: Request<SearchFilesByNameRequest>,
+    ) -> Result<Response<BoxStream<SearchFilesByNameResponse>>, Status> {
+        crate::search::by_name(&self.node, request.into_inner()).await
+    }
+
+    #[tracing::instrument(skip_all, fields(node = %self.node.name))]
+    async fn search_files_by_content(
+        &self,
+        request: Request<SearchFilesByContentRequest>,
+    ) -> Result<Response<BoxStream<SearchFilesByContentResponse>>, Status> {
+        crate::search::by_content(&self.node, request.into_inner()).await
     }
 }
 

@@ -22,9 +22,9 @@ use super::{DiffRun, MSG_SIZE, send_all};
 use crate::catfile::{self, CatFile};
 use crate::commit::stream_from;
 use crate::error::NodeError;
-use crate::git::Command;
+use crate::quarantine::Quarantine;
 use crate::state::NodeState;
-use crate::storage::{RepoPath, Storages, TempDir};
+use crate::storage::RepoPath;
 
 const EMPTY_BLOB_SHA1: &str = "e69de29bb2d1d6434b8b29ae775ad8c2e48c5391";
 const EMPTY_BLOB_SHA256: &str = "473a0f4c3be8a93681a267e3b1e9a7dcda1185436fe141f7749120a303721813";
@@ -245,41 +245,28 @@ fn is_sha256(repo: &RepoPath) -> bool {
     })
 }
 
-/// A private object directory holding the empty blob, with the repository's objects
-/// as its alternate: git sees both, the repository gets nothing.
-async fn empty_blob_quarantine(node: &NodeState, repo: &RepoPath) -> Result<TempDir, NodeError> {
-    let dir = Storages::tmp_dir(&repo.root).join(format!("diff-blobs-{}", uuid::Uuid::new_v4()));
-    std::fs::create_dir_all(&dir)
-        .map_err(|e| NodeError::io(format!("creating {}", dir.display()), e))?;
-    let dir = TempDir(dir);
-    let exit = quarantined(
-        node.git
-            .command(["hash-object", "-w", "--stdin"])
-            .git_dir(&repo.path)
-            .stdin(Box::pin(tokio_stream::empty())),
-        &dir,
-        repo,
-    )
-    .spawn()?
-    .wait()
-    .await?;
-    exit.check()?;
-    Ok(dir)
-}
-
-fn quarantined(cmd: Command, dir: &TempDir, repo: &RepoPath) -> Command {
-    cmd.env("GIT_OBJECT_DIRECTORY", dir.0.display().to_string())
-        .env(
-            "GIT_ALTERNATE_OBJECT_DIRECTORIES",
-            repo.path.join("objects").display().to_string(),
+/// A quarantine holding the empty blob: git sees it, the repository gets nothing.
+async fn empty_blob_quarantine(node: &NodeState, repo: &RepoPath) -> Result<Quarantine, NodeError> {
+    let q = Quarantine::new(repo, "diff-blobs")?;
+    let exit = q
+        .apply(
+            node.git
+                .command(["hash-object", "-w", "--stdin"])
+                .git_dir(&repo.path)
+                .stdin(Box::pin(tokio_stream::empty())),
         )
+        .spawn()?
+        .wait()
+        .await?;
+    exit.check()?;
+    Ok(q)
 }
 
 #[allow(clippy::too_many_arguments)]
 async fn diff_pair(
     node: &NodeState,
     repo: &RepoPath,
-    quarantine: Option<&TempDir>,
+    quarantine: Option<&Quarantine>,
     pair: &Pair,
     empty: &str,
     zero: &str,
@@ -331,7 +318,7 @@ async fn diff_pair(
     }
     cmd = cmd.arg("--end-of-options").arg(left).arg(right);
     if let Some(q) = quarantine {
-        cmd = quarantined(cmd, q, repo);
+        cmd = q.apply(cmd);
     }
     let cmd = super::with_config(cmd, super::DIFF_CONFIG);
     // Blob pairs follow Gitaly's diff parser (limit capped, `>=`); raw entries its
