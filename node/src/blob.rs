@@ -1,5 +1,6 @@
 //! BlobService: blobs by id (GetBlob), by revision and path (GetBlobs), reached by
-//! revision walks (ListBlobs), and LFS pointers (GetLFSPointers, ListAllLFSPointers).
+//! revision walks (ListBlobs) or all in the object database (ListAllBlobs), and LFS
+//! pointers (GetLFSPointers, ListLFSPointers, ListAllLFSPointers).
 //! Contents stream from the read engine in 128 KiB pieces, never held whole; walks
 //! are git's (`rev-list --objects`, `cat-file --batch-all-objects`).
 //!
@@ -12,8 +13,9 @@ use refvote_proto::gitaly::blob_service_server::BlobService;
 use refvote_proto::gitaly::list_blobs_response::Blob;
 use refvote_proto::gitaly::{
     GetBlobRequest, GetBlobResponse, GetBlobsRequest, GetBlobsResponse, GetLfsPointersRequest,
-    GetLfsPointersResponse, LfsPointer, ListAllLfsPointersRequest, ListAllLfsPointersResponse,
-    ListBlobsRequest, ListBlobsResponse, ObjectType,
+    GetLfsPointersResponse, LfsPointer, ListAllBlobsRequest, ListAllBlobsResponse,
+    ListAllLfsPointersRequest, ListAllLfsPointersResponse, ListBlobsRequest, ListBlobsResponse,
+    ListLfsPointersRequest, ListLfsPointersResponse, ObjectType, list_all_blobs_response,
 };
 use tonic::codegen::BoxStream;
 use tonic::{Request, Response, Status};
@@ -132,8 +134,83 @@ impl BlobService for BlobSvc {
             .spawn()
             .map_err(NodeError::from)?;
         let reader = self.node.reads.reader(&repo).await?;
+        let listing = Listing {
+            limit: req.limit,
+            bytes_limit: req.bytes_limit,
+            with_paths: req.with_paths,
+        };
         Ok(Response::new(stream_from(move |tx| async move {
-            list_blobs(reader, Records::new(run, b'\n'), req, &tx).await
+            let out = Batches::new(tx, |blobs| ListBlobsResponse { blobs });
+            let make = |oid, size, data, path| Blob {
+                oid,
+                size,
+                data,
+                path,
+            };
+            list_blobs(reader, Records::new(run, b'\n'), listing, out, make).await
+        })))
+    }
+
+    /// Every blob of the object database (loose, packed, alternates'), unordered, as
+    /// ListBlobs sends them.
+    #[tracing::instrument(skip_all, fields(node = %self.node.name))]
+    async fn list_all_blobs(
+        &self,
+        request: Request<ListAllBlobsRequest>,
+    ) -> Stream<ListAllBlobsResponse> {
+        let req = request.into_inner();
+        let repo = self.node.storages.existing(req.repository.as_ref())?;
+        let run = all_blobs(&self.node, &repo)?;
+        let reader = self.node.reads.reader(&repo).await?;
+        let listing = Listing {
+            limit: req.limit,
+            bytes_limit: req.bytes_limit,
+            with_paths: false,
+        };
+        Ok(Response::new(stream_from(move |tx| async move {
+            let out = Batches::new(tx, |blobs| ListAllBlobsResponse { blobs });
+            let make = |oid, size, data, _path| list_all_blobs_response::Blob { oid, size, data };
+            list_blobs(reader, Records::new(run, b'\n'), listing, out, make).await
+        })))
+    }
+
+    /// The LFS pointers among the blobs a walk of `revisions` reaches.
+    #[tracing::instrument(skip_all, fields(node = %self.node.name))]
+    async fn list_lfs_pointers(
+        &self,
+        request: Request<ListLfsPointersRequest>,
+    ) -> Stream<ListLfsPointersResponse> {
+        let req = request.into_inner();
+        let repo = self.node.storages.existing(req.repository.as_ref())?;
+        if req.revisions.is_empty() {
+            return Err(Status::invalid_argument("missing revisions"));
+        }
+        for r in &req.revisions {
+            names::revision_or_pseudo(r.as_bytes())
+                .map_err(|e| Status::invalid_argument(format!("invalid revision: {e}")))?;
+        }
+        let input = req.revisions.join("\n").into_bytes();
+        let run = self
+            .node
+            .git
+            .command([
+                "rev-list",
+                "--stdin",
+                "--in-commit-order",
+                "--objects",
+                "--no-object-names",
+                "--filter=blob:limit=201",
+                "--filter-provided-objects",
+            ])
+            .git_dir(&repo.path)
+            .stdin(Box::pin(tokio_stream::once(Ok(input))))
+            .spawn()
+            .map_err(NodeError::from)?;
+        let reader = self.node.reads.reader(&repo).await?;
+        Ok(Response::new(stream_from(move |tx| async move {
+            let out = Batches::new(tx, |lfs_pointers| ListLfsPointersResponse { lfs_pointers });
+            let limit = usize::try_from(req.limit).ok().filter(|l| *l > 0);
+            lfs_pointers_of(reader, Records::new(run, b'\n'), limit, out).await
         })))
     }
 
@@ -177,65 +254,97 @@ impl BlobService for BlobSvc {
     ) -> Stream<ListAllLfsPointersResponse> {
         let req = request.into_inner();
         let repo = self.node.storages.existing(req.repository.as_ref())?;
-        let run = self
-            .node
-            .git
-            .command([
-                "cat-file",
-                "--batch-all-objects",
-                "--batch-check=%(objectname) %(objecttype) %(objectsize)",
-                "--buffer",
-                "--unordered",
-                "--filter=object:type=blob",
-            ])
-            .git_dir(&repo.path)
-            .spawn()
-            .map_err(NodeError::from)?;
-        let mut reader = self.node.reads.reader(&repo).await?;
+        let run = all_blobs(&self.node, &repo)?;
+        let reader = self.node.reads.reader(&repo).await?;
         Ok(Response::new(stream_from(move |tx| async move {
-            let mut records = Records::new(run, b'\n');
-            let mut out = Batches::new(tx, |lfs_pointers| ListAllLfsPointersResponse {
+            let out = Batches::new(tx, |lfs_pointers| ListAllLfsPointersResponse {
                 lfs_pointers,
             });
-            let limit = if req.limit > 0 {
-                req.limit as usize
-            } else {
-                usize::MAX
-            };
-            let mut sent = 0usize;
-            let mut small = Vec::new();
-            loop {
-                let line = records.next().await?;
-                if let Some(line) = &line {
-                    let text = String::from_utf8_lossy(line);
-                    let mut f = text.split(' ');
-                    if let (Some(oid), Some("blob"), Some(size)) = (f.next(), f.next(), f.next())
-                        && size.parse::<u64>().is_ok_and(|s| s <= LFS_POINTER_MAX)
-                    {
-                        small.push(oid.to_owned());
-                    }
-                }
-                if small.len() == WINDOW || (line.is_none() && !small.is_empty()) {
-                    let batch = std::mem::take(&mut small);
-                    let found = pointers(&mut reader, &batch).await?;
-                    for p in found {
-                        if sent >= limit {
-                            break;
-                        }
-                        sent += 1;
-                        if out.push(p).await.is_err() {
-                            return Ok(());
-                        }
-                    }
-                }
-                if line.is_none() || sent >= limit {
-                    break;
-                }
-            }
-            let _ = out.finish().await;
-            Ok(())
+            let limit = usize::try_from(req.limit).ok().filter(|l| *l > 0);
+            lfs_pointers_of(reader, Records::new(run, b'\n'), limit, out).await
         })))
     }
+}
+
+/// `git cat-file --batch-all-objects` listing every blob as `<oid> blob <size>`.
+fn all_blobs(node: &NodeState, repo: &crate::storage::RepoPath) -> Result<crate::git::Run, Status> {
+    Ok(node
+        .git
+        .command([
+            "cat-file",
+            "--batch-all-objects",
+            "--batch-check=%(objectname) %(objecttype) %(objectsize)",
+            "--buffer",
+            "--unordered",
+            "--filter=object:type=blob",
+        ])
+        .git_dir(&repo.path)
+        .spawn()
+        .map_err(NodeError::from)?)
+}
+
+/// The LFS pointers among the objects `records` name (each line starts with an object
+/// id; a line of `cat-file --batch-check` says its type and size too), in their order,
+/// at most `limit`. Only small blobs are read.
+async fn lfs_pointers_of<M>(
+    mut reader: Reader,
+    mut records: Records,
+    limit: Option<usize>,
+    mut out: Batches<LfsPointer, M>,
+) -> Result<(), Status> {
+    let limit = limit.unwrap_or(usize::MAX);
+    let mut sent = 0usize;
+    let mut small = Vec::new();
+    loop {
+        let line = records.next().await?;
+        if let Some(line) = &line {
+            let text = String::from_utf8_lossy(line);
+            let mut f = text.split(' ');
+            match (f.next(), f.next(), f.next()) {
+                (Some(oid), Some("blob"), Some(size))
+                    if size.parse::<u64>().is_ok_and(|s| s <= LFS_POINTER_MAX) =>
+                {
+                    small.push(oid.to_owned())
+                }
+                // A rev-list line: only an id; its size is checked when read.
+                (Some(oid), None, None) if !oid.is_empty() => small.push(oid.to_owned()),
+                _ => {}
+            }
+        }
+        if small.len() == WINDOW || (line.is_none() && !small.is_empty()) {
+            let batch = std::mem::take(&mut small);
+            let infos = reader.infos(&batch).await?;
+            let blobs: Vec<String> = infos
+                .into_iter()
+                .flatten()
+                .filter(|i| i.kind == Kind::Blob && i.size <= LFS_POINTER_MAX)
+                .map(|i| i.oid)
+                .collect();
+            for p in pointers(&mut reader, &blobs).await? {
+                if sent >= limit {
+                    break;
+                }
+                sent += 1;
+                if out.push(p).await.is_err() {
+                    return Ok(());
+                }
+            }
+        }
+        if line.is_none() || sent >= limit {
+            break;
+        }
+    }
+    if sent < limit
+        && let Some(exit) = records.exit().filter(|e| !e.success())
+    {
+        return Err(Status::internal(format!(
+            "listing LFS pointers: exit status {}, stderr: {:?}",
+            exit.code().unwrap_or(-1),
+            exit.stderr
+        )));
+    }
+    let _ = out.finish().await;
+    Ok(())
 }
 
 /// The LFS pointers among the small blobs `oids`, in order.
@@ -371,13 +480,25 @@ async fn get_blobs(
     Ok(())
 }
 
-async fn list_blobs(
+/// What a blob listing sends: at most `limit` blobs (0: all), each with at most
+/// `bytes_limit` bytes of its contents (negative: all), with the path it was reached by.
+#[derive(Clone, Copy)]
+struct Listing {
+    limit: u32,
+    bytes_limit: i64,
+    with_paths: bool,
+}
+
+/// Sends the blobs `records` name (`<oid>[ <path>]` per line), as ListBlobs does: a
+/// blob's first message carries its id and size, its contents follow in
+/// [`DATA_CHUNK`] pieces whose id and size are empty.
+async fn list_blobs<B: prost::Message, M>(
     mut reader: Reader,
     mut records: Records,
-    req: ListBlobsRequest,
-    tx: &Tx<ListBlobsResponse>,
+    req: Listing,
+    mut out: Batches<B, M>,
+    make: impl Fn(String, i64, Vec<u8>, Vec<u8>) -> B,
 ) -> Result<(), Status> {
-    let mut out = Batches::new(tx.clone(), |blobs| ListBlobsResponse { blobs });
     let limit = if req.limit > 0 {
         req.limit as usize
     } else {
@@ -401,12 +522,7 @@ async fn list_blobs(
             let Some(info) = reader.info(&oid).await? else {
                 return Err(Status::internal("processing blobs: object not found"));
             };
-            let blob = Blob {
-                oid: info.oid,
-                size: info.size as i64,
-                data: Vec::new(),
-                path,
-            };
+            let blob = make(info.oid, info.size as i64, Vec::new(), path);
             if out.push(blob).await.is_err() {
                 return Ok(());
             }
@@ -428,23 +544,13 @@ async fn list_blobs(
             }
             left -= data.len() as u64;
             let (oid, size) = header.take().unwrap_or_default();
-            let blob = Blob {
-                oid,
-                size,
-                data,
-                path: path.clone(),
-            };
+            let blob = make(oid, size, data, path.clone());
             if out.push(blob).await.is_err() {
                 return Ok(());
             }
         }
         if let Some((oid, size)) = header.take() {
-            let blob = Blob {
-                oid,
-                size,
-                data: Vec::new(),
-                path,
-            };
+            let blob = make(oid, size, Vec::new(), path);
             if out.push(blob).await.is_err() {
                 return Ok(());
             }

@@ -1,7 +1,7 @@
 //! CommitService: commits, trees and history, as Gitaly answers them. The work lives
 //! in submodules: [`lookup`] (commits by name, signatures, messages, ancestry,
 //! stats), [`tree`] (tree entries, listings, files), [`walk`] (history walks and
-//! counts), [`last`] (the last commit of a path) and [`page`] (GetTreeEntries' page
+//! counts), [`last`] (the last commit of a path), [`exist`] (CheckObjectsExist) and [`page`] (GetTreeEntries' page
 //! tokens). Object lookups go through the read engine; walks git does itself.
 //!
 //! Malformed input (an option-like revision, a path climbing out of the tree, a
@@ -9,6 +9,7 @@
 //! object with an empty answer rather than an error (FindCommit, CommitIsAncestor,
 //! CountCommits, LastCommitForPath), so does this.
 
+mod exist;
 mod last;
 mod lookup;
 mod page;
@@ -19,20 +20,22 @@ use std::sync::Arc;
 
 use refvote_proto::gitaly::commit_service_server::CommitService;
 use refvote_proto::gitaly::{
-    CommitIsAncestorRequest, CommitIsAncestorResponse, CommitStatsRequest, CommitStatsResponse,
-    CommitsByMessageRequest, CommitsByMessageResponse, CountCommitsRequest, CountCommitsResponse,
-    CountDivergingCommitsRequest, CountDivergingCommitsResponse, FindCommitRequest,
-    FindCommitResponse, FindCommitsRequest, FindCommitsResponse, GetCommitMessagesRequest,
-    GetCommitMessagesResponse, GetCommitSignaturesRequest, GetCommitSignaturesResponse,
-    GetTreeEntriesRequest, GetTreeEntriesResponse, LastCommitForPathRequest,
-    LastCommitForPathResponse, ListAllCommitsRequest, ListAllCommitsResponse,
-    ListCommitsByOidRequest, ListCommitsByOidResponse, ListCommitsByRefNameRequest,
-    ListCommitsByRefNameResponse, ListCommitsRequest, ListCommitsResponse, ListFilesRequest,
-    ListFilesResponse, ListLastCommitsForTreeRequest, ListLastCommitsForTreeResponse,
-    TreeEntryRequest, TreeEntryResponse,
+    CheckObjectsExistRequest, CheckObjectsExistResponse, CommitIsAncestorRequest,
+    CommitIsAncestorResponse, CommitLanguagesRequest, CommitLanguagesResponse, CommitStatsRequest,
+    CommitStatsResponse, CommitsByMessageRequest, CommitsByMessageResponse, CountCommitsRequest,
+    CountCommitsResponse, CountDivergingCommitsRequest, CountDivergingCommitsResponse,
+    FindCommitRequest, FindCommitResponse, FindCommitsRequest, FindCommitsResponse,
+    GetCommitMessagesRequest, GetCommitMessagesResponse, GetCommitSignaturesRequest,
+    GetCommitSignaturesResponse, GetTreeEntriesRequest, GetTreeEntriesResponse,
+    LastCommitForPathRequest, LastCommitForPathResponse, ListAllCommitsRequest,
+    ListAllCommitsResponse, ListCommitsByOidRequest, ListCommitsByOidResponse,
+    ListCommitsByRefNameRequest, ListCommitsByRefNameResponse, ListCommitsRequest,
+    ListCommitsResponse, ListFilesRequest, ListFilesResponse, ListLastCommitsForTreeRequest,
+    ListLastCommitsForTreeResponse, RawBlameRequest, RawBlameResponse, TreeEntryRequest,
+    TreeEntryResponse,
 };
 use tonic::codegen::BoxStream;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 
 use crate::state::NodeState;
 
@@ -210,5 +213,28 @@ impl CommitService for CommitSvc {
         last::list_last_commits_for_tree(&self.node, request.into_inner())
             .await
             .map(Response::new)
+    }
+
+    #[tracing::instrument(skip_all, fields(node = %self.node.name))]
+    async fn check_objects_exist(
+        &self,
+        request: Request<Streaming<CheckObjectsExistRequest>>,
+    ) -> Stream<CheckObjectsExistResponse> {
+        exist::check_objects_exist(&self.node, request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    #[tracing::instrument(skip_all, fields(node = %self.node.name))]
+    async fn raw_blame(&self, request: Request<RawBlameRequest>) -> Stream<RawBlameResponse> {
+        crate::blame::raw_blame(&self.node, request.into_inner()).await
+    }
+
+    #[tracing::instrument(skip_all, fields(node = %self.node.name))]
+    async fn commit_languages(
+        &self,
+        request: Request<CommitLanguagesRequest>,
+    ) -> Result<Response<CommitLanguagesResponse>, Status> {
+        crate::languages::commit_languages(&self.node, request).await
     }
 }

@@ -36,23 +36,35 @@
 //! install the hook; votingd does, and builds [`NodeState`] from its config.
 #![forbid(unsafe_code)]
 
+mod analysis;
+mod archive;
+mod attributes;
+mod blame;
 mod blob;
 mod catfile;
 mod commit;
+mod conflicts;
 pub mod detail;
+mod diff;
 pub mod engine;
 pub mod error;
 pub mod git;
+mod languages;
+mod license;
+mod linguist;
 pub mod object;
 mod operations;
 mod push;
+mod quarantine;
 mod records;
 mod refs;
 pub mod repolock;
 mod repository;
 mod respond;
+mod search;
 mod server;
 mod smarthttp;
+mod snapshot;
 mod ssh;
 mod state;
 pub mod storage;
@@ -137,6 +149,17 @@ fn routes(
         ))
         .add_service(gitaly::blob_service_server::BlobServiceServer::new(
             blob::BlobSvc::new(state.clone()),
+        ))
+        .add_service(gitaly::diff_service_server::DiffServiceServer::new(
+            diff::DiffSvc::new(state.clone()),
+        ))
+        .add_service(
+            gitaly::conflicts_service_server::ConflictsServiceServer::new(
+                conflicts::ConflictsSvc::new(state.clone()),
+            ),
+        )
+        .add_service(gitaly::analysis_service_server::AnalysisServiceServer::new(
+            analysis::AnalysisSvc::new(state.clone()),
         ))
         .add_service(
             gitaly::operation_service_server::OperationServiceServer::new(

@@ -21,10 +21,11 @@ use std::sync::Arc;
 use refvote_proto::gitaly::ref_service_server::RefService;
 use refvote_proto::gitaly::{
     Branch, DeleteRefsRequest, DeleteRefsResponse, FindAllBranchesRequest, FindAllBranchesResponse,
-    FindAllTagsRequest, FindAllTagsResponse, FindBranchRequest, FindBranchResponse,
-    FindDefaultBranchNameRequest, FindDefaultBranchNameResponse, FindLocalBranchesRequest,
-    FindLocalBranchesResponse, FindRefsByOidRequest, FindRefsByOidResponse, FindTagRequest,
-    FindTagResponse, GetTagMessagesRequest, GetTagMessagesResponse, GetTagSignaturesRequest,
+    FindAllRemoteBranchesRequest, FindAllRemoteBranchesResponse, FindAllTagsRequest,
+    FindAllTagsResponse, FindBranchRequest, FindBranchResponse, FindDefaultBranchNameRequest,
+    FindDefaultBranchNameResponse, FindLocalBranchesRequest, FindLocalBranchesResponse,
+    FindRefsByOidRequest, FindRefsByOidResponse, FindTagRequest, FindTagResponse,
+    GetTagMessagesRequest, GetTagMessagesResponse, GetTagSignaturesRequest,
     GetTagSignaturesResponse, ListBranchNamesContainingCommitRequest,
     ListBranchNamesContainingCommitResponse, ListRefsRequest, ListRefsResponse,
     ListTagNamesContainingCommitRequest, ListTagNamesContainingCommitResponse, RefExistsRequest,
@@ -212,6 +213,14 @@ impl RefService for RefSvc {
         branches::find_all_branches(&self.node, request.into_inner())
             .await
             .map(Response::new)
+    }
+
+    #[tracing::instrument(skip_all, fields(node = %self.node.name))]
+    async fn find_all_remote_branches(
+        &self,
+        request: Request<FindAllRemoteBranchesRequest>,
+    ) -> Stream<FindAllRemoteBranchesResponse> {
+        branches::find_all_remote_branches(&self.node, request.into_inner()).map(Response::new)
     }
 
     #[tracing::instrument(skip_all, fields(node = %self.node.name))]

@@ -23,13 +23,16 @@ use refvote_proto::gitaly::repository_service_server::RepositoryService;
 use refvote_proto::gitaly::{
     CalculateChecksumRequest, CalculateChecksumResponse, CreateBundleRequest, CreateBundleResponse,
     CreateRepositoryFromBundleRequest, CreateRepositoryFromBundleResponse, CreateRepositoryRequest,
-    CreateRepositoryResponse, FindMergeBaseRequest, FindMergeBaseResponse,
-    GetObjectDirectorySizeRequest, GetObjectDirectorySizeResponse, HasLocalBranchesRequest,
-    HasLocalBranchesResponse, ObjectFormat, ObjectFormatRequest, ObjectFormatResponse,
-    RemoveRepositoryRequest, RemoveRepositoryResponse, ReplicateRepositoryRequest,
-    ReplicateRepositoryResponse, RepositoryExistsRequest, RepositoryExistsResponse,
-    RepositoryInfoRequest, RepositoryInfoResponse, RepositorySizeRequest, RepositorySizeResponse,
-    WriteRefRequest, WriteRefResponse,
+    CreateRepositoryResponse, FindLicenseRequest, FindLicenseResponse, FindMergeBaseRequest,
+    FindMergeBaseResponse, GetArchiveRequest, GetArchiveResponse, GetFileAttributesRequest,
+    GetFileAttributesResponse, GetInfoAttributesRequest, GetInfoAttributesResponse,
+    GetObjectDirectorySizeRequest, GetObjectDirectorySizeResponse, GetSnapshotRequest,
+    GetSnapshotResponse, HasLocalBranchesRequest, HasLocalBranchesResponse, ObjectFormat,
+    ObjectFormatRequest, ObjectFormatResponse, RemoveRepositoryRequest, RemoveRepositoryResponse,
+    ReplicateRepositoryRequest, ReplicateRepositoryResponse, RepositoryExistsRequest,
+    RepositoryExistsResponse, RepositoryInfoRequest, RepositoryInfoResponse, RepositorySizeRequest,
+    RepositorySizeResponse, SearchFilesByContentRequest, SearchFilesByContentResponse,
+    SearchFilesByNameRequest, SearchFilesByNameResponse, WriteRefRequest, WriteRefResponse,
 };
 use tonic::codegen::BoxStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -163,6 +166,64 @@ impl RepositoryService for RepositorySvc {
         let relative = repo.relative.clone();
         let answer = measure(&repo, move |path| info::info(path, &relative)).await?;
         Ok(Response::new(answer))
+    }
+
+    /// The repository's `info/attributes` file, in 128 KiB pieces; one empty message
+    /// if it has none (Gitaly's answer).
+    #[tracing::instrument(skip_all, fields(node = %self.node.name))]
+    async fn get_info_attributes(
+        &self,
+        request: Request<GetInfoAttributesRequest>,
+    ) -> Result<Response<BoxStream<GetInfoAttributesResponse>>, Status> {
+        use tokio::io::AsyncReadExt;
+        let repo = self
+            .node
+            .storages
+            .existing(request.get_ref().repository.as_ref())?;
+        let path = repo.path.join("info").join("attributes");
+        let mut file = match tokio::fs::File::open(&path).await {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(Response::new(Box::pin(tokio_stream::once(Ok(
+                    GetInfoAttributesResponse::default(),
+                )))));
+            }
+            Err(e) => return Err(NodeError::io(format!("opening {}", path.display()), e).into()),
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            let mut sent = false;
+            loop {
+                let mut buf = vec![0u8; 128 * 1024];
+                let n = match file.read(&mut buf).await {
+                    Ok(n) => n,
+                    Err(e) => {
+                        let _ = tx
+                            .send(Err(NodeError::io("reading info/attributes", e).into()))
+                            .await;
+                        return;
+                    }
+                };
+                if n == 0 {
+                    if !sent {
+                        let _ = tx.send(Ok(GetInfoAttributesResponse::default())).await;
+                    }
+                    return;
+                }
+                buf.truncate(n);
+                sent = true;
+                if tx
+                    .send(Ok(GetInfoAttributesResponse { attributes: buf }))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
     /// KiB of the repository's object directory.
@@ -417,6 +478,54 @@ impl RepositoryService for RepositorySvc {
         ctx.settle(result).await?;
         tracing::info!("repository replicated");
         Ok(Response::new(ReplicateRepositoryResponse {}))
+    }
+
+    #[tracing::instrument(skip_all, fields(node = %self.node.name))]
+    async fn get_archive(
+        &self,
+        request: Request<GetArchiveRequest>,
+    ) -> Result<Response<BoxStream<GetArchiveResponse>>, Status> {
+        crate::archive::get_archive(&self.node, request.into_inner()).await
+    }
+
+    #[tracing::instrument(skip_all, fields(node = %self.node.name))]
+    async fn get_snapshot(
+        &self,
+        request: Request<GetSnapshotRequest>,
+    ) -> Result<Response<BoxStream<GetSnapshotResponse>>, Status> {
+        crate::snapshot::get_snapshot(&self.node, request.into_inner()).await
+    }
+
+    #[tracing::instrument(skip_all, fields(node = %self.node.name))]
+    async fn find_license(
+        &self,
+        request: Request<FindLicenseRequest>,
+    ) -> Result<Response<FindLicenseResponse>, Status> {
+        crate::license::find_license(&self.node, request.into_inner()).await
+    }
+
+    #[tracing::instrument(skip_all, fields(node = %self.node.name))]
+    async fn get_file_attributes(
+        &self,
+        request: Request<GetFileAttributesRequest>,
+    ) -> Result<Response<GetFileAttributesResponse>, Status> {
+        crate::attributes::get_file_attributes(&self.node, request.into_inner()).await
+    }
+
+    #[tracing::instrument(skip_all, fields(node = %self.node.name))]
+    async fn search_files_by_name(
+        &self,
+        request: Request<SearchFilesByNameRequest>,
+    ) -> Result<Response<BoxStream<SearchFilesByNameResponse>>, Status> {
+        crate::search::by_name(&self.node, request.into_inner()).await
+    }
+
+    #[tracing::instrument(skip_all, fields(node = %self.node.name))]
+    async fn search_files_by_content(
+        &self,
+        request: Request<SearchFilesByContentRequest>,
+    ) -> Result<Response<BoxStream<SearchFilesByContentResponse>>, Status> {
+        crate::search::by_content(&self.node, request.into_inner()).await
     }
 }
 

@@ -8,10 +8,10 @@ use refvote_proto::gitaly::find_all_branches_response::Branch as AllBranch;
 use refvote_proto::gitaly::find_local_branches_request::SortBy;
 use refvote_proto::gitaly::{
     Branch, CommitAuthor, FindAllBranchesRequest, FindAllBranchesResponse,
-    FindLocalBranchesRequest, FindLocalBranchesResponse, FindRefsByOidRequest,
-    FindRefsByOidResponse, GitCommit, ListBranchNamesContainingCommitRequest,
-    ListBranchNamesContainingCommitResponse, ListTagNamesContainingCommitRequest,
-    ListTagNamesContainingCommitResponse,
+    FindAllRemoteBranchesRequest, FindAllRemoteBranchesResponse, FindLocalBranchesRequest,
+    FindLocalBranchesResponse, FindRefsByOidRequest, FindRefsByOidResponse, GitCommit,
+    ListBranchNamesContainingCommitRequest, ListBranchNamesContainingCommitResponse,
+    ListTagNamesContainingCommitRequest, ListTagNamesContainingCommitResponse,
 };
 use tonic::Status;
 use tonic::codegen::BoxStream;
@@ -190,6 +190,63 @@ pub fn find_local_branches(
             return Err(Status::invalid_argument(
                 "invalid page token: sending lines: could not find page token",
             ));
+        }
+        if let Some(batch) = chunker.finish() {
+            let _ = tx.send(Ok(wrap(batch))).await;
+        }
+        Ok(())
+    }))
+}
+
+/// One remote's branches (`refs/remotes/<remote>/`), as FindLocalBranches lists its
+/// own: by name, every field of the commit.
+pub fn find_all_remote_branches(
+    node: &NodeState,
+    req: FindAllRemoteBranchesRequest,
+) -> Result<BoxStream<FindAllRemoteBranchesResponse>, Status> {
+    let repo = node.storages.existing(req.repository.as_ref())?;
+    if req.remote_name.is_empty() {
+        return Err(Status::invalid_argument("empty RemoteName"));
+    }
+    let pattern = format!("refs/remotes/{}/", req.remote_name);
+    if !names::valid_ref_name(pattern.trim_end_matches('/')) {
+        return Err(Status::invalid_argument(format!(
+            "invalid remote name {:?}",
+            req.remote_name
+        )));
+    }
+    let run = node
+        .git
+        .command(["for-each-ref"])
+        .arg(format!("--format={}%00", LOCAL_FIELDS.join("%00")))
+        .arg("--sort=refname")
+        .arg(pattern)
+        .git_dir(&repo.path)
+        .spawn()
+        .map_err(NodeError::from)?;
+    Ok(stream_from(move |tx| async move {
+        let mut records = Records::new(run, b'\n');
+        let mut pending: Vec<u8> = Vec::new();
+        let mut chunker = Chunker::default();
+        let wrap = |branches| FindAllRemoteBranchesResponse { branches };
+        // Records end in "\0\n"; a field (a commit message) may hold newlines.
+        while let Some(line) = records.next().await? {
+            pending.extend_from_slice(&line);
+            if pending.last() != Some(&0) {
+                pending.push(b'\n');
+                continue;
+            }
+            pending.pop();
+            let record = std::mem::take(&mut pending);
+            let fields: Vec<&[u8]> = record.split(|b| *b == 0).collect();
+            let Some(branch) = branch_from_fields(&fields) else {
+                return Err(Status::internal("finding refs: invalid field count"));
+            };
+            if let Some(batch) = chunker.push(branch)
+                && tx.send(Ok(wrap(batch))).await.is_err()
+            {
+                return Ok(());
+            }
         }
         if let Some(batch) = chunker.finish() {
             let _ = tx.send(Ok(wrap(batch))).await;

@@ -75,6 +75,22 @@ pub fn revision<'a>(what: &str, raw: &'a [u8]) -> Result<&'a str, NodeError> {
     }
 }
 
+/// A revision that may name a path in it (`rev:path`, Gitaly's
+/// `git.AllowPathScopedRevision`): the part before the first ':' must pass
+/// [`revision`], and the whole has no NUL.
+pub fn path_scoped_revision<'a>(what: &str, raw: &'a [u8]) -> Result<&'a str, NodeError> {
+    let text =
+        std::str::from_utf8(raw).map_err(|_| NodeError::invalid(format!("{what} is not UTF-8")))?;
+    let rev = text.split_once(':').map_or(text, |(r, _)| r);
+    revision(what, rev.as_bytes())?;
+    if text.contains('\0') {
+        return Err(NodeError::invalid(format!(
+            "{what} {text:?} can't contain NUL"
+        )));
+    }
+    Ok(text)
+}
+
 /// Whether `oid` is a full hex object id of `len` characters.
 pub fn is_oid(oid: &str, len: usize) -> bool {
     oid.len() == len && oid.bytes().all(|b| b.is_ascii_hexdigit())
