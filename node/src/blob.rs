@@ -138,6 +138,7 @@ impl BlobService for BlobSvc {
             limit: req.limit,
             bytes_limit: req.bytes_limit,
             with_paths: req.with_paths,
+            typed: false,
         };
         Ok(Response::new(stream_from(move |tx| async move {
             let out = Batches::new(tx, |blobs| ListBlobsResponse { blobs });
@@ -166,6 +167,7 @@ impl BlobService for BlobSvc {
             limit: req.limit,
             bytes_limit: req.bytes_limit,
             with_paths: false,
+            typed: true,
         };
         Ok(Response::new(stream_from(move |tx| async move {
             let out = Batches::new(tx, |blobs| ListAllBlobsResponse { blobs });
@@ -266,7 +268,9 @@ impl BlobService for BlobSvc {
     }
 }
 
-/// `git cat-file --batch-all-objects` listing every blob as `<oid> blob <size>`.
+/// `git cat-file --batch-all-objects` listing every object as `<oid> <type> <size>`
+/// (git 2.47's cat-file has no type filter: `--filter=` would be taken for
+/// `--filters`); the readers keep the blobs.
 fn all_blobs(node: &NodeState, repo: &crate::storage::RepoPath) -> Result<crate::git::Run, Status> {
     Ok(node
         .git
@@ -276,7 +280,6 @@ fn all_blobs(node: &NodeState, repo: &crate::storage::RepoPath) -> Result<crate:
             "--batch-check=%(objectname) %(objecttype) %(objectsize)",
             "--buffer",
             "--unordered",
-            "--filter=object:type=blob",
         ])
         .git_dir(&repo.path)
         .spawn()
@@ -487,6 +490,8 @@ struct Listing {
     limit: u32,
     bytes_limit: i64,
     with_paths: bool,
+    /// The records are `<oid> <type> <size>` (cat-file): only blobs count.
+    typed: bool,
 }
 
 /// Sends the blobs `records` name (`<oid>[ <path>]` per line), as ListBlobs does: a
@@ -516,6 +521,9 @@ async fn list_blobs<B: prost::Message, M>(
             ),
             None => (String::from_utf8_lossy(&line).into_owned(), Vec::new()),
         };
+        if req.typed && !name.starts_with(b"blob ") {
+            continue;
+        }
         let path = if req.with_paths { name } else { Vec::new() };
         count += 1;
         if req.bytes_limit == 0 {

@@ -30,11 +30,11 @@ use refvote_proto::gitaly::{
 use refvote_tests::reads::{EMPTY, REPO, ReadCluster, collect, repo};
 use tonic::Code;
 
-/// `git ls-tree -z <args>` as (mode, type, oid, path) records.
-fn ls_tree(
-    rc: &ReadCluster,
-    args: &[&str],
-) -> anyhow::Result<Vec<(String, String, String, Vec<u8>)>> {
+/// One `git ls-tree` record: mode, type, oid, path.
+type LsTree = (String, String, String, Vec<u8>);
+
+/// `git ls-tree -z <args>` as records.
+fn ls_tree(rc: &ReadCluster, args: &[&str]) -> anyhow::Result<Vec<LsTree>> {
     let mut full = vec!["ls-tree", "-z"];
     full.extend_from_slice(args);
     let out = rc.git(&full)?;
@@ -69,7 +69,7 @@ fn shape(entries: &[TreeEntry]) -> Vec<(Vec<u8>, String, i32, i32)> {
         .collect()
 }
 
-fn git_shape(records: &[(String, String, String, Vec<u8>)]) -> Vec<(Vec<u8>, String, i32, i32)> {
+fn git_shape(records: &[LsTree]) -> Vec<(Vec<u8>, String, i32, i32)> {
     records
         .iter()
         .map(|(mode, kind, oid, path)| {
@@ -202,7 +202,8 @@ async fn project_page_and_tree_reads_equal_git() -> anyhow::Result<()> {
     let git_root = ls_tree(&rc, &["main"])?;
     assert_eq!(shape(&flat), git_shape(&git_root));
     assert!(flat.iter().all(|e| e.commit_oid == "main"));
-    // Trees first keeps git's order within trees and within the rest.
+    // Trees first: trees, then blobs, then submodules, each in git's order (Gitaly's
+    // TREES_FIRST).
     let trees_first: Vec<TreeEntry> =
         collect(commits.get_tree_entries(tree_req(b".", false, TreeSort::TreesFirst, None)))
             .await?
@@ -210,7 +211,8 @@ async fn project_page_and_tree_reads_equal_git() -> anyhow::Result<()> {
             .flat_map(|m| m.entries)
             .collect();
     let mut expected: Vec<_> = git_root.iter().filter(|r| r.1 == "tree").cloned().collect();
-    expected.extend(git_root.iter().filter(|r| r.1 != "tree").cloned());
+    expected.extend(git_root.iter().filter(|r| r.1 == "blob").cloned());
+    expected.extend(git_root.iter().filter(|r| r.1 == "commit").cloned());
     assert_eq!(shape(&trees_first), git_shape(&expected));
 
     // Recursive below a directory: every entry, trees too, as ls-tree -r -t lists them.

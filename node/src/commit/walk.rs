@@ -371,23 +371,17 @@ fn parse_log_record(record: &[u8], trailers: bool, stat: bool, refs: bool) -> Lo
     let text = String::from_utf8_lossy(record);
     let mut rest: &str = text.trim();
     let mut out = LogRecord::default();
-    if stat {
-        if let Some((first, stats)) = rest.split_once('\n') {
-            out.stat = Some(stats.to_owned());
-            rest = first;
-        }
+    if stat && let Some((first, stats)) = rest.split_once('\n') {
+        out.stat = Some(stats.to_owned());
+        rest = first;
     }
-    if refs {
-        if let Some((first, r)) = rest.split_once('\x02') {
-            out.refs = Some(r.to_owned());
-            rest = first;
-        }
+    if refs && let Some((first, r)) = rest.split_once('\x02') {
+        out.refs = Some(r.to_owned());
+        rest = first;
     }
-    if trailers {
-        if let Some((first, t)) = rest.split_once('\0') {
-            out.trailers = Some(t.as_bytes().to_vec());
-            rest = first;
-        }
+    if trailers && let Some((first, t)) = rest.split_once('\0') {
+        out.trailers = Some(t.as_bytes().to_vec());
+        rest = first;
     }
     out.oid = rest.to_owned();
     out

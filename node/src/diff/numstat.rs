@@ -101,7 +101,7 @@ mod tests {
 
     #[test]
     fn plain_binary_and_renamed_entries() {
-        let input = b"3\t1\ta.txt\0-\t-\tbin\01\t0\t\0old\0new\0";
+        let input = b"3\t1\ta.txt\0-\t-\tbin\x001\t0\t\0old\0new\0";
         for step in [1, 5, 100] {
             let mut p = NumStatParser::default();
             let mut out = Vec::new();
