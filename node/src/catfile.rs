@@ -1,12 +1,11 @@
-//! Reading objects through one long-lived `git cat-file --batch` per call, and the
-//! object parsing the commit, blob and operation services share (commits, trees, tree
-//! path validation; revisions are checked by `refs::names::revision`).
+//! Reading objects through one `git cat-file --batch` of a call's own, for the
+//! operation service (its writes read objects as written, without the mailmap the read
+//! engine applies); revisions are checked by `refs::names::revision`.
 //!
 //! One process answers every lookup of a call, so listing a hundred commits costs one
-//! fork, not a hundred. Contents are read in bounded pieces: a blob is streamed to the
-//! client as it comes out of git, never held whole.
+//! fork, not a hundred. Reads go through the read engine ([`crate::engine`]) instead.
 
-use refvote_proto::gitaly::{CommitAuthor, CommitTrailer, GitCommit, SignatureType};
+use refvote_proto::gitaly::GitCommit;
 use tokio::sync::mpsc;
 use tonic::Status;
 
@@ -14,9 +13,6 @@ use super::error::NodeError;
 use super::git::{Git, Run};
 use super::storage::RepoPath;
 
-/// Commit message bytes sent in a GitCommit's body; body_size still tells the real
-/// length (Gitaly's limit too).
-pub const MAX_BODY: usize = 10 * 1024;
 /// Largest commit or tree object read whole.
 pub const MAX_OBJECT: u64 = 64 * 1024 * 1024;
 
@@ -178,176 +174,15 @@ impl CatFile {
     }
 }
 
-/// Parses a raw commit object (`git cat-file commit` output) the way Gitaly presents it.
+/// Parses a raw commit object (`git cat-file commit` output) the way Gitaly presents it
+/// (`object::parse_commit`).
 pub fn parse_commit(oid: &str, data: &[u8]) -> GitCommit {
-    let split = find(data, b"\n\n").unwrap_or(data.len());
-    let (head, message) = (&data[..split], data.get(split + 2..).unwrap_or(&[]));
-    let mut commit = GitCommit {
-        id: oid.to_owned(),
-        body_size: message.len() as i64,
-        body: message[..message.len().min(MAX_BODY)].to_vec(),
-        subject: subject(message),
-        ..Default::default()
-    };
-    let mut lines = head.split(|b| *b == b'\n').peekable();
-    while let Some(line) = lines.next() {
-        let (key, value) = match find(line, b" ") {
-            Some(i) => (&line[..i], &line[i + 1..]),
-            None => (line, &[][..]),
-        };
-        match key {
-            b"tree" => commit.tree_id = String::from_utf8_lossy(value).into_owned(),
-            b"parent" => commit
-                .parent_ids
-                .push(String::from_utf8_lossy(value).into_owned()),
-            b"author" => commit.author = Some(parse_signature(value)),
-            b"committer" => commit.committer = Some(parse_signature(value)),
-            b"encoding" => commit.encoding = String::from_utf8_lossy(value).into_owned(),
-            b"gpgsig" | b"gpgsig-sha256" => {
-                commit.signature_type = signature_type(value) as i32;
-            }
-            _ => {}
-        }
-        // Continuation lines (a signature's body) start with a space.
-        while lines.peek().is_some_and(|l| l.starts_with(b" ")) {
-            lines.next();
-        }
-    }
-    commit
-}
-
-fn signature_type(first_line: &[u8]) -> SignatureType {
-    if first_line.starts_with(b"-----BEGIN PGP") {
-        SignatureType::Pgp
-    } else if first_line.starts_with(b"-----BEGIN SSH") {
-        SignatureType::Ssh
-    } else if first_line.starts_with(b"-----BEGIN SIGNED MESSAGE") {
-        SignatureType::X509
-    } else {
-        SignatureType::None
-    }
-}
-
-/// The first line of a message, without its line end (Gitaly's subject).
-fn subject(message: &[u8]) -> Vec<u8> {
-    let line = message.split(|b| *b == b'\n').next().unwrap_or(&[]);
-    line.strip_suffix(b"\r").unwrap_or(line).to_vec()
-}
-
-/// `Name <email> 1700000000 +0100`.
-pub fn parse_signature(value: &[u8]) -> CommitAuthor {
-    let mut author = CommitAuthor::default();
-    let (Some(open), Some(close)) = (find(value, b"<"), rfind(value, b">")) else {
-        author.name = value.to_vec();
-        return author;
-    };
-    author.name = value[..open]
-        .strip_suffix(b" ")
-        .unwrap_or(&value[..open])
-        .to_vec();
-    author.email = value.get(open + 1..close).unwrap_or(&[]).to_vec();
-    let rest = String::from_utf8_lossy(value.get(close + 1..).unwrap_or(&[])).into_owned();
-    let mut parts = rest.split_whitespace();
-    if let Some(seconds) = parts.next().and_then(|s| s.parse::<i64>().ok()) {
-        author.date = Some(prost_types::Timestamp { seconds, nanos: 0 });
-    }
-    if let Some(tz) = parts.next() {
-        author.timezone = tz.as_bytes().to_vec();
-    }
-    author
-}
-
-/// Trailers (`Key: value` lines of the message's last paragraph), as
-/// `git interpret-trailers --parse` finds them.
-pub async fn trailers(
-    git: &Git,
-    repo: &RepoPath,
-    message: &[u8],
-) -> Result<Vec<CommitTrailer>, NodeError> {
-    let input = message.to_vec();
-    let (out, exit) = git
-        .command(["interpret-trailers", "--parse"])
-        .git_dir(&repo.path)
-        .stdin(Box::pin(tokio_stream::once(Ok(input))))
-        .output(MAX_OBJECT as usize)
-        .await?;
-    exit.check()?;
-    Ok(out
-        .split(|b| *b == b'\n')
-        .filter_map(|line| {
-            let i = find(line, b": ")?;
-            Some(CommitTrailer {
-                key: line[..i].to_vec(),
-                value: line[i + 2..].to_vec(),
-            })
-        })
-        .collect())
+    crate::object::parse_commit(oid, data).commit
 }
 
 /// A full object id (40 or 64 hex digits).
 pub fn is_object_id(s: &str) -> bool {
     (s.len() == 40 || s.len() == 64) && s.bytes().all(|b| b.is_ascii_hexdigit())
-}
-
-/// A path inside a tree: relative, no `.`/`..`/empty components, no NUL or newline.
-/// Leading and trailing slashes are dropped first.
-pub fn validate_tree_path(path: &[u8], what: &str) -> Result<String, NodeError> {
-    let p = std::str::from_utf8(path)
-        .map_err(|_| NodeError::invalid(format!("{what} is not UTF-8")))?;
-    let trimmed = p.trim_end_matches('/');
-    if trimmed.starts_with('/') {
-        return Err(NodeError::invalid(format!("{what} {p:?} is absolute")));
-    }
-    if trimmed.contains(['\0', '\n'])
-        || trimmed
-            .split('/')
-            .any(|c| c.is_empty() || c == "." || c == "..")
-    {
-        return Err(NodeError::invalid(format!(
-            "{what} {p:?}: relative path escapes root directory or is malformed"
-        )));
-    }
-    Ok(trimmed.to_owned())
-}
-
-/// One entry of a tree object.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TreeItem {
-    pub mode: u32,
-    pub name: Vec<u8>,
-    pub oid: String,
-}
-
-/// Parses a raw tree object: `<octal mode> <name>\0<binary id>` repeated. The id's
-/// length follows the repository's hash (`oid_len` hex digits).
-pub fn parse_tree(data: &[u8], oid_len: usize) -> Vec<TreeItem> {
-    let raw = oid_len / 2;
-    let mut items = Vec::new();
-    let mut rest = data;
-    while let Some(sp) = find(rest, b" ") {
-        let Some(nul) = find(&rest[sp..], b"\0").map(|i| i + sp) else {
-            break;
-        };
-        if rest.len() < nul + 1 + raw {
-            break;
-        }
-        let mode = u32::from_str_radix(&String::from_utf8_lossy(&rest[..sp]), 8).unwrap_or(0);
-        items.push(TreeItem {
-            mode,
-            name: rest[sp + 1..nul].to_vec(),
-            oid: hex::encode(&rest[nul + 1..nul + 1 + raw]),
-        });
-        rest = &rest[nul + 1 + raw..];
-    }
-    items
-}
-
-pub fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
-}
-
-fn rfind(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).rposition(|w| w == needle)
 }
 
 #[cfg(test)]
@@ -373,7 +208,10 @@ gpgsig -----BEGIN SSH SIGNATURE-----\n abc\n -----END SSH SIGNATURE-----\n\
         assert_eq!(a.date.unwrap().seconds, 1_700_000_000);
         assert_eq!(a.timezone, b"+0100");
         assert_eq!(c.committer.unwrap().timezone, b"-0200");
-        assert_eq!(c.signature_type, SignatureType::Ssh as i32);
+        assert_eq!(
+            c.signature_type,
+            refvote_proto::gitaly::SignatureType::Ssh as i32
+        );
     }
 
     #[test]
@@ -384,22 +222,11 @@ gpgsig -----BEGIN SSH SIGNATURE-----\n abc\n -----END SSH SIGNATURE-----\n\
         for bad in [&b""[..], b"-x", b"a b", b"a:b"] {
             assert!(revision("revision", bad).is_err());
         }
-        assert_eq!(validate_tree_path(b"a/b/", "path").unwrap(), "a/b");
-        for bad in [&b"../x"[..], b"a/../b", b"/etc", b"a//b", b"./a"] {
-            assert!(validate_tree_path(bad, "path").is_err(), "{bad:?}");
+        // Tree paths: only the canonical form of a path can name an entry (Gitaly).
+        use crate::commit::tree::entry_path;
+        assert_eq!(entry_path("a/b"), Some(("a", "b")));
+        for bad in ["../x", "a/../b", "/etc", "a//b", "./a"] {
+            assert_eq!(entry_path(bad), None, "{bad:?}");
         }
-    }
-
-    #[test]
-    fn trees_parse() {
-        let mut raw = b"100644 a.txt\0".to_vec();
-        raw.extend([0x11; 20]);
-        raw.extend(b"40000 dir\0");
-        raw.extend([0x22; 20]);
-        let items = parse_tree(&raw, 40);
-        assert_eq!(items.len(), 2);
-        assert_eq!(items[0].mode, 0o100644);
-        assert_eq!(items[1].name, b"dir");
-        assert_eq!(items[1].oid, "22".repeat(20));
     }
 }

@@ -182,6 +182,54 @@ impl Git {
         }
     }
 
+    /// How long one run may take (`git.timeout_secs`).
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// `git [-c <config>...] --git-dir=<git_dir> <args>` as a bare child process with
+    /// the clean environment every run gets (plus `env`), its own process group, piped
+    /// stdin and stdout, stderr discarded, killed when dropped. For a caller that keeps
+    /// the process and speaks to it itself (the read engine's long-lived
+    /// `cat-file --batch-command`): no supervisor, no timeout, no streaming here.
+    pub fn long_lived(
+        &self,
+        git_dir: &Path,
+        config: &[String],
+        env: &[(String, String)],
+        args: &[&str],
+    ) -> tokio::process::Command {
+        let mut cmd = self.clean();
+        for c in config {
+            cmd.arg("-c").arg(c);
+        }
+        let mut flag = OsString::from("--git-dir=");
+        flag.push(git_dir);
+        cmd.arg(flag)
+            .args(args)
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .kill_on_drop(true);
+        cmd
+    }
+
+    /// The git binary with a clean environment: no system or global config, C locale,
+    /// no terminal prompts, only PATH kept.
+    fn clean(&self) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::new(&self.bin);
+        cmd.env_clear()
+            .env("PATH", &self.path_env)
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .env("GIT_CONFIG_GLOBAL", "/dev/null")
+            .env("GIT_TERMINAL_PROMPT", "0")
+            .env("LANG", "C")
+            .env("LC_ALL", "C");
+        cmd
+    }
+
     /// `git version`'s version number, e.g. "2.47.3".
     pub async fn version(&self) -> Result<String, GitError> {
         let (out, _) = self.command(["version"]).spawn()?.output(4096).await?;
@@ -363,14 +411,7 @@ impl Command {
             .first()
             .map(|a| a.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let mut cmd = tokio::process::Command::new(&git.bin);
-        cmd.env_clear()
-            .env("PATH", &git.path_env)
-            .env("GIT_CONFIG_NOSYSTEM", "1")
-            .env("GIT_CONFIG_GLOBAL", "/dev/null")
-            .env("GIT_TERMINAL_PROMPT", "0")
-            .env("LANG", "C")
-            .env("LC_ALL", "C");
+        let mut cmd = git.clean();
         for c in &config {
             cmd.arg("-c").arg(c);
         }

@@ -35,29 +35,49 @@
 //! shares) on `state`; `upload_pack` on `git` alone; the services on everything below
 //! them; this file only wires the services together.
 //!
+//! Reads go through the read engine ([`engine`]): long-lived `git cat-file` processes
+//! pooled per repository, checked for freshness before reuse, with [`object`]'s
+//! parsers (commits, tags, trees as Gitaly presents them; no I/O). `object` imports
+//! nothing of this crate; `engine` imports `git`, `error`, `storage` and `object`.
+//!
 //! It does not vote: the hook asks votingd's vote service, which decides in etcd; the
 //! node only settles its confirmations through it ([`tx::SettleVotes`]) before it
 //! reports done. It does not hold the node's etcd lease, read its config file or
 //! install the hook; votingd does, and builds [`NodeState`] from its config.
 #![forbid(unsafe_code)]
 
+mod analysis;
+mod archive;
+mod attributes;
+mod blame;
 mod blob;
 mod catfile;
 mod commit;
+mod conflicts;
 pub mod detail;
 mod diff;
+pub mod engine;
 pub mod error;
 pub mod git;
 pub mod gitlab;
+mod languages;
+mod license;
+mod linguist;
+pub mod object;
 mod operations;
 mod push;
+mod quarantine;
+mod records;
 mod refs;
 mod remote;
 pub mod repolock;
 mod repository;
+mod respond;
+mod search;
 mod server;
 mod signature;
 mod smarthttp;
+mod snapshot;
 mod ssh;
 mod state;
 pub mod storage;
@@ -142,6 +162,14 @@ fn routes(
         ))
         .add_service(gitaly::diff_service_server::DiffServiceServer::new(
             diff::DiffSvc::new(state.clone()),
+        ))
+        .add_service(
+            gitaly::conflicts_service_server::ConflictsServiceServer::new(
+                conflicts::ConflictsSvc::new(state.clone()),
+            ),
+        )
+        .add_service(gitaly::analysis_service_server::AnalysisServiceServer::new(
+            analysis::AnalysisSvc::new(state.clone()),
         ))
         .add_service(
             gitaly::operation_service_server::OperationServiceServer::new(

@@ -1,34 +1,40 @@
-//! RefService: questions about refs, answered by git, and ref writes (DeleteRefs,
-//! UpdateReferences), each one atomic `git update-ref` with explicit old values.
+//! RefService: questions about refs, answered as Gitaly answers them, and ref writes
+//! (DeleteRefs, UpdateReferences), each one atomic `git update-ref` with explicit old
+//! values.
 //!
-//! The logic lives in submodules: [`names`] (validation, current values), [`update`]
-//! (the one update-ref run), [`write`] (the two write RPCs' rules and errors), [`list`]
-//! (streamed listings), [`objects`] (commits and tags); typed error details come from
-//! [`crate::detail`].
+//! The logic lives in submodules: [`names`] (validation, current values), [`head`]
+//! (HEAD and the default branch), [`branches`] and [`tags`] (listings and lookups),
+//! [`update`] (the one update-ref run), [`write`] (the two write RPCs' rules and
+//! errors), [`list`] (ListRefs); typed error details come from [`crate::detail`]. Lookups of single
+//! refs and objects go through the read engine; listings are `git for-each-ref`.
 
+mod branches;
+pub(crate) mod head;
 mod list;
 pub(super) mod names;
-mod objects;
+mod tags;
 pub(super) mod update;
 mod write;
 
 use std::sync::Arc;
 
-use refvote_proto::gitaly::find_local_branches_request::SortBy;
 use refvote_proto::gitaly::ref_service_server::RefService;
 use refvote_proto::gitaly::{
-    Branch, DeleteRefsRequest, DeleteRefsResponse, FindBranchRequest, FindBranchResponse,
-    FindDefaultBranchNameRequest, FindDefaultBranchNameResponse, FindLocalBranchesRequest,
-    FindLocalBranchesResponse, FindTagError, FindTagRequest, FindTagResponse, ListRefsRequest,
-    ListRefsResponse, RefExistsRequest, RefExistsResponse, ReferenceNotFoundError,
-    UpdateReferencesRequest, UpdateReferencesResponse, find_tag_error,
+    Branch, DeleteRefsRequest, DeleteRefsResponse, FindAllBranchesRequest, FindAllBranchesResponse,
+    FindAllRemoteBranchesRequest, FindAllRemoteBranchesResponse, FindAllTagsRequest,
+    FindAllTagsResponse, FindBranchRequest, FindBranchResponse, FindDefaultBranchNameRequest,
+    FindDefaultBranchNameResponse, FindLocalBranchesRequest, FindLocalBranchesResponse,
+    FindRefsByOidRequest, FindRefsByOidResponse, FindTagRequest, FindTagResponse,
+    GetTagMessagesRequest, GetTagMessagesResponse, GetTagSignaturesRequest,
+    GetTagSignaturesResponse, ListBranchNamesContainingCommitRequest,
+    ListBranchNamesContainingCommitResponse, ListRefsRequest, ListRefsResponse,
+    ListTagNamesContainingCommitRequest, ListTagNamesContainingCommitResponse, RefExistsRequest,
+    RefExistsResponse, UpdateReferencesRequest, UpdateReferencesResponse,
 };
 use tonic::codegen::BoxStream;
-use tonic::{Code, Request, Response, Status, Streaming};
+use tonic::{Request, Response, Status, Streaming};
 
-use super::detail;
 use super::error::NodeError;
-use super::storage::RepoPath;
 use super::tx::WriteContext;
 use crate::state::NodeState;
 use crate::stream::first_message;
@@ -36,8 +42,7 @@ use crate::stream::first_message;
 /// Most updates one UpdateReferences call may carry (they are held until applied).
 const MAX_UPDATES: usize = 100_000;
 
-/// Bound on the small answers read whole here (a few ref names).
-const SMALL_OUTPUT: usize = 64 * 1024;
+type Stream<T> = Result<Response<BoxStream<T>>, Status>;
 
 pub struct RefSvc {
     node: Arc<NodeState>,
@@ -52,8 +57,8 @@ impl RefSvc {
 #[tonic::async_trait]
 impl RefService for RefSvc {
     /// Gitaly's rule: with `head_only`, whatever HEAD names; otherwise HEAD's branch if
-    /// it exists, else the only branch, else `main`, else `master`, else the first
-    /// branch; empty when there is no branch at all.
+    /// it exists, else `main`, else `master`, else the first branch; empty when there
+    /// is no branch at all.
     #[tracing::instrument(skip_all, fields(node = %self.node.name))]
     async fn find_default_branch_name(
         &self,
@@ -61,11 +66,17 @@ impl RefService for RefSvc {
     ) -> Result<Response<FindDefaultBranchNameResponse>, Status> {
         let req = request.into_inner();
         let repo = self.node.storages.existing(req.repository.as_ref())?;
-        let head = self.head_target(&repo).await?;
         let name = if req.head_only {
-            head.unwrap_or_default()
+            head::head_target(&self.node.git, &repo.path)
+                .await
+                .map_err(|e| Status::internal(format!("head reference: {e}")))?
+                .unwrap_or_default()
         } else {
-            self.default_branch(&repo, head).await?
+            let mut reader = self.node.reads.reader(&repo).await?;
+            head::default_branch(&self.node.git, &repo.path, &mut reader)
+                .await
+                .map_err(|e| Status::internal(format!("get default branch: {e}")))?
+                .unwrap_or_default()
         };
         Ok(Response::new(FindDefaultBranchNameResponse {
             name: name.into_bytes(),
@@ -93,9 +104,16 @@ impl RefService for RefSvc {
             .command(["show-ref", "--verify", "--quiet"])
             .arg(name)
             .git_dir(&repo.path)
-            .status()
-            .await?;
-        let value = exit.answer()?;
+            .spawn()
+            .map_err(NodeError::from)?
+            .wait()
+            .await
+            .map_err(NodeError::from)?;
+        let value = match exit.code() {
+            Some(0) => true,
+            Some(1) => false,
+            _ => return Err(NodeError::from(exit.into_error()).into()),
+        };
         Ok(Response::new(RefExistsResponse { value }))
     }
 
@@ -130,17 +148,16 @@ impl RefService for RefSvc {
         let Some(oid) = names::current_value(&self.node.git, &repo.path, name).await? else {
             return Ok(Response::new(FindBranchResponse { branch: None }));
         };
-        let commit = objects::read(&self.node.git, &repo.path, std::slice::from_ref(&oid))
+        let mut reader = self.node.reads.reader(&repo).await?;
+        let commit = reader
+            .commits(std::slice::from_ref(&oid))
             .await?
             .pop()
             .flatten();
         Ok(Response::new(FindBranchResponse {
             branch: Some(Branch {
                 name: short.to_vec(),
-                target_commit: commit
-                    .as_ref()
-                    .filter(|o| o.kind == "commit")
-                    .map(objects::commit),
+                target_commit: commit,
             }),
         }))
     }
@@ -151,73 +168,87 @@ impl RefService for RefSvc {
         &self,
         request: Request<FindTagRequest>,
     ) -> Result<Response<FindTagResponse>, Status> {
-        let req = request.into_inner();
-        let repo = self.node.storages.existing(req.repository.as_ref())?;
-        if req.tag_name.is_empty() {
-            return Err(NodeError::invalid("tag name cannot be empty").into());
-        }
-        let full = [b"refs/tags/".as_slice(), &req.tag_name].concat();
-        let name = names::ref_name("tag name", &full)?;
-        let Some(oid) = names::current_value(&self.node.git, &repo.path, name).await? else {
-            return Err(detail::status_with_detail(
-                Code::NotFound,
-                format!("tag does not exist: {name}"),
-                "gitaly.FindTagError",
-                &FindTagError {
-                    error: Some(find_tag_error::Error::TagNotFound(ReferenceNotFoundError {
-                        reference_name: full.clone(),
-                    })),
-                },
-            ));
-        };
-        // The object the tag names, and the commit it leads to (if any).
-        let mut objs = objects::read(
-            &self.node.git,
-            &repo.path,
-            &[oid.clone(), format!("{oid}^{{commit}}")],
-        )
-        .await?;
-        let target = objs.pop().flatten();
-        let obj = objs.pop().flatten();
-        Ok(Response::new(FindTagResponse {
-            tag: Some(objects::tag(
-                &req.tag_name,
-                &oid,
-                obj.as_ref(),
-                target.as_ref(),
-            )),
-        }))
+        tags::find_tag(&self.node, request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    #[tracing::instrument(skip_all, fields(node = %self.node.name))]
+    async fn find_all_tags(
+        &self,
+        request: Request<FindAllTagsRequest>,
+    ) -> Stream<FindAllTagsResponse> {
+        tags::find_all_tags(&self.node, request.into_inner()).map(Response::new)
+    }
+
+    #[tracing::instrument(skip_all, fields(node = %self.node.name))]
+    async fn get_tag_messages(
+        &self,
+        request: Request<GetTagMessagesRequest>,
+    ) -> Stream<GetTagMessagesResponse> {
+        tags::get_tag_messages(&self.node, request.into_inner()).map(Response::new)
+    }
+
+    #[tracing::instrument(skip_all, fields(node = %self.node.name))]
+    async fn get_tag_signatures(
+        &self,
+        request: Request<GetTagSignaturesRequest>,
+    ) -> Stream<GetTagSignaturesResponse> {
+        tags::get_tag_signatures(&self.node, request.into_inner()).map(Response::new)
     }
 
     #[tracing::instrument(skip_all, fields(node = %self.node.name))]
     async fn find_local_branches(
         &self,
         request: Request<FindLocalBranchesRequest>,
-    ) -> Result<Response<BoxStream<FindLocalBranchesResponse>>, Status> {
-        let req = request.into_inner();
-        let repo = self.node.storages.existing(req.repository.as_ref())?;
-        let sort = match SortBy::try_from(req.sort_by) {
-            Ok(SortBy::Name) => "refname",
-            Ok(SortBy::UpdatedAsc) => "committerdate",
-            Ok(SortBy::UpdatedDesc) => "-committerdate",
-            Err(_) => {
-                return Err(NodeError::invalid(format!("unknown sort_by {}", req.sort_by)).into());
-            }
-        };
-        let (after, limit) = match &req.pagination_params {
-            None => (None, -1),
-            Some(p) => (
-                (!p.page_token.is_empty()).then(|| p.page_token.clone()),
-                i64::from(p.limit),
-            ),
-        };
-        Ok(Response::new(list::local_branches(
-            &self.node.git,
-            repo.path,
-            sort,
-            after,
-            limit,
-        )?))
+    ) -> Stream<FindLocalBranchesResponse> {
+        branches::find_local_branches(&self.node, request.into_inner()).map(Response::new)
+    }
+
+    #[tracing::instrument(skip_all, fields(node = %self.node.name))]
+    async fn find_all_branches(
+        &self,
+        request: Request<FindAllBranchesRequest>,
+    ) -> Stream<FindAllBranchesResponse> {
+        branches::find_all_branches(&self.node, request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    #[tracing::instrument(skip_all, fields(node = %self.node.name))]
+    async fn find_all_remote_branches(
+        &self,
+        request: Request<FindAllRemoteBranchesRequest>,
+    ) -> Stream<FindAllRemoteBranchesResponse> {
+        branches::find_all_remote_branches(&self.node, request.into_inner()).map(Response::new)
+    }
+
+    #[tracing::instrument(skip_all, fields(node = %self.node.name))]
+    async fn list_branch_names_containing_commit(
+        &self,
+        request: Request<ListBranchNamesContainingCommitRequest>,
+    ) -> Stream<ListBranchNamesContainingCommitResponse> {
+        branches::list_branch_names_containing_commit(&self.node, request.into_inner())
+            .map(Response::new)
+    }
+
+    #[tracing::instrument(skip_all, fields(node = %self.node.name))]
+    async fn list_tag_names_containing_commit(
+        &self,
+        request: Request<ListTagNamesContainingCommitRequest>,
+    ) -> Stream<ListTagNamesContainingCommitResponse> {
+        branches::list_tag_names_containing_commit(&self.node, request.into_inner())
+            .map(Response::new)
+    }
+
+    #[tracing::instrument(skip_all, fields(node = %self.node.name))]
+    async fn find_refs_by_oid(
+        &self,
+        request: Request<FindRefsByOidRequest>,
+    ) -> Result<Response<FindRefsByOidResponse>, Status> {
+        branches::find_refs_by_oid(&self.node, request.into_inner())
+            .await
+            .map(Response::new)
     }
 
     /// Mutator. Deletes only refs that exist, each with its current value as the
@@ -293,62 +324,5 @@ impl RefService for RefSvc {
         .await;
         ctx.settle(result).await?;
         Ok(Response::new(UpdateReferencesResponse {}))
-    }
-}
-
-impl RefSvc {
-    /// The ref HEAD points at, or `None` for a detached HEAD.
-    async fn head_target(&self, repo: &RepoPath) -> Result<Option<String>, NodeError> {
-        let (out, exit) = self
-            .node
-            .git
-            .command(["symbolic-ref", "--quiet", "HEAD"])
-            .git_dir(&repo.path)
-            .output(SMALL_OUTPUT)
-            .await?;
-        Ok(exit
-            .answer()?
-            .then(|| String::from_utf8_lossy(&out).trim().to_owned()))
-    }
-
-    async fn default_branch(
-        &self,
-        repo: &RepoPath,
-        head: Option<String>,
-    ) -> Result<String, NodeError> {
-        // At most two branches tell "none", "the only one" and "the first one" apart.
-        let first_two = self.branches(repo, &["--count=2", "refs/heads/"]).await?;
-        if first_two.len() <= 1 {
-            return Ok(first_two.into_iter().next().unwrap_or_default());
-        }
-        let mut wanted: Vec<&str> = Vec::new();
-        if let Some(h) = head.as_deref().filter(|h| h.starts_with("refs/heads/")) {
-            wanted.push(h);
-        }
-        wanted.extend(["refs/heads/main", "refs/heads/master"]);
-        let present = self.branches(repo, &wanted).await?;
-        Ok(wanted
-            .iter()
-            .find(|w| present.iter().any(|p| p == *w))
-            .map(|w| (*w).to_owned())
-            .unwrap_or_else(|| first_two[0].clone()))
-    }
-
-    /// Branch names from `git for-each-ref` with `args` (options, then patterns).
-    async fn branches(&self, repo: &RepoPath, args: &[&str]) -> Result<Vec<String>, NodeError> {
-        let mut cmd = self
-            .node
-            .git
-            .command(["for-each-ref", "--format=%(refname)"])
-            .git_dir(&repo.path);
-        for a in args {
-            cmd = cmd.arg(*a);
-        }
-        let (out, exit) = cmd.output(SMALL_OUTPUT).await?;
-        exit.check()?;
-        Ok(String::from_utf8_lossy(&out)
-            .lines()
-            .map(str::to_owned)
-            .collect())
     }
 }

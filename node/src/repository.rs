@@ -14,6 +14,8 @@ pub(super) mod checksum;
 mod info;
 mod replicate;
 
+pub(crate) use info::hash_len;
+
 use std::path::Path;
 use std::sync::Arc;
 
@@ -21,11 +23,16 @@ use refvote_proto::gitaly::repository_service_server::RepositoryService;
 use refvote_proto::gitaly::{
     CalculateChecksumRequest, CalculateChecksumResponse, CreateBundleRequest, CreateBundleResponse,
     CreateRepositoryFromBundleRequest, CreateRepositoryFromBundleResponse, CreateRepositoryRequest,
-    CreateRepositoryResponse, FindMergeBaseRequest, FindMergeBaseResponse, ObjectFormat,
-    RemoveRepositoryRequest, RemoveRepositoryResponse, ReplicateRepositoryRequest,
-    ReplicateRepositoryResponse, RepositoryExistsRequest, RepositoryExistsResponse,
-    RepositoryInfoRequest, RepositoryInfoResponse, RepositorySizeRequest, RepositorySizeResponse,
-    WriteRefRequest, WriteRefResponse,
+    CreateRepositoryResponse, FindLicenseRequest, FindLicenseResponse, FindMergeBaseRequest,
+    FindMergeBaseResponse, GetArchiveRequest, GetArchiveResponse, GetFileAttributesRequest,
+    GetFileAttributesResponse, GetInfoAttributesRequest, GetInfoAttributesResponse,
+    GetObjectDirectorySizeRequest, GetObjectDirectorySizeResponse, GetSnapshotRequest,
+    GetSnapshotResponse, HasLocalBranchesRequest, HasLocalBranchesResponse, ObjectFormat,
+    ObjectFormatRequest, ObjectFormatResponse, RemoveRepositoryRequest, RemoveRepositoryResponse,
+    ReplicateRepositoryRequest, ReplicateRepositoryResponse, RepositoryExistsRequest,
+    RepositoryExistsResponse, RepositoryInfoRequest, RepositoryInfoResponse, RepositorySizeRequest,
+    RepositorySizeResponse, SearchFilesByContentRequest, SearchFilesByContentResponse,
+    SearchFilesByNameRequest, SearchFilesByNameResponse, WriteRefRequest, WriteRefResponse,
 };
 use tonic::codegen::BoxStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -115,6 +122,7 @@ impl RepositoryService for RepositorySvc {
         tracing::Span::current().record("repo", tracing::field::display(&repo));
         let ctx = WriteContext::from_metadata(&self.node.tx, request.metadata()).await?;
         let result = remove(&repo).await;
+        self.node.reads.evict(&repo.path);
         ctx.settle(result).await?;
         tracing::info!("repository removed");
         Ok(Response::new(RemoveRepositoryResponse {}))
@@ -155,8 +163,129 @@ impl RepositoryService for RepositorySvc {
             .node
             .storages
             .existing(request.get_ref().repository.as_ref())?;
-        let answer = measure(&repo, info::info).await?;
+        let relative = repo.relative.clone();
+        let answer = measure(&repo, move |path| info::info(path, &relative)).await?;
         Ok(Response::new(answer))
+    }
+
+    /// The repository's `info/attributes` file, in 128 KiB pieces; one empty message
+    /// if it has none (Gitaly's answer).
+    #[tracing::instrument(skip_all, fields(node = %self.node.name))]
+    async fn get_info_attributes(
+        &self,
+        request: Request<GetInfoAttributesRequest>,
+    ) -> Result<Response<BoxStream<GetInfoAttributesResponse>>, Status> {
+        use tokio::io::AsyncReadExt;
+        let repo = self
+            .node
+            .storages
+            .existing(request.get_ref().repository.as_ref())?;
+        let path = repo.path.join("info").join("attributes");
+        let mut file = match tokio::fs::File::open(&path).await {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(Response::new(Box::pin(tokio_stream::once(Ok(
+                    GetInfoAttributesResponse::default(),
+                )))));
+            }
+            Err(e) => return Err(NodeError::io(format!("opening {}", path.display()), e).into()),
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            let mut sent = false;
+            loop {
+                let mut buf = vec![0u8; 128 * 1024];
+                let n = match file.read(&mut buf).await {
+                    Ok(n) => n,
+                    Err(e) => {
+                        let _ = tx
+                            .send(Err(NodeError::io("reading info/attributes", e).into()))
+                            .await;
+                        return;
+                    }
+                };
+                if n == 0 {
+                    if !sent {
+                        let _ = tx.send(Ok(GetInfoAttributesResponse::default())).await;
+                    }
+                    return;
+                }
+                buf.truncate(n);
+                sent = true;
+                if tx
+                    .send(Ok(GetInfoAttributesResponse { attributes: buf }))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    /// KiB of the repository's object directory.
+    #[tracing::instrument(skip_all, fields(node = %self.node.name))]
+    async fn get_object_directory_size(
+        &self,
+        request: Request<GetObjectDirectorySizeRequest>,
+    ) -> Result<Response<GetObjectDirectorySizeResponse>, Status> {
+        let repo = self
+            .node
+            .storages
+            .existing(request.get_ref().repository.as_ref())?;
+        let size = measure(&repo, |path| info::size_kib(&path.join("objects"))).await?;
+        Ok(Response::new(GetObjectDirectorySizeResponse { size }))
+    }
+
+    /// Whether any branch exists (`git for-each-ref --count=1 refs/heads/`).
+    #[tracing::instrument(skip_all, fields(node = %self.node.name))]
+    async fn has_local_branches(
+        &self,
+        request: Request<HasLocalBranchesRequest>,
+    ) -> Result<Response<HasLocalBranchesResponse>, Status> {
+        let repo = self
+            .node
+            .storages
+            .existing(request.get_ref().repository.as_ref())?;
+        let (out, exit) = self
+            .node
+            .git
+            .command([
+                "for-each-ref",
+                "--count=1",
+                "--format=%(refname)",
+                "refs/heads/",
+            ])
+            .git_dir(&repo.path)
+            .output(64 * 1024)
+            .await
+            .map_err(NodeError::from)?;
+        exit.check().map_err(NodeError::from)?;
+        Ok(Response::new(HasLocalBranchesResponse {
+            value: !out.trim_ascii().is_empty(),
+        }))
+    }
+
+    /// SHA-1 or SHA-256, from the repository's config.
+    #[tracing::instrument(skip_all, fields(node = %self.node.name))]
+    async fn object_format(
+        &self,
+        request: Request<ObjectFormatRequest>,
+    ) -> Result<Response<ObjectFormatResponse>, Status> {
+        let repo = self
+            .node
+            .storages
+            .existing(request.get_ref().repository.as_ref())?;
+        let format = match hash_len(&repo.path) {
+            64 => ObjectFormat::Sha256,
+            _ => ObjectFormat::Sha1,
+        };
+        Ok(Response::new(ObjectFormatResponse {
+            format: format as i32,
+        }))
     }
 
     /// Gitaly answers an empty base when git finds none or cannot resolve a revision.
@@ -344,9 +473,59 @@ impl RepositoryService for RepositorySvc {
             Ok::<(), Status>(())
         }
         .await;
+        // What the pool's processes hold of the old state goes with it.
+        self.node.reads.evict(&target.path);
         ctx.settle(result).await?;
         tracing::info!("repository replicated");
         Ok(Response::new(ReplicateRepositoryResponse {}))
+    }
+
+    #[tracing::instrument(skip_all, fields(node = %self.node.name))]
+    async fn get_archive(
+        &self,
+        request: Request<GetArchiveRequest>,
+    ) -> Result<Response<BoxStream<GetArchiveResponse>>, Status> {
+        crate::archive::get_archive(&self.node, request.into_inner()).await
+    }
+
+    #[tracing::instrument(skip_all, fields(node = %self.node.name))]
+    async fn get_snapshot(
+        &self,
+        request: Request<GetSnapshotRequest>,
+    ) -> Result<Response<BoxStream<GetSnapshotResponse>>, Status> {
+        crate::snapshot::get_snapshot(&self.node, request.into_inner()).await
+    }
+
+    #[tracing::instrument(skip_all, fields(node = %self.node.name))]
+    async fn find_license(
+        &self,
+        request: Request<FindLicenseRequest>,
+    ) -> Result<Response<FindLicenseResponse>, Status> {
+        crate::license::find_license(&self.node, request.into_inner()).await
+    }
+
+    #[tracing::instrument(skip_all, fields(node = %self.node.name))]
+    async fn get_file_attributes(
+        &self,
+        request: Request<GetFileAttributesRequest>,
+    ) -> Result<Response<GetFileAttributesResponse>, Status> {
+        crate::attributes::get_file_attributes(&self.node, request.into_inner()).await
+    }
+
+    #[tracing::instrument(skip_all, fields(node = %self.node.name))]
+    async fn search_files_by_name(
+        &self,
+        request: Request<SearchFilesByNameRequest>,
+    ) -> Result<Response<BoxStream<SearchFilesByNameResponse>>, Status> {
+        crate::search::by_name(&self.node, request.into_inner()).await
+    }
+
+    #[tracing::instrument(skip_all, fields(node = %self.node.name))]
+    async fn search_files_by_content(
+        &self,
+        request: Request<SearchFilesByContentRequest>,
+    ) -> Result<Response<BoxStream<SearchFilesByContentResponse>>, Status> {
+        crate::search::by_content(&self.node, request.into_inner()).await
     }
 }
 
@@ -468,7 +647,7 @@ impl RepositorySvc {
 /// Runs `f` (a walk of the repository's files) off the async runtime.
 async fn measure<T: Send + 'static>(
     repo: &RepoPath,
-    f: fn(&Path) -> std::io::Result<T>,
+    f: impl FnOnce(&Path) -> std::io::Result<T> + Send + 'static,
 ) -> Result<T, NodeError> {
     let path = repo.path.clone();
     tokio::task::spawn_blocking(move || f(&path))

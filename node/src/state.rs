@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use refvote_auth::Secret;
 
+use crate::engine::ReadEngine;
 use crate::git::Git;
 use crate::gitlab::GitlabSide;
 use crate::repolock::RepoLocks;
@@ -17,6 +18,8 @@ pub struct NodeState {
     pub name: String,
     pub storages: Storages,
     pub git: Git,
+    /// Object lookups through pooled `git cat-file` processes.
+    pub reads: ReadEngine,
     pub tx: TxSettings,
     /// Orders ref-writing git runs against maintenance and repair.
     pub locks: RepoLocks,

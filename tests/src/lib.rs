@@ -30,6 +30,7 @@ pub mod local;
 pub mod metrics;
 pub mod node;
 pub mod proc;
+pub mod reads;
 pub mod router;
 pub mod seaweed;
 pub mod smarthttp;

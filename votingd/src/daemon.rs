@@ -11,6 +11,7 @@ use refvote_cluster::Store;
 use refvote_cluster::reaper::{self, ReaperConfig};
 use refvote_cluster::records::NodeRecord;
 use refvote_cluster::session::Session;
+use refvote_node::engine::{Limits as ReadLimits, ReadEngine};
 use refvote_node::git::Git;
 use refvote_node::storage::Storages;
 use refvote_node::tx::TxSettings;
@@ -164,14 +165,16 @@ impl Daemon {
         );
         let node_server = match incoming {
             Some(incoming) => {
+                let git = Git::new(
+                    config.git.bin_path.clone(),
+                    config.git_timeout(),
+                    config.vote.hooks_dir.clone(),
+                );
                 let state = Arc::new(NodeState {
                     name: config.node_name.clone(),
                     storages,
-                    git: Git::new(
-                        config.git.bin_path.clone(),
-                        config.git_timeout(),
-                        config.vote.hooks_dir.clone(),
-                    ),
+                    reads: ReadEngine::new(git.clone(), ReadLimits::default()),
+                    git,
                     tx: TxSettings {
                         store: store.clone(),
                         node: config.node_name.clone(),

@@ -1,53 +1,85 @@
-//! CheckObjectsExist: whether each revision a stream of requests names resolves to an
-//! object, answered per request message (Rails asks it for a push's new objects, on its
-//! quarantine, while GitLab checks the push).
+//! CheckObjectsExist: whether each revision of a stream of requests names an object,
+//! answered through the read engine (one `info` per revision, batched), in the order
+//! asked. Only the first request names the repository, as in Gitaly. A request that
+//! names a push's quarantine (Rails asks for a push's new objects while GitLab checks
+//! it) is answered by a `git cat-file` of its own that sees the quarantine: the
+//! engine's pooled processes see only the repository's own objects.
 
-use refvote_proto::gitaly::{
-    CheckObjectsExistRequest, CheckObjectsExistResponse, check_objects_exist_response,
-};
+use refvote_proto::gitaly::check_objects_exist_response::RevisionExistence;
+use refvote_proto::gitaly::{CheckObjectsExistRequest, CheckObjectsExistResponse};
 use tonic::codegen::BoxStream;
 use tonic::{Status, Streaming};
 
-use crate::catfile::CatFile;
-use crate::error::NodeError;
+use crate::engine::WINDOW;
+use crate::refs::names;
+use crate::respond::{Batches, stream_from};
 use crate::state::NodeState;
 
 pub async fn check_objects_exist(
     node: &NodeState,
-    mut stream: Streaming<CheckObjectsExistRequest>,
+    mut requests: Streaming<CheckObjectsExistRequest>,
 ) -> Result<BoxStream<CheckObjectsExistResponse>, Status> {
-    let Some(first) = stream.message().await? else {
-        return Err(NodeError::invalid("empty request stream: send the repository first").into());
+    let Some(first) = requests.message().await? else {
+        return Err(Status::invalid_argument("empty request stream"));
     };
     let repo = node.storages.existing(first.repository.as_ref())?;
-    let mut cat = CatFile::start(&node.git, &repo)?;
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    let answers = tx.clone();
-    let work = async move {
+    if repo.quarantine.is_some() {
+        return in_quarantine(node, &repo, first, requests);
+    }
+    let mut reader = node.reads.reader(&repo).await?;
+    Ok(stream_from(move |tx| async move {
+        let mut out = Batches::new(tx, |revisions| CheckObjectsExistResponse { revisions });
         let mut next = Some(first);
         while let Some(req) = next {
-            let mut revisions = Vec::with_capacity(req.revisions.len());
+            for window in req.revisions.chunks(WINDOW) {
+                let mut asked = Vec::with_capacity(window.len());
+                for r in window {
+                    let rev = names::revision("revision", r)
+                        .map_err(|e| Status::invalid_argument(format!("invalid revision: {e}")))?;
+                    asked.push(rev.to_owned());
+                }
+                let found = reader.infos(&asked).await?;
+                for (name, info) in window.iter().zip(found) {
+                    let answer = RevisionExistence {
+                        name: name.clone(),
+                        exists: info.is_some(),
+                    };
+                    if out.push(answer).await.is_err() {
+                        return Ok(());
+                    }
+                }
+            }
+            next = requests.message().await?;
+        }
+        let _ = out.finish().await;
+        Ok(())
+    }))
+}
+
+/// CheckObjectsExist on a push's quarantine: one `git cat-file` run with the
+/// quarantine's environment, one header lookup per revision.
+fn in_quarantine(
+    node: &NodeState,
+    repo: &crate::storage::RepoPath,
+    first: CheckObjectsExistRequest,
+    mut requests: Streaming<CheckObjectsExistRequest>,
+) -> Result<BoxStream<CheckObjectsExistResponse>, Status> {
+    let mut cat = crate::catfile::CatFile::start(&node.git, repo)?;
+    Ok(stream_from(move |tx| async move {
+        let mut out = Batches::new(tx, |revisions| CheckObjectsExistResponse { revisions });
+        let mut next = Some(first);
+        while let Some(req) = next {
             for name in req.revisions {
-                let rev = crate::refs::names::revision("revision", &name)
+                let rev = names::revision("revision", &name)
                     .map_err(|e| Status::invalid_argument(format!("invalid revision: {e}")))?;
                 let exists = cat.header(rev).await?.is_some();
-                revisions.push(check_objects_exist_response::RevisionExistence { name, exists });
+                if out.push(RevisionExistence { name, exists }).await.is_err() {
+                    return Ok(());
+                }
             }
-            if tx
-                .send(Ok(CheckObjectsExistResponse { revisions }))
-                .await
-                .is_err()
-            {
-                return Ok(());
-            }
-            next = stream.message().await?;
+            next = requests.message().await?;
         }
-        Ok::<(), Status>(())
-    };
-    tokio::spawn(async move {
-        if let Err(status) = work.await {
-            let _ = answers.send(Err(status)).await;
-        }
-    });
-    Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
+        let _ = out.finish().await;
+        Ok(())
+    }))
 }

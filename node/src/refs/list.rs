@@ -1,18 +1,16 @@
-//! Listings that grow with the repository (ListRefs, FindLocalBranches): git's output
-//! is read line by line and sent in pages, never collected whole.
+//! ListRefs, the listing that grows with the repository: git's output is read line by
+//! line and sent in pages, never collected whole.
 
 use std::path::PathBuf;
 
 use refvote_proto::gitaly::list_refs_request::sort_by::Key;
 use refvote_proto::gitaly::{
-    Branch, FindLocalBranchesResponse, ListRefsRequest, ListRefsResponse, SortDirection,
-    list_refs_response::Reference,
+    ListRefsRequest, ListRefsResponse, SortDirection, list_refs_response::Reference,
 };
 use tokio::sync::mpsc;
 use tonic::Status;
 use tonic::codegen::BoxStream;
 
-use super::objects;
 use crate::error::NodeError;
 use crate::git::{Git, Run};
 
@@ -208,95 +206,4 @@ pub fn list_refs(
         }
     });
     Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
-}
-
-/// FindLocalBranches: branches in pages, each with its commit. `after` is the page
-/// token (a full ref name), `limit` negative for no limit.
-pub fn local_branches(
-    git: &Git,
-    repo: PathBuf,
-    sort: &str,
-    after: Option<String>,
-    limit: i64,
-) -> Result<BoxStream<FindLocalBranchesResponse>, NodeError> {
-    let run = git
-        .command(["for-each-ref", "--format=%(refname)%00%(objectname)"])
-        .arg(format!("--sort={sort}"))
-        .arg("refs/heads/")
-        .git_dir(&repo)
-        .spawn()?;
-    let git = git.clone();
-    let (tx, rx) = mpsc::channel::<Result<FindLocalBranchesResponse, Status>>(1);
-    tokio::spawn(async move {
-        let result = branch_pages(&git, &repo, Lines::new(run), after, limit, &tx).await;
-        if let Err(e) = result {
-            let _ = tx.send(Err(e.into())).await;
-        }
-    });
-    Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
-}
-
-/// Sends FindLocalBranches' pages: skips to the token, stops at the limit, reads each
-/// page's commits with one cat-file run.
-async fn branch_pages(
-    git: &Git,
-    repo: &std::path::Path,
-    mut lines: Lines,
-    after: Option<String>,
-    limit: i64,
-    tx: &mpsc::Sender<Result<FindLocalBranchesResponse, Status>>,
-) -> Result<(), NodeError> {
-    let mut skipping = after.is_some();
-    let mut sent: i64 = 0;
-    let mut batch: Vec<(Vec<u8>, String)> = Vec::new();
-    loop {
-        let line = lines.next().await?;
-        let at_end = line.is_none() || (limit >= 0 && sent >= limit);
-        if let Some(line) = line.as_ref().filter(|_| !at_end) {
-            let Some(i) = line.iter().position(|b| *b == 0) else {
-                continue;
-            };
-            let (name, oid) = (&line[..i], &line[i + 1..]);
-            if skipping {
-                if after.as_deref().map(str::as_bytes) == Some(name) {
-                    skipping = false;
-                }
-                continue;
-            }
-            sent += 1;
-            batch.push((name.to_vec(), String::from_utf8_lossy(oid).into_owned()));
-        }
-        if skipping && at_end {
-            return Err(NodeError::invalid(format!(
-                "could not find page token {:?}: it must be the full name of an existing branch",
-                after.unwrap_or_default()
-            )));
-        }
-        if batch.len() >= objects::BATCH || (at_end && !batch.is_empty()) {
-            let page = std::mem::take(&mut batch);
-            let oids: Vec<String> = page.iter().map(|(_, o)| o.clone()).collect();
-            let commits = objects::read(git, repo, &oids).await?;
-            let local_branches = page
-                .into_iter()
-                .zip(commits)
-                .map(|((name, _), c)| Branch {
-                    name,
-                    target_commit: c
-                        .as_ref()
-                        .filter(|o| o.kind == "commit")
-                        .map(objects::commit),
-                })
-                .collect();
-            if tx
-                .send(Ok(FindLocalBranchesResponse { local_branches }))
-                .await
-                .is_err()
-            {
-                return Ok(()); // the client went away
-            }
-        }
-        if at_end {
-            return Ok(());
-        }
-    }
 }

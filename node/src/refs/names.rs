@@ -75,6 +75,22 @@ pub fn revision<'a>(what: &str, raw: &'a [u8]) -> Result<&'a str, NodeError> {
     }
 }
 
+/// A revision that may name a path in it (`rev:path`, Gitaly's
+/// `git.AllowPathScopedRevision`): the part before the first ':' must pass
+/// [`revision`], and the whole has no NUL.
+pub fn path_scoped_revision<'a>(what: &str, raw: &'a [u8]) -> Result<&'a str, NodeError> {
+    let text =
+        std::str::from_utf8(raw).map_err(|_| NodeError::invalid(format!("{what} is not UTF-8")))?;
+    let rev = text.split_once(':').map_or(text, |(r, _)| r);
+    revision(what, rev.as_bytes())?;
+    if text.contains('\0') {
+        return Err(NodeError::invalid(format!(
+            "{what} {text:?} can't contain NUL"
+        )));
+    }
+    Ok(text)
+}
+
 /// Whether `oid` is a full hex object id of `len` characters.
 pub fn is_oid(oid: &str, len: usize) -> bool {
     oid.len() == len && oid.bytes().all(|b| b.is_ascii_hexdigit())
@@ -170,6 +186,46 @@ async fn scan(
     }
     run.wait().await?.check()?;
     Ok(found)
+}
+
+/// Gitaly's pseudo-revisions (`git.AllowPseudoRevision`), accepted as they are where
+/// a revision list allows them.
+pub fn is_pseudo_revision(rev: &[u8]) -> bool {
+    matches!(
+        rev,
+        b"--all" | b"--not" | b"--branches" | b"--tags" | b"--alternate-refs"
+    ) || rev.starts_with(b"--branches=")
+        || rev.starts_with(b"--tags=")
+        || rev.starts_with(b"--glob=")
+}
+
+/// A revision of a revision list: a pseudo-revision, or one [`revision`] accepts.
+pub fn revision_or_pseudo(raw: &[u8]) -> Result<&str, NodeError> {
+    if is_pseudo_revision(raw) {
+        return std::str::from_utf8(raw).map_err(|_| NodeError::invalid("revision is not UTF-8"));
+    }
+    revision("revision", raw)
+}
+
+/// Like [`revision_or_pseudo`], and a `rev:path` is judged by its revision
+/// (`git.AllowPathScopedRevision`).
+pub fn path_revision_or_pseudo(raw: &[u8]) -> Result<&str, NodeError> {
+    if is_pseudo_revision(raw) {
+        return std::str::from_utf8(raw).map_err(|_| NodeError::invalid("revision is not UTF-8"));
+    }
+    let text = std::str::from_utf8(raw).map_err(|_| NodeError::invalid("revision is not UTF-8"))?;
+    let rev = text.split_once(':').map_or(text, |(r, _)| r);
+    if rev.is_empty() && text.contains(':') {
+        // ":path" names the index, which a bare repository has not.
+        return Err(NodeError::invalid(format!("revision {text:?} is empty")));
+    }
+    revision("revision", rev.as_bytes())?;
+    if text.contains('\0') {
+        return Err(NodeError::invalid(format!(
+            "revision {text:?} can't contain NUL"
+        )));
+    }
+    Ok(text)
 }
 
 #[cfg(test)]
