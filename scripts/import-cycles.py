@@ -142,7 +142,7 @@ class Crate:
         out = {m: set() for m in self.mods}
         for m, code in self.code.items():
             paths = []
-            for stmt in re.findall(r"\buse\s+([^;]+);", code, re.S):
+            for stmt in re.findall(r"(?m)^\s*(?:pub(?:\([^)]*\))?\s+)?use\s+([^;]+);", code):
                 paths.extend(expand(stmt))
             for hit in re.finditer(r"(?<![\w:])((?:crate|super|self)(?:::\w+)+)", code):
                 paths.append(hit.group(1).split("::"))

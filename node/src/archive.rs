@@ -23,7 +23,7 @@ use tonic::codegen::BoxStream;
 use tonic::{Response, Status};
 
 use crate::catfile::CatFile;
-use crate::diff::with_config;
+use crate::diff::run::with_config;
 use crate::error::NodeError;
 use crate::refs::names;
 use crate::state::NodeState;

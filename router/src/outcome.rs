@@ -316,7 +316,14 @@ mod tests {
             leg("node3", answered(None)),
         ];
         let absent = [("node2".to_owned(), "its node holds no lease".to_owned())];
-        let Err(err) = answer(&tx, Ok(outcome), results, &absent, "/gitaly.SmartHTTPService/PostReceivePack", &[]) else {
+        let Err(err) = answer(
+            &tx,
+            Ok(outcome),
+            results,
+            &absent,
+            "/gitaly.SmartHTTPService/PostReceivePack",
+            &[],
+        ) else {
             panic!("a refused write answered")
         };
         let status = Status::from(err);

@@ -19,6 +19,7 @@ use crate::records::TxRecord;
 
 pub mod begin;
 pub mod finalize;
+pub mod key;
 pub mod repair;
 pub mod verdict;
 pub mod vote;

@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 use crate::records::{Decision, TxRecord, VerdictRecord};
 use crate::repository::RepoView;
 
-use super::vote::KeyView;
+use super::key::KeyView;
 
 /// The voter of `voters` (in record order) that runs GitLab's checks for transaction
 /// `id`: deterministic, so it can be recomputed for a check, and spread over the voters

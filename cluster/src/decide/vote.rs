@@ -4,56 +4,12 @@
 //! shows (a vote, a report, a lease lost, the transaction gone) or on the voter's own
 //! deadline, which makes it abort without a decision.
 
-use std::collections::{BTreeMap, BTreeSet};
-
 use crate::error::Error;
-use crate::quorum::{self, KeyState};
+use crate::quorum;
 use crate::records::{Decision, TxRecord, VerdictRecord};
 
+pub use super::key::KeyView;
 use super::verdict::{self, Gate};
-
-/// What is known about one vote key of one transaction: read at one revision, then
-/// kept current from a watch, so a waiting vote never re-reads.
-#[derive(Debug, Clone, Default)]
-pub struct KeyView {
-    /// The transaction's record; `None` once it was finalized (or never existed).
-    pub record: Option<TxRecord>,
-    /// The creator's lease holds (`tx/<id>/alive` exists).
-    pub alive: bool,
-    /// Voters whose node began the transaction's RPC.
-    pub started: BTreeSet<String>,
-    /// Voters reported done (by themselves, or failed by someone else).
-    pub done: BTreeSet<String>,
-    /// node → lease its registration has now (absent: no registration).
-    pub node_leases: BTreeMap<String, i64>,
-    pub key: KeyState,
-    /// A stored abort decision (`decided/<key>`; commits are never written).
-    pub aborted: Option<Decision>,
-    /// GitLab's verdict, in a gated transaction ([`verdict`]).
-    pub verdict: Option<VerdictRecord>,
-}
-
-impl KeyView {
-    /// Voters that can no longer vote: done, failed (their node lost the lease it had
-    /// when the transaction began), or never started by the time the creator died
-    /// (a voter not started then never will be: `started` is refused once the creator's
-    /// lease is gone).
-    pub fn finished(&self) -> BTreeSet<String> {
-        let Some(record) = &self.record else {
-            return BTreeSet::new();
-        };
-        record
-            .voters
-            .iter()
-            .filter(|v| {
-                self.done.contains(*v)
-                    || !super::holds_lease(record, v, self.node_leases.get(*v).copied())
-                    || (!self.alive && !self.started.contains(*v))
-            })
-            .cloned()
-            .collect()
-    }
-}
 
 /// The record `voter`'s vote on the key of `view` counts in, or why it does not: the
 /// transaction is unknown (finished or never created), `voter` is none of its voters,
@@ -152,6 +108,10 @@ pub fn next(view: &KeyView, voter: &str) -> Next {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
+    use crate::quorum::KeyState;
+
     use super::super::fixtures::{abort, leases, record, set};
     use super::*;
 

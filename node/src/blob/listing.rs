@@ -10,9 +10,9 @@ use tonic::Status;
 use tonic::codegen::BoxStream;
 
 use crate::catfile::CatFile;
-use crate::commit::{DATA_CHUNK, stream_from};
 use crate::error::NodeError;
 use crate::git::Run;
+use crate::respond::{DATA_CHUNK, stream_from};
 use crate::state::NodeState;
 
 /// Largest blob that can be a Git LFS pointer (Gitaly's bound).

@@ -18,7 +18,7 @@ use tonic::Status;
 use tonic::codegen::BoxStream;
 
 use super::parse::{Diff, Limits, quote_path};
-use super::{DiffRun, MSG_SIZE, send_all};
+use super::run::{DiffRun, MSG_SIZE, send_all};
 use crate::catfile::{self, CatFile};
 use crate::error::NodeError;
 use crate::quarantine::Quarantine;
@@ -322,7 +322,7 @@ async fn diff_pair(
     if let Some(q) = quarantine {
         cmd = q.apply(cmd);
     }
-    let cmd = super::with_config(cmd, super::DIFF_CONFIG);
+    let cmd = super::run::with_config(cmd, super::run::DIFF_CONFIG);
     // Blob pairs follow Gitaly's diff parser (limit capped, `>=`); raw entries its
     // patch parser (no cap, `>`).
     let limits = if patch_limit > 0 && !raw_mode {

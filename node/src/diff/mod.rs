@@ -23,6 +23,7 @@ mod blobs;
 mod changed;
 pub(crate) mod numstat;
 pub(crate) mod parse;
+pub(crate) mod run;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -39,17 +40,17 @@ use tonic::codegen::BoxStream;
 use tonic::{Request, Response, Status};
 
 use crate::error::NodeError;
-use crate::git::{Command, Git, Run};
+use crate::git::Git;
 use crate::refs::names;
 use crate::respond::stream_from;
 use crate::state::NodeState;
 use crate::storage::RepoPath;
 use crate::stream::stdout_stream;
-use parse::{Diff, Limits, Parser};
+use parse::{Diff, Limits};
+use run::{
+    DIFF_CONFIG, DiffRun, MSG_SIZE, exit_as_precondition, parse_error, send_all, with_config,
+};
 
-/// Patch bytes per message (Gitaly's `msgSizeThreshold`), also the CommitDelta batch
-/// size.
-pub(crate) const MSG_SIZE: usize = 5 * 1024;
 /// DiffStats entries per message.
 const STATS_PER_MESSAGE: usize = 1000;
 /// Bound on small outputs read whole (a patch id).
@@ -64,25 +65,6 @@ impl DiffSvc {
         DiffSvc { node }
     }
 }
-
-/// Config for one git run through the environment (`GIT_CONFIG_COUNT`), which wins
-/// over the repository's config: output formats the parsers rely on.
-pub(crate) fn with_config(mut cmd: Command, pairs: &[(&str, &str)]) -> Command {
-    cmd = cmd.env("GIT_CONFIG_COUNT", pairs.len().to_string());
-    for (i, (k, v)) in pairs.iter().enumerate() {
-        cmd = cmd
-            .env(&format!("GIT_CONFIG_KEY_{i}"), *k)
-            .env(&format!("GIT_CONFIG_VALUE_{i}"), *v);
-    }
-    cmd
-}
-
-/// What `git diff` must print for the parsers: `a/`/`b/` prefixes, quoted paths.
-const DIFF_CONFIG: &[(&str, &str)] = &[
-    ("diff.noprefix", "false"),
-    ("diff.mnemonicPrefix", "false"),
-    ("core.quotePath", "true"),
-];
 
 /// A commit id of a diff request: `field` names it in errors the way Gitaly does
 /// ("empty LeftCommitId"). Option-like, ranged or NUL-carrying revisions are refused.
@@ -122,77 +104,6 @@ pub(crate) fn pathspecs(paths: &[Vec<u8>]) -> Result<Vec<String>, NodeError> {
         .collect()
 }
 
-/// git's diff output read file by file.
-pub(crate) struct DiffRun {
-    run: Option<Run>,
-    parser: Parser,
-    ended: bool,
-    /// Prefix of the message when git fails (Gitaly's wording: "eachDiff: ").
-    what: &'static str,
-}
-
-impl DiffRun {
-    pub(crate) fn new(run: Run, limits: Limits, what: &'static str) -> DiffRun {
-        DiffRun {
-            run: Some(run),
-            parser: Parser::new(limits.capped()),
-            ended: false,
-            what,
-        }
-    }
-
-    /// The next file; `None` at the end (or once a limit stopped the diff).
-    pub(crate) async fn next(&mut self) -> Result<Option<Diff>, NodeError> {
-        loop {
-            if let Some(d) = self.parser.next_diff() {
-                return Ok(Some(d));
-            }
-            if self.ended || self.parser.finished() {
-                return Ok(None);
-            }
-            let run = self.run.as_mut().expect("present until the end");
-            match run.chunk().await {
-                Some(chunk) => self.parser.feed(&chunk?).map_err(parse_error)?,
-                None => {
-                    self.parser.finish().map_err(parse_error)?;
-                    self.ended = true;
-                }
-            }
-        }
-    }
-
-    /// How git ended: its failure (an unknown revision) as FAILED_PRECONDITION, as
-    /// Gitaly answers it. Stopped early by a limit, git is killed and that is fine.
-    pub(crate) async fn finish(mut self) -> Result<(), NodeError> {
-        let Some(run) = self.run.take() else {
-            return Ok(());
-        };
-        if !self.ended {
-            drop(run);
-            return Ok(());
-        }
-        exit_as_precondition(run, self.what).await
-    }
-}
-
-/// Waits for git and turns a non-zero exit into Gitaly's FAILED_PRECONDITION
-/// ("exit status 128"), with git's own words after it.
-pub(crate) async fn exit_as_precondition(run: Run, what: &str) -> Result<(), NodeError> {
-    let exit = run.wait().await?;
-    if exit.success() {
-        return Ok(());
-    }
-    Err(NodeError::FailedPrecondition(format!(
-        "{what}exit status {}: {}",
-        exit.code().unwrap_or(-1),
-        exit.stderr.trim()
-    )))
-}
-
-fn parse_error(e: parse::ParseError) -> NodeError {
-    NodeError::io("reading git's diff output", std::io::Error::other(e))
-}
-
 /// A file as CommitDiff messages: the first with every field, the patch in
 /// [`MSG_SIZE`] pieces, `end_of_patch` on the last.
 fn commit_diff_messages(d: Diff) -> Vec<CommitDiffResponse> {
@@ -230,16 +141,6 @@ fn commit_diff_messages(d: Diff) -> Vec<CommitDiffResponse> {
         out.push(m);
     }
     out
-}
-
-/// Sends every message; false if the client went away.
-async fn send_all<T>(tx: &mpsc::Sender<Result<T, Status>>, messages: Vec<T>) -> bool {
-    for m in messages {
-        if tx.send(Ok(m)).await.is_err() {
-            return false;
-        }
-    }
-    true
 }
 
 /// The numstat entries of `left..right` for `paths` (all files when empty).
