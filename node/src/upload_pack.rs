@@ -176,10 +176,10 @@ fn outcome(
         return Ok(());
     }
     match rpc {
-        // A client that hung up mid-fetch (killed its git) is no server failure.
-        FetchRpc::SshUploadPack
-            if stderr.trim_end() == "fatal: the remote end hung up unexpectedly" =>
-        {
+        // A client that hung up mid-fetch (killed its git), or whose data git could not
+        // read as pkt-lines (cut off or garbled: git may see the bytes before the feed
+        // sees the stream end), is no server failure.
+        FetchRpc::SshUploadPack if client_side_failure(stderr) => {
             Err(Status::cancelled("user canceled the request"))
         }
         FetchRpc::SshUploadPack => Err(Status::internal(format!(
@@ -193,6 +193,14 @@ fn outcome(
             stderr.trim()
         ))),
     }
+}
+
+/// Whether git upload-pack's `stderr` says the client's data ended or broke, rather
+/// than the repository or git failing.
+fn client_side_failure(stderr: &str) -> bool {
+    let last = stderr.trim_end().lines().last().unwrap_or("");
+    last == "fatal: the remote end hung up unexpectedly"
+        || last.starts_with("fatal: protocol error: bad line length")
 }
 
 fn to_proto(s: NegotiationStats) -> PackfileNegotiationStatistics {
@@ -223,6 +231,9 @@ mod tests {
         let hung_up = "fatal: the remote end hung up unexpectedly\n";
         assert!(outcome(FetchRpc::SshUploadPack, true, "", &none).is_ok());
         let e = outcome(FetchRpc::SshUploadPack, false, hung_up, &none).unwrap_err();
+        assert_eq!(e.code(), Code::Cancelled);
+        let cut = "fatal: protocol error: bad line length character: want\n";
+        let e = outcome(FetchRpc::SshUploadPack, false, cut, &none).unwrap_err();
         assert_eq!(e.code(), Code::Cancelled);
         let e = outcome(FetchRpc::SshUploadPack, false, "fatal: bad object", &none).unwrap_err();
         assert_eq!(e.code(), Code::Internal);
