@@ -1,7 +1,9 @@
 //! The repair worker every router runs (DESIGN.md §4). It lists the repair jobs in
 //! etcd, claims one under the router's lease, reads the repository's generation
 //! linearizably, has the outdated node copy the repository from an up-to-date replica
-//! on a live node (`ReplicateRepository`), and records the copy up to date only if that
+//! on a live node (`ReplicateRepository`) unless it already holds the repository's
+//! generation (its checksum is the one recorded for it: then no copy, and no source, is
+//! needed), and records the replica up to date only if that
 //! generation is still the repository's (one fenced etcd txn, see
 //! [`refvote_cluster::repair`]). When writes keep moving the generation, the last try
 //! takes the repository's write lock for a bounded time, drains its open transactions
@@ -14,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use refvote_cluster::Store;
+use refvote_cluster::decide::repair::holds_generation;
 use refvote_cluster::lock::RepoLock;
 use refvote_cluster::records::now_unix_ms;
 use refvote_cluster::repair::{Claim, Finish, RepairJob, RepairPlan};
@@ -294,6 +297,37 @@ impl Worker {
         Ok(false)
     }
 
+    /// The target's checksum when it already holds the plan's generation
+    /// ([`holds_generation`]): nothing to copy, and none needed from a source (there
+    /// may be none).
+    async fn holds_generation(
+        &self,
+        plan: &RepairPlan,
+        claim: &Claim,
+    ) -> Result<Option<String>, RepairError> {
+        let Some((target, _)) = &plan.target else {
+            return Ok(None);
+        };
+        if target.generation != plan.generation() || target.checksum.is_empty() {
+            return Ok(None);
+        }
+        let live = checksum(
+            &self.pool,
+            &plan.view,
+            &claim.node,
+            &claim.repo.relative_path,
+        )
+        .await?;
+        if !holds_generation(target, plan.generation(), &live) {
+            return Ok(None);
+        }
+        tracing::info!(
+            generation = plan.generation(),
+            "the replica holds the repository's generation already; recording it without a copy"
+        );
+        Ok(Some(live))
+    }
+
     /// Has the target copy the repository from an up-to-date source; returns the
     /// target's checksum after the copy.
     async fn copy(
@@ -302,6 +336,9 @@ impl Worker {
         claim: &Claim,
         timeout: Duration,
     ) -> Result<String, RepairError> {
+        if let Some(live) = self.holds_generation(plan, claim).await? {
+            return Ok(live);
+        }
         let sources = plan.sources(&claim.node);
         if sources.is_empty() {
             return Err(RepairError::NoSource);

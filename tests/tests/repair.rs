@@ -573,3 +573,81 @@ async fn a_repair_that_loses_etcd_after_its_copy_is_taken_again() -> anyhow::Res
     );
     Ok(())
 }
+
+/// Every replica outdated at the repository's generation, none left to copy from (what
+/// an etcd outage leaves when late votes form a majority nobody confirmed): those whose
+/// refs are still what their records' checksums say are recorded up to date without a
+/// copy, and one changed on disk behind the cluster's back is then copied from them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_all_outdated_but_intact_are_restored_without_a_source() -> anyhow::Result<()> {
+    let c = Fixture::nodes(3).seeded("p.git").router().start().await?;
+    let (router, id) = (&c.routers[0], c.repo_id("p.git"));
+    let work = c.work("w")?;
+    work.commit("main", "one")?;
+    let url = router.http_url("p.git");
+    let out = git::push(&work.path, std::path::Path::new(&url), &["main"], &[]).await?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let view = c.store.repo_view(&id).await?;
+    let generation = view.record.generation;
+    let before = checksums(&c, "p.git").await?;
+    for (node, (rep, _)) in &view.replicas {
+        assert!(rep.is_up_to_date(&view.record), "{view:?}");
+        assert!(
+            !rep.checksum.is_empty(),
+            "{node}: a lone write records its checksum"
+        );
+    }
+
+    // node3's branch moves behind the cluster's back, then every replica is outdated.
+    let node3 = c.node("node3").repo("p.git");
+    let moved = std::process::Command::new("git")
+        .arg("-C")
+        .arg(&node3)
+        .args(["update-ref", "refs/heads/main", "refs/heads/main~1"])
+        .status()?;
+    assert!(moved.success());
+    assert_ne!(checksums(&c, "p.git").await?[2], before[2]);
+    for node in c.node_names() {
+        c.store
+            .mark_outdated(&id, &node, "test: may hold an update no replica confirmed")
+            .await?;
+    }
+
+    wait_until(
+        "every replica up to date",
+        Duration::from_secs(30),
+        || async {
+            let mut all = true;
+            for node in c.node_names() {
+                all &= up_to_date(&c, &id, &node).await;
+            }
+            all
+        },
+    )
+    .await
+    .map_err(|e| e.context(router.log_tail(40)))?;
+    assert_eq!(checksums(&c, "p.git").await?, before, "node3 copied back");
+    let view = c.store.repo_view(&id).await?;
+    assert_eq!(view.record.generation, generation, "no write happened");
+    let epochs: Vec<u64> = ["node1", "node2", "node3"]
+        .iter()
+        .map(|n| view.replicas[*n].0.repair_epoch)
+        .collect();
+    assert!(
+        epochs.iter().all(|e| *e >= 1),
+        "each was repaired: {epochs:?}"
+    );
+    assert!(c.store.repair_jobs().await?.is_empty());
+    let log = router.log_tail(400);
+    assert_eq!(
+        log.matches("holds the repository's generation already")
+            .count(),
+        2,
+        "node1 and node2 without a copy, node3 by one: {log}"
+    );
+    Ok(())
+}

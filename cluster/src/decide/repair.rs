@@ -40,6 +40,20 @@ pub fn copied(
     }
 }
 
+/// Whether `target` already holds the repository at `generation`, so its repair needs
+/// no copy: its record is at that generation with a checksum, and the checksum of what
+/// it holds now (`live`) is that one. A replica outdated only because it *may* hold an
+/// update no replica confirmed (its votes landed late, after git had given up and
+/// applied nothing) is in this state; when every replica is, there is no source to copy
+/// from, and without this the repository would wait for an operator although every
+/// replica holds exactly its last committed state. Recording it is fenced like a copy:
+/// a write after the plan moves the generation or opens a transaction, and etcd
+/// refuses the record. An empty recorded checksum (none was known to hold at the last
+/// write) never matches.
+pub fn holds_generation(target: &ReplicaRecord, generation: u64, live: &str) -> bool {
+    target.generation == generation && !target.checksum.is_empty() && target.checksum == live
+}
+
 /// The job after a failed attempt at `now_unix_ms`: one more attempt counted, why it
 /// failed, and no worker tries again before its [`backoff`].
 pub fn failed_attempt(job: &JobRecord, error: &str, now_unix_ms: u64) -> JobRecord {
@@ -102,6 +116,23 @@ mod tests {
         let rec = copied(None, "d", 9, "sum");
         assert_eq!((rec.state, rec.generation), (ReplicaState::UpToDate, 9));
         assert_eq!((rec.repair_epoch, rec.node.as_str()), (0, "d"));
+    }
+
+    #[test]
+    fn a_replica_whose_checksum_is_its_recorded_one_at_the_generation_needs_no_copy() {
+        let mut target = replica("b", ReplicaState::Repairing, 5);
+        target.checksum = "sum".into();
+        assert!(holds_generation(&target, 5, "sum"));
+        assert!(
+            !holds_generation(&target, 5, "other"),
+            "it holds something else"
+        );
+        assert!(!holds_generation(&target, 6, "sum"), "it missed a write");
+        target.checksum.clear();
+        assert!(
+            !holds_generation(&target, 5, ""),
+            "no checksum was known at its last write"
+        );
     }
 
     #[test]
