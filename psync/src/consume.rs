@@ -45,6 +45,11 @@ pub trait Target {
         bundle: &Path,
     ) -> Result<(), SyncError>;
 
+    /// Points `repository`'s HEAD where the source's pointed at `manifest`'s tip, when
+    /// the target can set HEAD and it points elsewhere; after the refs landed (also
+    /// when they were there already: a sequence that only moved HEAD changes no ref).
+    async fn follow_head(&self, repository: &str, manifest: &Manifest) -> Result<(), SyncError>;
+
     /// Records that `repository` holds `applied` (after the apply only).
     async fn record(&self, repository: &str, applied: &Applied) -> Result<(), SyncError>;
 }
@@ -176,6 +181,7 @@ async fn consume_inner<T: Target>(
                 apply_one(ctx, target, repository, &manifest, report).await?;
             }
         }
+        target.follow_head(repository, &manifest).await?;
         let now_applied = Applied {
             sequence,
             fingerprint: tip,

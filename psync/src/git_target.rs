@@ -176,6 +176,11 @@ impl Target for GitTarget {
         }
         fault::point(fault::BEFORE_APPLY);
         local.push_to(&url, &self.patterns).await?;
+        Ok(())
+    }
+
+    async fn follow_head(&self, repository: &str, manifest: &Manifest) -> Result<(), SyncError> {
+        let refs = manifest.refs.filtered(&self.patterns);
         if let (Some(path), Some(head)) = (self.local_path(repository), &refs.head)
             && refs.refs.contains_key(head)
         {

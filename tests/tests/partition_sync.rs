@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use refvote_proto::gitaly::CalculateChecksumRequest;
 use refvote_proto::gitaly::repository_service_client::RepositoryServiceClient;
+use refvote_proto::gitaly::{CalculateChecksumRequest, WriteRefRequest};
 use refvote_psync::config::{KeyConfig, StoreKind, SyncConfig, TargetKind};
 use refvote_psync::crypto::MasterKey;
 use refvote_tests::cluster::{Fixture, VoteCluster};
@@ -261,6 +261,24 @@ async fn a_repository_travels_between_two_clusters_voted_on_every_replica() -> a
         "the deleted branch is gone on B"
     );
 
+    // HEAD moved at the source (a voted WriteRef through A's router): followed on B,
+    // with no ref changed (assert_equal compares the checksums, which cover HEAD).
+    let mut request = tonic::Request::new(WriteRefRequest {
+        repository: refvote_tests::grpc::repo(REPO),
+        r#ref: b"HEAD".to_vec(),
+        revision: b"refs/heads/feature".to_vec(),
+        ..Default::default()
+    });
+    request.set_timeout(Duration::from_secs(20));
+    RepositoryServiceClient::new(s.a.routers[0].channel().await?)
+        .write_ref(request)
+        .await?;
+    let c = s.round();
+    assert_eq!(c.applied(REPO), vec![4], "{c:?}");
+    assert_eq!(s.assert_equal(REPO, &[]).await?, 3);
+    let head = git::git(&s.b.nodes[0].repo(REPO), &["symbolic-ref", "HEAD"])?;
+    assert_eq!(head.trim(), "refs/heads/feature", "B's HEAD follows A's");
+
     // Nothing new: nothing applied, nothing changed.
     let c = s.round();
     assert!(c.applied(REPO).is_empty(), "{c:?}");
@@ -281,7 +299,7 @@ async fn a_repository_travels_between_two_clusters_voted_on_every_replica() -> a
     work.commit("main", "while node3 is down")?;
     s.push(&work, &["main"]).await?;
     let c = s.round();
-    assert_eq!(c.applied(REPO), vec![4], "{c:?}");
+    assert_eq!(c.applied(REPO), vec![5], "{c:?}");
     assert_eq!(s.assert_equal(REPO, &["node3"]).await?, 2);
 
     // node3 comes back and is repaired to the same refs.

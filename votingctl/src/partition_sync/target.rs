@@ -12,6 +12,10 @@
 //!   `FetchBundle` never prunes, so it could not follow a deleted branch in the same
 //!   write.)
 //!
+//! - where the source's HEAD points is followed: when the sequence's HEAD names one of
+//!   its refs and the cluster's HEAD points elsewhere, a `WriteRef` of `HEAD` (voted
+//!   like any write) moves it, after the refs landed.
+//!
 //! The record of what was applied lives in the target cluster's etcd
 //! (`psync/applied/<repo>`), written only after the write was acknowledged.
 
@@ -22,9 +26,11 @@ use etcd_client::{Txn, TxnOp};
 use futures_util::stream;
 use refvote_cluster::RepoId;
 use refvote_cluster::store::encode;
+use refvote_proto::gitaly::ref_service_client::RefServiceClient;
 use refvote_proto::gitaly::repository_service_client::RepositoryServiceClient;
 use refvote_proto::gitaly::{
-    CreateRepositoryFromBundleRequest, CreateRepositoryRequest, ObjectFormat, Repository,
+    CreateRepositoryFromBundleRequest, CreateRepositoryRequest, FindDefaultBranchNameRequest,
+    ObjectFormat, Repository, WriteRefRequest,
 };
 use refvote_psync::consume::Target;
 use refvote_psync::context::now;
@@ -190,6 +196,51 @@ impl ClusterTarget {
         Ok(())
     }
 
+    /// Points the cluster's HEAD where the source's pointed at this sequence's tip, if
+    /// that is one of the refs carried and HEAD points elsewhere now. A source HEAD
+    /// that is detached, or names a ref not carried, leaves the target's alone.
+    async fn point_head(&self, repository: &str, manifest: &Manifest) -> Result<(), SyncError> {
+        let Some(head) = manifest.refs.head.as_deref() else {
+            return Ok(());
+        };
+        if !manifest.refs.refs.contains_key(head) {
+            return Ok(());
+        }
+        let channel = self
+            .ctl
+            .router_channel()
+            .await
+            .map_err(|e| SyncError::TargetUnavailable(format!("{e:#}")))?;
+        let mut request = tonic::Request::new(FindDefaultBranchNameRequest {
+            repository: Some(self.repository(repository)),
+            head_only: true,
+        });
+        request.set_timeout(self.timeout);
+        let now = RefServiceClient::new(channel)
+            .find_default_branch_name(request)
+            .await
+            .map_err(|s| self.refused("reading HEAD of", repository, s))?
+            .into_inner()
+            .name;
+        if now == head.as_bytes() {
+            return Ok(());
+        }
+        let mut request = tonic::Request::new(WriteRefRequest {
+            repository: Some(self.repository(repository)),
+            r#ref: b"HEAD".to_vec(),
+            revision: head.as_bytes().to_vec(),
+            ..Default::default()
+        });
+        request.set_timeout(self.timeout);
+        self.client()
+            .await?
+            .write_ref(request)
+            .await
+            .map_err(|s| self.refused("pointing HEAD of", repository, s))?;
+        tracing::info!(%repository, %head, "HEAD follows the source");
+        Ok(())
+    }
+
     fn refused(&self, what: &str, repository: &str, s: tonic::Status) -> SyncError {
         let message = format!(
             "{what} {repository} through the router: {:?}: {}",
@@ -240,10 +291,15 @@ impl Target for ClusterTarget {
         bundle: &Path,
     ) -> Result<(), SyncError> {
         if self.registered(&self.id(repository)?).await? {
-            self.remote.apply(repository, manifest, bundle).await
+            self.remote.apply(repository, manifest, bundle).await?;
         } else {
-            self.create(repository, manifest, bundle).await
+            self.create(repository, manifest, bundle).await?;
         }
+        Ok(())
+    }
+
+    async fn follow_head(&self, repository: &str, manifest: &Manifest) -> Result<(), SyncError> {
+        self.point_head(repository, manifest).await
     }
 
     async fn record(&self, repository: &str, applied: &Applied) -> Result<(), SyncError> {
