@@ -43,6 +43,7 @@ pub mod forward;
 pub mod frame;
 pub mod gitlab;
 pub mod http;
+pub mod interactive;
 pub mod intercepted;
 pub mod metrics;
 mod nodes;
