@@ -717,3 +717,80 @@ async fn the_designated_voter_killed_during_allowed_over_ssh_fails_the_push() ->
     assert_eq!(s.revs("refs/heads/main"), vec![Some(new); 3]);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn custom_hooks_run_on_nodes_without_a_gitlab_url() -> anyhow::Result<()> {
+    // Only `[hooks] custom_hooks_dir`, no `[gitlab]`: as in Gitaly, a GitLab user's push
+    // still runs the custom hooks, once, on the designated voter, and their refusal
+    // holds on every replica.
+    let hooks = tempfile::tempdir()?;
+    let ran = hooks.path().join("ran");
+    let frozen = hooks.path().join("frozen");
+    let dir = hooks.path().join("global").join("pre-receive.d");
+    std::fs::create_dir_all(&dir)?;
+    let script = dir.join("freeze");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\necho \"$GL_ID $GL_PROTOCOL $(cat)\" >> {ran:?}\nif [ -e {frozen:?} ]; then echo 'frozen by a custom hook' >&2; exit 1; fi\n"
+        ),
+    )?;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755))?;
+    std::fs::write(&frozen, "")?;
+    let global = hooks.path().join("global");
+    let opts = NodeOptions::default().config(move |c: &mut votingd::Config| {
+        c.hooks.custom_hooks_dir = Some(global.clone());
+    });
+    let c = Fixture::nodes(3)
+        .node_options(opts)
+        .seeded(RELATIVE)
+        .router()
+        .start()
+        .await?;
+    let work = c.work("w")?;
+    let revs = || -> Vec<Option<String>> {
+        c.nodes
+            .iter()
+            .map(|n| git::rev(&n.repo(RELATIVE), "refs/heads/main"))
+            .collect()
+    };
+    let before = revs();
+    let old = before[0].clone().unwrap();
+    let new = work.commit("main", "past the custom hook")?;
+    let proxy = GitHttpProxy::start_as(
+        vec![Target {
+            url: c.routers[0].grpc_url(),
+            storage: "default".into(),
+            transaction: None,
+        }],
+        GitlabIdentity {
+            gl_id: "user-7".into(),
+            gl_username: "jane".into(),
+            gl_repository: GL_REPOSITORY.into(),
+            gl_project_path: PROJECT_PATH.into(),
+        },
+    )
+    .await?;
+    let url = proxy.url(RELATIVE);
+    let out = git::push(&work.path, Path::new(&url), &["main"], &[]).await?;
+    assert!(!out.status.success(), "{}", text(&out));
+    assert_eq!(
+        text(&out)
+            .matches("remote: frozen by a custom hook")
+            .count(),
+        1,
+        "{}",
+        text(&out)
+    );
+    assert_eq!(revs(), before, "refused on every replica");
+    // Unfrozen, the same push goes through everywhere.
+    std::fs::remove_file(&frozen)?;
+    let out = git::push(&work.path, Path::new(&url), &["main"], &[]).await?;
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(revs(), vec![Some(new.clone()); 3]);
+    // Run once per push (on one voter), with GitLab's environment and the changes.
+    let log = std::fs::read_to_string(&ran)?;
+    let once = format!("user-7 http {}", line(&old, &new, "refs/heads/main"));
+    assert_eq!(log, format!("{once}{once}"));
+    Ok(())
+}
