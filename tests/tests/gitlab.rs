@@ -794,3 +794,41 @@ async fn custom_hooks_run_on_nodes_without_a_gitlab_url() -> anyhow::Result<()> 
     assert_eq!(log, format!("{once}{once}"));
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn post_receive_down_leaves_the_push_acknowledged_retried_and_logged() -> anyhow::Result<()> {
+    // A gateway in front of GitLab answers 502: GitLab cannot have run post-receive, so
+    // it is retried (three calls in all), logged, and the push stands. Over SSH, so the
+    // interactive answer ends well without post-receive's messages.
+    let mut s = setup(respond(|r| match r.path.as_str() {
+        "/api/v4/internal/post_receive" => Reply::json(502, json!({"message": "502 Bad Gateway"})),
+        _ => allowing(r),
+    }))
+    .await?;
+    let new = s.work.commit("main", "post-receive is down")?;
+    let out = s.push_ssh("user-7", &["main"]).await?;
+    assert!(out.status.success(), "{}\n{}", text(&out), s.logs());
+    let first_line = MESSAGE.lines().next().unwrap();
+    assert!(!text(&out).contains(first_line), "{}", text(&out));
+    assert_eq!(s.revs("refs/heads/main"), vec![Some(new); 3]);
+    assert!(s.all_up_to_date().await?);
+    assert_eq!(s.api.calls("allowed").len(), 1);
+    assert_eq!(
+        s.api.calls("post_receive").len(),
+        3,
+        "bounded retries of a call GitLab cannot have run"
+    );
+    let logs: String =
+        s.c.nodes
+            .iter()
+            .map(|n| n.log_tail(400))
+            .collect::<Vec<_>>()
+            .join("\n");
+    assert_eq!(
+        logs.matches("post-receive failed; retrying").count(),
+        2,
+        "{logs}"
+    );
+    assert!(logs.contains("the push stands"), "{logs}");
+    Ok(())
+}
