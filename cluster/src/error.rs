@@ -60,11 +60,14 @@ pub enum Error {
     TooFewNodes { live: usize, needed: usize },
     #[error("{0}")]
     Invalid(String),
-    /// A call gated by GitLab's checks found voters that disagree on calling GitLab.
+    /// A call gated by GitLab's checks found voters that disagree on calling GitLab, or
+    /// on running custom hooks.
     #[error(
-        "GitLab's internal API is configured on {with:?} but not on {without:?}: configure [gitlab] alike on every storage node"
+        "GitLab's {what} is configured on {with:?} but not on {without:?}: configure [gitlab] alike on every storage node, and [hooks] custom_hooks_dir too"
     )]
     MixedGitlab {
+        /// What differs: "internal API" or "custom hooks directory".
+        what: &'static str,
         with: Vec<String>,
         without: Vec<String>,
     },

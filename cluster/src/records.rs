@@ -23,6 +23,11 @@ pub struct NodeRecord {
     /// to agree on it, or the check would depend on which voter is designated.
     #[serde(default)]
     pub gitlab_api: bool,
+    /// The node runs custom hooks from a global directory (`[hooks] custom_hooks_dir`)
+    /// for a GitLab user's write, with or without the internal API (as Gitaly does).
+    /// Such a write is gated as with the API, and every voter must agree on it too.
+    #[serde(default)]
+    pub custom_hooks: bool,
 }
 
 /// `repos/<repo>`. Its threshold ([`RepoRecord::threshold`]) is a quorum rule and

@@ -3,7 +3,9 @@
 //! bounded channel of its own. A replica that cannot keep up, answers too much, fails,
 //! or has not answered after another replica did while its node lost its lease, is
 //! dropped alone; nothing any replica says is passed on here — the caller
-//! decides which answer the client gets once the outcome is settled.
+//! decides which answer the client gets once the outcome is settled (a replica's
+//! frames may also be copied to a [`Tap`] as they come, for an interactive push's live
+//! part, `crate::interactive`).
 
 use std::time::Duration;
 
@@ -43,6 +45,21 @@ pub struct LegSpec {
     /// The first frame, with this node's storage name.
     pub first: Bytes,
     pub metadata: MetadataMap,
+    /// Where this replica's answer frames are copied as they arrive, if anywhere.
+    pub tap: Option<Tap>,
+}
+
+/// A copy of one replica's answer frames as they arrive: `(leg, Some(frame))` for each,
+/// then `(leg, None)` once the call is over (also when the router drops it).
+pub struct Tap {
+    pub leg: usize,
+    pub frames: mpsc::UnboundedSender<(usize, Option<Bytes>)>,
+}
+
+impl Drop for Tap {
+    fn drop(&mut self) {
+        let _ = self.frames.send((self.leg, None));
+    }
 }
 
 /// How one replica's call ended.
@@ -322,6 +339,7 @@ async fn run_leg(
     rest: Option<mpsc::Receiver<Bytes>>,
 ) -> LegResult {
     let first = spec.first;
+    let tap = spec.tap;
     let outgoing: Outgoing = match rest {
         Some(rx) => Box::pin(stream::once(async { first }).chain(ReceiverStream::new(rx))),
         None => Box::pin(stream::once(async { first })),
@@ -360,6 +378,9 @@ async fn run_leg(
                         "node {} answered more than {MAX_ANSWER} bytes, more than the router holds back for a write",
                         spec.node
                     )));
+                }
+                if let Some(tap) = &tap {
+                    let _ = tap.frames.send((tap.leg, Some(f.clone())));
                 }
                 frames.push(f);
             }

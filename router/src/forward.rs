@@ -33,6 +33,7 @@ use crate::codec::BytesCodec;
 use crate::fanout::{LegResult, LegSpec, fan_out};
 use crate::frame;
 use crate::gitlab::{self, Quarantine};
+use crate::interactive::Session;
 use crate::outcome::{answer, non_voters, respond_with};
 use crate::pool::{NodeChannel, Pool};
 use crate::reads::{ReadError, ReadStats, Reads};
@@ -317,6 +318,7 @@ impl Forwarder {
                     channel,
                     first,
                     metadata: metadata.clone(),
+                    tap: None,
                 }),
                 Err(why) => unusable.push((node.clone(), why)),
             }
@@ -331,6 +333,13 @@ impl Forwarder {
         let path = path_of(call.method)?;
         let method_path = call.method.path.clone();
         let rest = call.incoming.filter(|_| call.method.client_streaming);
+        // An interactive push passes part of one voter's answer on before the outcome.
+        let (mut session, early) = if crate::interactive::interactive(&method_path) {
+            let (s, early) = Session::start(&mut legs, tx.designated.as_deref());
+            (Some(s), Some(early))
+        } else {
+            (None, None)
+        };
         // The rest runs on its own task: a client that goes away must not leave the
         // transaction unfinalized (its voters would wait, and it would hold the
         // repository's pending-confirmation index until this router's lease lapsed).
@@ -356,7 +365,15 @@ impl Forwarder {
                     }
                 });
             };
-            let results = fan_out(path, legs, rest, &|n| me.reads.node_gone(n), &report).await;
+            let gone = |n: &str| me.reads.node_gone(n);
+            let fan = fan_out(path, legs, rest, &gone, &report);
+            let mut results = match session.as_mut() {
+                Some(s) => s.relay(fan).await,
+                None => fan.await,
+            };
+            if let Some(s) = &session {
+                s.live_first(&mut results);
+            }
             // Every voter that was not called or whose call failed: finalize reports
             // them failed (again, until it lands; create-only) so nobody waits for them.
             let failed: Vec<(String, String)> = unusable
@@ -405,8 +422,17 @@ impl Forwarder {
                         .await;
                 }
             }
-            answer(&tx, outcome, results, &absent, &method_path, &output)
+            let answer = answer(&tx, outcome, results, &absent, &method_path, &output);
+            match session {
+                Some(s) => s.finish(answer).await,
+                None => answer,
+            }
         });
+        if let Some(mut early) = early
+            && let Some(first) = early.recv().await
+        {
+            return Ok(crate::interactive::respond(first, early, task));
+        }
         task.await
             .map_err(|e| RouteError::Internal(format!("the write's task failed: {e}")))?
     }
@@ -622,6 +648,7 @@ impl Forwarder {
                     channel,
                     first,
                     metadata: call.metadata.clone(),
+                    tap: None,
                 }),
                 Err(why) => failures.push(format!("{node}: {why}")),
             }

@@ -190,6 +190,18 @@ pub fn with_output(answer: &[u8], output: &[u8]) -> Option<Vec<u8>> {
     Some(out)
 }
 
+/// Where a receive-pack session's ref advertisement ends (after its flush), if its
+/// stdout `out` holds a whole one.
+fn advertisement_end(out: &[u8]) -> Option<usize> {
+    let mut packets = refvote_pktline::decode::packets(out);
+    while let Some(packet) = packets.next() {
+        if packet.ok()? == refvote_pktline::decode::Packet::Flush {
+            return Some(packets.offset());
+        }
+    }
+    None
+}
+
 /// The frames of `path`'s answer with post-receive's `output` put in (see
 /// [`with_output`]); unchanged when there is nothing to put or no place for it. A
 /// session without side-band (SSH) gets it as stderr before its exit status.
@@ -232,7 +244,13 @@ pub fn insert_output(path: &str, mut frames: Vec<Bytes>, output: &[u8]) -> Vec<B
             };
             let all: Vec<u8> = messages.iter().flat_map(|m| m.stdout.clone()).collect();
             let last = messages.iter().rposition(|m| !m.stdout.is_empty());
-            if let (Some(last), Some(new)) = (last, with_output(&all, output))
+            // An SSH session's stdout begins with the ref advertisement, which is not
+            // side-band: the report after it is.
+            let advertised = advertisement_end(&all);
+            let new = advertised.and_then(|at| {
+                with_output(&all[at..], output).map(|new| [&all[..at], &new[..]].concat())
+            });
+            if let (Some(last), Some(new)) = (last, new)
                 && messages[last].stdout.ends_with(b"0000")
             {
                 let before = all.len() - messages[last].stdout.len();
@@ -415,5 +433,43 @@ mod tests {
         let middle = SshReceivePackResponse::decode(out[1].as_ref()).unwrap();
         assert_eq!(middle.stderr, b"hello\n");
         assert!(insert_output(POST_RECEIVE_PACK, vec![], b"").is_empty());
+        // SSH with side-band: after the ref advertisement, on the progress band.
+        let mut session = Vec::new();
+        encode::text(
+            &mut session,
+            "1111111111111111111111111111111111111111 refs/heads/main\n",
+        )
+        .unwrap();
+        encode::flush(&mut session);
+        let advertised = session.len();
+        let frames = vec![
+            Bytes::from(
+                SshReceivePackResponse {
+                    stdout: session.clone(),
+                    ..Default::default()
+                }
+                .encode_to_vec(),
+            ),
+            Bytes::from(
+                SshReceivePackResponse {
+                    stdout: report(true),
+                    ..Default::default()
+                }
+                .encode_to_vec(),
+            ),
+        ];
+        let out = insert_output(SSH_RECEIVE_PACK, frames, b"hello\n");
+        assert_eq!(out.len(), 2, "no stderr frame");
+        let all: Vec<u8> = out
+            .iter()
+            .flat_map(|f| SshReceivePackResponse::decode(f.as_ref()).unwrap().stdout)
+            .collect();
+        assert_eq!(all[..advertised], session[..]);
+        assert!(
+            sideband::demux(&all[advertised..])
+                .unwrap()
+                .progress
+                .ends_with(b"hello\n")
+        );
     }
 }

@@ -5,7 +5,9 @@
 //! which replicas may serve it, and the frames pass through unchanged apart from the
 //! storage name (and a write's time, below).
 //!
-//! Accessors, mutators (voted transactions) and maintenance fan-out are routed. A
+//! Accessors, mutators (voted transactions) and maintenance fan-out are routed; an
+//! interactive push (SSHReceivePack) gets the part of one voter's answer that says
+//! nothing about the outcome before it ([`interactive`]). A
 //! write that creates commit or tag objects gets its time and the user's zone offset
 //! settled once by the router (`stamp`) before the fan-out; what the client hears
 //! once a write is finalized is decided in `outcome`. A read of a repository etcd
@@ -43,6 +45,7 @@ pub mod forward;
 pub mod frame;
 pub mod gitlab;
 pub mod http;
+pub mod interactive;
 pub mod intercepted;
 pub mod metrics;
 mod nodes;

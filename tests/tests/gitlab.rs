@@ -5,10 +5,11 @@
 //! not once per replica; Rails' callbacks during `/allowed` read the push's quarantine
 //! on the designated voter; a refusal by GitLab or by a custom hook refuses on every
 //! replica with its message on the pusher's screen and moves no ref anywhere; the
-//! designated voter killed during `/allowed` never lets the others commit.
-//!
-//! Not here: SSHReceivePack through the router (the router holds a write's answers
-//! until its outcome, so an interactive SSH push never sees the ref advertisement).
+//! designated voter killed during `/allowed` never lets the others commit. A push over
+//! SSH goes the way gitlab-shell sends it (git's ssh replaced by `ssh-grpc`, one
+//! interactive SSHReceivePack through the router): the ref advertisement reaches git
+//! before the vote, GitLab's verdict and post-receive come once, and a refusal ends
+//! with GitLab's message and a failed push.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -21,7 +22,7 @@ use refvote_proto::gitaly::{CheckObjectsExistRequest, Repository};
 use refvote_tests::cluster::{Fixture, VoteCluster};
 use refvote_tests::git::{self, WorkRepo};
 use refvote_tests::gitlab::{GitlabApi, MESSAGE, Reply, Responder, allowing, respond};
-use refvote_tests::node::NodeOptions;
+use refvote_tests::node::{NodeOptions, bin};
 use refvote_tests::smarthttp::{GitHttpProxy, GitlabIdentity, Target};
 use serde_json::json;
 use tokio::sync::Notify;
@@ -98,6 +99,30 @@ impl Setup {
         git::push(&self.work.path, Path::new(&url), args, &[]).await
     }
 
+    /// `git push` over SSH the way gitlab-shell carries it: git's ssh is `ssh-grpc`,
+    /// which runs one SSHReceivePack through the router as the user `gl_id`; git's
+    /// output.
+    async fn push_ssh(&self, gl_id: &str, args: &[&str]) -> anyhow::Result<std::process::Output> {
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        push_ssh(self.work.path.clone(), self.ssh_env(gl_id), args).await
+    }
+
+    /// What `ssh-grpc` needs to reach the router as gitlab-shell would for `gl_id`.
+    fn ssh_env(&self, gl_id: &str) -> Vec<(String, String)> {
+        [
+            ("GIT_SSH_COMMAND", bin("ssh-grpc").display().to_string()),
+            ("GIT_SSH_VARIANT", "ssh".into()),
+            ("REFVOTE_SSH_TARGETS", self.c.routers[0].grpc_url()),
+            ("REFVOTE_SSH_GL_ID", gl_id.into()),
+            ("REFVOTE_SSH_GL_USERNAME", "jane".into()),
+            ("REFVOTE_SSH_GL_REPOSITORY", GL_REPOSITORY.into()),
+            ("REFVOTE_SSH_GL_PROJECT_PATH", PROJECT_PATH.into()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect()
+    }
+
     /// Where `refname` points on every node.
     fn revs(&self, refname: &str) -> Vec<Option<String>> {
         self.c
@@ -122,6 +147,21 @@ impl Setup {
         out.push_str(&format!("--- router\n{}", self.c.routers[0].log_tail(30)));
         out
     }
+}
+
+/// `git push` from `work` over `ssh-grpc` with `env` (see `Setup::ssh_env`). Bounded:
+/// an SSH session that never saw its advertisement would hang.
+async fn push_ssh(
+    work: std::path::PathBuf,
+    env: Vec<(String, String)>,
+    args: Vec<String>,
+) -> anyhow::Result<std::process::Output> {
+    let url = format!("ssh://gitlab-shell/{RELATIVE}");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let push = git::push(&work, Path::new(&url), &args, &env);
+    tokio::time::timeout(Duration::from_secs(120), push)
+        .await
+        .map_err(|_| anyhow::anyhow!("the SSH push did not end in 120 s"))?
 }
 
 fn text(out: &std::process::Output) -> String {
@@ -527,5 +567,268 @@ async fn the_designated_voter_killed_during_allowed_never_lets_the_others_commit
     s.c.nodes[victim].launch().await?;
     let out = s.push(&proxy, &["main"]).await?;
     assert!(out.status.success(), "{}\n{}", text(&out), s.logs());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_over_ssh_through_the_router_is_checked_once_and_post_received_once()
+-> anyhow::Result<()> {
+    let mut s = setup(respond(allowing)).await?;
+    let old = git::rev(&s.work.path, "refs/heads/main").unwrap();
+    let new = s.work.commit("main", "over ssh")?;
+    let out = s.push_ssh("key-5", &["-o", "ci.skip", "main"]).await?;
+    assert!(out.status.success(), "{}\n{}", text(&out), s.logs());
+    // GitLab's post-receive message on the pusher's screen, once.
+    let first_line = MESSAGE.lines().next().unwrap();
+    assert_eq!(
+        text(&out).matches(&format!("remote: {first_line}")).count(),
+        1,
+        "{}",
+        text(&out)
+    );
+    assert_eq!(s.revs("refs/heads/main"), vec![Some(new.clone()); 3]);
+    assert!(s.all_up_to_date().await?);
+
+    let allowed = s.api.calls("allowed");
+    assert_eq!(allowed.len(), 1, "/allowed once, not once per replica");
+    allowed[0].assert_jwt();
+    let body = allowed[0].json();
+    assert_eq!(body["action"], "git-receive-pack");
+    assert_eq!(body["changes"], line(&old, &new, "refs/heads/main"));
+    assert_eq!(body["protocol"], "ssh");
+    assert_eq!(body["gl_repository"], GL_REPOSITORY);
+    assert_eq!(body["relative_path"], RELATIVE);
+    assert_eq!(body["key_id"], "5");
+    assert_eq!(body["push_options"], json!(["ci.skip"]));
+    assert_eq!(s.api.calls("pre_receive").len(), 1);
+    let post = s.api.calls("post_receive");
+    assert_eq!(post.len(), 1, "/post_receive once, not once per replica");
+    let body = post[0].json();
+    assert_eq!(body["changes"], line(&old, &new, "refs/heads/main"));
+    assert_eq!(body["identifier"], "key-5");
+    assert_eq!(body["push_options"], json!(["ci.skip"]));
+
+    // A second push in the same session layout: an up-to-date push answers at once.
+    let out = s.push_ssh("key-5", &["main"]).await?;
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(s.api.calls("allowed").len(), 1, "nothing to check");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_over_ssh_gitlab_refuses_fails_with_its_message_on_every_replica()
+-> anyhow::Result<()> {
+    let mut s = setup(respond(|r| match r.path.as_str() {
+        "/api/v4/internal/allowed" => {
+            Reply::json(401, json!({"status": false, "message": PROTECTED}))
+        }
+        _ => allowing(r),
+    }))
+    .await?;
+    let before = s.revs("refs/heads/main");
+    let new = s.work.commit("main", "not allowed over ssh")?;
+    let out = s.push_ssh("user-7", &["main"]).await?;
+    assert!(!out.status.success(), "{}\n{}", text(&out), s.logs());
+    let shown = format!("remote: GitLab: {PROTECTED}");
+    assert_eq!(
+        text(&out).matches(&shown).count(),
+        1,
+        "{shown:?} once in:\n{}",
+        text(&out)
+    );
+    assert!(
+        text(&out).contains("pre-receive hook declined"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(s.revs("refs/heads/main"), before);
+    for n in &s.c.nodes {
+        assert!(
+            git::git(&n.repo(RELATIVE), &["cat-file", "-e", &new]).is_err(),
+            "{} holds the refused commit",
+            n.name
+        );
+    }
+    assert!(s.all_up_to_date().await?);
+    assert_eq!(s.api.calls("allowed").len(), 1);
+    assert_eq!(s.api.calls("post_receive").len(), 0);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_designated_voter_killed_during_allowed_over_ssh_fails_the_push() -> anyhow::Result<()>
+{
+    // The designated voter's session is the one passed on live (its advertisement);
+    // then it dies, and the push must end failed, from the survivors' settled answer.
+    let arrived = Arc::new(Notify::new());
+    let release = Arc::new(Notify::new());
+    let (a, r) = (arrived.clone(), release.clone());
+    let responder: Responder = Arc::new(move |req| {
+        let (a, r) = (a.clone(), r.clone());
+        Box::pin(async move {
+            if req.path == "/api/v4/internal/allowed" {
+                a.notify_one();
+                let _ = tokio::time::timeout(Duration::from_secs(60), r.notified()).await;
+            }
+            allowing(&req)
+        })
+    });
+    let mut s = setup(responder).await?;
+    let before = s.revs("refs/heads/main");
+    let new = s.work.commit("main", "unchecked over ssh")?;
+    let push = tokio::spawn(push_ssh(
+        s.work.path.clone(),
+        s.ssh_env("user-7"),
+        vec!["main".into()],
+    ));
+    tokio::time::timeout(Duration::from_secs(60), arrived.notified())
+        .await
+        .map_err(|_| anyhow::anyhow!("/allowed never came\n{}", s.logs()))?;
+    let open = s.c.store.gated_open_transactions(&s.repo).await?;
+    assert_eq!(open.len(), 1, "{open:?}");
+    let designated = open[0].designated.clone().expect("a gated transaction");
+    let victim =
+        s.c.nodes
+            .iter()
+            .position(|n| n.name == designated)
+            .expect("a node of the cluster");
+    s.c.nodes[victim].kill()?;
+    release.notify_one();
+    let out = tokio::time::timeout(Duration::from_secs(90), push)
+        .await
+        .map_err(|_| anyhow::anyhow!("the push never ended\n{}", s.logs()))???;
+    assert!(!out.status.success(), "{}\n{}", text(&out), s.logs());
+    let after = s.revs("refs/heads/main");
+    for (i, n) in s.c.nodes.iter().enumerate() {
+        assert_eq!(after[i], before[i], "{} moved main", n.name);
+        if i != victim {
+            assert!(
+                git::git(&n.repo(RELATIVE), &["cat-file", "-e", &new]).is_err(),
+                "{} holds the unchecked commit",
+                n.name
+            );
+        }
+    }
+    assert_eq!(s.api.calls("post_receive").len(), 0);
+    // With the designated voter back, the same push over SSH goes through.
+    s.c.nodes[victim].launch().await?;
+    let out = s.push_ssh("user-7", &["main"]).await?;
+    assert!(out.status.success(), "{}\n{}", text(&out), s.logs());
+    assert_eq!(s.revs("refs/heads/main"), vec![Some(new); 3]);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn custom_hooks_run_on_nodes_without_a_gitlab_url() -> anyhow::Result<()> {
+    // Only `[hooks] custom_hooks_dir`, no `[gitlab]`: as in Gitaly, a GitLab user's push
+    // still runs the custom hooks, once, on the designated voter, and their refusal
+    // holds on every replica.
+    let hooks = tempfile::tempdir()?;
+    let ran = hooks.path().join("ran");
+    let frozen = hooks.path().join("frozen");
+    let dir = hooks.path().join("global").join("pre-receive.d");
+    std::fs::create_dir_all(&dir)?;
+    let script = dir.join("freeze");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\necho \"$GL_ID $GL_PROTOCOL $(cat)\" >> {ran:?}\nif [ -e {frozen:?} ]; then echo 'frozen by a custom hook' >&2; exit 1; fi\n"
+        ),
+    )?;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755))?;
+    std::fs::write(&frozen, "")?;
+    let global = hooks.path().join("global");
+    let opts = NodeOptions::default().config(move |c: &mut votingd::Config| {
+        c.hooks.custom_hooks_dir = Some(global.clone());
+    });
+    let c = Fixture::nodes(3)
+        .node_options(opts)
+        .seeded(RELATIVE)
+        .router()
+        .start()
+        .await?;
+    let work = c.work("w")?;
+    let revs = || -> Vec<Option<String>> {
+        c.nodes
+            .iter()
+            .map(|n| git::rev(&n.repo(RELATIVE), "refs/heads/main"))
+            .collect()
+    };
+    let before = revs();
+    let old = before[0].clone().unwrap();
+    let new = work.commit("main", "past the custom hook")?;
+    let proxy = GitHttpProxy::start_as(
+        vec![Target {
+            url: c.routers[0].grpc_url(),
+            storage: "default".into(),
+            transaction: None,
+        }],
+        GitlabIdentity {
+            gl_id: "user-7".into(),
+            gl_username: "jane".into(),
+            gl_repository: GL_REPOSITORY.into(),
+            gl_project_path: PROJECT_PATH.into(),
+        },
+    )
+    .await?;
+    let url = proxy.url(RELATIVE);
+    let out = git::push(&work.path, Path::new(&url), &["main"], &[]).await?;
+    assert!(!out.status.success(), "{}", text(&out));
+    assert_eq!(
+        text(&out)
+            .matches("remote: frozen by a custom hook")
+            .count(),
+        1,
+        "{}",
+        text(&out)
+    );
+    assert_eq!(revs(), before, "refused on every replica");
+    // Unfrozen, the same push goes through everywhere.
+    std::fs::remove_file(&frozen)?;
+    let out = git::push(&work.path, Path::new(&url), &["main"], &[]).await?;
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(revs(), vec![Some(new.clone()); 3]);
+    // Run once per push (on one voter), with GitLab's environment and the changes.
+    let log = std::fs::read_to_string(&ran)?;
+    let once = format!("user-7 http {}", line(&old, &new, "refs/heads/main"));
+    assert_eq!(log, format!("{once}{once}"));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn post_receive_down_leaves_the_push_acknowledged_retried_and_logged() -> anyhow::Result<()> {
+    // A gateway in front of GitLab answers 502: GitLab cannot have run post-receive, so
+    // it is retried (three calls in all), logged, and the push stands. Over SSH, so the
+    // interactive answer ends well without post-receive's messages.
+    let mut s = setup(respond(|r| match r.path.as_str() {
+        "/api/v4/internal/post_receive" => Reply::json(502, json!({"message": "502 Bad Gateway"})),
+        _ => allowing(r),
+    }))
+    .await?;
+    let new = s.work.commit("main", "post-receive is down")?;
+    let out = s.push_ssh("user-7", &["main"]).await?;
+    assert!(out.status.success(), "{}\n{}", text(&out), s.logs());
+    let first_line = MESSAGE.lines().next().unwrap();
+    assert!(!text(&out).contains(first_line), "{}", text(&out));
+    assert_eq!(s.revs("refs/heads/main"), vec![Some(new); 3]);
+    assert!(s.all_up_to_date().await?);
+    assert_eq!(s.api.calls("allowed").len(), 1);
+    assert_eq!(
+        s.api.calls("post_receive").len(),
+        3,
+        "bounded retries of a call GitLab cannot have run"
+    );
+    let logs: String =
+        s.c.nodes
+            .iter()
+            .map(|n| n.log_tail(400))
+            .collect::<Vec<_>>()
+            .join("\n");
+    assert_eq!(
+        logs.matches("post-receive failed; retrying").count(),
+        2,
+        "{logs}"
+    );
+    assert!(logs.contains("the push stands"), "{logs}");
     Ok(())
 }

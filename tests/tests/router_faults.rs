@@ -792,3 +792,68 @@ async fn a_failed_finalize_is_retried_until_the_transaction_ends() -> anyhow::Re
     }
     Ok(())
 }
+
+/// An interactive push (SSHReceivePack, gitlab-shell's way) gets its ref advertisement
+/// through the router before the vote, but never its report: with the first finalize
+/// failing (`fail-finalize`), git sees no `ok` and fails, though the write committed
+/// (and its transaction ends) on every replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interactive_push_whose_outcome_is_unknown_is_never_reported_done() -> anyhow::Result<()>
+{
+    use refvote_cluster::faults;
+    let c = Fixture::nodes(3).seeded("p.git").start().await?;
+    let id = c.repo_id("p.git");
+    let mut router = Router::start_with(
+        "router1",
+        c.dir.path(),
+        &c.etcd.endpoints(),
+        &RouterOptions::http(),
+    )
+    .await?;
+    router.stop()?;
+    router.env = vec![(faults::ENV.into(), faults::FAIL_FINALIZE.into())];
+    router.launch().await?;
+    let work = c.work("w")?;
+    let first = work.commit("f", "one")?;
+    let env = vec![
+        (
+            "GIT_SSH_COMMAND".to_owned(),
+            refvote_tests::node::bin("ssh-grpc").display().to_string(),
+        ),
+        ("GIT_SSH_VARIANT".to_owned(), "ssh".to_owned()),
+        ("REFVOTE_SSH_TARGETS".to_owned(), router.grpc_url()),
+    ];
+    let push = git::push(
+        &work.path,
+        Path::new("ssh://gitlab-shell/p.git"),
+        &["f"],
+        &env,
+    );
+    let out = tokio::time::timeout(Duration::from_secs(120), push)
+        .await
+        .context("the SSH push never ended")??;
+    let shown = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !out.status.success(),
+        "the client must not hear success: {shown}"
+    );
+    assert!(shown.contains("outcome unknown"), "{shown}");
+    // git printed no ref as pushed (porcelain: a tab, then `f:refs/heads/f`).
+    assert!(!shown.contains("refs/heads/f:refs/heads/f\t"), "{shown}");
+    settled(&c.store, &id, Duration::from_secs(15))
+        .await
+        .with_context(|| format!("router log:\n{}", router.log_tail(30)))?;
+    for n in &c.nodes {
+        assert_eq!(
+            git::rev(&n.repo("p.git"), "refs/heads/f").as_deref(),
+            Some(first.as_str()),
+            "{}",
+            n.name
+        );
+    }
+    Ok(())
+}

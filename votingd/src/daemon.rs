@@ -217,6 +217,7 @@ impl Daemon {
             storages: config.storages.iter().map(|s| s.name.clone()).collect(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             gitlab_api: config.gitlab.is_enabled(),
+            custom_hooks: config.hooks.custom_hooks_dir.is_some(),
         };
         let register_store = store.clone();
         let session = Session::start(store.clone(), config.lease_ttl(), move |lease| {

@@ -73,6 +73,7 @@ mod tests {
                     storages: Vec::new(),
                     version: String::new(),
                     gitlab_api: false,
+                    custom_hooks: false,
                 };
                 let e = entry(n, encode(&node), lease);
                 (n.to_owned(), (node, e))

@@ -34,20 +34,30 @@ pub fn designate(id: &str, voters: &[String]) -> Option<String> {
 }
 
 /// `record` (as [`super::begin::transaction`] chose it from `view`) gated by GitLab's
-/// checks: one voter designated, when the voters call GitLab's API. Refused when the
-/// voters disagree on whether they do ([`Error::MixedGitlab`]): which voter is
-/// designated would then decide whether the update is checked at all. When none does,
-/// there is nothing to check with: the record stays ungated, as without a GitLab user.
+/// checks: one voter designated, when the voters call GitLab's API or run custom
+/// hooks from a global directory (or both). Refused when the voters disagree on either
+/// ([`Error::MixedGitlab`]): which voter is designated would then decide what the
+/// update is checked by. When none has either, there is nothing to check with: the
+/// record stays ungated, as without a GitLab user.
 pub fn gated(view: &RepoView, mut record: TxRecord) -> Result<TxRecord> {
-    let (with, without): (Vec<String>, Vec<String>) = record
-        .voters
-        .iter()
-        .cloned()
-        .partition(|v| view.live_nodes.get(v).is_some_and(|(n, _)| n.gitlab_api));
-    if !with.is_empty() && !without.is_empty() {
-        return Err(Error::MixedGitlab { with, without });
+    let node = |v: &String| view.live_nodes.get(v).map(|(n, _)| n);
+    let api = |v: &String| node(v).is_some_and(|n| n.gitlab_api);
+    let custom = |v: &String| node(v).is_some_and(|n| n.custom_hooks);
+    for (what, has) in [
+        ("internal API", &api as &dyn Fn(&String) -> bool),
+        ("custom hooks directory", &custom),
+    ] {
+        let (with, without): (Vec<String>, Vec<String>) =
+            record.voters.iter().cloned().partition(|v| has(v));
+        if !with.is_empty() && !without.is_empty() {
+            return Err(Error::MixedGitlab {
+                what,
+                with,
+                without,
+            });
+        }
     }
-    if !with.is_empty() {
+    if record.voters.iter().any(|v| api(v) || custom(v)) {
         record.designated = designate(&record.id, &record.voters);
     }
     Ok(record)
@@ -233,6 +243,7 @@ mod tests {
                     storages: Vec::new(),
                     version: String::new(),
                     gitlab_api: *api,
+                    custom_hooks: false,
                 };
                 (n.to_string(), (node.clone(), entry(encode(&node))))
             })
@@ -266,7 +277,7 @@ mod tests {
             record(),
         )
         .unwrap_err();
-        let Error::MixedGitlab { with, without } = &e else {
+        let Error::MixedGitlab { with, without, .. } = &e else {
             panic!("{e:?}")
         };
         assert_eq!(

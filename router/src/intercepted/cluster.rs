@@ -405,6 +405,7 @@ mod tests {
             storages: vec!["default".into()],
             version: "0".into(),
             gitlab_api: false,
+            custom_hooks: false,
         }
     }
 
