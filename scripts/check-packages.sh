@@ -37,6 +37,7 @@ router_files=(
   /usr/bin/refvote-router
   /usr/lib/systemd/system/refvote-router.service
   /usr/share/refvote/refvote-router.toml.example
+  /usr/share/refvote/nginx-refvote.conf.example
 )
 
 # $1: package name, $2: listing (one path a line), rest: the files it must hold.

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what refvote's build, demo and tests need on a Debian machine, if missing:
-# git, curl (the HTTP tests), tzdata (the router resolves users' time zones), etcd
+# git, curl (the HTTP tests), nginx (Debian's nginx-light: the load-balancer tests run
+# it on loopback with install/nginx/refvote.conf), tzdata (the router resolves users' time zones), etcd
 # (Debian's etcd-server and etcd-client), protoc (protobuf-compiler), mkfs.ext4 and
 # losetup (e2fsprogs, mount), Go with Debian's packaged hashicorp-yamux and grpc-go
 # sources (the sidechannel crate's interop test builds a gitlab-shell-like client from
@@ -12,6 +13,7 @@ set -euo pipefail
 need=()
 command -v git >/dev/null || need+=(git)
 command -v curl >/dev/null || need+=(curl)
+command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
 command -v etcd >/dev/null || need+=(etcd-server)
 command -v etcdctl >/dev/null || need+=(etcd-client)
 command -v protoc >/dev/null || need+=(protobuf-compiler)

@@ -158,6 +158,9 @@ impl RouterSpec {
         c.http_listen_addr = self.http.map(|a| a.to_string()).unwrap_or_default();
         c.etcd.endpoints = self.etcd.clone();
         c.etcd.lease_ttl_secs = self.lease_ttl_secs;
+        // No load balancer to notice a drain on one machine: stop without the grace.
+        c.drain_grace_secs = 0;
+        c.drain_timeout_secs = 10;
         c
     }
 

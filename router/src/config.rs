@@ -64,6 +64,14 @@ pub struct Config {
     /// serve reads; after that they fail UNAVAILABLE. Default: 30.
     #[serde(default = "defaults::max_stale_read_secs")]
     pub max_stale_read_secs: u64,
+    /// On SIGTERM: how long the router goes on serving while it reports not ready, so
+    /// load balancers stop sending to it, before it closes its listeners. Default: 5.
+    #[serde(default = "defaults::drain_grace_secs")]
+    pub drain_grace_secs: u64,
+    /// On SIGTERM, after the grace: how long calls in flight (pushes, clones) may take
+    /// to finish before they are cut off; the etcd lease is revoked after. Default: 55.
+    #[serde(default = "defaults::drain_timeout_secs")]
+    pub drain_timeout_secs: u64,
     #[serde(default)]
     pub etcd: EtcdSettings,
     /// Gitaly's v2 token: checked on every call from clients (health excepted) and
@@ -104,6 +112,12 @@ mod defaults {
     }
     pub fn max_stale_read_secs() -> u64 {
         30
+    }
+    pub fn drain_grace_secs() -> u64 {
+        5
+    }
+    pub fn drain_timeout_secs() -> u64 {
+        55
     }
     pub fn listen_addr() -> String {
         "127.0.0.1:2305".into()
@@ -165,6 +179,15 @@ impl Config {
             return Err(invalid(
                 "max_stale_read_secs",
                 "must be at least 1 (set allow_stale_reads = false to refuse stale reads)".into(),
+            ));
+        }
+        if self.drain_grace_secs > 3600 {
+            return Err(invalid("drain_grace_secs", "must be at most 3600".into()));
+        }
+        if !(1..=86_400).contains(&self.drain_timeout_secs) {
+            return Err(invalid(
+                "drain_timeout_secs",
+                "must be between 1 and 86400".into(),
             ));
         }
         if self.replication_factor == 0 {
@@ -229,6 +252,14 @@ impl Config {
         self.etcd.lease_ttl()
     }
 
+    /// SIGTERM's drain: the grace while not ready, then the bound on calls in flight.
+    pub fn drain(&self) -> (Duration, Duration) {
+        (
+            Duration::from_secs(self.drain_grace_secs),
+            Duration::from_secs(self.drain_timeout_secs),
+        )
+    }
+
     pub fn lock_wait(&self) -> Duration {
         Duration::from_millis(self.lock_wait_ms)
     }
@@ -279,6 +310,10 @@ mod tests {
         assert!(e.contains("max_stale_read_secs"), "{e}");
         let e = parse("bogus = 1").unwrap_err().to_string();
         assert!(e.contains("bogus"), "{e}");
+        let e = parse("drain_timeout_secs = 0").unwrap_err().to_string();
+        assert!(e.contains("drain_timeout_secs"), "{e}");
+        let e = parse("drain_grace_secs = 99999").unwrap_err().to_string();
+        assert!(e.contains("drain_grace_secs"), "{e}");
         let e = parse("repair_concurrency = 0").unwrap_err().to_string();
         assert!(e.contains("repair_concurrency"), "{e}");
         let e = parse("[etcd]\nlease_ttl = 1").unwrap_err().to_string();

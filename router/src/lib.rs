@@ -32,8 +32,10 @@
 //! it proxied to the node, Praefect's way (`sidechannel`). ServerService and
 //! PraefectInfoService are answered by the router itself from etcd and the nodes
 //! ([`intercepted`]), storage-scoped calls go to any live node. gRPC health
-//! (`grpc.health.v1`) is answered on the same port, and Prometheus [`metrics`] on
-//! their own. The router keeps no state of its
+//! (`grpc.health.v1`) is answered on the same port and `/-/readiness` on the HTTP
+//! front, from one verdict ([`health`]: lease held, etcd reachable, not draining);
+//! SIGTERM drains ([`server::RouterServer::drain`]). Prometheus [`metrics`] are
+//! served on their own port. The router keeps no state of its
 //! own: everything lives in etcd.
 #![forbid(unsafe_code)]
 
@@ -44,6 +46,7 @@ mod fanout;
 pub mod forward;
 pub mod frame;
 pub mod gitlab;
+pub mod health;
 pub mod http;
 pub mod interactive;
 pub mod intercepted;

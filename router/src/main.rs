@@ -1,9 +1,9 @@
 //! `refvote-router --config FILE`: serves the Gitaly-compatible gRPC front until
-//! SIGTERM or SIGINT.
+//! SIGTERM or SIGINT, then drains (`drain_grace_secs`, `drain_timeout_secs`; see
+//! [`RouterServer::drain`]) and exits 0.
 #![forbid(unsafe_code)]
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use clap::Parser;
 use refvote_router::{Config, RouterServer};
@@ -46,8 +46,9 @@ async fn main() {
         }
     };
     wait_for_signal().await;
-    tracing::info!("shutting down");
-    server.shutdown(Duration::from_secs(10)).await;
+    let (grace, timeout) = config.drain();
+    tracing::info!("SIGTERM: draining");
+    server.drain(grace, timeout).await;
 }
 
 async fn wait_for_signal() {

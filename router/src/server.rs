@@ -23,6 +23,7 @@ use tonic::codegen::http;
 
 use crate::config::Config;
 use crate::forward::Forwarder;
+use crate::health::{Health, Verdict};
 use crate::http::HttpServer;
 use crate::reads::{ReadStats, Reads};
 use crate::registry::{Registry, RegistryError};
@@ -63,6 +64,7 @@ pub struct RouterServer {
     /// The repair worker and the reaper.
     background: Vec<JoinHandle<()>>,
     forwarder: Arc<Forwarder>,
+    health: Arc<Health>,
 }
 
 impl RouterServer {
@@ -159,6 +161,7 @@ impl RouterServer {
         let metrics =
             metrics_listener.map(|l| crate::metrics::serve(l, store.clone(), session.subscribe()));
         let reads = Reads::start(store.clone(), config.stale_reads());
+        let forwarder_store_probe = store.clone();
         let forwarder = Arc::new(
             Forwarder::new(
                 registry,
@@ -184,21 +187,42 @@ impl RouterServer {
                 session.subscribe(),
             ),
         );
+        // grpc.health.v1 on the same port, and /-/readiness on the HTTP front: serving
+        // only with the lease, etcd answering and no drain (crate::health).
+        let (reporter, health_service) = tonic_health::server::health_reporter();
+        reporter
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
+            .await;
+        let health = Health::start(
+            forwarder_store_probe.clone(),
+            forwarder_store_probe.keys().router(&config.router_id),
+            session.subscribe(),
+            reporter,
+        );
+        // Health answers from the first probe on, not from the start-up guess.
+        if let Verdict::NotServing(why) = health.settle(config.request_timeout()).await {
+            tracing::warn!(reason = %why, "not ready yet");
+        }
         let http = match config.http_listen() {
             Some(addr) => Some(
-                HttpServer::start(addr, forwarder.clone(), config.create_on_push, auth.clone())
-                    .await
-                    .map_err(|source| StartError::Bind { addr, source })?,
+                HttpServer::start(
+                    addr,
+                    forwarder.clone(),
+                    config.create_on_push,
+                    auth.clone(),
+                    health.clone(),
+                )
+                .await
+                .map_err(|source| StartError::Bind { addr, source })?,
             ),
             None => None,
         };
-        // grpc.health.v1 on the same port: SERVING while the process runs.
-        let (_, health) = tonic_health::server::health_reporter();
+        let health_svc = health_service;
         let serving = forwarder.clone();
         let svc = tower::service_fn(move |req: http::Request<tonic::body::Body>| {
             let f = serving.clone();
             let mut admin = admin.clone();
-            let mut health = health.clone();
+            let mut health = health_svc.clone();
             let mut server_service = server_service.clone();
             let mut praefect_info = praefect_info.clone();
             let (method, started) = (req.uri().path().to_owned(), std::time::Instant::now());
@@ -243,6 +267,7 @@ impl RouterServer {
             http,
             background,
             forwarder,
+            health,
         })
     }
 
@@ -261,20 +286,52 @@ impl RouterServer {
         self.http.as_ref().map(HttpServer::local_addr)
     }
 
-    /// Stops accepting calls and waits up to `grace` for calls in flight.
-    pub async fn shutdown(mut self, grace: Duration) {
-        if let Some(http) = self.http.take() {
-            http.shutdown().await;
-        }
+    /// The health verdict load balancers see.
+    pub fn health(&self) -> &Arc<Health> {
+        &self.health
+    }
+
+    /// SIGTERM's drain. Health turns NOT_SERVING at once; calls go on being served for
+    /// `grace` while balancers notice; then both listeners close (new connections are
+    /// refused, HTTP/2 clients get GOAWAY, idle HTTP connections close) and calls in
+    /// flight, pushes included, get up to `timeout` to finish; then the background
+    /// work stops and the etcd lease is revoked, last. Returns whether every call
+    /// finished in time.
+    pub async fn drain(mut self, grace: Duration, timeout: Duration) -> bool {
+        self.health.drain();
+        self.health.drained().await;
+        tracing::info!(
+            grace_secs = grace.as_secs(),
+            timeout_secs = timeout.as_secs(),
+            "draining: reported not ready; serving on while balancers notice"
+        );
+        tokio::time::sleep(grace).await;
+        tracing::info!("drain grace over: closing the listeners");
+        let deadline = tokio::time::Instant::now() + timeout;
+        let http = self.http.take();
+        let http = async move {
+            match http {
+                Some(h) => h.shutdown(timeout).await,
+                None => true,
+            }
+        };
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
-        if tokio::time::timeout(grace, &mut self.task).await.is_err() {
-            tracing::warn!(
-                ?grace,
-                "calls still in flight after the grace period; stopping them"
-            );
+        let task = &mut self.task;
+        let grpc = async { tokio::time::timeout_at(deadline, task).await.is_ok() };
+        let (http_done, grpc_done) = tokio::join!(http, grpc);
+        if !grpc_done {
             self.task.abort();
+        }
+        let finished = http_done && grpc_done;
+        if finished {
+            tracing::info!("every call in flight finished");
+        } else {
+            tracing::warn!(
+                ?timeout,
+                "calls still in flight after drain_timeout_secs; stopping them"
+            );
         }
         for task in &self.background {
             task.abort();
@@ -283,9 +340,18 @@ impl RouterServer {
             m.abort();
         }
         // Revoked only after the calls in flight finished: their transactions are
-        // finalized by then, and revoking frees their outcome records at once.
+        // finalized by then, and revoking frees their outcome records at once and
+        // lets the other routers take over repair claims.
         if let Some(session) = self.session.take() {
             session.close().await;
         }
+        tracing::info!("drained; the etcd lease is revoked");
+        finished
+    }
+
+    /// Stops at once: [`RouterServer::drain`] with no grace, calls in flight given up
+    /// to `timeout`.
+    pub async fn shutdown(self, timeout: Duration) -> bool {
+        self.drain(Duration::ZERO, timeout).await
     }
 }

@@ -9,7 +9,8 @@
 //! dials and fetches as gitlab-shell and workhorse do (backchannel, sidechannel), and
 //! [`workhorse`] puts a real git client's HTTP fetches through it. [`local`] drives a
 //! whole cluster started by `votingctl cluster up`, as a person would. [`tls`] issues
-//! test certificates. [`metrics`] scrapes a process's Prometheus endpoint.
+//! test certificates. [`metrics`] scrapes a process's Prometheus endpoint. [`nginx`]
+//! runs a real nginx with the shipped config in front of routers.
 //! [`seaweed`] runs a real S3-compatible server (SeaweedFS) for partition sync.
 //! [`faultnet`] cuts links between processes, [`hold`] stops a process at an exact
 //! step, [`chaos`] is the fault suite. [`gitlab`] stands in for GitLab's internal API
@@ -28,6 +29,7 @@ pub mod grpc;
 pub mod hold;
 pub mod local;
 pub mod metrics;
+pub mod nginx;
 pub mod node;
 pub mod proc;
 pub mod reads;

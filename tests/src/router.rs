@@ -190,6 +190,27 @@ impl Router {
         self.proc.as_mut().is_some_and(Proc::is_running)
     }
 
+    /// SIGTERM without waiting: the router drains while the test goes on; see
+    /// [`Router::exit_status`].
+    pub fn sigterm(&mut self) -> anyhow::Result<()> {
+        let pid = self.pid().context("the router is not running")?;
+        refvote_launcher::process::signal(pid, refvote_launcher::process::Signal::TERM)?;
+        Ok(())
+    }
+
+    /// The exit status once the process exited (it stays reaped here); `None` while it
+    /// runs.
+    pub fn exit_status(&mut self) -> Option<std::process::ExitStatus> {
+        self.proc
+            .as_mut()
+            .and_then(|p| p.try_status().ok().flatten())
+    }
+
+    /// Where git smart HTTP listens (with [`RouterOptions::http`]).
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http.expect("the router was started without http")
+    }
+
     /// SIGKILL.
     pub fn kill(&mut self) -> anyhow::Result<()> {
         if let Some(mut p) = self.proc.take() {

@@ -11,6 +11,7 @@ use tokio::task::JoinHandle;
 
 use super::GitHttp;
 use crate::forward::Forwarder;
+use crate::health::Health;
 
 /// The running HTTP front.
 pub struct HttpServer {
@@ -26,6 +27,7 @@ impl HttpServer {
         forwarder: Arc<Forwarder>,
         create_on_push: bool,
         auth: Option<refvote_auth::AuthPolicy>,
+        health: Arc<Health>,
     ) -> std::io::Result<HttpServer> {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
@@ -34,9 +36,13 @@ impl HttpServer {
             create_on_push,
             auth,
             creating: Default::default(),
+            health,
         });
         let (stop, mut stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
+            // Every connection is watched: on shutdown each finishes the request it
+            // is serving (its response body included) and closes; idle ones close.
+            let graceful = hyper_util::server::graceful::GracefulShutdown::new();
             loop {
                 let (conn, peer) = tokio::select! {
                     _ = &mut stopped => break,
@@ -52,19 +58,28 @@ impl HttpServer {
                 };
                 let _ = conn.set_nodelay(true);
                 let front = front.clone();
+                let svc = hyper::service::service_fn(move |req| {
+                    let front = front.clone();
+                    async move { Ok::<_, Infallible>(front.serve(req).await) }
+                });
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(conn), svc);
+                let conn = graceful.watch(conn);
                 tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |req| {
-                        let front = front.clone();
-                        async move { Ok::<_, Infallible>(front.serve(req).await) }
-                    });
-                    if let Err(e) = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(conn), svc)
-                        .await
-                    {
+                    if let Err(e) = conn.await {
                         tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
                     }
                 });
             }
+            drop(listener);
+            let open = graceful.count();
+            if open > 0 {
+                tracing::info!(
+                    connections = open,
+                    "HTTP listener closed; finishing requests in flight"
+                );
+            }
+            graceful.shutdown().await;
         });
         tracing::info!(%addr, create_on_push, "serving git smart HTTP");
         Ok(HttpServer {
@@ -78,11 +93,19 @@ impl HttpServer {
         self.addr
     }
 
-    /// Stops accepting connections; requests in flight finish on their own.
-    pub async fn shutdown(mut self) {
+    /// Closes the listener, lets every request in flight finish (its response sent
+    /// whole) and closes idle connections; gives up after `timeout`, dropping what is
+    /// left. Returns whether everything finished in time.
+    pub async fn shutdown(mut self, timeout: Duration) -> bool {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
-        let _ = (&mut self.task).await;
+        match tokio::time::timeout(timeout, &mut self.task).await {
+            Ok(_) => true,
+            Err(_) => {
+                self.task.abort();
+                false
+            }
+        }
     }
 }

@@ -34,6 +34,7 @@ mod advertise;
 mod answer;
 mod body;
 mod listener;
+mod probe;
 mod push_refusal;
 mod receive_pack;
 mod respond;
@@ -77,6 +78,9 @@ struct GitHttp {
     /// this router wait for the one creating the repository, so none of them reaches a
     /// replica whose creation has not finished yet.
     creating: std::sync::Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    /// `/-/readiness` and `/-/liveness` answer from it; while draining every answer
+    /// closes its connection.
+    health: Arc<crate::health::Health>,
 }
 
 /// The repository a URL names, in the virtual storage.

@@ -27,6 +27,25 @@ pub(super) const DRAIN: Duration = Duration::from_secs(30);
 
 impl GitHttp {
     pub(super) async fn serve(self: Arc<Self>, req: http::Request<Incoming>) -> Response {
+        use tracing::Instrument;
+        let id = request_id(req.headers().get("x-request-id"));
+        let span = tracing::info_span!("http", request_id = %id);
+        let mut resp = self.clone().serve_one(req).instrument(span).await;
+        if let Ok(v) = HeaderValue::from_str(&id) {
+            resp.headers_mut().insert("x-request-id", v);
+        }
+        if self.health.draining() {
+            // The balancer's next request opens a connection elsewhere.
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        resp
+    }
+
+    async fn serve_one(self: Arc<Self>, req: http::Request<Incoming>) -> Response {
+        if let Some(resp) = super::probe::answer(&self.health, req.method(), req.uri().path()) {
+            return resp;
+        }
         let route = match route(req.method(), req.uri().path(), req.uri().query()) {
             Ok(r) => r,
             Err(refusal) => return text(refusal),
@@ -173,5 +192,32 @@ impl GitHttp {
             // The nodes bound their own messages; the router passes them on.
             Some(usize::MAX),
         ))
+    }
+}
+
+/// The request's id: the balancer's `X-Request-Id` when it is a sane token (up to 128
+/// visible ASCII characters), else a new one. Echoed in the answer and in every log
+/// line of the request.
+fn request_id(given: Option<&HeaderValue>) -> String {
+    given
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map(str::to_owned)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sane_request_id_is_kept_and_anything_else_replaced() {
+        let keep = HeaderValue::from_static("f00d-1234");
+        assert_eq!(request_id(Some(&keep)), "f00d-1234");
+        let spaced = HeaderValue::from_static("a b");
+        assert_ne!(request_id(Some(&spaced)), "a b");
+        assert_eq!(request_id(None).len(), 32);
+        let long = HeaderValue::from_str(&"x".repeat(200)).unwrap();
+        assert_eq!(request_id(Some(&long)).len(), 32);
     }
 }
