@@ -125,16 +125,12 @@ pub fn by_kind(
     faults: &[FaultEvent],
     figures: &[FaultRecovery],
 ) -> (BTreeMap<String, KindFigures>, BTreeMap<String, KindFigures>) {
-    let (mut all, mut clean) = (BTreeMap::new(), BTreeMap::new());
+    let mut all: BTreeMap<String, KindFigures> = BTreeMap::new();
+    let mut clean: BTreeMap<String, KindFigures> = BTreeMap::new();
     for (f, r) in faults.iter().zip(figures) {
-        all.entry(f.kind.clone())
-            .or_insert_with(KindFigures::default)
-            .add(r);
+        all.entry(f.kind.clone()).or_default().add(r);
         if f.clean {
-            clean
-                .entry(f.kind.clone())
-                .or_insert_with(KindFigures::default)
-                .add(r);
+            clean.entry(f.kind.clone()).or_default().add(r);
         }
     }
     (all, clean)
