@@ -655,14 +655,30 @@ mod tests {
             .map(|(m, c)| (m.into(), c.into()))
             .into();
         let reps = replicas(&[("wg", "c2")]);
-        check(&ops, &[], &reps, &known, Duration::from_secs(1), &mut r);
+        check(
+            &ops,
+            &[],
+            &reps,
+            &known,
+            &[],
+            Duration::from_secs(1),
+            &mut r,
+        );
         assert!(r.violations.is_empty(), "{:?}", r.violations);
         // The failed call's commit in the history; the acknowledged one missing.
         let mut r = Report::default();
         let known: HashMap<String, String> =
             [("m3", "c3")].map(|(m, c)| (m.into(), c.into())).into();
         let reps = replicas(&[("wg", "c3")]);
-        check(&ops, &[], &reps, &known, Duration::from_secs(1), &mut r);
+        check(
+            &ops,
+            &[],
+            &reps,
+            &known,
+            &[],
+            Duration::from_secs(1),
+            &mut r,
+        );
         let kinds: Vec<&str> = r.violations.iter().map(|v| &v[..10]).collect();
         assert!(kinds.contains(&"failed vis"), "{:?}", r.violations);
         assert!(kinds.contains(&"lost updat"), "{:?}", r.violations);
