@@ -146,8 +146,8 @@ mod tests {
         assert_eq!(failed.last_error, "source unreachable");
         assert_eq!(failed.last_attempt_unix_ms, 10_000);
         assert_eq!(
-            failed.not_before_unix_ms, 12_000,
-            "2 s after the third failure"
+            failed.not_before_unix_ms, 11_000,
+            "1 s after the third failure"
         );
         assert_eq!(
             (failed.generation, failed.reason.as_str()),
