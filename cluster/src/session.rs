@@ -64,6 +64,10 @@ impl Session {
     }
 }
 
+/// The longest pause between two tries at a lease while etcd does not answer (the
+/// pauses end early when etcd answers another request, [`Store::pause`]).
+const RETRY_CAP: Duration = Duration::from_millis(500);
+
 async fn keep<F, Fut>(store: Store, ttl: Duration, on_grant: F, tx: watch::Sender<Option<i64>>)
 where
     F: Fn(i64) -> Fut + Send + Sync + 'static,
@@ -79,14 +83,14 @@ where
             Ok(g) => g.id(),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot grant an etcd lease; retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(2));
+                store.pause(backoff).await;
+                backoff = (backoff * 2).min(RETRY_CAP);
                 continue;
             }
         };
         if let Err(e) = on_grant(granted).await {
             tracing::warn!(error = %e, lease = granted, "registration under a new lease failed; retrying");
-            tokio::time::sleep(backoff).await;
+            store.pause(backoff).await;
             continue;
         }
         backoff = Duration::from_millis(100);
@@ -157,6 +161,7 @@ async fn hold(store: &Store, lease: i64, ttl: Duration, published: &watch::Sende
         };
         match tokio::time::timeout(attempt.min(left), renewal).await {
             Ok(Ok(Some(resp))) if resp.ttl() > 0 => {
+                store.answered();
                 renewed = Instant::now();
                 wait = period;
                 if published.borrow().is_none() {
@@ -168,6 +173,7 @@ async fn hold(store: &Store, lease: i64, ttl: Duration, published: &watch::Sende
             Ok(Err(e)) if expired(&e.to_string()) => return,
             other => {
                 tracing::debug!(?other, "keep-alive failed; trying another endpoint");
+                store.unanswered();
                 store.fail_over();
                 stream = None;
             }

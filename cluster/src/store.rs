@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
@@ -15,6 +15,7 @@ use etcd_client::{
 };
 use refvote_telemetry::metrics::{Counter, Family, Text};
 use serde::de::DeserializeOwned;
+use tokio::sync::watch;
 
 use crate::error::{Error, Result};
 use crate::keys::Keys;
@@ -88,6 +89,11 @@ struct Inner {
     current: AtomicUsize,
     keys: Keys,
     timeout: Duration,
+    /// Whether the last request ended without an answer from etcd.
+    failing: AtomicBool,
+    /// Counts the times etcd answered again after a request had failed: what
+    /// [`Store::pause`] wakes on.
+    answered_again: watch::Sender<u64>,
 }
 
 /// One key as read: its value and revisions.
@@ -133,10 +139,12 @@ fn is_endpoint_failure(e: &etcd_client::Error) -> bool {
                 | Code::Aborted
                 | Code::Cancelled
         ),
+        // etcd's answer that a lease is gone is an answer, not a failing endpoint:
+        // asking every other member again only delays the new grant.
+        etcd_client::Error::LeaseKeepAliveError(m) => !m.contains("lease not found"),
         etcd_client::Error::TransportError(_)
         | etcd_client::Error::IoError(_)
-        | etcd_client::Error::WatchError(_)
-        | etcd_client::Error::LeaseKeepAliveError(_) => true,
+        | etcd_client::Error::WatchError(_) => true,
         _ => false,
     }
 }
@@ -171,6 +179,8 @@ impl Store {
                 current: AtomicUsize::new(0),
                 keys: Keys::new(&config.prefix),
                 timeout: config.request_timeout,
+                failing: AtomicBool::new(false),
+                answered_again: watch::channel(0).0,
             }),
         })
     }
@@ -203,6 +213,31 @@ impl Store {
         self.inner.timeout
     }
 
+    /// A retry's back-off: sleeps `wait`, or less, returning as soon as etcd answers a
+    /// request of this store after one had failed. Whoever waits out an etcd outage
+    /// this way resumes right after etcd is back (every process keeps its lease
+    /// renewals going every 100 ms while etcd fails, so the return is noticed at once),
+    /// not when a back-off grown during the outage runs out.
+    pub async fn pause(&self, wait: Duration) {
+        let mut answered = self.inner.answered_again.subscribe();
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = answered.changed() => {}
+        }
+    }
+
+    /// etcd answered a request (or a lease renewal).
+    pub(crate) fn answered(&self) {
+        if self.inner.failing.swap(false, Ordering::Relaxed) {
+            self.inner.answered_again.send_modify(|n| *n += 1);
+        }
+    }
+
+    /// A request (or a lease renewal) got no answer from etcd.
+    pub(crate) fn unanswered(&self) {
+        self.inner.failing.store(true, Ordering::Relaxed);
+    }
+
     /// Runs `op` against the endpoint in use, moving to the next endpoint when one
     /// cannot serve, all under the request timeout.
     pub async fn request<T, F, Fut>(&self, mut op: F) -> Result<T>
@@ -217,9 +252,13 @@ impl Store {
             let i = self.inner.current.load(Ordering::Relaxed);
             let client = self.inner.clients[i].clone();
             match tokio::time::timeout_at(deadline, op(client)).await {
-                Ok(Ok(v)) => return Ok(v),
+                Ok(Ok(v)) => {
+                    self.answered();
+                    return Ok(v);
+                }
                 Ok(Err(e)) if is_endpoint_failure(&e) => {
                     ETCD_ERRORS.with(&["unavailable"]).inc();
+                    self.unanswered();
                     tracing::debug!(endpoint = i, attempt, error = %e, "etcd endpoint failed; trying the next");
                     self.rotate(i);
                     last = Some(e);
@@ -234,11 +273,14 @@ impl Store {
                     }
                 }
                 Ok(Err(e)) => {
+                    // etcd answered (a refusal of this request).
+                    self.answered();
                     ETCD_ERRORS.with(&["other"]).inc();
                     return Err(e.into());
                 }
                 Err(_) => {
                     ETCD_ERRORS.with(&["timeout"]).inc();
+                    self.unanswered();
                     self.rotate(i);
                     return Err(Error::Timeout(self.inner.timeout));
                 }

@@ -293,16 +293,18 @@ async fn record_done(settings: &TxSettings, tx: &str, ok: bool, detail: &str, ch
     );
     tokio::spawn(async move {
         let deadline = tokio::time::Instant::now() + DONE_RETRY;
-        let mut backoff = Duration::from_millis(200);
+        let mut backoff = Duration::from_millis(100);
         loop {
-            tokio::time::sleep(backoff).await;
+            // Woken when etcd answers again: finalize waits for this report, so a
+            // back-off grown during an etcd outage would hold the push up after it.
+            settings.store.pause(backoff).await;
             match report(&settings, &tx, ok, &detail, &checksum).await {
                 Ok(()) => return,
                 Err(()) if tokio::time::Instant::now() >= deadline => {
                     tracing::error!(%tx, "gave up reporting this voter done");
                     return;
                 }
-                Err(_) => backoff = (backoff * 2).min(Duration::from_secs(5)),
+                Err(_) => backoff = (backoff * 2).min(Duration::from_secs(1)),
             }
         }
     });

@@ -101,8 +101,10 @@ mod defaults {
     pub fn lock_wait_ms() -> u64 {
         10_000
     }
+    /// How often the repair worker looks for due jobs (it also looks at once when
+    /// etcd answers again after an outage, or the router holds a new lease).
     pub fn repair_interval_ms() -> u64 {
-        1_000
+        250
     }
     pub fn repair_concurrency() -> usize {
         4

@@ -493,10 +493,13 @@ impl Forwarder {
         lease: i64,
         failed: Vec<(String, String)>,
     ) {
-        let mut pause = Duration::from_millis(500);
-        for attempt in 1..=120 {
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_secs(5));
+        let mut pause = Duration::from_millis(250);
+        for attempt in 1..=600 {
+            // Woken as soon as etcd answers again: a back-off grown during an etcd
+            // outage must not keep the transaction open (and the repository's repairs
+            // waiting) after etcd is back.
+            self.store.pause(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(1));
             if self.lease.borrow().is_some_and(|now| now != lease) {
                 tracing::info!(tx = %tx.id, "lease changed; the reaper finalizes the transaction");
                 return;

@@ -319,8 +319,8 @@ async fn follow(store: Store, watched: Arc<RwLock<Watched>>, loaded: watch::Send
             }
         }
         store.fail_over();
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(2));
+        store.pause(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_millis(500));
     }
 }
 

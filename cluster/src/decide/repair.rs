@@ -77,12 +77,14 @@ pub fn unmarked(replica: &ReplicaRecord, error: &str) -> Option<ReplicaRecord> {
     })
 }
 
-/// Back-off after `attempts` failures: 0.5 s doubling up to 8 s. Short on purpose:
+/// Back-off after `attempts` failures: 0.25 s doubling up to 2 s. Short on purpose:
 /// most failures are the target or source being unreachable for a while (cheap to
-/// retry), and a replica should be back soon after its node is reachable again.
+/// retry: a failed try costs one call), and a replica should be back soon after its
+/// node is reachable again (one cut off from the routers does not register again, so
+/// only the back-off stands between its return and its repair).
 pub fn backoff(attempts: u32) -> Duration {
     let factor = 1u64 << attempts.saturating_sub(1).min(6);
-    (Duration::from_millis(500) * factor as u32).min(Duration::from_secs(8))
+    (Duration::from_millis(250) * factor as u32).min(Duration::from_secs(2))
 }
 
 #[cfg(test)]
@@ -144,8 +146,8 @@ mod tests {
         assert_eq!(failed.last_error, "source unreachable");
         assert_eq!(failed.last_attempt_unix_ms, 10_000);
         assert_eq!(
-            failed.not_before_unix_ms, 12_000,
-            "2 s after the third failure"
+            failed.not_before_unix_ms, 11_000,
+            "1 s after the third failure"
         );
         assert_eq!(
             (failed.generation, failed.reason.as_str()),
@@ -171,10 +173,10 @@ mod tests {
 
     #[test]
     fn backoff_doubles_up_to_a_bound() {
-        assert_eq!(backoff(1), Duration::from_millis(500));
-        assert_eq!(backoff(2), Duration::from_secs(1));
-        assert_eq!(backoff(4), Duration::from_secs(4));
-        assert_eq!(backoff(5), Duration::from_secs(8));
-        assert_eq!(backoff(40), Duration::from_secs(8));
+        assert_eq!(backoff(1), Duration::from_millis(250));
+        assert_eq!(backoff(2), Duration::from_millis(500));
+        assert_eq!(backoff(3), Duration::from_secs(1));
+        assert_eq!(backoff(4), Duration::from_secs(2));
+        assert_eq!(backoff(40), Duration::from_secs(2));
     }
 }

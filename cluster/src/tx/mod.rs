@@ -116,10 +116,11 @@ impl Store {
         let keys = self.keys();
         let by = format!("{}:unanswered-begin", record.creator);
         let deadline = Instant::now() + Duration::from_secs(120);
-        let mut pause = Duration::from_millis(500);
+        let mut pause = Duration::from_millis(250);
         while Instant::now() < deadline {
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_secs(5));
+            // Woken when etcd answers again (it is open and blocks repairs until ended).
+            self.pause(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(1));
             match self.get(&keys.tx_record(&record.id)).await {
                 Ok(Some(_)) => {}
                 Ok(None) => continue,

@@ -15,6 +15,7 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use super::history::{FaultEvent, Op, OpKind, Outcome, short};
+use super::recovery::{self, KindFigures};
 use super::workload::{RACE, UPDATE_PREFIX};
 
 /// The refs of one replica: name → object id.
@@ -29,11 +30,13 @@ pub struct Report {
     pub unknown: usize,
     pub reads: usize,
     pub reads_failed: usize,
-    /// Fault kind → (count, longest write unavailability while it lasted).
-    pub faults: BTreeMap<String, (usize, Duration)>,
+    /// Fault kind → count, longest write unavailability while it lasted, and longest
+    /// recovery from the fault's end to the first acknowledged write and to every
+    /// replica up to date.
+    pub faults: BTreeMap<String, KindFigures>,
     /// The same, only for faults injected while every replica was up to date on a live
     /// node (no earlier fault's outdated replica still in the way).
-    pub faults_clean: BTreeMap<String, (usize, Duration)>,
+    pub faults_clean: BTreeMap<String, KindFigures>,
     /// Each time a replica was not up to date, how long until it was again.
     pub repairs: Vec<Duration>,
     pub settle: Duration,
@@ -76,16 +79,20 @@ impl Report {
         }
         let _ = writeln!(
             s,
-            "faults (kind: count, longest write unavailability; of those injected with every replica up to date: count, longest):"
+            "faults (kind: count, longest write unavailability, longest recovery from the fault's end to the first acknowledged write / to every replica up to date; then the same over those injected with every replica up to date; '>' a lower bound, the next fault came first):"
         );
-        for (kind, (n, worst)) in &self.faults {
-            let (nc, worst_c) = self.faults_clean.get(kind).copied().unwrap_or_default();
-            let _ = writeln!(
-                s,
-                "  {kind}: {n}, {:.2} s; clean: {nc}, {:.2} s",
-                worst.as_secs_f64(),
-                worst_c.as_secs_f64()
-            );
+        for (kind, all) in &self.faults {
+            let clean = self.faults_clean.get(kind).copied().unwrap_or_default();
+            let show = |f: &KindFigures| {
+                format!(
+                    "{}, {:.2} s, {} / {}",
+                    f.count,
+                    f.unavailable.as_secs_f64(),
+                    f.to_ack.show(),
+                    f.to_sync.show()
+                )
+            };
+            let _ = writeln!(s, "  {kind}: {}; clean: {}", show(all), show(&clean));
         }
         let _ = writeln!(
             s,
@@ -124,11 +131,14 @@ impl Report {
 /// message of every commit in the final history of
 /// [`GRPC_BRANCH`](super::workload::GRPC_BRANCH) to its id: it
 /// tells which `UserCommitFiles` calls the client never heard back from took effect.
+/// `synced`: samples of (time, every replica up to date on a live node), for the
+/// recovery figures.
 pub fn check(
     ops: &[Op],
     faults: &[FaultEvent],
     replicas: &BTreeMap<String, (Refs, String, bool)>,
     commits: &HashMap<String, String>,
+    synced: &[(Duration, bool)],
     run_end: Duration,
     report: &mut Report,
 ) {
@@ -420,37 +430,15 @@ pub fn check(
         ));
     }
 
-    // Unavailability: the longest gap between acknowledged writes overlapping each
-    // fault's window (from its injection to the next fault's).
+    // Per fault: unavailability while it lasted, and recovery from its end.
     let mut ack_ends: Vec<Duration> = writes
         .iter()
         .filter(|o| o.outcome == Outcome::Ack)
         .map(|o| o.end)
         .collect();
     ack_ends.sort();
-    for (i, f) in faults.iter().enumerate() {
-        let window_end = faults.get(i + 1).map(|n| n.injected).unwrap_or(run_end);
-        let mut worst = Duration::ZERO;
-        let mut prev = f.injected;
-        for &a in ack_ends.iter().filter(|a| **a > f.injected) {
-            worst = worst.max(a - prev);
-            prev = a;
-            if a > window_end {
-                break;
-            }
-        }
-        if prev < window_end {
-            worst = worst.max(window_end - prev);
-        }
-        let e = report.faults.entry(f.kind.clone()).or_default();
-        e.0 += 1;
-        e.1 = e.1.max(worst);
-        if f.clean {
-            let e = report.faults_clean.entry(f.kind.clone()).or_default();
-            e.0 += 1;
-            e.1 = e.1.max(worst);
-        }
-    }
+    let figures = recovery::per_fault(faults, &ack_ends, synced, run_end);
+    (report.faults, report.faults_clean) = recovery::by_kind(faults, &figures);
 }
 
 /// `ops` with the value of every `UserCommitFiles` call whose answer the client did not
@@ -544,6 +532,7 @@ mod tests {
             &[],
             reps,
             &HashMap::new(),
+            &[],
             Duration::from_secs(1),
             &mut r,
         );
@@ -666,14 +655,30 @@ mod tests {
             .map(|(m, c)| (m.into(), c.into()))
             .into();
         let reps = replicas(&[("wg", "c2")]);
-        check(&ops, &[], &reps, &known, Duration::from_secs(1), &mut r);
+        check(
+            &ops,
+            &[],
+            &reps,
+            &known,
+            &[],
+            Duration::from_secs(1),
+            &mut r,
+        );
         assert!(r.violations.is_empty(), "{:?}", r.violations);
         // The failed call's commit in the history; the acknowledged one missing.
         let mut r = Report::default();
         let known: HashMap<String, String> =
             [("m3", "c3")].map(|(m, c)| (m.into(), c.into())).into();
         let reps = replicas(&[("wg", "c3")]);
-        check(&ops, &[], &reps, &known, Duration::from_secs(1), &mut r);
+        check(
+            &ops,
+            &[],
+            &reps,
+            &known,
+            &[],
+            Duration::from_secs(1),
+            &mut r,
+        );
         let kinds: Vec<&str> = r.violations.iter().map(|v| &v[..10]).collect();
         assert!(kinds.contains(&"failed vis"), "{:?}", r.violations);
         assert!(kinds.contains(&"lost updat"), "{:?}", r.violations);

@@ -80,6 +80,11 @@ pub struct FaultEvent {
     pub kind: String,
     pub target: String,
     pub injected: Duration,
+    /// When the fault itself ended: the member or process restarted, the link healed,
+    /// the process continued (recovery is counted from here).
+    pub ended: Duration,
+    /// When the injector was done with it (after waiting for a restarted process to be
+    /// ready).
     pub healed: Duration,
     /// Every replica was up to date on a live node when it was injected: nothing but
     /// this fault stood in the way of writes.

@@ -12,6 +12,7 @@
 pub mod check;
 mod cluster;
 pub mod history;
+pub mod recovery;
 mod rng;
 pub mod schedule;
 pub mod workload;
@@ -102,11 +103,13 @@ pub async fn run(config: &ChaosConfig) -> anyhow::Result<check::Report> {
         stop.clone(),
     )));
     let repairs = Arc::new(Mutex::new(Vec::new()));
+    let synced = Arc::new(Mutex::new(Vec::new()));
     let poller = tokio::spawn(poll_outdated(
         cluster.store.clone(),
         repo.clone(),
+        history.clone(),
         repairs.clone(),
-        stop.clone(),
+        synced.clone(),
     ));
 
     // Faults for the configured time; the one in progress finishes.
@@ -156,11 +159,13 @@ pub async fn run(config: &ChaosConfig) -> anyhow::Result<check::Report> {
     }
     let replicas = read_replicas(&cluster, &repo).await?;
     let commits = grpc_commits(&cluster, &repo).await?;
+    let synced = synced.lock().expect("poisoned").clone();
     check::check(
         &history.ops(),
         &history.faults(),
         &replicas,
         &commits,
+        &synced,
         run_end,
         &mut report,
     );
@@ -172,8 +177,9 @@ pub async fn run(config: &ChaosConfig) -> anyhow::Result<check::Report> {
         let mut text = String::new();
         for f in history.faults() {
             text.push_str(&format!(
-                "FAULT [{:>8.3}s..{:>8.3}s] {} on {}\n",
+                "FAULT [{:>8.3}s..{:>8.3}s, ready {:>8.3}s] {} on {}\n",
                 f.injected.as_secs_f64(),
+                f.ended.as_secs_f64(),
                 f.healed.as_secs_f64(),
                 f.kind,
                 f.target
@@ -199,20 +205,23 @@ pub async fn run(config: &ChaosConfig) -> anyhow::Result<check::Report> {
     Ok(report)
 }
 
-/// Samples the repository's replicas every 250 ms and records, for each time one was
-/// not up to date, how long it took to be up to date again.
+/// Samples the repository's replicas every 100 ms and records, for each time one was
+/// not up to date, how long it took to be up to date again (`repairs`), and each
+/// sample's time and whether every replica was up to date on a live node (`synced`).
 async fn poll_outdated(
     store: Store,
     repo: RepoId,
+    history: Arc<History>,
     repairs: Arc<Mutex<Vec<Duration>>>,
-    _stop: Arc<AtomicBool>,
+    synced: Arc<Mutex<Vec<(Duration, bool)>>>,
 ) {
     // Runs until the settle step aborts it, so late repairs count too.
     let mut since: BTreeMap<String, Instant> = BTreeMap::new();
     let mut n = 0u64;
-    while n < 1_000_000 {
+    while n < 10_000_000 {
         n += 1;
         if let Ok(view) = store.repo_view(&repo).await {
+            let at = history.now();
             for node in &view.record.assigned {
                 let ok = view
                     .replicas
@@ -229,8 +238,10 @@ async fn poll_outdated(
                     _ => {}
                 }
             }
+            let all = view.up_to_date_live().len() == view.record.assigned.len();
+            synced.lock().expect("poisoned").push((at, all));
         }
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

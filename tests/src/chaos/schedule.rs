@@ -148,11 +148,12 @@ pub async fn run(
         }
         let clean = all_up_to_date(cluster).await;
         let injected = history.now();
-        let target = inject(cluster, kind, &mut rng).await?;
+        let (target, ended) = inject(cluster, kind, &mut rng, &history).await?;
         history.fault(FaultEvent {
             kind: kind.name(),
             target,
             injected,
+            ended,
             healed: history.now(),
             clean,
         });
@@ -171,12 +172,14 @@ async fn all_up_to_date(cluster: &ChaosCluster) -> bool {
     }
 }
 
-/// Injects one fault, holds it, heals it. Returns what it hit.
+/// Injects one fault, holds it, heals it. Returns what it hit and when the fault
+/// ended (the restart, heal or continue itself, before any wait for readiness).
 async fn inject(
     cluster: &mut ChaosCluster,
     kind: FaultKind,
     rng: &mut Rng,
-) -> anyhow::Result<String> {
+    history: &History,
+) -> anyhow::Result<(String, std::time::Duration)> {
     let hold = rng.millis(1000, 4000);
     let lease = cluster.lease_ttl;
     let node = rng.below(cluster.nodes.len());
@@ -186,67 +189,77 @@ async fn inject(
         FaultKind::KillNode => {
             cluster.nodes[node].kill()?;
             tokio::time::sleep(hold).await;
+            let ended = history.now();
             cluster.nodes[node].launch().await?;
-            Ok(cluster.nodes[node].name.clone())
+            Ok((cluster.nodes[node].name.clone(), ended))
         }
         FaultKind::KillRouter => {
             cluster.routers[router].kill()?;
             tokio::time::sleep(hold).await;
+            let ended = history.now();
             cluster.routers[router].launch().await?;
-            Ok(cluster.routers[router].name.clone())
+            Ok((cluster.routers[router].name.clone(), ended))
         }
         FaultKind::KillEtcdMember => {
             cluster.etcd.kill(member)?;
             tokio::time::sleep(hold).await;
+            let ended = history.now();
             cluster.etcd.restart(member)?;
             cluster.etcd.wait_healthy(Duration::from_secs(30)).await?;
-            Ok(cluster.etcd.name(member).to_owned())
+            Ok((cluster.etcd.name(member).to_owned(), ended))
         }
         FaultKind::PauseNode => {
             cluster.nodes[node].pause()?;
             tokio::time::sleep(lease + rng.millis(500, 2500)).await;
+            let ended = history.now();
             cluster.nodes[node].resume()?;
-            Ok(cluster.nodes[node].name.clone())
+            Ok((cluster.nodes[node].name.clone(), ended))
         }
         FaultKind::PartitionNodeFromEtcd => {
             set_all(&cluster.node_etcd[node], LinkState::Blackhole);
             tokio::time::sleep(hold + lease).await;
+            let ended = history.now();
             set_all(&cluster.node_etcd[node], LinkState::Up);
-            Ok(cluster.nodes[node].name.clone())
+            Ok((cluster.nodes[node].name.clone(), ended))
         }
         FaultKind::PartitionNodeFromRouters => {
             cluster.to_node[node].set(LinkState::Blackhole);
             tokio::time::sleep(hold).await;
+            let ended = history.now();
             cluster.to_node[node].set(LinkState::Up);
-            Ok(cluster.nodes[node].name.clone())
+            Ok((cluster.nodes[node].name.clone(), ended))
         }
         FaultKind::IsolateNode => {
             set_all(&cluster.node_etcd[node], LinkState::Reset);
             cluster.to_node[node].set(LinkState::Reset);
             tokio::time::sleep(hold + lease).await;
+            let ended = history.now();
             set_all(&cluster.node_etcd[node], LinkState::Up);
             cluster.to_node[node].set(LinkState::Up);
-            Ok(cluster.nodes[node].name.clone())
+            Ok((cluster.nodes[node].name.clone(), ended))
         }
         FaultKind::PartitionRouterFromEtcd => {
             set_all(&cluster.router_etcd[router], LinkState::Blackhole);
             tokio::time::sleep(hold).await;
+            let ended = history.now();
             set_all(&cluster.router_etcd[router], LinkState::Up);
-            Ok(cluster.routers[router].name.clone())
+            Ok((cluster.routers[router].name.clone(), ended))
         }
         FaultKind::EtcdMajorityOutage => {
             let other = (member + 1) % cluster.etcd.len();
             cluster.etcd.stop(member)?;
             cluster.etcd.stop(other)?;
             tokio::time::sleep(hold).await;
+            let ended = history.now();
             cluster.etcd.restart(member)?;
             cluster.etcd.restart(other)?;
             cluster.etcd.wait_healthy(Duration::from_secs(30)).await?;
-            Ok(format!(
+            let target = format!(
                 "{} and {}",
                 cluster.etcd.name(member),
                 cluster.etcd.name(other)
-            ))
+            );
+            Ok((target, ended))
         }
         FaultKind::NodeFaultPoint(point) => {
             let n = &mut cluster.nodes[node];
@@ -268,17 +281,15 @@ async fn inject(
             }
             let hit = !n.is_running();
             n.env.clear();
+            let ended = history.now();
             if hit {
                 n.launch().await?;
             } else {
                 n.stop()?;
                 n.launch().await?;
             }
-            Ok(format!(
-                "{} ({})",
-                n.name,
-                if hit { "hit" } else { "not reached" }
-            ))
+            let target = format!("{} ({})", n.name, if hit { "hit" } else { "not reached" });
+            Ok((target, ended))
         }
         FaultKind::RouterBeforeFinalize => {
             let r = &mut cluster.routers[router];
@@ -294,12 +305,10 @@ async fn inject(
             let hit = !r.is_running();
             r.env.clear();
             r.stop()?;
+            let ended = history.now();
             r.launch().await?;
-            Ok(format!(
-                "{} ({})",
-                r.name,
-                if hit { "hit" } else { "not reached" }
-            ))
+            let target = format!("{} ({})", r.name, if hit { "hit" } else { "not reached" });
+            Ok((target, ended))
         }
     }
 }
