@@ -259,7 +259,7 @@ impl RepositoryService for RepositorySvc {
                 "--format=%(refname)",
                 "refs/heads/",
             ])
-            .git_dir(&repo.path)
+            .repo(&repo)
             .output(64 * 1024)
             .await
             .map_err(NodeError::from)?;
@@ -299,7 +299,7 @@ impl RepositoryService for RepositorySvc {
         if req.revisions.len() < 2 {
             return Err(NodeError::invalid("at least 2 revisions are required").into());
         }
-        let mut cmd = self.node.git.command(["merge-base"]).git_dir(&repo.path);
+        let mut cmd = self.node.git.command(["merge-base"]).repo(&repo);
         for r in &req.revisions {
             cmd = cmd.arg(names::revision("revision", r)?);
         }

@@ -2,8 +2,8 @@
 //! answered through the read engine (one `info` per revision, batched), in the order
 //! asked. Only the first request names the repository, as in Gitaly. A request that
 //! names a push's quarantine (Rails asks for a push's new objects while GitLab checks
-//! it) is answered by a `git cat-file` of its own that sees the quarantine: the
-//! engine's pooled processes see only the repository's own objects.
+//! it) sees the quarantined objects: the engine reads through the quarantine's own
+//! processes.
 
 use refvote_proto::gitaly::check_objects_exist_response::RevisionExistence;
 use refvote_proto::gitaly::{CheckObjectsExistRequest, CheckObjectsExistResponse};
@@ -23,9 +23,6 @@ pub async fn check_objects_exist(
         return Err(Status::invalid_argument("empty request stream"));
     };
     let repo = node.storages.existing(first.repository.as_ref())?;
-    if repo.quarantine.is_some() {
-        return in_quarantine(node, &repo, first, requests);
-    }
     let mut reader = node.reads.reader(&repo).await?;
     Ok(stream_from(move |tx| async move {
         let mut out = Batches::new(tx, |revisions| CheckObjectsExistResponse { revisions });
@@ -47,34 +44,6 @@ pub async fn check_objects_exist(
                     if out.push(answer).await.is_err() {
                         return Ok(());
                     }
-                }
-            }
-            next = requests.message().await?;
-        }
-        let _ = out.finish().await;
-        Ok(())
-    }))
-}
-
-/// CheckObjectsExist on a push's quarantine: one `git cat-file` run with the
-/// quarantine's environment, one header lookup per revision.
-fn in_quarantine(
-    node: &NodeState,
-    repo: &crate::storage::RepoPath,
-    first: CheckObjectsExistRequest,
-    mut requests: Streaming<CheckObjectsExistRequest>,
-) -> Result<BoxStream<CheckObjectsExistResponse>, Status> {
-    let mut cat = crate::catfile::CatFile::start(&node.git, repo)?;
-    Ok(stream_from(move |tx| async move {
-        let mut out = Batches::new(tx, |revisions| CheckObjectsExistResponse { revisions });
-        let mut next = Some(first);
-        while let Some(req) = next {
-            for name in req.revisions {
-                let rev = names::revision("revision", &name)
-                    .map_err(|e| Status::invalid_argument(format!("invalid revision: {e}")))?;
-                let exists = cat.header(rev).await?.is_some();
-                if out.push(RevisionExistence { name, exists }).await.is_err() {
-                    return Ok(());
                 }
             }
             next = requests.message().await?;

@@ -156,7 +156,7 @@ async fn numstats(
         .arg(left)
         .arg(right)
         .arg("--")
-        .git_dir(&repo.path);
+        .repo(&repo);
     for p in paths {
         cmd = cmd.arg(p);
     }
@@ -182,11 +182,7 @@ impl DiffSvc {
         common: &[&str],
         paths: &[String],
     ) -> Result<Vec<Diff>, NodeError> {
-        let mut cmd = self
-            .node
-            .git
-            .command(["diff-tree", "-r", "-z"])
-            .git_dir(&repo.path);
+        let mut cmd = self.node.git.command(["diff-tree", "-r", "-z"]).repo(&repo);
         for f in common {
             cmd = cmd.arg(*f);
         }
@@ -237,7 +233,7 @@ impl DiffService for DiffSvc {
                 "--no-ext-diff",
                 "--no-color",
             ])
-            .git_dir(&repo.path);
+            .repo(&repo);
         for f in &common {
             cmd = cmd.arg(*f);
         }
@@ -355,7 +351,7 @@ impl DiffService for DiffSvc {
             .arg(&left)
             .arg(&right)
             .arg("--")
-            .git_dir(&repo.path);
+            .repo(&repo);
         for p in &paths {
             cmd = cmd.arg(p);
         }
@@ -405,7 +401,7 @@ impl DiffService for DiffSvc {
             .command(["diff", "--numstat", "-z", "--end-of-options"])
             .arg(&left)
             .arg(&right)
-            .git_dir(&repo.path)
+            .repo(&repo)
             .spawn()
             .map_err(NodeError::from)?;
         Ok(Response::new(stream_from(move |tx| async move {
@@ -454,7 +450,7 @@ impl DiffService for DiffSvc {
             .command(["diff", "--full-index", "--no-ext-diff", "--end-of-options"])
             .arg(&left)
             .arg(&right)
-            .git_dir(&repo.path)
+            .repo(&repo)
             .spawn()
             .map_err(NodeError::from)?;
         Ok(Response::new(stdout_stream(run, None, |data| {
@@ -483,7 +479,7 @@ impl DiffService for DiffSvc {
                 "--end-of-options",
             ])
             .arg(format!("{left}..{right}"))
-            .git_dir(&repo.path)
+            .repo(&repo)
             .spawn()
             .map_err(NodeError::from)?;
         Ok(Response::new(stdout_stream(run, None, |data| {
@@ -510,7 +506,7 @@ impl DiffService for DiffSvc {
             .node
             .git
             .command(["diff", "--full-index", "--no-ext-diff", "--no-color"])
-            .git_dir(&repo.path);
+            .repo(&repo);
         if req.context_free {
             diff = diff.arg("-U0");
         }
