@@ -26,13 +26,14 @@ use refvote_proto::gitaly::{
     CreateRepositoryResponse, FindLicenseRequest, FindLicenseResponse, FindMergeBaseRequest,
     FindMergeBaseResponse, GetArchiveRequest, GetArchiveResponse, GetFileAttributesRequest,
     GetFileAttributesResponse, GetInfoAttributesRequest, GetInfoAttributesResponse,
-    GetObjectDirectorySizeRequest, GetObjectDirectorySizeResponse, GetSnapshotRequest,
-    GetSnapshotResponse, HasLocalBranchesRequest, HasLocalBranchesResponse, ObjectFormat,
-    ObjectFormatRequest, ObjectFormatResponse, RemoveRepositoryRequest, RemoveRepositoryResponse,
-    ReplicateRepositoryRequest, ReplicateRepositoryResponse, RepositoryExistsRequest,
-    RepositoryExistsResponse, RepositoryInfoRequest, RepositoryInfoResponse, RepositorySizeRequest,
-    RepositorySizeResponse, SearchFilesByContentRequest, SearchFilesByContentResponse,
-    SearchFilesByNameRequest, SearchFilesByNameResponse, WriteRefRequest, WriteRefResponse,
+    GetObjectDirectorySizeRequest, GetObjectDirectorySizeResponse, GetRawChangesRequest,
+    GetRawChangesResponse, GetSnapshotRequest, GetSnapshotResponse, HasLocalBranchesRequest,
+    HasLocalBranchesResponse, ObjectFormat, ObjectFormatRequest, ObjectFormatResponse,
+    RemoveRepositoryRequest, RemoveRepositoryResponse, ReplicateRepositoryRequest,
+    ReplicateRepositoryResponse, RepositoryExistsRequest, RepositoryExistsResponse,
+    RepositoryInfoRequest, RepositoryInfoResponse, RepositorySizeRequest, RepositorySizeResponse,
+    SearchFilesByContentRequest, SearchFilesByContentResponse, SearchFilesByNameRequest,
+    SearchFilesByNameResponse, WriteRefRequest, WriteRefResponse,
 };
 use tonic::codegen::BoxStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -494,6 +495,16 @@ impl RepositoryService for RepositorySvc {
         request: Request<GetSnapshotRequest>,
     ) -> Result<Response<BoxStream<GetSnapshotResponse>>, Status> {
         crate::snapshot::get_snapshot(&self.node, request.into_inner()).await
+    }
+
+    #[tracing::instrument(skip_all, fields(node = %self.node.name))]
+    async fn get_raw_changes(
+        &self,
+        request: Request<GetRawChangesRequest>,
+    ) -> Result<Response<BoxStream<GetRawChangesResponse>>, Status> {
+        crate::diff::raw_changes::get_raw_changes(&self.node, request.into_inner())
+            .await
+            .map(Response::new)
     }
 
     #[tracing::instrument(skip_all, fields(node = %self.node.name))]

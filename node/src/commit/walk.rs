@@ -63,7 +63,7 @@ fn exit_text(exit: &crate::git::Exit) -> String {
 
 /// Commits named by `oids`, read in batches through the engine and sent through
 /// `chunker`; returns false if the client went away.
-async fn send_commits<M>(
+pub(super) async fn send_commits<M>(
     reads: &ReadEngine,
     repo: &RepoPath,
     oids: &[String],

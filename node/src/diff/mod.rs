@@ -13,6 +13,8 @@
 //! - DiffBlobs ([`blobs`]): blob pairs or raw entries, one `git diff` per pair.
 //! - FindChangedPaths ([`changed`]): one `git diff-tree --stdin` for every commit or
 //!   tree pair asked about.
+//! - RepositoryService.GetRawChanges ([`raw_changes`]): `git diff --raw -z` with each
+//!   blob's size from the engine.
 //!
 //! Revisions are checked before git runs (no option-like argument, no range, no NUL;
 //! Gitaly's messages for empty ones). Unknown revisions are git's exit 128, answered
@@ -23,6 +25,7 @@ mod blobs;
 mod changed;
 pub(crate) mod numstat;
 pub(crate) mod parse;
+pub(crate) mod raw_changes;
 pub(crate) mod run;
 
 use std::collections::{HashMap, HashSet};
