@@ -71,7 +71,11 @@ fn gix_contents(repo: &gix::Repository, name: &str) -> Vec<u8> {
 
 fn gix_commit(repo: &gix::Repository, rev: &str) -> Vec<u8> {
     let id = repo.rev_parse_single(rev).expect("revision");
-    let commit = id.object().expect("object").peel_to_commit().expect("commit");
+    let commit = id
+        .object()
+        .expect("object")
+        .peel_to_commit()
+        .expect("commit");
     commit.data.clone()
 }
 
@@ -100,8 +104,11 @@ fn main() {
 
     let repo = gix::open(&git_dir).expect("gix opens the repository");
     let mut cat = CatFile::start(&git_dir);
-    let blob = gix::ObjectId::from(repo.rev_parse_single(format!("{rev}:{path}").as_str()).expect("rev:path"))
-        .to_string();
+    let blob = gix::ObjectId::from(
+        repo.rev_parse_single(format!("{rev}:{path}").as_str())
+            .expect("rev:path"),
+    )
+    .to_string();
     let commit_name = format!("{rev}^{{commit}}");
     let entry_name = format!("{rev}:{path}");
     // Both sides agree before anything is timed.
@@ -119,7 +126,9 @@ fn main() {
         ("GetBlob (4 KiB blob by id)", "blob"),
         ("TreeEntry (rev:path)", "entry"),
     ];
-    println!("| lookup | pooled cat-file p50 µs | p90 | gix p50 µs | p90 | gix / cat-file p50 | new cat-file per lookup p50 µs | gix::open per lookup p50 µs |");
+    println!(
+        "| lookup | pooled cat-file p50 µs | p90 | gix p50 µs | p90 | gix / cat-file p50 | new cat-file per lookup p50 µs | gix::open per lookup p50 µs |"
+    );
     println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
     for (label, kind) in cases {
         let name = match kind {
