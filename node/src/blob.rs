@@ -294,7 +294,7 @@ fn all_blobs(node: &NodeState, repo: &crate::storage::RepoPath) -> Result<crate:
             "--buffer",
             "--unordered",
         ])
-        .repo(&repo)
+        .repo(repo)
         .spawn()
         .map_err(NodeError::from)?)
 }

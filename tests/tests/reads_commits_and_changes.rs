@@ -151,7 +151,7 @@ async fn filter_shas_with_signatures_and_raw_changes_equal_git() -> anyhow::Resu
         .collect();
     assert!(signed.len() >= 2, "the fixture signs commits: {signed:?}");
     let tree = rc.rev("main^{tree}")?;
-    let requests = vec![
+    let requests = [
         every.clone(),
         vec![
             tree,

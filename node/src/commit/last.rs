@@ -246,7 +246,7 @@ async fn resolve(
 ) -> Result<Vec<Option<GitCommit>>, NodeError> {
     let (mut found, unfinished) = Walk::new(reader).last_commits(start, paths).await?;
     for i in unfinished {
-        found[i] = log_one(node, &repo, start, &paths[i], literal).await?;
+        found[i] = log_one(node, repo, start, &paths[i], literal).await?;
     }
     let oids: Vec<String> = found
         .iter()

@@ -159,7 +159,7 @@ async fn numstats(
         .arg(left)
         .arg(right)
         .arg("--")
-        .repo(&repo);
+        .repo(repo);
     for p in paths {
         cmd = cmd.arg(p);
     }
@@ -185,7 +185,7 @@ impl DiffSvc {
         common: &[&str],
         paths: &[String],
     ) -> Result<Vec<Diff>, NodeError> {
-        let mut cmd = self.node.git.command(["diff-tree", "-r", "-z"]).repo(&repo);
+        let mut cmd = self.node.git.command(["diff-tree", "-r", "-z"]).repo(repo);
         for f in common {
             cmd = cmd.arg(*f);
         }

@@ -356,7 +356,7 @@ fn containing(
         .git
         .command(["for-each-ref", "--format=%(refname)"])
         .arg(format!("--contains={commit_id}"))
-        .repo(&repo);
+        .repo(repo);
     if limit != 0 {
         cmd = cmd.arg(format!("--count={limit}"));
     }
