@@ -133,7 +133,7 @@ pub(crate) async fn get_archive(
         .command(["archive"])
         .arg(format!("--format={format}"))
         .arg(format!("--prefix={}/", req.prefix))
-        .git_dir(&repo.path);
+        .repo(&repo);
     let mut pathspecs = Vec::new();
     if !req.elide_path {
         cmd = cmd.arg(&commit);

@@ -51,7 +51,7 @@ impl CheckAttr {
         let mut cmd = git
             .command(["check-attr", "--stdin", "-z"])
             .arg(format!("--source={revision}"))
-            .git_dir(&repo.path);
+            .repo(repo);
         for n in names {
             cmd = cmd.arg(n);
         }

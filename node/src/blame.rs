@@ -124,7 +124,7 @@ pub(crate) async fn raw_blame(
     }
     let path =
         String::from_utf8(req.path.clone()).map_err(|_| NodeError::invalid("path is not UTF-8"))?;
-    let mut cmd = node.git.command(["blame", "-p"]).git_dir(&repo.path);
+    let mut cmd = node.git.command(["blame", "-p"]).repo(&repo);
     if !req.range.is_empty() {
         cmd = cmd
             .arg("-L")

@@ -7,9 +7,10 @@
 //! Gitaly's answers for what is not there: GetBlob sends one empty message for a
 //! missing or non-blob object; GetBlobs sends only the revision and path.
 //!
-//! ListAllBlobs and ListLFSPointers on a push's quarantine (Rails reads them during
-//! GitLab's checks of a push) are [`listing`]'s: git run with the quarantine's
-//! environment, since the engine's pooled processes see only the repository's objects.
+//! Every read sees the push quarantine a request names (the engine's processes and
+//! the git a call runs alike). ListAllBlobs and ListLFSPointers on a quarantine (Rails
+//! reads them during GitLab's checks of a push) are [`listing`]'s: they list the
+//! quarantine's own objects only, as Gitaly does.
 
 mod listing;
 
@@ -135,7 +136,7 @@ impl BlobService for BlobSvc {
                 "--filter=object:type=blob",
                 "--filter-provided-objects",
             ])
-            .git_dir(&repo.path)
+            .repo(&repo)
             .stdin(Box::pin(tokio_stream::once(Ok(input))))
             .spawn()
             .map_err(NodeError::from)?;
@@ -216,7 +217,7 @@ impl BlobService for BlobSvc {
                 "--filter=blob:limit=201",
                 "--filter-provided-objects",
             ])
-            .git_dir(&repo.path)
+            .repo(&repo)
             .stdin(Box::pin(tokio_stream::once(Ok(input))))
             .spawn()
             .map_err(NodeError::from)?;
@@ -293,7 +294,7 @@ fn all_blobs(node: &NodeState, repo: &crate::storage::RepoPath) -> Result<crate:
             "--buffer",
             "--unordered",
         ])
-        .git_dir(&repo.path)
+        .repo(repo)
         .spawn()
         .map_err(NodeError::from)?)
 }

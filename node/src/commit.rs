@@ -1,7 +1,8 @@
 //! CommitService: commits, trees and history, as Gitaly answers them. The work lives
 //! in submodules: [`lookup`] (commits by name, signatures, messages, ancestry,
 //! stats), [`tree`] (tree entries, listings, files), [`walk`] (history walks and
-//! counts), [`last`] (the last commit of a path), [`exist`] (CheckObjectsExist) and [`page`] (GetTreeEntries' page
+//! counts), [`all`] (FindAllCommits), [`last`] (the last commit of a path), [`exist`]
+//! (CheckObjectsExist, FilterShasWithSignatures) and [`page`] (GetTreeEntries' page
 //! tokens). Object lookups go through the read engine; walks git does itself.
 //!
 //! Malformed input (an option-like revision, a path climbing out of the tree, a
@@ -9,12 +10,15 @@
 //! object with an empty answer rather than an error (FindCommit, CommitIsAncestor,
 //! CountCommits, LastCommitForPath), so does this.
 
+mod all;
 mod exist;
 mod last;
 mod lookup;
 mod page;
 pub(crate) mod tree;
 mod walk;
+
+pub(crate) use lookup::empty_tree;
 
 use std::sync::Arc;
 
@@ -24,15 +28,16 @@ use refvote_proto::gitaly::{
     CommitIsAncestorResponse, CommitLanguagesRequest, CommitLanguagesResponse, CommitStatsRequest,
     CommitStatsResponse, CommitsByMessageRequest, CommitsByMessageResponse, CountCommitsRequest,
     CountCommitsResponse, CountDivergingCommitsRequest, CountDivergingCommitsResponse,
-    FindCommitRequest, FindCommitResponse, FindCommitsRequest, FindCommitsResponse,
-    GetCommitMessagesRequest, GetCommitMessagesResponse, GetCommitSignaturesRequest,
-    GetCommitSignaturesResponse, GetTreeEntriesRequest, GetTreeEntriesResponse,
-    LastCommitForPathRequest, LastCommitForPathResponse, ListAllCommitsRequest,
-    ListAllCommitsResponse, ListCommitsByOidRequest, ListCommitsByOidResponse,
-    ListCommitsByRefNameRequest, ListCommitsByRefNameResponse, ListCommitsRequest,
-    ListCommitsResponse, ListFilesRequest, ListFilesResponse, ListLastCommitsForTreeRequest,
-    ListLastCommitsForTreeResponse, RawBlameRequest, RawBlameResponse, TreeEntryRequest,
-    TreeEntryResponse,
+    FilterShasWithSignaturesRequest, FilterShasWithSignaturesResponse, FindAllCommitsRequest,
+    FindAllCommitsResponse, FindCommitRequest, FindCommitResponse, FindCommitsRequest,
+    FindCommitsResponse, GetCommitMessagesRequest, GetCommitMessagesResponse,
+    GetCommitSignaturesRequest, GetCommitSignaturesResponse, GetTreeEntriesRequest,
+    GetTreeEntriesResponse, LastCommitForPathRequest, LastCommitForPathResponse,
+    ListAllCommitsRequest, ListAllCommitsResponse, ListCommitsByOidRequest,
+    ListCommitsByOidResponse, ListCommitsByRefNameRequest, ListCommitsByRefNameResponse,
+    ListCommitsRequest, ListCommitsResponse, ListFilesRequest, ListFilesResponse,
+    ListLastCommitsForTreeRequest, ListLastCommitsForTreeResponse, RawBlameRequest,
+    RawBlameResponse, TreeEntryRequest, TreeEntryResponse,
 };
 use tonic::codegen::BoxStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -221,6 +226,26 @@ impl CommitService for CommitSvc {
         request: Request<Streaming<CheckObjectsExistRequest>>,
     ) -> Stream<CheckObjectsExistResponse> {
         exist::check_objects_exist(&self.node, request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    #[tracing::instrument(skip_all, fields(node = %self.node.name))]
+    async fn filter_shas_with_signatures(
+        &self,
+        request: Request<Streaming<FilterShasWithSignaturesRequest>>,
+    ) -> Stream<FilterShasWithSignaturesResponse> {
+        exist::filter_shas_with_signatures(&self.node, request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    #[tracing::instrument(skip_all, fields(node = %self.node.name))]
+    async fn find_all_commits(
+        &self,
+        request: Request<FindAllCommitsRequest>,
+    ) -> Stream<FindAllCommitsResponse> {
+        all::find_all_commits(&self.node, request.into_inner())
             .await
             .map(Response::new)
     }

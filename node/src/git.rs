@@ -268,6 +268,13 @@ impl Command {
         self
     }
 
+    /// A read of `repo`: its directory, and the object directories the request names
+    /// (a push's quarantine, as Rails names it while GitLab checks a push), so git sees
+    /// the quarantined objects beside the repository's own.
+    pub fn repo(self, repo: &crate::storage::RepoPath) -> Command {
+        self.git_dir(&repo.path).envs(repo.object_env())
+    }
+
     /// The repository given with [`Command::git_dir`], if any.
     pub fn repository(&self) -> Option<&Path> {
         self.git_dir.as_deref()

@@ -95,7 +95,7 @@ async fn languages(
         .git
         .command(["ls-tree", "-r", "-z", "--long", "--end-of-options"])
         .arg(&commit)
-        .git_dir(&repo.path)
+        .repo(repo)
         .spawn()
         .map_err(NodeError::from)?;
     let mut totals: HashMap<&'static str, u64> = HashMap::new();

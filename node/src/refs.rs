@@ -103,7 +103,7 @@ impl RefService for RefSvc {
             .git
             .command(["show-ref", "--verify", "--quiet"])
             .arg(name)
-            .git_dir(&repo.path)
+            .repo(&repo)
             .spawn()
             .map_err(NodeError::from)?
             .wait()

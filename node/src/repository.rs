@@ -26,13 +26,14 @@ use refvote_proto::gitaly::{
     CreateRepositoryResponse, FindLicenseRequest, FindLicenseResponse, FindMergeBaseRequest,
     FindMergeBaseResponse, GetArchiveRequest, GetArchiveResponse, GetFileAttributesRequest,
     GetFileAttributesResponse, GetInfoAttributesRequest, GetInfoAttributesResponse,
-    GetObjectDirectorySizeRequest, GetObjectDirectorySizeResponse, GetSnapshotRequest,
-    GetSnapshotResponse, HasLocalBranchesRequest, HasLocalBranchesResponse, ObjectFormat,
-    ObjectFormatRequest, ObjectFormatResponse, RemoveRepositoryRequest, RemoveRepositoryResponse,
-    ReplicateRepositoryRequest, ReplicateRepositoryResponse, RepositoryExistsRequest,
-    RepositoryExistsResponse, RepositoryInfoRequest, RepositoryInfoResponse, RepositorySizeRequest,
-    RepositorySizeResponse, SearchFilesByContentRequest, SearchFilesByContentResponse,
-    SearchFilesByNameRequest, SearchFilesByNameResponse, WriteRefRequest, WriteRefResponse,
+    GetObjectDirectorySizeRequest, GetObjectDirectorySizeResponse, GetRawChangesRequest,
+    GetRawChangesResponse, GetSnapshotRequest, GetSnapshotResponse, HasLocalBranchesRequest,
+    HasLocalBranchesResponse, ObjectFormat, ObjectFormatRequest, ObjectFormatResponse,
+    RemoveRepositoryRequest, RemoveRepositoryResponse, ReplicateRepositoryRequest,
+    ReplicateRepositoryResponse, RepositoryExistsRequest, RepositoryExistsResponse,
+    RepositoryInfoRequest, RepositoryInfoResponse, RepositorySizeRequest, RepositorySizeResponse,
+    SearchFilesByContentRequest, SearchFilesByContentResponse, SearchFilesByNameRequest,
+    SearchFilesByNameResponse, WriteRefRequest, WriteRefResponse,
 };
 use tonic::codegen::BoxStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -259,7 +260,7 @@ impl RepositoryService for RepositorySvc {
                 "--format=%(refname)",
                 "refs/heads/",
             ])
-            .git_dir(&repo.path)
+            .repo(&repo)
             .output(64 * 1024)
             .await
             .map_err(NodeError::from)?;
@@ -299,7 +300,7 @@ impl RepositoryService for RepositorySvc {
         if req.revisions.len() < 2 {
             return Err(NodeError::invalid("at least 2 revisions are required").into());
         }
-        let mut cmd = self.node.git.command(["merge-base"]).git_dir(&repo.path);
+        let mut cmd = self.node.git.command(["merge-base"]).repo(&repo);
         for r in &req.revisions {
             cmd = cmd.arg(names::revision("revision", r)?);
         }
@@ -494,6 +495,16 @@ impl RepositoryService for RepositorySvc {
         request: Request<GetSnapshotRequest>,
     ) -> Result<Response<BoxStream<GetSnapshotResponse>>, Status> {
         crate::snapshot::get_snapshot(&self.node, request.into_inner()).await
+    }
+
+    #[tracing::instrument(skip_all, fields(node = %self.node.name))]
+    async fn get_raw_changes(
+        &self,
+        request: Request<GetRawChangesRequest>,
+    ) -> Result<Response<BoxStream<GetRawChangesResponse>>, Status> {
+        crate::diff::raw_changes::get_raw_changes(&self.node, request.into_inner())
+            .await
+            .map(Response::new)
     }
 
     #[tracing::instrument(skip_all, fields(node = %self.node.name))]

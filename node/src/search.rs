@@ -79,7 +79,7 @@ pub(crate) async fn by_name(
         .arg(&r#ref)
         .arg("--")
         .arg(&req.query)
-        .git_dir(&repo.path)
+        .repo(&repo)
         .spawn()
         .map_err(NodeError::from)?;
     let (offset, limit) = (req.offset as usize, req.limit as usize);
@@ -134,7 +134,7 @@ pub(crate) async fn by_content(
         .arg(&req.query)
         .arg("--end-of-options")
         .arg(&r#ref)
-        .git_dir(&repo.path)
+        .repo(&repo)
         .spawn()
         .map_err(NodeError::from)?;
     Ok(Response::new(stream_from(move |tx| async move {

@@ -26,6 +26,7 @@ use crate::object::{self, TreeItem};
 use crate::refs::names;
 use crate::respond::stream_from;
 use crate::state::NodeState;
+use crate::storage::RepoPath;
 
 /// Commits visited per call before the rest is left to `git log`.
 pub const MAX_STEPS: usize = 20_000;
@@ -211,7 +212,7 @@ fn clean_path(raw: &str) -> Option<String> {
 /// `git log -1 --format=%H <rev> -- <path>` for a path the walk did not finish.
 async fn log_one(
     node: &NodeState,
-    repo: &std::path::Path,
+    repo: &RepoPath,
     rev: &str,
     path: &str,
     literal: bool,
@@ -222,7 +223,7 @@ async fn log_one(
         .arg(rev)
         .arg("--")
         .arg(if path.is_empty() { "." } else { path })
-        .git_dir(repo);
+        .repo(repo);
     if literal {
         cmd = cmd.env("GIT_LITERAL_PATHSPECS", "1");
     }
@@ -245,7 +246,7 @@ async fn resolve(
 ) -> Result<Vec<Option<GitCommit>>, NodeError> {
     let (mut found, unfinished) = Walk::new(reader).last_commits(start, paths).await?;
     for i in unfinished {
-        found[i] = log_one(node, &repo.path, start, &paths[i], literal).await?;
+        found[i] = log_one(node, repo, start, &paths[i], literal).await?;
     }
     let oids: Vec<String> = found
         .iter()

@@ -22,6 +22,7 @@ use crate::object;
 use crate::refs::names;
 use crate::respond::{Batches, Gone, send_bytes, stream_from};
 use crate::state::NodeState;
+use crate::storage::RepoPath;
 
 /// Gitaly's trailer parser bounds: at most this many, keys and values this long.
 const MAX_TRAILERS: usize = 64;
@@ -39,7 +40,7 @@ pub async fn find_commit(
         return Ok(FindCommitResponse { commit: None });
     };
     if req.trailers {
-        commit.trailers = trailers_of(node, &repo.path, &commit.id).await?;
+        commit.trailers = trailers_of(node, &repo, &commit.id).await?;
     }
     Ok(FindCommitResponse {
         commit: Some(commit),
@@ -50,7 +51,7 @@ pub async fn find_commit(
 /// parsed as Gitaly parses them.
 async fn trailers_of(
     node: &NodeState,
-    repo: &std::path::Path,
+    repo: &RepoPath,
     oid: &str,
 ) -> Result<Vec<CommitTrailer>, NodeError> {
     let (out, exit) = node
@@ -61,7 +62,7 @@ async fn trailers_of(
             "--format=%(trailers:unfold,separator=%x00)",
         ])
         .arg(oid)
-        .git_dir(repo)
+        .repo(repo)
         .spawn()?
         .output(1 << 20)
         .await?;
@@ -270,7 +271,7 @@ pub async fn commit_is_ancestor(
         .command(["merge-base", "--is-ancestor", "--end-of-options"])
         .arg(ancestor)
         .arg(child)
-        .git_dir(&repo.path)
+        .repo(&repo)
         .spawn()
         .map_err(NodeError::from)?
         .wait()
@@ -303,7 +304,7 @@ pub async fn commit_stats(
         .command(["diff", "--numstat", "--end-of-options"])
         .arg(from)
         .arg(&commit.id)
-        .git_dir(&repo.path)
+        .repo(&repo)
         .spawn()
         .map_err(NodeError::from)?
         .output(256 << 20)

@@ -22,6 +22,7 @@ use crate::object::{self, MODE_SUBMODULE, TreeItem};
 use crate::refs::{head, names};
 use crate::respond::{Chunker, once, send_object, stream_from};
 use crate::state::NodeState;
+use crate::storage::RepoPath;
 
 /// Gitaly follows lone subdirectories at most this deep for `flat_path`.
 const FLAT_PATH_DEPTH: usize = 10;
@@ -248,7 +249,7 @@ pub async fn get_tree_entries(
     }
     let mut entries = if req.recursive {
         drop(reader);
-        let e = recursive_entries(node, &repo.path, &info.oid, &rev, &path).await?;
+        let e = recursive_entries(node, &repo, &info.oid, &rev, &path).await?;
         reader = node.reads.reader(&repo).await?;
         e
     } else {
@@ -363,7 +364,7 @@ async fn flat_path(reader: &mut Reader, entry: &TreeEntry) -> Result<Vec<u8>, No
 /// Every entry below tree `tree`, trees included, depth first (`git ls-tree -r -t`).
 async fn recursive_entries(
     node: &NodeState,
-    repo: &std::path::Path,
+    repo: &RepoPath,
     tree: &str,
     rev: &str,
     dir: &str,
@@ -372,7 +373,7 @@ async fn recursive_entries(
         .git
         .command(["ls-tree", "-z", "-r", "-t", "--full-tree"])
         .arg(tree)
-        .git_dir(repo)
+        .repo(repo)
         .spawn()?;
     let mut entries = Vec::new();
     let mut partial = Vec::new();
@@ -432,7 +433,7 @@ pub async fn list_files(
         .git
         .command(["ls-tree", "-z", "-r", "--full-tree", "--full-name"])
         .arg(&revision)
-        .git_dir(&repo.path)
+        .repo(&repo)
         .spawn()
         .map_err(NodeError::from)?;
     Ok(stream_from(move |tx| async move {

@@ -63,7 +63,7 @@ fn exit_text(exit: &crate::git::Exit) -> String {
 
 /// Commits named by `oids`, read in batches through the engine and sent through
 /// `chunker`; returns false if the client went away.
-async fn send_commits<M>(
+pub(super) async fn send_commits<M>(
     reads: &ReadEngine,
     repo: &RepoPath,
     oids: &[String],
@@ -95,10 +95,7 @@ pub fn list_commits(
         .iter()
         .map(|r| list_revision(r.as_bytes()))
         .collect::<Result<Vec<_>, _>>()?;
-    let mut cmd = node
-        .git
-        .command(["rev-list", "--stdin"])
-        .git_dir(&repo.path);
+    let mut cmd = node.git.command(["rev-list", "--stdin"]).repo(&repo);
     match list_commits_request::Order::try_from(req.order) {
         Ok(list_commits_request::Order::Topo) => cmd = cmd.arg("--topo-order"),
         Ok(list_commits_request::Order::Date) => cmd = cmd.arg("--date-order"),
@@ -225,7 +222,7 @@ pub fn list_all_commits(
             "--unordered",
             "--filter=object:type=commit",
         ])
-        .git_dir(&repo.path)
+        .repo(&repo)
         .spawn()
         .map_err(NodeError::from)?;
     let (token, limit) = match &req.pagination_params {
@@ -445,7 +442,7 @@ pub async fn find_commits(
     }
     let args = find_commits_args(&req, &revision)?;
     let cmd = global_options(
-        node.git.command(args).git_dir(&repo.path),
+        node.git.command(args).repo(&repo),
         req.global_options.as_ref(),
     );
     let run = cmd.spawn().map_err(NodeError::from)?;
@@ -577,7 +574,7 @@ pub async fn commits_by_message(
         .command(["log", "--pretty=%H"])
         .arg(format!("--grep={}", req.query))
         .arg("--regexp-ignore-case")
-        .git_dir(&repo.path);
+        .repo(&repo);
     if req.offset > 0 {
         cmd = cmd.arg(format!("--skip={}", req.offset));
     }
@@ -645,10 +642,7 @@ pub async fn count_commits(
     req: CountCommitsRequest,
 ) -> Result<CountCommitsResponse, Status> {
     let repo = node.storages.existing(req.repository.as_ref())?;
-    let mut cmd = node
-        .git
-        .command(["rev-list", "--count"])
-        .git_dir(&repo.path);
+    let mut cmd = node.git.command(["rev-list", "--count"]).repo(&repo);
     let mut revisions = Vec::new();
     if !req.revisions.is_empty() {
         for r in &req.revisions {
@@ -729,7 +723,7 @@ pub async fn count_diverging_commits(
     let mut cmd = node
         .git
         .command(["rev-list", "--count", "--left-right"])
-        .git_dir(&repo.path);
+        .repo(&repo);
     if req.max_count != 0 {
         cmd = cmd.arg(format!("--max-count={}", req.max_count));
     }

@@ -104,7 +104,7 @@ pub async fn find_changed_paths(
         } else {
             "--no-renames"
         })
-        .git_dir(&repo.path);
+        .repo(&repo);
     cmd = match MergeCommitDiffMode::try_from(req.merge_commit_diff_mode) {
         Ok(MergeCommitDiffMode::AllParents) => cmd.arg("-c"),
         _ => cmd.arg("-m"),

@@ -13,6 +13,8 @@
 //! - DiffBlobs ([`blobs`]): blob pairs or raw entries, one `git diff` per pair.
 //! - FindChangedPaths ([`changed`]): one `git diff-tree --stdin` for every commit or
 //!   tree pair asked about.
+//! - RepositoryService.GetRawChanges ([`raw_changes`]): `git diff --raw -z` with each
+//!   blob's size from the engine.
 //!
 //! Revisions are checked before git runs (no option-like argument, no range, no NUL;
 //! Gitaly's messages for empty ones). Unknown revisions are git's exit 128, answered
@@ -23,6 +25,7 @@ mod blobs;
 mod changed;
 pub(crate) mod numstat;
 pub(crate) mod parse;
+pub(crate) mod raw_changes;
 pub(crate) mod run;
 
 use std::collections::{HashMap, HashSet};
@@ -156,7 +159,7 @@ async fn numstats(
         .arg(left)
         .arg(right)
         .arg("--")
-        .git_dir(&repo.path);
+        .repo(repo);
     for p in paths {
         cmd = cmd.arg(p);
     }
@@ -182,11 +185,7 @@ impl DiffSvc {
         common: &[&str],
         paths: &[String],
     ) -> Result<Vec<Diff>, NodeError> {
-        let mut cmd = self
-            .node
-            .git
-            .command(["diff-tree", "-r", "-z"])
-            .git_dir(&repo.path);
+        let mut cmd = self.node.git.command(["diff-tree", "-r", "-z"]).repo(repo);
         for f in common {
             cmd = cmd.arg(*f);
         }
@@ -237,7 +236,7 @@ impl DiffService for DiffSvc {
                 "--no-ext-diff",
                 "--no-color",
             ])
-            .git_dir(&repo.path);
+            .repo(&repo);
         for f in &common {
             cmd = cmd.arg(*f);
         }
@@ -355,7 +354,7 @@ impl DiffService for DiffSvc {
             .arg(&left)
             .arg(&right)
             .arg("--")
-            .git_dir(&repo.path);
+            .repo(&repo);
         for p in &paths {
             cmd = cmd.arg(p);
         }
@@ -405,7 +404,7 @@ impl DiffService for DiffSvc {
             .command(["diff", "--numstat", "-z", "--end-of-options"])
             .arg(&left)
             .arg(&right)
-            .git_dir(&repo.path)
+            .repo(&repo)
             .spawn()
             .map_err(NodeError::from)?;
         Ok(Response::new(stream_from(move |tx| async move {
@@ -454,7 +453,7 @@ impl DiffService for DiffSvc {
             .command(["diff", "--full-index", "--no-ext-diff", "--end-of-options"])
             .arg(&left)
             .arg(&right)
-            .git_dir(&repo.path)
+            .repo(&repo)
             .spawn()
             .map_err(NodeError::from)?;
         Ok(Response::new(stdout_stream(run, None, |data| {
@@ -483,7 +482,7 @@ impl DiffService for DiffSvc {
                 "--end-of-options",
             ])
             .arg(format!("{left}..{right}"))
-            .git_dir(&repo.path)
+            .repo(&repo)
             .spawn()
             .map_err(NodeError::from)?;
         Ok(Response::new(stdout_stream(run, None, |data| {
@@ -510,7 +509,7 @@ impl DiffService for DiffSvc {
             .node
             .git
             .command(["diff", "--full-index", "--no-ext-diff", "--no-color"])
-            .git_dir(&repo.path);
+            .repo(&repo);
         if req.context_free {
             diff = diff.arg("-U0");
         }

@@ -57,6 +57,9 @@ pub struct Snapshot {
     config: Option<FileId>,
     packed_refs: Option<FileId>,
     alternates: Option<FileId>,
+    /// A quarantine's alternates file besides the repository's own (a quarantine's
+    /// alternate is the repository's object directory, whose alternates git follows).
+    quarantine_alternates: Option<FileId>,
     head: Option<FileId>,
     /// The loose ref HEAD points at, if HEAD is a symref and that ref is loose.
     head_target: Option<FileId>,
@@ -64,6 +67,8 @@ pub struct Snapshot {
 
 impl Snapshot {
     /// Reads the identities now: a few `stat` calls and one small read of HEAD.
+    /// `objects` is where the process reads objects (a quarantine, or the
+    /// repository's own `objects`).
     pub fn take(repo: &Path, objects: &Path) -> Snapshot {
         let repository = std::fs::metadata(repo).ok().map(|m| (m.dev(), m.ino()));
         let head_path = repo.join("HEAD");
@@ -76,7 +81,12 @@ impl Snapshot {
             repository,
             config: file_id(&repo.join("config")),
             packed_refs: file_id(&repo.join("packed-refs")),
-            alternates: file_id(&objects.join("info").join("alternates")),
+            alternates: file_id(&repo.join("objects").join("info").join("alternates")),
+            quarantine_alternates: if objects == repo.join("objects") {
+                None
+            } else {
+                file_id(&objects.join("info").join("alternates"))
+            },
             head,
             head_target,
         }
@@ -101,6 +111,7 @@ pub fn judge(then: &Snapshot, now: &Snapshot) -> Verdict {
         || then.config != now.config
         || then.packed_refs != now.packed_refs
         || then.alternates != now.alternates
+        || then.quarantine_alternates != now.quarantine_alternates
     {
         Verdict::Retire
     } else if then.head != now.head || then.head_target != now.head_target {

@@ -68,6 +68,17 @@ pub struct ObjectDirs {
 }
 
 impl ObjectDirs {
+    /// The object directories a request on `repo` names: its quarantine, if any.
+    pub fn of(repo: &RepoPath) -> ObjectDirs {
+        match &repo.quarantine {
+            Some(q) => ObjectDirs {
+                object_dir: Some(q.objects.clone()),
+                alternates: std::env::split_paths(&q.alternates).collect(),
+            },
+            None => ObjectDirs::default(),
+        }
+    }
+
     fn env(&self) -> Vec<(String, String)> {
         let mut env = Vec::new();
         if let Some(d) = &self.object_dir {
@@ -189,15 +200,18 @@ impl ReadEngine {
         ReadEngine { inner }
     }
 
-    /// A reader of `repo` (identities through the mailmap, as Gitaly's readers).
+    /// A reader of `repo` (identities through the mailmap, as Gitaly's readers),
+    /// seeing the push quarantine the request names, if any, beside the repository's
+    /// objects.
     pub async fn reader(&self, repo: &RepoPath) -> Result<Reader, NodeError> {
-        self.reader_with(&repo.path, ObjectDirs::default(), true)
+        self.reader_with(&repo.path, ObjectDirs::of(repo), true)
             .await
     }
 
-    /// A reader of the raw objects (no mailmap): what signature checks need.
+    /// A reader of the raw objects (no mailmap): what signature checks need. Sees the
+    /// request's quarantine like [`ReadEngine::reader`].
     pub async fn raw_reader(&self, repo: &RepoPath) -> Result<Reader, NodeError> {
-        self.reader_with(&repo.path, ObjectDirs::default(), false)
+        self.reader_with(&repo.path, ObjectDirs::of(repo), false)
             .await
     }
 

@@ -143,7 +143,7 @@ pub fn find_local_branches(
         .command(["for-each-ref"])
         .arg(format!("--format={}%00", LOCAL_FIELDS.join("%00")))
         .arg(format!("--sort={sort}"))
-        .git_dir(&repo.path);
+        .repo(&repo);
     for p in &req.exclude_patterns {
         cmd = cmd.arg(format!("--exclude={}", String::from_utf8_lossy(p)));
     }
@@ -221,7 +221,7 @@ pub fn find_all_remote_branches(
         .arg(format!("--format={}%00", LOCAL_FIELDS.join("%00")))
         .arg("--sort=refname")
         .arg(pattern)
-        .git_dir(&repo.path)
+        .repo(&repo)
         .spawn()
         .map_err(NodeError::from)?;
     Ok(stream_from(move |tx| async move {
@@ -263,7 +263,7 @@ pub async fn find_all_branches(
     let mut cmd = node
         .git
         .command(["for-each-ref", "--format=%(refname)%00%(objectname)"])
-        .git_dir(&repo.path);
+        .repo(&repo);
     let mut patterns = vec!["refs/heads".to_owned(), "refs/remotes".to_owned()];
     if req.merged_only {
         let mut reader = node.reads.reader(&repo).await?;
@@ -356,7 +356,7 @@ fn containing(
         .git
         .command(["for-each-ref", "--format=%(refname)"])
         .arg(format!("--contains={commit_id}"))
-        .git_dir(&repo.path);
+        .repo(repo);
     if limit != 0 {
         cmd = cmd.arg(format!("--count={limit}"));
     }
@@ -457,7 +457,7 @@ pub async fn find_refs_by_oid(
         .git
         .command(["for-each-ref", "--format=%(refname)"])
         .arg(format!("--points-at={oid}"))
-        .git_dir(&repo.path);
+        .repo(&repo);
     if !req.sort_field.is_empty() {
         cmd = cmd.arg(format!("--sort={}", req.sort_field));
     }

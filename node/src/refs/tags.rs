@@ -90,7 +90,7 @@ pub async fn find_tag(node: &NodeState, req: FindTagRequest) -> Result<FindTagRe
             .git
             .command(["tag", "-l", "--format=%(objectname)"])
             .arg(&name)
-            .git_dir(&repo.path)
+            .repo(&repo)
             .spawn()
             .map_err(NodeError::from)?
             .output(1 << 20)
@@ -165,7 +165,7 @@ pub fn find_all_tags(
     let mut cmd = node
         .git
         .command(["for-each-ref", "--format=%(objectname)%00%(refname)"])
-        .git_dir(&repo.path);
+        .repo(&repo);
     if !sort.is_empty() {
         cmd = cmd.arg(format!("--sort={sort}"));
     }
@@ -277,7 +277,7 @@ pub fn get_tag_signatures(
             "--filter=object:type=tag",
             "--filter-provided-objects",
         ])
-        .git_dir(&repo.path)
+        .repo(&repo)
         .stdin(Box::pin(tokio_stream::once(Ok(input))))
         .spawn()
         .map_err(NodeError::from)?;
