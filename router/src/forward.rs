@@ -331,6 +331,9 @@ impl Forwarder {
         let path = path_of(call.method)?;
         let method_path = call.method.path.clone();
         let rest = call.incoming.filter(|_| call.method.client_streaming);
+        // A two-phase write passes its voters' agreed proposal on early.
+        let two_phase = crate::twophase::is_two_phase(&method_path);
+        let (early, proposal) = tokio::sync::oneshot::channel::<Bytes>();
         // The rest runs on its own task: a client that goes away must not leave the
         // transaction unfinalized (its voters would wait, and it would hold the
         // repository's pending-confirmation index until this router's lease lapsed).
@@ -356,7 +359,14 @@ impl Forwarder {
                     }
                 });
             };
-            let results = fan_out(path, legs, rest, &|n| me.reads.node_gone(n), &report).await;
+            let gone = |n: &str| me.reads.node_gone(n);
+            let results = if two_phase {
+                let threshold = tx.threshold;
+                crate::twophase::fan_out(path, legs, rest, threshold, early, &gone, &report).await
+            } else {
+                drop(early);
+                fan_out(path, legs, rest, &gone, &report).await
+            };
             // Every voter that was not called or whose call failed: finalize reports
             // them failed (again, until it lands; create-only) so nobody waits for them.
             let failed: Vec<(String, String)> = unusable
@@ -407,6 +417,19 @@ impl Forwarder {
             }
             answer(&tx, outcome, results, &absent, &method_path, &output)
         });
+        if two_phase && let Ok(sent) = proposal.await {
+            let first = sent.clone();
+            let rest = stream::once(async move {
+                let settled = task
+                    .await
+                    .map_err(|e| RouteError::Internal(format!("the write's task failed: {e}")))
+                    .and_then(|r| r);
+                crate::twophase::rest_of_answer(sent, settled)
+            })
+            .flatten();
+            let frames: Frames = Box::pin(stream::once(async move { Ok(first) }).chain(rest));
+            return Ok(Response::new(frames));
+        }
         task.await
             .map_err(|e| RouteError::Internal(format!("the write's task failed: {e}")))?
     }
