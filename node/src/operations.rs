@@ -35,11 +35,14 @@ use refvote_proto::gitaly::{
     UserCommitFilesRequest, UserCommitFilesRequestHeader, UserCommitFilesResponse,
     UserCreateBranchRequest, UserCreateBranchResponse, UserCreateTagError, UserCreateTagRequest,
     UserCreateTagResponse, UserDeleteBranchError, UserDeleteBranchRequest,
-    UserDeleteBranchResponse, UserDeleteTagRequest, UserDeleteTagResponse, index_error,
+    UserDeleteBranchResponse, UserDeleteTagRequest, UserDeleteTagResponse, UserFfBranchRequest,
+    UserFfBranchResponse, UserMergeBranchRequest, UserMergeBranchResponse, UserMergeToRefRequest,
+    UserMergeToRefResponse, UserUpdateBranchRequest, UserUpdateBranchResponse, index_error,
     user_commit_files_action, user_commit_files_action_header, user_commit_files_error,
     user_commit_files_request, user_create_tag_error, user_delete_branch_error,
 };
 use tokio::sync::mpsc;
+use tonic::codegen::BoxStream;
 use tonic::{Code, Request, Response, Status, Streaming};
 
 use super::catfile::{self, CatFile};
@@ -53,6 +56,8 @@ use super::storage::{RepoPath, Storages};
 use super::tx::{WriteContext, WriteIn};
 use crate::gitlab::operation::{Op, refusal_status};
 use crate::state::NodeState;
+
+mod merge;
 
 /// Bound on small git answers read whole (an object id, a ref name).
 const SMALL: usize = 4096;
@@ -335,6 +340,38 @@ impl OperationService for OperationSvc {
                 .map(Response::new)
         })
         .await
+    }
+
+    #[tracing::instrument(skip_all, fields(node = %self.node.name))]
+    async fn user_merge_to_ref(
+        &self,
+        request: Request<UserMergeToRefRequest>,
+    ) -> Result<Response<UserMergeToRefResponse>, Status> {
+        self.merge_to_ref(request).await
+    }
+
+    #[tracing::instrument(skip_all, fields(node = %self.node.name))]
+    async fn user_merge_branch(
+        &self,
+        request: Request<Streaming<UserMergeBranchRequest>>,
+    ) -> Result<Response<BoxStream<UserMergeBranchResponse>>, Status> {
+        self.merge_branch(request).await
+    }
+
+    #[tracing::instrument(skip_all, fields(node = %self.node.name))]
+    async fn user_ff_branch(
+        &self,
+        request: Request<UserFfBranchRequest>,
+    ) -> Result<Response<UserFfBranchResponse>, Status> {
+        self.ff_branch(request).await
+    }
+
+    #[tracing::instrument(skip_all, fields(node = %self.node.name))]
+    async fn user_update_branch(
+        &self,
+        request: Request<UserUpdateBranchRequest>,
+    ) -> Result<Response<UserUpdateBranchResponse>, Status> {
+        self.update_branch(request).await
     }
 }
 

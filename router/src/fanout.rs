@@ -122,9 +122,9 @@ fn from_transport(status: &Status) -> bool {
 }
 
 /// A running replica call and the tee's side of it.
-struct Leg {
+pub(crate) struct Leg {
     node: String,
-    task: JoinHandle<LegResult>,
+    pub(crate) task: JoinHandle<LegResult>,
     /// Later client frames; `None` once the replica is dropped or has ended.
     frames: Option<mpsc::Sender<Bytes>>,
     /// Resolves (with an error) when the call's task ends, so a replica that stopped
@@ -184,12 +184,19 @@ pub async fn fan_out(
     collect(running, started, gone, unreached).await
 }
 
+/// Ends every replica's request stream cleanly (dropping its sender).
+pub(crate) fn end_streams(running: &mut [Leg]) {
+    for leg in running {
+        leg.frames = None;
+    }
+}
+
 /// Waits for every replica's call to end, except that once one replica has answered
 /// successfully, a replica whose node `gone` says has lost its lease is dropped (etcd
 /// already counts it failed, so finalize does not need its answer), and any other gets
 /// at most [`LAGGARD_LIMIT`] or twice as long as that first one took. A replica that is
 /// alive but stuck (its process paused, its disk hung) must not hold the write.
-async fn collect(
+pub(crate) async fn collect(
     mut running: Vec<Leg>,
     started: Instant,
     gone: &(dyn Fn(&str) -> bool + Sync),
@@ -268,7 +275,7 @@ async fn collect(
 
 /// Sends one frame to one replica, dropping the replica if its buffer stays full for
 /// [`STALL`]. Runs concurrently with the other replicas' sends.
-async fn tee(leg: &mut Leg, frame: Bytes) {
+pub(crate) async fn tee(leg: &mut Leg, frame: Bytes) {
     enum Sent {
         Taken,
         Gone,
@@ -310,6 +317,18 @@ async fn tee(leg: &mut Leg, frame: Bytes) {
 }
 
 fn start_leg(path: http::uri::PathAndQuery, spec: LegSpec, streaming: bool) -> Leg {
+    start_leg_watched(path, spec, streaming, None)
+}
+
+/// [`start_leg`], telling `first_answer` the replica's first answer frame as soon as it
+/// arrives (a two-phase call's proposal, [`crate::twophase`]); it is kept in the
+/// result's frames as well.
+pub(crate) fn start_leg_watched(
+    path: http::uri::PathAndQuery,
+    spec: LegSpec,
+    streaming: bool,
+    first_answer: Option<oneshot::Sender<Bytes>>,
+) -> Leg {
     let (frames, rx) = if streaming {
         let (tx, rx) = mpsc::channel(LEG_BUFFER);
         (Some(tx), Some(rx))
@@ -321,7 +340,7 @@ fn start_leg(path: http::uri::PathAndQuery, spec: LegSpec, streaming: bool) -> L
     let task = tokio::spawn(async move {
         // Dropped when the task ends or is aborted: tells the tee this call is over.
         let _ended = ended_tx;
-        run_leg(path, spec, rx).await
+        run_leg(path, spec, rx, first_answer).await
     });
     Leg {
         node,
@@ -337,6 +356,7 @@ async fn run_leg(
     path: http::uri::PathAndQuery,
     spec: LegSpec,
     rest: Option<mpsc::Receiver<Bytes>>,
+    mut first_answer: Option<oneshot::Sender<Bytes>>,
 ) -> LegResult {
     let first = spec.first;
     let tap = spec.tap;
@@ -381,6 +401,9 @@ async fn run_leg(
                 }
                 if let Some(tap) = &tap {
                     let _ = tap.frames.send((tap.leg, Some(f.clone())));
+                }
+                if let Some(tell) = first_answer.take() {
+                    let _ = tell.send(f.clone());
                 }
                 frames.push(f);
             }

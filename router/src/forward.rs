@@ -340,6 +340,9 @@ impl Forwarder {
         } else {
             (None, None)
         };
+        // A two-phase write passes its voters' agreed proposal on early.
+        let two_phase = crate::twophase::is_two_phase(&method_path);
+        let (propose, proposal) = tokio::sync::oneshot::channel::<Bytes>();
         // The rest runs on its own task: a client that goes away must not leave the
         // transaction unfinalized (its voters would wait, and it would hold the
         // repository's pending-confirmation index until this router's lease lapsed).
@@ -366,10 +369,17 @@ impl Forwarder {
                 });
             };
             let gone = |n: &str| me.reads.node_gone(n);
-            let fan = fan_out(path, legs, rest, &gone, &report);
-            let mut results = match session.as_mut() {
-                Some(s) => s.relay(fan).await,
-                None => fan.await,
+            let mut results = if two_phase {
+                let threshold = tx.threshold;
+                crate::twophase::fan_out(path, legs, rest, threshold, propose, &gone, &report)
+                    .await
+            } else {
+                drop(propose);
+                let fan = fan_out(path, legs, rest, &gone, &report);
+                match session.as_mut() {
+                    Some(s) => s.relay(fan).await,
+                    None => fan.await,
+                }
             };
             if let Some(s) = &session {
                 s.live_first(&mut results);
@@ -432,6 +442,19 @@ impl Forwarder {
             && let Some(first) = early.recv().await
         {
             return Ok(crate::interactive::respond(first, early, task));
+        }
+        if two_phase && let Ok(sent) = proposal.await {
+            let first = sent.clone();
+            let rest = stream::once(async move {
+                let settled = task
+                    .await
+                    .map_err(|e| RouteError::Internal(format!("the write's task failed: {e}")))
+                    .and_then(|r| r);
+                crate::twophase::rest_of_answer(sent, settled)
+            })
+            .flatten();
+            let frames: Frames = Box::pin(stream::once(async move { Ok(first) }).chain(rest));
+            return Ok(Response::new(frames));
         }
         task.await
             .map_err(|e| RouteError::Internal(format!("the write's task failed: {e}")))?

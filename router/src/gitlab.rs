@@ -17,7 +17,8 @@ use refvote_pktline::sideband::{self, Band, SideBand};
 use refvote_proto::gitaly::{
     PostReceivePackRequest, PostReceivePackResponse, Repository, SshReceivePackRequest,
     SshReceivePackResponse, User, UserCommitFilesRequest, UserCreateBranchRequest,
-    UserCreateTagRequest, UserDeleteBranchRequest, UserDeleteTagRequest, user_commit_files_request,
+    UserCreateTagRequest, UserDeleteBranchRequest, UserDeleteTagRequest, UserFfBranchRequest,
+    UserMergeBranchRequest, UserUpdateBranchRequest, user_commit_files_request,
 };
 use refvote_proto::node::RunPostReceiveRequest;
 use refvote_proto::node::node_service_client::NodeServiceClient;
@@ -58,6 +59,15 @@ pub fn gated(path: &str, first: &[u8]) -> bool {
         }
         "/gitaly.OperationService/UserDeleteTag" => {
             UserDeleteTagRequest::decode(first).is_ok_and(|r| user(&r.user))
+        }
+        "/gitaly.OperationService/UserMergeBranch" => {
+            UserMergeBranchRequest::decode(first).is_ok_and(|r| user(&r.user))
+        }
+        "/gitaly.OperationService/UserFFBranch" => {
+            UserFfBranchRequest::decode(first).is_ok_and(|r| user(&r.user))
+        }
+        "/gitaly.OperationService/UserUpdateBranch" => {
+            UserUpdateBranchRequest::decode(first).is_ok_and(|r| user(&r.user))
         }
         "/gitaly.OperationService/UserCommitFiles" => UserCommitFilesRequest::decode(first)
             .is_ok_and(|r| match r.user_commit_files_request_payload {

@@ -61,6 +61,7 @@ pub mod respond;
 pub mod server;
 pub mod sidechannel;
 mod stamp;
+mod twophase;
 mod wire;
 
 pub use config::Config;

@@ -7,9 +7,9 @@ use std::sync::Arc;
 use refvote_gitlab::{Changes, HookContext, Refusal};
 use refvote_proto::gitaly::{
     AccessCheckError, CustomHookError, Repository, User, UserCommitFilesError,
-    UserCreateBranchError, UserCreateTagError, UserDeleteBranchError, custom_hook_error,
-    user_commit_files_error, user_create_branch_error, user_create_tag_error,
-    user_delete_branch_error,
+    UserCreateBranchError, UserCreateTagError, UserDeleteBranchError, UserFfBranchError,
+    UserMergeBranchError, custom_hook_error, user_commit_files_error, user_create_branch_error,
+    user_create_tag_error, user_delete_branch_error, user_ff_branch_error, user_merge_branch_error,
 };
 use tonic::metadata::MetadataMap;
 use tonic::{Code, Status};
@@ -26,6 +26,9 @@ pub enum Op {
     CreateTag,
     DeleteTag,
     CommitFiles,
+    MergeBranch,
+    FFBranch,
+    UpdateBranch,
 }
 
 /// An operation's part in GitLab's checks, prepared before its transaction is joined.
@@ -238,8 +241,34 @@ pub fn refusal_status(op: Op, refusal: &Refusal) -> Status {
             ),
             (None, None) => unreachable!("an internal refusal returned above"),
         },
-        // UserDeleteTag's error has no structured arm for hooks.
-        Op::DeleteTag => Status::new(denied, text),
+        Op::MergeBranch => {
+            let error = match (access, custom) {
+                (Some(a), _) => user_merge_branch_error::Error::AccessCheck(a),
+                (_, Some(c)) => user_merge_branch_error::Error::CustomHook(c),
+                (None, None) => unreachable!("an internal refusal returned above"),
+            };
+            status_with_detail(
+                denied,
+                text,
+                "gitaly.UserMergeBranchError",
+                &UserMergeBranchError { error: Some(error) },
+            )
+        }
+        Op::FFBranch => match custom {
+            Some(c) => status_with_detail(
+                denied,
+                text,
+                "gitaly.UserFfBranchError",
+                &UserFfBranchError {
+                    error: Some(user_ff_branch_error::Error::CustomHook(c)),
+                },
+            ),
+            // UserFfBranchError has no access-check arm.
+            None => Status::new(denied, text),
+        },
+        // UserDeleteTag's error has no structured arm for hooks; UserUpdateBranch
+        // answers the text in its response (its caller puts it there).
+        Op::DeleteTag | Op::UpdateBranch => Status::new(denied, text),
     }
 }
 

@@ -1,0 +1,449 @@
+//! Merge requests' writes through a real router in front of three real nodes on a real
+//! etcd, made the way GitLab's client makes them (stubs generated from `proto/`),
+//! checked against git itself: the merge commit of `UserMergeToRef` and of the
+//! two-phase `UserMergeBranch` has the tree `git merge-tree --write-tree` computes and
+//! the two tips as parents, the same commit id on all three replicas, one generation
+//! more, every replica up to date. `UserMergeBranch`'s two phases: the branch moves
+//! only after the client's `apply`; a client that never confirms moves nothing
+//! anywhere; one that confirms after the branch moved gets Gitaly's reference-update
+//! error; a conflict is Gitaly's structured conflict error before any proposal.
+//! `UserFFBranch` and `UserUpdateBranch` move the branch as git would allow it.
+
+use std::time::Duration;
+
+use refvote_cluster::RepoId;
+use refvote_node::detail::detail_of;
+use refvote_proto::gitaly::operation_service_client::OperationServiceClient;
+use refvote_proto::gitaly::{
+    User, UserFfBranchRequest, UserMergeBranchError, UserMergeBranchRequest,
+    UserMergeBranchResponse, UserMergeToRefRequest, UserUpdateBranchRequest,
+    user_merge_branch_error,
+};
+use refvote_tests::cluster::{Fixture, VoteCluster};
+use refvote_tests::git::{self, WorkRepo};
+use refvote_tests::grpc::repo;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Code;
+use tonic::transport::Channel;
+
+const RELATIVE: &str = "group/mr.git";
+/// A fixed time, so the expected commit can be rebuilt with git here.
+const WHEN: i64 = 1_767_225_600; // 2026-01-01T00:00:00Z
+/// How long a test waits for one answer of a merge.
+const ANSWER_WAIT: Duration = Duration::from_secs(30);
+
+fn user() -> Option<User> {
+    Some(User {
+        gl_id: String::new(),
+        name: b"Jane Doe".to_vec(),
+        email: b"jane@example.com".to_vec(),
+        gl_username: "jane".into(),
+        timezone: "Europe/Berlin".into(),
+    })
+}
+
+fn timestamp() -> Option<prost_types::Timestamp> {
+    Some(prost_types::Timestamp {
+        seconds: WHEN,
+        nanos: 0,
+    })
+}
+
+struct Setup {
+    c: VoteCluster,
+    ch: Channel,
+    work: WorkRepo,
+    repo: RepoId,
+}
+
+/// A repository with `main` and `feature` diverged from one base (different files, so
+/// they merge cleanly), pushed through the router.
+async fn setup() -> anyhow::Result<Setup> {
+    let c = Fixture::nodes(3).router().start().await?;
+    let (work, _) = c.create_and_push(&c.routers[0], RELATIVE).await?;
+    // `feature` branches off the base (HEAD), then `main` moves on from it.
+    work.commit("feature", "feature work")?;
+    work.commit("main", "main work")?;
+    push(&c, &work, &["main", "feature"]).await?;
+    let ch = c.routers[0].channel().await?;
+    let repo = c.repo_id(RELATIVE);
+    Ok(Setup { c, ch, work, repo })
+}
+
+async fn push(c: &VoteCluster, work: &WorkRepo, args: &[&str]) -> anyhow::Result<()> {
+    let url = c.routers[0].http_url(RELATIVE);
+    let out = git::push(&work.path, std::path::Path::new(&url), args, &[]).await?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+impl Setup {
+    fn revs(&self, refname: &str) -> Vec<Option<String>> {
+        self.c
+            .nodes
+            .iter()
+            .map(|n| git::rev(&n.repo(RELATIVE), refname))
+            .collect()
+    }
+
+    fn tip(&self, branch: &str) -> String {
+        git::rev(&self.work.path, &format!("refs/heads/{branch}")).expect("a branch")
+    }
+
+    /// The nodes' and the router's last log lines, for a failure message.
+    fn logs(&self) -> String {
+        let mut out = String::new();
+        for n in &self.c.nodes {
+            out.push_str(&format!("--- {}\n{}\n", n.name, n.log_tail(30)));
+        }
+        out.push_str(&format!("--- router\n{}", self.c.routers[0].log_tail(30)));
+        out
+    }
+
+    /// The next answer of `call`, within a bound.
+    async fn next(
+        &self,
+        call: &mut MergeCall,
+    ) -> anyhow::Result<Result<Option<UserMergeBranchResponse>, tonic::Status>> {
+        match tokio::time::timeout(ANSWER_WAIT, call.answers.message()).await {
+            Ok(answer) => Ok(answer),
+            Err(_) => anyhow::bail!("no answer within {ANSWER_WAIT:?}\n{}", self.logs()),
+        }
+    }
+
+    async fn generation(&self) -> anyhow::Result<u64> {
+        Ok(self.c.store.repo_view(&self.repo).await?.record.generation)
+    }
+
+    async fn all_up_to_date(&self) -> anyhow::Result<bool> {
+        let view = self.c.store.repo_view(&self.repo).await?;
+        Ok(view.up_to_date_live().len() == 3)
+    }
+
+    /// Whether the repository has an open transaction.
+    async fn open_transactions(&self) -> anyhow::Result<usize> {
+        let key = self.c.store.keys().txrepo(&self.repo);
+        let r = self
+            .c
+            .store
+            .client()
+            .get(key, Some(etcd_client::GetOptions::new().with_prefix()))
+            .await?;
+        Ok(r.kvs().len())
+    }
+
+    /// Checks that `commit` is on every replica as the merge of `ours` and `theirs`
+    /// that git computes, by the request's user at the request's time.
+    fn assert_merge(&self, commit: &str, parents: &[&str], theirs: &str) -> anyhow::Result<()> {
+        let want_tree = git::git(
+            &self.work.path,
+            &["merge-tree", "--write-tree", parents[0], theirs],
+        )?;
+        for n in &self.c.nodes {
+            let path = n.repo(RELATIVE);
+            let raw = git::git(&path, &["cat-file", "commit", commit])?;
+            let tree = raw.lines().next().unwrap().trim_start_matches("tree ");
+            assert_eq!(tree, want_tree, "{}: {raw}", n.name);
+            let got: Vec<&str> = raw
+                .lines()
+                .filter_map(|l| l.strip_prefix("parent "))
+                .collect();
+            assert_eq!(got, parents, "{}: {raw}", n.name);
+            for who in ["author", "committer"] {
+                let want = format!("{who} Jane Doe <jane@example.com> {WHEN} +0100");
+                assert!(raw.lines().any(|l| l == want), "{}: {raw}", n.name);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A UserMergeBranch call held open: its first request sent, its answers readable.
+struct MergeCall {
+    send: mpsc::Sender<UserMergeBranchRequest>,
+    answers: tonic::Streaming<UserMergeBranchResponse>,
+}
+
+async fn start_merge(
+    s: &Setup,
+    first: UserMergeBranchRequest,
+) -> anyhow::Result<Result<MergeCall, tonic::Status>> {
+    let (send, rx) = mpsc::channel(2);
+    send.send(first).await.expect("the channel is open");
+    let mut client = OperationServiceClient::new(s.ch.clone());
+    let call = client.user_merge_branch(ReceiverStream::new(rx));
+    let answers = match tokio::time::timeout(ANSWER_WAIT, call).await {
+        Ok(Ok(r)) => r.into_inner(),
+        Ok(Err(status)) => return Ok(Err(status)),
+        Err(_) => anyhow::bail!(
+            "the call was not answered within {ANSWER_WAIT:?}\n{}",
+            s.logs()
+        ),
+    };
+    Ok(Ok(MergeCall { send, answers }))
+}
+
+fn merge_request(branch: &str, commit: &str) -> UserMergeBranchRequest {
+    UserMergeBranchRequest {
+        repository: repo(RELATIVE),
+        user: user(),
+        commit_id: commit.into(),
+        branch: branch.as_bytes().to_vec(),
+        message: b"Merge branch 'feature' into 'main'\n".to_vec(),
+        timestamp: timestamp(),
+        ..Default::default()
+    }
+}
+
+fn apply(yes: bool) -> UserMergeBranchRequest {
+    UserMergeBranchRequest {
+        apply: yes,
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_merge_to_a_merge_request_ref_is_gits_merge_on_every_replica() -> anyhow::Result<()> {
+    let s = setup().await?;
+    let (main, feature) = (s.tip("main"), s.tip("feature"));
+    let before = s.generation().await?;
+    let target = "refs/merge-requests/1/merge";
+    let commit = OperationServiceClient::new(s.ch.clone())
+        .user_merge_to_ref(UserMergeToRefRequest {
+            repository: repo(RELATIVE),
+            user: user(),
+            source_sha: feature.clone(),
+            target_ref: target.as_bytes().to_vec(),
+            message: b"Merge feature into main".to_vec(),
+            first_parent_ref: b"refs/heads/main".to_vec(),
+            timestamp: timestamp(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .commit_id;
+    assert_eq!(s.revs(target), vec![Some(commit.clone()); 3]);
+    s.assert_merge(&commit, &[&main, &feature], &feature)?;
+    // The branch itself did not move.
+    assert_eq!(s.revs("refs/heads/main"), vec![Some(main.clone()); 3]);
+    assert_eq!(s.generation().await?, before + 1);
+    assert!(s.all_up_to_date().await?);
+
+    // A target outside refs/merge-requests is refused as Gitaly refuses it.
+    let err = OperationServiceClient::new(s.ch.clone())
+        .user_merge_to_ref(UserMergeToRefRequest {
+            repository: repo(RELATIVE),
+            user: user(),
+            source_sha: feature.clone(),
+            target_ref: b"refs/heads/main".to_vec(),
+            message: b"no".to_vec(),
+            first_parent_ref: b"refs/heads/main".to_vec(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert_eq!(err.message(), "invalid target ref");
+    assert_eq!(s.generation().await?, before + 1);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_two_phase_merge_moves_the_branch_only_once_the_client_applies_it() -> anyhow::Result<()>
+{
+    let s = setup().await?;
+    let (main, feature) = (s.tip("main"), s.tip("feature"));
+    let before = s.generation().await?;
+    let mut call = start_merge(&s, merge_request("main", &feature)).await??;
+    let proposal = s.next(&mut call).await??.expect("a first answer");
+    let commit = proposal.commit_id;
+    assert_eq!(commit.len(), 40, "{commit:?}");
+    assert!(proposal.branch_update.is_none());
+    // Proposed, not applied: the branch has not moved anywhere.
+    assert_eq!(s.revs("refs/heads/main"), vec![Some(main.clone()); 3]);
+    call.send.send(apply(true)).await?;
+    let done = s.next(&mut call).await??.expect("a second answer");
+    let update = done.branch_update.expect("a branch update");
+    assert_eq!(update.commit_id, commit);
+    assert!(!update.branch_created && !update.repo_created);
+    assert!(s.next(&mut call).await??.is_none());
+    assert_eq!(s.revs("refs/heads/main"), vec![Some(commit.clone()); 3]);
+    s.assert_merge(&commit, &[&main, &feature], &feature)?;
+    assert_eq!(s.generation().await?, before + 1);
+    assert!(s.all_up_to_date().await?);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_merge_the_client_never_confirms_moves_nothing_anywhere() -> anyhow::Result<()> {
+    let s = setup().await?;
+    let (main, feature) = (s.tip("main"), s.tip("feature"));
+    let before = s.generation().await?;
+
+    // The client says no: Gitaly's answer, nothing moved.
+    let mut call = start_merge(&s, merge_request("main", &feature)).await??;
+    s.next(&mut call).await??.expect("a proposal");
+    call.send.send(apply(false)).await?;
+    let err = s.next(&mut call).await?.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert_eq!(err.message(), "merge aborted by client");
+
+    // The client goes away after the proposal, never confirming.
+    let mut call = start_merge(&s, merge_request("main", &feature)).await??;
+    s.next(&mut call).await??.expect("a proposal");
+    drop(call);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while s.open_transactions().await? > 0 {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the abandoned merge's transaction never ended"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(s.revs("refs/heads/main"), vec![Some(main.clone()); 3]);
+    assert_eq!(s.generation().await?, before);
+    assert!(s.all_up_to_date().await?);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_merge_confirmed_after_the_branch_moved_gets_gitalys_reference_error()
+-> anyhow::Result<()> {
+    let s = setup().await?;
+    let feature = s.tip("feature");
+    let mut call = start_merge(&s, merge_request("main", &feature)).await??;
+    let proposal = s.next(&mut call).await??.expect("a proposal").commit_id;
+    // Someone pushes to main meanwhile.
+    let moved = s.work.commit("main", "pushed meanwhile")?;
+    push(&s.c, &s.work, &["main"]).await?;
+    let before = s.generation().await?;
+    call.send.send(apply(true)).await?;
+    let err = s.next(&mut call).await?.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    let detail: UserMergeBranchError =
+        detail_of(&err, "gitaly.UserMergeBranchError").expect("a UserMergeBranchError");
+    let Some(user_merge_branch_error::Error::ReferenceUpdate(r)) = detail.error else {
+        panic!("{detail:?}")
+    };
+    assert_eq!(r.reference_name, b"refs/heads/main");
+    assert_eq!(r.new_oid, proposal);
+    assert_eq!(s.revs("refs/heads/main"), vec![Some(moved); 3]);
+    assert_eq!(s.generation().await?, before);
+    assert!(s.all_up_to_date().await?);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conflicting_merge_is_gitalys_conflict_error_and_proposes_nothing() -> anyhow::Result<()>
+{
+    let s = setup().await?;
+    // The same file changed both ways on two branches.
+    for (branch, content) in [("left", "left\n"), ("right", "right\n")] {
+        git::git(&s.work.path, &["checkout", "--quiet", "-B", branch, "main"])?;
+        std::fs::write(s.work.path.join("shared.txt"), content)?;
+        git::git(&s.work.path, &["add", "shared.txt"])?;
+        git::git(&s.work.path, &["commit", "--quiet", "-m", branch])?;
+    }
+    push(&s.c, &s.work, &["left", "right"]).await?;
+    let (left, right) = (s.tip("left"), s.tip("right"));
+    let before = s.generation().await?;
+    let err = match start_merge(&s, merge_request("left", &right)).await? {
+        Err(e) => e,
+        Ok(mut call) => s.next(&mut call).await?.unwrap_err(),
+    };
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    let detail: UserMergeBranchError =
+        detail_of(&err, "gitaly.UserMergeBranchError").expect("a UserMergeBranchError");
+    let Some(user_merge_branch_error::Error::MergeConflict(m)) = detail.error else {
+        panic!("{detail:?}")
+    };
+    assert_eq!(m.conflicting_files, vec![b"shared.txt".to_vec()]);
+    assert_eq!(m.conflicting_commit_ids, vec![left.clone(), right]);
+    assert_eq!(s.revs("refs/heads/left"), vec![Some(left); 3]);
+    assert_eq!(s.generation().await?, before);
+    assert!(s.all_up_to_date().await?);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fast_forwards_and_branch_updates_move_the_branch_as_git_allows() -> anyhow::Result<()> {
+    let s = setup().await?;
+    let (main, feature) = (s.tip("main"), s.tip("feature"));
+    let mut ops = OperationServiceClient::new(s.ch.clone());
+    // feature is no descendant of main: no fast-forward.
+    let err = ops
+        .user_ff_branch(UserFfBranchRequest {
+            repository: repo(RELATIVE),
+            user: user(),
+            commit_id: feature.clone(),
+            branch: b"main".to_vec(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert_eq!(err.message(), "not fast forward");
+    assert_eq!(s.revs("refs/heads/main"), vec![Some(main.clone()); 3]);
+
+    // A descendant of main is one.
+    let ahead = s.work.commit("ahead", "ahead of main")?;
+    push(&s.c, &s.work, &["ahead"]).await?;
+    assert_eq!(
+        git::git(&s.work.path, &["rev-parse", &format!("{ahead}~1")])?,
+        main
+    );
+    let before = s.generation().await?;
+    let update = ops
+        .user_ff_branch(UserFfBranchRequest {
+            repository: repo(RELATIVE),
+            user: user(),
+            commit_id: ahead.clone(),
+            branch: b"main".to_vec(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .branch_update
+        .expect("a branch update");
+    assert_eq!(update.commit_id, ahead);
+    assert_eq!(s.revs("refs/heads/main"), vec![Some(ahead.clone()); 3]);
+    assert_eq!(s.generation().await?, before + 1);
+
+    // UserUpdateBranch moves it anywhere, given where it is now.
+    ops.user_update_branch(UserUpdateBranchRequest {
+        repository: repo(RELATIVE),
+        branch_name: b"main".to_vec(),
+        user: user(),
+        newrev: feature.clone().into_bytes(),
+        oldrev: ahead.clone().into_bytes(),
+    })
+    .await?;
+    assert_eq!(s.revs("refs/heads/main"), vec![Some(feature.clone()); 3]);
+    assert_eq!(s.generation().await?, before + 2);
+    // ...and not from where it is not.
+    let err = ops
+        .user_update_branch(UserUpdateBranchRequest {
+            repository: repo(RELATIVE),
+            branch_name: b"main".to_vec(),
+            user: user(),
+            newrev: main.clone().into_bytes(),
+            oldrev: ahead.into_bytes(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert_eq!(
+        err.message(),
+        "Could not update refs/heads/main. Please refresh and try again."
+    );
+    assert_eq!(s.revs("refs/heads/main"), vec![Some(feature); 3]);
+    assert_eq!(s.generation().await?, before + 2);
+    assert!(s.all_up_to_date().await?);
+    Ok(())
+}
