@@ -262,6 +262,14 @@ pub struct Command {
     hold: Option<Box<dyn Send + Sync>>,
 }
 
+/// A repository as a request names it: its directory, and the environment that points
+/// git at the object directories the request names (a push's quarantine). Implemented
+/// by the storage's resolved path; here so that running git needs nothing of storages.
+pub trait ObjectEnv {
+    fn git_dir(&self) -> &Path;
+    fn object_env(&self) -> Vec<(String, String)>;
+}
+
 impl Command {
     pub fn git_dir(mut self, dir: &Path) -> Command {
         self.git_dir = Some(dir.to_owned());
@@ -271,8 +279,8 @@ impl Command {
     /// A read of `repo`: its directory, and the object directories the request names
     /// (a push's quarantine, as Rails names it while GitLab checks a push), so git sees
     /// the quarantined objects beside the repository's own.
-    pub fn repo(self, repo: &crate::storage::RepoPath) -> Command {
-        self.git_dir(&repo.path).envs(repo.object_env())
+    pub fn repo(self, repo: &impl ObjectEnv) -> Command {
+        self.git_dir(repo.git_dir()).envs(repo.object_env())
     }
 
     /// The repository given with [`Command::git_dir`], if any.

@@ -50,6 +50,16 @@ pub struct Quarantine {
     pub alternates: String,
 }
 
+impl crate::git::ObjectEnv for RepoPath {
+    fn git_dir(&self) -> &std::path::Path {
+        &self.path
+    }
+
+    fn object_env(&self) -> Vec<(String, String)> {
+        RepoPath::object_env(self)
+    }
+}
+
 impl RepoPath {
     /// The environment git reads the request's objects with: the quarantine, if any.
     pub fn object_env(&self) -> Vec<(String, String)> {

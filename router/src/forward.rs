@@ -371,8 +371,7 @@ impl Forwarder {
             let gone = |n: &str| me.reads.node_gone(n);
             let mut results = if two_phase {
                 let threshold = tx.threshold;
-                crate::twophase::fan_out(path, legs, rest, threshold, propose, &gone, &report)
-                    .await
+                crate::twophase::fan_out(path, legs, rest, threshold, propose, &gone, &report).await
             } else {
                 drop(propose);
                 let fan = fan_out(path, legs, rest, &gone, &report);
