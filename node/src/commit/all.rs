@@ -10,12 +10,9 @@ use refvote_proto::gitaly::{
 use tonic::Status;
 use tonic::codegen::BoxStream;
 
-use super::walk::send_commits;
-use crate::engine::WINDOW;
+use super::walk::stream_listed;
 use crate::error::NodeError;
-use crate::records::Records;
 use crate::refs::names;
-use crate::respond::{Chunker, stream_from};
 use crate::state::NodeState;
 
 /// `git log`'s arguments after `log` for `req` (`revision` checked, `None` for every
@@ -60,28 +57,8 @@ pub async fn find_all_commits(
         .fold(run, |cmd, a| cmd.arg(a))
         .spawn()
         .map_err(NodeError::from)?;
-    let reads = node.reads.clone();
-    Ok(stream_from(move |tx| async move {
-        let mut records = Records::new(run, b'\n');
-        let mut chunker = Chunker::default();
-        let wrap = |commits| FindAllCommitsResponse { commits };
-        let mut pending = Vec::new();
-        while let Some(line) = records.next().await? {
-            pending.push(String::from_utf8_lossy(&line).into_owned());
-            if pending.len() == WINDOW {
-                let batch = std::mem::take(&mut pending);
-                if !send_commits(&reads, &repo, &batch, &tx, &mut chunker, wrap).await? {
-                    return Ok(());
-                }
-            }
-        }
-        if !send_commits(&reads, &repo, &pending, &tx, &mut chunker, wrap).await? {
-            return Ok(());
-        }
-        if let Some(commits) = chunker.finish() {
-            let _ = tx.send(Ok(FindAllCommitsResponse { commits })).await;
-        }
-        Ok(())
+    Ok(stream_listed(run, node.reads.clone(), repo, |commits| {
+        FindAllCommitsResponse { commits }
     }))
 }
 

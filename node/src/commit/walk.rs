@@ -589,11 +589,24 @@ pub async fn commits_by_message(
         cmd = cmd.arg(utf8(&req.path, "path")?);
     }
     let run = cmd.spawn().map_err(NodeError::from)?;
-    let reads = node.reads.clone();
-    Ok(stream_from(move |tx| async move {
+    // Like Gitaly, git's own failure (an unknown revision) just ends the list.
+    Ok(stream_listed(run, node.reads.clone(), repo, |commits| {
+        CommitsByMessageResponse { commits }
+    }))
+}
+
+/// The commits whose ids `run` (a git listing, one id per line) prints, read in windows
+/// through the engine and sent in Gitaly's chunks, each wrapped by `wrap`. git's own
+/// failure ends the list.
+pub(super) fn stream_listed<M: Send + 'static>(
+    run: crate::git::Run,
+    reads: ReadEngine,
+    repo: RepoPath,
+    wrap: fn(Vec<GitCommit>) -> M,
+) -> BoxStream<M> {
+    stream_from(move |tx| async move {
         let mut records = Records::new(run, b'\n');
         let mut chunker = Chunker::default();
-        let wrap = |commits| CommitsByMessageResponse { commits };
         let mut pending = Vec::new();
         while let Some(line) = records.next().await? {
             pending.push(String::from_utf8_lossy(&line).into_owned());
@@ -604,15 +617,14 @@ pub async fn commits_by_message(
                 }
             }
         }
-        // Like Gitaly, git's own failure (an unknown revision) just ends the list.
         if !send_commits(&reads, &repo, &pending, &tx, &mut chunker, wrap).await? {
             return Ok(());
         }
         if let Some(commits) = chunker.finish() {
-            let _ = tx.send(Ok(CommitsByMessageResponse { commits })).await;
+            let _ = tx.send(Ok(wrap(commits))).await;
         }
         Ok(())
-    }))
+    })
 }
 
 /// RFC 3339 in UTC, as Gitaly formats the count's date bounds.
