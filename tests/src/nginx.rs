@@ -216,6 +216,33 @@ impl Nginx {
         std::fs::read_to_string(self.dir.join("logs/access.log")).unwrap_or_default()
     }
 
+    /// What went wrong, for failure messages: the error log's warnings and errors (not
+    /// its info lines about closed keep-alive connections) and every access-log line
+    /// nginx answered with a 5xx, with the upstream it tried and that upstream's status.
+    pub fn problems(&self) -> String {
+        let errors = std::fs::read_to_string(self.dir.join("logs/error.log")).unwrap_or_default();
+        let mut out = String::from("nginx errors:\n");
+        for line in errors
+            .lines()
+            .filter(|l| !l.contains("[info]") && !l.contains("[notice]"))
+        {
+            out.push_str(line);
+            out.push('\n');
+        }
+        out.push_str("nginx 5xx answers:\n");
+        for line in self.access_log().lines() {
+            // `$remote_addr "$request" $status ...`: the status follows the quoted request.
+            let status = line
+                .rsplit_once('"')
+                .and_then(|(_, rest)| rest.split_whitespace().next());
+            if status.is_some_and(|s| s.starts_with('5')) {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+        out
+    }
+
     /// The error log's last `n` lines and the process log, for failure messages.
     pub fn log_tail(&self, n: usize) -> String {
         format!(
