@@ -74,6 +74,10 @@ pub struct Config {
     pub drain_timeout_secs: u64,
     #[serde(default)]
     pub etcd: EtcdSettings,
+    /// Concurrency limits on clones and pushes, and the HTTP front's bounds on body
+    /// size and slow clients.
+    #[serde(default)]
+    pub limits: crate::limit::LimitSettings,
     /// Gitaly's v2 token: checked on every call from clients (health excepted) and
     /// sent on every call to a node. Nodes must share the secret.
     #[serde(default)]
@@ -222,6 +226,9 @@ impl Config {
         self.etcd
             .validate()
             .map_err(|(key, reason)| invalid(key, reason))?;
+        self.limits
+            .validate()
+            .map_err(|(key, reason)| invalid(key, reason))?;
         self.auth
             .policy()
             .map_err(|(key, reason)| invalid(key, reason))?;
@@ -318,6 +325,10 @@ mod tests {
         assert!(e.contains("drain_grace_secs"), "{e}");
         let e = parse("repair_concurrency = 0").unwrap_err().to_string();
         assert!(e.contains("repair_concurrency"), "{e}");
+        let e = parse("[limits]\nmax_queue_wait_ms = 0")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("limits.max_queue_wait_ms"), "{e}");
         let e = parse("[etcd]\nlease_ttl = 1").unwrap_err().to_string();
         assert!(e.contains("lease_ttl"), "{e}");
         let e = parse("[auth]\ntoken = \"\"").unwrap_err().to_string();

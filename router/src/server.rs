@@ -172,6 +172,7 @@ impl RouterServer {
                 reads,
             )
             .with_lock_wait(config.lock_wait())
+            .with_limiter(crate::limit::Limiter::new(config.limits.clone()))
             .secure_calls_to_nodes(auth.as_ref().map(|a| a.secret.clone()), node_tls)
             .with_backchannels(crate::sidechannel::Backchannels::new(
                 auth.as_ref().map(|a| a.secret.clone()),
@@ -211,6 +212,7 @@ impl RouterServer {
                     config.create_on_push,
                     auth.clone(),
                     health.clone(),
+                    config.limits.clone(),
                 )
                 .await
                 .map_err(|source| StartError::Bind { addr, source })?,

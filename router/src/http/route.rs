@@ -54,10 +54,11 @@ pub(super) fn route(method: &Method, path: &str, query: Option<&str>) -> Result<
             Ok(())
         } else {
             Err(Refusal {
-                status: StatusCode::METHOD_NOT_ALLOWED,
-                message: format!("{tail} takes {allow}, not {method}"),
                 allow: Some(allow),
-                challenge: false,
+                ..Refusal::new(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    format!("{tail} takes {allow}, not {method}"),
+                )
             })
         }
     };

@@ -16,7 +16,7 @@ use tonic::codegen::http::{self, HeaderValue, Method, StatusCode, header};
 use tonic::{Code, Status};
 
 use super::answer::body_broke;
-use super::body::BodyReader;
+use super::body::{BodyBounds, BodyReader, too_large};
 use super::respond::{Refusal, text};
 use super::route::{Route, route};
 use super::{GitHttp, Request, Response};
@@ -74,8 +74,23 @@ impl GitHttp {
                 ));
             }
         };
+        // A declared length over the limit is refused before anything is read.
+        let max = self.limits.max_body();
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        if let (Some(max), Some(len)) = (max, declared)
+            && len > max
+        {
+            return text(Refusal::new(StatusCode::PAYLOAD_TOO_LARGE, too_large(max)));
+        }
         tracing::debug!(?route, %git_protocol, gzip, "git smart HTTP request");
-        let reader = BodyReader::new(req.into_body(), gzip);
+        let bounds = BodyBounds {
+            max,
+            idle: self.limits.idle_timeout(),
+        };
+        let reader = BodyReader::new(req.into_body(), gzip, bounds);
         let request = Request {
             route,
             git_protocol,
@@ -99,11 +114,11 @@ impl GitHttp {
                 let drained = tokio::time::timeout(DRAIN, async {
                     let mut reader = body.lock().await;
                     while let Ok(Some(_)) = reader.next().await {}
-                    reader.error.take()
+                    reader.error.take().map(|e| (reader.status, e))
                 })
                 .await;
                 match drained {
-                    Ok(Some(e)) => text(Refusal::new(StatusCode::BAD_REQUEST, e)),
+                    Ok(Some((status, e))) => text(Refusal::new(status, e)),
                     _ => text(refusal),
                 }
             }
