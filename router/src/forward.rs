@@ -165,6 +165,28 @@ impl Forwarder {
         self
     }
 
+    /// Why a caller holding only the read-only token may not call `path`: anything
+    /// but an accessor (Gitaly's `op_type: ACCESSOR`), refvote's admin service included.
+    pub fn read_only_refusal(&self, path: &str) -> Option<Status> {
+        let kind = self.registry.get(path).and_then(|m| m.kind);
+        if kind == Some(OpKind::Accessor) {
+            return None;
+        }
+        let what = match kind {
+            Some(OpKind::Mutator) => "a write (op_type MUTATOR)",
+            Some(OpKind::Maintenance) => "maintenance (op_type MAINTENANCE)",
+            _ => "not a read",
+        };
+        tracing::warn!(
+            method = path,
+            "read-only token refused a call that is not a read"
+        );
+        Some(Status::permission_denied(format!(
+            "refvote-router refused {path}: it is {what} and the call's token is read-only \
+             ([auth_read_only]); use the read-write token"
+        )))
+    }
+
     /// Serves one HTTP/2 request as a gRPC call of any kind.
     pub async fn handle(
         self: Arc<Self>,

@@ -18,6 +18,20 @@ pub(super) enum Service {
     ReceivePack,
 }
 
+impl Route {
+    /// Whether the request belongs to a push (its advertisement or the push itself).
+    pub(super) fn writes(&self) -> bool {
+        matches!(
+            self,
+            Route::ReceivePack { .. }
+                | Route::InfoRefs {
+                    service: Service::ReceivePack,
+                    ..
+                }
+        )
+    }
+}
+
 /// Parses `/<path>/info/refs?service=…`, `/<path>/git-upload-pack` and
 /// `/<path>/git-receive-pack`. A path without `.git` gets it appended, as GitLab does.
 pub(super) fn route(method: &Method, path: &str, query: Option<&str>) -> Result<Route, Refusal> {

@@ -20,6 +20,7 @@ use super::body::{BodyBounds, BodyReader, too_large};
 use super::respond::{Refusal, text};
 use super::route::{Route, route};
 use super::{GitHttp, Request, Response};
+use refvote_auth::git_http::Access;
 
 /// How long a refused request's remaining body is read before answering, so the client
 /// sees the answer rather than a reset while it is still sending.
@@ -50,8 +51,17 @@ impl GitHttp {
             Ok(r) => r,
             Err(refusal) => return text(refusal),
         };
-        if let Err(refusal) = self.authorize(&req) {
-            return text(refusal);
+        match self.authorize(&req) {
+            Err(refusal) => return text(refusal),
+            Ok(Access::ReadOnly) if route.writes() => {
+                tracing::info!(?route, "push with a read-only credential refused");
+                return text(Refusal::new(
+                    StatusCode::FORBIDDEN,
+                    "this credential is read-only ([auth_read_only]): it may clone and fetch, \
+                     not push; use the read-write token",
+                ));
+            }
+            Ok(_) => {}
         }
         let git_protocol = req
             .headers()
@@ -128,16 +138,16 @@ impl GitHttp {
     /// The router's token check, when `[auth]` is set: a Gitaly v2 bearer token, or
     /// Basic credentials whose password is the shared secret; otherwise 401 (in
     /// `transitioning` mode the request passes and the refusal is logged).
-    fn authorize(&self, req: &http::Request<Incoming>) -> Result<(), Refusal> {
+    fn authorize(&self, req: &http::Request<Incoming>) -> Result<Access, Refusal> {
         let Some(policy) = &self.auth else {
-            return Ok(());
+            return Ok(Access::ReadWrite);
         };
         let header = req
             .headers()
             .get(header::AUTHORIZATION)
             .map(|v| v.as_bytes());
         match policy.admit_http(header, std::time::SystemTime::now()) {
-            Ok(()) => Ok(()),
+            Ok(access) => Ok(access),
             Err(why) => Err(Refusal {
                 challenge: true,
                 ..Refusal::new(
