@@ -19,6 +19,15 @@ pub(super) enum Service {
 }
 
 impl Route {
+    /// The `Content-Type` a POST must carry (git's own), `None` for a GET.
+    pub(super) fn content_type(&self) -> Option<&'static str> {
+        match self {
+            Route::InfoRefs { .. } => None,
+            Route::UploadPack { .. } => Some("application/x-git-upload-pack-request"),
+            Route::ReceivePack { .. } => Some("application/x-git-receive-pack-request"),
+        }
+    }
+
     /// Whether the request belongs to a push (its advertisement or the push itself).
     pub(super) fn writes(&self) -> bool {
         matches!(
@@ -63,8 +72,9 @@ pub(super) fn route(method: &Method, path: &str, query: Option<&str>) -> Result<
     } else {
         format!("{repo}.git")
     };
+    // HEAD is answered as GET is, without the body (hyper leaves it out).
     let want = |m: &Method, allow: &'static str| {
-        if method == m {
+        if method == m || (*m == Method::GET && method == Method::HEAD) {
             Ok(())
         } else {
             Err(Refusal {
@@ -78,7 +88,7 @@ pub(super) fn route(method: &Method, path: &str, query: Option<&str>) -> Result<
     };
     match tail {
         "/info/refs" => {
-            want(&Method::GET, "GET")?;
+            want(&Method::GET, "GET, HEAD")?;
             let service = query
                 .unwrap_or("")
                 .split('&')

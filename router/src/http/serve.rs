@@ -84,6 +84,19 @@ impl GitHttp {
                 ));
             }
         };
+        if let Some(want) = route.content_type()
+            && req
+                .headers()
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .map(|v| v.split(';').next().unwrap_or("").trim())
+                != Some(want)
+        {
+            return text(Refusal::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                format!("this POST takes Content-Type: {want}"),
+            ));
+        }
         // A declared length over the limit is refused before anything is read.
         let max = self.limits.max_body();
         let declared = req
