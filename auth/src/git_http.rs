@@ -55,20 +55,37 @@ pub fn check(
     }
 }
 
+/// What an admitted HTTP request may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    ReadWrite,
+    /// Proved with the read-only secret: clone and fetch, not push.
+    ReadOnly,
+}
+
 impl AuthPolicy {
-    /// [`check`] under this policy: in `transitioning` mode a refused request is let
-    /// through and logged.
+    /// [`check`] under this policy: the shared secret admits anything, the read-only
+    /// one reads; in `transitioning` mode a refused request is let through (read-write)
+    /// and logged.
     pub fn admit_http(
         &self,
         authorization: Option<&[u8]>,
         now: SystemTime,
-    ) -> Result<(), HttpAuthError> {
-        match check(&self.secret, authorization, now) {
+    ) -> Result<Access, HttpAuthError> {
+        let checked = check(&self.secret, authorization, now);
+        if checked.is_err()
+            && let Some(ro) = &self.read_only
+            && check(ro, authorization, now).is_ok()
+        {
+            return Ok(Access::ReadOnly);
+        }
+        match checked {
+            Ok(()) => Ok(Access::ReadWrite),
             Err(why) if self.transitioning => {
                 tracing::warn!(%why, "unauthenticated HTTP request let through (auth.transitioning)");
-                Ok(())
+                Ok(Access::ReadWrite)
             }
-            result => result,
+            Err(why) => Err(why),
         }
     }
 }
@@ -125,16 +142,36 @@ mod tests {
         let policy = |transitioning| AuthPolicy {
             secret: Arc::new(Secret::new("s").unwrap()),
             transitioning,
+            read_only: None,
         };
         let now = SystemTime::now();
         assert_eq!(
             policy(false).admit_http(None, now),
             Err(HttpAuthError::Token(TokenError::Missing))
         );
-        assert_eq!(policy(true).admit_http(None, now), Ok(()));
+        assert_eq!(policy(true).admit_http(None, now), Ok(Access::ReadWrite));
         assert_eq!(
             policy(true).admit_http(Some(&basic("x:wrong")), now),
-            Ok(())
+            Ok(Access::ReadWrite)
+        );
+    }
+
+    #[test]
+    fn the_read_only_secret_admits_reads_only() {
+        let policy = AuthPolicy {
+            secret: Arc::new(Secret::new("rw").unwrap()),
+            transitioning: false,
+            read_only: Some(Arc::new(Secret::new("ro").unwrap())),
+        };
+        let now = SystemTime::now();
+        let admit = |h: &[u8]| policy.admit_http(Some(h), now);
+        assert_eq!(admit(&basic("git:rw")), Ok(Access::ReadWrite));
+        assert_eq!(admit(&basic("git:ro")), Ok(Access::ReadOnly));
+        let ro_token = format!("Bearer {}", Secret::new("ro").unwrap().token(now));
+        assert_eq!(admit(ro_token.as_bytes()), Ok(Access::ReadOnly));
+        assert_eq!(
+            admit(&basic("git:other")),
+            Err(HttpAuthError::WrongPassword)
         );
     }
 }

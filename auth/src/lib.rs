@@ -14,7 +14,10 @@
 //! - [`tls`]: the `[tls]` section: rustls on the gRPC listener (optionally asking for
 //!   client certificates) and the CA that `tls://` nodes are trusted by.
 //!
-//! It does not decide who may do what: one shared secret, all or nothing, as Gitaly.
+//! It does not decide who may do what beyond one distinction: besides Gitaly's one
+//! shared secret (all or nothing), the router may hold a read-only one; a call or
+//! request proved with it is marked [`ReadOnly`] (git HTTP: [`git_http::Access`]) and
+//! the router refuses it what is not a read.
 #![forbid(unsafe_code)]
 
 pub mod client;
@@ -27,6 +30,7 @@ pub mod token;
 pub use client::Signed;
 pub use git_http::HttpAuthError;
 pub use server::AuthLayer;
-pub use settings::{AuthPolicy, AuthSettings};
+pub use server::ReadOnly;
+pub use settings::{AuthPolicy, AuthSettings, ReadOnlySettings};
 pub use tls::TlsSettings;
 pub use token::{Secret, TokenError};

@@ -17,6 +17,12 @@ use crate::token::METADATA_KEY;
 /// not hold the secret, and health tells them nothing secret.
 const UNAUTHENTICATED_PREFIX: &str = "/grpc.health.v1.Health/";
 
+/// Put in a call's extensions when its token was signed with the read-only secret
+/// ([`AuthPolicy::read_only`]): the service behind the layer must refuse it anything
+/// but reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadOnly;
+
 /// What `tonic::transport::Server::builder().layer(auth)` is layered with, for
 /// callers that name the server's type.
 pub type Layered = tower::layer::util::Stack<AuthLayer, tower::layer::util::Identity>;
@@ -77,12 +83,22 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
         if let Some(checker) = &self.checker {
             let path = req.uri().path();
             if !path.starts_with(UNAUTHENTICATED_PREFIX) {
                 let header = req.headers().get(METADATA_KEY).map(|v| v.as_bytes());
-                if let Err(e) = checker.policy.secret.check(header, SystemTime::now()) {
+                let now = SystemTime::now();
+                let checked = checker.policy.secret.check(header, now);
+                let read_only = checked.is_err()
+                    && checker
+                        .policy
+                        .read_only
+                        .as_ref()
+                        .is_some_and(|ro| ro.check(header, now).is_ok());
+                if read_only {
+                    req.extensions_mut().insert(ReadOnly);
+                } else if let Err(e) = checked {
                     if checker.policy.transitioning {
                         tracing::warn!(method = path, error = %e, "unauthenticated call accepted (auth.transitioning)");
                     } else {
@@ -137,6 +153,7 @@ mod tests {
         Some(AuthPolicy {
             secret: Arc::new(Secret::new("s").unwrap()),
             transitioning,
+            read_only: None,
         })
     }
 
@@ -165,5 +182,44 @@ mod tests {
         let transitioning = AuthLayer::new(policy(true), "x");
         assert_eq!(status_of(&transitioning, m, Some(wrong)).await, None);
         assert_eq!(status_of(&transitioning, m, None).await, None);
+    }
+
+    /// Whether the call reached the service, and marked read-only.
+    async fn marked(layer: &AuthLayer, token: Option<String>) -> Option<bool> {
+        let inner = tower::service_fn(|req: http::Request<()>| async move {
+            let ro = req.extensions().get::<ReadOnly>().is_some();
+            Ok::<_, Infallible>(http::Response::new(format!("handled {ro}")))
+        });
+        let mut req = http::Request::builder().uri("/gitaly.RefService/FindBranch");
+        if let Some(t) = token {
+            req = req.header(METADATA_KEY, t);
+        }
+        let resp = layer
+            .layer(inner)
+            .ready()
+            .await
+            .unwrap()
+            .call(req.body(()).unwrap())
+            .await
+            .unwrap();
+        match resp.body().as_str() {
+            "handled true" => Some(true),
+            "handled false" => Some(false),
+            _ => None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_read_only_token_passes_marked() {
+        let mut p = policy(false).unwrap();
+        p.read_only = Some(Arc::new(Secret::new("ro").unwrap()));
+        let layer = AuthLayer::new(Some(p), "test-server");
+        let rw = Secret::new("s").unwrap().bearer_now();
+        let ro = Secret::new("ro").unwrap().bearer_now();
+        let wrong = Secret::new("t").unwrap().bearer_now();
+        assert_eq!(marked(&layer, Some(rw)).await, Some(false));
+        assert_eq!(marked(&layer, Some(ro)).await, Some(true));
+        assert_eq!(marked(&layer, Some(wrong)).await, None);
+        assert_eq!(marked(&layer, None).await, None);
     }
 }

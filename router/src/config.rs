@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use refvote_auth::{AuthSettings, TlsSettings};
+use refvote_auth::{AuthPolicy, AuthSettings, ReadOnlySettings, TlsSettings};
 use refvote_cluster::settings::{ConfigError, EtcdSettings, check_name, load_toml, parse_toml};
 use serde::{Deserialize, Serialize};
 
@@ -74,10 +74,18 @@ pub struct Config {
     pub drain_timeout_secs: u64,
     #[serde(default)]
     pub etcd: EtcdSettings,
+    /// Concurrency limits on clones and pushes, and the HTTP front's bounds on body
+    /// size and slow clients.
+    #[serde(default)]
+    pub limits: crate::limit::LimitSettings,
     /// Gitaly's v2 token: checked on every call from clients (health excepted) and
     /// sent on every call to a node. Nodes must share the secret.
     #[serde(default)]
     pub auth: AuthSettings,
+    /// A second secret for callers that may only read: accessors over gRPC, clone and
+    /// fetch over HTTP; anything else is refused PERMISSION_DENIED / 403. Needs `[auth]`.
+    #[serde(default)]
+    pub auth_read_only: ReadOnlySettings,
     /// TLS on `listen_addr` (certificate_path, key_path, optional client_ca_path) and
     /// the CA that `tls://` nodes' certificates are checked against (ca_path).
     #[serde(default)]
@@ -222,13 +230,38 @@ impl Config {
         self.etcd
             .validate()
             .map_err(|(key, reason)| invalid(key, reason))?;
-        self.auth
-            .policy()
+        self.limits
+            .validate()
+            .map_err(|(key, reason)| invalid(key, reason))?;
+        self.auth_policy()
             .map_err(|(key, reason)| invalid(key, reason))?;
         self.tls
             .validate()
             .map_err(|(key, reason)| invalid(key, reason))?;
         Ok(())
+    }
+
+    /// `[auth]` with `[auth_read_only]`'s secret; an error names the key.
+    pub fn auth_policy(&self) -> Result<Option<AuthPolicy>, (&'static str, String)> {
+        let policy = self.auth.policy()?;
+        let read_only = self.auth_read_only.secret()?;
+        match (policy, read_only) {
+            (policy, None) => Ok(policy),
+            (None, Some(_)) => Err((
+                "auth_read_only.token",
+                "needs [auth] token or token_file: a read-only secret only means something \
+                 when calls are authenticated"
+                    .into(),
+            )),
+            (Some(p), Some(ro)) if *p.secret == *ro => Err((
+                "auth_read_only.token",
+                "is the same secret as [auth]'s; a read-only secret must differ".into(),
+            )),
+            (Some(mut p), Some(ro)) => {
+                p.read_only = Some(ro);
+                Ok(Some(p))
+            }
+        }
     }
 
     pub fn listen(&self) -> SocketAddr {
@@ -318,6 +351,10 @@ mod tests {
         assert!(e.contains("drain_grace_secs"), "{e}");
         let e = parse("repair_concurrency = 0").unwrap_err().to_string();
         assert!(e.contains("repair_concurrency"), "{e}");
+        let e = parse("[limits]\nmax_queue_wait_ms = 0")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("limits.max_queue_wait_ms"), "{e}");
         let e = parse("[etcd]\nlease_ttl = 1").unwrap_err().to_string();
         assert!(e.contains("lease_ttl"), "{e}");
         let e = parse("[auth]\ntoken = \"\"").unwrap_err().to_string();
@@ -326,6 +363,20 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("auth.transitioning"), "{e}");
+        let e = parse("[auth_read_only]\ntoken = \"r\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("auth_read_only.token"), "{e}");
+        let e = parse("[auth]\ntoken = \"r\"\n[auth_read_only]\ntoken = \"r\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("must differ"), "{e}");
+        let p = parse("[auth]\ntoken = \"w\"\n[auth_read_only]\ntoken = \"r\"")
+            .unwrap()
+            .auth_policy()
+            .unwrap()
+            .unwrap();
+        assert!(p.read_only.is_some());
         let e = parse("[tls]\ncertificate_path = \"/x.pem\"")
             .unwrap_err()
             .to_string();

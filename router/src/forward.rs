@@ -34,6 +34,7 @@ use crate::fanout::{LegResult, LegSpec, fan_out};
 use crate::frame;
 use crate::gitlab::{self, Quarantine};
 use crate::interactive::Session;
+use crate::limit::{Class, LimitSettings, Limiter};
 use crate::outcome::{answer, non_voters, respond_with};
 use crate::pool::{NodeChannel, Pool};
 use crate::reads::{ReadError, ReadStats, Reads};
@@ -77,6 +78,8 @@ pub struct Forwarder {
     reads: Reads,
     /// Backchannel connections to nodes, for calls that carry a sidechannel.
     backchannels: Backchannels,
+    /// Concurrency limits on the costly calls (`[limits]`).
+    limiter: Arc<Limiter>,
 }
 
 impl Forwarder {
@@ -99,7 +102,14 @@ impl Forwarder {
             replication_factor,
             lock_wait: Duration::from_secs(10),
             backchannels: Backchannels::new(None, None),
+            limiter: Limiter::new(LimitSettings::default()),
         }
+    }
+
+    /// Sheds costly calls over `limiter`'s limits (RESOURCE_EXHAUSTED).
+    pub fn with_limiter(mut self, limiter: Arc<Limiter>) -> Forwarder {
+        self.limiter = limiter;
+        self
     }
 
     /// How sidechannel calls reach nodes (signed, and over TLS to `tls://` nodes).
@@ -153,6 +163,28 @@ impl Forwarder {
     ) -> Forwarder {
         self.pool = Pool::new(secret, tls);
         self
+    }
+
+    /// Why a caller holding only the read-only token may not call `path`: anything
+    /// but an accessor (Gitaly's `op_type: ACCESSOR`), refvote's admin service included.
+    pub fn read_only_refusal(&self, path: &str) -> Option<Status> {
+        let kind = self.registry.get(path).and_then(|m| m.kind);
+        if kind == Some(OpKind::Accessor) {
+            return None;
+        }
+        let what = match kind {
+            Some(OpKind::Mutator) => "a write (op_type MUTATOR)",
+            Some(OpKind::Maintenance) => "maintenance (op_type MAINTENANCE)",
+            _ => "not a read",
+        };
+        tracing::warn!(
+            method = path,
+            "read-only token refused a call that is not a read"
+        );
+        Some(Status::permission_denied(format!(
+            "refvote-router refused {path}: it is {what} and the call's token is read-only \
+             ([auth_read_only]); use the read-write token"
+        )))
     }
 
     /// Serves one HTTP/2 request as a gRPC call of any kind.
@@ -220,6 +252,17 @@ impl Forwarder {
         if kind != OpKind::Accessor && matches!(quarantine, Quarantine::Directory(_)) {
             return Err(RouteError::QuarantinedWrite(method.path.clone()));
         }
+        // A costly call waits for its slots here and holds them until its answer ends
+        // (the permit rides along in the answer stream).
+        let permit = match Class::of(&method.path) {
+            Some(class) => Some(
+                self.limiter
+                    .acquire(class, &repo.to_string())
+                    .await
+                    .map_err(RouteError::Limited)?,
+            ),
+            None => None,
+        };
         let call = Call {
             method,
             target: &target,
@@ -228,11 +271,20 @@ impl Forwarder {
             incoming: Some(incoming),
             sidechannel,
         };
-        match kind {
+        let answer = match kind {
             OpKind::Accessor => self.accessor(&repo, call, quarantine).await,
             OpKind::Mutator => self.mutator(&repo, call).await,
             OpKind::Maintenance => self.maintenance(&repo, call).await,
-        }
+        }?;
+        Ok(match permit {
+            None => answer,
+            Some(permit) => answer.map(|frames| -> Frames {
+                Box::pin(frames.map(move |frame| {
+                    let _held = &permit;
+                    frame
+                }))
+            }),
+        })
     }
 
     /// A write: one transaction, the call on every voter, the answer held back until

@@ -34,7 +34,8 @@
 //! ([`intercepted`]), storage-scoped calls go to any live node. gRPC health
 //! (`grpc.health.v1`) is answered on the same port and `/-/readiness` on the HTTP
 //! front, from one verdict ([`health`]: lease held, etcd reachable, not draining);
-//! SIGTERM drains ([`server::RouterServer::drain`]). Prometheus [`metrics`] are
+//! SIGTERM drains ([`server::RouterServer::drain`]). Costly calls (clones, pushes) are
+//! shed over `[limits]` RESOURCE_EXHAUSTED / 429 ([`limit`]). Prometheus [`metrics`] are
 //! served on their own port. The router keeps no state of its
 //! own: everything lives in etcd.
 #![forbid(unsafe_code)]
@@ -50,6 +51,7 @@ pub mod health;
 pub mod http;
 pub mod interactive;
 pub mod intercepted;
+pub mod limit;
 pub mod metrics;
 mod nodes;
 mod outcome;

@@ -245,6 +245,27 @@ async fn render(store: &Store, lease_held: bool) -> String {
         ),
         Err(e) => tracing::debug!(error = %e, "metrics: cannot count repair jobs"),
     }
+    for class in ["upload_pack", "receive_pack"] {
+        for reason in ["queue_full", "queue_timeout"] {
+            crate::limit::LIMITED.with(&[class, reason]);
+        }
+    }
+    t.counter_family(
+        "refvote_router_limited_total",
+        "Costly calls shed by [limits] (RESOURCE_EXHAUSTED / HTTP 429), by class \
+         (upload_pack, receive_pack) and reason (queue_full, queue_timeout).",
+        &crate::limit::LIMITED,
+    );
+    t.gauge(
+        "refvote_router_limit_in_progress",
+        "Costly calls (upload-pack, receive-pack) holding a slot of a [limits] limit.",
+        crate::limit::IN_PROGRESS.get(),
+    );
+    t.gauge(
+        "refvote_router_limit_queued",
+        "Costly calls waiting in a [limits] queue for a slot.",
+        crate::limit::QUEUED.get(),
+    );
     t.gauge(
         "refvote_router_lease_held",
         "1 while the router holds its etcd lease (it may start writes), else 0.",

@@ -112,6 +112,9 @@ pub enum RouteError {
     /// Reading the client's own request stream failed.
     #[error("reading the request failed")]
     Client(#[source] Status),
+    /// A concurrency limit shed the call (RESOURCE_EXHAUSTED with Gitaly's LimitError).
+    #[error(transparent)]
+    Limited(crate::limit::Limited),
 }
 
 /// `e` and every error below it, joined with ": ".
@@ -151,6 +154,7 @@ impl From<RouteError> for Status {
             RouteError::QuarantinedWrite(_) => Code::InvalidArgument,
             RouteError::NoQuarantine { .. } | RouteError::Gitlab { .. } => Code::FailedPrecondition,
             RouteError::Client(s) => return s.clone(),
+            RouteError::Limited(l) => return l.status(),
         };
         Status::new(code, chain(&e))
     }

@@ -72,7 +72,7 @@ impl RouterServer {
         // A method without its annotations fails here, not on its first call.
         let registry = Registry::gitaly()?;
         let invalid = |(key, reason)| StartError::Security { key, reason };
-        let auth = config.auth.policy().map_err(invalid)?;
+        let auth = config.auth_policy().map_err(invalid)?;
         let server_tls = refvote_sidechannel::tls::acceptor(&config.tls).map_err(invalid)?;
         let node_tls = config.tls.client().map_err(invalid)?;
         let node_tls_backchannel =
@@ -172,6 +172,7 @@ impl RouterServer {
                 reads,
             )
             .with_lock_wait(config.lock_wait())
+            .with_limiter(crate::limit::Limiter::new(config.limits.clone()))
             .secure_calls_to_nodes(auth.as_ref().map(|a| a.secret.clone()), node_tls)
             .with_backchannels(crate::sidechannel::Backchannels::new(
                 auth.as_ref().map(|a| a.secret.clone()),
@@ -211,6 +212,7 @@ impl RouterServer {
                     config.create_on_push,
                     auth.clone(),
                     health.clone(),
+                    config.limits.clone(),
                 )
                 .await
                 .map_err(|source| StartError::Bind { addr, source })?,
@@ -226,8 +228,15 @@ impl RouterServer {
             let mut server_service = server_service.clone();
             let mut praefect_info = praefect_info.clone();
             let (method, started) = (req.uri().path().to_owned(), std::time::Instant::now());
+            // A read-only token (`[auth_read_only]`) may call accessors and nothing else.
+            let refused = req
+                .extensions()
+                .get::<refvote_auth::ReadOnly>()
+                .and_then(|_| f.read_only_refusal(&method));
             async move {
-                let resp = if method.starts_with(crate::admin::PATH_PREFIX) {
+                let resp = if let Some(status) = refused {
+                    status.into_http()
+                } else if method.starts_with(crate::admin::PATH_PREFIX) {
                     let Ok(r) = tower::Service::call(&mut admin, req).await;
                     r
                 } else if method.starts_with("/grpc.health.v1.Health/") {

@@ -2,6 +2,7 @@
 //! stream made of it: the first message carries the repository, the others data.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::{Stream, StreamExt, stream};
@@ -10,6 +11,7 @@ use hyper::body::Incoming;
 use refvote_proto::gitaly::{PostReceivePackRequest, PostUploadPackRequest};
 use tokio::sync::{Mutex, watch};
 use tonic::Status;
+use tonic::codegen::http::StatusCode;
 
 /// Largest gRPC message built from a request body.
 pub(super) const MESSAGE: usize = 32 * 1024;
@@ -86,6 +88,14 @@ where
         })
 }
 
+/// The reason of a 413.
+pub(super) fn too_large(max: u64) -> String {
+    format!(
+        "the request body is larger than {max} bytes (limits.max_request_body_bytes); \
+         push in smaller steps or raise the limit"
+    )
+}
+
 /// Request messages whose first carries data too.
 pub(super) trait WithData {
     fn set_data(&mut self, data: Bytes);
@@ -114,23 +124,40 @@ pub(super) fn split(mut b: Bytes) -> Vec<Bytes> {
     out
 }
 
+/// How much of a request body may come and how slowly (`[limits]`).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct BodyBounds {
+    /// Bytes on the wire (before gunzip); more fails the body with 413.
+    pub(super) max: Option<u64>,
+    /// Longest wait for the next piece; longer fails the body with 408.
+    pub(super) idle: Duration,
+}
+
 /// The request body, decompressed if it was gzipped, read chunk by chunk.
 pub(super) struct BodyReader {
     body: Option<Incoming>,
     gunzip: Option<flate2::write::GzDecoder<Vec<u8>>>,
+    bounds: BodyBounds,
+    /// Bytes read so far, as sent.
+    read: u64,
     /// Why reading failed, for the answer.
     pub(super) error: Option<String>,
+    /// The HTTP status of that failure: 400, 408 (idle) or 413 (too large).
+    pub(super) status: StatusCode,
     /// Set once reading failed: a call still waiting on the rest of the body is cut off
     /// (a node would otherwise wait for input that never comes).
     pub(super) broken: watch::Sender<bool>,
 }
 
 impl BodyReader {
-    pub(super) fn new(body: Incoming, gzip: bool) -> BodyReader {
+    pub(super) fn new(body: Incoming, gzip: bool, bounds: BodyBounds) -> BodyReader {
         BodyReader {
             body: Some(body),
             gunzip: gzip.then(|| flate2::write::GzDecoder::new(Vec::new())),
+            bounds,
+            read: 0,
             error: None,
+            status: StatusCode::BAD_REQUEST,
             broken: watch::channel(false).0,
         }
     }
@@ -145,7 +172,18 @@ impl BodyReader {
             let Some(body) = self.body.as_mut() else {
                 return Ok(None);
             };
-            let frame = match body.frame().await {
+            let frame = match tokio::time::timeout(self.bounds.idle, body.frame()).await {
+                Err(_) => {
+                    let e = format!(
+                        "the client sent nothing for {} s in the middle of the request body \
+                         (limits.idle_timeout_secs)",
+                        self.bounds.idle.as_secs()
+                    );
+                    return Err(self.fail_with(StatusCode::REQUEST_TIMEOUT, e));
+                }
+                Ok(frame) => frame,
+            };
+            let frame = match frame {
                 None => {
                     self.body = None;
                     let Some(gz) = self.gunzip.take() else {
@@ -164,6 +202,11 @@ impl BodyReader {
             let Ok(data) = frame.into_data() else {
                 continue; // trailers
             };
+            self.read += data.len() as u64;
+            if let Some(max) = self.bounds.max.filter(|&max| self.read > max) {
+                let e = too_large(max);
+                return Err(self.fail_with(StatusCode::PAYLOAD_TOO_LARGE, e));
+            }
             match self.gunzip.as_mut() {
                 None if data.is_empty() => continue,
                 None => return Ok(Some(data)),
@@ -181,6 +224,11 @@ impl BodyReader {
     }
 
     fn fail(&mut self, e: String) -> String {
+        self.fail_with(StatusCode::BAD_REQUEST, e)
+    }
+
+    fn fail_with(&mut self, status: StatusCode, e: String) -> String {
+        self.status = status;
         self.body = None;
         self.gunzip = None;
         self.error = Some(e.clone());

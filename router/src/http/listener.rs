@@ -12,6 +12,7 @@ use tokio::task::JoinHandle;
 use super::GitHttp;
 use crate::forward::Forwarder;
 use crate::health::Health;
+use crate::limit::LimitSettings;
 
 /// The running HTTP front.
 pub struct HttpServer {
@@ -28,6 +29,7 @@ impl HttpServer {
         create_on_push: bool,
         auth: Option<refvote_auth::AuthPolicy>,
         health: Arc<Health>,
+        limits: LimitSettings,
     ) -> std::io::Result<HttpServer> {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
@@ -37,6 +39,7 @@ impl HttpServer {
             auth,
             creating: Default::default(),
             health,
+            limits: limits.clone(),
         });
         let (stop, mut stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
@@ -62,7 +65,12 @@ impl HttpServer {
                     let front = front.clone();
                     async move { Ok::<_, Infallible>(front.serve(req).await) }
                 });
+                // A client that trickles its headers loses the connection after
+                // header_timeout_secs (hyper's timer); a trickled body, after
+                // idle_timeout_secs without a byte (the body reader).
                 let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(limits.header_timeout())
                     .serve_connection(hyper_util::rt::TokioIo::new(conn), svc);
                 let conn = graceful.watch(conn);
                 tokio::spawn(async move {

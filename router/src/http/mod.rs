@@ -81,6 +81,8 @@ struct GitHttp {
     /// `/-/readiness` and `/-/liveness` answer from it; while draining every answer
     /// closes its connection.
     health: Arc<crate::health::Health>,
+    /// Body size and slow-client bounds (`[limits]`).
+    limits: crate::limit::LimitSettings,
 }
 
 /// The repository a URL names, in the virtual storage.

@@ -5,7 +5,6 @@
 use bytes::{Bytes, BytesMut};
 use refvote_proto::gitaly::{PostReceivePackRequest, PostReceivePackResponse};
 use tonic::Status;
-use tonic::codegen::http::StatusCode;
 
 use super::body::request_stream;
 use super::push_refusal::{Commands, commands_end};
@@ -35,7 +34,7 @@ impl GitHttp {
                 match reader.next().await {
                     Ok(Some(chunk)) => head.extend_from_slice(&chunk),
                     Ok(None) => break,
-                    Err(e) => return Err(Refusal::new(StatusCode::BAD_REQUEST, e)),
+                    Err(e) => return Err(Refusal::new(reader.status, e)),
                 }
             }
             head.freeze()
@@ -90,7 +89,12 @@ impl GitHttp {
             )),
             Err(status) => {
                 tracing::info!(relative, code = ?status.code(), message = status.message(), "push refused");
-                match push.rejection(&status) {
+                // A shed push is a 429 with Retry-After, for the client to come back.
+                let rejection = match status.code() {
+                    tonic::Code::ResourceExhausted => None,
+                    _ => push.rejection(&status),
+                };
+                match rejection {
                     // Drain first: the answer goes out once the client has sent it all.
                     Some(report) => {
                         let drained = tokio::time::timeout(DRAIN, async {

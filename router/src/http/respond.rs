@@ -24,6 +24,8 @@ pub(super) struct Refusal {
     pub(super) allow: Option<&'static str>,
     /// Ask for credentials (a 401).
     pub(super) challenge: bool,
+    /// Seconds for `Retry-After` (429 and 503).
+    pub(super) retry_after: Option<u64>,
 }
 
 impl Refusal {
@@ -33,9 +35,14 @@ impl Refusal {
             message: message.into(),
             allow: None,
             challenge: false,
+            retry_after: None,
         }
     }
 }
+
+/// `Retry-After` on a 503 the router gives for a passing condition (no quorum, no
+/// readable replica, etcd unreachable, draining).
+pub(super) const UNAVAILABLE_RETRY_AFTER: u64 = 1;
 
 /// The HTTP status for a gRPC code from the router or a node.
 pub(super) fn http_status(code: Code) -> StatusCode {
@@ -45,9 +52,8 @@ pub(super) fn http_status(code: Code) -> StatusCode {
         Code::Unauthenticated => StatusCode::UNAUTHORIZED,
         Code::PermissionDenied => StatusCode::FORBIDDEN,
         Code::AlreadyExists => StatusCode::CONFLICT,
-        Code::Unavailable | Code::ResourceExhausted | Code::Aborted => {
-            StatusCode::SERVICE_UNAVAILABLE
-        }
+        Code::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
+        Code::Unavailable | Code::Aborted => StatusCode::SERVICE_UNAVAILABLE,
         Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
         Code::Unimplemented => StatusCode::NOT_IMPLEMENTED,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
@@ -74,6 +80,9 @@ pub(super) fn text(refusal: Refusal) -> Response {
     if let Some(allow) = refusal.allow {
         h.insert(header::ALLOW, HeaderValue::from_static(allow));
     }
+    if let Some(secs) = refusal.retry_after {
+        h.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    }
     if refusal.challenge {
         h.insert(
             header::WWW_AUTHENTICATE,
@@ -87,7 +96,20 @@ pub(super) fn refusal_from(status: &Status) -> Refusal {
     // Status messages may span lines; git shows one `remote:` line per line anyway,
     // but one line reads best.
     let message = status.message().replace('\n', " ");
-    Refusal::new(http_status(status.code()), message)
+    let http = http_status(status.code());
+    let retry_after = match http {
+        StatusCode::TOO_MANY_REQUESTS => Some(
+            crate::limit::limit_error_of(status)
+                .and_then(|d| d.retry_after)
+                .map_or(1, |d| d.seconds.max(0) as u64),
+        ),
+        StatusCode::SERVICE_UNAVAILABLE => Some(UNAVAILABLE_RETRY_AFTER),
+        _ => None,
+    };
+    Refusal {
+        retry_after,
+        ..Refusal::new(http, message)
+    }
 }
 
 pub(super) fn git_response(content_type: &'static str, body: ResponseBody) -> Response {
@@ -111,5 +133,27 @@ mod tests {
         );
         assert_eq!(http_status(Code::InvalidArgument), StatusCode::BAD_REQUEST);
         assert_eq!(http_status(Code::Unauthenticated), StatusCode::UNAUTHORIZED);
+        assert_eq!(
+            http_status(Code::ResourceExhausted),
+            StatusCode::TOO_MANY_REQUESTS
+        );
+    }
+
+    #[test]
+    fn sheds_and_outages_say_when_to_retry() {
+        let shed = crate::limit::Limited {
+            why: crate::limit::Shed::QueueFull,
+            scope: "x".into(),
+            retry_after_secs: 7,
+        };
+        let r = refusal_from(&shed.status());
+        assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(r.retry_after, Some(7));
+        let resp = text(r);
+        assert_eq!(resp.headers()[header::RETRY_AFTER], "7");
+        let r = refusal_from(&Status::unavailable("no quorum"));
+        assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(r.retry_after, Some(UNAVAILABLE_RETRY_AFTER));
+        assert_eq!(refusal_from(&Status::not_found("x")).retry_after, None);
     }
 }

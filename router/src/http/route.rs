@@ -18,6 +18,29 @@ pub(super) enum Service {
     ReceivePack,
 }
 
+impl Route {
+    /// The `Content-Type` a POST must carry (git's own), `None` for a GET.
+    pub(super) fn content_type(&self) -> Option<&'static str> {
+        match self {
+            Route::InfoRefs { .. } => None,
+            Route::UploadPack { .. } => Some("application/x-git-upload-pack-request"),
+            Route::ReceivePack { .. } => Some("application/x-git-receive-pack-request"),
+        }
+    }
+
+    /// Whether the request belongs to a push (its advertisement or the push itself).
+    pub(super) fn writes(&self) -> bool {
+        matches!(
+            self,
+            Route::ReceivePack { .. }
+                | Route::InfoRefs {
+                    service: Service::ReceivePack,
+                    ..
+                }
+        )
+    }
+}
+
 /// Parses `/<path>/info/refs?service=…`, `/<path>/git-upload-pack` and
 /// `/<path>/git-receive-pack`. A path without `.git` gets it appended, as GitLab does.
 pub(super) fn route(method: &Method, path: &str, query: Option<&str>) -> Result<Route, Refusal> {
@@ -49,21 +72,23 @@ pub(super) fn route(method: &Method, path: &str, query: Option<&str>) -> Result<
     } else {
         format!("{repo}.git")
     };
+    // HEAD is answered as GET is, without the body (hyper leaves it out).
     let want = |m: &Method, allow: &'static str| {
-        if method == m {
+        if method == m || (*m == Method::GET && method == Method::HEAD) {
             Ok(())
         } else {
             Err(Refusal {
-                status: StatusCode::METHOD_NOT_ALLOWED,
-                message: format!("{tail} takes {allow}, not {method}"),
                 allow: Some(allow),
-                challenge: false,
+                ..Refusal::new(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    format!("{tail} takes {allow}, not {method}"),
+                )
             })
         }
     };
     match tail {
         "/info/refs" => {
-            want(&Method::GET, "GET")?;
+            want(&Method::GET, "GET, HEAD")?;
             let service = query
                 .unwrap_or("")
                 .split('&')

@@ -16,10 +16,11 @@ use tonic::codegen::http::{self, HeaderValue, Method, StatusCode, header};
 use tonic::{Code, Status};
 
 use super::answer::body_broke;
-use super::body::BodyReader;
+use super::body::{BodyBounds, BodyReader, too_large};
 use super::respond::{Refusal, text};
 use super::route::{Route, route};
 use super::{GitHttp, Request, Response};
+use refvote_auth::git_http::Access;
 
 /// How long a refused request's remaining body is read before answering, so the client
 /// sees the answer rather than a reset while it is still sending.
@@ -50,8 +51,17 @@ impl GitHttp {
             Ok(r) => r,
             Err(refusal) => return text(refusal),
         };
-        if let Err(refusal) = self.authorize(&req) {
-            return text(refusal);
+        match self.authorize(&req) {
+            Err(refusal) => return text(refusal),
+            Ok(Access::ReadOnly) if route.writes() => {
+                tracing::info!(?route, "push with a read-only credential refused");
+                return text(Refusal::new(
+                    StatusCode::FORBIDDEN,
+                    "this credential is read-only ([auth_read_only]): it may clone and fetch, \
+                     not push; use the read-write token",
+                ));
+            }
+            Ok(_) => {}
         }
         let git_protocol = req
             .headers()
@@ -74,8 +84,36 @@ impl GitHttp {
                 ));
             }
         };
+        if let Some(want) = route.content_type()
+            && req
+                .headers()
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .map(|v| v.split(';').next().unwrap_or("").trim())
+                != Some(want)
+        {
+            return text(Refusal::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                format!("this POST takes Content-Type: {want}"),
+            ));
+        }
+        // A declared length over the limit is refused before anything is read.
+        let max = self.limits.max_body();
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        if let (Some(max), Some(len)) = (max, declared)
+            && len > max
+        {
+            return text(Refusal::new(StatusCode::PAYLOAD_TOO_LARGE, too_large(max)));
+        }
         tracing::debug!(?route, %git_protocol, gzip, "git smart HTTP request");
-        let reader = BodyReader::new(req.into_body(), gzip);
+        let bounds = BodyBounds {
+            max,
+            idle: self.limits.idle_timeout(),
+        };
+        let reader = BodyReader::new(req.into_body(), gzip, bounds);
         let request = Request {
             route,
             git_protocol,
@@ -99,11 +137,11 @@ impl GitHttp {
                 let drained = tokio::time::timeout(DRAIN, async {
                     let mut reader = body.lock().await;
                     while let Ok(Some(_)) = reader.next().await {}
-                    reader.error.take()
+                    reader.error.take().map(|e| (reader.status, e))
                 })
                 .await;
                 match drained {
-                    Ok(Some(e)) => text(Refusal::new(StatusCode::BAD_REQUEST, e)),
+                    Ok(Some((status, e))) => text(Refusal::new(status, e)),
                     _ => text(refusal),
                 }
             }
@@ -113,16 +151,16 @@ impl GitHttp {
     /// The router's token check, when `[auth]` is set: a Gitaly v2 bearer token, or
     /// Basic credentials whose password is the shared secret; otherwise 401 (in
     /// `transitioning` mode the request passes and the refusal is logged).
-    fn authorize(&self, req: &http::Request<Incoming>) -> Result<(), Refusal> {
+    fn authorize(&self, req: &http::Request<Incoming>) -> Result<Access, Refusal> {
         let Some(policy) = &self.auth else {
-            return Ok(());
+            return Ok(Access::ReadWrite);
         };
         let header = req
             .headers()
             .get(header::AUTHORIZATION)
             .map(|v| v.as_bytes());
         match policy.admit_http(header, std::time::SystemTime::now()) {
-            Ok(()) => Ok(()),
+            Ok(access) => Ok(access),
             Err(why) => Err(Refusal {
                 challenge: true,
                 ..Refusal::new(
