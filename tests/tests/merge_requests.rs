@@ -13,7 +13,8 @@
 //! commits `git rebase` writes with the same committer and time, on every replica.
 //! The UI's `UserCherryPick` (of a merge, mainline 1) and `UserRevert` write the commit
 //! `git cherry-pick -m 1` and `git revert` write; a revert that conflicts is Gitaly's
-//! structured conflict error.
+//! structured conflict error. A router killed between the two phases of a merge
+//! leaves it merged on a majority or nowhere.
 
 use std::time::Duration;
 
@@ -70,7 +71,12 @@ struct Setup {
 /// A repository with `main` and `feature` diverged from one base (different files, so
 /// they merge cleanly), pushed through the router.
 async fn setup() -> anyhow::Result<Setup> {
-    let c = Fixture::nodes(3).router().start().await?;
+    setup_with(Fixture::nodes(3).router()).await
+}
+
+/// The same repository on the cluster `fixture` starts (its first router pushes).
+async fn setup_with(fixture: Fixture) -> anyhow::Result<Setup> {
+    let c = fixture.start().await?;
     let (work, _) = c.create_and_push(&c.routers[0], RELATIVE).await?;
     // `feature` branches off the base (HEAD), then `main` moves on from it.
     work.commit("feature", "feature work")?;
@@ -950,5 +956,80 @@ async fn a_revert_is_gits_revert_and_a_conflicting_one_gitalys_conflict_error() 
     assert_eq!(s.revs("refs/heads/later"), vec![Some(later); 3]);
     assert_eq!(s.generation().await?, before);
     assert!(s.all_up_to_date().await?);
+    Ok(())
+}
+
+impl Setup {
+    /// Waits (bounded) until the repository has no open transaction: the killed
+    /// router's are reaped by another.
+    async fn settled(&self) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while self.open_transactions().await? > 0 {
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "the killed router's transaction was never reaped\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_router_killed_between_a_merges_phases_leaves_it_on_a_majority_or_nowhere()
+-> anyhow::Result<()> {
+    let mut s = setup_with(Fixture::nodes(3).router().router().router()).await?;
+    let (main, feature) = (s.tip("main"), s.tip("feature"));
+    let before = s.generation().await?;
+
+    // Killed after the proposal, before the client applies: nowhere.
+    let mut call = start_merge(&s, merge_request("main", &feature)).await??;
+    s.next(&mut call).await??.expect("a proposal");
+    s.c.routers[0].kill()?;
+    drop(call);
+    s.settled().await?;
+    assert_eq!(s.revs("refs/heads/main"), vec![Some(main.clone()); 3]);
+    assert_eq!(s.generation().await?, before);
+
+    // Killed right after the client applied: merged on a majority or nowhere, and
+    // every replica the cluster calls up to date holds what the majority holds.
+    s.ch = s.c.routers[1].channel().await?;
+    let mut call = start_merge(&s, merge_request("main", &feature)).await??;
+    let proposal = s.next(&mut call).await??.expect("a proposal").commit_id;
+    call.send.send(apply(true)).await?;
+    s.c.routers[1].kill()?;
+    drop(call);
+    s.settled().await?;
+    let revs = s.revs("refs/heads/main");
+    let merged = revs
+        .iter()
+        .filter(|r| **r == Some(proposal.clone()))
+        .count();
+    let view = s.c.store.repo_view(&s.repo).await?;
+    if merged >= 2 {
+        assert_eq!(view.record.generation, before + 1, "{revs:?}");
+    } else {
+        assert_eq!(view.record.generation, before, "{revs:?}");
+    }
+    eprintln!(
+        "router killed after apply: merged on {merged} of 3 replicas, up to date: {:?}",
+        view.up_to_date_live()
+    );
+    let majority = if merged >= 2 {
+        Some(proposal)
+    } else {
+        Some(main)
+    };
+    for (i, n) in s.c.nodes.iter().enumerate() {
+        if view.up_to_date_live().contains(&n.name) {
+            assert_eq!(revs[i], majority, "{} is up to date: {revs:?}", n.name);
+        }
+    }
+    assert!(
+        view.up_to_date_live().len() >= 2,
+        "{:?}",
+        view.up_to_date_live()
+    );
     Ok(())
 }
