@@ -1,5 +1,6 @@
 //! OperationService: branch and tag creation and deletion, and commits built from file
-//! actions, on behalf of a GitLab user.
+//! actions, on behalf of a GitLab user; merges (`merge`), squashes and rebases
+//! (`rebase`), cherry-picks and reverts (`pick`), their commits built in `objects`.
 //!
 //! Every ref change is one `git update-ref` with an explicit old value (the node's one
 //! ref-write path, `refs::update`, with its one reading of git's failures), run inside the
