@@ -1,5 +1,6 @@
 //! OperationService: branch and tag creation and deletion, and commits built from file
-//! actions, on behalf of a GitLab user.
+//! actions, on behalf of a GitLab user; merges (`merge`), squashes and rebases
+//! (`rebase`), cherry-picks and reverts (`pick`), their commits built in `objects`.
 //!
 //! Every ref change is one `git update-ref` with an explicit old value (the node's one
 //! ref-write path, `refs::update`, with its one reading of git's failures), run inside the
@@ -31,13 +32,16 @@ use base64::Engine;
 use refvote_proto::gitaly::operation_service_server::OperationService;
 use refvote_proto::gitaly::{
     Branch, CommitAuthor, IndexError, OperationBranchUpdate, ReferenceExistsError,
-    ReferenceUpdateError, Tag, User, UserCommitFilesActionHeader, UserCommitFilesError,
-    UserCommitFilesRequest, UserCommitFilesRequestHeader, UserCommitFilesResponse,
-    UserCreateBranchRequest, UserCreateBranchResponse, UserCreateTagError, UserCreateTagRequest,
-    UserCreateTagResponse, UserDeleteBranchError, UserDeleteBranchRequest,
-    UserDeleteBranchResponse, UserDeleteTagRequest, UserDeleteTagResponse, UserFfBranchRequest,
-    UserFfBranchResponse, UserMergeBranchRequest, UserMergeBranchResponse, UserMergeToRefRequest,
-    UserMergeToRefResponse, UserUpdateBranchRequest, UserUpdateBranchResponse, index_error,
+    ReferenceUpdateError, Tag, User, UserCherryPickRequest, UserCherryPickResponse,
+    UserCommitFilesActionHeader, UserCommitFilesError, UserCommitFilesRequest,
+    UserCommitFilesRequestHeader, UserCommitFilesResponse, UserCreateBranchRequest,
+    UserCreateBranchResponse, UserCreateTagError, UserCreateTagRequest, UserCreateTagResponse,
+    UserDeleteBranchError, UserDeleteBranchRequest, UserDeleteBranchResponse, UserDeleteTagRequest,
+    UserDeleteTagResponse, UserFfBranchRequest, UserFfBranchResponse, UserMergeBranchRequest,
+    UserMergeBranchResponse, UserMergeToRefRequest, UserMergeToRefResponse,
+    UserRebaseConfirmableRequest, UserRebaseConfirmableResponse, UserRebaseToRefRequest,
+    UserRebaseToRefResponse, UserRevertRequest, UserRevertResponse, UserSquashRequest,
+    UserSquashResponse, UserUpdateBranchRequest, UserUpdateBranchResponse, index_error,
     user_commit_files_action, user_commit_files_action_header, user_commit_files_error,
     user_commit_files_request, user_create_tag_error, user_delete_branch_error,
 };
@@ -51,13 +55,17 @@ use super::error::NodeError;
 use super::git::Run;
 use super::refs::names::{self, is_zero};
 use super::refs::update::{self, FailureKind, RefUpdate, UpdateFailure};
-use super::signature::{commit_time, fixed_offset, git_date, ident};
+use super::signature::{commit_time, fixed_offset, ident};
 use super::storage::{RepoPath, Storages};
 use super::tx::{WriteContext, WriteIn};
-use crate::gitlab::operation::{Op, refusal_status};
+use crate::gitlab::operation::{Op, OperationHooks, refusal_status};
 use crate::state::NodeState;
+use objects::Signature;
 
 mod merge;
+mod objects;
+mod pick;
+mod rebase;
 
 /// Bound on small git answers read whole (an object id, a ref name).
 const SMALL: usize = 4096;
@@ -119,14 +127,17 @@ impl OperationService for OperationSvc {
                 .operation(&metadata, req.repository.as_ref(), req.user.as_ref())?;
         in_transaction(&self.node, &metadata, |ctx| async move {
             hooks.join(&ctx, &repo.path);
-            hooks
-                .check(&refname, &zero, &commit.id)
-                .await
-                .map_err(|r| refusal_status(Op::CreateBranch, &r))?;
-            self.set_ref(&repo, &ctx, &refname, &zero, &commit.id)
-                .await
-                .map_err(|f| ref_status(f, &refname))?;
-            hooks.committed(&refname, &zero, &commit.id);
+            self.update_checked(
+                &repo,
+                &ctx,
+                &hooks,
+                Op::CreateBranch,
+                &refname,
+                &zero,
+                &commit.id,
+            )
+            .await
+            .map_err(|e| e.status(&refname))?;
             Ok(Response::new(UserCreateBranchResponse {
                 branch: Some(Branch {
                     name: name.into_bytes(),
@@ -156,32 +167,29 @@ impl OperationService for OperationSvc {
         in_transaction(&self.node, &metadata, |ctx| async move {
             hooks.join(&ctx, &repo.path);
             let zero = zero_oid(&old);
-            hooks
-                .check(&refname, &old, &zero)
+            self.update_checked(&repo, &ctx, &hooks, Op::DeleteBranch, &refname, &old, &zero)
                 .await
-                .map_err(|r| refusal_status(Op::DeleteBranch, &r))?;
-            if let Err(f) = self.set_ref(&repo, &ctx, &refname, &old, &zero).await {
-                let detail = UserDeleteBranchError {
-                    error: Some(user_delete_branch_error::Error::ReferenceUpdate(
-                        ReferenceUpdateError {
-                            reference_name: refname.clone().into_bytes(),
-                            old_oid: old.clone(),
-                            new_oid: zero_oid(&old),
-                        },
-                    )),
-                };
-                return Err(if is_conflict(&f.kind) {
-                    status_with_detail(
-                        Code::FailedPrecondition,
-                        format!("deleting {refname}: {}", f.stderr()),
-                        "gitaly.UserDeleteBranchError",
-                        &detail,
-                    )
-                } else {
-                    ref_status(f, &refname)
-                });
-            }
-            hooks.committed(&refname, &old, &zero);
+                .map_err(|e| {
+                    e.status_with(|f| {
+                        if !is_conflict(&f.kind) {
+                            return ref_status(f, &refname);
+                        }
+                        status_with_detail(
+                            Code::FailedPrecondition,
+                            format!("deleting {refname}: {}", f.stderr()),
+                            "gitaly.UserDeleteBranchError",
+                            &UserDeleteBranchError {
+                                error: Some(user_delete_branch_error::Error::ReferenceUpdate(
+                                    ReferenceUpdateError {
+                                        reference_name: refname.clone().into_bytes(),
+                                        old_oid: old.clone(),
+                                        new_oid: zero.clone(),
+                                    },
+                                )),
+                            },
+                        )
+                    })
+                })?;
             Ok(Response::new(UserDeleteBranchResponse {}))
         })
         .await
@@ -260,14 +268,9 @@ impl OperationService for OperationSvc {
                 };
                 (id, Some(tagger))
             };
-            hooks
-                .check(&refname, &zero, &id)
+            self.update_checked(&repo, &ctx, &hooks, Op::CreateTag, &refname, &zero, &id)
                 .await
-                .map_err(|r| refusal_status(Op::CreateTag, &r))?;
-            self.set_ref(&repo, &ctx, &refname, &zero, &id)
-                .await
-                .map_err(|f| ref_status(f, &refname))?;
-            hooks.committed(&refname, &zero, &id);
+                .map_err(|e| e.status(&refname))?;
             Ok(Response::new(UserCreateTagResponse {
                 tag: Some(Tag {
                     name: name.into_bytes(),
@@ -302,14 +305,9 @@ impl OperationService for OperationSvc {
         in_transaction(&self.node, &metadata, |ctx| async move {
             hooks.join(&ctx, &repo.path);
             let zero = zero_oid(&old);
-            hooks
-                .check(&refname, &old, &zero)
+            self.update_checked(&repo, &ctx, &hooks, Op::DeleteTag, &refname, &old, &zero)
                 .await
-                .map_err(|r| refusal_status(Op::DeleteTag, &r))?;
-            self.set_ref(&repo, &ctx, &refname, &old, &zero)
-                .await
-                .map_err(|f| ref_status(f, &refname))?;
-            hooks.committed(&refname, &old, &zero);
+                .map_err(|e| e.status(&refname))?;
             Ok(Response::new(UserDeleteTagResponse::default()))
         })
         .await
@@ -372,6 +370,46 @@ impl OperationService for OperationSvc {
         request: Request<UserUpdateBranchRequest>,
     ) -> Result<Response<UserUpdateBranchResponse>, Status> {
         self.update_branch(request).await
+    }
+
+    #[tracing::instrument(skip_all, fields(node = %self.node.name))]
+    async fn user_cherry_pick(
+        &self,
+        request: Request<UserCherryPickRequest>,
+    ) -> Result<Response<UserCherryPickResponse>, Status> {
+        self.cherry_pick(request).await
+    }
+
+    #[tracing::instrument(skip_all, fields(node = %self.node.name))]
+    async fn user_revert(
+        &self,
+        request: Request<UserRevertRequest>,
+    ) -> Result<Response<UserRevertResponse>, Status> {
+        self.revert(request).await
+    }
+
+    #[tracing::instrument(skip_all, fields(node = %self.node.name))]
+    async fn user_squash(
+        &self,
+        request: Request<UserSquashRequest>,
+    ) -> Result<Response<UserSquashResponse>, Status> {
+        self.squash(request).await
+    }
+
+    #[tracing::instrument(skip_all, fields(node = %self.node.name))]
+    async fn user_rebase_to_ref(
+        &self,
+        request: Request<UserRebaseToRefRequest>,
+    ) -> Result<Response<UserRebaseToRefResponse>, Status> {
+        self.rebase_to_ref(request).await
+    }
+
+    #[tracing::instrument(skip_all, fields(node = %self.node.name))]
+    async fn user_rebase_confirmable(
+        &self,
+        request: Request<Streaming<UserRebaseConfirmableRequest>>,
+    ) -> Result<Response<BoxStream<UserRebaseConfirmableResponse>>, Status> {
+        self.rebase_confirmable(request).await
     }
 }
 
@@ -548,48 +586,21 @@ impl OperationSvc {
         }
         let tree = self.write_tree(repo, &files).await?;
         let h = &plan.header;
-        let user = user(h.user.as_ref())?;
-        let (seconds, zone) = commit_time(
+        let mut who = Signature::by(
+            user(h.user.as_ref())?,
             h.timestamp.as_ref(),
-            committer_seconds(plan.parent.as_ref()),
-            user,
+            plan.parent.as_ref(),
         )?;
-        let author = User {
-            name: if h.commit_author_name.is_empty() {
-                user.name.clone()
-            } else {
-                h.commit_author_name.clone()
-            },
-            email: if h.commit_author_email.is_empty() {
-                user.email.clone()
-            } else {
-                h.commit_author_email.clone()
-            },
-            ..Default::default()
-        };
-        let mut cmd = self
-            .node
-            .git
-            .command(["commit-tree", "--no-gpg-sign"])
-            .git_dir(&repo.path)
-            .write_in(ctx);
-        if let Some(p) = &plan.parent {
-            cmd = cmd.arg("-p").arg(&p.id);
+        if !h.commit_author_name.is_empty() {
+            who.author.name = lossy(&h.commit_author_name)?;
         }
-        let date = git_date(seconds, &zone);
-        for (who, u) in [("AUTHOR", &author), ("COMMITTER", user)] {
-            cmd = cmd
-                .env(&format!("GIT_{who}_NAME"), lossy(&u.name)?)
-                .env(&format!("GIT_{who}_EMAIL"), lossy(&u.email)?)
-                .env(&format!("GIT_{who}_DATE"), date.clone());
+        if !h.commit_author_email.is_empty() {
+            who.author.email = lossy(&h.commit_author_email)?;
         }
-        let commit = oid_of(
-            cmd.arg(&tree)
-                .stdin(Box::pin(tokio_stream::once(Ok(h.commit_message.clone()))))
-                .spawn()
-                .map_err(NodeError::from)?,
-        )
-        .await?;
+        let parents: Vec<&str> = plan.parent.iter().map(|p| p.id.as_str()).collect();
+        let commit = self
+            .commit_tree(repo, ctx, &tree, &parents, &who, &h.commit_message)
+            .await?;
         // Without force, the branch may only move forward.
         if let (Some(current), false) = (&plan.current, h.force)
             && plan.parent.as_ref().map(|p| &p.id) != Some(current)
@@ -612,14 +623,17 @@ impl OperationSvc {
             }
         }
         let old = plan.old.clone().unwrap_or_else(|| zero_oid(&commit));
-        hooks
-            .check(&plan.branch_ref, &old, &commit)
-            .await
-            .map_err(|r| refusal_status(Op::CommitFiles, &r))?;
-        self.set_ref(repo, ctx, &plan.branch_ref, &old, &commit)
-            .await
-            .map_err(|f| ref_status(f, &plan.branch_ref))?;
-        hooks.committed(&plan.branch_ref, &old, &commit);
+        self.update_checked(
+            repo,
+            ctx,
+            hooks,
+            Op::CommitFiles,
+            &plan.branch_ref,
+            &old,
+            &commit,
+        )
+        .await
+        .map_err(|e| e.status(&plan.branch_ref))?;
         Ok(UserCommitFilesResponse {
             branch_update: Some(OperationBranchUpdate {
                 commit_id: commit,
@@ -818,6 +832,117 @@ impl OperationSvc {
         };
         update::apply(&self.node.git, &repo.path, ctx, &[u]).await
     }
+
+    /// The end of every operation that moves a ref on a user's behalf: GitLab's checks
+    /// of the change (a refusal shaped as `op` answers it), the update through
+    /// [`OperationSvc::set_ref`], and the record of it for post-receive.
+    #[allow(clippy::too_many_arguments)]
+    async fn update_checked(
+        &self,
+        repo: &RepoPath,
+        ctx: &WriteContext,
+        hooks: &OperationHooks,
+        op: Op,
+        refname: &str,
+        old: &str,
+        new: &str,
+    ) -> Result<(), UpdateError> {
+        hooks
+            .check(refname, old, new)
+            .await
+            .map_err(|r| UpdateError::Refused(refusal_status(op, &r)))?;
+        self.set_ref(repo, ctx, refname, old, new)
+            .await
+            .map_err(UpdateError::Failed)?;
+        hooks.committed(refname, old, new);
+        Ok(())
+    }
+
+    /// The old value a ref update of `refname` passes: the request's
+    /// `expected_old_oid` (`raw`, checked to name an object here), else where the ref
+    /// points now; `None` when it names nothing and the ref does not exist.
+    async fn expected_or_current(
+        &self,
+        cat: &mut CatFile,
+        repo: &RepoPath,
+        raw: &str,
+        refname: &str,
+    ) -> Result<Option<String>, Status> {
+        if let Some(old) = expected_commitish(cat, raw).await? {
+            return Ok(Some(old));
+        }
+        Ok(names::current_value(&self.node.git, &repo.path, refname).await?)
+    }
+}
+
+/// How moving one ref for a user failed: GitLab refused it, or the update did.
+enum UpdateError {
+    Refused(Status),
+    Failed(UpdateFailure),
+}
+
+impl UpdateError {
+    /// The answer: a refusal as it is, a failed update as `failed` words it.
+    fn status_with(self, failed: impl FnOnce(UpdateFailure) -> Status) -> Status {
+        match self {
+            UpdateError::Refused(s) => s,
+            UpdateError::Failed(f) => failed(f),
+        }
+    }
+
+    /// The answer, a failed update as [`ref_status`] words it.
+    fn status(self, refname: &str) -> Status {
+        self.status_with(|f| ref_status(f, refname))
+    }
+}
+
+/// Gitaly's answer when a ref it writes without hooks lost a race (UserMergeToRef,
+/// UserRebaseToRef, UserUpdateBranch): no git text after it.
+fn refresh_status(f: UpdateFailure, refname: &str) -> Status {
+    if is_conflict(&f.kind) {
+        return Status::new(
+            Code::FailedPrecondition,
+            format!("Could not update {refname}. Please refresh and try again."),
+        );
+    }
+    ref_status(f, refname)
+}
+
+/// The object a request's `expected_old_oid` names (`None` when it is empty): a full
+/// object id that exists here, or all zeros.
+async fn expected_commitish(cat: &mut CatFile, raw: &str) -> Result<Option<String>, Status> {
+    if raw.is_empty() {
+        return Ok(None);
+    }
+    if !catfile::is_object_id(raw) {
+        return Err(NodeError::invalid(format!(
+            "invalid expected old object ID: {raw:?} is not a full object id"
+        ))
+        .into());
+    }
+    let oid = raw.to_ascii_lowercase();
+    if is_zero(&oid) {
+        return Ok(Some(oid));
+    }
+    match cat.header(&oid).await? {
+        Some(h) => Ok(Some(h.oid)),
+        None => Err(NodeError::invalid(format!(
+            "cannot resolve expected old object ID: {oid} is not an object here"
+        ))
+        .into()),
+    }
+}
+
+/// A user with the name and email a commit needs.
+fn signed_user(u: Option<&User>) -> Result<&User, Status> {
+    let u = user(u)?;
+    if u.email.is_empty() {
+        return Err(NodeError::invalid("empty user email").into());
+    }
+    if u.name.is_empty() {
+        return Err(NodeError::invalid("empty user name").into());
+    }
+    Ok(u)
 }
 
 /// The ref lost a race: it moved, is locked, or something is in the way of its path.

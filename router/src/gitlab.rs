@@ -16,9 +16,10 @@ use refvote_cluster::repository::RepoView;
 use refvote_pktline::sideband::{self, Band, SideBand};
 use refvote_proto::gitaly::{
     PostReceivePackRequest, PostReceivePackResponse, Repository, SshReceivePackRequest,
-    SshReceivePackResponse, User, UserCommitFilesRequest, UserCreateBranchRequest,
-    UserCreateTagRequest, UserDeleteBranchRequest, UserDeleteTagRequest, UserFfBranchRequest,
-    UserMergeBranchRequest, UserUpdateBranchRequest, user_commit_files_request,
+    SshReceivePackResponse, User, UserCherryPickRequest, UserCommitFilesRequest,
+    UserCreateBranchRequest, UserCreateTagRequest, UserDeleteBranchRequest, UserDeleteTagRequest,
+    UserFfBranchRequest, UserMergeBranchRequest, UserRebaseConfirmableRequest, UserRevertRequest,
+    UserUpdateBranchRequest, user_commit_files_request, user_rebase_confirmable_request,
 };
 use refvote_proto::node::RunPostReceiveRequest;
 use refvote_proto::node::node_service_client::NodeServiceClient;
@@ -68,6 +69,22 @@ pub fn gated(path: &str, first: &[u8]) -> bool {
         }
         "/gitaly.OperationService/UserUpdateBranch" => {
             UserUpdateBranchRequest::decode(first).is_ok_and(|r| user(&r.user))
+        }
+        "/gitaly.OperationService/UserCherryPick" => {
+            UserCherryPickRequest::decode(first).is_ok_and(|r| user(&r.user))
+        }
+        "/gitaly.OperationService/UserRevert" => {
+            UserRevertRequest::decode(first).is_ok_and(|r| user(&r.user))
+        }
+        "/gitaly.OperationService/UserRebaseConfirmable" => {
+            UserRebaseConfirmableRequest::decode(first).is_ok_and(|r| {
+                match r.user_rebase_confirmable_request_payload {
+            Some(user_rebase_confirmable_request::UserRebaseConfirmableRequestPayload::Header(
+                h,
+            )) => user(&h.user),
+            _ => false,
+        }
+            })
         }
         "/gitaly.OperationService/UserCommitFiles" => UserCommitFilesRequest::decode(first)
             .is_ok_and(|r| match r.user_commit_files_request_payload {
@@ -353,6 +370,29 @@ mod tests {
         ));
         assert!(!gated("/gitaly.RefService/UpdateReferences", &branch));
         assert!(!gated(POST_RECEIVE_PACK, b"\xff\xff not protobuf"));
+        // A confirmable rebase names its user in the header of its first frame.
+        let rebase = UserRebaseConfirmableRequest {
+            user_rebase_confirmable_request_payload: Some(
+                user_rebase_confirmable_request::UserRebaseConfirmableRequestPayload::Header(
+                    user_rebase_confirmable_request::Header {
+                        user: Some(User {
+                            gl_id: "user-4".into(),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    },
+                ),
+            ),
+        }
+        .encode_to_vec();
+        assert!(gated(
+            "/gitaly.OperationService/UserRebaseConfirmable",
+            &rebase
+        ));
+        assert!(!gated(
+            "/gitaly.OperationService/UserRebaseConfirmable",
+            &UserRebaseConfirmableRequest::default().encode_to_vec()
+        ));
     }
 
     #[test]

@@ -6,10 +6,12 @@ use std::sync::Arc;
 
 use refvote_gitlab::{Changes, HookContext, Refusal};
 use refvote_proto::gitaly::{
-    AccessCheckError, CustomHookError, Repository, User, UserCommitFilesError,
+    AccessCheckError, CustomHookError, Repository, User, UserCherryPickError, UserCommitFilesError,
     UserCreateBranchError, UserCreateTagError, UserDeleteBranchError, UserFfBranchError,
-    UserMergeBranchError, custom_hook_error, user_commit_files_error, user_create_branch_error,
+    UserMergeBranchError, UserRebaseConfirmableError, UserRevertError, custom_hook_error,
+    user_cherry_pick_error, user_commit_files_error, user_create_branch_error,
     user_create_tag_error, user_delete_branch_error, user_ff_branch_error, user_merge_branch_error,
+    user_rebase_confirmable_error, user_revert_error,
 };
 use tonic::metadata::MetadataMap;
 use tonic::{Code, Status};
@@ -29,6 +31,9 @@ pub enum Op {
     MergeBranch,
     FFBranch,
     UpdateBranch,
+    RebaseConfirmable,
+    CherryPick,
+    Revert,
 }
 
 /// An operation's part in GitLab's checks, prepared before its transaction is joined.
@@ -266,6 +271,63 @@ pub fn refusal_status(op: Op, refusal: &Refusal) -> Status {
             // UserFfBranchError has no access-check arm.
             None => Status::new(denied, text),
         },
+        // Gitaly reads every hook failure of a rebase as an access check, with the
+        // hook's own words (its stderr, else its stdout).
+        Op::RebaseConfirmable => {
+            let said = match refusal {
+                Refusal::CustomHook { message, .. } => message.clone(),
+                other => other.hook_stderr(),
+            };
+            status_with_detail(
+                denied,
+                format!("access check: {said:?}"),
+                "gitaly.UserRebaseConfirmableError",
+                &UserRebaseConfirmableError {
+                    error: Some(user_rebase_confirmable_error::Error::AccessCheck(
+                        AccessCheckError {
+                            error_message: said,
+                            ..Default::default()
+                        },
+                    )),
+                },
+            )
+        }
+        // Gitaly reads every hook failure of a cherry-pick as a failed access check.
+        Op::CherryPick => {
+            let said = match refusal {
+                Refusal::CustomHook { message, .. } => message.clone(),
+                other => other.hook_stderr(),
+            };
+            status_with_detail(
+                Code::FailedPrecondition,
+                "access check failed",
+                "gitaly.UserCherryPickError",
+                &UserCherryPickError {
+                    error: Some(user_cherry_pick_error::Error::AccessCheck(
+                        AccessCheckError {
+                            error_message: said.trim_end_matches('\n').to_owned(),
+                            ..Default::default()
+                        },
+                    )),
+                },
+            )
+        }
+        // ...and of a revert as a custom hook's, GitLab's own check being one there.
+        Op::Revert => {
+            let hook = custom.unwrap_or_else(|| CustomHookError {
+                stdout: Vec::new(),
+                stderr: refusal.hook_stderr().into_bytes(),
+                hook_type: custom_hook_error::HookType::Prereceive as i32,
+            });
+            status_with_detail(
+                denied,
+                "revert: custom hook error",
+                "gitaly.UserRevertError",
+                &UserRevertError {
+                    error: Some(user_revert_error::Error::CustomHook(hook)),
+                },
+            )
+        }
         // UserDeleteTag's error has no structured arm for hooks; UserUpdateBranch
         // answers the text in its response (its caller puts it there).
         Op::DeleteTag | Op::UpdateBranch => Status::new(denied, text),
