@@ -35,8 +35,10 @@
 //! (`grpc.health.v1`) is answered on the same port and `/-/readiness` on the HTTP
 //! front, from one verdict ([`health`]: lease held, etcd reachable, not draining);
 //! SIGTERM drains ([`server::RouterServer::drain`]). Prometheus [`metrics`] are
-//! served on their own port. The router keeps no state of its
-//! own: everything lives in etcd.
+//! served on their own port. With `admin_listen_addr`, the [`ops_web`] serves the
+//! cluster's pages, their JSON and the admin jobs as buttons (login sessions are its
+//! only state in memory). The router keeps no other state of its own: everything
+//! lives in etcd.
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -52,6 +54,7 @@ pub mod interactive;
 pub mod intercepted;
 pub mod metrics;
 mod nodes;
+pub mod ops_web;
 mod outcome;
 mod pool;
 pub mod reads;
