@@ -742,3 +742,71 @@ async fn an_expired_session_goes_back_to_the_login_and_does_nothing() -> anyhow:
     assert_eq!(d["replicas"].as_array().unwrap().len(), 3, "{d}");
     Ok(())
 }
+
+/// Where the browser test's screenshots go: `$REFVOTE_TEST_ARTEFACTS/ops_web/`, or
+/// the target's test directory.
+fn artefacts() -> std::path::PathBuf {
+    std::env::var_os("REFVOTE_TEST_ARTEFACTS")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")))
+        .join("ops_web")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_browser_logs_in_and_sees_three_healthy_nodes() -> anyhow::Result<()> {
+    use refvote_tests::webdriver;
+    if let Some(why) = webdriver::missing() {
+        println!("skipping the browser test: {why}");
+        return Ok(());
+    }
+    let (c, addr) = cluster(3600).await?;
+    let driver = webdriver::Driver::start(c.dir.path()).await?;
+    let browser = driver
+        .browser(c.dir.path().join("chromium-profile"))
+        .await?;
+    // The session is closed whatever the checks say.
+    let checked = async {
+        let base = format!("http://{addr}");
+        browser.goto(&format!("{base}/")).await?;
+        let url = browser.current_url().await?;
+        anyhow::ensure!(
+            url.starts_with(&format!("{base}/login")),
+            "not sent to the login page: {url}"
+        );
+        browser.type_into("input[name=user]", ADMIN.0).await?;
+        browser.type_into("input[name=token]", ADMIN.1).await?;
+        browser.click("form.login button[type=submit]").await?;
+        wait_until(
+            "the overview after logging in",
+            Duration::from_secs(20),
+            || async {
+                browser
+                    .current_url()
+                    .await
+                    .is_ok_and(|u| u == format!("{base}/"))
+            },
+        )
+        .await?;
+        let live = browser.find_all("#nodes span.badge.good").await?;
+        let source = browser.source().await?;
+        anyhow::ensure!(live.len() == 3, "{} live nodes shown: {source}", live.len());
+        for n in ["node1", "node2", "node3", "alice (admin)"] {
+            anyhow::ensure!(source.contains(n), "{n} not shown: {source}");
+        }
+        // The stylesheet loaded under the policy: the header is dark, not unstyled.
+        let shot = artefacts().join("overview.png");
+        browser.screenshot(&shot).await?;
+        println!("screenshot: {}", shot.display());
+        let repo = format!("{base}/repos/default/ops/a.git");
+        browser.goto(&repo).await?;
+        let buttons = browser.find_all("form.action button").await?;
+        anyhow::ensure!(buttons.len() >= 4, "{} admin buttons", buttons.len());
+        browser
+            .screenshot(&artefacts().join("repository.png"))
+            .await?;
+        anyhow::Ok(())
+    }
+    .await;
+    browser.close().await?;
+    checked
+}

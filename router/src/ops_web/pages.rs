@@ -246,13 +246,14 @@ async fn overview(
         })
         .collect();
     body.push_str(&table(&["Member", "Client URLs", "Role"], &rows));
-    body.push_str("<h2>Nodes</h2>");
+    body.push_str("<section id=\"nodes\"><h2>Nodes</h2>");
     let rows: Vec<Vec<String>> = o
         .nodes
         .iter()
         .map(|h| vec![node_link(&h.name), esc(&h.address), ttl_badge(h)])
         .collect();
     body.push_str(&table(&["Node", "Address", "Lease"], &rows));
+    body.push_str("</section>");
     body.push_str("<h2>Routers</h2>");
     let rows: Vec<Vec<String>> = o
         .routers
