@@ -5,7 +5,8 @@
 //! (synchronize, verify, remove and add a replica) with who ran them recorded, and
 //! what must be refused: no session, a forged or expired one, a viewer's POST, a
 //! missing or forged CSRF token, an unknown repository, path traversal, oversized
-//! forms. Nothing refused changes anything.
+//! forms. Nothing refused changes anything. Under TLS the cookie is `Secure`; a real
+//! browser (Debian's chromium over WebDriver) logs in and sees the overview.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -809,4 +810,49 @@ async fn a_real_browser_logs_in_and_sees_three_healthy_nodes() -> anyhow::Result
     .await;
     browser.close().await?;
     checked
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_tls_the_session_cookie_is_secure() -> anyhow::Result<()> {
+    let ca_dir = tempfile::Builder::new().prefix("refvote-ca-").tempdir()?;
+    let ca = refvote_tests::tls::TestCa::new(ca_dir.path())?;
+    let addr = ops_addr()?;
+    // The router's certificate names the ops web's address (its gRPC port serves TLS
+    // with it too).
+    let tls = refvote_tests::node::tls_settings(&ca, "router1", addr.ip())?;
+    let _c = Fixture::nodes(3)
+        .seeded("ops/a.git")
+        .router_with(with_ops_web(addr, 3600).config(move |c| c.tls = tls.clone()))
+        .start()
+        .await?;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .add_root_certificate(reqwest::Certificate::from_pem(&std::fs::read(&ca.cert)?)?)
+        .build()?;
+    let mut b = Browser {
+        base: format!("https://{addr}"),
+        http,
+        session: None,
+    };
+    let r = b.log_in(ADMIN).await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+    let cookie = r.cookie("refvote_ops").unwrap();
+    assert!(
+        cookie.contains("; Secure") && cookie.contains("HttpOnly"),
+        "{cookie}"
+    );
+    let page = b.get("/").await;
+    assert_eq!(page.status, StatusCode::OK, "{}", page.body);
+    assert!(page.body.contains("node3"), "{}", page.body);
+    // Plain HTTP gets no page.
+    let plain = reqwest::Client::builder().no_proxy().build()?;
+    let served = plain
+        .get(format!("http://{addr}/login"))
+        .send()
+        .await
+        .is_ok_and(|r| r.status().is_success());
+    assert!(!served, "the TLS listener served plain HTTP");
+    Ok(())
 }
