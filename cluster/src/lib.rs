@@ -3,7 +3,7 @@
 //! them ([`tx`], [`repository`], [`reaper`], [`session`]), the repair jobs' claims and
 //! fenced completion ([`repair`]), the administrative write lock ([`lock`]) and the
 //! replica-set changes made under it ([`replicas`]), and Gitaly's repository checksum
-//! ([`checksum`]). The router, votingd and
+//! ([`checksum`]); the summaries operators read ([`summary`]). The router, votingd and
 //! votingctl all go through this crate, so they can never disagree on a key or a rule.
 //! It also holds the `[etcd]` config section both daemons read ([`settings`]) and the
 //! etcd client wrapper ([`store`]), which counts failed etcd requests.
@@ -29,6 +29,7 @@ pub mod repository;
 pub mod session;
 pub mod settings;
 pub mod store;
+pub mod summary;
 pub mod tx;
 
 pub use error::{Error, Result};

@@ -23,6 +23,11 @@ pub struct Config {
     /// the virtual storage `default`. Empty (the default): not served.
     #[serde(default)]
     pub http_listen_addr: String,
+    /// TCP `ip:port` serving the ops web: the cluster's pages, the same data as JSON
+    /// under `/api/`, and the admin jobs as buttons, for the accounts in `[ops_web]`.
+    /// Empty (the default): not served.
+    #[serde(default)]
+    pub admin_listen_addr: String,
     /// Create a repository on the first push to it over HTTP, placed and created as
     /// CreateRepository does. Default: false (an unknown repository is 404).
     #[serde(default)]
@@ -78,6 +83,9 @@ pub struct Config {
     /// size and slow clients.
     #[serde(default)]
     pub limits: crate::limit::LimitSettings,
+    /// The ops web's accounts (admins, viewers) and how long a login lasts.
+    #[serde(default)]
+    pub ops_web: crate::ops_web::Settings,
     /// Gitaly's v2 token: checked on every call from clients (health excepted) and
     /// sent on every call to a node. Nodes must share the secret.
     #[serde(default)]
@@ -174,6 +182,20 @@ impl Config {
                 )
             })?;
         }
+        if !self.admin_listen_addr.is_empty() {
+            self.admin_listen_addr.parse::<SocketAddr>().map_err(|_| {
+                invalid(
+                    "admin_listen_addr",
+                    format!(
+                        "{:?} is not an ip:port address like \"127.0.0.1:9238\" (empty turns the ops web off)",
+                        self.admin_listen_addr
+                    ),
+                )
+            })?;
+        }
+        self.ops_web
+            .validate(!self.admin_listen_addr.is_empty())
+            .map_err(|(key, reason)| invalid(key, reason))?;
         if !self.prometheus_listen_addr.is_empty()
             && self.prometheus_listen_addr.parse::<SocketAddr>().is_err()
         {
@@ -274,6 +296,12 @@ impl Config {
             .then(|| self.http_listen_addr.parse().expect("validated"))
     }
 
+    /// Where the ops web listens, if it is on.
+    pub fn admin_listen(&self) -> Option<SocketAddr> {
+        (!self.admin_listen_addr.is_empty())
+            .then(|| self.admin_listen_addr.parse().expect("validated"))
+    }
+
     /// The metrics endpoint's address, if one is configured.
     pub fn metrics(&self) -> Option<SocketAddr> {
         self.prometheus_listen_addr.parse().ok()
@@ -345,6 +373,14 @@ mod tests {
         assert!(e.contains("max_stale_read_secs"), "{e}");
         let e = parse("bogus = 1").unwrap_err().to_string();
         assert!(e.contains("bogus"), "{e}");
+        let e = parse("admin_listen_addr = \"9238\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("admin_listen_addr"), "{e}");
+        let e = parse("admin_listen_addr = \"127.0.0.1:9238\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("ops_web.admins"), "{e}");
         let e = parse("drain_timeout_secs = 0").unwrap_err().to_string();
         assert!(e.contains("drain_timeout_secs"), "{e}");
         let e = parse("drain_grace_secs = 99999").unwrap_err().to_string();

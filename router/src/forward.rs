@@ -791,6 +791,11 @@ impl Forwarder {
         self.reads.stats()
     }
 
+    /// The read path's view (its watched records feed the ops web's summaries).
+    pub fn reads(&self) -> &Reads {
+        &self.reads
+    }
+
     async fn accessor(
         &self,
         repo: &RepoId,

@@ -36,8 +36,10 @@
 //! front, from one verdict ([`health`]: lease held, etcd reachable, not draining);
 //! SIGTERM drains ([`server::RouterServer::drain`]). Costly calls (clones, pushes) are
 //! shed over `[limits]` RESOURCE_EXHAUSTED / 429 ([`limit`]). Prometheus [`metrics`] are
-//! served on their own port. The router keeps no state of its
-//! own: everything lives in etcd.
+//! served on their own port. With `admin_listen_addr`, the [`ops_web`] serves the
+//! cluster's pages, their JSON and the admin jobs as buttons (login sessions are its
+//! only state in memory). The router keeps no other state of its own: everything
+//! lives in etcd.
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -54,6 +56,7 @@ pub mod intercepted;
 pub mod limit;
 pub mod metrics;
 mod nodes;
+pub mod ops_web;
 mod outcome;
 mod pool;
 pub mod reads;

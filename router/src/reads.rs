@@ -175,6 +175,23 @@ impl Reads {
         w.loaded && w.lost_since.is_none() && !w.nodes.contains_key(node)
     }
 
+    /// The watched records, for summaries people read (the ops web), never for
+    /// routing: `f` sees every repository's record and replica entries and the live
+    /// nodes under the view's read lock, so it should be quick. `None` until the view
+    /// has loaded once.
+    pub fn inspect<T>(&self, f: impl FnOnce(&WatchedRecords<'_>) -> T) -> Option<T> {
+        let w = self.watched.read().expect("view lock");
+        if !w.loaded {
+            return None;
+        }
+        Some(f(&WatchedRecords {
+            repos: &w.repos,
+            replicas: &w.replicas,
+            nodes: &w.nodes,
+            connected: w.lost_since.is_none(),
+        }))
+    }
+
     /// The nodes holding their lease, from the watched view once it has loaded.
     async fn live_nodes(&self) -> Result<BTreeMap<String, (NodeRecord, Entry)>, ReadError> {
         if !*self.loaded.borrow() {
@@ -211,6 +228,18 @@ fn build(
         live_nodes,
         lock: None,
     })
+}
+
+/// Read access to the watched view ([`Reads::inspect`]).
+pub struct WatchedRecords<'a> {
+    /// `repos/<segment>` entries by key segment.
+    pub repos: &'a HashMap<String, Entry>,
+    /// `replicas/<segment>/<node>` entries by key segment, then node.
+    pub replicas: &'a HashMap<String, BTreeMap<String, Entry>>,
+    /// The nodes holding their lease.
+    pub nodes: &'a BTreeMap<String, (NodeRecord, Entry)>,
+    /// Whether the watch is following etcd right now (false: what it last saw).
+    pub connected: bool,
 }
 
 // ---- the watched view ----

@@ -61,6 +61,8 @@ pub struct RouterServer {
     session: Option<Session>,
     /// Plain git over HTTP, when `http_listen_addr` is set.
     http: Option<HttpServer>,
+    /// The ops web, when `admin_listen_addr` is set.
+    ops_web: Option<crate::ops_web::OpsWebServer>,
     /// The repair worker and the reaper.
     background: Vec<JoinHandle<()>>,
     forwarder: Arc<Forwarder>,
@@ -90,6 +92,7 @@ impl RouterServer {
             stats: crate::metrics::CONNECTIONS.clone(),
             ..ListenConfig::default()
         };
+        let ops_web_tls = server_tls.clone();
         let incoming = MuxIncoming::new(listener, server_tls, listen)
             .map_err(|source| StartError::Bind { addr, source })?;
         let addr = incoming.local_addr().unwrap_or(addr);
@@ -180,13 +183,14 @@ impl RouterServer {
             )),
         );
         // refvote's own admin service answers its paths; everything else is Gitaly's.
-        let admin = refvote_proto::admin::admin_service_server::AdminServiceServer::new(
-            crate::admin::Admin::new(
-                store_for_admin,
-                node_pool,
-                config.router_id.clone(),
-                session.subscribe(),
-            ),
+        let admin_service = Arc::new(crate::admin::Admin::new(
+            store_for_admin.clone(),
+            node_pool.clone(),
+            config.router_id.clone(),
+            session.subscribe(),
+        ));
+        let admin = refvote_proto::admin::admin_service_server::AdminServiceServer::from_arc(
+            admin_service.clone(),
         );
         // grpc.health.v1 on the same port, and /-/readiness on the HTTP front: serving
         // only with the lease, etcd answering and no drain (crate::health).
@@ -217,6 +221,26 @@ impl RouterServer {
                 .await
                 .map_err(|source| StartError::Bind { addr, source })?,
             ),
+            None => None,
+        };
+        // The ops web calls the same admin service in-process.
+        let ops_web = match config.admin_listen() {
+            Some(addr) => {
+                let web = crate::ops_web::OpsWeb::new(
+                    &config.ops_web,
+                    ops_web_tls.is_some(),
+                    store_for_admin,
+                    forwarder.clone(),
+                    admin_service,
+                    node_pool,
+                    config.virtual_storages.clone(),
+                );
+                Some(
+                    crate::ops_web::OpsWebServer::start(addr, web, ops_web_tls)
+                        .await
+                        .map_err(|source| StartError::Bind { addr, source })?,
+                )
+            }
             None => None,
         };
         let health_svc = health_service;
@@ -274,6 +298,7 @@ impl RouterServer {
             metrics,
             session: Some(session),
             http,
+            ops_web,
             background,
             forwarder,
             health,
@@ -293,6 +318,13 @@ impl RouterServer {
     /// Where git smart HTTP listens, if `http_listen_addr` is set.
     pub fn http_addr(&self) -> Option<SocketAddr> {
         self.http.as_ref().map(HttpServer::local_addr)
+    }
+
+    /// Where the ops web listens, if `admin_listen_addr` is set.
+    pub fn ops_web_addr(&self) -> Option<SocketAddr> {
+        self.ops_web
+            .as_ref()
+            .map(crate::ops_web::OpsWebServer::local_addr)
     }
 
     /// The health verdict load balancers see.
@@ -329,7 +361,13 @@ impl RouterServer {
         }
         let task = &mut self.task;
         let grpc = async { tokio::time::timeout_at(deadline, task).await.is_ok() };
-        let (http_done, grpc_done) = tokio::join!(http, grpc);
+        let ops_web = self.ops_web.take();
+        let ops_web = async move {
+            if let Some(w) = ops_web {
+                w.shutdown(timeout).await;
+            }
+        };
+        let (http_done, grpc_done, ()) = tokio::join!(http, grpc, ops_web);
         if !grpc_done {
             self.task.abort();
         }

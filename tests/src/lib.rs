@@ -14,7 +14,8 @@
 //! [`seaweed`] runs a real S3-compatible server (SeaweedFS) for partition sync.
 //! [`faultnet`] cuts links between processes, [`hold`] stops a process at an exact
 //! step, [`chaos`] is the fault suite. [`gitlab`] stands in for GitLab's internal API
-//! (a real HTTP server).
+//! (a real HTTP server). [`webdriver`] drives Debian's Chromium through chromedriver
+//! (the ops web's browser test).
 //!
 //! Nothing here mocks etcd or git; there is no in-process shortcut to a node.
 
@@ -37,4 +38,5 @@ pub mod router;
 pub mod seaweed;
 pub mod smarthttp;
 pub mod tls;
+pub mod webdriver;
 pub mod workhorse;

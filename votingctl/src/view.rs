@@ -3,26 +3,11 @@
 //! with a replica outdated or down, and the repair jobs.
 
 use refvote_cluster::records::NodeRecord;
+pub use refvote_cluster::summary::{Holder, Member};
 use serde::Serialize;
 
 use crate::connect::{Ctl, etcd_error};
 use crate::repos::{RepoSummary, snapshot};
-
-#[derive(Debug, Clone, Serialize)]
-pub struct Member {
-    pub name: String,
-    pub client_urls: Vec<String>,
-    pub leader: bool,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct Holder {
-    pub name: String,
-    pub address: String,
-    /// The lease the registration hangs on (hex), and the seconds it has left.
-    pub lease: String,
-    pub ttl_secs: i64,
-}
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ClusterView {
