@@ -54,7 +54,7 @@ use super::refs::update::{self, FailureKind, RefUpdate, UpdateFailure};
 use super::signature::{commit_time, fixed_offset, git_date, ident};
 use super::storage::{RepoPath, Storages};
 use super::tx::{WriteContext, WriteIn};
-use crate::gitlab::operation::{Op, refusal_status};
+use crate::gitlab::operation::{Op, delete_tag_refused, refusal_status};
 use crate::state::NodeState;
 
 mod merge;
@@ -302,10 +302,12 @@ impl OperationService for OperationSvc {
         in_transaction(&self.node, &metadata, |ctx| async move {
             hooks.join(&ctx, &repo.path);
             let zero = zero_oid(&old);
-            hooks
-                .check(&refname, &old, &zero)
-                .await
-                .map_err(|r| refusal_status(Op::DeleteTag, &r))?;
+            if let Err(r) = hooks.check(&refname, &old, &zero).await {
+                // Gitaly answers a custom hook's refusal in the response.
+                return Ok(Response::new(UserDeleteTagResponse {
+                    pre_receive_error: delete_tag_refused(&r)?,
+                }));
+            }
             self.set_ref(&repo, &ctx, &refname, &old, &zero)
                 .await
                 .map_err(|f| ref_status(f, &refname))?;

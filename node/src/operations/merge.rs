@@ -32,7 +32,7 @@ use super::{
 use crate::catfile::{self, CatFile};
 use crate::detail::status_with_detail;
 use crate::error::NodeError;
-use crate::gitlab::operation::{Op, refusal_status};
+use crate::gitlab::operation::{Op, refusal_status, update_branch_refused};
 use crate::refs::names::{self, is_zero};
 use crate::signature::{commit_time, git_date};
 use crate::storage::RepoPath;
@@ -509,13 +509,10 @@ impl OperationSvc {
         in_transaction(&self.node, &metadata, |ctx| async move {
             hooks.join(&ctx, &repo.path);
             if let Err(r) = hooks.check(&refname, &old, &new).await {
-                // Gitaly answers a hook's refusal in the response, not as an error.
-                let status = refusal_status(Op::UpdateBranch, &r);
-                if status.code() == Code::Internal {
-                    return Err(status);
-                }
+                // Gitaly answers a custom hook's refusal in the response, not as an
+                // error.
                 return Ok(Response::new(UserUpdateBranchResponse {
-                    pre_receive_error: status.message().to_owned(),
+                    pre_receive_error: update_branch_refused(&branch, &r)?,
                 }));
             }
             self.set_ref(&repo, &ctx, &refname, &old, &new)
