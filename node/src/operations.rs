@@ -58,9 +58,10 @@ use super::refs::update::{self, FailureKind, RefUpdate, UpdateFailure};
 use super::signature::{commit_time, fixed_offset, ident};
 use super::storage::{RepoPath, Storages};
 use super::tx::{WriteContext, WriteIn};
-use crate::gitlab::operation::{Op, OperationHooks, refusal_status};
+use crate::gitlab::operation::{Op, OperationHooks, delete_tag_refused, refusal_status};
 use crate::state::NodeState;
 use objects::Signature;
+use refvote_gitlab::Refusal;
 
 mod merge;
 mod objects;
@@ -305,9 +306,19 @@ impl OperationService for OperationSvc {
         in_transaction(&self.node, &metadata, |ctx| async move {
             hooks.join(&ctx, &repo.path);
             let zero = zero_oid(&old);
-            self.update_checked(&repo, &ctx, &hooks, Op::DeleteTag, &refname, &old, &zero)
+            match self
+                .update_checked(&repo, &ctx, &hooks, Op::DeleteTag, &refname, &old, &zero)
                 .await
-                .map_err(|e| e.status(&refname))?;
+            {
+                Ok(()) => {}
+                // Gitaly answers a custom hook's refusal in the response.
+                Err(UpdateError::Refused { refusal, .. }) => {
+                    return Ok(Response::new(UserDeleteTagResponse {
+                        pre_receive_error: delete_tag_refused(&refusal)?,
+                    }));
+                }
+                Err(e) => return Err(e.status(&refname)),
+            }
             Ok(Response::new(UserDeleteTagResponse::default()))
         })
         .await
@@ -850,7 +861,7 @@ impl OperationSvc {
         hooks
             .check(refname, old, new)
             .await
-            .map_err(|r| UpdateError::Refused(refusal_status(op, &r)))?;
+            .map_err(|refusal| UpdateError::Refused { op, refusal })?;
         self.set_ref(repo, ctx, refname, old, new)
             .await
             .map_err(UpdateError::Failed)?;
@@ -877,7 +888,7 @@ impl OperationSvc {
 
 /// How moving one ref for a user failed: GitLab refused it, or the update did.
 enum UpdateError {
-    Refused(Status),
+    Refused { op: Op, refusal: Refusal },
     Failed(UpdateFailure),
 }
 
@@ -885,7 +896,7 @@ impl UpdateError {
     /// The answer: a refusal as it is, a failed update as `failed` words it.
     fn status_with(self, failed: impl FnOnce(UpdateFailure) -> Status) -> Status {
         match self {
-            UpdateError::Refused(s) => s,
+            UpdateError::Refused { op, refusal } => refusal_status(op, &refusal),
             UpdateError::Failed(f) => failed(f),
         }
     }

@@ -26,10 +26,10 @@ pub enum Op {
     CreateBranch,
     DeleteBranch,
     CreateTag,
-    DeleteTag,
     CommitFiles,
     MergeBranch,
     FFBranch,
+    DeleteTag,
     UpdateBranch,
     RebaseConfirmable,
     CherryPick,
@@ -150,44 +150,47 @@ fn access_check(refusal: &Refusal) -> Option<AccessCheckError> {
     })
 }
 
-/// The error text Gitaly wraps a hook failure in: "running pre-receive hooks: <what
-/// the hook said>" (`GitLab: <message>` for an access check).
-fn hook_text(refusal: &Refusal) -> String {
-    let said = match refusal {
-        Refusal::CustomHook { message, .. } => message.trim_end().to_owned(),
-        other => other.hook_stderr(),
-    };
-    let hook = match refusal {
-        Refusal::CustomHook { hook, .. } => hook.name(),
-        _ => "pre-receive",
-    };
-    format!("running {hook} hooks: {said}")
+/// The error Gitaly's `UpdateReference` returns for a refusal, as its text reads:
+/// "running pre-receive hooks: GitLab: <message>" for an access check, "running
+/// <hook> hooks: <stderr, else stdout>" for a custom hook (its words untouched: Rails
+/// shows text starting `GitLab:` or `GL-HOOK-ERR:` verbatim), and our failure's text
+/// after "running pre-receive hooks: " otherwise.
+fn hook_error(refusal: &Refusal) -> String {
+    match refusal {
+        Refusal::CustomHook { hook, message, .. } => {
+            format!("running {} hooks: {message}", hook.name())
+        }
+        other => format!("running pre-receive hooks: {}", other.hook_stderr()),
+    }
 }
 
-/// The status an operation answers for GitLab's refusal, as Gitaly words and shapes it
-/// for that RPC: `PERMISSION_DENIED` with an `access_check` or `custom_hook` detail
-/// where the RPC's error has that arm; without a detail where it has none; `INTERNAL`
-/// for a failure on our side or GitLab's that was no refusal.
+/// The status an operation answers for GitLab's refusal, exactly as Gitaly words,
+/// codes and shapes it for that RPC (`internal/gitaly/service/operations/`): where
+/// the RPC's error type has an `access_check` or `custom_hook` arm, `PERMISSION_DENIED`
+/// with that detail; an access check the RPC has no arm for goes through Gitaly's
+/// catch-all (`INTERNAL`, its text wrapped as that RPC wraps it); a failure that is no
+/// refusal is `INTERNAL` the same way. UserDeleteTag and UserUpdateBranch answer some
+/// refusals in their response instead: see [`delete_tag_refused`] and
+/// [`update_branch_refused`].
 pub fn refusal_status(op: Op, refusal: &Refusal) -> Status {
     let denied = Code::PermissionDenied;
+    let internal =
+        |prefix: &str| Status::new(Code::Internal, format!("{prefix}{}", hook_error(refusal)));
     let (access, custom) = (access_check(refusal), custom_hook(refusal));
-    if let Refusal::Internal { message } = refusal {
-        return Status::new(Code::Internal, format!("updating reference: {message}"));
-    }
-    let text = hook_text(refusal);
+    let text = hook_error(refusal);
     match op {
+        // UserCreateBranchError has no access-check arm: Gitaly returns the hook's
+        // error as it is, which its status handler makes INTERNAL.
         Op::CreateBranch => match custom {
             Some(c) => status_with_detail(
                 denied,
-                "creation denied by custom hooks",
+                format!("creation denied by custom hooks: {text}"),
                 "gitaly.UserCreateBranchError",
                 &UserCreateBranchError {
                     error: Some(user_create_branch_error::Error::CustomHook(c)),
                 },
             ),
-            // UserCreateBranchError has no access-check arm: Gitaly passes the hook's
-            // error on as it is.
-            None => Status::new(denied, text),
+            None => internal(""),
         },
         Op::DeleteBranch => {
             let (what, error) = match (access, custom) {
@@ -199,7 +202,7 @@ pub fn refusal_status(op: Op, refusal: &Refusal) -> Status {
                     "custom hooks",
                     user_delete_branch_error::Error::CustomHook(c),
                 ),
-                (None, None) => unreachable!("an internal refusal returned above"),
+                (None, None) => return internal("deleting reference: "),
             };
             status_with_detail(
                 denied,
@@ -208,76 +211,73 @@ pub fn refusal_status(op: Op, refusal: &Refusal) -> Status {
                 &UserDeleteBranchError { error: Some(error) },
             )
         }
-        Op::CreateTag => match (access, custom) {
-            (Some(a), _) => status_with_detail(
+        Op::CreateTag => {
+            let (what, error) = match (access, custom) {
+                (Some(a), _) => (
+                    "access checks",
+                    user_create_tag_error::Error::AccessCheck(a),
+                ),
+                (_, Some(c)) => ("custom hooks", user_create_tag_error::Error::CustomHook(c)),
+                (None, None) => return internal("updating reference: "),
+            };
+            status_with_detail(
                 denied,
-                format!("reference update denied by access checks: {text}"),
+                format!("reference update denied by {what}: {text}"),
                 "gitaly.UserCreateTagError",
-                &UserCreateTagError {
-                    error: Some(user_create_tag_error::Error::AccessCheck(a)),
-                },
-            ),
-            (_, Some(c)) => status_with_detail(
+                &UserCreateTagError { error: Some(error) },
+            )
+        }
+        // Gitaly's UserCommitFiles wraps the update's error in "update reference: ".
+        Op::CommitFiles => {
+            let (what, error) = match (access, custom) {
+                (Some(a), _) => (
+                    "access checks",
+                    user_commit_files_error::Error::AccessCheck(a),
+                ),
+                (_, Some(c)) => (
+                    "custom hooks",
+                    user_commit_files_error::Error::CustomHook(c),
+                ),
+                (None, None) => return internal("update reference: "),
+            };
+            status_with_detail(
                 denied,
-                "reference update denied by custom hooks",
-                "gitaly.UserCreateTagError",
-                &UserCreateTagError {
-                    error: Some(user_create_tag_error::Error::CustomHook(c)),
-                },
-            ),
-            (None, None) => unreachable!("an internal refusal returned above"),
-        },
-        Op::CommitFiles => match (access, custom) {
-            (Some(a), _) => status_with_detail(
-                denied,
-                format!("denied by access checks: {text}"),
+                format!("denied by {what}: update reference: {text}"),
                 "gitaly.UserCommitFilesError",
-                &UserCommitFilesError {
-                    error: Some(user_commit_files_error::Error::AccessCheck(a)),
-                },
-            ),
-            (_, Some(c)) => status_with_detail(
-                denied,
-                "denied by custom hooks",
-                "gitaly.UserCommitFilesError",
-                &UserCommitFilesError {
-                    error: Some(user_commit_files_error::Error::CustomHook(c)),
-                },
-            ),
-            (None, None) => unreachable!("an internal refusal returned above"),
-        },
+                &UserCommitFilesError { error: Some(error) },
+            )
+        }
+        // UserMergeBranch answers the refusal's own text: "GitLab: <message>", or the
+        // custom hook's output.
         Op::MergeBranch => {
             let error = match (access, custom) {
                 (Some(a), _) => user_merge_branch_error::Error::AccessCheck(a),
                 (_, Some(c)) => user_merge_branch_error::Error::CustomHook(c),
-                (None, None) => unreachable!("an internal refusal returned above"),
+                (None, None) => return internal("target update: "),
             };
             status_with_detail(
                 denied,
-                text,
+                refusal_text(refusal),
                 "gitaly.UserMergeBranchError",
                 &UserMergeBranchError { error: Some(error) },
             )
         }
+        // UserFFBranchError has no access-check arm.
         Op::FFBranch => match custom {
             Some(c) => status_with_detail(
                 denied,
-                text,
+                refusal_text(refusal),
                 "gitaly.UserFfBranchError",
                 &UserFfBranchError {
                     error: Some(user_ff_branch_error::Error::CustomHook(c)),
                 },
             ),
-            // UserFfBranchError has no access-check arm.
-            None => Status::new(denied, text),
+            None => internal("updating ref with hooks: "),
         },
         // Gitaly reads every hook failure of a rebase as an access check, with the
         // hook's own words (its stderr, else its stdout).
         Op::RebaseConfirmable => {
-            let said = match refusal {
-                Refusal::CustomHook { message, .. } => message.clone(),
-                other => other.hook_stderr(),
-            };
+            let said = refusal_text(refusal);
             status_with_detail(
                 denied,
                 format!("access check: {said:?}"),
@@ -294,10 +294,7 @@ pub fn refusal_status(op: Op, refusal: &Refusal) -> Status {
         }
         // Gitaly reads every hook failure of a cherry-pick as a failed access check.
         Op::CherryPick => {
-            let said = match refusal {
-                Refusal::CustomHook { message, .. } => message.clone(),
-                other => other.hook_stderr(),
-            };
+            let said = refusal_text(refusal);
             status_with_detail(
                 Code::FailedPrecondition,
                 "access check failed",
@@ -328,9 +325,43 @@ pub fn refusal_status(op: Op, refusal: &Refusal) -> Status {
                 },
             )
         }
-        // UserDeleteTag's error has no structured arm for hooks; UserUpdateBranch
-        // answers the text in its response (its caller puts it there).
-        Op::DeleteTag | Op::UpdateBranch => Status::new(denied, text),
+        // Both answer a custom hook's refusal in their response, and their callers
+        // word every refusal through [`delete_tag_refused`] / [`update_branch_refused`];
+        // this is Gitaly's catch-all for either.
+        Op::DeleteTag | Op::UpdateBranch => internal(""),
+    }
+}
+
+/// The refusal's own error text in Gitaly: `NotAllowedError` reads "GitLab:
+/// <message>", `CustomHookError` the hook's stderr, else its stdout.
+fn refusal_text(refusal: &Refusal) -> String {
+    match refusal {
+        Refusal::CustomHook { message, .. } => message.clone(),
+        other => other.hook_stderr(),
+    }
+}
+
+/// UserDeleteTag's answer to a refusal: `Ok(text)` is an OK response carrying `text`
+/// in `pre_receive_error` (a custom hook refused: its output); `Err` the status
+/// (Gitaly's catch-all: `INTERNAL` with the hook's error; it has no structured arm).
+pub fn delete_tag_refused(refusal: &Refusal) -> Result<String, Status> {
+    match refusal {
+        Refusal::CustomHook { message, .. } => Ok(message.clone()),
+        other => Err(Status::new(Code::Internal, hook_error(other))),
+    }
+}
+
+/// UserUpdateBranch's answer to a refusal of updating `branch` (the name as the
+/// request gave it): `Ok(text)` for `pre_receive_error` in an OK response (a custom
+/// hook refused); otherwise Gitaly's answer for every other failure of the update,
+/// `FAILED_PRECONDITION` "Could not update <branch>. Please refresh and try again."
+pub fn update_branch_refused(branch: &str, refusal: &Refusal) -> Result<String, Status> {
+    match refusal {
+        Refusal::CustomHook { message, .. } => Ok(message.clone()),
+        _ => Err(Status::new(
+            Code::FailedPrecondition,
+            format!("Could not update {branch}. Please refresh and try again."),
+        )),
     }
 }
 
@@ -376,32 +407,85 @@ mod tests {
         assert_eq!(a.error_message, "You are not allowed to create a branch.");
         assert_eq!((a.user_id.as_str(), a.protocol.as_str()), ("user-7", "web"));
         assert_eq!(a.changes, b"a b refs/heads/x\n");
-        for (op, name) in [
-            (Op::CreateTag, "gitaly.UserCreateTagError"),
-            (Op::CommitFiles, "gitaly.UserCommitFilesError"),
-        ] {
-            let s = refusal_status(op, &access());
-            assert_eq!(s.code(), Code::PermissionDenied);
-            assert!(
-                detail_of::<UserCreateTagError>(&s, name).is_some(),
-                "{op:?}"
-            );
-        }
-        // No access-check arm: no detail, Gitaly's text.
-        let s = refusal_status(Op::CreateBranch, &access());
+        let s = refusal_status(Op::CreateTag, &access());
         assert_eq!(s.code(), Code::PermissionDenied);
+        assert_eq!(
+            s.message(),
+            "reference update denied by access checks: running pre-receive hooks: GitLab: You are not allowed to create a branch."
+        );
+        let d: UserCreateTagError = detail_of(&s, "gitaly.UserCreateTagError").unwrap();
+        assert!(matches!(
+            d.error,
+            Some(user_create_tag_error::Error::AccessCheck(_))
+        ));
+        let s = refusal_status(Op::CommitFiles, &access());
+        assert_eq!(s.code(), Code::PermissionDenied);
+        assert_eq!(
+            s.message(),
+            "denied by access checks: update reference: running pre-receive hooks: GitLab: You are not allowed to create a branch."
+        );
+        let d: UserCommitFilesError = detail_of(&s, "gitaly.UserCommitFilesError").unwrap();
+        assert!(matches!(
+            d.error,
+            Some(user_commit_files_error::Error::AccessCheck(_))
+        ));
+        let s = refusal_status(Op::MergeBranch, &access());
+        assert_eq!(
+            (s.code(), s.message()),
+            (
+                Code::PermissionDenied,
+                "GitLab: You are not allowed to create a branch."
+            )
+        );
+        let d: UserMergeBranchError = detail_of(&s, "gitaly.UserMergeBranchError").unwrap();
+        assert!(matches!(
+            d.error,
+            Some(user_merge_branch_error::Error::AccessCheck(_))
+        ));
+        // No access-check arm: Gitaly's catch-all, INTERNAL, no detail.
+        let s = refusal_status(Op::CreateBranch, &access());
+        assert_eq!(s.code(), Code::Internal);
         assert_eq!(
             s.message(),
             "running pre-receive hooks: GitLab: You are not allowed to create a branch."
         );
         assert!(detail_of::<UserCreateBranchError>(&s, "gitaly.UserCreateBranchError").is_none());
+        let s = refusal_status(Op::FFBranch, &access());
+        assert_eq!(
+            (s.code(), s.message()),
+            (
+                Code::Internal,
+                "updating ref with hooks: running pre-receive hooks: GitLab: You are not allowed to create a branch."
+            )
+        );
+        let s = delete_tag_refused(&access()).unwrap_err();
+        assert_eq!(
+            (s.code(), s.message()),
+            (
+                Code::Internal,
+                "running pre-receive hooks: GitLab: You are not allowed to create a branch."
+            )
+        );
+        let s = update_branch_refused("feature", &access()).unwrap_err();
+        assert_eq!(
+            (s.code(), s.message()),
+            (
+                Code::FailedPrecondition,
+                "Could not update feature. Please refresh and try again."
+            )
+        );
     }
 
     #[test]
     fn custom_hooks_answer_with_the_rpcs_custom_hook_detail() {
         let s = refusal_status(Op::CreateBranch, &custom());
         assert_eq!(s.code(), Code::PermissionDenied);
-        assert_eq!(s.message(), "creation denied by custom hooks");
+        // The hook's output as it is, trailing newline included (Gitaly's own test:
+        // "creation denied by custom hooks: running pre-receive hooks: GL_ID=user-123\n").
+        assert_eq!(
+            s.message(),
+            "creation denied by custom hooks: running pre-receive hooks: GL-HOOK-ERR: nope\n"
+        );
         let d: UserCreateBranchError = detail_of(&s, "gitaly.UserCreateBranchError").unwrap();
         let Some(user_create_branch_error::Error::CustomHook(c)) = d.error else {
             panic!("{d:?}")
@@ -417,30 +501,81 @@ mod tests {
         let s = refusal_status(Op::DeleteBranch, &custom());
         assert_eq!(
             s.message(),
-            "deletion denied by custom hooks: running pre-receive hooks: GL-HOOK-ERR: nope"
+            "deletion denied by custom hooks: running pre-receive hooks: GL-HOOK-ERR: nope\n"
         );
         assert_eq!(
             refusal_status(Op::CommitFiles, &custom()).message(),
-            "denied by custom hooks"
+            "denied by custom hooks: update reference: running pre-receive hooks: GL-HOOK-ERR: nope\n"
         );
         assert_eq!(
             refusal_status(Op::CreateTag, &custom()).message(),
-            "reference update denied by custom hooks"
+            "reference update denied by custom hooks: running pre-receive hooks: GL-HOOK-ERR: nope\n"
+        );
+        for op in [Op::MergeBranch, Op::FFBranch] {
+            let s = refusal_status(op, &custom());
+            assert_eq!(
+                (s.code(), s.message()),
+                (Code::PermissionDenied, "GL-HOOK-ERR: nope\n"),
+                "{op:?}"
+            );
+        }
+        // An update hook's refusal names its hook.
+        let update = Refusal::CustomHook {
+            hook: HookKind::Update,
+            exit_code: 1,
+            stdout: "frozen\n".into(),
+            stderr: String::new(),
+            message: "frozen\n".into(),
+            note: None,
+        };
+        let s = refusal_status(Op::CreateTag, &update);
+        assert_eq!(
+            s.message(),
+            "reference update denied by custom hooks: running update hooks: frozen\n"
+        );
+        let d: UserCreateTagError = detail_of(&s, "gitaly.UserCreateTagError").unwrap();
+        let Some(user_create_tag_error::Error::CustomHook(c)) = d.error else {
+            panic!("{d:?}")
+        };
+        assert_eq!(c.hook_type, custom_hook_error::HookType::Update as i32);
+        // UserDeleteTag and UserUpdateBranch: an OK answer with the hook's output.
+        assert_eq!(
+            delete_tag_refused(&custom()).unwrap(),
+            "GL-HOOK-ERR: nope\n"
+        );
+        assert_eq!(
+            update_branch_refused("feature", &custom()).unwrap(),
+            "GL-HOOK-ERR: nope\n"
         );
     }
 
     #[test]
     fn failures_that_are_no_refusal_are_internal() {
-        let s = refusal_status(
-            Op::CreateTag,
-            &Refusal::Internal {
-                message: "GitLab's checks did not finish".into(),
-            },
-        );
+        let failure = Refusal::Internal {
+            message: "GitLab's checks did not finish".into(),
+        };
+        let s = refusal_status(Op::CreateTag, &failure);
         assert_eq!(s.code(), Code::Internal);
         assert_eq!(
             s.message(),
-            "updating reference: GitLab's checks did not finish"
+            "updating reference: running pre-receive hooks: GitLab's checks did not finish"
         );
+        for (op, prefix) in [
+            (Op::CreateBranch, ""),
+            (Op::DeleteBranch, "deleting reference: "),
+            (Op::CommitFiles, "update reference: "),
+            (Op::MergeBranch, "target update: "),
+            (Op::FFBranch, "updating ref with hooks: "),
+        ] {
+            let s = refusal_status(op, &failure);
+            assert_eq!(
+                (s.code(), s.message().to_owned()),
+                (
+                    Code::Internal,
+                    format!("{prefix}running pre-receive hooks: GitLab's checks did not finish")
+                ),
+                "{op:?}"
+            );
+        }
     }
 }

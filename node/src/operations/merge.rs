@@ -34,7 +34,7 @@ use super::{
 use crate::catfile::{self, CatFile};
 use crate::detail::status_with_detail;
 use crate::error::NodeError;
-use crate::gitlab::operation::Op;
+use crate::gitlab::operation::{Op, update_branch_refused};
 use crate::refs::names::{self, is_zero};
 
 impl OperationSvc {
@@ -400,10 +400,11 @@ impl OperationSvc {
                 .await
             {
                 Ok(()) => Ok(Response::new(UserUpdateBranchResponse::default())),
-                // Gitaly answers a hook's refusal in the response, not as an error.
-                Err(UpdateError::Refused(status)) if status.code() != Code::Internal => {
+                // Gitaly answers a custom hook's refusal in the response, not as an
+                // error.
+                Err(UpdateError::Refused { refusal, .. }) => {
                     Ok(Response::new(UserUpdateBranchResponse {
-                        pre_receive_error: status.message().to_owned(),
+                        pre_receive_error: update_branch_refused(&branch, &refusal)?,
                     }))
                 }
                 Err(e) => Err(e.status_with(|f| refresh_status(f, &refname))),
