@@ -60,7 +60,7 @@ use super::storage::{RepoPath, Storages};
 use super::tx::{WriteContext, WriteIn};
 use crate::gitlab::operation::{Op, OperationHooks, delete_tag_refused, refusal_status};
 use crate::state::NodeState;
-use objects::Signature;
+use objects::{Objects, Signature, committer_seconds, lossy, oid_of};
 use refvote_gitlab::Refusal;
 
 mod merge;
@@ -610,6 +610,7 @@ impl OperationSvc {
         }
         let parents: Vec<&str> = plan.parent.iter().map(|p| p.id.as_str()).collect();
         let commit = self
+            .objects()
             .commit_tree(repo, ctx, &tree, &parents, &who, &h.commit_message)
             .await?;
         // Without force, the branch may only move forward.
@@ -843,6 +844,12 @@ impl OperationSvc {
         };
         update::apply(&self.node.git, &repo.path, ctx, &[u]).await
     }
+    /// The objects this service writes, built with its node's git.
+    fn objects(&self) -> Objects<'_> {
+        Objects {
+            git: &self.node.git,
+        }
+    }
 
     /// The end of every operation that moves a ref on a user's behalf: GitLab's checks
     /// of the change (a refusal shaped as `op` answers it), the update through
@@ -1049,19 +1056,6 @@ impl Content {
     }
 }
 
-/// The object id a git run prints.
-async fn oid_of(run: Run) -> Result<String, Status> {
-    let (out, exit) = run.output(SMALL).await.map_err(NodeError::from)?;
-    exit.check().map_err(NodeError::from)?;
-    let oid = String::from_utf8_lossy(&out).trim().to_owned();
-    if !catfile::is_object_id(&oid) {
-        return Err(Status::internal(format!(
-            "git printed {oid:?}, not an object id"
-        )));
-    }
-    Ok(oid)
-}
-
 /// A file removed when dropped.
 struct TempFile(PathBuf);
 
@@ -1198,15 +1192,6 @@ fn expected_oid(s: &str) -> Result<Option<String>, Status> {
 
 fn zero_oid(like: &str) -> String {
     "0".repeat(like.len())
-}
-
-fn committer_seconds(commit: Option<&refvote_proto::gitaly::GitCommit>) -> Option<i64> {
-    commit?.committer.as_ref()?.date.as_ref().map(|d| d.seconds)
-}
-
-fn lossy(b: &[u8]) -> Result<String, Status> {
-    String::from_utf8(b.to_vec())
-        .map_err(|_| NodeError::invalid("user name and email must be UTF-8").into())
 }
 
 #[cfg(test)]

@@ -86,7 +86,7 @@ impl OperationSvc {
         let sig = Signature::by(who, req.timestamp.as_ref(), Some(&ours))?;
         in_transaction(&self.node, &metadata, |ctx| async move {
             let tree = match self
-                .merge_tree(&repo, &ctx, &ours.id, &theirs.id, None)
+                .objects().merge_tree(&repo, &ctx, &ours.id, &theirs.id, None)
                 .await?
             {
                 MergeTree::Clean(tree) => tree,
@@ -101,7 +101,7 @@ impl OperationSvc {
                 }
             };
             let commit = self
-                .commit_tree(&repo, &ctx, &tree, &[&ours.id, &theirs.id], &sig, &req.message)
+                .objects().commit_tree(&repo, &ctx, &tree, &[&ours.id, &theirs.id], &sig, &req.message)
                 .await?;
             // A merge-request ref: Gitaly writes it without GitLab's hooks.
             self.set_ref(&repo, &ctx, &target, &old, &commit)
@@ -167,7 +167,11 @@ impl OperationSvc {
             let svc = OperationSvc::new(Arc::clone(&node));
             let result = in_transaction(&node, &metadata, |ctx| async move {
                 hooks.join(&ctx, &repo.path);
-                let tree = match svc.merge_tree(&repo, &ctx, &ours, &theirs.id, None).await? {
+                let tree = match svc
+                    .objects()
+                    .merge_tree(&repo, &ctx, &ours, &theirs.id, None)
+                    .await?
+                {
                     MergeTree::Clean(tree) => tree,
                     MergeTree::Conflict(files) => {
                         return Err(status_with_detail(
@@ -203,6 +207,7 @@ impl OperationSvc {
                     vec![&ours, &theirs.id]
                 };
                 let commit = svc
+                    .objects()
                     .commit_tree(&repo, &ctx, &tree, &parents, &sig, &first.message)
                     .await?;
                 if sent

@@ -8,15 +8,18 @@
 use refvote_proto::gitaly::{CommitAuthor, GitCommit, User};
 use tonic::Status;
 
-use super::{OperationSvc, committer_seconds, lossy, oid_of};
 use crate::catfile;
 use crate::error::NodeError;
+use crate::git::{Git, Run};
 use crate::signature::{commit_time, git_date};
 use crate::storage::RepoPath;
 use crate::tx::{WriteContext, WriteIn};
 
 /// Bound on `git merge-tree`'s answer: the tree, the conflicting names, git's messages.
 const MERGE_TREE_OUTPUT: usize = 16 * 1024 * 1024;
+
+/// Bound on `git commit-tree`'s answer: an object id.
+const OID_OUTPUT: usize = 4096;
 
 /// One side of a commit's signature as `git commit-tree` takes it from its environment.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -120,7 +123,12 @@ pub(super) fn read_merge_tree(out: &[u8], code: Option<i32>) -> Result<MergeTree
     }
 }
 
-impl OperationSvc {
+/// Builds commits and merge trees with one node's git.
+pub(super) struct Objects<'a> {
+    pub git: &'a Git,
+}
+
+impl Objects<'_> {
     /// The merge of `theirs` into `ours`: its tree written (inside `ctx`), or the paths
     /// that conflict. `base` replaces the merge base git would find (a cherry-pick's
     /// or a rebase's parent; a revert's commit).
@@ -133,7 +141,6 @@ impl OperationSvc {
         base: Option<&str>,
     ) -> Result<MergeTree, Status> {
         let mut cmd = self
-            .node
             .git
             .command([
                 "merge-tree",
@@ -162,7 +169,6 @@ impl OperationSvc {
         message: &[u8],
     ) -> Result<String, Status> {
         let mut cmd = self
-            .node
             .git
             .command(["commit-tree", "--no-gpg-sign"])
             .git_dir(&repo.path)
@@ -184,6 +190,28 @@ impl OperationSvc {
         )
         .await
     }
+}
+
+/// The object id a git run prints.
+pub(super) async fn oid_of(run: Run) -> Result<String, Status> {
+    let (out, exit) = run.output(OID_OUTPUT).await.map_err(NodeError::from)?;
+    exit.check().map_err(NodeError::from)?;
+    let oid = String::from_utf8_lossy(&out).trim().to_owned();
+    if !catfile::is_object_id(&oid) {
+        return Err(Status::internal(format!(
+            "git printed {oid:?}, not an object id"
+        )));
+    }
+    Ok(oid)
+}
+
+pub(super) fn committer_seconds(commit: Option<&refvote_proto::gitaly::GitCommit>) -> Option<i64> {
+    commit?.committer.as_ref()?.date.as_ref().map(|d| d.seconds)
+}
+
+pub(super) fn lossy(b: &[u8]) -> Result<String, Status> {
+    String::from_utf8(b.to_vec())
+        .map_err(|_| NodeError::invalid("user name and email must be UTF-8").into())
 }
 
 #[cfg(test)]

@@ -250,6 +250,7 @@ impl OperationSvc {
         in_transaction(&self.node, metadata, |ctx| async move {
             hooks.join(&ctx, &repo.path);
             let tree = match self
+                .objects()
                 .merge_tree(&repo, &ctx, &start.id, &theirs, Some(&base))
                 .await?
             {
@@ -280,6 +281,7 @@ impl OperationSvc {
                 ));
             }
             let mut new = self
+                .objects()
                 .commit_tree(&repo, &ctx, &tree, &[&start.id], &sig, &message)
                 .await?;
             if dry_run {

@@ -120,6 +120,7 @@ impl OperationSvc {
             let (theirs, raw) = commit(cat, &pick).await?;
             let parent = theirs.parent_ids.first().cloned();
             let tree = match self
+                .objects()
                 .merge_tree(repo, ctx, &ours, &theirs.id, parent.as_deref())
                 .await?
             {
@@ -143,6 +144,7 @@ impl OperationSvc {
                 ..committer.clone()
             };
             ours = self
+                .objects()
                 .commit_tree(repo, ctx, &tree, &[&ours], &who, message_of(&raw))
                 .await?;
             ours_tree = tree;
@@ -195,6 +197,7 @@ impl OperationSvc {
         }
         in_transaction(&self.node, &metadata, |ctx| async move {
             let tree = match self
+                .objects()
                 .merge_tree(&repo, &ctx, &start.id, &end.id, None)
                 .await?
             {
@@ -217,6 +220,7 @@ impl OperationSvc {
                 }
             };
             let squash_sha = self
+                .objects()
                 .commit_tree(&repo, &ctx, &tree, &[&start.id], &sig, &message)
                 .await?;
             Ok(Response::new(UserSquashResponse { squash_sha }))
