@@ -489,6 +489,8 @@ fn git_clone_fetch_and_push_over_the_routers_http_port() -> anyhow::Result<()> {
     // A body that claims gzip but is not: 400, and the router keeps serving.
     let (code, body) = curl(&[
         "-H",
+        "Content-Type: application/x-git-upload-pack-request",
+        "-H",
         "Content-Encoding: gzip",
         "--data-binary",
         "not gzip at all",
@@ -599,6 +601,8 @@ fn sixteen_concurrent_pushes_then_no_quorum_is_refused_with_the_reason() -> anyh
     let (code, body) = curl(&[
         "-X",
         "POST",
+        "-H",
+        "Content-Type: application/x-git-receive-pack-request",
         "--data-binary",
         "",
         &format!("{url}/git-receive-pack"),
