@@ -25,6 +25,7 @@
 //! | `locks/<repo>` | [`LockRecord`](crate::records::LockRecord), on the holder's lease |
 //! | `reaper` | the reaper's id, on its lease |
 //! | `psync/applied/<repo>` | the last partition-sync sequence applied to the repository (votingctl's record) |
+//! | `psync/consumer/<virtual storage>` | the partition-sync consumer applying to that storage, on its lease |
 //!
 //! `<repo>` is `<virtual storage>/<relative path>` with `%` and `/` of the relative path
 //! percent-encoded, so a repository's key never contains another one's as a prefix.
@@ -77,6 +78,12 @@ impl Keys {
     /// to the repository (`votingctl partition-sync consume`).
     pub fn psync_applied(&self, repo: &RepoId) -> String {
         format!("{}psync/applied/{}", self.prefix, repo.key_segment())
+    }
+
+    /// `psync/consumer/<virtual storage>`: the one partition-sync consumer applying to
+    /// `virtual_storage` now (who and since when), bound to that consumer's lease.
+    pub fn psync_consumer(&self, virtual_storage: &str) -> String {
+        format!("{}psync/consumer/{virtual_storage}", self.prefix)
     }
 
     pub fn replicas(&self, repo: &RepoId) -> String {

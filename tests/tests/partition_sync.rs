@@ -13,6 +13,7 @@ use refvote_proto::gitaly::repository_service_client::RepositoryServiceClient;
 use refvote_proto::gitaly::{CalculateChecksumRequest, WriteRefRequest};
 use refvote_psync::config::{KeyConfig, StoreKind, SyncConfig, TargetKind};
 use refvote_psync::crypto::MasterKey;
+use refvote_psync::fault;
 use refvote_tests::cluster::{Fixture, VoteCluster};
 use refvote_tests::git::{self, WorkRepo};
 use refvote_tests::node::bin;
@@ -118,16 +119,24 @@ impl Sync {
 
     /// `votingctl partition-sync ROLE --json --config sync.toml`.
     fn run(&self, role: &str) -> Run {
+        self.run_with(role, &self.config, None)
+    }
+
+    /// `votingctl partition-sync ROLE --json --config CONFIG`, with a fault point armed
+    /// if `fault` names one.
+    fn run_with(&self, role: &str, config: &Path, fault: Option<&str>) -> Run {
         let home = self.dir.path().join("home");
         std::fs::create_dir_all(&home).expect("home");
-        let out = Command::new(bin("votingctl"))
-            .args(["partition-sync", role, "--json", "--config"])
-            .arg(&self.config)
+        let mut cmd = Command::new(bin("votingctl"));
+        cmd.args(["partition-sync", role, "--json", "--config"])
+            .arg(config)
             .env("HOME", &home)
             .env("GIT_CONFIG_NOSYSTEM", "1")
-            .env_remove("REFVOTE_FAULT_POINT")
-            .output()
-            .expect("run votingctl");
+            .env_remove("REFVOTE_FAULT_POINT");
+        if let Some(point) = fault {
+            cmd.env("REFVOTE_FAULT_POINT", point);
+        }
+        let out = cmd.output().expect("run votingctl");
         Run {
             code: out.status.code(),
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -315,5 +324,74 @@ async fn a_repository_travels_between_two_clusters_voted_on_every_replica() -> a
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert_eq!(s.assert_equal(REPO, &[]).await?, 3);
+    Ok(())
+}
+
+/// Two consumers on two hosts (two cache dirs, so the per-host lock file does not keep
+/// them apart) against one target cluster: the first crashes holding the claim right
+/// before applying; the second is refused while that claim lives, naming who holds it,
+/// then applies the sequence exactly once after the crashed consumer's lease expired,
+/// and a consumer that ends leaves no claim behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_consumers_never_apply_to_one_cluster_at_once() -> anyhow::Result<()> {
+    let s = Sync::start().await?;
+    s.a.create_and_push(&s.a.routers[0], REPO).await?;
+    let p = s.run("produce");
+    assert_eq!(p.code, Some(0), "produce: {p:?}");
+
+    // The second host: the same config with its own cache dir.
+    let mut other = SyncConfig::parse(&std::fs::read_to_string(&s.config)?)?;
+    other.cache_dir = s.dir.path().join("cache-host2");
+    let other_config = s.dir.path().join("sync-host2.toml");
+    std::fs::write(&other_config, toml::to_string(&other)?)?;
+
+    let claim = s.b.store.keys().psync_consumer("default");
+    let crashed = s.run_with("consume", &s.config, Some(fault::BEFORE_APPLY));
+    assert_ne!(crashed.code, Some(0), "the fault point aborts: {crashed:?}");
+    let held =
+        s.b.store
+            .get(&claim)
+            .await?
+            .expect("the crashed consumer's claim");
+    let holder: serde_json::Value = serde_json::from_slice(&held.value)?;
+    assert!(holder["pid"].as_u64().is_some(), "{holder}");
+
+    let refused = s.run_with("consume", &other_config, None);
+    assert_eq!(refused.code, Some(75), "busy: {refused:?}");
+    assert!(
+        refused
+            .stderr
+            .contains("another partition-sync consume is applying to storage \"default\"")
+            && refused.stderr.contains(&format!("pid {}", holder["pid"])),
+        "{}",
+        refused.stderr
+    );
+    assert!(
+        git::rev(&s.b.nodes[0].repo(REPO), "refs/heads/main").is_none(),
+        "nothing applied while refused"
+    );
+
+    // The crashed consumer's lease runs out within its TTL (10 s); then the second
+    // consumer applies sequence 1, once.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while s.b.store.get(&claim).await?.is_some() {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the crashed consumer's claim outlived its lease by far"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let c = s.run_with("consume", &other_config, None);
+    assert_eq!(c.code, Some(0), "{c:?}");
+    assert_eq!(c.applied(REPO), vec![1], "{c:?}");
+    assert_eq!(s.assert_equal(REPO, &[]).await?, 3);
+    assert!(
+        s.b.store.get(&claim).await?.is_none(),
+        "a consumer that ended revoked its claim"
+    );
+    // And the first host, back, finds nothing left to apply.
+    let again = s.run("consume");
+    assert_eq!(again.code, Some(0), "{again:?}");
+    assert!(again.applied(REPO).is_empty(), "{again:?}");
     Ok(())
 }

@@ -4,11 +4,13 @@
 //! the router's git HTTP is read with the cluster's `[auth]` secret; reads through the
 //! router go to an up-to-date replica. On the target side, [`target::ClusterTarget`]
 //! applies each sequence through the target cluster's router as one voted write and
-//! keeps the record of what was applied in that cluster's etcd.
+//! keeps the record of what was applied in that cluster's etcd, one consumer per
+//! target storage at a time ([`claim`]).
 //!
 //! What it does not do: write to any node directly, or anything the `refvote-psync`
 //! binary does not also do (the commands, their flags and exit codes are the crate's).
 
+pub mod claim;
 pub mod target;
 
 use std::sync::Arc;
@@ -49,14 +51,18 @@ impl cli::Cluster for Clusters {
             ctx.git.clone(),
             ctx.patterns.clone(),
         );
+        let claim = claim::Claim::take(&ctl.store, &target.virtual_storage).await?;
         let t = target::ClusterTarget::new(
             ctl,
             &target.virtual_storage,
             &target.url,
             remote,
             std::time::Duration::from_secs(ctx.config.git_timeout_secs),
+            &claim,
         );
-        Ok(cli::consume_into(ctx, &t, only).await)
+        let code = cli::consume_into(ctx, &t, only).await;
+        claim.release().await;
+        Ok(code)
     }
 }
 

@@ -17,12 +17,13 @@
 //!   like any write) moves it, after the refs landed.
 //!
 //! The record of what was applied lives in the target cluster's etcd
-//! (`psync/applied/<repo>`), written only after the write was acknowledged.
+//! (`psync/applied/<repo>`), written only after the write was acknowledged and only
+//! while this consumer still holds its claim on the storage ([`super::claim`]).
 
 use std::path::Path;
 use std::time::Duration;
 
-use etcd_client::{Txn, TxnOp};
+use etcd_client::{Compare, Txn, TxnOp};
 use futures_util::stream;
 use refvote_cluster::RepoId;
 use refvote_cluster::store::encode;
@@ -64,6 +65,9 @@ pub struct ClusterTarget {
     url: String,
     remote: GitTarget,
     timeout: Duration,
+    /// Records are written only while this holds ([`super::claim::Claim::still_held`]).
+    claimed: Compare,
+    claim_key: String,
 }
 
 impl ClusterTarget {
@@ -73,6 +77,7 @@ impl ClusterTarget {
         url: &str,
         remote: GitTarget,
         timeout: Duration,
+        claim: &super::claim::Claim,
     ) -> ClusterTarget {
         ClusterTarget {
             ctl,
@@ -80,6 +85,8 @@ impl ClusterTarget {
             url: url.to_owned(),
             remote,
             timeout,
+            claimed: claim.still_held(),
+            claim_key: claim.key().to_owned(),
         }
     }
 
@@ -309,11 +316,22 @@ impl Target for ClusterTarget {
             fingerprint: applied.fingerprint.clone(),
             applied_at: now(),
         });
-        self.ctl
+        let resp = self
+            .ctl
             .store
-            .txn(Txn::new().and_then([TxnOp::put(key, value, None)]))
+            .txn(
+                Txn::new()
+                    .when([self.claimed.clone()])
+                    .and_then([TxnOp::put(key, value, None)]),
+            )
             .await
             .map_err(|e| self.etcd(e))?;
+        if !resp.succeeded() {
+            return Err(SyncError::Target(format!(
+                "this consumer lost its claim {} (its etcd lease ran out: paused or cut off from etcd) after applying sequence {}; not recorded, the next run finds the target at that sequence's tip and records it",
+                self.claim_key, applied.sequence
+            )));
+        }
         Ok(())
     }
 }
