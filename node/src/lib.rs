@@ -97,6 +97,8 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 pub use error::NodeError;
+/// The upload-pack bridge an incremental repair's `git fetch` runs (see votingd's main).
+pub use repository::{BRIDGE_ARG as REPAIR_BRIDGE_ARG, run_bridge as run_repair_bridge};
 pub use state::NodeState;
 
 /// Binds the service's TCP listener (before anything else starts, so a busy port fails

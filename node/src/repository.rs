@@ -11,6 +11,8 @@
 
 mod bundle;
 pub(super) mod checksum;
+mod incremental;
+pub use incremental::{BRIDGE_ARG, run_bridge};
 mod info;
 mod replicate;
 
@@ -451,8 +453,33 @@ impl RepositoryService for RepositorySvc {
             .exclusive(&target.path, REPAIR_LOCK_WAIT)
             .await?;
         let result = async {
+            let git = &self.node.git;
+            // A replica with a usable base fetches only what it lacks; the whole copy
+            // is for one with none, or when that fetch fails.
+            if is_repository(&target.path) && incremental::usable_base(git, &target.path).await? {
+                match self.fetch_incremental(&server, &source, &target).await {
+                    Ok(moved) => {
+                        tracing::info!(
+                            repair_mode = "fetch",
+                            bytes_from_source = moved.from_source,
+                            bytes_to_source = moved.to_source,
+                            "replica brought level by fetch"
+                        );
+                        return Ok::<(), Status>(());
+                    }
+                    Err(e) => tracing::warn!(
+                        error = %e.message(),
+                        "the incremental fetch failed; copying the whole repository"
+                    ),
+                }
+            }
             let src =
                 replicate::fetch_source(&self.node.git, &server, source, &target.root).await?;
+            tracing::info!(
+                repair_mode = "bundle",
+                bytes_from_source = src.bundle.as_ref().map_or(0, |b| b.len),
+                "copying the source's whole repository"
+            );
             if is_repository(&target.path) {
                 replicate::sync_existing(&self.node.git, &target, &src).await?;
             } else {
@@ -541,6 +568,23 @@ impl RepositoryService for RepositorySvc {
 }
 
 impl RepositorySvc {
+    /// The incremental repair of `target` from `source` (see [`incremental`]), then
+    /// HEAD as the source's.
+    async fn fetch_incremental(
+        &self,
+        server: &replicate::SourceServer,
+        source: &refvote_proto::gitaly::Repository,
+        target: &RepoPath,
+    ) -> Result<incremental::Moved, Status> {
+        let channel = replicate::channel(server).await?;
+        // HEAD before the advertisement, as the whole copy reads it before its bundle.
+        let head = replicate::source_head(&channel, source).await?;
+        refvote_cluster::faults::reach(refvote_cluster::faults::MID_REPAIR).await;
+        let moved = incremental::fetch(&self.node.git, &channel, source.clone(), target).await?;
+        replicate::set_head(&self.node.git, &target.path, &head).await?;
+        Ok(moved)
+    }
+
     /// `git init --bare` then one rename into place.
     async fn create(&self, repo: &RepoPath, branch: &str, format: &str) -> Result<(), NodeError> {
         let tmp = self.init_private(&repo.root, branch, format).await?;

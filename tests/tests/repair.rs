@@ -5,7 +5,9 @@
 //! a copy made while a write moved the repository is never recorded as current; a
 //! repair that keeps failing shows in `votingctl status`; a router reaps a
 //! transaction whose creator died; a repair that loses etcd right after its copy does
-//! not keep its claim once etcd is back.
+//! not keep its claim once etcd is back; a replica that missed pushes fetches only
+//! what it lacks (the bytes moved are asserted), and one whose objects were lost gets
+//! the whole copy.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -157,6 +159,12 @@ async fn a_killed_node_is_repaired_automatically_while_pushes_continue() -> anyh
     assert!(view.replicas["node3"].0.repair_epoch >= 1, "{view:?}");
     let (jobs, _) = c.store.get_prefix(&c.store.keys().repair_jobs()).await?;
     assert!(jobs.is_empty(), "{jobs:?}");
+    // node3 kept its base: every copy, racing the pushes, was an incremental fetch.
+    let repairs = repairs_in_log(&c.nodes[2]);
+    assert!(
+        !repairs.is_empty() && repairs.iter().all(|(mode, _)| mode == "fetch"),
+        "{repairs:?}"
+    );
     Ok(())
 }
 
@@ -649,5 +657,190 @@ async fn replicas_all_outdated_but_intact_are_restored_without_a_source() -> any
         2,
         "node1 and node2 without a copy, node3 by one: {log}"
     );
+    Ok(())
+}
+
+/// The repairs a node's log reports, oldest first: (`fetch` or `bundle`, bytes the
+/// source sent).
+fn repairs_in_log(node: &refvote_tests::node::Node) -> Vec<(String, u64)> {
+    let field = |line: &str, name: &str| -> Option<String> {
+        let rest = &line[line.find(&format!("{name}="))? + name.len() + 1..];
+        let value: String = rest
+            .trim_start_matches('"')
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric())
+            .collect();
+        Some(value)
+    };
+    // Without the terminal colours the log may carry.
+    let plain = |line: &str| {
+        let mut out = String::new();
+        let mut chars = line.chars();
+        while let Some(c) = chars.next() {
+            if c == '\u{1b}' {
+                for c in chars.by_ref() {
+                    if c == 'm' {
+                        break;
+                    }
+                }
+            } else {
+                out.push(c);
+            }
+        }
+        out
+    };
+    node.log_tail(1_000_000)
+        .lines()
+        .map(plain)
+        .filter_map(|l| {
+            let l = l.as_str();
+            let mode = field(l, "repair_mode")?;
+            let bytes = field(l, "bytes_from_source")?.parse().ok()?;
+            Some((mode, bytes))
+        })
+        .collect()
+}
+
+/// `size` bytes nobody can compress (xorshift), so a pack carrying them is that big.
+fn noise(size: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..size)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// The size of a pack holding what `tip` has and `base` lacks, as git makes it.
+fn pack_size(work: &std::path::Path, base: &str, tip: &str) -> anyhow::Result<u64> {
+    let out = std::process::Command::new("sh")
+        .current_dir(work)
+        .arg("-c")
+        .arg(format!(
+            "git rev-list --objects {base}..{tip} | git pack-objects --quiet --stdout | wc -c"
+        ))
+        .output()?;
+    anyhow::ensure!(out.status.success(), "{out:?}");
+    Ok(String::from_utf8_lossy(&out.stdout).trim().parse()?)
+}
+
+/// Pushes a commit holding `size` bytes of noise on `main` through `url`.
+async fn push_noise(
+    work: &git::WorkRepo,
+    url: &str,
+    size: usize,
+    seed: u64,
+) -> anyhow::Result<String> {
+    git::git(&work.path, &["checkout", "--quiet", "main"])?;
+    std::fs::write(
+        work.path.join(format!("noise-{seed}.bin")),
+        noise(size, seed),
+    )?;
+    git::git(&work.path, &["add", "-A"])?;
+    git::git(&work.path, &["commit", "--quiet", "-m", "noise"])?;
+    let out = git::push(&work.path, std::path::Path::new(url), &["main"], &[]).await?;
+    anyhow::ensure!(out.status.success(), "{out:?}");
+    git::git(&work.path, &["rev-parse", "HEAD"])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_missed_pushes_fetches_only_what_it_lacks() -> anyhow::Result<()> {
+    let c = Fixture::nodes(3).seeded("p.git").router().start().await?;
+    let id = c.repo_id("p.git");
+    let url = c.routers[0].http_url("p.git");
+    let work = c.work("big")?;
+    git::git(&work.path, &["fetch", "--quiet", &url, "main"])?;
+    git::git(&work.path, &["reset", "--quiet", "--hard", "FETCH_HEAD"])?;
+    // A repository of 8 MiB that cannot be compressed.
+    let base = push_noise(&work, &url, 8 << 20, 1).await?;
+    let mut c = c;
+    c.nodes[2].kill()?;
+    // Three small pushes node3 misses.
+    let mut tip = base.clone();
+    for i in 0..3 {
+        tip = push_noise(&work, &url, 2000, 10 + i).await?;
+    }
+    wait_until("node3 outdated", Duration::from_secs(30), || async {
+        !up_to_date(&c, &id, "node3").await
+    })
+    .await?;
+    let missed = pack_size(&work.path, &base, &tip)?;
+    let before = repairs_in_log(&c.nodes[2]).len();
+    c.nodes[2].launch().await?;
+    wait_until("node3 repaired", Duration::from_secs(30), || async {
+        up_to_date(&c, &id, "node3").await
+    })
+    .await
+    .map_err(|e| e.context(c.nodes[2].log_tail(40)))?;
+    let repairs = repairs_in_log(&c.nodes[2]);
+    let new = &repairs[before..];
+    eprintln!("missed pushes' pack {missed} bytes; repairs {new:?}");
+    assert_eq!(
+        new.len(),
+        1,
+        "one repair: {new:?}\n{}",
+        c.nodes[2].log_tail(40)
+    );
+    let (mode, bytes) = &new[0];
+    assert_eq!(mode, "fetch", "{new:?}");
+    // The advertisement (a few refs) and the missed objects; nowhere near the 8 MiB.
+    assert!(
+        *bytes >= missed / 2 && *bytes <= 3 * missed + 4096,
+        "moved {bytes} bytes for a {missed}-byte pack of missed pushes"
+    );
+    assert_eq!(
+        git::rev(&c.nodes[2].repo("p.git"), "refs/heads/main").as_deref(),
+        Some(tip.as_str())
+    );
+    let sums = checksums(&c, "p.git").await?;
+    assert_eq!(sums.iter().collect::<BTreeSet<_>>().len(), 1, "{sums:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_whose_objects_were_lost_gets_the_whole_copy() -> anyhow::Result<()> {
+    let mut c = Fixture::nodes(3).seeded("p.git").router().start().await?;
+    let id = c.repo_id("p.git");
+    let url = c.routers[0].http_url("p.git");
+    let work = c.work("big")?;
+    git::git(&work.path, &["fetch", "--quiet", &url, "main"])?;
+    git::git(&work.path, &["reset", "--quiet", "--hard", "FETCH_HEAD"])?;
+    push_noise(&work, &url, 1 << 20, 1).await?;
+    c.nodes[2].kill()?;
+    let tip = push_noise(&work, &url, 2000, 2).await?;
+    // node3's objects are gone; its refs still name them.
+    let objects = c.nodes[2].repo("p.git").join("objects");
+    std::fs::remove_dir_all(&objects)?;
+    std::fs::create_dir_all(objects.join("pack"))?;
+    std::fs::create_dir_all(objects.join("info"))?;
+    let before = repairs_in_log(&c.nodes[2]).len();
+    c.nodes[2].launch().await?;
+    wait_until("node3 repaired", Duration::from_secs(30), || async {
+        up_to_date(&c, &id, "node3").await
+    })
+    .await
+    .map_err(|e| e.context(c.nodes[2].log_tail(40)))?;
+    let repairs = repairs_in_log(&c.nodes[2]);
+    let new = &repairs[before..];
+    eprintln!("repairs {new:?}");
+    assert_eq!(
+        new.len(),
+        1,
+        "one repair: {new:?}\n{}",
+        c.nodes[2].log_tail(40)
+    );
+    assert_eq!(new[0].0, "bundle", "{new:?}");
+    assert!(new[0].1 > 1 << 20, "the whole repository came: {new:?}");
+    let repo = c.nodes[2].repo("p.git");
+    assert_eq!(
+        git::rev(&repo, "refs/heads/main").as_deref(),
+        Some(tip.as_str())
+    );
+    git::git(&repo, &["fsck", "--connectivity-only", "--no-dangling"])?;
+    let sums = checksums(&c, "p.git").await?;
+    assert_eq!(sums.iter().collect::<BTreeSet<_>>().len(), 1, "{sums:?}");
     Ok(())
 }

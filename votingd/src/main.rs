@@ -1,4 +1,6 @@
 //! `votingd --config FILE`: runs the storage-node daemon until SIGTERM or SIGINT.
+//! (`votingd repair-upload-pack-bridge SOCKET` is the pipe git runs as a repair
+//! fetch's upload-pack; not for people.)
 #![forbid(unsafe_code)]
 
 use std::path::PathBuf;
@@ -23,6 +25,12 @@ struct Args {
 
 #[tokio::main]
 async fn main() {
+    // git runs this executable as the `--upload-pack` of a repair's fetch (see
+    // refvote-node's incremental repair): a byte pipe to the node, nothing else.
+    let raw: Vec<String> = std::env::args().skip(1).collect();
+    if raw.first().map(String::as_str) == Some(refvote_node::REPAIR_BRIDGE_ARG) {
+        std::process::exit(refvote_node::run_repair_bridge(&raw[1..]));
+    }
     let args = Args::parse();
     let config = match Config::load(&args.config) {
         Ok(c) => c,

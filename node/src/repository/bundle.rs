@@ -42,6 +42,8 @@ pub fn create(git: &Git, repo: &Path) -> Result<Run, NodeError> {
 pub struct BundleFile {
     _dir: TempDir,
     pub path: PathBuf,
+    /// Its size in bytes.
+    pub len: u64,
 }
 
 /// Writes `chunks` to a new file under `root`'s private area, chunk by chunk (a large
@@ -73,7 +75,11 @@ where
             NodeError::invalid("the bundle is empty: stream a git bundle in `data`").into(),
         );
     }
-    Ok(BundleFile { _dir: dir, path })
+    Ok(BundleFile {
+        _dir: dir,
+        path,
+        len: len as u64,
+    })
 }
 
 /// The refs a bundle carries, as (oid, name); refuses what is not a bundle.

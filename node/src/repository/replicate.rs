@@ -126,6 +126,28 @@ async fn connect(url: &str, tls: Option<ClientTlsConfig>) -> Result<Channel, Sta
         .map_err(|e| Status::unavailable(format!("cannot reach the source node at {url}: {e}")))
 }
 
+/// A signed (and for a `tls://` source, TLS) channel to the source node.
+pub async fn channel(server: &SourceServer) -> Result<Signed<Channel>, Status> {
+    Ok(Signed::new(
+        connect(&server.url, server.tls.clone()).await?,
+        server.secret.clone(),
+    ))
+}
+
+/// The branch the source's HEAD points at (FindDefaultBranchName, HEAD only).
+pub async fn source_head(channel: &Signed<Channel>, source: &Repository) -> Result<String, Status> {
+    let head = RefServiceClient::new(channel.clone())
+        .find_default_branch_name(FindDefaultBranchNameRequest {
+            repository: Some(source.clone()),
+            head_only: true,
+        })
+        .await
+        .map_err(|s| from_source("reading HEAD", s))?
+        .into_inner()
+        .name;
+    Ok(String::from_utf8_lossy(&head).into_owned())
+}
+
 /// What the source holds: its bundle (`None` when it has no refs) and HEAD's branch.
 pub struct Source {
     pub bundle: Option<bundle::BundleFile>,
@@ -140,22 +162,10 @@ pub async fn fetch_source(
     source: Repository,
     target_root: &Path,
 ) -> Result<Source, Status> {
-    let channel = Signed::new(
-        connect(&server.url, server.tls.clone()).await?,
-        server.secret.clone(),
-    );
+    let channel = channel(server).await?;
     // HEAD first: a ref written between the two calls is then in the bundle, and a
     // HEAD change will be caught by the next repair.
-    let head = RefServiceClient::new(channel.clone())
-        .find_default_branch_name(FindDefaultBranchNameRequest {
-            repository: Some(source.clone()),
-            head_only: true,
-        })
-        .await
-        .map_err(|s| from_source("reading HEAD", s))?
-        .into_inner()
-        .name;
-    let head = String::from_utf8_lossy(&head).into_owned();
+    let head = source_head(&channel, &source).await?;
     let mut missing = Vec::new();
     for attempt in 1..=BUNDLE_TRIES {
         let stream = RepositoryServiceClient::new(channel.clone())
