@@ -24,6 +24,8 @@
 //! | `claims/repair/<repo>/<node>` | the repair worker working on that job, on its lease |
 //! | `locks/<repo>` | [`LockRecord`](crate::records::LockRecord), on the holder's lease |
 //! | `reaper` | the reaper's id, on its lease |
+//! | `verifier/claims/<shard>` | the router verifying that shard of the repositories, on its lease |
+//! | `verifier/status/<router>` | [`VerifierStatus`](crate::verifier::VerifierStatus) of that router's verifier, on its lease |
 //! | `psync/applied/<repo>` | the last partition-sync sequence applied to the repository (votingctl's record) |
 //! | `psync/consumer/<virtual storage>` | the partition-sync consumer applying to that storage, on its lease |
 //!
@@ -218,6 +220,23 @@ impl Keys {
 
     pub fn reaper(&self) -> String {
         format!("{}reaper", self.prefix)
+    }
+
+    pub fn verifier_claims(&self) -> String {
+        format!("{}verifier/claims/", self.prefix)
+    }
+
+    /// Who verifies the repositories of `shard` (bound to that router's lease).
+    pub fn verifier_claim(&self, shard: u32) -> String {
+        format!("{}{shard}", self.verifier_claims())
+    }
+
+    pub fn verifier_statuses(&self) -> String {
+        format!("{}verifier/status/", self.prefix)
+    }
+
+    pub fn verifier_status(&self, router: &str) -> String {
+        format!("{}{router}", self.verifier_statuses())
     }
 }
 

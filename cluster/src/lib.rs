@@ -31,6 +31,7 @@ pub mod settings;
 pub mod store;
 pub mod summary;
 pub mod tx;
+pub mod verifier;
 
 pub use error::{Error, Result};
 pub use repo::RepoId;

@@ -243,6 +243,59 @@ impl Store {
         Err(Error::Contention(16))
     }
 
+    /// Marks `node`'s replica outdated and queues its repair because its data was found
+    /// to differ (`votingctl verify`, the routers' background verifier), only if the
+    /// repository record and the replica are still as in `view` (the checksums were
+    /// taken after `view` was read), no transaction of the repository is open and no
+    /// admin lock is held: a write in flight can never get a replica outdated this way.
+    /// `false`: something moved; nothing written.
+    pub async fn mark_outdated_if_unchanged(
+        &self,
+        view: &RepoView,
+        node: &str,
+        reason: &str,
+    ) -> Result<bool> {
+        let keys = self.keys();
+        let repo = &view.record.repo;
+        let Some((replica, entry)) = view.replicas.get(node) else {
+            return Ok(false);
+        };
+        if !replica.is_up_to_date(&view.record) {
+            return Ok(false);
+        }
+        let marked = ReplicaRecord {
+            state: ReplicaState::Outdated,
+            reason: reason.to_owned(),
+            ..replica.clone()
+        };
+        let job = JobRecord::new(
+            repo.clone(),
+            node.to_owned(),
+            replica.generation,
+            reason.to_owned(),
+        );
+        let txn = Txn::new()
+            .when([
+                Compare::mod_revision(
+                    keys.repo(repo),
+                    CompareOp::Equal,
+                    view.record_entry.mod_revision,
+                ),
+                Compare::mod_revision(
+                    keys.replica(repo, node),
+                    CompareOp::Equal,
+                    entry.mod_revision,
+                ),
+                Compare::create_revision(keys.txrepo(repo), CompareOp::Equal, 0).with_prefix(),
+                Compare::create_revision(keys.lock(repo), CompareOp::Equal, 0),
+            ])
+            .and_then([
+                TxnOp::put(keys.replica(repo, node), encode(&marked), None),
+                TxnOp::put(keys.repair_job(repo, node), encode(&job), None),
+            ]);
+        Ok(self.txn(txn).await?.succeeded())
+    }
+
     /// Registers (or refreshes) a node under `lease`.
     pub async fn register_node(&self, node: &NodeRecord, lease: i64) -> Result<()> {
         let key = self.keys().node(&node.name);

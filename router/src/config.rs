@@ -86,6 +86,10 @@ pub struct Config {
     /// The ops web's accounts (admins, viewers) and how long a login lasts.
     #[serde(default)]
     pub ops_web: crate::ops_web::Settings,
+    /// The background verifier: how often a pass over this router's share of the
+    /// repositories starts, and how many checksums a second it may ask of the nodes.
+    #[serde(default)]
+    pub verifier: crate::verifier::VerifierSettings,
     /// Gitaly's v2 token: checked on every call from clients (health excepted) and
     /// sent on every call to a node. Nodes must share the secret.
     #[serde(default)]
@@ -195,6 +199,9 @@ impl Config {
         }
         self.ops_web
             .validate(!self.admin_listen_addr.is_empty())
+            .map_err(|(key, reason)| invalid(key, reason))?;
+        self.verifier
+            .validate()
             .map_err(|(key, reason)| invalid(key, reason))?;
         if !self.prometheus_listen_addr.is_empty()
             && self.prometheus_listen_addr.parse::<SocketAddr>().is_err()

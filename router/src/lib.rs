@@ -21,8 +21,9 @@
 //! `http_listen_addr`,
 //! plain git clients clone, fetch and push over smart HTTP ([`http`]), each request
 //! turned into the Gitaly call and passed through the same handler. Every router also
-//! runs the [`repair`] worker (outdated replicas copied from an up-to-date one) and the
-//! reaper (transactions whose router died), and serves refvote's [`admin`] service
+//! runs the [`repair`] worker (outdated replicas copied from an up-to-date one), the
+//! reaper (transactions whose router died) and the background [`verifier`] (replicas
+//! changed on disk behind the cluster's back found and outdated), and serves refvote's [`admin`] service
 //! (replicas of a repository, their synchronization, removal); the calls these make
 //! to nodes (copy, checksum, removal) live in one module, `nodes`. Every call passes
 //! Gitaly's token check first when `[auth]` is set (refvote-auth), and every call to a
@@ -67,6 +68,7 @@ pub mod server;
 pub mod sidechannel;
 mod stamp;
 mod twophase;
+pub mod verifier;
 mod wire;
 
 pub use config::Config;

@@ -1,7 +1,7 @@
 //! The router's Prometheus metrics (`refvote_router_…`) on `prometheus_listen_addr`:
 //! calls by method and gRPC code with their latency, transactions in flight and their
-//! outcomes, sidechannel calls in flight, connections by kind (plain or backchannel), replicas marked outdated, repair jobs waiting in etcd, the lease, etcd
-//! errors.
+//! outcomes, sidechannel calls in flight, connections by kind (plain or backchannel), replicas marked outdated, repair jobs waiting in etcd, the background verifier's
+//! progress and mismatches, the lease, etcd errors.
 //!
 //! Counting is one line at each place: [`track`] wraps every response in
 //! `server.rs`; `forward.rs` holds [`TRANSACTIONS_IN_FLIGHT`] and calls [`finalized`];
@@ -265,6 +265,37 @@ async fn render(store: &Store, lease_held: bool) -> String {
         "refvote_router_limit_queued",
         "Costly calls waiting in a [limits] queue for a slot.",
         crate::limit::QUEUED.get(),
+    );
+    t.counter(
+        "refvote_router_verifier_replicas_checked_total",
+        "Replica checksums the background verifier compared with their records.",
+        crate::verifier::CHECKED.get(),
+    );
+    t.counter(
+        "refvote_router_verifier_mismatches_total",
+        "Replicas the background verifier found changed behind the cluster's back \
+         (marked outdated, repair queued).",
+        crate::verifier::MISMATCHES.get(),
+    );
+    t.counter(
+        "refvote_router_verifier_busy_skipped_total",
+        "Repositories the verifier skipped until its next pass: writes kept them busy.",
+        crate::verifier::BUSY.get(),
+    );
+    t.gauge(
+        "refvote_router_verifier_pass_done",
+        "Repositories of this router's share looked at in the verifier's current pass.",
+        crate::verifier::PASS_DONE.get(),
+    );
+    t.gauge(
+        "refvote_router_verifier_pass_total",
+        "Repositories in this router's share when the verifier's current pass began.",
+        crate::verifier::PASS_TOTAL.get(),
+    );
+    t.gauge(
+        "refvote_router_verifier_last_full_pass_timestamp_seconds",
+        "When the verifier last finished a full pass (unix seconds; 0: not yet).",
+        crate::verifier::LAST_FULL_PASS.get(),
     );
     t.gauge(
         "refvote_router_lease_held",

@@ -1,6 +1,6 @@
 //! Starting and stopping the router: registry, etcd, listener, the catch-all
 //! service on top with refvote's admin service and the services the router answers
-//! itself in front of it, and the background repair worker and reaper. Everything a
+//! itself in front of it, and the background repair worker, reaper and verifier. Everything a
 //! test needs to run a router in-process.
 //!
 //! The listener takes plain HTTP/2 gRPC and Gitaly's backchannel connections on one
@@ -63,7 +63,7 @@ pub struct RouterServer {
     http: Option<HttpServer>,
     /// The ops web, when `admin_listen_addr` is set.
     ops_web: Option<crate::ops_web::OpsWebServer>,
-    /// The repair worker and the reaper.
+    /// The repair worker, the reaper and the verifier.
     background: Vec<JoinHandle<()>>,
     forwarder: Arc<Forwarder>,
     health: Arc<Health>,
@@ -143,6 +143,13 @@ impl RouterServer {
                     id: config.router_id.clone(),
                     interval: Duration::from_millis(config.reaper_interval_ms),
                 },
+            )),
+            tokio::spawn(crate::verifier::run(
+                store.clone(),
+                node_pool.clone(),
+                session.subscribe(),
+                config.router_id.clone(),
+                config.verifier.clone(),
             )),
         ];
         let store_for_admin = store.clone();

@@ -209,7 +209,12 @@ async fn verify_one(ctl: &Ctl, repo: &RepoId) -> anyhow::Result<Verified> {
                             short(e),
                             view.record.generation
                         );
-                        if mark_outdated(ctl, &view, &c.node, &reason).await? {
+                        if ctl
+                            .store
+                            .mark_outdated_if_unchanged(&view, &c.node, &reason)
+                            .await
+                            .map_err(etcd_error)?
+                        {
                             c.detail = "marked outdated; repair will copy it again".into();
                             out.marked_outdated.push(c.node.clone());
                         } else {
@@ -233,54 +238,6 @@ async fn verify_one(ctl: &Ctl, repo: &RepoId) -> anyhow::Result<Verified> {
         return Ok(out);
     }
     bail!("{repo} kept changing (writes landed during every attempt); retry when it is quieter")
-}
-
-/// Marks `node`'s replica outdated and queues its repair, only if neither the
-/// repository record nor the replica changed since `view` (the checksums were taken
-/// after `view` was read). `false`: something moved; nothing written.
-async fn mark_outdated(
-    ctl: &Ctl,
-    view: &refvote_cluster::repository::RepoView,
-    node: &str,
-    reason: &str,
-) -> anyhow::Result<bool> {
-    let keys = ctl.store.keys();
-    let repo = &view.record.repo;
-    let Some((replica, entry)) = view.replicas.get(node) else {
-        return Ok(false);
-    };
-    if !replica.is_up_to_date(&view.record) {
-        return Ok(false);
-    }
-    let marked = ReplicaRecord {
-        state: ReplicaState::Outdated,
-        reason: reason.to_owned(),
-        ..replica.clone()
-    };
-    let job = JobRecord::new(
-        repo.clone(),
-        node.to_owned(),
-        replica.generation,
-        reason.to_owned(),
-    );
-    let txn = Txn::new()
-        .when([
-            Compare::mod_revision(
-                keys.repo(repo),
-                CompareOp::Equal,
-                view.record_entry.mod_revision,
-            ),
-            Compare::mod_revision(
-                keys.replica(repo, node),
-                CompareOp::Equal,
-                entry.mod_revision,
-            ),
-        ])
-        .and_then([
-            TxnOp::put(keys.replica(repo, node), encode(&marked), None),
-            TxnOp::put(keys.repair_job(repo, node), encode(&job), None),
-        ]);
-    Ok(ctl.store.txn(txn).await.map_err(etcd_error)?.succeeded())
 }
 
 fn short(s: &str) -> &str {

@@ -18,6 +18,9 @@ pub struct ClusterView {
     /// Repositories with a replica that is not up to date or is on a node that is down.
     pub degraded: Vec<RepoSummary>,
     pub repair_jobs: usize,
+    /// Every live router's background verifier: its shards, pass, progress, last full
+    /// pass and the mismatches it found.
+    pub verifiers: Vec<refvote_cluster::verifier::VerifierStatus>,
 }
 
 async fn ttl(ctl: &Ctl, lease: i64) -> i64 {
@@ -86,7 +89,9 @@ pub async fn read(ctl: &Ctl) -> anyhow::Result<ClusterView> {
         .filter(|r| r.dataloss || r.available < r.replicas.len())
         .collect();
     let repair_jobs = ctl.store.repair_jobs().await.map_err(etcd_error)?.len();
+    let verifiers = ctl.store.verifier_statuses().await.map_err(etcd_error)?;
     Ok(ClusterView {
+        verifiers,
         etcd_members,
         nodes,
         routers,
@@ -161,6 +166,16 @@ impl ClusterView {
                 "",
                 self.degraded.len() - 20
             );
+        }
+        if self.verifiers.is_empty() {
+            let _ = writeln!(out, "  {:<22}none running", "verifier");
+        }
+        let now = refvote_cluster::records::now_unix_ms();
+        for v in &self.verifiers {
+            let _ = writeln!(out, "  {:<22}{}", "verifier", v.line(now));
+            for m in &v.recent_mismatches {
+                let _ = writeln!(out, "  {:<22}  {m}", "");
+            }
         }
         out
     }

@@ -472,10 +472,13 @@ async fn build_status(
                     repairing_by: j.claimed_by,
                 })
                 .collect(),
+            // Shown when readable; the repair jobs say whether etcd answered.
+            verifiers: store.verifier_statuses().await.unwrap_or_default(),
             error: String::new(),
         },
         Err(e) => status::ClusterHealth {
             repair_jobs: Vec::new(),
+            verifiers: Vec::new(),
             error: e.to_string(),
         },
     };

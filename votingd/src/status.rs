@@ -29,6 +29,10 @@ pub struct Status {
 pub struct ClusterHealth {
     /// Outdated replicas waiting for (or in) repair, across the cluster.
     pub repair_jobs: Vec<RepairJobStatus>,
+    /// Every live router's background verifier (its progress and the mismatches it
+    /// found).
+    #[serde(default)]
+    pub verifiers: Vec<refvote_cluster::verifier::VerifierStatus>,
     /// Why the section could not be read, if it could not.
     #[serde(default)]
     pub error: String,
@@ -229,6 +233,16 @@ impl Status {
                 "",
                 jobs.len() - 20
             );
+        }
+        let now = refvote_cluster::records::now_unix_ms();
+        if self.cluster.error.is_empty() && self.cluster.verifiers.is_empty() {
+            let _ = writeln!(out, "  {:<22}none running", "verifier");
+        }
+        for v in &self.cluster.verifiers {
+            let _ = writeln!(out, "  {:<22}{}", "verifier", v.line(now));
+            for m in &v.recent_mismatches {
+                let _ = writeln!(out, "  {:<22}  {m}", "");
+            }
         }
         let c = &self.counters;
         let _ = writeln!(

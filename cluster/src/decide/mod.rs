@@ -12,6 +12,9 @@
 //!   record, and how long a failed job waits.
 //! - [`verdict`]: GitLab's checks in a transaction: who runs them, what their verdict
 //!   lets commit, and when a waiting voter fences the one that ran them.
+//! - [`verify`]: which shards of the repositories a router's background verifier
+//!   takes, and which replicas a quiet checksum comparison finds changed behind the
+//!   cluster's back.
 //!
 //! It does not build etcd keys or compares: the callers do, from the same reads.
 
@@ -22,6 +25,7 @@ pub mod finalize;
 pub mod key;
 pub mod repair;
 pub mod verdict;
+pub mod verify;
 pub mod vote;
 
 /// Whether `voter`'s node, whose registration holds lease `now` (`None`: not

@@ -113,6 +113,9 @@ pub struct Overview {
     /// This router's watched view follows etcd right now (false: the repository
     /// counts are what it last saw).
     pub view_current: bool,
+    /// Every live router's background verifier (`votingctl status --json`'s
+    /// `verifiers`).
+    pub verifiers: Vec<refvote_cluster::verifier::VerifierStatus>,
 }
 
 /// The summary of the repository with key segment `segment` in the watched view.
@@ -272,6 +275,7 @@ pub async fn overview(store: &Store, reads: &Reads) -> refvote_cluster::Result<O
         open_transactions: open,
         repair_queue: jobs.iter().take(JOBS_LISTED).map(Job::from).collect(),
         view_current,
+        verifiers: store.verifier_statuses().await?,
     })
 }
 

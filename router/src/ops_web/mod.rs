@@ -4,7 +4,7 @@
 //! Server-rendered HTML pages, each also as JSON under `/api/` (the same fields as
 //! `votingctl --json` where both show the same thing): the overview (etcd members,
 //! nodes and routers with their leases, repositories by state, open transactions,
-//! the repair queue), a node, a repository (its replicas and the admin jobs as
+//! the repair queue, the background verifiers' progress), a node, a repository (its replicas and the admin jobs as
 //! buttons), repairs and data loss, and a search by path prefix that reads one page
 //! of keys from etcd, never every repository.
 //!
@@ -27,7 +27,7 @@
 //! `[tls]` is set, the security headers).
 //!
 //! Not here yet: live refresh, charts, per-repository transaction history, the
-//! accept-data-loss flow and the background verifier (issue 17).
+//! accept-data-loss flow (issue 17). The background verifier is `crate::verifier`.
 
 mod actions;
 mod auth;

@@ -276,7 +276,66 @@ async fn overview(
     }
     let _ = write!(body, "<h2>Repair queue ({})</h2>", o.repair_jobs);
     body.push_str(&table(&JOB_HEADERS, &job_rows(&o.repair_queue)));
+    verifiers(&mut body, &o.verifiers);
     ask.page("Overview", &body)
+}
+
+/// The background verifiers' progress, on the overview.
+fn verifiers(body: &mut String, list: &[refvote_cluster::verifier::VerifierStatus]) {
+    let now = refvote_cluster::records::now_unix_ms();
+    let ago = |ms: u64| {
+        if ms == 0 {
+            "not yet".to_string()
+        } else {
+            format!("{} s ago", now.saturating_sub(ms) / 1000)
+        }
+    };
+    body.push_str("<section id=\"verifier\"><h2>Background verifier</h2>");
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|v| {
+            vec![
+                esc(&v.router),
+                v.shards.len().to_string(),
+                format!("{} ({} of {})", v.pass, v.pass_done, v.pass_total),
+                esc(&format!(
+                    "{} (took {} ms)",
+                    ago(v.last_full_pass_unix_ms),
+                    v.last_full_pass_ms
+                )),
+                v.replicas_checked.to_string(),
+                v.busy_skipped.to_string(),
+                if v.mismatches > 0 {
+                    badge("bad", &v.mismatches.to_string())
+                } else {
+                    "0".into()
+                },
+            ]
+        })
+        .collect();
+    body.push_str(&table(
+        &[
+            "Router",
+            "Shards",
+            "Pass (progress)",
+            "Last full pass",
+            "Replicas checked",
+            "Skipped (busy)",
+            "Mismatches",
+        ],
+        &rows,
+    ));
+    let recent: Vec<Vec<String>> = list
+        .iter()
+        .flat_map(|v| v.recent_mismatches.iter().map(|m| vec![esc(m)]))
+        .collect();
+    if !recent.is_empty() {
+        body.push_str(&table(
+            &["Recent mismatches (repository node unix-ms: why)"],
+            &recent,
+        ));
+    }
+    body.push_str("</section>");
 }
 
 async fn node(
