@@ -66,6 +66,7 @@ pub mod respond;
 pub mod server;
 pub mod sidechannel;
 mod stamp;
+mod sweep;
 mod twophase;
 mod wire;
 
