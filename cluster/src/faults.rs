@@ -56,6 +56,9 @@ pub const BEFORE_CONFIRM: &str = "before-confirm";
 pub const AFTER_FIRST_ANSWER: &str = "after-first-answer";
 /// router: every voter reported, the transaction not yet finalized.
 pub const BEFORE_FINALIZE: &str = "before-finalize";
+/// router: a gated write was finalized acknowledged (its post-receive is pending in
+/// etcd), no voter asked yet to run post-receive.
+pub const BEFORE_POST_RECEIVE: &str = "before-post-receive";
 /// node: a repair fetch ran, its refs not yet in place.
 pub const MID_REPAIR: &str = "mid-repair";
 /// router: its first finalize fails as if etcd had not answered (an error, not a

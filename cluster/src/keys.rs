@@ -18,6 +18,7 @@
 //! | `tx/<id>/done/<voter>` | [`DoneRecord`](crate::records::DoneRecord) |
 //! | `tx/<id>/verdict` | [`VerdictRecord`](crate::records::VerdictRecord), created once (gated transactions) |
 //! | `postreceive/<id>` | who runs GitLab's post-receive of a committed transaction, on the asking router's lease |
+//! | `postreceive-pending/<id>` | [`PendingPostReceive`](crate::records::PendingPostReceive): that post-receive is owed, written when the transaction ends |
 //! | `txrepo/<repo>/<id>` | empty: index of a repository's open transactions |
 //! | `outcomes/<id>` | [`TxOutcome`](crate::records::TxOutcome), on the finalizer's lease |
 //! | `jobs/repair/<repo>/<node>` | [`JobRecord`](crate::records::JobRecord) |
@@ -167,6 +168,16 @@ impl Keys {
         format!("{}postreceive/{tx}", self.prefix)
     }
 
+    /// Post-receive owed for an acknowledged gated transaction: written in the txn
+    /// that ends it, deleted once it ran.
+    pub fn post_receive_pending(&self, tx: &str) -> String {
+        format!("{}{tx}", self.post_receive_pending_all())
+    }
+
+    pub fn post_receive_pending_all(&self) -> String {
+        format!("{}postreceive-pending/", self.prefix)
+    }
+
     pub fn txrepo_all(&self) -> String {
         format!("{}txrepo/", self.prefix)
     }
@@ -264,5 +275,12 @@ mod tests {
         assert_eq!(keys.decided("t", "k.0"), "/p/tx/t/decided/k.0");
         assert!(keys.done("t", "n1").starts_with(&keys.tx("t")));
         assert!(!keys.outcome("t").starts_with(&keys.tx("t")));
+        // The claim and the pending marker never share a prefix.
+        assert!(
+            !keys
+                .post_receive_pending("t")
+                .starts_with(&keys.post_receive("t"))
+        );
+        assert_eq!(keys.post_receive_pending("t"), "/p/postreceive-pending/t");
     }
 }

@@ -114,6 +114,44 @@ pub struct TxRecord {
     pub designated: Option<String>,
 }
 
+/// `postreceive-pending/<id>`: GitLab's post-receive of this acknowledged gated
+/// transaction is owed. Written in the txn that ends the transaction, deleted by the
+/// node that ran it (or by whoever learns nobody can); no lease, so it outlives a
+/// router that died before asking (DESIGN-CHANGES-12.md).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingPostReceive {
+    pub id: String,
+    pub repo: RepoId,
+    /// The transaction's designated voter, asked first when promoted.
+    pub designated: Option<String>,
+    /// The voters in record order (the order the others are asked in).
+    pub voters: Vec<String>,
+    /// Who was promoted: only they hold the update to post-receive.
+    pub promoted: Vec<String>,
+    /// Who ended the transaction (a router, or the reaper).
+    pub finalized_by: String,
+}
+
+impl PendingPostReceive {
+    /// The marker for `record` ended with `outcome` by `by`.
+    pub fn of(record: &TxRecord, outcome: &TxOutcome, by: &str) -> PendingPostReceive {
+        PendingPostReceive {
+            id: record.id.clone(),
+            repo: record.repo.clone(),
+            designated: record.designated.clone(),
+            voters: record.voters.clone(),
+            promoted: outcome.promoted.clone(),
+            finalized_by: by.to_owned(),
+        }
+    }
+
+    /// Whether ending `record` with `outcome` owes GitLab's post-receive: a gated
+    /// write, committed, acknowledged.
+    pub fn owed(record: &TxRecord, outcome: &TxOutcome) -> bool {
+        record.designated.is_some() && outcome.committed && outcome.acknowledged
+    }
+}
+
 /// `tx/<id>/votes/<key>/<voter>`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VoteRecord {

@@ -60,6 +60,11 @@ pub struct Config {
     /// How often the reaper looks for transactions whose router died.
     #[serde(default = "defaults::reaper_interval_ms")]
     pub reaper_interval_ms: u64,
+    /// How long a pending GitLab post-receive (of a write whose router may have died
+    /// before asking for it) waits before this router's sweeper asks for it.
+    /// Default: 5000.
+    #[serde(default = "defaults::post_receive_grace_ms")]
+    pub post_receive_grace_ms: u64,
     /// Serve reads from the router's watched view of etcd when etcd cannot be reached,
     /// instead of failing them UNAVAILABLE. Such a read may miss writes acknowledged
     /// (through any router) after this router lost etcd. Default: false.
@@ -131,6 +136,9 @@ mod defaults {
     }
     pub fn reaper_interval_ms() -> u64 {
         1_000
+    }
+    pub fn post_receive_grace_ms() -> u64 {
+        5_000
     }
     pub fn max_stale_read_secs() -> u64 {
         30
@@ -245,6 +253,7 @@ impl Config {
         for (key, value) in [
             ("repair_interval_ms", self.repair_interval_ms),
             ("reaper_interval_ms", self.reaper_interval_ms),
+            ("post_receive_grace_ms", self.post_receive_grace_ms),
         ] {
             if !(10..=3_600_000).contains(&value) {
                 return Err(invalid(key, "must be between 10 and 3600000".into()));

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt, stream};
-use refvote_cluster::records::{NodeRecord, TxRecord};
+use refvote_cluster::records::{NodeRecord, PendingPostReceive, TxRecord};
 use refvote_cluster::repository::RepoView;
 use refvote_cluster::tx::Begin;
 use refvote_cluster::{RepoId, Store};
@@ -32,7 +32,7 @@ use tonic::{Code, Extensions, Request, Response, Status, Streaming};
 use crate::codec::BytesCodec;
 use crate::fanout::{LegResult, LegSpec, fan_out};
 use crate::frame;
-use crate::gitlab::{self, Quarantine};
+use crate::gitlab::{self, PostReceive, Quarantine};
 use crate::interactive::Session;
 use crate::limit::{Class, LimitSettings, Limiter};
 use crate::outcome::{answer, non_voters, respond_with};
@@ -451,18 +451,23 @@ impl Forwarder {
             crate::metrics::finalized(&outcome);
             // GitLab's post-receive, once, for a gated write acknowledged as committed.
             let mut output = Vec::new();
+            // Its pending marker was written with the outcome: if this router dies
+            // before a voter ran it, another router's sweeper does (crate::sweep).
             if let Ok(o) = &outcome
-                && tx.designated.is_some()
-                && o.acknowledged
-                && o.committed
+                && PendingPostReceive::owed(&tx, o)
             {
-                output = gitlab::run_post_receive(&me.pool, view.as_ref(), &tx, o, lease).await;
-                let (store, id) = (store.clone(), tx.id.clone());
-                tokio::spawn(async move {
-                    if let Err(e) = store.release_post_receive(&id).await {
-                        tracing::debug!(tx = %id, error = %e, "cannot delete the post-receive claim; it goes with this router's lease");
+                refvote_cluster::faults::reach(refvote_cluster::faults::BEFORE_POST_RECEIVE).await;
+                let pending = PendingPostReceive::of(&tx, o, &me.router_id);
+                match gitlab::run_post_receive(&me.pool, view.as_ref(), &pending, lease).await {
+                    PostReceive::Ran(printed) => {
+                        output = printed;
+                        // The node deleted the marker; again here in case that failed.
+                        let (store, id) = (store.clone(), tx.id.clone());
+                        tokio::spawn(async move { crate::sweep::finish(&store, &id).await });
                     }
-                });
+                    PostReceive::Nowhere => crate::sweep::finish(&store, &tx.id).await,
+                    PostReceive::NotHere | PostReceive::Failed => {}
+                }
             }
             if outcome.is_err() {
                 // The client hears "outcome unknown"; the transaction must still end, or

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use prost::Message;
-use refvote_cluster::records::{TxOutcome, TxRecord};
+use refvote_cluster::records::{PendingPostReceive, TxRecord};
 use refvote_cluster::repository::RepoView;
 use refvote_pktline::sideband::{self, Band, SideBand};
 use refvote_proto::gitaly::{
@@ -136,65 +136,100 @@ pub fn quarantine_holders(open: &[TxRecord], view: &RepoView) -> Vec<String> {
     out
 }
 
-/// Who is asked to run post-receive of `tx`, in order: its designated voter if
-/// promoted, then the other promoted voters in record order.
-pub fn post_receive_order(tx: &TxRecord, outcome: &TxOutcome) -> Vec<String> {
-    let promoted = |v: &String| outcome.promoted.contains(v);
-    tx.designated
+/// Who is asked to run post-receive of the transaction `pending` describes, in
+/// order: its designated voter if promoted, then the other promoted voters in record
+/// order.
+pub fn post_receive_order(pending: &PendingPostReceive) -> Vec<String> {
+    let promoted = |v: &String| pending.promoted.contains(v);
+    pending
+        .designated
         .iter()
         .filter(|d| promoted(d))
         .chain(
-            tx.voters
+            pending
+                .voters
                 .iter()
-                .filter(|v| promoted(v) && Some(*v) != tx.designated.as_ref()),
+                .filter(|v| promoted(v) && Some(*v) != pending.designated.as_ref()),
         )
         .cloned()
         .collect()
 }
 
-/// Asks the promoted voters of the acknowledged gated transaction `tx` (in
-/// [`post_receive_order`]) to run GitLab's post-receive until one says it ran or was
-/// claimed; returns what it printed. Its failures never fail the write: they are
-/// logged and the pusher's answer goes without the messages.
+/// What asking the promoted voters for post-receive came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PostReceive {
+    /// One ran it (its pending marker is deleted); what it printed.
+    Ran(Vec<u8>),
+    /// It is claimed by someone who has not finished, or it ran already: nothing to
+    /// do here.
+    NotHere,
+    /// Every promoted voter answered that it holds no update of the transaction (they
+    /// restarted since): nobody can run it.
+    Nowhere,
+    /// A voter could not be reached or failed: the marker stays for a sweeper.
+    Failed,
+}
+
+/// Asks the promoted voters of the acknowledged gated transaction `pending` (in
+/// [`post_receive_order`]) to run GitLab's post-receive, under `lease`, until one
+/// answers that it ran it or that it is not owed here. Its failures never fail the
+/// write: they are logged and the pusher's answer goes without the messages.
 pub async fn run_post_receive(
     pool: &Pool,
     view: Option<&RepoView>,
-    tx: &TxRecord,
-    outcome: &TxOutcome,
+    pending: &PendingPostReceive,
     lease: i64,
-) -> Vec<u8> {
-    for node in post_receive_order(tx, outcome) {
+) -> PostReceive {
+    let tx = &pending.id;
+    let mut failed = false;
+    for node in post_receive_order(pending) {
         let Some((record, _)) = view.and_then(|v| v.live_nodes.get(&node)) else {
+            failed = true;
             continue;
         };
         let channel = match pool.channel(&record.address) {
             Ok(c) => c,
             Err(e) => {
-                tracing::warn!(tx = %tx.id, node, error = %e, "cannot reach a promoted voter for post-receive");
+                tracing::warn!(tx = %tx, node, error = %e, "cannot reach a promoted voter for post-receive");
+                failed = true;
                 continue;
             }
         };
         let request = RunPostReceiveRequest {
-            transaction: tx.id.clone(),
+            transaction: tx.clone(),
             lease,
         };
         let mut client = NodeServiceClient::new(channel);
         let call = client.run_post_receive(request);
         match tokio::time::timeout(POST_RECEIVE_WAIT, call).await {
-            Ok(Ok(answer)) => return answer.into_inner().output,
+            Ok(Ok(answer)) => {
+                let answer = answer.into_inner();
+                return if answer.ran {
+                    PostReceive::Ran(answer.output)
+                } else {
+                    PostReceive::NotHere
+                };
+            }
             Ok(Err(status)) if status.code() == Code::NotFound => {
-                tracing::debug!(tx = %tx.id, node, "no committed update there; asking the next");
+                tracing::debug!(tx = %tx, node, "no committed update there; asking the next");
             }
             Ok(Err(status)) => {
-                tracing::warn!(tx = %tx.id, node, %status, "post-receive failed on a promoted voter; asking the next");
+                tracing::warn!(tx = %tx, node, %status, "post-receive failed on a promoted voter; asking the next");
+                failed = true;
             }
             Err(_) => {
-                tracing::warn!(tx = %tx.id, node, "post-receive did not answer in time; asking the next");
+                tracing::warn!(tx = %tx, node, "post-receive did not answer in time; asking the next");
+                failed = true;
             }
         }
     }
-    tracing::warn!(tx = %tx.id, "no promoted voter ran GitLab's post-receive");
-    Vec::new()
+    if failed {
+        tracing::warn!(tx = %tx, "no promoted voter ran GitLab's post-receive yet; it stays pending");
+        PostReceive::Failed
+    } else {
+        tracing::error!(tx = %tx, "no promoted voter holds the update any more: GitLab's post-receive cannot run");
+        PostReceive::Nowhere
+    }
 }
 
 /// `answer` (a receive-pack's whole output) with `output` put before its final flush
@@ -324,17 +359,15 @@ mod tests {
         }
     }
 
-    fn outcome(promoted: &[&str]) -> TxOutcome {
-        TxOutcome {
-            id: "t1".into(),
-            repo: RepoId::new("default", "a.git").unwrap(),
-            committed: true,
-            generation: 2,
+    fn pending(designated: Option<&str>, promoted: &[&str]) -> PendingPostReceive {
+        let r = record(designated);
+        PendingPostReceive {
+            id: r.id,
+            repo: r.repo,
+            designated: r.designated,
+            voters: r.voters,
             promoted: promoted.iter().map(|p| p.to_string()).collect(),
-            outdated: Vec::new(),
-            threshold: 2,
-            acknowledged: true,
-            reaped: false,
+            finalized_by: "r".into(),
         }
     }
 
@@ -398,14 +431,14 @@ mod tests {
     #[test]
     fn post_receive_is_asked_of_the_designated_voter_first_when_promoted() {
         assert_eq!(
-            post_receive_order(&record(Some("b")), &outcome(&["a", "b", "c"])),
+            post_receive_order(&pending(Some("b"), &["a", "b", "c"])),
             ["b", "a", "c"]
         );
         assert_eq!(
-            post_receive_order(&record(Some("b")), &outcome(&["a", "c"])),
+            post_receive_order(&pending(Some("b"), &["a", "c"])),
             ["a", "c"]
         );
-        assert!(post_receive_order(&record(None), &outcome(&[])).is_empty());
+        assert!(post_receive_order(&pending(None, &[])).is_empty());
     }
 
     fn report(sideband: bool) -> Vec<u8> {

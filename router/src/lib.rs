@@ -67,6 +67,7 @@ pub mod respond;
 pub mod server;
 pub mod sidechannel;
 mod stamp;
+mod sweep;
 mod twophase;
 pub mod verifier;
 mod wire;

@@ -123,8 +123,8 @@ impl RouterServer {
             auth.as_ref().map(|a| a.secret.clone()),
             node_tls.clone(),
         ));
-        // Every router repairs and reaps; etcd claims and the `reaper` key keep them
-        // from doing the same work twice.
+        // Every router repairs, reaps and sweeps post-receives; etcd claims and the
+        // `reaper` key keep them from doing the same work twice.
         let background = vec![
             tokio::spawn(crate::repair::run(
                 store.clone(),
@@ -135,6 +135,14 @@ impl RouterServer {
                     Duration::from_millis(config.repair_interval_ms),
                     config.repair_concurrency,
                 ),
+            )),
+            tokio::spawn(crate::sweep::run(
+                store.clone(),
+                node_pool.clone(),
+                session.subscribe(),
+                crate::sweep::SweepConfig {
+                    grace: Duration::from_millis(config.post_receive_grace_ms),
+                },
             )),
             tokio::spawn(reaper::run(
                 store.clone(),

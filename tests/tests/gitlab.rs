@@ -241,6 +241,8 @@ async fn a_push_over_http_by_a_gitlab_user_is_checked_once_and_post_received_onc
     assert_eq!(body["gl_repository"], GL_REPOSITORY);
     assert_eq!(body["identifier"], "user-7");
     assert_eq!(body["push_options"], json!(["ci.skip"]));
+    // The post-receive it owed is done with: no marker left for a sweeper.
+    assert!(s.c.store.pending_post_receives().await?.is_empty());
     // Every call of one push carries one correlation id.
     let ids: std::collections::BTreeSet<_> = s
         .api
@@ -830,5 +832,115 @@ async fn post_receive_down_leaves_the_push_acknowledged_retried_and_logged() -> 
         "{logs}"
     );
     assert!(logs.contains("the push stands"), "{logs}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn post_receive_of_a_router_killed_before_asking_runs_once_on_another_router()
+-> anyhow::Result<()> {
+    // router1 stops (a fault hold) after finalizing an acknowledged gated push and
+    // before asking a voter for post-receive, and is killed there by its pid; router2's
+    // sweeper finds the pending marker written with the outcome and runs post-receive
+    // once, with the changes as committed.
+    use refvote_tests::hold::Hold;
+    use refvote_tests::router::RouterOptions;
+    let api_dir = tempfile::tempdir()?;
+    let api = GitlabApi::start(api_dir.path(), respond(allowing)).await?;
+    let opts = NodeOptions::default().config(api.configure());
+    let mut c = Fixture::nodes(3)
+        .node_options(opts)
+        .seeded(RELATIVE)
+        .router()
+        .router_with(RouterOptions::default().config(|r| r.post_receive_grace_ms = 1000))
+        .start()
+        .await?;
+    let hold = Hold::new(refvote_cluster::faults::BEFORE_POST_RECEIVE, 1)?;
+    c.routers[0].stop()?;
+    c.routers[0].env = hold.env();
+    c.routers[0].launch().await?;
+    let work = c.work("w")?;
+    let old = git::rev(&work.path, "refs/heads/main").unwrap();
+    let new = work.commit("main", "its router dies before post-receive")?;
+    let proxy = GitHttpProxy::start_as(
+        vec![Target {
+            url: c.routers[0].grpc_url(),
+            storage: "default".into(),
+            transaction: None,
+        }],
+        GitlabIdentity {
+            gl_id: "user-7".into(),
+            gl_username: "jane".into(),
+            gl_repository: GL_REPOSITORY.into(),
+            gl_project_path: PROJECT_PATH.into(),
+        },
+    )
+    .await?;
+    let url = proxy.url(RELATIVE);
+    let path = work.path.clone();
+    let push = tokio::spawn(async move {
+        git::push(&path, Path::new(&url), &["-o", "ci.skip", "main"], &[]).await
+    });
+    let logs = |c: &VoteCluster| {
+        c.routers
+            .iter()
+            .map(|r| format!("--- {}\n{}", r.name, r.log_tail(40)))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    hold.wait_reached(Duration::from_secs(60))
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", logs(&c)))?;
+    // Finalized and acknowledged: committed on every replica, post-receive owed.
+    let pending = c.store.pending_post_receives().await?;
+    assert_eq!(pending.len(), 1, "{pending:?}");
+    assert_eq!(pending[0].finalized_by, "router1");
+    assert_eq!(pending[0].promoted.len(), 3, "{pending:?}");
+    assert_eq!(api.calls("post_receive").len(), 0, "not asked yet");
+    let pid = c.routers[0].pid().expect("router1 runs");
+    c.routers[0].kill()?;
+    assert!(!c.routers[0].is_running(), "router1 (pid {pid}) is dead");
+    let out = tokio::time::timeout(Duration::from_secs(60), push).await???;
+    assert!(!out.status.success(), "its router died: {}", text(&out));
+    let revs: Vec<_> = c
+        .nodes
+        .iter()
+        .map(|n| git::rev(&n.repo(RELATIVE), "refs/heads/main"))
+        .collect();
+    assert_eq!(revs, vec![Some(new.clone()); 3]);
+
+    // router2 runs it, once, and the marker goes.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !(api.calls("post_receive").len() == 1
+        && c.store.pending_post_receives().await?.is_empty())
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "post-receive never swept: {} calls\n{}",
+            api.calls("post_receive").len(),
+            logs(&c)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Past router1's lease (3 s) and several sweeps: still once.
+    let watch_until = std::time::Instant::now() + Duration::from_secs(5);
+    while std::time::Instant::now() < watch_until {
+        assert_eq!(api.calls("post_receive").len(), 1, "{}", logs(&c));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let post = api.calls("post_receive");
+    post[0].assert_jwt();
+    let body = post[0].json();
+    assert_eq!(body["changes"], line(&old, &new, "refs/heads/main"));
+    assert_eq!(body["gl_repository"], GL_REPOSITORY);
+    assert_eq!(body["identifier"], "user-7");
+    assert_eq!(body["push_options"], json!(["ci.skip"]));
+    assert!(
+        c.routers[1]
+            .log_tail(400)
+            .contains("running a post-receive its router did not ask for"),
+        "{}",
+        logs(&c)
+    );
+    assert_eq!(api.calls("allowed").len(), 1);
     Ok(())
 }

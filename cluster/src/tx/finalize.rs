@@ -12,7 +12,9 @@ use crate::decide::finalize::{self, RepoRead, Step, TxState};
 use crate::decide::holds_lease;
 use crate::error::{Error, Result};
 use crate::keys::Keys;
-use crate::records::{ReplicaRecord, RepoRecord, TxOutcome, TxRecord, VoteRecord};
+use crate::records::{
+    PendingPostReceive, ReplicaRecord, RepoRecord, TxOutcome, TxRecord, VoteRecord,
+};
 use crate::repository::put_job_if_absent;
 use crate::store::{Entry, Store, by_tail, encode, get_op, get_prefix_op, ranges, revision};
 
@@ -256,6 +258,16 @@ impl Store {
             encode(&outcome),
             lease,
         ));
+        // GitLab's post-receive is owed from here on, whoever asks for it (DESIGN.md
+        // §8, DESIGN-CHANGES-12.md): the marker lands with the outcome or not at all.
+        if PendingPostReceive::owed(record, &outcome) {
+            let pending = PendingPostReceive::of(record, &outcome, by);
+            ops.push(TxnOp::put(
+                keys.post_receive_pending(&record.id),
+                encode(&pending),
+                None,
+            ));
+        }
         ops.push(TxnOp::delete(
             keys.tx(&record.id),
             Some(etcd_client::DeleteOptions::new().with_prefix()),

@@ -10,7 +10,7 @@ use tokio::time::Instant;
 
 use crate::decide::verdict::{self, Await};
 use crate::error::{Error, Result};
-use crate::records::{TxRecord, VerdictRecord};
+use crate::records::{PendingPostReceive, TxRecord, VerdictRecord};
 use crate::repo::RepoId;
 use crate::store::{Store, by_tail, encode, get_op, get_prefix_op, ranges};
 
@@ -185,23 +185,63 @@ impl Store {
     }
 
     /// Claims running GitLab's post-receive of transaction `tx` for `by`, create-only,
-    /// on `lease` (the lease of the router that asks, which deletes the claim once it
-    /// is done with the call; if it dies, the claim goes with its lease). `false`: it
-    /// was claimed before, so it ran or is running elsewhere.
-    pub async fn claim_post_receive(&self, tx: &str, by: &str, lease: i64) -> Result<bool> {
-        let key = self.keys().post_receive(tx);
+    /// on `lease` (the lease of the router that asks: if it dies with the run
+    /// unfinished, the claim goes with its lease and a sweeper asks again), and only
+    /// while it is still owed (`postreceive-pending/<tx>` exists: once it ran, a late
+    /// ask cannot run it again).
+    pub async fn claim_post_receive(&self, tx: &str, by: &str, lease: i64) -> Result<Claim> {
+        let keys = self.keys();
+        let key = keys.post_receive(tx);
+        let pending = keys.post_receive_pending(tx);
         let opts = (lease != 0).then(|| PutOptions::new().with_lease(lease));
         let txn = Txn::new()
-            .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(key.as_str(), by.as_bytes(), opts)]);
-        Ok(self.txn(txn).await?.succeeded())
+            .when([
+                Compare::create_revision(key.as_str(), CompareOp::Equal, 0),
+                Compare::create_revision(pending.as_str(), CompareOp::Greater, 0),
+            ])
+            .and_then([TxnOp::put(key.as_str(), by.as_bytes(), opts)])
+            .or_else([get_op(&key), get_op(&pending)]);
+        let resp = self.txn(txn).await?;
+        if resp.succeeded() {
+            return Ok(Claim::Claimed);
+        }
+        let r = ranges(&resp);
+        Ok(match (r[0].first(), r[1].first()) {
+            (_, None) => Claim::Finished,
+            (Some(e), Some(_)) => Claim::Elsewhere(String::from_utf8_lossy(&e.value).into_owned()),
+            // Deleted between the compare and the read: ask again later.
+            (None, Some(_)) => Claim::Elsewhere(String::new()),
+        })
     }
 
-    /// Deletes the post-receive claim of transaction `tx`.
-    pub async fn release_post_receive(&self, tx: &str) -> Result<()> {
-        let key = self.keys().post_receive(tx);
-        self.txn(Txn::new().and_then([TxnOp::delete(key.as_str(), None)]))
-            .await?;
+    /// Post-receive of transaction `tx` is done with (it ran, or nobody can run it):
+    /// deletes its pending marker and its claim together.
+    pub async fn finish_post_receive(&self, tx: &str) -> Result<()> {
+        let keys = self.keys();
+        self.txn(Txn::new().and_then([
+            TxnOp::delete(keys.post_receive_pending(tx).as_str(), None),
+            TxnOp::delete(keys.post_receive(tx).as_str(), None),
+        ]))
+        .await?;
         Ok(())
     }
+
+    /// Every post-receive still owed, with its marker's entry.
+    pub async fn pending_post_receives(&self) -> Result<Vec<PendingPostReceive>> {
+        let (entries, _) = self
+            .get_prefix(&self.keys().post_receive_pending_all())
+            .await?;
+        entries.iter().map(|e| e.decode()).collect()
+    }
+}
+
+/// What [`Store::claim_post_receive`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// Ours: run it, then [`Store::finish_post_receive`].
+    Claimed,
+    /// Someone (named, if known) claimed it and has not finished.
+    Elsewhere(String),
+    /// Not owed any more: it ran.
+    Finished,
 }

@@ -7,6 +7,8 @@ pub(crate) mod finalize;
 mod gate;
 mod vote;
 
+pub use gate::Claim;
+
 use std::time::Duration;
 
 use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp};

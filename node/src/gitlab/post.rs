@@ -1,13 +1,17 @@
 //! GitLab's post-receive of an acknowledged gated transaction, run on the promoted
 //! voter the router asks (`refvote.node.NodeService/RunPostReceive`): with the refs
-//! this node's git updated, claimed in etcd first so no other node runs it too.
+//! this node's git updated, claimed in etcd first so no other node runs it too, and
+//! only while its `postreceive-pending/<tx>` marker says it is owed; the run deletes
+//! the marker and the claim when it is over (DESIGN-CHANGES-12.md).
 
 use std::sync::Arc;
 
+use refvote_cluster::tx::Claim;
 use refvote_gitlab::{Changes, Collect};
 use refvote_proto::node::node_service_server::NodeService;
 use refvote_proto::node::{RunPostReceiveRequest, RunPostReceiveResponse};
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use super::GitlabSide;
 use crate::error::NodeError;
@@ -33,7 +37,7 @@ impl GitlabSide {
             .expect("poisoned")
             .clone()
             .ok_or_else(not_here)?;
-        let claimed = self
+        let claim = self
             .store
             .claim_post_receive(tx, &self.node, lease)
             .await
@@ -41,16 +45,29 @@ impl GitlabSide {
                 tx: tx.to_owned(),
                 source,
             })?;
-        if !claimed {
-            tracing::info!(
-                tx,
-                "post-receive was claimed elsewhere; not running it again"
-            );
-            self.forget(tx);
-            return Ok(RunPostReceiveResponse {
-                ran: false,
-                output: Vec::new(),
-            });
+        match claim {
+            Claim::Claimed => {}
+            Claim::Elsewhere(by) => {
+                // Kept here (until its TTL) in case the claimer dies unfinished and a
+                // sweeper asks again.
+                tracing::info!(
+                    tx,
+                    by,
+                    "post-receive is claimed elsewhere; not running it here"
+                );
+                return Ok(RunPostReceiveResponse {
+                    ran: false,
+                    output: Vec::new(),
+                });
+            }
+            Claim::Finished => {
+                tracing::info!(tx, "post-receive already ran; not running it again");
+                self.forget(tx);
+                return Ok(RunPostReceiveResponse {
+                    ran: false,
+                    output: Vec::new(),
+                });
+            }
         }
         let mut out = Collect::default();
         match Changes::parse(changes.as_bytes()) {
@@ -79,6 +96,12 @@ impl GitlabSide {
             }
             // git's post-receive said nothing was updated here (every ref refused).
             Err(e) => tracing::info!(tx, error = %e, "no ref updated; post-receive not run"),
+        }
+        // Done with, whatever GitLab answered: the marker and the claim go together.
+        // If this fails the claim stays on the asker's lease and the marker with it;
+        // a sweeper then runs it again once that lease is gone (at least once).
+        if let Err(e) = self.store.finish_post_receive(tx).await {
+            tracing::warn!(tx, error = %e, "post-receive ran but its pending marker could not be deleted");
         }
         self.forget(tx);
         let mut output = out.stdout;
@@ -109,10 +132,16 @@ impl NodeService for NodeSvc {
         if !refvote_proto::contract::is_transaction_id(&req.transaction) {
             return Err(NodeError::invalid("malformed transaction id").into());
         }
-        Ok(Response::new(
-            self.side
-                .run_post_receive(&req.transaction, req.lease)
-                .await?,
-        ))
+        // On its own task: a router that dies mid-call must not cut GitLab's call
+        // short (the run finishes and deletes its pending marker either way).
+        let side = self.side.clone();
+        let run = tokio::spawn(
+            async move { side.run_post_receive(&req.transaction, req.lease).await }
+                .in_current_span(),
+        );
+        let answer = run
+            .await
+            .map_err(|e| Status::internal(format!("post-receive's task failed: {e}")))??;
+        Ok(Response::new(answer))
     }
 }
