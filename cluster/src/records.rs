@@ -28,6 +28,11 @@ pub struct NodeRecord {
     /// Such a write is gated as with the API, and every voter must agree on it too.
     #[serde(default)]
     pub custom_hooks: bool,
+    /// The node is shutting down (SIGTERM): it finishes the calls it has, but new
+    /// transactions leave it out of their voters and reads go elsewhere. Its lease (so
+    /// this record) stays until those calls are done.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub draining: bool,
 }
 
 /// `repos/<repo>`. Its threshold ([`RepoRecord::threshold`]) is a quorum rule and

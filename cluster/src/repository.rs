@@ -25,14 +25,17 @@ pub struct RepoView {
 }
 
 impl RepoView {
-    /// Assigned replicas that are up to date and whose node holds its lease, in
-    /// placement order: the voters of a new transaction, and the replicas reads may use.
+    /// Assigned replicas that are up to date and whose node holds its lease and is not
+    /// draining, in placement order: the voters of a new transaction, and the replicas
+    /// reads may use. A draining node finishes what it has but takes nothing new.
     pub fn up_to_date_live(&self) -> Vec<String> {
         self.record
             .assigned
             .iter()
             .filter(|n| {
-                self.live_nodes.contains_key(*n)
+                self.live_nodes
+                    .get(*n)
+                    .is_some_and(|(node, _)| !node.draining)
                     && self
                         .replicas
                         .get(*n)
@@ -78,16 +81,20 @@ impl Store {
 
     /// Chooses `factor` live nodes for a new repository: those holding the fewest
     /// repositories (per the `repos/` records), ties by name; never two replicas on one
-    /// node. Fewer live nodes than `factor` is [`Error::TooFewNodes`].
+    /// node, none on a draining node. Fewer such nodes than `factor` is
+    /// [`Error::TooFewNodes`].
     pub async fn place(&self, factor: usize) -> Result<Vec<String>> {
         let keys = self.keys();
         let txn = Txn::new().and_then([get_prefix_op(&keys.repos()), get_prefix_op(&keys.nodes())]);
         let resp = self.txn(txn).await?;
         let r = ranges(&resp);
-        let mut load: BTreeMap<String, usize> = by_tail(&r[1], &keys.nodes())
-            .into_keys()
-            .map(|n| (n, 0))
-            .collect();
+        let mut load = BTreeMap::new();
+        for (n, e) in by_tail(&r[1], &keys.nodes()) {
+            let node: NodeRecord = e.decode()?;
+            if !node.draining {
+                load.insert(n, 0usize);
+            }
+        }
         for e in &r[0] {
             let record: RepoRecord = e.decode()?;
             for node in &record.assigned {

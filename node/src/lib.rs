@@ -113,6 +113,7 @@ pub struct NodeServer {
     local_addr: SocketAddr,
     stop: tokio::sync::watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    health: tonic_health::server::HealthReporter,
 }
 
 impl NodeServer {
@@ -120,16 +121,32 @@ impl NodeServer {
         self.local_addr
     }
 
-    /// Stops accepting calls and gives running ones up to `drain` to finish.
-    pub async fn shutdown(self, drain: Duration) {
+    /// Reports NOT_SERVING on the health service (the whole server and the Gitaly
+    /// services), while calls go on being served: the first step of a drain.
+    pub async fn set_not_serving(&self) {
+        use tonic_health::ServingStatus;
+        self.health
+            .set_service_status("", ServingStatus::NotServing)
+            .await;
+        self.health
+            .set_not_serving::<gitaly::server_service_server::ServerServiceServer<server::ServerSvc>>()
+            .await;
+    }
+
+    /// Stops accepting calls and gives running ones up to `drain` to finish; returns
+    /// whether they all did.
+    pub async fn shutdown(self, drain: Duration) -> bool {
         let _ = self.stop.send(true);
         let deadline = tokio::time::Instant::now() + drain;
+        let mut finished = true;
         for mut task in self.tasks {
             if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
                 tracing::warn!("gRPC calls still running after {drain:?}; stopping them");
                 task.abort();
+                finished = false;
             }
         }
+        finished
     }
 }
 
@@ -226,10 +243,11 @@ pub fn serve(
     let mut tasks = Vec::new();
     let tcp = routes(&state, &auth, health.clone());
     let until = signal(stopped.clone());
+    let serving = reporter.clone();
     tasks.push(tokio::spawn(async move {
         // The empty service name (the whole server) is SERVING from the start; name
         // the Gitaly services too, for probes that ask for one.
-        reporter
+        serving
             .set_serving::<gitaly::server_service_server::ServerServiceServer<server::ServerSvc>>()
             .await;
         if let Err(e) = tcp.serve_with_incoming_shutdown(incoming, until).await {
@@ -251,5 +269,6 @@ pub fn serve(
         local_addr,
         stop,
         tasks,
+        health: reporter,
     })
 }

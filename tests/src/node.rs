@@ -243,6 +243,22 @@ impl Node {
         Ok(())
     }
 
+    /// SIGTERM without waiting: the node drains while the test goes on; see
+    /// [`Node::exit_status`].
+    pub fn sigterm(&mut self) -> anyhow::Result<()> {
+        let pid = self.pid().context("the node is not running")?;
+        refvote_launcher::process::signal(pid, refvote_launcher::process::Signal::TERM)?;
+        Ok(())
+    }
+
+    /// The exit status once the process exited (it stays reaped here); `None` while it
+    /// runs.
+    pub fn exit_status(&mut self) -> Option<std::process::ExitStatus> {
+        self.proc
+            .as_mut()
+            .and_then(|p| p.try_status().ok().flatten())
+    }
+
     /// SIGKILL: the lease lapses only after its TTL.
     pub fn kill(&mut self) -> anyhow::Result<()> {
         if let Some(mut p) = self.proc.take() {

@@ -35,6 +35,17 @@ pub struct Config {
     /// empty: no metrics endpoint.
     #[serde(default, alias = "metrics_addr")]
     pub prometheus_listen_addr: String,
+    /// On SIGTERM: how long the node goes on accepting calls after it reported not
+    /// ready (gRPC health NOT_SERVING, `draining` in its etcd record, so routers stop
+    /// choosing it), for the transactions routers began just before they saw it.
+    /// Default: 1.
+    #[serde(default = "defaults::drain_grace_secs")]
+    pub drain_grace_secs: u64,
+    /// On SIGTERM, after the grace: how long calls in flight (pushes mid-vote, clones)
+    /// may take to finish and report done before they are cut off; the etcd lease is
+    /// revoked after. Default: 55.
+    #[serde(default = "defaults::drain_timeout_secs")]
+    pub drain_timeout_secs: u64,
     #[serde(default)]
     pub git: GitConfig,
     /// Deadlines on what clients do (Gitaly's `[timeout]` section).
@@ -139,6 +150,12 @@ mod defaults {
 
     pub fn listen_addr() -> String {
         "127.0.0.1:8075".into()
+    }
+    pub fn drain_grace_secs() -> u64 {
+        1
+    }
+    pub fn drain_timeout_secs() -> u64 {
+        55
     }
     pub fn git_bin() -> PathBuf {
         "git".into()
@@ -288,6 +305,15 @@ impl Config {
                 ),
             ));
         }
+        if self.drain_grace_secs > 3600 {
+            return Err(invalid("drain_grace_secs", "must be at most 3600".into()));
+        }
+        if !(1..=86_400).contains(&self.drain_timeout_secs) {
+            return Err(invalid(
+                "drain_timeout_secs",
+                "must be between 1 and 86400".into(),
+            ));
+        }
         if self.git.bin_path.as_os_str().is_empty() {
             return Err(invalid("git.bin_path", "must not be empty".into()));
         }
@@ -383,6 +409,14 @@ impl Config {
         Duration::from_millis(self.vote.verdict_timeout_ms)
     }
 
+    /// SIGTERM's drain: the grace while not ready, then the bound on calls in flight.
+    pub fn drain(&self) -> (Duration, Duration) {
+        (
+            Duration::from_secs(self.drain_grace_secs),
+            Duration::from_secs(self.drain_timeout_secs),
+        )
+    }
+
     pub fn git_timeout(&self) -> Duration {
         Duration::from_secs(self.git.timeout_secs)
     }
@@ -457,6 +491,12 @@ mod tests {
         assert_eq!(c.registered_address(), "tcp://node1.example:8075");
         let c = parse("node_name = \"n1\"\nlisten_addr = \"\"\n").unwrap();
         assert_eq!(c.registered_address(), "");
+        let e = parse("node_name = \"n1\"\ndrain_timeout_secs = 0\n").unwrap_err();
+        assert!(e.contains("drain_timeout_secs"), "{e}");
+        let e = parse("node_name = \"n1\"\ndrain_grace_secs = 99999\n").unwrap_err();
+        assert!(e.contains("drain_grace_secs"), "{e}");
+        let c = parse("node_name = \"n1\"\n").unwrap();
+        assert_eq!(c.drain(), (Duration::from_secs(1), Duration::from_secs(55)));
         let e = parse("node_name = \"n1\"\n[git]\ntimeout_secs = 0\n").unwrap_err();
         assert!(e.contains("git.timeout_secs"), "{e}");
     }

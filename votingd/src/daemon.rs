@@ -4,7 +4,7 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use refvote_cluster::Store;
@@ -72,6 +72,11 @@ const STARTUP_LOCK_WAIT: Duration = Duration::from_secs(5);
 /// A running votingd.
 pub struct Daemon {
     config: Arc<Config>,
+    store: Store,
+    /// What the node registers in etcd (without the draining mark).
+    node: NodeRecord,
+    /// Set once a drain starts: re-registrations (a new lease) keep the mark.
+    draining: Arc<AtomicBool>,
     session: Session,
     service: Arc<VoteService>,
     node_server: Option<NodeServer>,
@@ -218,11 +223,18 @@ impl Daemon {
             version: env!("CARGO_PKG_VERSION").to_string(),
             gitlab_api: config.gitlab.is_enabled(),
             custom_hooks: config.hooks.custom_hooks_dir.is_some(),
+            draining: false,
         };
         let register_store = store.clone();
+        let draining = Arc::new(AtomicBool::new(false));
+        let registered = node.clone();
+        let marked = draining.clone();
         let session = Session::start(store.clone(), config.lease_ttl(), move |lease| {
             let store = register_store.clone();
-            let node = node.clone();
+            let node = NodeRecord {
+                draining: marked.load(Ordering::SeqCst),
+                ..registered.clone()
+            };
             async move { store.register_node(&node, lease).await }
         });
 
@@ -232,13 +244,16 @@ impl Daemon {
             let service = service.clone();
             let store = store.clone();
             let lease = session.subscribe();
+            let draining = draining.clone();
             Arc::new(move || {
                 let config = config.clone();
                 let service = service.clone();
                 let store = store.clone();
                 let lease = *lease.borrow();
+                let draining = draining.load(Ordering::SeqCst);
                 Box::pin(async move {
-                    let status = build_status(&config, &service, &store, lease, started).await;
+                    let mut status = build_status(&config, &service, &store, lease, started).await;
+                    status.draining = draining;
                     serde_json::to_string(&status).expect("status serializes")
                 })
             })
@@ -277,6 +292,9 @@ impl Daemon {
         tracing::info!(node = %config.node_name, socket = %config.vote.socket_path.display(), "votingd started");
         Ok(Daemon {
             config,
+            store,
+            node,
+            draining,
             session,
             service,
             node_server,
@@ -298,26 +316,59 @@ impl Daemon {
         self.session.wait_for_lease(wait).await.is_some()
     }
 
-    /// Stops serving: the gRPC service stops accepting calls and gives running ones up
-    /// to `drain` (their git runs still need the vote socket); then new hook calls are
-    /// refused; votes already waiting get what is left of `drain` to be decided; then the
-    /// lease is revoked so the cluster sees this node gone without waiting for its TTL.
-    pub async fn shutdown(self, drain: Duration) {
+    /// SIGTERM's drain. At once: gRPC health NOT_SERVING and the node's etcd record
+    /// marked `draining`, so routers leave it out of the transactions they begin from
+    /// now on and send reads elsewhere. For `grace` calls are still accepted (a
+    /// transaction begun just before the mark may still call this node). Then the gRPC
+    /// service stops accepting calls and gives running ones (pushes mid-vote: their git
+    /// runs still need the vote socket, and report done when they end) up to
+    /// `timeout`; then new hook calls are refused; votes already waiting get what is left
+    /// of `timeout` to be decided; then the lease is revoked so the cluster sees this
+    /// node gone without waiting for its TTL. Returns whether everything in flight
+    /// finished in time.
+    pub async fn drain(self, grace: Duration, timeout: Duration) -> bool {
         let Daemon {
             config,
+            store,
+            node,
+            draining,
             session,
             service,
             node_server,
             mut tasks,
         } = self;
+        draining.store(true, Ordering::SeqCst);
+        if let Some(server) = &node_server {
+            server.set_not_serving().await;
+        }
+        if let Some(lease) = session.lease() {
+            let marked = NodeRecord {
+                draining: true,
+                ..node
+            };
+            // Same lease: the transactions this node votes in still see it alive.
+            match store.register_node(&marked, lease).await {
+                Ok(()) => tracing::info!("draining: marked in etcd, reported not ready"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "draining: cannot mark the node in etcd; routers see it only when the lease goes")
+                }
+            }
+        }
+        tracing::info!(
+            grace_secs = grace.as_secs(),
+            timeout_secs = timeout.as_secs(),
+            "draining: serving on for the grace"
+        );
+        tokio::time::sleep(grace).await;
         let started = Instant::now();
+        let mut finished = true;
         if let Some(server) = node_server {
-            server.shutdown(drain).await;
+            finished &= server.shutdown(timeout).await;
             if !config.socket_path.as_os_str().is_empty() {
                 let _ = std::fs::remove_file(&config.socket_path);
             }
         }
-        let drain = drain.saturating_sub(started.elapsed());
+        let drain = timeout.saturating_sub(started.elapsed());
         tasks.remove(0).abort();
         let _ = std::fs::remove_file(&config.vote.socket_path);
         let deadline = Instant::now() + drain;
@@ -326,11 +377,29 @@ impl Daemon {
         {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        finished &= service.counters.votes_waiting.load(Ordering::Relaxed) == 0;
         for t in tasks {
             t.abort();
         }
+        if finished {
+            tracing::info!("every call in flight finished");
+        } else {
+            tracing::warn!(
+                ?timeout,
+                "calls still in flight after drain_timeout_secs; stopped them"
+            );
+        }
+        // Revoked last: the calls that finished reported done first, so their
+        // transactions do not count this node as failed.
         session.close().await;
-        tracing::info!("votingd stopped");
+        tracing::info!("votingd stopped; the etcd lease is revoked");
+        finished
+    }
+
+    /// Stops at once: [`Daemon::drain`] with no grace, calls in flight given up to
+    /// `timeout`.
+    pub async fn shutdown(self, timeout: Duration) -> bool {
+        self.drain(Duration::ZERO, timeout).await
     }
 }
 
@@ -516,5 +585,6 @@ async fn build_status(
             rejected_requests: get(&c.rejected_requests),
         },
         cluster,
+        draining: false,
     }
 }

@@ -1,10 +1,10 @@
-//! `votingd --config FILE`: runs the storage-node daemon until SIGTERM or SIGINT.
+//! `votingd --config FILE`: runs the storage-node daemon until SIGTERM or SIGINT, then
+//! drains (`drain_grace_secs`, `drain_timeout_secs`; see [`Daemon::drain`]) and exits 0.
 //! (`votingd repair-upload-pack-bridge SOCKET` is the pipe git runs as a repair
 //! fetch's upload-pack; not for people.)
 #![forbid(unsafe_code)]
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use clap::Parser;
 use votingd::{Config, Daemon};
@@ -44,6 +44,7 @@ async fn main() {
         return;
     }
     refvote_telemetry::logging::init();
+    let (grace, timeout) = config.drain();
     let daemon = match Daemon::start(config).await {
         Ok(d) => d,
         Err(e) => {
@@ -52,8 +53,8 @@ async fn main() {
         }
     };
     wait_for_signal().await;
-    tracing::info!("shutting down");
-    daemon.shutdown(Duration::from_secs(10)).await;
+    tracing::info!("SIGTERM: draining");
+    daemon.drain(grace, timeout).await;
 }
 
 async fn wait_for_signal() {

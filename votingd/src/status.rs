@@ -23,6 +23,9 @@ pub struct Status {
     /// The cluster as etcd sees it (any node can read it).
     #[serde(default)]
     pub cluster: ClusterHealth,
+    /// SIGTERM received: finishing the calls in flight, taking no new ones.
+    #[serde(default)]
+    pub draining: bool,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

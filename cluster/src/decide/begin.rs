@@ -74,6 +74,7 @@ mod tests {
                     version: String::new(),
                     gitlab_api: false,
                     custom_hooks: false,
+                    draining: false,
                 };
                 let e = entry(n, encode(&node), lease);
                 (n.to_owned(), (node, e))
@@ -103,6 +104,18 @@ mod tests {
         assert_eq!(tx.voter_leases["b"], 2);
         assert_eq!((tx.id.as_str(), tx.creator.as_str()), ("t9", "router1"));
         assert_eq!(tx.repo_create_revision, 10);
+    }
+
+    #[test]
+    fn a_draining_node_does_not_vote_in_a_new_transaction() {
+        let mut v = view();
+        v.live_nodes.get_mut("b").unwrap().0.draining = true;
+        let tx = transaction(&v, "t9", "r").unwrap();
+        assert_eq!(tx.voters, names(&["a", "c"]));
+        assert_eq!(tx.threshold, 2);
+        v.live_nodes.get_mut("c").unwrap().0.draining = true;
+        let err = transaction(&v, "t9", "r").unwrap_err();
+        assert!(matches!(err, Error::NoQuorum { up: 1, .. }), "{err}");
     }
 
     #[test]

@@ -244,6 +244,7 @@ mod tests {
                     version: String::new(),
                     gitlab_api: *api,
                     custom_hooks: false,
+                    draining: false,
                 };
                 (n.to_string(), (node.clone(), entry(encode(&node))))
             })

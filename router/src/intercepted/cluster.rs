@@ -406,6 +406,7 @@ mod tests {
             version: "0".into(),
             gitlab_api: false,
             custom_hooks: false,
+            draining: false,
         }
     }
 
