@@ -478,7 +478,9 @@ async fn replicate_repository_repairs_a_stale_replica_and_is_idempotent() -> any
 /// target (which a quiet moment in etcd could then record up to date). The source here
 /// runs git through a wrapper that leaves `moving` out of every bundle, as that race
 /// does: the repair must fail ABORTED (a conflict: try again) naming the ref, and
-/// change nothing.
+/// change nothing. The wrapper also refuses to serve upload-pack, so the target's
+/// incremental fetch fails and the repair falls back to the bundle, as it does when a
+/// fetch breaks.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_repair_never_applies_a_bundle_that_lacks_a_ref_the_source_has() -> anyhow::Result<()> {
     let c = VoteCluster::start(1, 1).await?;
@@ -487,7 +489,8 @@ async fn a_repair_never_applies_a_bundle_that_lacks_a_ref_the_source_has() -> an
     std::fs::write(
         &wrapper,
         "#!/bin/sh\n\
-         # git, except that bundles leave out refs/heads/moving.\n\
+         # git, except that bundles leave out refs/heads/moving and upload-pack fails.\n\
+         for a in \"$@\"; do [ \"$a\" = upload-pack ] && { echo 'no upload-pack here' >&2; exit 1; }; done\n\
          bundle=\n\
          for a in \"$@\"; do [ \"$a\" = bundle ] && bundle=1; done\n\
          if [ -n \"$bundle\" ]; then\n\
