@@ -96,22 +96,36 @@ async fn every_row_of_the_status_table() -> anyhow::Result<()> {
     assert_eq!(s, 405);
     assert!(h.contains("allow: post"), "{h}");
 
-    // 404: unknown path, a dumb-protocol path, an unknown repository.
-    for path in ["nothing-here", "p.git/HEAD", "p.git/objects/info/packs"] {
+    // 404: unknown path, the dumb protocol's paths (its advertisement, info/refs
+    // without ?service=, included), an unknown repository.
+    for path in [
+        "nothing-here",
+        "p.git/HEAD",
+        "p.git/objects/info/packs",
+        "p.git/objects/info/alternates",
+        "p.git/objects/pack/pack-0123.pack",
+    ] {
         let (s, h, b) = curl(&rw, &url(path)).await?;
         assert_eq!(s, 404, "{path}: {h}");
         assert!(h.contains("content-type: text/plain"), "{h}");
         assert!(b.contains("is not a git smart HTTP URL"), "{path}: {b}");
+        assert!(
+            b.contains("dumb HTTP protocol is not served"),
+            "{path}: {b}"
+        );
     }
+    let (s, h, b) = curl(&rw, &url("p.git/info/refs")).await?;
+    assert_eq!(s, 404, "{h}");
+    assert!(h.contains("content-type: text/plain"), "{h}");
+    assert!(b.contains("dumb HTTP protocol is not served"), "{b}");
     let (s, _, b) = curl(&rw, &url("nope.git/info/refs?service=git-upload-pack")).await?;
     assert_eq!(s, 404, "{b}");
     assert!(b.contains("not registered"), "{b}");
 
-    // 400: bad encoding, unknown service, no service (dumb protocol).
+    // 400: bad encoding, unknown service.
     for path in [
         "p%zz.git/info/refs?service=git-upload-pack",
         "p.git/info/refs?service=git-frob",
-        "p.git/info/refs",
     ] {
         let (s, _, b) = curl(&rw, &url(path)).await?;
         assert_eq!(s, 400, "{path}: {b}");
@@ -202,5 +216,20 @@ async fn every_row_of_the_status_table() -> anyhow::Result<()> {
         .args(["ls-remote", "--heads", &ro_url])
         .output()?;
     assert!(out.status.success(), "{out:?}");
+
+    // git speaking the dumb protocol (GIT_SMART_HTTP=0) is told the repository is not
+    // there, as it would be by a server that serves only smart HTTP.
+    let clone_into = tempfile::tempdir()?;
+    let out = std::process::Command::new("git")
+        .env("GIT_TERMINAL_PROMPT", "0")
+        .env("GIT_SMART_HTTP", "0")
+        .args(["clone", "--quiet"])
+        .arg(url("p.git").replace("http://", "http://git:rw@"))
+        .arg(clone_into.path().join("dumb"))
+        .output()?;
+    assert!(!out.status.success(), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("not found"), "{stderr}");
+    assert!(!clone_into.path().join("dumb").exists(), "{stderr}");
     Ok(())
 }

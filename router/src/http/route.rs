@@ -55,7 +55,8 @@ pub(super) fn route(method: &Method, path: &str, query: Option<&str>) -> Result<
             StatusCode::NOT_FOUND,
             format!(
                 "{path} is not a git smart HTTP URL (expected /<repository>.git/info/refs, \
-                 /<repository>.git/git-upload-pack or /<repository>.git/git-receive-pack)"
+                 /<repository>.git/git-upload-pack or /<repository>.git/git-receive-pack; \
+                 git's dumb HTTP protocol is not served)"
             ),
         )
     };
@@ -104,11 +105,13 @@ pub(super) fn route(method: &Method, path: &str, query: Option<&str>) -> Result<
                         ),
                     ));
                 }
+                // The dumb protocol's advertisement: not served, so not found (as
+                // its other paths, HEAD and objects/…, are).
                 None => {
                     return Err(Refusal::new(
-                        StatusCode::BAD_REQUEST,
-                        "info/refs without ?service=: the dumb HTTP protocol is not served; \
-                         use a git client that speaks smart HTTP",
+                        StatusCode::NOT_FOUND,
+                        "info/refs without ?service=: git's dumb HTTP protocol is not served; \
+                         use a git client that speaks smart HTTP (unset GIT_SMART_HTTP=0)",
                     ));
                 }
             };
@@ -195,7 +198,7 @@ mod tests {
         );
         assert_eq!(
             get("/p.git/info/refs", None).unwrap_err().status,
-            StatusCode::BAD_REQUEST
+            StatusCode::NOT_FOUND
         );
         assert_eq!(
             get("/p.git/info/refs", Some("service=git-frob"))
