@@ -274,10 +274,10 @@ async fn inject(
             // The point may be hit before the node is healthy (an incremental repair
             // starts and reaches mid-repair within milliseconds of the lease): a node
             // that died armed is a hit, one still running and not healthy an error.
-            if let Err(e) = n.launch().await {
-                if n.is_running() {
-                    return Err(e);
-                }
+            if let Err(e) = n.launch().await
+                && n.is_running()
+            {
+                return Err(e);
             }
             // Wait (bounded) for the point to be hit, then bring it back unarmed.
             for _ in 0..(hold.as_millis() / 100 + 20) {
