@@ -339,9 +339,9 @@ fn git_clone_fetch_and_push_over_the_routers_http_port() -> anyhow::Result<()> {
         c.url("no/such.git")
     )])?;
     assert_eq!(code, 404, "{body}");
-    // Not smart HTTP at all.
+    // The dumb protocol: not served, so not found.
     let (code, body) = curl(&[&format!("{url}/info/refs")])?;
-    assert_eq!(code, 400, "{body}");
+    assert_eq!(code, 404, "{body}");
     assert!(body.contains("dumb HTTP"), "{body}");
     let (code, _) = curl(&[&format!("{url}/git-receive-pack")])?;
     assert_eq!(code, 405);
