@@ -86,6 +86,12 @@ pub fn canonical_section(section: &[u8]) -> Result<(Vec<u8>, Summary), PktError>
     summary.commands = commands.len();
     summary.shallow = shallow.len();
 
+    // A line whose text itself ends in a newline (one before its capabilities' NUL:
+    // a ref name git refuses anyway) would read back differently once moved away from
+    // its capabilities, so such a section is left as the client wrote it.
+    if commands.iter().any(|c| c.text.ends_with(b"\n")) {
+        return Ok((section.to_vec(), summary));
+    }
     let mut order: Vec<usize> = (0..commands.len()).collect();
     // `sort_by` is stable: repeated ref names keep the client's relative order.
     order.sort_by(|&a, &b| commands[a].command.refname.cmp(commands[b].command.refname));
@@ -118,6 +124,27 @@ pub fn canonical_section(section: &[u8]) -> Result<(Vec<u8>, Summary), PktError>
 pub(crate) mod tests {
     use super::*;
     use crate::encode::FLUSH;
+
+    /// Found by fuzzing: a first line whose ref name ends in a newline before its
+    /// capabilities sorted after a second line; moved, it lost its capabilities and
+    /// read back with the newline as a line end, so the canonical form was not a
+    /// fixed point. Such a section stays as written.
+    #[test]
+    fn a_newline_inside_a_line_before_its_capabilities_is_left_alone() {
+        let mut section = Vec::new();
+        encode::parts(
+            &mut section,
+            &[format!("{Z} {A} b\n").as_bytes(), b"\0report-status"],
+        )
+        .unwrap();
+        encode::data(&mut section, format!("{Z} {A} a").as_bytes()).unwrap();
+        encode::flush(&mut section);
+        let (canonical, summary) = canonical_section(&section).unwrap();
+        assert_eq!(canonical, section);
+        assert!(!summary.reordered);
+        let (again, _) = canonical_section(&canonical).unwrap();
+        assert_eq!(again, canonical);
+    }
 
     pub(crate) const Z: &str = "0000000000000000000000000000000000000000";
     pub(crate) const A: &str = "1111111111111111111111111111111111111111";
