@@ -69,6 +69,10 @@ const WRITE_CONFIG: &[&str] = &[
     "receive.autogc=false",
     "gc.auto=0",
     "maintenance.auto=false",
+    // Racing writes to one ref (DESIGN.md §9): the older transaction's git waits here
+    // for the lock a younger one holds on this replica until that one is aborted,
+    // instead of failing after git's default 100 ms.
+    "core.filesRefLockTimeout=3000",
 ];
 
 /// `-c` options a request may pass (`git_config_options`), by key prefix, lowercase.

@@ -517,16 +517,15 @@ async fn three_pushes_to_one_branch_through_three_routers_at_once_finish_promptl
     Ok(())
 }
 
-/// Open (found by the test above): git on one server lets exactly one of three racing
-/// pushes from one base win, but here all three can fail. Each push's git locks the
+/// Found by the test above, fixed by the order between racing transactions (DESIGN.md
+/// §9, `refvote_cluster::decide::race`): git on one server lets exactly one of three
+/// racing pushes from one base win, and so does refvote. Each push's git locks the
 /// branch first on a different replica and holds that lock while it waits for votes;
-/// on the other two replicas its git cannot take the lock (git's 100 ms lock timeout),
-/// so each push gets 1 of the 2 votes it needs and every one aborts (nothing is
-/// outdated, the clients may retry). Seen in about one raw round in five. A fix needs
-/// an order between racing transactions (e.g. one replica whose lock decides, as
-/// Gitaly's primary does), not a small change. Run with `--run-ignored only`.
+/// without an order each got 1 of the 2 votes it needs and all three aborted (about one
+/// raw round in five). Now the voters that see the race abort every push but the one
+/// whose transaction was created first, whose git waits for the locks the others
+/// release (`core.filesRefLockTimeout`), and it commits everywhere.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "open: three pushes racing from one base can all abort (a three-way vote split), where one git server lets one win"]
 async fn three_racing_pushes_from_one_base_always_have_a_winner() -> anyhow::Result<()> {
     let (c, id, work) = cluster(3).await?;
     let mut channels = Vec::new();

@@ -8,6 +8,8 @@
 //! - [`vote`]: whether a voter's vote counts, and what it does next on its key.
 //! - [`finalize`]: which keys abort, which count as committed, who is promoted and who
 //!   is outdated, the new generation, and what the client may be told.
+//! - [`race`]: which of the open transactions racing on one key must abort (all but
+//!   the oldest).
 //! - [`repair`]: what a claim marks, what a finished copy and a failed attempt
 //!   record, and how long a failed job waits.
 //! - [`verdict`]: GitLab's checks in a transaction: who runs them, what their verdict
@@ -23,6 +25,7 @@ use crate::records::TxRecord;
 pub mod begin;
 pub mod finalize;
 pub mod key;
+pub mod race;
 pub mod repair;
 pub mod verdict;
 pub mod verify;

@@ -5,6 +5,7 @@
 
 pub(crate) mod finalize;
 mod gate;
+mod race;
 mod vote;
 
 pub use gate::Claim;

@@ -282,6 +282,7 @@ impl Store {
                 None
             }
         };
+        let mut race_checked = false;
         loop {
             match vote::next(&snap.view, voter) {
                 Next::Adopt(d) => return Ok((d, record)),
@@ -311,6 +312,25 @@ impl Store {
                     self.fence_verdict(&record, &v).await?;
                     snap = self.read_key(tx, key).await?;
                     continue;
+                }
+                Next::Wait if !race_checked => {
+                    // A vote that has to wait may be one side of a race on these refs
+                    // (DESIGN.md §9): settle it beside the wait, so a vote with no rival
+                    // waits no longer for it, and to its end, so an abort of a rival is
+                    // not cut off when this vote's own wait ends first.
+                    race_checked = true;
+                    let (store, record, key, voter, vote) = (
+                        self.clone(),
+                        record.clone(),
+                        key.to_owned(),
+                        voter.to_owned(),
+                        vote.clone(),
+                    );
+                    tokio::spawn(async move {
+                        if let Err(e) = store.settle_race(&record, &key, &voter, &vote).await {
+                            tracing::debug!(error = %e, "could not check for racing writes");
+                        }
+                    });
                 }
                 Next::Wait => {}
             }
