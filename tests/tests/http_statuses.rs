@@ -342,11 +342,44 @@ async fn serving_rows(f: &Front, main: &str, work: &WorkRepo) -> anyhow::Result<
     )
     .await?
     .refused(400, "the gzip request body is invalid");
+    // A chunked body that breaks (a chunk size that is not hex). nginx reads the
+    // chunks itself and refuses it first.
+    let mut broken = stalled_post(f.addr, "/p.git/git-upload-pack", &want_main[..0x32]).await?;
+    broken.write_all(b"zz\r\n").await?;
+    let a = raw_answer(broken).await?;
+    match f.nginx {
+        false => a.refused(400, "the request body broke off"),
+        true => a.refused(400, "nginx could not parse the request"),
+    }
+    // A push's command section that is not pkt-lines: the router reads it first.
+    post(
+        &[
+            &rw[..],
+            &["-H", "Content-Type: application/x-git-receive-pack-request"],
+        ]
+        .concat(),
+        b"garbage!garbage!\n",
+        &f.url("p.git/git-receive-pack"),
+    )
+    .await?
+    .refused(
+        400,
+        "malformed receive-pack request: bad pkt-line length \"garb\" at byte 0",
+    );
     let a = curl(&rw, &f.url("p%zz.git/info/refs?service=git-upload-pack")).await?;
     match f.nginx {
         false => a.refused(400, "the URL path is not valid percent-encoded UTF-8"),
         true => a.refused(400, "nginx could not parse the request"),
     }
+
+    // 500: a clone's body that is not git's protocol reaches git on a node, which
+    // fails before its first byte; its status (INTERNAL) and message pass unchanged.
+    post(&[&rw[..], &git_type].concat(), b"garbage!garbage!\n", &upload_pack)
+        .await?
+        .refused(
+            500,
+            "git upload-pack failed (exit status: 128): fatal: protocol error: bad line length character: garb",
+        );
 
     // 401 with WWW-Authenticate: none, or wrong.
     for creds in [&[][..], &["-u", "git:wrong"][..]] {
