@@ -4,11 +4,11 @@
 //! it. Each row checks the status, the headers it promises and the `refvote: …` reason
 //! with curl (a raw connection for a body that stalls), and real git where git prints
 //! the reason (refused advertisements: 401, 403, 404, 503) or sends the body itself
-//! (gzip, chunked). Where nginx answers itself (a URL it cannot parse, no router
-//! reachable) the answer is asserted in the same `text/plain` form, which the shipped
-//! config's `error_page` gives it. One cluster serves every row; the rows that stop
-//! parts of it (503 for no quorum, no readable replica and etcd unreachable, readiness,
-//! nginx's 502) run last.
+//! (gzip, chunked). Where nginx answers itself (a URL or chunked body it cannot parse,
+//! a body over its own limit, no router reachable) the answer is asserted in the same
+//! `text/plain` form, which the shipped config's `error_page` gives it. One cluster
+//! serves every row; the rows that stop parts of it (503 for no quorum, no readable
+//! replica and etcd unreachable, readiness, nginx's 502) run last.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -650,6 +650,39 @@ async fn every_row_of_the_status_table_directly_and_through_nginx() -> anyhow::R
     shed_and_stalled_rows(&c, &fronts[0], &fronts[1], &main)
         .await
         .map_err(|e| e.context(nginx.problems()))?;
+
+    // An nginx whose client_max_body_size is below the router's limit answers 413
+    // itself, by Content-Length and chunked, in the table's form (error_page).
+    let shipped = "client_max_body_size 2g;";
+    let mut small = Nginx::start_edited(
+        &c.path("nginx-small-body"),
+        &[fronts[0].addr],
+        &[c.routers[0].addr()],
+        |site| {
+            assert_eq!(site.matches(shipped).count(), 2, "{site}");
+            site.replacen(shipped, "client_max_body_size 50k;", 1)
+        },
+    )
+    .await?;
+    let url = format!("http://{}/p.git/git-receive-pack", small.http);
+    for args in [&[][..], &["-H", "Transfer-Encoding: chunked"][..]] {
+        post(
+            &[
+                &["-u", "git:rw"][..],
+                &["-H", "Content-Type: application/x-git-receive-pack-request"],
+                args,
+            ]
+            .concat(),
+            &vec![b'0'; MAX_BODY + 1],
+            &url,
+        )
+        .await?
+        .refused(
+            413,
+            "the request body is larger than nginx's client_max_body_size",
+        );
+    }
+    small.stop();
 
     // Last, the rows that stop parts of the cluster. 503 with Retry-After: a push with
     // two of p.git's three replicas on stopped nodes (SIGKILLed: seen once their
