@@ -372,6 +372,33 @@ async fn serving_rows(f: &Front, main: &str, work: &WorkRepo) -> anyhow::Result<
         true => a.refused(400, "nginx could not parse the request"),
     }
 
+    // A clone that git on the node ends after its first bytes (a want it does not
+    // have): the answer is cut short after git's own `ERR` line, which the client
+    // gets, every time.
+    for _ in 0..3 {
+        let a = post(
+            &[&rw[..], &git_type].concat(),
+            &upload_pack_body(&"1".repeat(40)),
+            &upload_pack,
+        )
+        .await?;
+        assert_eq!(a.status, 200, "{a:#?}");
+        assert!(
+            a.body.starts_with("0049ERR upload-pack: not our ref 1111"),
+            "{a:#?}"
+        );
+    }
+    let (ok, out) = git_run(
+        Some(&work.path),
+        &["fetch", &f.git_url("git:rw", "p.git"), &"1".repeat(40)],
+    )
+    .await?;
+    assert!(!ok);
+    assert!(
+        out.contains("remote error: upload-pack: not our ref 1111"),
+        "{out}"
+    );
+
     // 500: a clone's body that is not git's protocol reaches git on a node, which
     // fails before its first byte; its status (INTERNAL) and message pass unchanged.
     post(&[&rw[..], &git_type].concat(), b"garbage!garbage!\n", &upload_pack)
