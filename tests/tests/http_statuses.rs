@@ -704,10 +704,7 @@ async fn every_row_of_the_status_table_directly_and_through_nginx() -> anyhow::R
             &url,
         )
         .await?
-        .refused(
-            413,
-            "the request body is larger than nginx's client_max_body_size",
-        );
+        .refused(413, "the request body is over nginx's client_max_body_size");
     }
     small.stop();
 
