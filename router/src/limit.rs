@@ -58,7 +58,8 @@ pub struct LimitSettings {
     #[serde(default = "defaults::retry_after_secs")]
     pub retry_after_secs: u64,
     /// Largest request body the HTTP front accepts (a push's pack); larger gets 413.
-    /// Keep nginx's `client_max_body_size` equal. 0: no limit.
+    /// Keep nginx's `client_max_body_size` at least as large, so this limit decides.
+    /// 0: no limit.
     #[serde(default = "defaults::max_request_body_bytes")]
     pub max_request_body_bytes: u64,
     /// How long the HTTP front waits for a request's headers, from the connection's
@@ -67,7 +68,7 @@ pub struct LimitSettings {
     #[serde(default = "defaults::header_timeout_secs")]
     pub header_timeout_secs: u64,
     /// How long the HTTP front waits for the next piece of a request body; a client
-    /// that stops sending mid-body is cut off after it (400), freeing its slot.
+    /// that stops sending mid-body is cut off after it (408), freeing its slot.
     #[serde(default = "defaults::idle_timeout_secs")]
     pub idle_timeout_secs: u64,
 }

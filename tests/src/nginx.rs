@@ -125,12 +125,23 @@ impl Nginx {
         http: &[SocketAddr],
         grpc: &[SocketAddr],
     ) -> anyhow::Result<Nginx> {
-        let dir = root.join("nginx");
+        Nginx::start_edited(&root.join("nginx"), http, grpc, |site| site).await
+    }
+
+    /// [`Nginx::start`] in `dir`, with the rendered config passed through `edit` (one
+    /// setting changed, to see what an operator who changes it gets).
+    pub async fn start_edited(
+        dir: &Path,
+        http: &[SocketAddr],
+        grpc: &[SocketAddr],
+        edit: impl FnOnce(String) -> String,
+    ) -> anyhow::Result<Nginx> {
+        let dir = dir.to_owned();
         std::fs::create_dir_all(dir.join("logs"))?;
         let ip = loopback_ip();
         let listen_http = SocketAddr::from((ip, free_port(ip)?));
         let listen_grpc = SocketAddr::from((ip, free_port(ip)?));
-        let site = render(SHIPPED, http, grpc, listen_http, listen_grpc)?;
+        let site = edit(render(SHIPPED, http, grpc, listen_http, listen_grpc)?);
         std::fs::write(dir.join("refvote.conf"), site)?;
         // Workers run as the test's user (nginx started as root would switch to
         // nobody, who cannot write the test's directory).

@@ -51,6 +51,11 @@ where
                 Ok(None) => None,
                 Err(status) => {
                     tracing::info!(code = ?status.code(), message = status.message(), "a git HTTP answer failed midway");
+                    // The error cuts the connection. Pending once first, so hyper writes
+                    // out what it holds (the head, git's own `ERR …` line): else a
+                    // failure right after the first message leaves the client with no
+                    // answer at all, and nginx with a 502.
+                    tokio::task::yield_now().await;
                     Some((Err(BoxError::from(status)), None))
                 }
             }

@@ -88,6 +88,13 @@ impl GitHttp {
                 full(out),
             )),
             Err(status) => {
+                // A body that could not be read (over the size limit, stalled, broken)
+                // cut the call off: its own reason is the one git must show.
+                let broke = *request.broken.borrow();
+                let status = match broke {
+                    true => body_failure(&request).await.unwrap_or(status),
+                    false => status,
+                };
                 tracing::info!(relative, code = ?status.code(), message = status.message(), "push refused");
                 // A shed push is a 429 with Retry-After, for the client to come back.
                 let rejection = match status.code() {
@@ -115,4 +122,10 @@ impl GitHttp {
             }
         }
     }
+}
+
+/// Why reading the push's body failed, as the status a report-status names.
+async fn body_failure(request: &Request) -> Option<Status> {
+    let reader = request.body.lock().await;
+    reader.error.clone().map(Status::invalid_argument)
 }
