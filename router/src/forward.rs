@@ -45,6 +45,43 @@ use crate::sidechannel::{self, Backchannels};
 /// Frames back to the client: the node's, unchanged, ending with its status.
 pub use crate::outcome::Frames;
 
+/// Resolves with `drain_timeout_secs` once [`Forwarder::cut_calls`] was called (at once
+/// if it was already).
+async fn cut_signal(cut: &mut watch::Receiver<Option<Duration>>) -> Duration {
+    let cut = cut.wait_for(Option::is_some).await.map(|timeout| *timeout);
+    match cut {
+        Ok(timeout) => timeout.unwrap_or_default(),
+        // The forwarder is gone, so nobody can cut any more.
+        Err(_) => std::future::pending().await,
+    }
+}
+
+/// `frames`, ended by an UNAVAILABLE [`RouteError::DrainCut`] if the cut comes before
+/// their end.
+fn cut_frames(frames: Frames, cut: watch::Receiver<Option<Duration>>, write: bool) -> Frames {
+    Box::pin(stream::unfold(
+        Some((frames, cut)),
+        move |state| async move {
+            let (mut frames, mut cut) = state?;
+            let next = tokio::select! {
+                biased;
+                next = frames.next() => Ok(next),
+                timeout = cut_signal(&mut cut) => Err(timeout),
+            };
+            match next {
+                Ok(next) => next.map(|frame| (frame, Some((frames, cut)))),
+                Err(timeout) => {
+                    let cut = RouteError::DrainCut {
+                        secs: timeout.as_secs(),
+                        write,
+                    };
+                    Some((Err(Status::from(cut)), None))
+                }
+            }
+        },
+    ))
+}
+
 /// Frames to a node.
 type Outgoing = Pin<Box<dyn Stream<Item = Bytes> + Send>>;
 
@@ -80,6 +117,9 @@ pub struct Forwarder {
     backchannels: Backchannels,
     /// Concurrency limits on the costly calls (`[limits]`).
     limiter: Arc<Limiter>,
+    /// Set (to `drain_timeout_secs`) when SIGTERM's drain ran out of time: every call
+    /// still in flight then ends with UNAVAILABLE saying so ([`Forwarder::cut_calls`]).
+    cut: watch::Sender<Option<Duration>>,
 }
 
 impl Forwarder {
@@ -103,7 +143,18 @@ impl Forwarder {
             lock_wait: Duration::from_secs(10),
             backchannels: Backchannels::new(None, None),
             limiter: Limiter::new(LimitSettings::default()),
+            cut: watch::channel(None).0,
         }
+    }
+
+    /// Ends every call in flight, and any begun from now on, with UNAVAILABLE
+    /// ([`RouteError::DrainCut`]): SIGTERM's drain calls this once `timeout`
+    /// (`drain_timeout_secs`) ran out, so clients hear that the router is shutting down
+    /// instead of a reset connection. A write cut this way is left to the reaper (the
+    /// router's lease is revoked right after), which finalizes it like any abandoned
+    /// transaction.
+    pub fn cut_calls(&self, timeout: Duration) {
+        self.cut.send_replace(Some(timeout));
     }
 
     /// Sheds costly calls over `limiter`'s limits (RESOURCE_EXHAUSTED).
@@ -202,7 +253,20 @@ impl Forwarder {
         let svc = tower::service_fn(move |call: Request<Streaming<Bytes>>| {
             let me = self.clone();
             let method = method.clone();
-            async move { me.call(&method, call).await.map_err(Status::from) }
+            async move {
+                let write = method.kind == Some(OpKind::Mutator);
+                let mut cut = me.cut.subscribe();
+                // Either the answer (its frames watched for the cut too) or the cut.
+                let answer = tokio::select! {
+                    answer = me.call(&method, call) => answer,
+                    timeout = cut_signal(&mut cut) => Err(RouteError::DrainCut {
+                        secs: timeout.as_secs(),
+                        write,
+                    }),
+                }
+                .map_err(Status::from)?;
+                Ok(answer.map(|frames| cut_frames(frames, cut, write)))
+            }
         });
         grpc.streaming(svc, req).await
     }

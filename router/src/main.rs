@@ -1,11 +1,13 @@
 //! `refvote-router --config FILE`: serves the Gitaly-compatible gRPC front until
 //! SIGTERM or SIGINT, then drains (`drain_grace_secs`, `drain_timeout_secs`; see
-//! [`RouterServer::drain`]) and exits 0.
+//! [`RouterServer::drain`]) and exits 0, or 75 ([`EXIT_DRAIN_CUT`]) when
+//! `drain_timeout_secs` ran out and calls in flight were cut.
 #![forbid(unsafe_code)]
 
 use std::path::PathBuf;
 
 use clap::Parser;
+use refvote_router::server::EXIT_DRAIN_CUT;
 use refvote_router::{Config, RouterServer};
 
 #[derive(Parser)]
@@ -23,7 +25,7 @@ struct Args {
 }
 
 #[tokio::main]
-async fn main() {
+async fn main() -> std::process::ExitCode {
     let args = Args::parse();
     let config = match Config::load(&args.config) {
         Ok(c) => c,
@@ -35,7 +37,7 @@ async fn main() {
     };
     if args.check_config {
         println!("{}: ok", args.config.display());
-        return;
+        return std::process::ExitCode::SUCCESS;
     }
     refvote_telemetry::logging::init();
     let server = match RouterServer::start(&config).await {
@@ -48,7 +50,11 @@ async fn main() {
     wait_for_signal().await;
     let (grace, timeout) = config.drain();
     tracing::info!("SIGTERM: draining");
-    server.drain(grace, timeout).await;
+    if server.drain(grace, timeout).await {
+        std::process::ExitCode::SUCCESS
+    } else {
+        std::process::ExitCode::from(EXIT_DRAIN_CUT)
+    }
 }
 
 async fn wait_for_signal() {

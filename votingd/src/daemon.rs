@@ -69,6 +69,11 @@ pub enum StartError {
 /// Nothing else holds a repository lock at start-up; this only bounds a surprise.
 const STARTUP_LOCK_WAIT: Duration = Duration::from_secs(5);
 
+/// votingd's exit code when its drain ran out of `drain_timeout_secs` and stopped calls
+/// still in flight (EX_TEMPFAIL; 0 means every call finished): systemd shows
+/// `status=75/TEMPFAIL`.
+pub const EXIT_DRAIN_CUT: u8 = 75;
+
 /// A running votingd.
 pub struct Daemon {
     config: Arc<Config>,
