@@ -1128,3 +1128,37 @@ fn rest_of(incoming: Streaming<Bytes>) -> impl Stream<Item = Bytes> + Send {
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_drain_cut_ends_an_answer_in_flight_with_unavailable_and_spares_a_finished_one() {
+        let (cut, rx) = watch::channel(None);
+        // An answer that sent one frame and then waits forever (a node that never ends).
+        let waiting: Frames =
+            Box::pin(stream::iter([Ok(Bytes::from_static(b"first"))]).chain(stream::pending()));
+        let mut frames = cut_frames(waiting, rx.clone(), true);
+        assert_eq!(frames.next().await.unwrap().unwrap(), "first");
+        let stalled = tokio::time::timeout(Duration::from_millis(50), frames.next()).await;
+        assert!(stalled.is_err(), "no cut yet, so the answer waits");
+        cut.send_replace(Some(Duration::from_secs(2)));
+        let status = frames.next().await.unwrap().unwrap_err();
+        assert_eq!(status.code(), Code::Unavailable);
+        assert!(
+            status.message().contains("drain_timeout_secs (2 s)"),
+            "{status:?}"
+        );
+        assert!(frames.next().await.is_none(), "nothing after the cut");
+
+        // An answer that already ended keeps its end; and a cut already made is seen
+        // at once by a call that starts waiting after it.
+        let done: Frames = Box::pin(stream::iter([Ok(Bytes::from_static(b"all"))]));
+        let mut frames = cut_frames(done, rx.clone(), false);
+        assert_eq!(frames.next().await.unwrap().unwrap(), "all");
+        let mut late = rx;
+        let timeout = tokio::time::timeout(Duration::from_secs(1), cut_signal(&mut late)).await;
+        assert_eq!(timeout.unwrap(), Duration::from_secs(2));
+    }
+}

@@ -364,5 +364,36 @@ async fn a_drain_that_runs_out_of_time_cuts_its_calls_clearly_exits_75_and_revok
         on[1].as_deref() == Some(&*n2) && on[2].as_deref() == Some(&*n2),
         "n2 is not on node2 and node3: {on:?}"
     );
+
+    // node1 missed writes, and etcd says so (reads avoid it); back without the hold,
+    // it is repaired to what the majority holds: every replica agrees.
+    ensure!(
+        !up_to_date(&c, &repo, "node1").await,
+        "node1 lacks writes but its replica is recorded up to date"
+    );
+    c.nodes[0].env.clear();
+    c.nodes[0].launch().await?;
+    wait_until("node1 repaired", Duration::from_secs(30), || async {
+        up_to_date(&c, &repo, "node1").await
+    })
+    .await
+    .with_context(|| logs(&c))?;
+    for branch in ["main", "r1", "r2", "n1", "n2"] {
+        let on = revs(&c, branch);
+        ensure!(
+            on.iter().all(|r| r == &on[1]),
+            "after node1's repair the replicas disagree on {branch}: {on:?}"
+        );
+    }
     Ok(())
+}
+
+async fn up_to_date(c: &VoteCluster, repo: &refvote_cluster::RepoId, node: &str) -> bool {
+    match c.store.repo_view(repo).await {
+        Ok(v) => v
+            .replicas
+            .get(node)
+            .is_some_and(|(r, _)| r.is_up_to_date(&v.record)),
+        Err(_) => false,
+    }
 }

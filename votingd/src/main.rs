@@ -59,11 +59,27 @@ async fn main() -> std::process::ExitCode {
     tracing::info!("SIGTERM: draining");
     // Returned, not exit(): the runtime is dropped first, so git children still
     // running under a cut call are killed rather than left behind.
-    if daemon.drain(grace, timeout).await {
-        std::process::ExitCode::SUCCESS
+    let code = if daemon.drain(grace, timeout).await {
+        0
     } else {
-        std::process::ExitCode::from(EXIT_DRAIN_CUT)
-    }
+        EXIT_DRAIN_CUT
+    };
+    exit_within(EXIT_GRACE, code);
+    std::process::ExitCode::from(code)
+}
+
+/// How long the runtime's shutdown after the drain may take before the process exits
+/// regardless.
+const EXIT_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Exits with `code` after `grace` even if the runtime's shutdown (which waits for
+/// blocking tasks) has not finished by then: the drain is over, nothing may hold the
+/// exit past what `drain_timeout_secs` promised.
+fn exit_within(grace: std::time::Duration, code: u8) {
+    std::thread::spawn(move || {
+        std::thread::sleep(grace);
+        std::process::exit(code.into());
+    });
 }
 
 async fn wait_for_signal() {
