@@ -3,11 +3,12 @@
 //! process holding it is SIGTERMed, and it must not hang past its timeout nor leave
 //! its lease, nor leave the client without a reason or the replicas disagreeing.
 //!
-//! - A router held before finalizing a push: not ready at once, exits 75
+//! - A router held before finalizing a push, with a gRPC fetch stalled by its client
+//!   in flight too: not ready at once, exits 75
 //!   (EX_TEMPFAIL: "had to cut calls", where a clean drain exits 0) within
 //!   grace + timeout + a small margin, its `routers/<id>` record gone right after, the
-//!   pusher told the router is shutting down (its ref rejected with the drain's
-//!   reason), and the cut transaction finalized by the reaper with the replicas
+//!   pusher told the router is shutting down (git prints the drain's reason), the
+//!   fetch ended with UNAVAILABLE saying the same, and the cut transaction finalized by the reaper with the replicas
 //!   agreeing.
 //! - A node held mid-vote (after the decision): the same exit code and bounds, its
 //!   `nodes/<name>` record gone at once, the push resolved without divergence (on the
@@ -22,6 +23,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
 use refvote_cluster::faults;
+use refvote_proto::gitaly::SshUploadPackRequest;
+use refvote_proto::gitaly::ssh_service_client::SshServiceClient;
 use refvote_tests::cluster::{Fixture, VoteCluster};
 use refvote_tests::git::{self, WorkRepo};
 use refvote_tests::hold::Hold;
@@ -150,6 +153,28 @@ async fn a_drain_that_runs_out_of_time_cuts_its_calls_clearly_exits_75_and_revok
         "router1 is not registered in etcd before the signal"
     );
 
+    // A second call in flight, over gRPC: a fetch whose client sent its first message
+    // and then neither sends nor closes (git upload-pack on the node waits on it).
+    let (feed, requests) = tokio::sync::mpsc::channel::<SshUploadPackRequest>(1);
+    feed.send(SshUploadPackRequest {
+        repository: refvote_tests::grpc::repo(REPO),
+        ..Default::default()
+    })
+    .await?;
+    let mut fetch = SshServiceClient::new(c.routers[0].channel().await?)
+        .ssh_upload_pack(tokio_stream::wrappers::ReceiverStream::new(requests))
+        .await
+        .context("SSHUploadPack through router1")?
+        .into_inner();
+    let advertised = tokio::time::timeout(Duration::from_secs(10), fetch.message())
+        .await
+        .context("no ref advertisement from the fetch")??
+        .context("the fetch ended before its advertisement")?;
+    ensure!(
+        !advertised.stdout.is_empty(),
+        "the fetch's first answer carries no advertisement"
+    );
+
     let t0 = Instant::now();
     c.routers[0].sigterm()?;
     wait_until(
@@ -191,6 +216,35 @@ async fn a_drain_that_runs_out_of_time_cuts_its_calls_clearly_exits_75_and_revok
             .contains("calls still in flight after drain_timeout_secs"),
         "router1's log does not say it cut calls:\n{}",
         c.routers[0].log_tail(40)
+    );
+
+    // The stalled fetch ends with UNAVAILABLE saying why (not a reset connection),
+    // once the timeout ran out and not before.
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match fetch.message().await {
+                Ok(Some(_)) => continue,
+                other => break (other, t0.elapsed()),
+            }
+        }
+    })
+    .await
+    .context("the stalled fetch still hangs after router1 exited")?;
+    drop(feed);
+    let (fetch_end, fetch_cut_after) = ended;
+    let status = match fetch_end {
+        Err(status) => status,
+        Ok(_) => anyhow::bail!("the stalled fetch ended cleanly though it never finished"),
+    };
+    ensure!(
+        status.code() == tonic::Code::Unavailable
+            && status.message().contains("shutting down")
+            && status.message().contains("drain_timeout_secs (2 s)"),
+        "the stalled fetch ended with an unclear status: {status:?}"
+    );
+    ensure!(
+        fetch_cut_after >= Duration::from_secs(GRACE_SECS + TIMEOUT_SECS),
+        "the stalled fetch was cut after {fetch_cut_after:?}, before the drain timeout"
     );
 
     // The pusher hears why, and is not left hanging.
