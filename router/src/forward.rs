@@ -1026,7 +1026,9 @@ impl Forwarder {
             .take()
             .filter(|_| call.method.client_streaming)
         {
-            Some(rest) => Box::pin(stream::once(async { first }).chain(rest_of(rest))),
+            Some(rest) => {
+                Box::pin(stream::once(async { first }).chain(rest_of(rest, self.cut.subscribe())))
+            }
             None => Box::pin(stream::once(async { first })),
         };
         let request = Request::from_parts(call.metadata.clone(), Extensions::new(), outgoing);
@@ -1116,10 +1118,23 @@ fn retryable(code: Code) -> bool {
 /// The client's later frames, unchanged. If the client's stream breaks, the node's
 /// stream is left open rather than ended: a clean end would let the node take a
 /// truncated request as complete, while an open one is reset when the call is dropped.
-fn rest_of(incoming: Streaming<Bytes>) -> impl Stream<Item = Bytes> + Send {
-    stream::unfold(incoming, |mut s| async move {
-        match s.message().await {
-            Ok(Some(m)) => Some((m, s)),
+/// The drain's cut ([`Forwarder::cut_calls`]) lets go of the client's stream the same
+/// way, so a client that keeps its request open does not keep its connection (and the
+/// router's exit) waiting once its call was cut.
+fn rest_of(
+    incoming: Streaming<Bytes>,
+    cut: watch::Receiver<Option<Duration>>,
+) -> impl Stream<Item = Bytes> + Send {
+    stream::unfold((incoming, cut), |(mut s, mut cut)| async move {
+        let next = tokio::select! {
+            next = s.message() => next,
+            _ = cut_signal(&mut cut) => {
+                drop(s);
+                return std::future::pending().await;
+            }
+        };
+        match next {
+            Ok(Some(m)) => Some((m, (s, cut))),
             Ok(None) => None,
             Err(status) => {
                 tracing::debug!(%status, "the client's request stream broke");

@@ -217,6 +217,13 @@ async fn a_drain_that_runs_out_of_time_cuts_its_calls_clearly_exits_75_and_revok
         "router1's log does not say it cut calls:\n{}",
         c.routers[0].log_tail(40)
     );
+    ensure!(
+        !c.routers[0]
+            .log_tail(80)
+            .contains("connections still open after the cut"),
+        "the cut calls' connections did not close on their own:\n{}",
+        c.routers[0].log_tail(40)
+    );
 
     // The stalled fetch ends with UNAVAILABLE saying why (not a reset connection),
     // once the timeout ran out and not before.
