@@ -360,6 +360,13 @@ async fn a_drain_that_runs_out_of_time_cuts_its_calls_clearly_exits_75_and_revok
         !record_left,
         "node1's etcd record outlived it (its lease was not revoked, only left to expire)"
     );
+    ensure!(
+        c.nodes[0]
+            .log_tail(80)
+            .contains("calls still in flight after drain_timeout_secs"),
+        "node1's log does not say it stopped calls:\n{}",
+        c.nodes[0].log_tail(40)
+    );
 
     // The push resolves: acknowledged and on the majority, or refused with a reason;
     // never acknowledged but missing, never half-applied on the two that remain.

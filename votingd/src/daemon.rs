@@ -391,7 +391,9 @@ impl Daemon {
         } else {
             tracing::warn!(
                 ?timeout,
-                "calls still in flight after drain_timeout_secs; stopped them"
+                "calls still in flight after drain_timeout_secs; stopped them (their \
+                 transactions count this node failed; it is repaired when back); raise \
+                 drain_timeout_secs (and TimeoutStopSec) if calls this long are expected"
             );
         }
         // Revoked last: the calls that finished reported done first, so their
