@@ -45,6 +45,43 @@ use crate::sidechannel::{self, Backchannels};
 /// Frames back to the client: the node's, unchanged, ending with its status.
 pub use crate::outcome::Frames;
 
+/// Resolves with `drain_timeout_secs` once [`Forwarder::cut_calls`] was called (at once
+/// if it was already).
+async fn cut_signal(cut: &mut watch::Receiver<Option<Duration>>) -> Duration {
+    let cut = cut.wait_for(Option::is_some).await.map(|timeout| *timeout);
+    match cut {
+        Ok(timeout) => timeout.unwrap_or_default(),
+        // The forwarder is gone, so nobody can cut any more.
+        Err(_) => std::future::pending().await,
+    }
+}
+
+/// `frames`, ended by an UNAVAILABLE [`RouteError::DrainCut`] if the cut comes before
+/// their end.
+fn cut_frames(frames: Frames, cut: watch::Receiver<Option<Duration>>, write: bool) -> Frames {
+    Box::pin(stream::unfold(
+        Some((frames, cut)),
+        move |state| async move {
+            let (mut frames, mut cut) = state?;
+            let next = tokio::select! {
+                biased;
+                next = frames.next() => Ok(next),
+                timeout = cut_signal(&mut cut) => Err(timeout),
+            };
+            match next {
+                Ok(next) => next.map(|frame| (frame, Some((frames, cut)))),
+                Err(timeout) => {
+                    let cut = RouteError::DrainCut {
+                        secs: timeout.as_secs(),
+                        write,
+                    };
+                    Some((Err(Status::from(cut)), None))
+                }
+            }
+        },
+    ))
+}
+
 /// Frames to a node.
 type Outgoing = Pin<Box<dyn Stream<Item = Bytes> + Send>>;
 
@@ -80,6 +117,9 @@ pub struct Forwarder {
     backchannels: Backchannels,
     /// Concurrency limits on the costly calls (`[limits]`).
     limiter: Arc<Limiter>,
+    /// Set (to `drain_timeout_secs`) when SIGTERM's drain ran out of time: every call
+    /// still in flight then ends with UNAVAILABLE saying so ([`Forwarder::cut_calls`]).
+    cut: watch::Sender<Option<Duration>>,
 }
 
 impl Forwarder {
@@ -103,7 +143,18 @@ impl Forwarder {
             lock_wait: Duration::from_secs(10),
             backchannels: Backchannels::new(None, None),
             limiter: Limiter::new(LimitSettings::default()),
+            cut: watch::channel(None).0,
         }
+    }
+
+    /// Ends every call in flight, and any begun from now on, with UNAVAILABLE
+    /// ([`RouteError::DrainCut`]): SIGTERM's drain calls this once `timeout`
+    /// (`drain_timeout_secs`) ran out, so clients hear that the router is shutting down
+    /// instead of a reset connection. A write cut this way is left to the reaper (the
+    /// router's lease is revoked right after), which finalizes it like any abandoned
+    /// transaction.
+    pub fn cut_calls(&self, timeout: Duration) {
+        self.cut.send_replace(Some(timeout));
     }
 
     /// Sheds costly calls over `limiter`'s limits (RESOURCE_EXHAUSTED).
@@ -202,7 +253,20 @@ impl Forwarder {
         let svc = tower::service_fn(move |call: Request<Streaming<Bytes>>| {
             let me = self.clone();
             let method = method.clone();
-            async move { me.call(&method, call).await.map_err(Status::from) }
+            async move {
+                let write = method.kind == Some(OpKind::Mutator);
+                let mut cut = me.cut.subscribe();
+                // Either the answer (its frames watched for the cut too) or the cut.
+                let answer = tokio::select! {
+                    answer = me.call(&method, call) => answer,
+                    timeout = cut_signal(&mut cut) => Err(RouteError::DrainCut {
+                        secs: timeout.as_secs(),
+                        write,
+                    }),
+                }
+                .map_err(Status::from)?;
+                Ok(answer.map(|frames| cut_frames(frames, cut, write)))
+            }
         });
         grpc.streaming(svc, req).await
     }
@@ -962,7 +1026,9 @@ impl Forwarder {
             .take()
             .filter(|_| call.method.client_streaming)
         {
-            Some(rest) => Box::pin(stream::once(async { first }).chain(rest_of(rest))),
+            Some(rest) => {
+                Box::pin(stream::once(async { first }).chain(rest_of(rest, self.cut.subscribe())))
+            }
             None => Box::pin(stream::once(async { first })),
         };
         let request = Request::from_parts(call.metadata.clone(), Extensions::new(), outgoing);
@@ -1052,10 +1118,23 @@ fn retryable(code: Code) -> bool {
 /// The client's later frames, unchanged. If the client's stream breaks, the node's
 /// stream is left open rather than ended: a clean end would let the node take a
 /// truncated request as complete, while an open one is reset when the call is dropped.
-fn rest_of(incoming: Streaming<Bytes>) -> impl Stream<Item = Bytes> + Send {
-    stream::unfold(incoming, |mut s| async move {
-        match s.message().await {
-            Ok(Some(m)) => Some((m, s)),
+/// The drain's cut ([`Forwarder::cut_calls`]) lets go of the client's stream the same
+/// way, so a client that keeps its request open does not keep its connection (and the
+/// router's exit) waiting once its call was cut.
+fn rest_of(
+    incoming: Streaming<Bytes>,
+    cut: watch::Receiver<Option<Duration>>,
+) -> impl Stream<Item = Bytes> + Send {
+    stream::unfold((incoming, cut), |(mut s, mut cut)| async move {
+        let next = tokio::select! {
+            next = s.message() => next,
+            _ = cut_signal(&mut cut) => {
+                drop(s);
+                return std::future::pending().await;
+            }
+        };
+        match next {
+            Ok(Some(m)) => Some((m, (s, cut))),
             Ok(None) => None,
             Err(status) => {
                 tracing::debug!(%status, "the client's request stream broke");
@@ -1063,4 +1142,38 @@ fn rest_of(incoming: Streaming<Bytes>) -> impl Stream<Item = Bytes> + Send {
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_drain_cut_ends_an_answer_in_flight_with_unavailable_and_spares_a_finished_one() {
+        let (cut, rx) = watch::channel(None);
+        // An answer that sent one frame and then waits forever (a node that never ends).
+        let waiting: Frames =
+            Box::pin(stream::iter([Ok(Bytes::from_static(b"first"))]).chain(stream::pending()));
+        let mut frames = cut_frames(waiting, rx.clone(), true);
+        assert_eq!(frames.next().await.unwrap().unwrap(), "first");
+        let stalled = tokio::time::timeout(Duration::from_millis(50), frames.next()).await;
+        assert!(stalled.is_err(), "no cut yet, so the answer waits");
+        cut.send_replace(Some(Duration::from_secs(2)));
+        let status = frames.next().await.unwrap().unwrap_err();
+        assert_eq!(status.code(), Code::Unavailable);
+        assert!(
+            status.message().contains("drain_timeout_secs (2 s)"),
+            "{status:?}"
+        );
+        assert!(frames.next().await.is_none(), "nothing after the cut");
+
+        // An answer that already ended keeps its end; and a cut already made is seen
+        // at once by a call that starts waiting after it.
+        let done: Frames = Box::pin(stream::iter([Ok(Bytes::from_static(b"all"))]));
+        let mut frames = cut_frames(done, rx.clone(), false);
+        assert_eq!(frames.next().await.unwrap().unwrap(), "all");
+        let mut late = rx;
+        let timeout = tokio::time::timeout(Duration::from_secs(1), cut_signal(&mut late)).await;
+        assert_eq!(timeout.unwrap(), Duration::from_secs(2));
+    }
 }

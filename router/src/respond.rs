@@ -112,9 +112,24 @@ pub enum RouteError {
     /// Reading the client's own request stream failed.
     #[error("reading the request failed")]
     Client(#[source] Status),
+    /// SIGTERM's drain ran out of `drain_timeout_secs` with this call in flight.
+    #[error(
+        "refvote-router is shutting down: its drain_timeout_secs ({secs} s) ran out with this call in flight, so the call was cut; {}",
+        cut_advice(*.write)
+    )]
+    DrainCut { secs: u64, write: bool },
     /// A concurrency limit shed the call (RESOURCE_EXHAUSTED with Gitaly's LimitError).
     #[error(transparent)]
     Limited(crate::limit::Limited),
+}
+
+/// What a client whose call the drain cut should do.
+fn cut_advice(write: bool) -> &'static str {
+    if write {
+        "the write may or may not have been applied (the cluster's reaper finalizes its transaction within seconds): check the refs, then retry through another router"
+    } else {
+        "retry; another router serves it"
+    }
 }
 
 /// `e` and every error below it, joined with ": ".
@@ -149,7 +164,8 @@ impl From<RouteError> for Status {
             | RouteError::NoVote { .. }
             | RouteError::OutcomeUnknown { .. }
             | RouteError::NotWritten { .. }
-            | RouteError::TooFewAnswered { .. } => Code::Unavailable,
+            | RouteError::TooFewAnswered { .. }
+            | RouteError::DrainCut { .. } => Code::Unavailable,
             RouteError::Internal(_) => Code::Internal,
             RouteError::QuarantinedWrite(_) => Code::InvalidArgument,
             RouteError::NoQuarantine { .. } | RouteError::Gitlab { .. } => Code::FailedPrecondition,
@@ -178,5 +194,25 @@ mod tests {
         let s = Status::from(RouteError::UnknownMethod("/gitaly.X/Y".into()));
         assert_eq!(s.code(), Code::Unimplemented);
         assert!(s.message().contains("/gitaly.X/Y"));
+    }
+
+    #[test]
+    fn a_call_cut_by_the_drain_says_so_and_whether_it_may_have_written() {
+        let s = Status::from(RouteError::DrainCut {
+            secs: 2,
+            write: true,
+        });
+        assert_eq!(s.code(), Code::Unavailable);
+        assert!(s.message().contains("shutting down"), "{s:?}");
+        assert!(s.message().contains("drain_timeout_secs (2 s)"), "{s:?}");
+        assert!(
+            s.message().contains("may or may not have been applied"),
+            "{s:?}"
+        );
+        let s = Status::from(RouteError::DrainCut {
+            secs: 2,
+            write: false,
+        });
+        assert!(s.message().contains("another router serves it"), "{s:?}");
     }
 }

@@ -52,6 +52,14 @@ pub enum StartError {
 }
 
 /// A running router.
+/// How long the connections get, once the drain cut its calls, to carry their
+/// UNAVAILABLE answers before they are dropped.
+pub const CUT_FLUSH: Duration = Duration::from_secs(1);
+
+/// The router's exit code when its drain ran out of `drain_timeout_secs` and cut calls
+/// (EX_TEMPFAIL; 0 means every call finished): systemd shows `status=75/TEMPFAIL`.
+pub const EXIT_DRAIN_CUT: u8 = 75;
+
 pub struct RouterServer {
     addr: SocketAddr,
     shutdown: Option<oneshot::Sender<()>>,
@@ -350,9 +358,13 @@ impl RouterServer {
     /// SIGTERM's drain. Health turns NOT_SERVING at once; calls go on being served for
     /// `grace` while balancers notice; then both listeners close (new connections are
     /// refused, HTTP/2 clients get GOAWAY, idle HTTP connections close) and calls in
-    /// flight, pushes included, get up to `timeout` to finish; then the background
-    /// work stops and the etcd lease is revoked, last. Returns whether every call
-    /// finished in time.
+    /// flight, pushes included, get up to `timeout` to finish. Calls still running then
+    /// are cut: each ends with UNAVAILABLE saying the router is shutting down
+    /// ([`Forwarder::cut_calls`]; a push over HTTP hears it as its refs' rejection),
+    /// and the connections get [`CUT_FLUSH`] to carry that before they are dropped.
+    /// Then the background work stops and the etcd lease is revoked, last, so the
+    /// reaper finalizes a cut write at once. Returns whether every call finished in
+    /// time (the binary exits [`EXIT_DRAIN_CUT`] when not).
     pub async fn drain(mut self, grace: Duration, timeout: Duration) -> bool {
         self.health.drain();
         self.health.drained().await;
@@ -364,51 +376,73 @@ impl RouterServer {
         tokio::time::sleep(grace).await;
         tracing::info!("drain grace over: closing the listeners");
         let deadline = tokio::time::Instant::now() + timeout;
-        let http = self.http.take();
-        let http = async move {
-            match http {
-                Some(h) => h.shutdown(timeout).await,
-                None => true,
-            }
-        };
+        if let Some(h) = &mut self.http {
+            h.close();
+        }
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
-        let task = &mut self.task;
-        let grpc = async { tokio::time::timeout_at(deadline, task).await.is_ok() };
         let ops_web = self.ops_web.take();
         let ops_web = async move {
             if let Some(w) = ops_web {
                 w.shutdown(timeout).await;
             }
         };
-        let (http_done, grpc_done, ()) = tokio::join!(http, grpc, ops_web);
-        if !grpc_done {
-            self.task.abort();
-        }
-        let finished = http_done && grpc_done;
-        if finished {
-            tracing::info!("every call in flight finished");
-        } else {
+        let calls = async {
+            if self.calls_end_by(deadline).await {
+                tracing::info!("every call in flight finished");
+                return true;
+            }
             tracing::warn!(
                 ?timeout,
-                "calls still in flight after drain_timeout_secs; stopping them"
+                "calls still in flight after drain_timeout_secs: cutting them (each ends \
+                 with UNAVAILABLE: the router is shutting down); raise drain_timeout_secs \
+                 (and TimeoutStopSec) if calls this long are expected"
             );
-        }
+            self.forwarder.cut_calls(timeout);
+            if !self
+                .calls_end_by(tokio::time::Instant::now() + CUT_FLUSH)
+                .await
+            {
+                tracing::warn!("connections still open after the cut; dropping them");
+                self.task.abort();
+                if let Some(h) = &self.http {
+                    h.abort();
+                }
+            }
+            false
+        };
+        let (finished, ()) = tokio::join!(calls, ops_web);
         for task in &self.background {
             task.abort();
         }
         if let Some(m) = self.metrics.take() {
             m.abort();
         }
-        // Revoked only after the calls in flight finished: their transactions are
-        // finalized by then, and revoking frees their outcome records at once and
-        // lets the other routers take over repair claims.
+        // Revoked only after the calls in flight ended: their transactions are
+        // finalized by then (or, cut, left for the reaper, which takes them as soon as
+        // the lease is gone), and revoking frees their outcome records at once and lets
+        // the other routers take over repair claims.
         if let Some(session) = self.session.take() {
             session.close().await;
         }
-        tracing::info!("drained; the etcd lease is revoked");
+        tracing::info!(finished, "drained; the etcd lease is revoked");
         finished
+    }
+
+    /// Waits until both listeners' connections have ended, at most until `deadline`.
+    async fn calls_end_by(&mut self, deadline: tokio::time::Instant) -> bool {
+        let http = async {
+            match &mut self.http {
+                Some(h) => h.closed_by(deadline).await,
+                None => true,
+            }
+        };
+        let task = &mut self.task;
+        let grpc =
+            async { task.is_finished() || tokio::time::timeout_at(deadline, task).await.is_ok() };
+        let (http, grpc) = tokio::join!(http, grpc);
+        http && grpc
     }
 
     /// Stops at once: [`RouterServer::drain`] with no grace, calls in flight given up

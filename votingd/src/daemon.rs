@@ -69,6 +69,11 @@ pub enum StartError {
 /// Nothing else holds a repository lock at start-up; this only bounds a surprise.
 const STARTUP_LOCK_WAIT: Duration = Duration::from_secs(5);
 
+/// votingd's exit code when its drain ran out of `drain_timeout_secs` and stopped calls
+/// still in flight (EX_TEMPFAIL; 0 means every call finished): systemd shows
+/// `status=75/TEMPFAIL`.
+pub const EXIT_DRAIN_CUT: u8 = 75;
+
 /// A running votingd.
 pub struct Daemon {
     config: Arc<Config>,
@@ -386,7 +391,9 @@ impl Daemon {
         } else {
             tracing::warn!(
                 ?timeout,
-                "calls still in flight after drain_timeout_secs; stopped them"
+                "calls still in flight after drain_timeout_secs; stopped them (their \
+                 transactions count this node failed; it is repaired when back); raise \
+                 drain_timeout_secs (and TimeoutStopSec) if calls this long are expected"
             );
         }
         // Revoked last: the calls that finished reported done first, so their

@@ -101,19 +101,39 @@ impl HttpServer {
         self.addr
     }
 
+    /// Closes the listener: requests in flight go on (their responses sent whole),
+    /// idle connections close.
+    pub fn close(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+
+    /// Waits, after [`HttpServer::close`], until every connection has ended, at most
+    /// until `deadline`. Returns whether they all did.
+    pub async fn closed_by(&mut self, deadline: tokio::time::Instant) -> bool {
+        if self.task.is_finished() {
+            return true;
+        }
+        tokio::time::timeout_at(deadline, &mut self.task)
+            .await
+            .is_ok()
+    }
+
+    /// Gives up on the connections still open (they are dropped).
+    pub fn abort(&self) {
+        self.task.abort();
+    }
+
     /// Closes the listener, lets every request in flight finish (its response sent
     /// whole) and closes idle connections; gives up after `timeout`, dropping what is
     /// left. Returns whether everything finished in time.
     pub async fn shutdown(mut self, timeout: Duration) -> bool {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
+        self.close();
+        let done = self.closed_by(tokio::time::Instant::now() + timeout).await;
+        if !done {
+            self.abort();
         }
-        match tokio::time::timeout(timeout, &mut self.task).await {
-            Ok(_) => true,
-            Err(_) => {
-                self.task.abort();
-                false
-            }
-        }
+        done
     }
 }
