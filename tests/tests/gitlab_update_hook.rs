@@ -10,7 +10,8 @@
 //!   (`internal/gitaly/hook/updateref/update_with_hooks.go`, "running update hooks:"
 //!   and the hook's stderr; `internal/gitaly/service/operations/user_create_branch.go`,
 //!   `PERMISSION_DENIED` "creation denied by custom hooks: …") with a `CustomHookError`
-//!   of `hook_type` UPDATE carrying both streams.
+//!   of `hook_type` UPDATE carrying both streams — what the passing custom pre-receive
+//!   hook printed first, as Gitaly's hooks share their buffers.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -33,7 +34,8 @@ const GL_REPOSITORY: &str = "project-42";
 const ZERO: &str = "0000000000000000000000000000000000000000";
 
 /// A global `update.d` hook that logs each run to `ran` and refuses every
-/// `refs/heads/frozen*` with a line on each stream.
+/// `refs/heads/frozen*` with a line on each stream, and a `pre-receive.d` hook that
+/// passes with a line on stdout.
 fn freezing_update_hook(dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
     let ran = dir.join("ran");
     let hooks = dir.join("global").join("update.d");
@@ -46,6 +48,12 @@ fn freezing_update_hook(dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
              case \"$1\" in refs/heads/frozen*) echo \"checked $1\"; echo \"GL-HOOK-ERR: $1 is frozen\" >&2; exit 1;; esac\n"
         ),
     )?;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755))?;
+    // And a pre-receive hook that passes, saying so on stdout.
+    let pre = dir.join("global").join("pre-receive.d");
+    std::fs::create_dir_all(&pre)?;
+    let script = pre.join("look");
+    std::fs::write(&script, "#!/bin/sh\necho \"looked at $GL_ID\"\n")?;
     std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755))?;
     Ok((dir.join("global"), ran))
 }
@@ -120,6 +128,11 @@ async fn a_custom_update_hook_refuses_its_refs_on_every_replica_and_answers_gita
         1,
         "{text}"
     );
+    assert_eq!(
+        text.matches("remote: looked at user-7").count(),
+        1,
+        "{text}"
+    );
     assert!(
         text.contains("refs/heads/frozen-1:refs/heads/frozen-1\t[remote rejected] (hook declined)"),
         "{text}"
@@ -181,7 +194,8 @@ async fn a_custom_update_hook_refuses_its_refs_on_every_replica_and_answers_gita
         d.error,
         Some(user_create_branch_error::Error::CustomHook(
             CustomHookError {
-                stdout: b"checked refs/heads/frozen-2\n".to_vec(),
+                // Gitaly's pre-receive and update hooks share the buffers.
+                stdout: b"looked at user-7\nchecked refs/heads/frozen-2\n".to_vec(),
                 stderr: b"GL-HOOK-ERR: refs/heads/frozen-2 is frozen\n".to_vec(),
                 hook_type: custom_hook_error::HookType::Update as i32,
             }
