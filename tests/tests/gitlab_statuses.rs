@@ -8,7 +8,8 @@
 //!   failing (503 with a JSON message): the push is refused on every replica, the
 //!   pusher reads `GitLab: Internal API error (429)` or GitLab's message, no ref and
 //!   no object lands anywhere, and `/allowed` was called once (Gitaly never repeats
-//!   it, `Retry-After` or not);
+//!   it, `Retry-After` or not); over SSH (gitlab-shell's way) the same under Rails' own
+//!   rate limiter's JSON, whose `message` is no string;
 //! - `/post_receive` throttled once with `Retry-After: 3`: the push stands, the call is
 //!   repeated after GitLab's wait, and its messages reach the pusher once;
 //! - the `User*` operations under Rails' own rate limiter's answer: Gitaly's codes and
@@ -29,7 +30,7 @@ use refvote_proto::gitaly::{
 use refvote_tests::cluster::{Fixture, VoteCluster};
 use refvote_tests::git::{self, WorkRepo};
 use refvote_tests::gitlab::{GitlabApi, MESSAGE, Reply, Responder, allowing, respond};
-use refvote_tests::node::NodeOptions;
+use refvote_tests::node::{NodeOptions, bin};
 use refvote_tests::smarthttp::{GitHttpProxy, GitlabIdentity, Target};
 use serde_json::json;
 use tonic::Code;
@@ -52,6 +53,20 @@ fn rails_rate_limited() -> Reply {
 /// Rack::Attack's throttled answer as GitLab configures it.
 fn rack_attack_throttled() -> Reply {
     Reply::text(429, "text/plain", "Retry later\n").retry_after("60")
+}
+
+/// `ok` or `failed`, then git's output.
+fn outcome(out: &std::process::Output) -> String {
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if out.status.success() {
+        format!("ok\n{text}")
+    } else {
+        format!("failed\n{text}")
+    }
 }
 
 /// Three nodes calling `api`, a router, and `RELATIVE` with `main` on every replica.
@@ -106,16 +121,30 @@ impl Setup {
     async fn push(&self, proxy: &GitHttpProxy) -> anyhow::Result<String> {
         let url = proxy.url(RELATIVE);
         let out = git::push(&self.work.path, Path::new(&url), &["main"], &[]).await?;
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(if out.status.success() {
-            format!("ok\n{text}")
-        } else {
-            format!("failed\n{text}")
-        })
+        Ok(outcome(&out))
+    }
+
+    /// `git push` of `main` over SSH the way gitlab-shell carries it: git's ssh is
+    /// `ssh-grpc`, one SSHReceivePack through the router as `user-7`. Bounded.
+    async fn push_ssh(&self) -> anyhow::Result<String> {
+        let env: Vec<(String, String)> = [
+            ("GIT_SSH_COMMAND", bin("ssh-grpc").display().to_string()),
+            ("GIT_SSH_VARIANT", "ssh".into()),
+            ("REFVOTE_SSH_TARGETS", self.c.routers[0].grpc_url()),
+            ("REFVOTE_SSH_GL_ID", "user-7".into()),
+            ("REFVOTE_SSH_GL_USERNAME", "jane".into()),
+            ("REFVOTE_SSH_GL_REPOSITORY", GL_REPOSITORY.into()),
+            ("REFVOTE_SSH_GL_PROJECT_PATH", "group/project".into()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        let url = format!("ssh://gitlab-shell/{RELATIVE}");
+        let push = git::push(&self.work.path, Path::new(&url), &["main"], &env);
+        let out = tokio::time::timeout(Duration::from_secs(120), push)
+            .await
+            .map_err(|_| anyhow::anyhow!("the SSH push did not end in 120 s"))??;
+        Ok(outcome(&out))
     }
 
     fn revs(&self, refname: &str) -> Vec<Option<String>> {
@@ -186,6 +215,19 @@ async fn a_push_gitlab_throttles_or_fails_is_refused_everywhere_and_a_throttled_
     }));
     let out = s.push(&proxy).await?;
     s.assert_refused(&out, "GitLab is undergoing maintenance", &new, &before)
+        .await;
+    assert_eq!(s.api.calls("allowed").len(), 1, "not repeated");
+    assert_eq!(s.api.calls("pre_receive").len(), 0);
+
+    // Over SSH as gitlab-shell carries it (one SSHReceivePack through the router),
+    // Rails' own rate limiter: the same hook, the same words.
+    s.api.clear();
+    s.api.set_responder(respond(|r| match r.path.as_str() {
+        ALLOWED => rails_rate_limited(),
+        _ => allowing(r),
+    }));
+    let out = s.push_ssh().await?;
+    s.assert_refused(&out, "Internal API error (429)", &new, &before)
         .await;
     assert_eq!(s.api.calls("allowed").len(), 1, "not repeated");
     assert_eq!(s.api.calls("pre_receive").len(), 0);
