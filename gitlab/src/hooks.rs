@@ -208,6 +208,19 @@ impl PostReceiveError {
         )
     }
 
+    /// What Gitaly's post-receive hook writes on stderr for this failure, which git
+    /// shows the pusher after `remote: ` (`internal/gitaly/hook/postreceive.go` and
+    /// `internal/gitaly/service/hook/post_receive.go`): the error's text for a failed
+    /// call or a message of unknown type; nothing when GitLab did not count the push
+    /// out (Gitaly's error is empty) or a custom hook failed (only its exit status is
+    /// passed on; its own output was streamed).
+    pub fn pusher_text(&self) -> Option<String> {
+        match self {
+            PostReceiveError::Api(_) | PostReceiveError::Messages(_) => Some(self.to_string()),
+            PostReceiveError::NotDecreased | PostReceiveError::CustomHook(_) => None,
+        }
+    }
+
     /// The wait GitLab asked for before another call (`Retry-After`).
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
@@ -450,7 +463,8 @@ impl GitlabHooks {
     }
 
     /// [`GitlabHooks::post_receive`], repeated on transient failures within `policy`.
-    /// Returns the last result and how many calls were made. Each failure is logged.
+    /// Returns the last result and how many calls were made. Each failure is logged;
+    /// the last one's [`PostReceiveError::pusher_text`] goes to the sink's stderr.
     pub async fn post_receive_with_retries(
         &self,
         context: &HookContext,
@@ -471,6 +485,9 @@ impl GitlabHooks {
                     }
                     None => {
                         tracing::error!(error = %e, attempt, correlation_id = %context.request_id, "post-receive failed; the push stands");
+                        if let Some(text) = e.pusher_text() {
+                            sink.stderr(format!("{text}\n").as_bytes());
+                        }
                         return (result, attempt);
                     }
                 },
@@ -603,5 +620,22 @@ mod tests {
             .to_string(),
             "GitLab: http post to gitlab api /post_receive endpoint: Internal API error (500)"
         );
+        let failed = PostReceiveError::Api(ApiError::Status {
+            call: crate::api::Call::PostReceive,
+            status: 429,
+            message: Some("Retry later".into()),
+            retry_after: Some(Duration::from_secs(60)),
+        });
+        assert_eq!(
+            failed.pusher_text().as_deref(),
+            Some("GitLab: http post to gitlab api /post_receive endpoint: Retry later")
+        );
+        assert_eq!(
+            PostReceiveError::Messages(crate::messages::InvalidMessageType("shout".into()))
+                .pusher_text()
+                .as_deref(),
+            Some("error writing messages to stream: invalid message type: shout")
+        );
+        assert_eq!(PostReceiveError::NotDecreased.pusher_text(), None);
     }
 }

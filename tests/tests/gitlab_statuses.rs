@@ -11,7 +11,9 @@
 //!   it, `Retry-After` or not); over SSH (gitlab-shell's way) the same under Rails' own
 //!   rate limiter's JSON, whose `message` is no string;
 //! - `/post_receive` throttled once with `Retry-After: 3`: the push stands, the call is
-//!   repeated after GitLab's wait, and its messages reach the pusher once;
+//!   repeated after GitLab's wait, and its messages reach the pusher once; failing
+//!   with a 500, it is not repeated, the push stands, and the pusher reads Gitaly's
+//!   `GitLab: http post to gitlab api /post_receive endpoint: …`;
 //! - the `User*` operations under Rails' own rate limiter's answer: Gitaly's codes and
 //!   structured errors (UserDeleteBranch `PERMISSION_DENIED` with `AccessCheckError`,
 //!   UserCreateBranch `INTERNAL` without a detail), nothing moved.
@@ -265,6 +267,23 @@ async fn a_push_gitlab_throttles_or_fails_is_refused_everywhere_and_a_throttled_
     assert_eq!(s.api.calls("pre_receive").len(), 1);
     let posted = s.api.calls("post_receive");
     assert_eq!(posted[0].json(), posted[1].json(), "the same call again");
+
+    // /post_receive failing with a 500 (GitLab may have acted: not repeated): the push
+    // stands and the pusher reads Gitaly's post-receive error once.
+    s.api.clear();
+    s.api.set_responder(respond(|r| match r.path.as_str() {
+        POST_RECEIVE => Reply::json(500, json!({"message": "500 Internal Server Error"})),
+        _ => allowing(r),
+    }));
+    let newer = s.work.commit("main", "post-receive fails")?;
+    let out = s.push(&proxy).await?;
+    assert!(out.starts_with("ok\n"), "{out}");
+    assert_eq!(s.revs("refs/heads/main"), vec![Some(newer); 3]);
+    let shown =
+        "remote: GitLab: http post to gitlab api /post_receive endpoint: 500 Internal Server Error";
+    assert_eq!(out.matches(shown).count(), 1, "{shown:?} once in:\n{out}");
+    assert!(!out.contains(first_line), "{out}");
+    assert_eq!(s.api.calls("post_receive").len(), 1);
     Ok(())
 }
 

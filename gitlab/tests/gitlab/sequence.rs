@@ -577,6 +577,11 @@ async fn post_receive_throttled_waits_for_retry_after_within_the_bound() {
         "GitLab: http post to gitlab api /post_receive endpoint: Retry later"
     );
     assert_eq!((attempts, gitlab.requests().len()), (3, 3));
+    // The pusher reads the last failure once, as Gitaly's hook prints it.
+    assert_eq!(
+        String::from_utf8_lossy(&sink.stderr),
+        "GitLab: http post to gitlab api /post_receive endpoint: Retry later\n"
+    );
 
     // Asked to come back later than the bound: one call, no wait.
     let gitlab = FakeGitlab::http(always(Reply::throttled("60"))).await;
