@@ -35,8 +35,9 @@
 //!   `remote: GitLab: Internal API error (429)` (or GitLab's message) and
 //!   `[remote rejected] … (pre-receive hook declined)`, on every replica.
 //! - `internal/gitaly/hook/postreceive.go`: a `/post_receive` failure is `GitLab:
-//!   http post to gitlab api /post_receive endpoint: …` on stderr; git ignores
-//!   post-receive's status, so the push stands; nothing retries it.
+//!   http post to gitlab api /post_receive endpoint: …` on stderr (the pusher reads
+//!   it after `remote: `); git ignores post-receive's status, so the push stands;
+//!   nothing retries it.
 //! - `internal/gitaly/hook/updateref/update_with_hooks.go` wraps a pre-receive failure
 //!   as `running pre-receive hooks: GitLab: …`, and `internal/gitaly/service/operations`
 //!   answers a `NotAllowedError` with `PERMISSION_DENIED` and an `AccessCheckError`
