@@ -43,8 +43,9 @@
 //!   answers a `NotAllowedError` with `PERMISSION_DENIED` and an `AccessCheckError`
 //!   (`error_message` without `GitLab: `) where the RPC's error has that arm
 //!   (UserDeleteBranch, UserCreateTag, UserCommitFiles, UserMergeBranch), and returns
-//!   it unwrapped — `INTERNAL` — where it has none (UserCreateBranch, UserFFBranch);
-//!   see the node's `gitlab::operation`.
+//!   it unwrapped where it has none (UserCreateBranch, UserFFBranch), which
+//!   `internal/grpc/middleware/statushandler` answers as `INTERNAL` with its text; see
+//!   the node's `gitlab::operation`.
 //!
 //! (gitlab-shell's own client, which checks SSH pushes before Gitaly is called, is
 //! different: go-retryablehttp retries 429, 5xx but 501 and transport errors twice,
