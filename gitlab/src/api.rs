@@ -15,7 +15,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use reqwest::header::{CONTENT_TYPE, HeaderValue, USER_AGENT};
+use reqwest::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER, USER_AGENT};
 use serde::Serialize;
 
 pub use crate::call::{ApiError, Call};
@@ -137,9 +137,10 @@ impl Client {
         format!("{}{}", self.base, call.path())
     }
 
-    /// Sends one request and reads the answer: status, content type, body (at most
-    /// [`MAX_BODY`]). 4xx and 5xx become [`ApiError::Status`], as Gitaly's client
-    /// turns them into errors before the endpoint's own handling.
+    /// Sends one request and reads the answer: status, content type, `Retry-After`,
+    /// body (at most [`MAX_BODY`]). 4xx and 5xx become [`ApiError::Status`], as
+    /// Gitaly's client turns them into errors before the endpoint's own handling; it
+    /// is sent once, whatever the answer (see [`crate::wire`] for why).
     async fn send(
         &self,
         call: Call,
@@ -190,6 +191,11 @@ impl Client {
             .and_then(|v| v.to_str().ok())
             .unwrap_or_default()
             .to_owned();
+        let retry_after = response
+            .headers()
+            .get(RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| wire::retry_after(v, SystemTime::now()));
         let mut bytes = Vec::new();
         while let Some(chunk) = response.chunk().await.map_err(transport)? {
             if bytes.len() + chunk.len() > MAX_BODY {
@@ -210,6 +216,7 @@ impl Client {
         let answer = wire::Answer {
             status,
             content_type,
+            retry_after,
             body: bytes,
         };
         answer.check_status(call)?;
@@ -317,6 +324,7 @@ mod tests {
             call: Call::Allowed,
             status,
             message: message.map(str::to_owned),
+            retry_after: None,
         };
         let e = status(
             401,

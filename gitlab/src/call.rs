@@ -34,12 +34,14 @@ impl std::fmt::Display for Call {
 /// A call that did not produce a usable answer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ApiError {
-    /// GitLab answered 4xx or 5xx (`message`: the `message` of its JSON body).
-    #[error("GitLab's {call} answered HTTP {status}{}", message.as_deref().map(|m| format!(": {m}")).unwrap_or_default())]
+    /// GitLab answered 4xx or 5xx (`message`: the `message` of its JSON body, read as
+    /// Gitaly reads it; `retry_after`: its `Retry-After`, for a 429 or 503).
+    #[error("GitLab's {call} answered HTTP {status}{}{}", message.as_deref().map(|m| format!(": {m}")).unwrap_or_default(), retry_after.map(|d| format!(" (Retry-After: {} s)", d.as_secs())).unwrap_or_default())]
     Status {
         call: Call,
         status: u16,
         message: Option<String>,
+        retry_after: Option<Duration>,
     },
     /// A success or redirect status the endpoint does not answer with.
     #[error("GitLab's {call} answered HTTP {status}, not 200")]
@@ -76,16 +78,35 @@ impl ApiError {
         }
     }
 
-    /// GitLab looked at the request and refused it (a 4xx answer): its message is
-    /// meant for the pusher. Anything else is GitLab (or the way to it) failing.
+    /// GitLab looked at the request and refused it (401, 403, 404, 422, …): its message
+    /// is meant for the pusher. Anything else is GitLab (or the way to it) failing or
+    /// shedding load — a 400 (our request was malformed), a 429 ([`is_throttled`]),
+    /// a 5xx — as gitlab-shell's `IsSystemErrorStatus` classifies them. (Gitaly shows
+    /// the pusher all of them alike; this only decides how loudly we log.)
+    ///
+    /// [`is_throttled`]: ApiError::is_throttled
     pub fn is_refusal(&self) -> bool {
         matches!(
             self,
             ApiError::Status {
-                status: 400..=499,
+                status: 401..=499,
                 ..
             }
-        )
+        ) && !self.is_throttled()
+    }
+
+    /// GitLab's rate limiter answered 429 Too Many Requests: Rack::Attack (or the
+    /// API's own limiter) turned the request away before the endpoint ran.
+    pub fn is_throttled(&self) -> bool {
+        matches!(self, ApiError::Status { status: 429, .. })
+    }
+
+    /// The wait GitLab asked for with `Retry-After`, if it did.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            ApiError::Status { retry_after, .. } => *retry_after,
+            _ => None,
+        }
     }
 
     /// The text Gitaly's client gives this error, which Gitaly shows the pusher

@@ -190,21 +190,43 @@ pub enum PostReceiveError {
 
 impl PostReceiveError {
     /// Safe to call again: GitLab cannot have run its post-receive work — no
-    /// connection was made, or a gateway in front of Rails answered 502, 503 or 504.
-    /// A timeout, a broken connection or a 500 may have run it already; repeating
-    /// it would start pipelines twice, so those are not retried (Gitaly never
-    /// retries at all).
+    /// connection was made, a gateway in front of Rails answered 502, 503 or 504, or
+    /// Rails' rate limiter answered 429 (Rack::Attack throttles before the endpoint
+    /// runs). A timeout, a broken connection or a 500 may have run it already;
+    /// repeating it would start pipelines twice, so those are not retried (Gitaly
+    /// never retries at all).
     pub fn is_transient(&self) -> bool {
         matches!(
             self,
             PostReceiveError::Api(
                 ApiError::Unreachable { connect: true, .. }
                     | ApiError::Status {
-                        status: 502..=504,
+                        status: 429 | 502..=504,
                         ..
                     }
             )
         )
+    }
+
+    /// What Gitaly's post-receive hook writes on stderr for this failure, which git
+    /// shows the pusher after `remote: ` (`internal/gitaly/hook/postreceive.go` and
+    /// `internal/gitaly/service/hook/post_receive.go`): the error's text for a failed
+    /// call or a message of unknown type; nothing when GitLab did not count the push
+    /// out (Gitaly's error is empty) or a custom hook failed (only its exit status is
+    /// passed on; its own output was streamed).
+    pub fn pusher_text(&self) -> Option<String> {
+        match self {
+            PostReceiveError::Api(_) | PostReceiveError::Messages(_) => Some(self.to_string()),
+            PostReceiveError::NotDecreased | PostReceiveError::CustomHook(_) => None,
+        }
+    }
+
+    /// The wait GitLab asked for before another call (`Retry-After`).
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            PostReceiveError::Api(e) => e.retry_after(),
+            _ => None,
+        }
     }
 }
 
@@ -220,15 +242,41 @@ pub struct PostReceiveOutcome {
 pub struct RetryPolicy {
     /// Calls in all, at least 1.
     pub attempts: u32,
-    /// Wait before the second call; doubled before each further one.
+    /// Wait before the second call; doubled before each further one. A longer
+    /// `Retry-After` of GitLab's is waited instead.
     pub backoff: Duration,
+    /// Longest wait before one call: a `Retry-After` beyond it ends the retries
+    /// (waiting less than GitLab asked would only be throttled again).
+    pub max_wait: Duration,
 }
 
 impl Default for RetryPolicy {
+    /// Three calls, 1 s then 2 s apart, waiting at most 15 s for a `Retry-After`
+    /// (gitlab-shell's go-retryablehttp settings: two retries, 1 s to 15 s).
     fn default() -> Self {
         RetryPolicy {
             attempts: 3,
             backoff: Duration::from_secs(1),
+            max_wait: Duration::from_secs(15),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The wait before call `attempt + 1` after `error` ended call `attempt` (from 1),
+    /// or `None` when no further call is made.
+    pub fn next_wait(&self, attempt: u32, error: &PostReceiveError) -> Option<Duration> {
+        if !error.is_transient() || attempt >= self.attempts.max(1) {
+            return None;
+        }
+        let backoff = self
+            .backoff
+            .saturating_mul(1 << (attempt - 1).min(16))
+            .min(self.max_wait);
+        match error.retry_after() {
+            Some(asked) if asked > self.max_wait => None,
+            Some(asked) => Some(asked.max(backoff)),
+            None => Some(backoff),
         }
     }
 }
@@ -308,8 +356,12 @@ impl GitlabHooks {
             match api.allowed(context, repo_path, changes).await {
                 Ok(answer) if answer.status => {}
                 Ok(answer) => return Err(access_check(answer.message.unwrap_or_default())),
+                // Gitaly refuses with the error's text whatever it was — a denial,
+                // a 429, a 5xx, an outage — and does not call again (crate::wire).
                 Err(e) => {
-                    if !e.is_refusal() {
+                    if e.is_throttled() {
+                        tracing::warn!(error = %e, retry_after_s = e.retry_after().map(|d| d.as_secs()), correlation_id = %context.request_id, "GitLab throttled the access check; refusing the update");
+                    } else if !e.is_refusal() {
                         tracing::warn!(error = %e, correlation_id = %context.request_id, "GitLab's access check failed; refusing the update");
                     }
                     return Err(access_check(e.gitaly_text()));
@@ -411,7 +463,8 @@ impl GitlabHooks {
     }
 
     /// [`GitlabHooks::post_receive`], repeated on transient failures within `policy`.
-    /// Returns the last result and how many calls were made. Each failure is logged.
+    /// Returns the last result and how many calls were made. Each failure is logged;
+    /// the last one's [`PostReceiveError::pusher_text`] goes to the sink's stderr.
     pub async fn post_receive_with_retries(
         &self,
         context: &HookContext,
@@ -420,21 +473,24 @@ impl GitlabHooks {
         sink: &mut dyn OutputSink,
         policy: RetryPolicy,
     ) -> (Result<PostReceiveOutcome, PostReceiveError>, u32) {
-        let mut wait = policy.backoff;
         let mut attempt = 1;
         loop {
             let result = self.post_receive(context, repo_path, changes, sink).await;
             match &result {
-                Err(e) if e.is_transient() && attempt < policy.attempts.max(1) => {
-                    tracing::warn!(error = %e, attempt, correlation_id = %context.request_id, "post-receive failed; retrying");
-                    tokio::time::sleep(wait).await;
-                    wait = wait.saturating_mul(2);
-                    attempt += 1;
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, attempt, correlation_id = %context.request_id, "post-receive failed; the push stands");
-                    return (result, attempt);
-                }
+                Err(e) => match policy.next_wait(attempt, e) {
+                    Some(wait) => {
+                        tracing::warn!(error = %e, attempt, wait_ms = wait.as_millis() as u64, correlation_id = %context.request_id, "post-receive failed; retrying");
+                        tokio::time::sleep(wait).await;
+                        attempt += 1;
+                    }
+                    None => {
+                        tracing::error!(error = %e, attempt, correlation_id = %context.request_id, "post-receive failed; the push stands");
+                        if let Some(text) = e.pusher_text() {
+                            sink.stderr(format!("{text}\n").as_bytes());
+                        }
+                        return (result, attempt);
+                    }
+                },
                 Ok(_) => return (result, attempt),
             }
         }
@@ -495,6 +551,50 @@ mod tests {
     }
 
     #[test]
+    fn retries_wait_for_the_backoff_or_retry_after_within_the_bound() {
+        let policy = RetryPolicy {
+            attempts: 4,
+            backoff: Duration::from_secs(1),
+            max_wait: Duration::from_secs(15),
+        };
+        let status = |status, retry_after: Option<u64>| {
+            PostReceiveError::Api(ApiError::Status {
+                call: crate::api::Call::PostReceive,
+                status,
+                message: None,
+                retry_after: retry_after.map(Duration::from_secs),
+            })
+        };
+        let secs = |s| Some(Duration::from_secs(s));
+        // Doubling backoff, attempts bounded.
+        assert_eq!(policy.next_wait(1, &status(503, None)), secs(1));
+        assert_eq!(policy.next_wait(2, &status(429, None)), secs(2));
+        assert_eq!(policy.next_wait(3, &status(502, None)), secs(4));
+        assert_eq!(policy.next_wait(4, &status(502, None)), None);
+        // Retry-After when longer than the backoff; beyond the bound, no retry.
+        assert_eq!(policy.next_wait(1, &status(429, Some(7))), secs(7));
+        assert_eq!(policy.next_wait(3, &status(503, Some(0))), secs(4));
+        assert_eq!(policy.next_wait(1, &status(429, Some(16))), None);
+        // What GitLab may have acted on is never repeated.
+        assert_eq!(policy.next_wait(1, &status(500, None)), None);
+        assert_eq!(policy.next_wait(1, &status(501, Some(1))), None);
+        assert_eq!(policy.next_wait(1, &status(401, None)), None);
+        assert_eq!(policy.next_wait(1, &PostReceiveError::NotDecreased), None);
+        let broken = PostReceiveError::Api(ApiError::Unreachable {
+            call: crate::api::Call::PostReceive,
+            detail: "connection reset".into(),
+            connect: false,
+        });
+        assert_eq!(policy.next_wait(1, &broken), None);
+        // The backoff never exceeds the bound either.
+        let long = RetryPolicy {
+            attempts: 40,
+            ..policy
+        };
+        assert_eq!(long.next_wait(30, &status(503, None)), secs(15));
+    }
+
+    #[test]
     fn post_text_as_gitaly_words_it() {
         let e = ApiError::Unreachable {
             call: crate::api::Call::PreReceive,
@@ -514,10 +614,28 @@ mod tests {
             PostReceiveError::Api(ApiError::Status {
                 call: crate::api::Call::PostReceive,
                 status: 500,
-                message: None
+                message: None,
+                retry_after: None,
             })
             .to_string(),
             "GitLab: http post to gitlab api /post_receive endpoint: Internal API error (500)"
         );
+        let failed = PostReceiveError::Api(ApiError::Status {
+            call: crate::api::Call::PostReceive,
+            status: 429,
+            message: Some("Retry later".into()),
+            retry_after: Some(Duration::from_secs(60)),
+        });
+        assert_eq!(
+            failed.pusher_text().as_deref(),
+            Some("GitLab: http post to gitlab api /post_receive endpoint: Retry later")
+        );
+        assert_eq!(
+            PostReceiveError::Messages(crate::messages::InvalidMessageType("shout".into()))
+                .pusher_text()
+                .as_deref(),
+            Some("error writing messages to stream: invalid message type: shout")
+        );
+        assert_eq!(PostReceiveError::NotDecreased.pusher_text(), None);
     }
 }

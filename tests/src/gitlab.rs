@@ -80,14 +80,31 @@ impl Recorded {
 pub struct Reply {
     pub status: u16,
     pub body: String,
+    /// `application/json` unless set.
+    pub content_type: &'static str,
+    /// A `Retry-After` header, if any.
+    pub retry_after: Option<String>,
 }
 
 impl Reply {
     pub fn json(status: u16, body: Value) -> Reply {
+        Reply::text(status, "application/json", body.to_string())
+    }
+
+    /// Any body under any content type (an HTML error page, Rack::Attack's text).
+    pub fn text(status: u16, content_type: &'static str, body: impl Into<String>) -> Reply {
         Reply {
             status,
-            body: body.to_string(),
+            body: body.into(),
+            content_type,
+            retry_after: None,
         }
+    }
+
+    /// The same with `Retry-After: <value>`.
+    pub fn retry_after(mut self, value: &str) -> Reply {
+        self.retry_after = Some(value.to_owned());
+        self
     }
 }
 
@@ -231,9 +248,11 @@ async fn handle(
         responder(recorded)
     };
     let reply = answer.await;
-    Ok(hyper::Response::builder()
+    let mut response = hyper::Response::builder()
         .status(reply.status)
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(reply.body)))
-        .unwrap())
+        .header("content-type", reply.content_type);
+    if let Some(after) = &reply.retry_after {
+        response = response.header("retry-after", after.as_str());
+    }
+    Ok(response.body(Full::new(Bytes::from(reply.body))).unwrap())
 }

@@ -168,6 +168,7 @@ async fn refusals_carry_gitlabs_message() {
         content_type: "text/html",
         body: "<html>".into(),
         delay: Duration::ZERO,
+        retry_after: None,
     }))
     .await;
     let e = client(dir.path(), &gitlab.url, "")

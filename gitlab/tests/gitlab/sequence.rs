@@ -369,6 +369,7 @@ async fn post_receive_retries_what_gitlab_cannot_have_run() {
     let policy = RetryPolicy {
         attempts: 3,
         backoff: Duration::from_millis(10),
+        max_wait: Duration::from_secs(5),
     };
     let mut sink = Collect::default();
     let (result, attempts) = hooks
@@ -423,4 +424,180 @@ async fn post_receive_retries_what_gitlab_cannot_have_run() {
         .await;
     assert!(result.unwrap_err().is_transient());
     assert_eq!(attempts, 3);
+}
+
+#[tokio::test]
+async fn a_throttled_or_failing_access_check_refuses_once_with_gitalys_text() {
+    // Gitaly calls /allowed once and refuses with its client's text, whatever the
+    // status: no retry on 429 (even with Retry-After) nor on a 5xx; no custom hook,
+    // no /pre_receive.
+    let dir = tempfile::tempdir().unwrap();
+    let repo = repository(dir.path());
+    script(&repo.join("custom_hooks/pre-receive"), RECORD_ENV);
+    let rails_limiter = json!({"message": {"error": "This endpoint has been requested too many times. Try again later."}});
+    for (reply, shown) in [
+        (Reply::throttled("1"), "GitLab: Internal API error (429)"),
+        (
+            Reply::throttled("Sun, 06 Nov 1994 08:49:37 GMT"),
+            "GitLab: Internal API error (429)",
+        ),
+        (
+            Reply::json(429, rails_limiter),
+            "GitLab: Internal API error (429)",
+        ),
+        (
+            Reply::json(429, json!({"message": "Too many pushes, wait a minute"})),
+            "GitLab: Too many pushes, wait a minute",
+        ),
+        (
+            Reply::json(500, json!({"message": "500 Internal Server Error"})),
+            "GitLab: 500 Internal Server Error",
+        ),
+        (
+            Reply {
+                status: 502,
+                content_type: "text/html",
+                body: "<html><body><h1>502 Bad Gateway</h1></body></html>".into(),
+                delay: Duration::ZERO,
+                retry_after: None,
+            },
+            "GitLab: Internal API error (502)",
+        ),
+    ] {
+        let gitlab = FakeGitlab::http(always(reply.clone())).await;
+        let hooks = gitlab_hooks(dir.path(), Some(&gitlab.url), None);
+        let mut sink = Collect::default();
+        let refusal = hooks
+            .pre_receive(&push_context("user-7"), &repo, &changes(), &mut sink)
+            .await
+            .unwrap_err();
+        assert_eq!(refusal.hook_stderr(), shown, "{reply:?}");
+        let Refusal::AccessCheck {
+            message, user_id, ..
+        } = &refusal
+        else {
+            panic!("{refusal:?}")
+        };
+        assert_eq!(Some(message.as_str()), shown.strip_prefix("GitLab: "));
+        assert_eq!(user_id, "user-7");
+        assert_eq!(
+            gitlab.single().path,
+            "/api/v4/internal/allowed",
+            "{reply:?}"
+        );
+        assert!(!repo.join("pre-receive.stdin").exists());
+        assert!(sink.stdout.is_empty() && sink.stderr.is_empty());
+    }
+}
+
+#[tokio::test]
+async fn a_throttled_counter_refuses_with_gitalys_words() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = repository(dir.path());
+    let gitlab = FakeGitlab::http(Arc::new(|r| match r.path.as_str() {
+        "/api/v4/internal/allowed" => Reply::json(200, json!({"status": true})),
+        _ => Reply::throttled("5"),
+    }))
+    .await;
+    let hooks = gitlab_hooks(dir.path(), Some(&gitlab.url), None);
+    let mut sink = Collect::default();
+    let refusal = hooks
+        .pre_receive(&push_context("user-7"), &repo, &changes(), &mut sink)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refusal,
+        Refusal::Internal {
+            message: "calling pre_receive endpoint: http post to gitlab api /pre_receive endpoint: Internal API error (429)".into()
+        }
+    );
+    // Not repeated: a second /pre_receive could count the push in twice.
+    assert_eq!(gitlab.requests().len(), 2);
+}
+
+#[tokio::test]
+async fn post_receive_throttled_waits_for_retry_after_within_the_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = repository(dir.path());
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counter = calls.clone();
+    // Throttled once (come back in 1 s), then served.
+    let gitlab = FakeGitlab::http(Arc::new(move |_| {
+        if counter.fetch_add(1, Ordering::SeqCst) == 0 {
+            Reply::throttled("1")
+        } else {
+            Reply::json(
+                200,
+                json!({"reference_counter_decreased": true, "messages": [{"message": "ok", "type": "basic"}]}),
+            )
+        }
+    }))
+    .await;
+    let hooks = gitlab_hooks(dir.path(), Some(&gitlab.url), None);
+    let policy = RetryPolicy {
+        attempts: 3,
+        backoff: Duration::from_millis(10),
+        max_wait: Duration::from_secs(5),
+    };
+    let mut sink = Collect::default();
+    let started = std::time::Instant::now();
+    let (result, attempts) = hooks
+        .post_receive_with_retries(
+            &push_context("user-1"),
+            &repo,
+            &changes(),
+            &mut sink,
+            policy,
+        )
+        .await;
+    let took = started.elapsed();
+    assert_eq!(result.unwrap().messages, "\nok\n\n");
+    assert_eq!(attempts, 2);
+    assert!(
+        took >= Duration::from_secs(1) && took < Duration::from_secs(4),
+        "waited {took:?}, not Retry-After's 1 s"
+    );
+    assert_eq!(gitlab.requests().len(), 2);
+
+    // Throttled without Retry-After: the backoff, then the bound of calls.
+    let gitlab =
+        FakeGitlab::http(always(Reply::json(429, json!({"message": "Retry later"})))).await;
+    let hooks = gitlab_hooks(dir.path(), Some(&gitlab.url), None);
+    let (result, attempts) = hooks
+        .post_receive_with_retries(
+            &push_context("user-1"),
+            &repo,
+            &changes(),
+            &mut sink,
+            policy,
+        )
+        .await;
+    assert_eq!(
+        result.unwrap_err().to_string(),
+        "GitLab: http post to gitlab api /post_receive endpoint: Retry later"
+    );
+    assert_eq!((attempts, gitlab.requests().len()), (3, 3));
+    // The pusher reads the last failure once, as Gitaly's hook prints it.
+    assert_eq!(
+        String::from_utf8_lossy(&sink.stderr),
+        "GitLab: http post to gitlab api /post_receive endpoint: Retry later\n"
+    );
+
+    // Asked to come back later than the bound: one call, no wait.
+    let gitlab = FakeGitlab::http(always(Reply::throttled("60"))).await;
+    let hooks = gitlab_hooks(dir.path(), Some(&gitlab.url), None);
+    let started = std::time::Instant::now();
+    let (result, attempts) = hooks
+        .post_receive_with_retries(
+            &push_context("user-1"),
+            &repo,
+            &changes(),
+            &mut sink,
+            policy,
+        )
+        .await;
+    let e = result.unwrap_err();
+    assert_eq!(e.retry_after(), Some(Duration::from_secs(60)));
+    assert_eq!((attempts, gitlab.requests().len()), (1, 1));
+    assert!(started.elapsed() < Duration::from_secs(2));
 }

@@ -87,6 +87,8 @@ pub struct Reply {
     pub body: String,
     /// Wait this long before answering (timeouts).
     pub delay: Duration,
+    /// A `Retry-After` header to send.
+    pub retry_after: Option<String>,
 }
 
 impl Reply {
@@ -96,6 +98,18 @@ impl Reply {
             content_type: "application/json",
             body: body.to_string(),
             delay: Duration::ZERO,
+            retry_after: None,
+        }
+    }
+
+    /// Rack::Attack's answer to a throttled request: 429, plain text, `Retry-After`.
+    pub fn throttled(retry_after: &str) -> Reply {
+        Reply {
+            status: 429,
+            content_type: "text/plain",
+            body: "Retry later\n".into(),
+            delay: Duration::ZERO,
+            retry_after: Some(retry_after.into()),
         }
     }
 
@@ -146,11 +160,13 @@ async fn handle(
     if !reply.delay.is_zero() {
         tokio::time::sleep(reply.delay).await;
     }
-    Ok(Response::builder()
+    let mut response = Response::builder()
         .status(reply.status)
-        .header("content-type", reply.content_type)
-        .body(Full::new(Bytes::from(reply.body)))
-        .unwrap())
+        .header("content-type", reply.content_type);
+    if let Some(after) = &reply.retry_after {
+        response = response.header("retry-after", after);
+    }
+    Ok(response.body(Full::new(Bytes::from(reply.body))).unwrap())
 }
 
 fn serve<S>(stream: S, requests: Arc<Mutex<Vec<Recorded>>>, responder: Responder)

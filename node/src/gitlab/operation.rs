@@ -89,7 +89,11 @@ impl OperationHooks {
             .await
             .map_err(|message| Refusal::Internal { message })?;
         if let Some(refusal) = checked.refusal_of(reference) {
-            return Err(refusal.clone());
+            return Err(with_shared_buffers(
+                refusal,
+                &checked.stdout,
+                &checked.stderr,
+            ));
         }
         if checked.changes != stdin {
             return Err(Refusal::Internal {
@@ -106,6 +110,38 @@ impl OperationHooks {
             debug_assert!(Changes::parse(line.as_bytes()).is_ok());
             call.set_committed(line, Vec::new());
         }
+    }
+}
+
+/// An update hook's refusal of an operation as Gitaly's UpdaterWithHooks reports it:
+/// it hands the pre-receive and update hooks the same two buffers
+/// (`internal/gitaly/hook/updateref/update_with_hooks.go`), so the update hook's
+/// `CustomHookError` carries what the custom pre-receive hooks printed before it, and
+/// its text is that stderr, else that stdout. `stdout`/`stderr`: all the checks
+/// printed, in order (an operation has one ref, so one update hook run).
+fn with_shared_buffers(refusal: &Refusal, stdout: &str, stderr: &str) -> Refusal {
+    let Refusal::CustomHook {
+        hook: refvote_gitlab::HookKind::Update,
+        exit_code,
+        message,
+        note,
+        ..
+    } = refusal
+    else {
+        return refusal.clone();
+    };
+    let message = [stderr, stdout]
+        .into_iter()
+        .find(|s| !s.trim().is_empty())
+        .unwrap_or(message)
+        .to_owned();
+    Refusal::CustomHook {
+        hook: refvote_gitlab::HookKind::Update,
+        exit_code: *exit_code,
+        stdout: stdout.to_owned(),
+        stderr: stderr.to_owned(),
+        message,
+        note: note.clone(),
     }
 }
 
@@ -390,6 +426,44 @@ mod tests {
             message: "GL-HOOK-ERR: nope\n".into(),
             note: None,
         }
+    }
+
+    #[test]
+    fn an_update_hooks_error_carries_what_pre_receive_printed_before_it() {
+        let update = Refusal::CustomHook {
+            hook: HookKind::Update,
+            exit_code: 1,
+            stdout: "checked\n".into(),
+            stderr: String::new(),
+            message: "checked\n".into(),
+            note: None,
+        };
+        // The custom pre-receive hook said something on each stream and passed.
+        let shared = with_shared_buffers(&update, "pre\nchecked\n", "warning\n");
+        let Refusal::CustomHook {
+            stdout,
+            stderr,
+            message,
+            ..
+        } = &shared
+        else {
+            panic!("{shared:?}")
+        };
+        assert_eq!(
+            (stdout.as_str(), stderr.as_str(), message.as_str()),
+            ("pre\nchecked\n", "warning\n", "warning\n")
+        );
+        let s = refusal_status(Op::CreateBranch, &shared);
+        assert_eq!(
+            s.message(),
+            "creation denied by custom hooks: running update hooks: warning\n"
+        );
+        // Nothing printed but the update hook's stdout: its stdout.
+        let alone = with_shared_buffers(&update, "checked\n", "");
+        assert_eq!(alone, update);
+        // Other refusals are as they were.
+        assert_eq!(with_shared_buffers(&custom(), "x", "y"), custom());
+        assert_eq!(with_shared_buffers(&access(), "x", "y"), access());
     }
 
     #[test]
