@@ -267,6 +267,10 @@ async fn a_drain_that_runs_out_of_time_cuts_its_calls_clearly_exits_75_and_revok
         text.contains("shutting down") && text.contains("drain_timeout_secs"),
         "the cut push's client was not told the router is shutting down: {text}"
     );
+    ensure!(
+        text.contains("[remote rejected] (router shutting down: may or may not have been applied"),
+        "the cut push's ref is not rejected with the drain's short reason: {text}"
+    );
 
     // The cut transaction is finalized by the reaper (the lease is gone), and the
     // replicas agree on r1: committed on all three or on none.

@@ -74,6 +74,11 @@ pub(super) fn short_reason(status: &Status) -> String {
             return format!("no quorum: {counts}");
         }
     }
+    // Cut by the router's drain (RouteError::DrainCut): not the cluster's fault, and
+    // the write may have landed, so "retry" alone would mislead.
+    if m.starts_with("refvote-router is shutting down") {
+        return "router shutting down: may or may not have been applied, check then retry".into();
+    }
     match status.code() {
         Code::NotFound => "repository not found".into(),
         Code::Unavailable => "cluster unavailable, retry".into(),
@@ -141,6 +146,20 @@ mod tests {
         assert!(report.ends_with(b"0000"));
         let c = Commands::parse(&command_section("side-band-64k", &["refs/heads/x"]));
         assert!(c.rejection(&status).is_none());
+    }
+
+    #[test]
+    fn a_push_cut_by_the_drain_says_the_router_shuts_down_and_the_outcome_is_open() {
+        let status = Status::from(crate::respond::RouteError::DrainCut {
+            secs: 55,
+            write: true,
+        });
+        let short = short_reason(&status);
+        assert!(short.starts_with("router shutting down"), "{short}");
+        assert!(
+            short.contains("may or may not have been applied"),
+            "{short}"
+        );
     }
 
     #[test]
