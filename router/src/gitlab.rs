@@ -368,6 +368,7 @@ mod tests {
             voters: r.voters,
             promoted: promoted.iter().map(|p| p.to_string()).collect(),
             finalized_by: "r".into(),
+            post_receive: serde_json::Value::Null,
         }
     }
 
