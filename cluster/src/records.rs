@@ -135,6 +135,12 @@ pub struct PendingPostReceive {
     pub promoted: Vec<String>,
     /// Who ended the transaction (a router, or the reaper).
     pub finalized_by: String,
+    /// What running it needs when no promoted voter remembers the call (they all
+    /// restarted): one promoted voter's [`DoneRecord::post_receive`], copied in the
+    /// txn that writes this marker. The node's format, opaque to this crate; null when
+    /// no promoted voter carried one.
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub post_receive: serde_json::Value,
 }
 
 impl PendingPostReceive {
@@ -147,7 +153,26 @@ impl PendingPostReceive {
             voters: record.voters.clone(),
             promoted: outcome.promoted.clone(),
             finalized_by: by.to_owned(),
+            post_receive: serde_json::Value::Null,
         }
+    }
+
+    /// The marker with the post-receive data of its first promoted voter (designated
+    /// first, then in record order) whose `done` carried any.
+    pub fn carrying(mut self, done: &BTreeMap<String, DoneRecord>) -> PendingPostReceive {
+        let promoted = |v: &&String| self.promoted.contains(v);
+        let found = self
+            .designated
+            .iter()
+            .filter(promoted)
+            .chain(self.voters.iter().filter(promoted))
+            .filter_map(|v| done.get(v))
+            .find(|d| d.ok && d.reported_by.is_empty() && !d.post_receive.is_null())
+            .map(|d| d.post_receive.clone());
+        if let Some(found) = found {
+            self.post_receive = found;
+        }
+        self
     }
 
     /// Whether ending `record` with `outcome` owes GitLab's post-receive: a gated
@@ -223,6 +248,12 @@ pub struct DoneRecord {
     /// have applied an update it never got to confirm.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub reported_by: String,
+    /// What GitLab's post-receive of this gated transaction needs on this voter (the
+    /// refs its git updated, the pusher's identity, the push options), for the marker
+    /// `postreceive-pending/<id>` to carry past a restart of every promoted voter. The
+    /// node's format, opaque to this crate, bounded by the node; null if none.
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub post_receive: serde_json::Value,
 }
 
 /// `outcomes/<id>`: what finalize decided.

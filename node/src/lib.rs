@@ -208,7 +208,7 @@ fn routes(
         ))
         .add_service(
             refvote_proto::node::node_service_server::NodeServiceServer::new(
-                gitlab::post::NodeSvc::new(state.gitlab.clone()),
+                gitlab::post::NodeSvc::new(state.gitlab.clone(), state.storages.clone()),
             ),
         )
 }

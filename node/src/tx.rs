@@ -42,6 +42,14 @@ pub trait SettleVotes: Send + Sync {
     ) -> Pin<Box<dyn Future<Output = Result<(), refvote_cluster::Error>> + Send + 'a>>;
 }
 
+/// What a voter's successful `done` carries for GitLab's post-receive of its
+/// transaction ([`refvote_cluster::records::DoneRecord::post_receive`]): the node's
+/// GitLab side, which knows what this node's git updated and who pushed.
+pub trait CarryPostReceive: Send + Sync {
+    /// Null unless `tx` is a gated call of this node that committed something.
+    fn carried(&self, tx: &str) -> serde_json::Value;
+}
+
 /// What the node needs to join transactions.
 #[derive(Clone)]
 pub struct TxSettings {
@@ -52,6 +60,8 @@ pub struct TxSettings {
     /// The vote service, which must settle this node's confirmations before it
     /// reports done.
     pub votes: Arc<dyn SettleVotes>,
+    /// What a successful `done` carries for GitLab's post-receive (none: nothing).
+    pub post_receive: Option<Arc<dyn CarryPostReceive>>,
 }
 
 /// How a write is accounted for.
@@ -248,7 +258,11 @@ impl Voter {
                 }
             }
         }
-        record_done(&self.settings, &self.tx, ok, detail, &checksum).await;
+        let carried = match (&self.settings.post_receive, ok) {
+            (Some(c), true) => c.carried(&self.tx),
+            _ => serde_json::Value::Null,
+        };
+        record_done(&self.settings, &self.tx, ok, detail, &checksum, carried).await;
     }
 }
 
@@ -267,6 +281,7 @@ impl Drop for Voter {
                     false,
                     "the call ended before the node finished",
                     "",
+                    serde_json::Value::Null,
                 )
                 .await;
             });
@@ -281,8 +296,18 @@ const DONE_RETRY: Duration = Duration::from_secs(15 * 60);
 /// [`SettleVotes`]). One attempt inline; if etcd cannot take it, retries in the
 /// background: a voter that never reports done holds up every later finalize of the
 /// repository until its node loses its lease.
-async fn record_done(settings: &TxSettings, tx: &str, ok: bool, detail: &str, checksum: &str) {
-    if report(settings, tx, ok, detail, checksum).await.is_ok() {
+async fn record_done(
+    settings: &TxSettings,
+    tx: &str,
+    ok: bool,
+    detail: &str,
+    checksum: &str,
+    carried: serde_json::Value,
+) {
+    if report(settings, tx, ok, detail, checksum, &carried)
+        .await
+        .is_ok()
+    {
         return;
     }
     let (settings, tx, detail, checksum) = (
@@ -298,7 +323,7 @@ async fn record_done(settings: &TxSettings, tx: &str, ok: bool, detail: &str, ch
             // Woken when etcd answers again: finalize waits for this report, so a
             // back-off grown during an etcd outage would hold the push up after it.
             settings.store.pause(backoff).await;
-            match report(&settings, &tx, ok, &detail, &checksum).await {
+            match report(&settings, &tx, ok, &detail, &checksum, &carried).await {
                 Ok(()) => return,
                 Err(()) if tokio::time::Instant::now() >= deadline => {
                     tracing::error!(%tx, "gave up reporting this voter done");
@@ -316,12 +341,13 @@ async fn report(
     ok: bool,
     detail: &str,
     checksum: &str,
+    carried: &serde_json::Value,
 ) -> Result<(), ()> {
     let result = match settings.votes.settle(tx).await {
         Ok(()) => {
             settings
                 .store
-                .done_with_checksum(tx, &settings.node, ok, detail, checksum)
+                .done_carrying(tx, &settings.node, ok, detail, checksum, carried.clone())
                 .await
         }
         Err(e) => Err(e),

@@ -163,8 +163,9 @@ pub enum PostReceive {
     /// It is claimed by someone who has not finished, or it ran already: nothing to
     /// do here.
     NotHere,
-    /// Every promoted voter answered that it holds no update of the transaction (they
-    /// restarted since): nobody can run it.
+    /// Every promoted voter answered that it can run nothing: they restarted since and
+    /// the pending marker carries no runnable data (changes over its bound): nobody can
+    /// run it.
     Nowhere,
     /// A voter could not be reached or failed: the marker stays for a sweeper.
     Failed,
@@ -368,6 +369,7 @@ mod tests {
             voters: r.voters,
             promoted: promoted.iter().map(|p| p.to_string()).collect(),
             finalized_by: "r".into(),
+            post_receive: serde_json::Value::Null,
         }
     }
 

@@ -944,3 +944,149 @@ async fn post_receive_of_a_router_killed_before_asking_runs_once_on_another_rout
     assert_eq!(api.calls("allowed").len(), 1);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn post_receive_runs_once_from_its_marker_after_every_promoted_voter_restarted()
+-> anyhow::Result<()> {
+    // The router stops (a fault hold) after finalizing an acknowledged gated push and
+    // before asking a voter for post-receive; meanwhile every promoted voter's votingd
+    // is killed by its pid and started again, so no node remembers the call. Released,
+    // the router asks the designated voter, which runs post-receive from what the
+    // pending marker carries: once, with the committed changes, the pusher's identity
+    // and push options, and the pusher reads GitLab's messages.
+    use refvote_tests::hold::Hold;
+    use refvote_tests::router::RouterOptions;
+    let api_dir = tempfile::tempdir()?;
+    let api = GitlabApi::start(api_dir.path(), respond(allowing)).await?;
+    let opts = NodeOptions::default().config(api.configure());
+    // The router's own sweeper waits a minute: the held ask is the one that runs it.
+    let mut c = Fixture::nodes(3)
+        .node_options(opts)
+        .seeded(RELATIVE)
+        .router_with(RouterOptions::default().config(|r| r.post_receive_grace_ms = 60_000))
+        .start()
+        .await?;
+    let hold = Hold::new(refvote_cluster::faults::BEFORE_POST_RECEIVE, 1)?;
+    c.routers[0].stop()?;
+    c.routers[0].env = hold.env();
+    c.routers[0].launch().await?;
+    let work = c.work("w")?;
+    let old = git::rev(&work.path, "refs/heads/main").unwrap();
+    let new = work.commit("main", "every voter restarts before post-receive")?;
+    let proxy = GitHttpProxy::start_as(
+        vec![Target {
+            url: c.routers[0].grpc_url(),
+            storage: "default".into(),
+            transaction: None,
+        }],
+        GitlabIdentity {
+            gl_id: "user-7".into(),
+            gl_username: "jane".into(),
+            gl_repository: GL_REPOSITORY.into(),
+            gl_project_path: PROJECT_PATH.into(),
+        },
+    )
+    .await?;
+    let url = proxy.url(RELATIVE);
+    let path = work.path.clone();
+    let push = tokio::spawn(async move {
+        git::push(
+            &path,
+            Path::new(&url),
+            &["-o", "ci.skip", "-o", "merge_request.create", "main"],
+            &[],
+        )
+        .await
+    });
+    let logs = |c: &VoteCluster| {
+        c.routers
+            .iter()
+            .map(|r| format!("--- {}\n{}", r.name, r.log_tail(40)))
+            .chain(
+                c.nodes
+                    .iter()
+                    .map(|n| format!("--- {}\n{}", n.name, n.log_tail(40))),
+            )
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    hold.wait_reached(Duration::from_secs(60))
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", logs(&c)))?;
+    let changes = line(&old, &new, "refs/heads/main");
+    let pending = c.store.pending_post_receives().await?;
+    assert_eq!(pending.len(), 1, "{pending:?}");
+    assert_eq!(pending[0].promoted.len(), 3, "{pending:?}");
+    // The marker carries what the run needs, from a promoted voter's done record.
+    let carried = &pending[0].post_receive;
+    assert_eq!(carried["changes"], changes, "{carried}");
+    assert_eq!(carried["gl_id"], "user-7", "{carried}");
+    assert_eq!(carried["gl_repository"], GL_REPOSITORY, "{carried}");
+    assert_eq!(
+        carried["push_options"],
+        json!(["ci.skip", "merge_request.create"])
+    );
+    assert_eq!(api.calls("post_receive").len(), 0, "not asked yet");
+
+    // Every promoted voter restarts: killed by its pid, started again.
+    for name in &pending[0].promoted {
+        let node = c
+            .nodes
+            .iter_mut()
+            .find(|n| &n.name == name)
+            .expect("a promoted voter is a node of the cluster");
+        let pid = node.pid().expect("the node runs");
+        node.kill()?;
+        assert!(!node.is_running(), "{name} (pid {pid}) is dead");
+        node.launch().await?;
+        assert_ne!(node.pid(), Some(pid), "{name} runs as a new process");
+    }
+    assert_eq!(api.calls("post_receive").len(), 0, "a restart runs nothing");
+    hold.release();
+
+    let out = tokio::time::timeout(Duration::from_secs(60), push).await???;
+    assert!(out.status.success(), "{}\n{}", text(&out), logs(&c));
+    assert!(
+        text(&out).contains(MESSAGE.lines().next().unwrap()),
+        "the pusher reads GitLab's messages: {}",
+        text(&out)
+    );
+    let revs: Vec<_> = c
+        .nodes
+        .iter()
+        .map(|n| git::rev(&n.repo(RELATIVE), "refs/heads/main"))
+        .collect();
+    assert_eq!(revs, vec![Some(new.clone()); 3]);
+    assert!(c.store.pending_post_receives().await?.is_empty());
+    // Several seconds more: still once.
+    let watch_until = std::time::Instant::now() + Duration::from_secs(4);
+    while std::time::Instant::now() < watch_until {
+        assert_eq!(api.calls("post_receive").len(), 1, "{}", logs(&c));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let post = api.calls("post_receive");
+    post[0].assert_jwt();
+    let body = post[0].json();
+    assert_eq!(body["changes"], changes);
+    assert_eq!(body["gl_repository"], GL_REPOSITORY);
+    assert_eq!(body["identifier"], "user-7");
+    assert_eq!(
+        body["push_options"],
+        json!(["ci.skip", "merge_request.create"])
+    );
+    let allowed = api.calls("allowed");
+    assert_eq!(allowed.len(), 1);
+    assert_eq!(
+        post[0].header("x-request-id"),
+        allowed[0].header("x-request-id"),
+        "the same correlation id as the checks"
+    );
+    assert!(
+        c.nodes.iter().any(|n| n
+            .log_tail(400)
+            .contains("running post-receive from its pending marker")),
+        "{}",
+        logs(&c)
+    );
+    Ok(())
+}

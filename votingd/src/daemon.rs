@@ -191,6 +191,7 @@ impl Daemon {
                         vote_socket: config.vote.socket_path.clone(),
                         require_transaction: config.vote.require_transaction,
                         votes: service.clone(),
+                        post_receive: Some(gitlab.clone()),
                     },
                     locks,
                     secret: auth.as_ref().map(|a| a.secret.clone()),

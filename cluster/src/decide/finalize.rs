@@ -445,6 +445,7 @@ mod tests {
                 detail: String::new(),
                 checksum: checksum.into(),
                 reported_by: String::new(),
+                post_receive: serde_json::Value::Null,
             },
         );
     }
@@ -457,6 +458,7 @@ mod tests {
                 detail: "its call failed".into(),
                 checksum: String::new(),
                 reported_by: by.into(),
+                post_receive: serde_json::Value::Null,
             },
         );
     }

@@ -167,7 +167,17 @@ impl Store {
                 // The repository was removed (perhaps re-created since): nothing to
                 // promote, nothing to resurrect; just clean up.
                 match self
-                    .close(&record, &record_entry, read_at, None, outcome_lease, by)
+                    .close(
+                        Closing {
+                            record: &record,
+                            entry: &record_entry,
+                            state: &state,
+                            read_at,
+                        },
+                        None,
+                        outcome_lease,
+                        by,
+                    )
                     .await
                 {
                     Err(Error::Contention(_)) => continue,
@@ -211,9 +221,12 @@ impl Store {
             }
             match self
                 .close(
-                    &record,
-                    &record_entry,
-                    read_at,
+                    Closing {
+                        record: &record,
+                        entry: &record_entry,
+                        state: &state,
+                        read_at,
+                    },
                     Some((cmp, ops, changes.outcome)),
                     outcome_lease,
                     by,
@@ -234,13 +247,17 @@ impl Store {
     /// the caller read again rather than end the transaction without it.
     async fn close(
         &self,
-        record: &TxRecord,
-        record_entry: &Entry,
-        read_at: i64,
+        read: Closing<'_>,
         changes: Option<(Vec<Compare>, Vec<TxnOp>, TxOutcome)>,
         outcome_lease: i64,
         by: &str,
     ) -> Result<TxOutcome> {
+        let Closing {
+            record,
+            entry: record_entry,
+            state,
+            read_at,
+        } = read;
         let keys = self.keys();
         let (mut cmp, mut ops, outcome) =
             changes.unwrap_or_else(|| (Vec::new(), Vec::new(), finalize::unchanged(record, by)));
@@ -259,9 +276,11 @@ impl Store {
             lease,
         ));
         // GitLab's post-receive is owed from here on, whoever asks for it (DESIGN.md
-        // §8, DESIGN-CHANGES-12.md): the marker lands with the outcome or not at all.
+        // §8, DESIGN-CHANGES-12.md): the marker lands with the outcome or not at all,
+        // carrying what a promoted voter's `done` said running it needs, so a voter
+        // that restarted since can still run it.
         if PendingPostReceive::owed(record, &outcome) {
-            let pending = PendingPostReceive::of(record, &outcome, by);
+            let pending = PendingPostReceive::of(record, &outcome, by).carrying(&state.done);
             ops.push(TxnOp::put(
                 keys.post_receive_pending(&record.id),
                 encode(&pending),
@@ -358,6 +377,15 @@ impl Store {
 }
 
 /// A transaction's keys (all under `tx/<id>/`, as `entries`), parsed.
+/// What [`Store::close`] ends a transaction from: its record (and the record's
+/// entry), its keys as read, and the revision they were read at.
+struct Closing<'a> {
+    record: &'a TxRecord,
+    entry: &'a Entry,
+    state: &'a TxState,
+    read_at: i64,
+}
+
 pub(crate) fn tx_state(keys: &Keys, record: &TxRecord, entries: &[Entry]) -> Result<TxState> {
     let mut state = TxState::default();
     for (tail, e) in by_tail(entries, &keys.all_votes(&record.id)) {

@@ -226,6 +226,14 @@ impl Store {
         Ok(())
     }
 
+    /// The pending post-receive marker of transaction `tx`, if it is still owed.
+    pub async fn pending_post_receive(&self, tx: &str) -> Result<Option<PendingPostReceive>> {
+        self.get(&self.keys().post_receive_pending(tx))
+            .await?
+            .map(|e| e.decode())
+            .transpose()
+    }
+
     /// Every post-receive still owed, with its marker's entry.
     pub async fn pending_post_receives(&self) -> Result<Vec<PendingPostReceive>> {
         let (entries, _) = self

@@ -228,11 +228,28 @@ impl Store {
         detail: &str,
         checksum: &str,
     ) -> Result<()> {
+        self.done_carrying(tx, voter, ok, detail, checksum, serde_json::Value::Null)
+            .await
+    }
+
+    /// [`Store::done_with_checksum`], carrying what GitLab's post-receive of a gated
+    /// transaction needs on this voter ([`DoneRecord::post_receive`]): finalize copies
+    /// a promoted voter's into the pending marker, in the txn that writes it.
+    pub async fn done_carrying(
+        &self,
+        tx: &str,
+        voter: &str,
+        ok: bool,
+        detail: &str,
+        checksum: &str,
+        post_receive: serde_json::Value,
+    ) -> Result<()> {
         let rec = DoneRecord {
             ok,
             detail: detail.to_owned(),
             checksum: checksum.to_owned(),
             reported_by: String::new(),
+            post_receive,
         };
         self.put_done(tx, voter, &rec).await
     }
@@ -248,6 +265,7 @@ impl Store {
             detail: detail.to_owned(),
             checksum: String::new(),
             reported_by: by.to_owned(),
+            post_receive: serde_json::Value::Null,
         };
         self.put_done(tx, voter, &rec).await
     }

@@ -24,6 +24,7 @@
 //! It does not vote (the vote rule that needs the verdict is `refvote_cluster`'s), and
 //! it calls GitLab only through `refvote_gitlab`.
 
+pub mod carried;
 pub mod checked;
 pub mod operation;
 pub mod post;
@@ -306,6 +307,22 @@ impl GitlabSide {
                 );
                 refused(Refusal::Internal { message }, Collect::default())
             }
+        }
+    }
+}
+
+impl crate::tx::CarryPostReceive for GitlabSide {
+    fn carried(&self, tx: &str) -> serde_json::Value {
+        let Some(call) = self.call(tx) else {
+            return serde_json::Value::Null;
+        };
+        let committed = call.committed.lock().expect("poisoned").clone();
+        match committed {
+            Some((changes, push_options)) => {
+                serde_json::to_value(carried::Carried::of(&call.context, &changes, &push_options))
+                    .unwrap_or(serde_json::Value::Null)
+            }
+            None => serde_json::Value::Null,
         }
     }
 }
